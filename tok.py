@@ -1,0 +1,266 @@
+"""
+tok.py: nanoschnack's tokenizer, a byte-level BPE trained on German text.
+
+    python tok.py --data 'parquet://DATA/pretrain/wiki/train-*.parquet' --max-chars 50M
+
+trains with HF `tokenizers` (Rust, multi-threaded) and writes
+out/tokenizer/tokenizer.json plus tokenizer_meta.json (training statistics).
+The `Tokenizer` class below is what every later stage imports.
+
+Design:
+- Byte-level: every string is representable, nothing is ever <unk>.
+- NFC normalisation first, so "Größe" typed with a combining diaeresis and
+  the precomposed "Größe" become the same tokens.
+- A pre-tokenisation regex for German (SPLIT_PATTERN below); BPE merges never
+  cross the boundaries it draws.
+- Special tokens for the chat template exist in the vocabulary, but encoding
+  text never produces them: a user typing "<|user_start|>" gets ordinary
+  tokens. Only the explicit API (`tok.special["<|bos|>"]`) yields their ids.
+"""
+import argparse
+import codecs
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS = "<|bos|>"
+SPECIAL_TOKENS = [
+    BOS,  # starts every document; the model also uses it as a document separator
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|system_start|>", "<|system_end|>",
+]
+
+# The split pattern follows GPT-4's (cl100k) in its whitespace handling, with
+# three changes for German:
+# - no English contraction rules ('s, 't, 're, ...): German elides differently
+#   ("geht's", "hab'") and those rules would glue English suffixes onto German;
+#   an apostrophe is simply allowed to lead a word like any punctuation mark;
+# - a word is letters plus combining marks (\p{M}), so letters whose accent has
+#   no precomposed form stay one word; ä ö ü ß and all other Latin letters are \p{L};
+# - numbers split into groups of at most three digits, the width of German
+#   thousands groups ("1.000.000", "1.000,50 €"), and punctuation (incl. „ “ ‚ ‘
+#   » « – …) never merges with letters or digits except for one leading mark.
+SPLIT_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?+[\p{L}\p{M}]+"   # a word, optionally led by one space or mark: " Straße", "„Haus"
+    r"|\p{N}{1,3}"                          # digits, three at most: "1", ".", "000"
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*"          # a run of punctuation/symbols: " „", "…", "€"
+    r"|\s*[\r\n]"                           # newlines, with the spaces before them
+    r"|\s+(?!\S)"                           # spaces, leaving the last one to lead the next word
+    r"|\s+"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which the ByteLevel model uses in its vocab."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+class Tokenizer:
+    """A thin wrapper around a HF byte-level BPE tokenizer with our special tokens."""
+
+    def __init__(self, hf: HFTokenizer):
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; retrain it with tok.py")
+        self.hf = hf
+        # Not stored in tokenizer.json, so set on every load: text never turns into special tokens.
+        self.hf.encode_special_tokens = True
+        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.bos_id = self.special[BOS]
+        char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        self.id_to_bytes = [b""] * hf.get_vocab_size()
+        for token, i in hf.get_vocab().items():
+            if i not in self.special.values():
+                self.id_to_bytes[i] = bytes(char_to_byte[c] for c in token)
+        # UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte.
+        self.token_bytes = np.array([len(b) for b in self.id_to_bytes], dtype=np.int32)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts, vocab_size: int, show_progress: bool = True) -> "Tokenizer":
+        """Train a fresh tokenizer on an iterator of strings."""
+        check_vocab_size(vocab_size)
+        hf = HFTokenizer(models.BPE())
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """Load from a tokenizer folder (as written by `save`) or a tokenizer.json."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer at {file}; train one with: python tok.py --out {path}")
+        return cls(HFTokenizer.from_file(str(file)))
+
+    def save(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(Path(folder) / "tokenizer.json"))
+
+    def normalize(self, text: str) -> str:
+        """The text as the tokenizer sees it (NFC): decode(encode(text)) == normalize(text)."""
+        return self.hf.normalizer.normalize_str(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text to ids; never yields special tokens, whatever the text says."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel threads in the Rust backend."""
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        """Ids to text; special tokens are shown by name."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids into text one token at a time, holding back incomplete UTF-8.
+
+    A character such as "ü" or an emoji can be split over two tokens; printing
+    each token's bytes on its own would show broken characters. Special tokens
+    print nothing.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.id_to_bytes = tokenizer.id_to_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.id_to_bytes[token_id])
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+def check_vocab_size(vocab_size: int):
+    smallest = -(-(256 + len(SPECIAL_TOKENS)) // 64) * 64
+    if vocab_size < smallest:
+        raise ValueError(f"vocab size {vocab_size} is too small: 256 byte tokens + {len(SPECIAL_TOKENS)} "
+                         f"special tokens need at least {smallest}")
+    if vocab_size % 64:
+        raise ValueError(f"vocab size {vocab_size} is not a multiple of 64 (it sizes GPU matrices); "
+                         f"use {vocab_size // 64 * 64} or {-(-vocab_size // 64) * 64}")
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
+    n_bytes = sum(len(tokenizer.normalize(t).encode()) for t in texts)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+    return n_bytes / max(n_tokens, 1)
+
+
+# -----------------------------------------------------------------------------
+# Training from dataset specs
+
+class TrainingText:
+    """Documents for training, capped in length and total; every Nth one held out.
+
+    An iterator (for `train_from_iterator`) that prints progress as it reads.
+    """
+
+    def __init__(self, documents, max_chars: int, max_doc_chars: int, holdout_every: int = 100,
+                 holdout_max_chars: int = 2_000_000):
+        self.documents = documents
+        self.max_chars, self.max_doc_chars = max_chars, max_doc_chars
+        self.holdout_every, self.holdout_max_chars = holdout_every, holdout_max_chars
+        self.heldout: list[str] = []
+        self.chars = self.docs = 0
+
+    def __iter__(self):
+        start = last_print = time.time()
+        for i, doc in enumerate(self.documents):
+            doc = doc[:self.max_doc_chars]
+            if i % self.holdout_every == self.holdout_every - 1 and sum(map(len, self.heldout)) < self.holdout_max_chars:
+                self.heldout.append(doc)
+                continue
+            take = doc[:self.max_chars - self.chars]
+            self.chars += len(take)
+            self.docs += 1
+            yield take
+            if time.time() - last_print > 5 or self.chars >= self.max_chars:
+                last_print = time.time()
+                rate = self.chars / max(last_print - start, 1e-9)
+                eta = (self.max_chars - self.chars) / max(rate, 1)
+                print(f"read {self.chars / 1e6:,.1f}M chars from {self.docs:,} documents "
+                      f"({rate / 1e6:.1f}M chars/s, ETA {eta:,.0f}s at most)", file=sys.stderr, flush=True)
+            if self.chars >= self.max_chars:
+                return
+
+
+def parse_count(text: str) -> int:
+    """'2B', '50M', '10k', '1e6' or '1_000' to an int."""
+    scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "kMB" else text
+    try:
+        return int(float(number.replace("_", "")) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (write e.g. 2B, 50M, 10k)") from None
+
+
+def main(argv=None):
+    import data
+    parser = argparse.ArgumentParser(description="Train nanoschnack's German byte-level BPE tokenizer.")
+    parser.add_argument("--data", nargs="+", default=[data.DEFAULT_PRETRAIN_SPEC],
+                        help="dataset spec(s), see data.py (default: FineWeb-2 deu_Latn on the hub)")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 64")
+    parser.add_argument("--max-chars", type=parse_count, default=parse_count("2B"), help="characters to train on")
+    parser.add_argument("--max-doc-chars", type=parse_count, default=10_000, help="cap on each document's length")
+    parser.add_argument("--out", default="out/tokenizer", help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        check_vocab_size(args.vocab_size)
+        sources = data.parse_specs(args.data)
+        text = TrainingText(data.interleave_documents(sources), args.max_chars, args.max_doc_chars)
+        start = time.time()
+        tokenizer = Tokenizer.train(text, args.vocab_size)
+        seconds = time.time() - start
+    except (ValueError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    if text.chars == 0:
+        sys.exit(f"error: no text found in {' '.join(args.data)} (empty dataset?)")
+    # Fewer than 100 documents leave nothing held out: then compression is not measured.
+    compression = bytes_per_token(tokenizer, text.heldout) if text.heldout else float("nan")
+    tokenizer.save(args.out)
+    meta = dict(vocab_size=tokenizer.vocab_size, requested_vocab_size=args.vocab_size, data=args.data,
+                chars=text.chars, documents=text.docs, heldout_documents=len(text.heldout),
+                heldout_bytes_per_token=round(compression, 4), train_seconds=round(seconds, 1),
+                split_pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS)
+    (Path(args.out) / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
+          f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
+          f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")
+    return tokenizer
+
+
+if __name__ == "__main__":
+    main()
