@@ -27,15 +27,30 @@ Everything is streamed through HF `datasets` (streaming=True), so no corpus is
 ever loaded whole into memory.
 """
 import codecs
+import copy
 import glob
+import itertools
 import os
+import queue
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
-# The default pretraining mix: real German text on the Hugging Face hub.
-DEFAULT_PRETRAIN_SPEC = "hf://HuggingFaceFW/fineweb-2?name=deu_Latn&split=train&text=text"
+import numpy as np
+import torch
+
+# The default pretraining mix: real German text on the Hugging Face hub. Web text
+# (FineWeb-2), encyclopedic text (Wikipedia) and openly licensed books, news,
+# laws and speeches (German Commons), weighted by share of tokens.
+DEFAULT_PRETRAIN_SPEC = " ".join([
+    "hf://HuggingFaceFW/fineweb-2?name=deu_Latn&split=train&weight=0.6",
+    "hf://wikimedia/wikipedia?name=20231101.de&split=train&weight=0.1",
+    "hf://coral-nlp/german-commons?split=train&weight=0.3",
+])
+DEFAULT_VAL_SPEC = "hf://HuggingFaceFW/fineweb-2?name=deu_Latn&split=test"
 
 LOCAL_KINDS = ("parquet", "jsonl", "txt")
 KINDS = ("hf",) + LOCAL_KINDS
@@ -243,16 +258,261 @@ def interleave_documents(sources: list[Source]):
         yield doc
 
 
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Inspect a dataset spec: print its first documents.")
-    parser.add_argument("--data", nargs="+", default=[DEFAULT_PRETRAIN_SPEC], help="dataset spec(s)")
-    parser.add_argument("-n", type=int, default=3, help="documents to show per source")
-    args = parser.parse_args()
+# -----------------------------------------------------------------------------
+# Pretraining batches: shard by rank, tokenize, mix, pack, resume exactly
+#
+# Sharding. Each rank opens every source and keeps a disjoint part of it with
+# `datasets.distributed.split_dataset_by_node`, whose rule is: when the number
+# of shards (files, or parquet row groups after `reshard()`) divides by the
+# world size, rank r reads shards r, r+W, r+2W, ...; otherwise every rank reads
+# all of it and keeps documents r, r+W, r+2W, ... (correct, but each rank then
+# parses everything). Together the ranks see every document exactly once.
+#
+# Packing: plain concatenate-and-split. Each document becomes <|bos|> + its
+# tokens; documents are concatenated in order and cut into rows of T+1 tokens
+# (row = T inputs + the target of the last one); rows do not overlap. No token is
+# lost or duplicated: the only rule is that the one (last token of a row ->
+# first token of the next row) prediction per row is never trained, and at the
+# end of a non-looping stream the tail shorter than one row is dropped.
+# The trade-off against nanochat's BOS-aligned best-fit packing: best-fit starts
+# every row at a document start (no row begins mid-document without context)
+# but crops documents to fill rows, throwing tokens away; concatenation keeps
+# every token and makes exact resume a matter of remembering one buffer.
+#
+# Mixing: the next documents always come from the source that has given the
+# fewest tokens relative to its weight ("least tokens consumed"), so the token
+# shares follow the weights exactly and deterministically, with no RNG to save.
+# A source that runs out starts over (a new epoch) when looping.
+
+class PretrainBatches:
+    """(inputs, targets) batches of shape (B, T) for one rank, from a weighted mix of sources.
+
+    Iterate it for batches; `state_dict()` describes the position after the last
+    batch handed out, and a fresh loader given `load_state_dict(state)` continues
+    with exactly the batch the uninterrupted run would have produced next.
+    """
+
+    def __init__(self, sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, loop: bool = True, docs_per_read: int = 64, prefetch: int = 0):
+        self.sources, self.tokenizer = sources, tokenizer
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.loop, self.docs_per_read, self.prefetch = loop, docs_per_read, prefetch
+        self.datasets = [open_rank_shard(s, rank, world_size) for s in sources]
+        self.readers = [None] * len(sources)
+        n = len(sources)
+        self.progress = {"states": [None] * n, "epochs": [0] * n, "tokens": [0] * n, "docs": [0] * n,
+                         "exhausted": [False] * n}
+        self.pending = np.empty(0, dtype=np.int32)  # tokens read but not yet handed out
+        self.position = 0
+        self.handed_out = self._snapshot()
+
+    # --- reading and packing ---
+
+    def _read_documents(self, i: int) -> list[str] | None:
+        """The next documents of source i, or None once it is exhausted (and not looping)."""
+        for _ in range(2):
+            if self.readers[i] is None:
+                self.readers[i] = iter_text_batches(self.sources[i], self.datasets[i], self.docs_per_read)
+            docs = next(self.readers[i], None)
+            if docs is not None:
+                self.progress["states"][i] = copy.deepcopy(self.datasets[i].state_dict())
+                return docs
+            if self.progress["docs"][i] == 0 and self.progress["epochs"][i] == 0:
+                raise DataError(f"{self.sources[i].spec}: no documents for rank {self.rank} of "
+                                f"{self.world_size} (empty dataset, or fewer documents than ranks?)")
+            if not self.loop:
+                return None
+            self.progress["epochs"][i] += 1  # start the source over
+            self.progress["states"][i] = None
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True)
+            self.readers[i] = None
+        return None
+
+    def _refill(self) -> bool:
+        """Tokenize the next documents of the least-consumed source; False when all are exhausted."""
+        live = [i for i in range(len(self.sources)) if not self.progress["exhausted"][i]]
+        if not live:
+            return False
+        i = min(live, key=lambda j: self.progress["tokens"][j] / self.sources[j].weight)
+        docs = self._read_documents(i)
+        if docs is None:
+            self.progress["exhausted"][i] = True
+            return True
+        bos = self.tokenizer.bos_id
+        tokens = np.fromiter(itertools.chain.from_iterable(
+            [bos] + ids for ids in self.tokenizer.encode_batch(docs)), dtype=np.int32)
+        self.progress["tokens"][i] += len(tokens)
+        self.progress["docs"][i] += len(docs)
+        self.pending = np.concatenate([self.pending[self.position:], tokens])
+        self.position = 0
+        return True
+
+    def _next_block(self):
+        """The next (rows, T+1) block of tokens and the loader state right after it."""
+        row, want = self.seq_len + 1, self.batch_size * (self.seq_len + 1)
+        while len(self.pending) - self.position < want:
+            if not self._refill():  # end of a non-looping stream: a last, smaller batch
+                want = (len(self.pending) - self.position) // row * row
+                if want == 0:
+                    return None, None
+                break
+        block = self.pending[self.position:self.position + want].reshape(-1, row)
+        self.position += want
+        return block, self._snapshot()
+
+    def _snapshot(self) -> dict:
+        # The pending array is never written in place (a refill makes a new one), so a
+        # view of it is a cheap, faithful record of the buffer at this moment.
+        return {"progress": copy.deepcopy(self.progress), "pending": self.pending[self.position:]}
+
+    def _to_batch(self, block):
+        tokens = torch.from_numpy(block.astype(np.int64))
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        if torch.cuda.is_available():  # ready for .to(device, non_blocking=True)
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    # --- iteration, with optional background prefetching ---
+
+    def __iter__(self):
+        if self.prefetch <= 0:
+            while (item := self._next_block())[0] is not None:
+                self.handed_out = item[1]
+                yield self._to_batch(item[0])
+            return
+        # A background thread reads and tokenizes ahead (both release the GIL);
+        # each block travels with the state after it, so state_dict() stays exact.
+        ready, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+
+        def produce():
+            try:
+                while not stop.is_set():
+                    item = self._next_block()
+                    item = (self._to_batch(item[0]), item[1]) if item[0] is not None else None
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if item is None:
+                        return
+            except BaseException as e:  # hand errors to the consumer
+                ready.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="data-prefetch")
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self.handed_out = item[1]
+                yield item[0]
+        finally:
+            stop.set()
+            thread.join()
+
+    # --- exact resume ---
+
+    def state_dict(self) -> dict:
+        """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
+        state = copy.deepcopy(self.handed_out["progress"])
+        state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
+                     pending=torch.from_numpy(self.handed_out["pending"].copy()))
+        return state
+
+    def load_state_dict(self, state: dict):
+        mine = ([s.spec for s in self.sources], self.rank, self.world_size)
+        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"))
+        if mine != theirs:
+            raise DataError(f"data loader state is from another setup (sources, rank, world size) "
+                            f"{theirs}, not {mine}; resume with the same --data and number of processes")
+        self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
+        for i, ds_state in enumerate(self.progress["states"]):
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True)
+            if ds_state is not None:
+                self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
+            self.readers[i] = None
+        self.pending, self.position = state["pending"].numpy().astype(np.int32), 0
+        self.handed_out = self._snapshot()
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens read so far from each source (for the log)."""
+        return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
+
+
+def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = False):
+    """This rank's disjoint part of a source (see the sharding rule above)."""
+    from datasets.distributed import split_dataset_by_node
+    ds = open_source(source)
+    if world_size == 1:
+        return ds
+    if ds.num_shards % world_size:
+        ds = ds.reshard()  # parquet: one shard per row group, often enough to divide evenly
+    if ds.num_shards % world_size and not quiet and rank == 0:
+        print(f"note: {source.spec} has {ds.num_shards} shards, not a multiple of {world_size} ranks: "
+              f"every rank reads all of it and keeps one document in {world_size}", file=sys.stderr)
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+def iter_text_batches(source: Source, ds, batch_size: int):
+    """Lists of documents from a dataset, checked like iter_texts checks them."""
     try:
-        for src in parse_specs(args.data):
-            print(f"== {src.spec}")
-            for i, doc in zip(range(args.n), iter_texts(src)):
-                print(f"-- document {i}: {len(doc):,} characters\n{doc[:300]!r}")
-    except DataError as e:
+        for batch in ds.iter(batch_size=batch_size):
+            texts = batch["text"]
+            if not all(isinstance(t, str) for t in texts):
+                bad = next(t for t in texts if not isinstance(t, str))
+                raise DataError(f"{source.spec}: a document has no string {source.text!r} field "
+                                f"(got {type(bad).__name__}; fields: {', '.join(batch)})")
+            yield texts
+    except UnicodeDecodeError as e:
+        bad = first_undecodable_file(source.files) or "a file"
+        raise DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                       world_size: int = 1, max_batches: int = 20) -> list:
+    """A fixed, deterministic list of this rank's validation batches (read once, kept in memory)."""
+    loader = PretrainBatches(sources, tokenizer, batch_size, seq_len, rank, world_size, loop=False)
+    return list(itertools.islice(loader, max_batches))
+
+
+# -----------------------------------------------------------------------------
+# python data.py: inspect a spec
+
+def main(argv=None):
+    import argparse
+    from tok import Tokenizer
+    parser = argparse.ArgumentParser(description="Inspect dataset specs: first documents, token counts, "
+                                                 "and packed-batch throughput.")
+    parser.add_argument("--data", nargs="+", default=[DEFAULT_PRETRAIN_SPEC], help="dataset spec(s)")
+    parser.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer folder (from tok.py)")
+    parser.add_argument("-n", "--docs", type=int, default=2, help="documents to show per source")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batches", type=int, default=50, help="batches to time")
+    parser.add_argument("--prefetch", type=int, default=0, help="batches to prepare in a background thread")
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = Tokenizer.load(args.tokenizer)
+        sources = parse_specs(args.data)
+        for source in sources:
+            print(f"== {source.spec}")
+            for i, doc in zip(range(args.docs), iter_texts(source)):
+                print(f"-- document {i}: {len(doc):,} characters, {len(tokenizer.encode(doc)):,} tokens\n"
+                      f"{doc[:300]!r}")
+        loader = PretrainBatches(sources, tokenizer, args.batch_size, args.seq_len, prefetch=args.prefetch)
+        start, tokens = time.time(), 0
+        for step, (inputs, _) in zip(range(args.batches), loader):
+            tokens += inputs.numel()
+        seconds = time.time() - start
+        print(f"== {step + 1} batches of {args.batch_size}x{args.seq_len}: {tokens / seconds:,.0f} packed tokens/s")
+        for spec, n in loader.token_counts().items():
+            print(f"   {n:>12,} tokens  {spec}")
+    except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

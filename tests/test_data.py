@@ -4,6 +4,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import data
 from data import DataError, parse_spec, parse_specs
@@ -87,7 +88,7 @@ def test_hub_unreachable_fails_fast_with_hint(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     with pytest.raises(DataError, match=r"hub unreachable .*pass --data"):
-        data.open_source(parse_spec(data.DEFAULT_PRETRAIN_SPEC))
+        data.open_source(parse_specs(data.DEFAULT_PRETRAIN_SPEC)[0])
 
 
 def test_hub_offline_mode_gives_hint(monkeypatch):
@@ -104,3 +105,198 @@ def test_interleave_follows_weights(tmp_path):
     first = [next(docs)[0] for _ in range(40)]
     assert first.count("a") == 30 and first.count("b") == 10
     assert len(list(docs)) == 160  # nothing lost once one source runs dry
+
+
+# --- the packed pretraining stream ---------------------------------------------------
+
+class CharTokenizer:
+    """One token per character (id = code point + 1), so streams can be read back exactly."""
+    bos_id = 0
+
+    def encode_batch(self, texts):
+        return [[ord(c) + 1 for c in t] for t in texts]
+
+
+def write_docs(folder, n_files, docs_per_file, rows_per_group=None, prefix="d"):
+    """Parquet files of unique documents; returns the documents in file order."""
+    docs = []
+    for f in range(n_files):
+        texts = [f"{prefix}{f}.{i}:" + "x" * ((7 * i + f) % 23) for i in range(docs_per_file)]
+        pq.write_table(pa.table({"text": texts}), folder / f"{prefix}-{f:02d}.parquet", row_group_size=rows_per_group)
+        docs += texts
+    return docs
+
+
+def stream_of(docs):
+    return [t for d in docs for t in [0] + [ord(c) + 1 for c in d]]
+
+
+def read_all(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def flat_tokens(batches):
+    """Reassemble the token stream from (inputs, targets) batches: each row is inputs + last target."""
+    return [t for x, y in batches for row_x, row_y in zip(x.tolist(), y.tolist()) for t in row_x + row_y[-1:]]
+
+
+def test_packing_is_exact(tmp_path):
+    docs = write_docs(tmp_path, 2, 40)
+    loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(),
+                                  batch_size=3, seq_len=16, loop=False, docs_per_read=5)
+    batches = read_all(loader)
+    assert all(x.shape == y.shape == (3, 16) for x, y in batches[:-1])
+    for x, y in batches:
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    expected = stream_of(docs)
+    got = flat_tokens(batches)
+    assert got == expected[:len(got)]
+    assert len(expected) - len(got) < 17  # only the tail shorter than one row is dropped
+    documents = "".join(chr(t - 1) if t else "\0" for t in got).split("\0")[1:]
+    assert documents[:-1] == docs[:len(documents) - 1]  # BOS starts every document
+
+
+def test_packing_with_the_real_tokenizer(tmp_path):
+    from tok import Tokenizer
+    tokenizer = Tokenizer.train([d * 3 for d in write_docs(tmp_path, 1, 30)], vocab_size=320, show_progress=False)
+    docs = write_docs(tmp_path, 1, 30)
+    loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), tokenizer, 2, 32, loop=False)
+    got = flat_tokens(read_all(loader))
+    expected = [t for d in docs for t in [tokenizer.bos_id] + tokenizer.encode(d)]
+    assert got == expected[:len(got)] and len(expected) - len(got) < 33
+
+
+@pytest.mark.parametrize("world_size, n_files, rows_per_group", [
+    (2, 2, None), (2, 3, None), (3, 2, None), (3, 3, None), (3, 1, 10), (2, 5, 4), (3, 4, None),
+])
+def test_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
+    docs = write_docs(tmp_path, n_files, 30, rows_per_group)
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet")
+    seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, world_size, quiet=True)))
+            for r in range(world_size)]
+    for r in range(world_size):
+        for q in range(r):
+            assert not set(seen[r]) & set(seen[q])
+    assert sorted(sum(seen, [])) == sorted(docs)
+
+
+def test_ranks_pack_disjoint_streams(tmp_path):
+    docs = write_docs(tmp_path, 4, 25)
+    streams = []
+    for rank in range(2):
+        loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(), 2, 8,
+                                      rank=rank, world_size=2, loop=False)
+        text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens(read_all(loader)))
+        streams.append(set(text.split("\0")[1:-1]))  # whole documents seen by this rank
+    assert not streams[0] & streams[1]
+    assert streams[0] | streams[1] <= set(docs) and len(streams[0] | streams[1]) >= len(docs) - 4
+
+
+def test_mixing_follows_weights(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    write_docs(tmp_path / "a", 1, 400, prefix="a")
+    write_docs(tmp_path / "b", 1, 400, prefix="b")
+    specs = f"parquet://{tmp_path}/a/*.parquet?weight=3 parquet://{tmp_path}/b/*.parquet"
+    loader = data.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
+    batches = [b for _, b in zip(range(60), loader)]
+    counts = list(loader.token_counts().values())
+    assert abs(counts[0] / sum(counts) - 0.75) < 0.02
+    text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens(batches))
+    a_chars = sum(len(d) + 1 for d in text.split("\0") if d.startswith("a"))
+    assert abs(a_chars / len(text) - 0.75) < 0.05
+    again = data.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(batches, again))  # deterministic
+
+
+def resume_after(make_loader, k, tmp_path):
+    """Run k batches, save the state through torch.save, and continue in a fresh loader."""
+    loader = make_loader()
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    torch.save(loader.state_dict(), tmp_path / "state.pt")
+    del it
+    fresh = make_loader()
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt"))
+    return read_all(fresh)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_resume_is_exact(tmp_path, prefetch):
+    write_docs(tmp_path, 3, 20, rows_per_group=8)
+    (tmp_path / "small").mkdir()
+    write_docs(tmp_path / "small", 1, 5, prefix="s")
+    specs = f"parquet://{tmp_path}/*.parquet parquet://{tmp_path}/small/*.parquet?weight=0.5"
+
+    def make_loader():
+        return data.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
+                                    rank=1, world_size=2, docs_per_read=3, prefetch=prefetch)
+
+    full = [b for _, b in zip(range(40), make_loader())]  # the small source wraps around several times
+    for k in (1, 4, 13, 29):  # mid-document and mid-buffer positions, before and after epochs end
+        resumed = resume_after(lambda: LimitedLoader(make_loader(), 40 - k), k, tmp_path)
+        assert len(resumed) == 40 - k
+        for (x, y), (x2, y2) in zip(full[k:], resumed):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+class LimitedLoader:
+    """A looping loader cut to n batches after a resume, for comparing finite lists."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n, self.resumed = loader, n, False
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if self.resumed and i >= self.n:
+                return
+            yield batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.resumed = True
+        self.loader.load_state_dict(state)
+
+
+def test_resume_refuses_another_setup(tmp_path):
+    write_docs(tmp_path, 2, 10)
+    spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
+    state = data.PretrainBatches(spec, CharTokenizer(), 2, 8).state_dict()
+    other = data.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=0, world_size=2)
+    with pytest.raises(DataError, match="another setup"):
+        other.load_state_dict(state)
+
+
+def test_validation_batches_are_fixed(tmp_path):
+    write_docs(tmp_path, 2, 30)
+    spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
+    a = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
+    b = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
+    assert len(a) == 5 and all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
+    everything = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=10_000)
+    assert sum(x.shape[0] for x, _ in everything) == len(stream_of(write_docs(tmp_path, 2, 30))) // 17
+
+
+def test_loader_errors(tmp_path):
+    pq.write_table(pa.table({"text": ["nur eins"]}), tmp_path / "one.parquet")
+    spec = parse_specs(f"parquet://{tmp_path}/one.parquet")
+    with pytest.raises(DataError, match="no documents for rank 1 of 2"):
+        next(iter(data.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=1, world_size=2)))
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
+        next(iter(data.PretrainBatches(parse_specs(f"txt://{tmp_path}/bad.txt"), CharTokenizer(), 1, 4)))
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(DataError, match="no string 'text' field"):
+        next(iter(data.PretrainBatches(parse_specs(f"jsonl://{tmp_path}/a.jsonl"), CharTokenizer(), 1, 4, prefetch=2)))
+
+
+def test_inspect_cli(tmp_path, capsys):
+    from tok import Tokenizer
+    docs = write_docs(tmp_path, 1, 50)
+    Tokenizer.train(docs, vocab_size=320, show_progress=False).save(tmp_path / "tok")
+    data.main(["--data", f"parquet://{tmp_path}/*.parquet", "--tokenizer", str(tmp_path / "tok"),
+               "--batch-size", "2", "--seq-len", "16", "--batches", "3"])
+    out = capsys.readouterr().out
+    assert "document 0" in out and "packed tokens/s" in out

@@ -57,6 +57,15 @@ def test_nfc_makes_combining_and_precomposed_equal(tokenizer):
     assert tokenizer.encode(combining) == tokenizer.encode(precomposed)
 
 
+def test_tiktoken_encoding_equals_hf_tokenizers(tokenizer, data_dir):
+    """We encode with tiktoken for speed; it must cut German text exactly as HF's BPE does."""
+    import data
+    source = data.parse_spec(f"parquet://{data_dir}/pretrain/klexikon/val.parquet")
+    texts = fixture_lines() + GERMAN_EXAMPLES + list(data.iter_texts(source))
+    hf_ids = [e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=False)]
+    assert tokenizer.encode_batch(texts) == hf_ids
+
+
 def test_encode_batch_equals_encode(tokenizer):
     texts = fixture_lines() + GERMAN_EXAMPLES
     assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
@@ -74,6 +83,7 @@ def test_encode_batch_equals_encode(tokenizer):
     ("geht's", ["geht", "'s"]),                  # no English contraction rule
     ("we're", ["we", "'re"]),
     ("q\u0307 x", ["q\u0307", " x"]),            # combining mark without a precomposed form stays in the word
+    ("\u0301!", ["\u0301", "!"]),                # a stray mark is a word of its own, never a prefix
     ("Ende…", ["Ende", "…"]),
     ("a – b", ["a", " –", " b"]),
     ("Zeile\n\n  neu", ["Zeile", "\n\n", " ", " neu"]),
