@@ -268,20 +268,22 @@ def interleave_documents(sources: list[Source]):
 # all of it and keeps documents r, r+W, r+2W, ... (correct, but each rank then
 # parses everything). Together the ranks see every document exactly once.
 #
-# Packing: plain concatenate-and-split. Each document becomes <|bos|> + its
-# tokens; documents are concatenated in order and cut into rows of T+1 tokens
-# (row = T inputs + the target of the last one); rows do not overlap. No token is
-# lost or duplicated: the only rule is that the one (last token of a row ->
-# first token of the next row) prediction per row is never trained, and at the
-# end of a non-looping stream the tail shorter than one row is dropped.
+# Packing: plain concatenate-and-split, per source. Each document becomes
+# <|bos|> + its tokens; a source's documents are concatenated in order and cut
+# into rows of T+1 tokens (row = T inputs + the target of the last one); rows do
+# not overlap. No token is lost or duplicated: the only rule is that the one
+# (last token of a row -> first token of the next row) prediction per row is
+# never trained, and at the end of a non-looping stream each source's tail
+# shorter than one row is dropped.
 # The trade-off against nanochat's BOS-aligned best-fit packing: best-fit starts
 # every row at a document start (no row begins mid-document without context)
 # but crops documents to fill rows, throwing tokens away; concatenation keeps
 # every token and makes exact resume a matter of remembering one buffer.
 #
-# Mixing: the next documents always come from the source that has given the
-# fewest tokens relative to its weight ("least tokens consumed"), so the token
-# shares follow the weights exactly and deterministically, with no RNG to save.
+# Mixing, row by row: the next row always comes from the source that has given
+# the fewest tokens relative to its weight ("least tokens consumed"), so the
+# token shares follow the weights to within a row, deterministically, with no RNG
+# to save, however long a source's documents are (one novel can be 1M tokens).
 # A source that runs out starts over (a new epoch) when looping.
 
 class PretrainBatches:
@@ -302,8 +304,8 @@ class PretrainBatches:
         n = len(sources)
         self.progress = {"states": [None] * n, "epochs": [0] * n, "tokens": [0] * n, "docs": [0] * n,
                          "exhausted": [False] * n}
-        self.pending = np.empty(0, dtype=np.int32)  # tokens read but not yet handed out
-        self.position = 0
+        # per source: tokens read but not yet handed out (never written in place, so views are snapshots)
+        self.pending = [np.empty(0, dtype=np.int32) for _ in sources]
         self.handed_out = self._snapshot()
 
     # --- reading and packing ---
@@ -328,42 +330,44 @@ class PretrainBatches:
             self.readers[i] = None
         return None
 
-    def _refill(self) -> bool:
-        """Tokenize the next documents of the least-consumed source; False when all are exhausted."""
-        live = [i for i in range(len(self.sources)) if not self.progress["exhausted"][i]]
-        if not live:
-            return False
-        i = min(live, key=lambda j: self.progress["tokens"][j] / self.sources[j].weight)
+    def _refill(self, i: int) -> bool:
+        """Tokenize the next documents of source i into its buffer; False once it is exhausted."""
         docs = self._read_documents(i)
         if docs is None:
             self.progress["exhausted"][i] = True
-            return True
+            return False
         bos = self.tokenizer.bos_id
         tokens = np.fromiter(itertools.chain.from_iterable(
             [bos] + ids for ids in self.tokenizer.encode_batch(docs)), dtype=np.int32)
-        self.progress["tokens"][i] += len(tokens)
         self.progress["docs"][i] += len(docs)
-        self.pending = np.concatenate([self.pending[self.position:], tokens])
-        self.position = 0
+        self.pending[i] = np.concatenate([self.pending[i], tokens])
         return True
+
+    def _next_row(self):
+        """The next row of T+1 tokens, from the source with the fewest tokens handed out per weight."""
+        row = self.seq_len + 1
+        while True:
+            live = [i for i in range(len(self.sources)) if not self.progress["exhausted"][i]]
+            if not live:
+                return None
+            i = min(live, key=lambda j: self.progress["tokens"][j] / self.sources[j].weight)
+            while len(self.pending[i]) < row and self._refill(i):
+                pass
+            if len(self.pending[i]) >= row:
+                self.progress["tokens"][i] += row
+                tokens, self.pending[i] = self.pending[i][:row], self.pending[i][row:]
+                return tokens
+            # an exhausted, non-looping source: its tail shorter than a row is dropped
 
     def _next_block(self):
         """The next (rows, T+1) block of tokens and the loader state right after it."""
-        row, want = self.seq_len + 1, self.batch_size * (self.seq_len + 1)
-        while len(self.pending) - self.position < want:
-            if not self._refill():  # end of a non-looping stream: a last, smaller batch
-                want = (len(self.pending) - self.position) // row * row
-                if want == 0:
-                    return None, None
-                break
-        block = self.pending[self.position:self.position + want].reshape(-1, row)
-        self.position += want
-        return block, self._snapshot()
+        rows = [r for r in (self._next_row() for _ in range(self.batch_size)) if r is not None]
+        if not rows:  # rows run out only at the end of a non-looping stream
+            return None, None
+        return np.stack(rows), self._snapshot()
 
     def _snapshot(self) -> dict:
-        # The pending array is never written in place (a refill makes a new one), so a
-        # view of it is a cheap, faithful record of the buffer at this moment.
-        return {"progress": copy.deepcopy(self.progress), "pending": self.pending[self.position:]}
+        return {"progress": copy.deepcopy(self.progress), "pending": list(self.pending)}
 
     def _to_batch(self, block):
         tokens = torch.from_numpy(block.astype(np.int64))
@@ -418,7 +422,7 @@ class PretrainBatches:
         """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
         state = copy.deepcopy(self.handed_out["progress"])
         state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
-                     pending=torch.from_numpy(self.handed_out["pending"].copy()))
+                     pending=[torch.from_numpy(p.copy()) for p in self.handed_out["pending"]])
         return state
 
     def load_state_dict(self, state: dict):
@@ -433,11 +437,11 @@ class PretrainBatches:
             if ds_state is not None:
                 self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
             self.readers[i] = None
-        self.pending, self.position = state["pending"].numpy().astype(np.int32), 0
+        self.pending = [p.numpy().astype(np.int32) for p in state["pending"]]
         self.handed_out = self._snapshot()
 
     def token_counts(self) -> dict[str, int]:
-        """Tokens read so far from each source (for the log)."""
+        """Tokens handed out so far from each source (for the log)."""
         return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
 
 

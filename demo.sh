@@ -4,7 +4,7 @@
 #
 #   NANOSCHNACK_DATA=../shared/data ./demo.sh      (or: ./demo.sh ../shared/data)
 #
-# Stages so far: tokenizer. Output goes to out/.
+# Stages so far: tokenizer, tiny pretraining (~10 min on 2 cores). Output goes to out/.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-${NANOSCHNACK_DATA:-}}
@@ -25,3 +25,7 @@ for dir in "$DATA"/pretrain/*/; do dir=${dir//%/%25}; PRETRAIN="$PRETRAIN parque
 
 echo "== 1. tokenizer (byte-level BPE, 8192 tokens, 20M characters)"
 $PY tok.py --data $PRETRAIN --vocab-size 8192 --max-chars 20M --out out/tokenizer
+
+echo "== 2. pretraining (tiny preset: 4 layers, width 256, 60 steps of 4096 tokens)"
+$PY train.py --preset tiny --data $PRETRAIN --val-data "parquet://${DATA// /%20}/pretrain/wiki/val.parquet" \
+    --tokenizer out/tokenizer --out out/base

@@ -1,0 +1,465 @@
+"""
+Fused causal flash attention (FlashAttention-2) in Triton, forward and backward.
+
+Layout. q is (B, H, T, D); k and v are (B, H_kv, T, D) with H a multiple of H_kv
+(grouped-query attention: query head h reads key/value head h // (H // H_kv)).
+Any strides work as long as the last dim is contiguous, so the model can pass
+`x.view(B, T, H, D).transpose(1, 2)` without a copy; outputs take q's strides.
+The Triton path takes D = 16, 32, 64 or 128 (64 and 128 are tested); the reference any D.
+Attention is always causal with scale 1/sqrt(D).
+
+Forward. Each program owns BLOCK_M query rows and streams the key/value tiles
+left of (and on) the diagonal through SRAM, keeping a running max m and running
+sum l of the softmax ("online softmax"), so the T x T score matrix never exists.
+Exponentials are taken in base 2 (exp2 is a single instruction). Besides the
+output it stores the per-row log-sum-exp LSE = log(sum_j exp(s_ij)): with it
+the backward recomputes any probability tile directly as p = exp(s - LSE)
+instead of saving the T x T probabilities.
+
+Backward. delta_i = rowsum(dO_i * O_i) first (a tiny kernel), then two kernels
+that need no atomics:
+  * dK/dV: one program per key tile; loops over the query tiles at or below the
+    diagonal, for every query head of its group (so GQA's sum over the group
+    happens in registers).
+  * dQ: one program per query tile; loops over the key tiles left of the diagonal.
+Both use dS = P * (dP - delta), dP = dO V^T.
+
+Precision. bf16/fp16 inputs feed the tensor cores and accumulate in fp32; fp32
+inputs use full-precision ("ieee") dots, not tf32. LSE is always fp32.
+
+Custom ops. `nanoschnack::flash_attn(q, k, v) -> (out, lse)` and
+`nanoschnack::flash_attn_backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` are
+`torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
+through them. Which path runs is decided in kernels/dispatch.py: Triton on CUDA,
+the PyTorch reference below on CPU or when NANOSCHNACK_REFERENCE_KERNELS=1.
+The reference is the textbook math in fp32 (fp64 for fp64 inputs); it builds the
+T x T scores, which is fine for the CPU models and for A/B runs, not for speed.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels.dispatch import use_triton
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+               offs_m, offs_n, lo, hi, seq_len, qk_scale,
+               ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate key/value tiles [lo, hi) into the running softmax of one query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if ON_DIAGONAL:  # the tile may cross the diagonal and the end of the sequence
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
+        else:  # strictly left of the diagonal: every key is valid, no masks needed
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # scores, in log2 units
+        if ON_DIAGONAL:
+            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qt,
+                     stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt,
+                     stride_ob, stride_oh, stride_ot,
+                     n_heads, group_size, seq_len, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    h_kv = h // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < seq_len, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Two passes: the unmasked tiles left of the diagonal, then the diagonal tiles.
+    # Every row sees key 0, so m_i is finite after the first tile (no exp(-inf - -inf)).
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                               offs_m, offs_n, 0, start_m, seq_len, qk_scale,
+                               False, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                               offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
+                               True, BLOCK_N, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_len)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back from log2 to natural-log units
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA,
+                           stride_ob, stride_oh, stride_ot,
+                           stride_dob, stride_doh, stride_dot,
+                           n_heads, seq_len,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id, the row term of dS = P * (dP - delta)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < seq_len
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                    offs_n, offs_m, lo, hi, seq_len, qk_scale,
+                    ON_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK and dV of one key tile over the query tiles [lo, hi).
+
+    Works on transposed tiles (keys x queries) so that dK and dV come out as
+    plain dots. Rows past the end of the sequence load q = dO = 0 and LSE = +inf,
+    so their probability is 0 and they add nothing.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seq_len
+        q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if ON_DIAGONAL:
+            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                          stride_qb, stride_qh, stride_qt,
+                          stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt,
+                          stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt,
+                          stride_dvb, stride_dvh, stride_dvt,
+                          n_kv_heads, group_size, seq_len, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1)
+    b = (bh_kv // n_kv_heads).to(tl.int64)
+    h_kv = (bh_kv % n_kv_heads).to(tl.int64)
+    n_heads = n_kv_heads * group_size
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[:, None] < seq_len
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for g in range(group_size):  # every query head that reads this key/value head
+        h = h_kv * group_size + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+        row_base = (b * n_heads + h) * seq_len
+        # Query tiles crossing the diagonal of this key tile (masked), then the ones below it.
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                 stride_qt, stride_dot, offs_n, offs_m,
+                                 start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len, qk_scale,
+                                 True, BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                 stride_qt, stride_dot, offs_n, offs_m,
+                                 start_n + BLOCK_N, seq_len, seq_len, qk_scale,
+                                 False, BLOCK_M, DOT_PRECISION)
+
+    dk = dk * sm_scale  # s = sm_scale * q.k, so dK carries the scale once
+    tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                  offs_m, offs_n, lo, hi, seq_len, qk_scale,
+                  ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if ON_DIAGONAL:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if ON_DIAGONAL:
+            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                        stride_qb, stride_qh, stride_qt,
+                        stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt,
+                        stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        n_heads, group_size, seq_len, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    h_kv = h // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    row_base = bh.to(tl.int64) * seq_len
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                       offs_m, offs_n, 0, start_m, seq_len, qk_scale,
+                       False, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                       offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
+                       True, BLOCK_N, DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------
+# Launch configurations.
+#
+# The big tile is a multiple of the small one in every kernel, so the diagonal
+# region splits into whole small tiles. GPU numbers follow the Triton fused-attention
+# tutorial's settings and fit Hopper's shared memory at D = 128; they were not
+# tuned on a GPU here. The interpreter gets small tiles so that tests at T ~ 100
+# still cross several tiles and a ragged end.
+
+def _configs(x: torch.Tensor) -> dict:
+    if x.device.type != "cuda":  # Triton interpreter
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
+                    dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32))
+    D = x.shape[-1]
+    if x.dtype == torch.float32:  # twice the bytes per tile: smaller tiles, fewer stages
+        return dict(fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                    dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+                    dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+                    delta=dict(BLOCK_M=64))
+    warps = 4 if D <= 64 else 8
+    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
+                dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=5 if D <= 64 else 3),
+                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5 if D <= 64 else 3),
+                delta=dict(BLOCK_M=64))
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "flash_attn wants (B, H, T, D) tensors")
+    torch._check(k.shape == v.shape, lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:], lambda: f"q {tuple(q.shape)} does not match k {tuple(k.shape)}")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _triton_fwd(q, k, v):
+    B, H, T, D = q.shape
+    torch._check(D in (16, 32, 64, 128), lambda: f"the Triton kernel supports head dims 16, 32, 64 and 128, got {D}")
+    torch._check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)  # keeps q's strides: the model's transposed view comes back ready to reshape
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    cfg = _configs(q)["fwd"]
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+    wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, H // k.shape[1], T, LOG2E / math.sqrt(D),
+        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg)
+    return out, lse
+
+
+def _triton_bwd(dout, q, k, v, out, lse):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
+    cfg = _configs(q)
+    sm_scale = 1.0 / math.sqrt(D)
+    qk_scale = sm_scale * LOG2E
+
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(T, cfg["delta"]["BLOCK_M"]), B * H)
+    wrap_triton(_attn_bwd_delta_kernel)[grid](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        H, T, HEAD_DIM=D, **cfg["delta"])
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = (triton.cdiv(T, cfg["dkdv"]["BLOCK_N"]), B * H_kv)
+    wrap_triton(_attn_bwd_dkdv_kernel)[grid](
+        q, k, v, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H_kv, H // H_kv, T, qk_scale, sm_scale,
+        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
+
+    dq = torch.empty_like(q)
+    grid = (triton.cdiv(T, cfg["dq"]["BLOCK_M"]), B * H)
+    wrap_triton(_attn_bwd_dq_kernel)[grid](
+        q, k, v, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, H // H_kv, T, qk_scale, sm_scale,
+        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# PyTorch reference: the same math, written out, on the whole T x T matrix.
+
+def _reference_probs(q, k, lse=None):
+    """Causal softmax probabilities P (B, H, T, T) in fp32 (fp64 for fp64 inputs), and the LSE."""
+    group = q.shape[1] // k.shape[1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k = k.repeat_interleave(group, dim=1).to(compute)
+    s = (q.to(compute) @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    T = q.shape[2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse.to(compute).unsqueeze(-1)), lse
+
+
+def _reference_fwd(q, k, v):
+    p, lse = _reference_probs(q, k)
+    v = v.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(p.dtype)
+    out = (p @ v).to(q.dtype)
+    return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse
+
+
+def _reference_bwd(dout, q, k, v, out, lse):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    group = H // H_kv
+    p, _ = _reference_probs(q, k, lse)
+    compute = p.dtype
+    dout32, q32 = dout.to(compute), q.to(compute)
+    k32 = k.repeat_interleave(group, dim=1).to(compute)
+    v32 = v.repeat_interleave(group, dim=1).to(compute)
+    delta = (dout32 * out.to(compute)).sum(-1, keepdim=True)
+    dv = p.transpose(-2, -1) @ dout32
+    ds = p * (dout32 @ v32.transpose(-2, -1) - delta)
+    scale = 1.0 / math.sqrt(D)
+    dq = (ds @ k32) * scale
+    dk = (ds.transpose(-2, -1) @ q32) * scale
+    # GQA: a key/value head's gradient is the sum over the query heads that read it
+    dk = dk.view(B, H_kv, group, T, D).sum(2)
+    dv = dv.view(B, H_kv, group, T, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Custom ops
+
+
+@triton_op("nanoschnack::flash_attn", mutates_args=())
+def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention. q (B, H, T, D), k/v (B, H_kv, T, D) -> out (B, H, T, D), lse (B, H, T) fp32."""
+    _check(q, k, v)
+    if use_triton(q):
+        return _triton_fwd(q, k, v)
+    return _reference_fwd(q, k, v)
+
+
+@triton_op("nanoschnack::flash_attn_backward", mutates_args=())
+def flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of flash_attn, given its inputs, output and LSE."""
+    if use_triton(q):
+        return _triton_bwd(dout, q, k, v, out, lse)
+    return _reference_bwd(dout, q, k, v, out, lse)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return flash_attn_backward_op(dout, q, k, v, out, lse)
+
+
+flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention, differentiable: q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D)."""
+    out, _ = flash_attn_op(q, k, v)
+    return out

@@ -1,0 +1,291 @@
+"""
+Tests for gpt.py on the CPU: configs, the loss, torch.compile vs eager, the KV
+cache against full recomputation, generation, and overfitting one batch.
+
+Freshly initialised models have zero output projections and a zero lm_head,
+which would make most gradients exactly zero and most comparisons vacuous, so
+`random_model` also fills those with small random weights.
+"""
+import copy
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import GPT, GPTConfig, KVCache, PRESETS, preset, sample_next_token
+from kernels.dispatch import triton_on_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_model(seed=0, **overrides) -> GPT:
+    cfg = dict(sequence_len=32, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # the zero-initialised projections and lm_head
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def random_tokens(model, B, T, seed=0):
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------
+# Config, sizes, init
+
+
+def test_from_depth_follows_nanochat():
+    c = GPTConfig.from_depth(20, vocab_size=65536, sequence_len=2048)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim) == (20, 1280, 10, 10, 128)
+    assert GPTConfig.from_depth(12, 1000, 512).head_dim == 128
+    assert GPTConfig.from_depth(3, 1000, 512, head_dim=64).n_head == 3
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        GPTConfig.from_depth(3, 1000, 512)
+
+
+def test_presets():
+    tiny = preset("tiny", vocab_size=4096, sequence_len=256)
+    assert (tiny.n_layer, tiny.n_embd, tiny.head_dim, tiny.vocab_size, tiny.sequence_len) == (4, 256, 64, 4096, 256)
+    assert preset("d20", 4096, 2048) == GPTConfig.from_depth(20, 4096, 2048)
+    assert set(PRESETS) >= {"nano", "tiny"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge", 4096, 256)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3, n_embd=64)
+
+
+def test_num_params_and_flops_per_token():
+    c = preset("tiny", vocab_size=1000, sequence_len=128)
+    model = GPT(c)
+    C, L, V = c.n_embd, c.n_layer, c.vocab_size
+    per_layer = 4 * C * C + 8 * C * C  # q, k, v, proj + MLP in and out (no GQA here, no biases, no norm weights)
+    assert model.num_params() == 2 * V * C + L * per_layer
+    assert model.num_params(exclude_embedding=True) == V * C + L * per_layer
+    assert model.flops_per_token() == 6 * (V * C + L * per_layer) + 12 * L * c.n_head * c.head_dim * c.sequence_len
+    gqa = GPT(GPTConfig(sequence_len=16, vocab_size=10, n_layer=1, n_head=4, n_kv_head=1, n_embd=64))
+    assert gqa.num_params() == 2 * 10 * 64 + (64 * 64 + 2 * 64 * 16 + 64 * 64) + 8 * 64 * 64
+
+
+def test_init_is_deterministic_and_starts_at_log_vocab():
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    a, b = GPT(cfg), GPT(cfg)
+    a.init_weights(seed=3)
+    b.init_weights(seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not a.lm_head.weight.any() and not a.transformer.h[0].attn.c_proj.weight.any()
+    assert a.transformer.wte.weight.std().item() == pytest.approx(1.0, abs=0.1)
+    idx = torch.randint(0, 50, (2, 16))
+    assert a(idx, idx).item() == pytest.approx(math.log(50), abs=1e-6)  # zero lm_head: uniform logits
+
+
+def test_meta_device_construction():
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    assert meta.lm_head.weight.is_meta
+    meta.to_empty(device="cpu")
+    meta.init_weights(seed=7)
+    ref = GPT(cfg)
+    ref.init_weights(seed=7)
+    for (name, pa), pb in zip(meta.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert torch.equal(meta.cos, ref.cos) and torch.equal(meta.sin, ref.sin)
+
+
+# ----------------------------------------------------------------------------
+# Forward and loss
+
+
+def test_forward_logits_and_loss_ignore_minus_one():
+    model = random_model()
+    idx = random_tokens(model, 3, 20)
+    targets = random_tokens(model, 3, 20, seed=1)
+    targets[0, :5] = -1
+    targets[2, 7] = -1
+    logits = model(idx)
+    assert logits.shape == (3, 20, 96)
+    assert logits.abs().max() <= 15.0  # softcap
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(model(idx, targets), expected)
+    per_token = model(idx, targets, loss_reduction="none").view(3, 20)
+    assert (per_token[~keep] == 0).all()
+    torch.testing.assert_close(per_token[keep], F.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), expected * keep.sum())
+
+
+def test_attention_is_causal():
+    """Changing a later token must not change any earlier logit."""
+    model = random_model()
+    idx = random_tokens(model, 1, 24)
+    changed = idx.clone()
+    changed[0, 15] = (idx[0, 15] + 1) % 96
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :15], b[:, :15], atol=1e-6, rtol=0)
+    assert (a[:, 15:] - b[:, 15:]).abs().max() > 1e-3
+
+
+def test_model_with_triton_kernels_matches_reference():
+    """One forward/backward of a small model with every kernel run by Triton (interpreted on a CPU)."""
+    model = random_model(n_head=2, n_kv_head=1, n_embd=128)  # head_dim 64
+    idx, targets = random_tokens(model, 1, 24), random_tokens(model, 1, 24, seed=1)
+    ref_loss = model(idx, targets)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    with triton_on_cpu():
+        loss = model(idx, targets)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def inductor_cache_dir(tmp_path_factory, monkeypatch):
+    """An inductor cache keyed on the source of kernels/ and gpt.py: a stale compiled graph is never reused."""
+    sources = sorted((REPO / "kernels").glob("*.py")) + [REPO / "gpt.py"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoschnack"
+    path = root / f"inductor-{torch.__version__}-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager(inductor_cache_dir):
+    model = random_model()
+    idx, targets = random_tokens(model, 2, 32), random_tokens(model, 2, 32, seed=1)
+    targets[1, :4] = -1
+
+    # The custom ops must be in the captured graph (the model really uses them), with no graph break.
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, fullgraph=True)(idx, targets)
+    code = graphs[0].code
+    assert len(graphs) == 1 and "nanoschnack.flash_attn" in code and "nanoschnack.rms_norm" in code
+
+    eager_loss = model(idx, targets)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+    loss = compiled(idx, targets)
+    grads = torch.autograd.grad(loss, list(compiled.parameters()))
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for (name, _), g, r in zip(model.named_parameters(), grads, eager_grads):
+        assert r.abs().max() > 0, f"{name}: zero gradient makes the comparison vacuous"
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# KV cache and generation
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=lambda h: f"kv{h}")
+def test_kv_cache_matches_full_recomputation(n_kv_head):
+    model = random_model(n_kv_head=n_kv_head)
+    idx = random_tokens(model, 2, 20)
+    full = model(idx)
+    cache = model.new_kv_cache(batch_size=2, max_len=20)
+    # prefill 7, then a chunk of 4 on top of the cache (the next chat turn), then one token at a time
+    pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:11], kv_cache=cache)]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(11, 20)]
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+    cache.truncate(9)  # roll back and redo the tail in one go
+    torch.testing.assert_close(model(idx[:, 9:], kv_cache=cache), full[:, 9:], atol=1e-5, rtol=1e-5)
+    cache.reset()
+    torch.testing.assert_close(model(idx[:, :5], kv_cache=cache), full[:, :5], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(idx, kv_cache=cache)
+
+
+def test_kv_cache_positions_past_training_length():
+    """Generation may run past sequence_len; the cache path then still matches full recomputation."""
+    model = random_model(sequence_len=8)
+    idx = random_tokens(model, 1, 30)
+    cache = model.new_kv_cache(1, max_len=30)
+    model(idx[:, :12], kv_cache=cache)
+    step = torch.cat([model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 30)], dim=1)
+    torch.testing.assert_close(step, model(idx)[:, 12:], atol=1e-5, rtol=1e-5)
+    assert isinstance(cache, KVCache)
+
+
+def test_generate_greedy_matches_recomputation():
+    model = random_model()
+    prompt = [3, 14, 15, 92, 65]
+    got = list(model.generate(prompt, max_new_tokens=12, temperature=0))
+    seq = list(prompt)
+    for _ in range(12):  # the slow way: recompute the whole sequence for every token
+        seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    assert got == seq[len(prompt):]
+    assert all(isinstance(t, int) for t in got)
+    assert list(model.generate(prompt, 12, temperature=0.7, top_k=1, seed=5)) == got
+
+
+def test_generate_is_seeded_and_streams():
+    model = random_model()
+    prompt = [1, 2, 3]
+    a = list(model.generate(prompt, 20, temperature=1.0, seed=0))
+    assert a == list(model.generate(prompt, 20, temperature=1.0, seed=0))
+    assert a != list(model.generate(prompt, 20, temperature=1.0, seed=1))
+    assert len(set(a)) > 3  # near-uniform logits at temperature 1: not a constant stream
+
+    cache = model.new_kv_cache(1, max_len=64)
+    stream = model.generate(prompt, 20, temperature=1.0, seed=0, kv_cache=cache)
+    first = [next(stream) for _ in range(4)]
+    stream.close()  # the caller stops early: the cache holds the prompt and every token received
+    assert first == a[:4] and cache.pos == len(prompt) + 4
+    # continue the conversation on the same cache: the same as generating from scratch
+    turn = [7, 8]
+    cont = list(model.generate(turn, 5, temperature=0, kv_cache=cache))
+    assert cont == list(model.generate(prompt + first + turn, 5, temperature=0))
+
+
+def test_sample_next_token_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {sample_next_token(logits, generator=g, **kw).item() for _ in range(300)}
+    assert draw() == {0, 1, 2, 3}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.5) == {0}  # token 0 alone holds 0.5
+    assert draw(top_p=0.7) == {0, 1}  # 0.5 + 0.3 reaches 0.7
+    assert draw(top_p=0.9) == {0, 1, 2}
+    assert sample_next_token(logits, temperature=0).item() == 0
+
+
+# ----------------------------------------------------------------------------
+# Learning
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    idx = torch.randint(0, 64, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = model(x, y).item()
+    for _ in range(150):
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert first == pytest.approx(math.log(64), abs=1e-4)
+    assert loss.item() < 0.05, f"loss {first:.3f} -> {loss.item():.3f}"

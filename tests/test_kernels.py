@@ -1,0 +1,332 @@
+"""
+Tests for kernels/: the Triton kernels against float64 PyTorch, and the custom ops.
+
+On a CPU the Triton kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton), one kernel at a time at
+small shapes. On a GPU machine, `TRITON_INTERPRET=0 pytest tests/test_kernels.py`
+runs the same tests on CUDA for real.
+
+The oracle is always an independent PyTorch computation in float64 on the same
+(rounded) inputs: F.scaled_dot_product_attention and F.rms_norm with autograd.
+Tolerances, per dtype of the kernel's inputs and outputs (atol, rtol):
+
+    attention  fp32 (2e-5, 1e-4)   fp16 (4e-3, 4e-3)   bf16 (3e-2, 3e-2)
+    rms_norm   fp32 (1e-5, 1e-5)   fp16 (1e-3, 2e-3)   bf16 (8e-3, 1.6e-2)
+
+fp32 is a few ulps of accumulated rounding; the 16-bit ones are a few ulps of
+the output dtype (fp16 eps 1e-3, bf16 eps 8e-3) plus the 16-bit P tile that
+flash attention feeds to its second matmul.
+
+bf16 under the interpreter: its `tl.dot` multiplies the raw bf16 bit patterns
+(they are stored as uint16), an upstream limitation. The bf16 tests therefore
+patch the interpreter's dot to widen bf16 to fp32 first (exactly, by a shift);
+every other bf16 operation (loads, casts, stores) runs unpatched.
+"""
+import contextlib
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import attention, rmsnorm
+from kernels.dispatch import REFERENCE_ENV, triton_on_cpu
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+NORM_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 1.6e-2)}
+
+
+def run_triton():
+    """Where the Triton kernels can run: natively on CUDA, else in the interpreter."""
+    return contextlib.nullcontext() if DEVICE == "cuda" else triton_on_cpu()
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Make the interpreter's tl.dot correct for bf16 (test-only; no-op on CUDA)."""
+    if DEVICE == "cuda":
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(t):
+        if t.dtype == tl.bfloat16:  # bf16 is the top half of an fp32: shift the bits up
+            return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return t
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def assert_close(actual, expected, tol, what):
+    atol, rtol = tol
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# Attention
+
+def attention_inputs(B, H, H_kv, T, D, dtype, layout="bhtd", seed=0):
+    """q, k, v, dout on DEVICE. layout 'bthd' gives the model's transposed (B, T, H, D) views."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(heads):
+        if layout == "bthd":
+            return torch.randn(B, T, heads, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        return torch.randn(B, heads, T, D, generator=g).to(DEVICE, dtype)
+
+    return make(H), make(H_kv), make(H_kv), make(H)
+
+
+def attention_oracle(q, k, v, dout):
+    """out, lse, dq, dk, dv in float64 from PyTorch's SDPA and autograd, on the CPU."""
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out.backward(dout.cpu().double())
+    T, D = q.shape[2], q.shape[3]
+    s = q.detach() @ k.detach().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1) / math.sqrt(D)
+    lse = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).logsumexp(-1)
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+ATTN_SHAPES = [  # B, H, H_kv, T, D
+    (1, 2, 2, 1, 64),  # a single token
+    (2, 2, 2, 17, 64),  # shorter than one tile, ragged
+    (1, 4, 2, 100, 64),  # GQA, several tiles, ragged end
+    (1, 2, 1, 64, 128),  # MQA, a whole number of tiles
+    (2, 2, 2, 45, 128),  # ragged, D = 128
+]
+
+
+def check_attention_kernels(shape, dtype, layout="bhtd"):
+    q, k, v, dout = attention_inputs(*shape, dtype, layout)
+    with run_triton():
+        out, lse = attention._triton_fwd(q, k, v)
+        dq, dk, dv = attention._triton_bwd(dout, q, k, v, out, lse)
+    ref = attention_oracle(q, k, v, dout)
+    tol = ATTN_TOL[dtype]
+    assert out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and lse.dtype == torch.float32
+    assert out.stride() == q.stride(), "out should take q's layout"
+    assert_close(out, ref[0], tol, "out")
+    assert_close(lse, ref[1], ATTN_TOL[torch.float32], "lse")  # always accumulated in fp32
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:]):
+        assert_close(got, want, tol, name)
+
+
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Hkv{}T{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_kernels_match_sdpa(shape, dtype):
+    check_attention_kernels(shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 64), (1, 2, 2, 40, 128)], ids=lambda s: "B{}H{}Hkv{}T{}D{}".format(*s))
+def test_attention_kernels_on_strided_model_layout(shape):
+    check_attention_kernels(shape, torch.float32, layout="bthd")
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 50, 64), (1, 2, 2, 33, 128)], ids=lambda s: "B{}H{}Hkv{}T{}D{}".format(*s))
+def test_attention_kernels_bf16(shape, bf16_dot):
+    check_attention_kernels(shape, torch.bfloat16)
+
+
+def test_bf16_dot_patch_is_exact(bf16_dot):
+    """The patched interpreter dot must give the true bf16 product (else the bf16 tests prove nothing)."""
+    a = torch.randn(16, 16).bfloat16()
+    b = torch.randn(16, 16).bfloat16()
+    expected = a.double() @ b.double()
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matmul(A, B, C, N: tl.constexpr):
+        r = tl.arange(0, N)
+        x = tl.load(A + r[:, None] * N + r[None, :])
+        y = tl.load(B + r[:, None] * N + r[None, :])
+        tl.store(C + r[:, None] * N + r[None, :], tl.dot(x, y))
+
+    c = torch.empty(16, 16, device=DEVICE)
+    matmul[(1,)](a.to(DEVICE), b.to(DEVICE), c, N=16)
+    torch.testing.assert_close(c.double().cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_op_launches_triton_and_backprops(monkeypatch):
+    """Through the custom op and autograd, inside triton_on_cpu(), the Triton path runs and is right."""
+    calls = []
+    for name in ("_triton_fwd", "_triton_bwd"):
+        fn = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    q, k, v, dout = attention_inputs(1, 4, 2, 40, 64, torch.float32, layout="bthd")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with run_triton():
+        kernels.flash_attn(q, k, v).backward(dout)
+    assert calls == ["_triton_fwd", "_triton_bwd"]
+    ref = attention_oracle(q, k, v, dout)
+    tol = ATTN_TOL[torch.float32]
+    for name, t, want in zip("qkv", (q, k, v), ref[2:]):
+        assert_close(t.grad, want, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_attention_reference_path_matches_sdpa(dtype, monkeypatch):
+    """On a CPU, outside triton_on_cpu(), the op takes the PyTorch reference path."""
+    monkeypatch.setattr(attention, "_triton_fwd", None)  # would raise if called
+    monkeypatch.setattr(attention, "_triton_bwd", None)
+    q, k, v, dout = attention_inputs(2, 4, 2, 37, 32, dtype)
+    q, k, v = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    out, lse = kernels.flash_attn_op(q, k, v)
+    out.backward(dout.cpu())
+    ref = attention_oracle(q, k, v, dout)
+    tol = (1e-12, 1e-10) if dtype == torch.float64 else ATTN_TOL[torch.float32]
+    assert_close(out, ref[0], tol, "out")
+    assert_close(lse, ref[1], tol, "lse")
+    for name, t, want in zip("qkv", (q, k, v), ref[2:]):
+        assert_close(t.grad, want, tol, f"d{name}")
+
+
+def test_dispatch_rule(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    assert not kernels.use_triton(cpu)
+    with triton_on_cpu():
+        assert kernels.use_triton(cpu)
+        monkeypatch.setenv(REFERENCE_ENV, "1")  # forces the reference path, even where Triton could run
+        assert not kernels.use_triton(cpu)
+    assert not kernels.use_triton(torch.zeros(1, device="meta"))
+
+
+def test_attention_gradcheck_reference_float64():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(kernels.flash_attn, (q, k, v))
+
+
+def test_attention_opcheck_reference():
+    q, k, v, dout = attention_inputs(1, 4, 2, 9, 16, torch.float32)
+    q, k, v, dout = (t.detach().cpu() for t in (q, k, v, dout))
+    torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()))
+    out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse))
+
+
+def test_attention_opcheck_triton():
+    """Schema (no input mutated) and autograd registration, with the Triton path launched."""
+    q, k, v, dout = attention_inputs(1, 2, 1, 20, 64, torch.float32)
+    with run_triton():
+        torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()),
+                              test_utils=("test_schema", "test_autograd_registration"))
+        out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach())
+        torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse),
+                              test_utils=("test_schema",))
+
+
+def test_attention_rejects_bad_shapes():
+    q = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        kernels.flash_attn(q, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    with pytest.raises(RuntimeError, match="head dims"), run_triton():
+        kernels.flash_attn(torch.zeros(1, 2, 4, 24, device=DEVICE), torch.zeros(1, 2, 4, 24, device=DEVICE),
+                           torch.zeros(1, 2, 4, 24, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------
+# RMSNorm
+
+NORM_SHAPES = [(1, 64), (7, 64), (3, 5, 100), (33, 1280), (2, 10, 4, 128)]
+
+
+def norm_oracle(x, dy, eps):
+    x = x.detach().cpu().double().requires_grad_()
+    y = F.rms_norm(x, (x.shape[-1],), eps=eps)
+    y.backward(dy.cpu().double())
+    rstd = torch.rsqrt(x.detach().square().mean(-1) + eps)
+    return y.detach(), rstd, x.grad
+
+
+def check_norm_kernels(shape, dtype, transposed=False, eps=1e-6):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    if transposed:  # a non-contiguous input, e.g. a view from a transpose
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    with run_triton():
+        y, rstd = rmsnorm._triton_fwd(x, eps)
+        dx = rmsnorm._triton_bwd(dy, x, rstd)
+    ref_y, ref_rstd, ref_dx = norm_oracle(x, dy, eps)
+    assert y.shape == x.shape and y.dtype == dtype and dx.dtype == dtype and rstd.dtype == torch.float32
+    assert_close(y, ref_y, NORM_TOL[dtype], "y")
+    assert_close(rstd, ref_rstd, NORM_TOL[torch.float32], "rstd")
+    assert_close(dx, ref_dx, NORM_TOL[dtype], "dx")
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rms_norm_kernels_match_pytorch(shape, dtype):
+    check_norm_kernels(shape, dtype)
+
+
+def test_rms_norm_kernels_non_contiguous_input():
+    check_norm_kernels((6, 9, 64), torch.float32, transposed=True)
+
+
+def test_rms_norm_op_launches_triton_and_backprops(monkeypatch):
+    calls = []
+    for name in ("_triton_fwd", "_triton_bwd"):
+        fn = getattr(rmsnorm, name)
+        monkeypatch.setattr(rmsnorm, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 64, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(5, 3, 64, generator=g).to(DEVICE)
+    with run_triton():
+        kernels.rms_norm(x, 1e-5).backward(dy)
+    assert calls == ["_triton_fwd", "_triton_bwd"]
+    _, _, ref_dx = norm_oracle(x, dy, 1e-5)
+    assert_close(x.grad, ref_dx, NORM_TOL[torch.float32], "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rms_norm_reference_path_matches_pytorch(dtype, monkeypatch):
+    monkeypatch.setattr(rmsnorm, "_triton_fwd", None)
+    monkeypatch.setattr(rmsnorm, "_triton_bwd", None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 48, generator=g, dtype=dtype, requires_grad=True)
+    dy = torch.randn(4, 7, 48, generator=g, dtype=dtype)
+    y = kernels.rms_norm(x, 1e-6)
+    y.backward(dy)
+    ref_y, _, ref_dx = norm_oracle(x, dy, 1e-6)
+    tol = (1e-12, 1e-10) if dtype == torch.float64 else NORM_TOL[torch.float32]
+    assert_close(y, ref_y, tol, "y")
+    assert_close(x.grad, ref_dx, tol, "dx")
+
+
+def test_rms_norm_gradcheck_reference_float64():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: kernels.rms_norm(t, 1e-6), (x,))
+
+
+def test_rms_norm_opcheck_reference():
+    x = torch.randn(4, 3, 32)
+    torch.library.opcheck(kernels.rms_norm_op, (x.clone().requires_grad_(), 1e-6))
+    y, rstd = kernels.rms_norm_op(x, 1e-6)
+    torch.library.opcheck(kernels.rms_norm_backward_op, (torch.randn_like(x), x, rstd))
+
+
+def test_rms_norm_opcheck_triton():
+    x = torch.randn(4, 3, 32, device=DEVICE)
+    with run_triton():
+        torch.library.opcheck(kernels.rms_norm_op, (x.clone().requires_grad_(), 1e-6),
+                              test_utils=("test_schema", "test_autograd_registration"))
+        y, rstd = kernels.rms_norm_op(x, 1e-6)
+        torch.library.opcheck(kernels.rms_norm_backward_op, (torch.randn_like(x), x, rstd), test_utils=("test_schema",))

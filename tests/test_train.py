@@ -1,0 +1,174 @@
+"""Tests for train.py: learning, DDP equivalence, exact resume, atomic checkpoints."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+import tok
+import train
+from tok import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "german.txt"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small tokenizer and a parquet corpus of German sentences, shared by the tests here."""
+    root = tmp_path_factory.mktemp("train")
+    lines = FIXTURE.read_text(encoding="utf-8").splitlines()
+    Tokenizer.train(lines * 3, vocab_size=320, show_progress=False).save(root / "tok")
+    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 4
+    for k in range(2):
+        pq.write_table(pa.table({"text": docs[k::2]}), root / f"train-{k}.parquet", row_group_size=8)
+    pq.write_table(pa.table({"text": docs[:6]}), root / "val.parquet")
+    return root
+
+
+def args_for(root, out, *extra):
+    return ["--preset", "nano", "--tokenizer", str(root / "tok"), "--data", f"parquet://{root}/train-*.parquet",
+            "--val-data", f"parquet://{root}/val.parquet", "--out", str(out), "--max-steps", "6",
+            "--save-every", "3", "--eval-every", "3", "--prefetch", "0", *extra]
+
+
+def run_script(args, nproc=1, check=True, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.run(cmd + [str(REPO / "train.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=300, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def final_state(out):
+    return torch.load(train.latest_checkpoint(out), weights_only=False)
+
+
+def losses(out):
+    by_step = {}
+    for line in (Path(out) / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]  # a resumed run appends; the last entry counts
+    return by_step
+
+
+def test_loss_falls_on_german_sample(data_dir, tmp_path):
+    source = data.parse_spec(f"parquet://{data_dir}/pretrain/klexikon/train-00000.parquet")
+    texts = [t for _, t in zip(range(400), data.iter_texts(source))]
+    Tokenizer.train(texts, vocab_size=1024, show_progress=False).save(tmp_path / "tok")
+    out = tmp_path / "run"
+    train.main(["--preset", "nano", "--tokenizer", str(tmp_path / "tok"), "--data", source.spec,
+                "--val-data", f"parquet://{data_dir}/pretrain/klexikon/val.parquet", "--out", str(out),
+                "--max-steps", "40", "--seq-len", "128", "--device-batch-size", "8", "--total-batch-size", "1024",
+                "--eval-every", "40", "--save-every", "0", "--prefetch", "0"])
+    loss = losses(out)
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (38, 39, 40)) / 3
+    assert first > 6.5  # about ln(1024) = 6.93 at the start
+    assert last < first - 1.5, (first, last)
+    val_bpb = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_bpb"]
+    val_texts = list(data.iter_texts(data.parse_spec(f"parquet://{data_dir}/pretrain/klexikon/val.parquet")))
+    uniform_bpb = math.log2(1024) / tok.bytes_per_token(Tokenizer.load(tmp_path / "tok"), val_texts)
+    assert 0 < val_bpb < 0.9 * uniform_bpb, (val_bpb, uniform_bpb)
+
+
+def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script(args_for(setup, out, "--max-steps", "3", "--eval-every", "0"), nproc=2)
+    assert "parameters identical on all 2 ranks: True" in proc.stdout
+    ddp_params = final_state(out)["model"]
+
+    # the same global batch in one process: rank 0's and rank 1's micro-batches, accumulated
+    cfg = train.parse_config(args_for(setup, out, "--max-steps", "3"))
+    tokenizer = Tokenizer.load(setup / "tok")
+    model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
+    optimizers = train.build_optimizers(model, cfg)
+    loaders = [iter(data.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
+                                         cfg.seq_len, rank, 2)) for rank in range(2)]
+    for step in range(3):
+        lr = train.lr_multiplier(step / 3, cfg)
+        train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])], lr, torch.device("cpu"))
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(param, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_is_bitwise_exact(setup, tmp_path):
+    run_script(args_for(setup, tmp_path / "a"))
+    run_script(args_for(setup, tmp_path / "b", "--stop-after-steps", "3"))
+    assert train.latest_checkpoint(tmp_path / "b").name == "ckpt_0000003.pt"
+    run_script(args_for(setup, tmp_path / "b", "--resume"))
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a["step"] == b["step"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_after_sigkill(setup, tmp_path):
+    run_script(args_for(setup, tmp_path / "a", "--save-every", "2"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    victim = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args_for(setup, tmp_path / "b", "--save-every", "2")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "ckpt_0000002.pt").exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    run_script(args_for(setup, tmp_path / "b", "--save-every", "2", "--resume"))
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    good = train.save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=2)
+
+    def torn_save(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(tmp_path, 2, {"step": 2}, keep_last=2)
+    assert train.latest_checkpoint(tmp_path) == good
+    assert train.load_checkpoint(good)["step"] == 1
+
+
+def test_keeps_last_k_checkpoints(tmp_path):
+    for step in range(1, 5):
+        train.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert [p.name for p in sorted(tmp_path.glob("ckpt_*"))] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+
+
+def test_refuses_checkpoint_of_another_model(setup, tmp_path):
+    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
+    proc = run_script(args_for(setup, tmp_path / "a", "--resume", "--seq-len", "32"), check=False)
+    assert proc.returncode != 0 and "from another model config" in proc.stderr
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    assert train.lr_multiplier(0.05, cfg) == pytest.approx(0.5)
+    assert train.lr_multiplier(0.5, cfg) == 1.0
+    assert train.lr_multiplier(0.9, cfg) == pytest.approx(0.55)
+    assert train.lr_multiplier(1.0, cfg) == pytest.approx(0.1)
+
+
+def test_bad_input_gives_clear_errors(setup, tmp_path):
+    proc = run_script(args_for(setup, tmp_path, "--data", f"parquet://{tmp_path}/nothing.parquet"), check=False)
+    assert proc.returncode != 0 and "error:" in proc.stderr and "file not found" in proc.stderr
+    proc = run_script(args_for(setup, tmp_path, "--tokenizer", str(tmp_path / "none")), check=False)
+    assert proc.returncode != 0 and "no tokenizer at" in proc.stderr
+    proc = run_script(args_for(setup, tmp_path, "--total-batch-size", "100"), check=False)
+    assert proc.returncode != 0 and "not a multiple" in proc.stderr

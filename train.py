@@ -1,0 +1,426 @@
+"""
+train.py: pretrain the nanoschnack GPT on German text.
+
+    python train.py --preset tiny --data 'parquet://DATA/pretrain/*/train-*.parquet'    # CPU, minutes
+    torchrun --nproc_per_node=8 train.py --preset d20                                   # 8 GPUs, hub data
+
+One process per GPU under torchrun (DDP; NCCL on GPU, gloo on CPU, multi-node
+with torchrun's usual --nnodes/--rdzv flags), or a single process on one GPU or
+the CPU. Rank 0 logs and saves.
+
+- Optimizers as in nanochat: Muon (torch.optim.Muon) for the 2-D matrices of the
+  blocks, AdamW for the embedding and the lm_head, learning rates scaled by width.
+- The learning rate follows the tokens seen: warmup, flat, linear warmdown.
+- The global batch is counted in tokens; gradient accumulation makes up the
+  difference between it and device_batch_size x seq_len x world size.
+- Checkpoints hold everything needed to continue bit for bit: model, optimizers,
+  config, every rank's data-loader state, RNG states and counters. They are
+  written atomically (temp file + rename), every --save-every steps and on
+  SIGINT/SIGTERM; --resume picks up the newest one.
+"""
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import gpt
+from data import DEFAULT_PRETRAIN_SPEC, DEFAULT_VAL_SPEC
+from tok import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "d20"              # model and run size: tiny (CPU), d12, d20 (8xH100) or d<depth>
+    model: str = ""                  # model preset, default: the run preset's
+    data: str = DEFAULT_PRETRAIN_SPEC
+    val_data: str = DEFAULT_VAL_SPEC
+    tokenizer: str = "out/tokenizer"
+    out: str = "out/base"
+    seq_len: int = 2048
+    device_batch_size: int = 32      # sequences per device per micro-step
+    total_batch_size: int = 524288   # tokens per optimizer step, all devices together
+    tokens_per_param: float = 20.0   # training length (nanochat: 20:1) unless tokens/steps are given
+    max_tokens: int = 0
+    max_steps: int = 0
+    matrix_lr: float = 0.02          # Muon
+    embedding_lr: float = 0.2        # AdamW, scaled by (width/768)^-0.5 like the next one
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0        # fractions of the training tokens
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 1000
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    compile: bool = True
+    device: str = ""                 # default: cuda if available, else cpu
+    seed: int = 1337
+    resume: bool = False
+    stop_after_steps: int = 0        # save and leave after this many steps (for jobs with a time limit)
+    prefetch: int = 4
+
+
+PRESETS = {
+    # CPU demo: a 4-layer model learns visible German in a few minutes on two cores
+    "tiny": dict(model="tiny", seq_len=256, device_batch_size=8, total_batch_size=4096, max_steps=60,
+                 eval_every=20, eval_batches=4, sample_every=30, save_every=30, log_every=5, compile=False,
+                 prefetch=2),
+    "nano": dict(model="nano", seq_len=64, device_batch_size=4, total_batch_size=512, max_steps=20,
+                 eval_every=10, eval_batches=2, sample_every=0, save_every=10, log_every=1, compile=False,
+                 prefetch=0),
+    "d12": dict(model="d12"),
+    "d20": dict(model="d20"),
+}
+SAMPLE_PROMPTS = ["Die Hauptstadt von Deutschland ist", "Es war einmal", "Der Bundestag hat heute"]
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
+
+
+def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__) -> TrainConfig:
+    """Flags from the dataclass fields; a preset fills in defaults, explicit flags win."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[1], allow_abbrev=False)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default!r}")
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    name = args.get("preset", config_class.preset)
+    if name not in presets and not name.startswith("d"):
+        parser.error(f"unknown preset {name!r}: use one of {', '.join(presets)} or d<depth>")
+    return config_class(**{**presets.get(name, dict(model=name)), **args})
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup, model, optimizers, schedule
+
+def setup_distributed(cfg: TrainConfig):
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
+    config = gpt.preset(cfg.model or cfg.preset, vocab_size=vocab_size, sequence_len=cfg.seq_len)
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed=cfg.seed)
+    return model
+
+
+def build_optimizers(model: gpt.GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe)."""
+    width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
+    matrices = [p for p in model.transformer.h.parameters()]
+    if any(p.ndim != 2 for p in matrices):
+        raise ValueError("Muon expects only 2-D matrices in the blocks")
+    fused = model.lm_head.weight.device.type == "cuda"
+    adamw = torch.optim.AdamW([
+        dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
+        dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
+    ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
+    # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
+    muon = torch.optim.Muon(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                            weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
+    """Warmup, flat, linear warmdown to final_lr_frac; progress = tokens seen / training tokens."""
+    if progress < cfg.warmup_ratio:
+        return (progress + 1e-9) / cfg.warmup_ratio
+    if progress <= 1 - cfg.warmdown_ratio:
+        return 1.0
+    left = (1 - progress) / cfg.warmdown_ratio
+    return left + (1 - left) * cfg.final_lr_frac
+
+
+def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> float:
+    """One optimizer step over the micro-batches; returns the mean loss of this rank."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total = 0.0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        # DDP averages gradients over ranks; only the last micro-step needs to sync
+        sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            loss = model(inputs, targets) / len(micro_batches)
+            loss.backward()
+        total += loss.detach()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return float(total)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes: torch.Tensor, device) -> float:
+    """Bits per UTF-8 byte on the validation batches; special tokens (0 bytes) are excluded."""
+    nats, n_bytes = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast:
+            loss = model(inputs, targets, loss_reduction="none").view(-1)
+        bytes_per_target = token_bytes[targets.view(-1)]
+        nats += (loss.double() * (bytes_per_target > 0)).sum()
+        n_bytes += bytes_per_target.sum()
+    if dist.is_initialized():
+        dist.all_reduce(nats)
+        dist.all_reduce(n_bytes)
+    return float(nats / (math.log(2) * n_bytes.clamp(min=1)))
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompts, max_new_tokens=24) -> list[str]:
+    """Greedy continuations of fixed German prompts, to watch the model learn."""
+    was_training = model.training
+    model.eval()
+    texts = []
+    for prompt in prompts:
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        new = list(model.generate(ids, max_new_tokens, temperature=0.0))
+        texts.append(prompt + tokenizer.decode([i for i in new if i not in tokenizer.special.values()]))
+    model.train(was_training)
+    return texts
+
+
+def ranks_in_sync(model) -> bool:
+    """Whether every rank holds bit-identical parameters (DDP's promise, checked at the end)."""
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    fingerprint = torch.stack([flat.double().sum(), (flat.double() * torch.arange(len(flat), device=flat.device)).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(g, fingerprint) for g in gathered)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(out: Path, step: int, state: dict, keep_last: int):
+    """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ckpt_{step:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half a file
+    for old in sorted(out.glob("ckpt_*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    paths = sorted(Path(out).glob("ckpt_*.pt"))
+    return paths[-1] if paths else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it to fall back to an older one")
+
+
+def check_same_model(saved: dict, config: gpt.GPTConfig, path):
+    mine = dataclasses.asdict(config)
+    if saved != mine:
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        raise SystemExit(f"error: checkpoint {path} is from another model config {diff} (saved, asked); "
+                         f"use the same --preset/--model/--seq-len, or another --out")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    rank, world_size, device = setup_distributed(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+
+    try:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+        sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
+    except (FileNotFoundError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    model = build_model(cfg, tokenizer.vocab_size, device)
+    optimizers = build_optimizers(model, cfg)
+
+    # the plan: how many tokens, steps, micro-steps
+    tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
+                 f"x world size = {tokens_per_micro}")
+    accum = cfg.total_batch_size // tokens_per_micro
+    n_params = model.num_params()
+    total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_params)
+    steps = max(1, total_tokens // cfg.total_batch_size)
+    flops_per_token = model.flops_per_token()
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    log(f"model {model.config} | {n_params:,} parameters | {flops_per_token:.3g} FLOPs/token")
+    log(f"plan: {steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
+        f"({steps * cfg.total_batch_size / n_params:.1f} per parameter); {world_size} process(es) on {device}, "
+        f"{cfg.device_batch_size}x{cfg.seq_len} per micro-step, {accum} micro-steps per step")
+    if peak:
+        est = steps * cfg.total_batch_size * flops_per_token / (0.4 * peak * world_size)
+        log(f"estimated time at 40% MFU on {torch.cuda.get_device_name()}: {est / 3600:.2f} h")
+
+    try:
+        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
+                                      prefetch=cfg.prefetch)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    step, tokens_seen, out = 0, 0, Path(cfg.out)
+    if cfg.resume and (path := latest_checkpoint(out)):
+        ckpt = load_checkpoint(path)
+        check_same_model(ckpt["model_config"], model.config, path)
+        if ckpt["world_size"] != world_size:
+            sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
+                     f"resume with the same number")
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        loader.load_state_dict(ckpt["loader"][rank])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        step, tokens_seen = ckpt["step"], ckpt["tokens"]
+        log(f"resumed from {path} at step {step:,} ({tokens_seen:,} tokens)")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out}, starting fresh")
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    val_batches = None
+    token_bytes = torch.tensor(tokenizer.token_bytes, device=device)
+
+    stop_signal = []  # set by SIGINT/SIGTERM: save and leave after the current step
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def checkpoint_state():
+        loaders = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(loaders, loader.state_dict())
+        else:
+            loaders = [loader.state_dict()]
+        return dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                    model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
+                    tokenizer=str(Path(cfg.tokenizer).resolve()), loader=loaders, world_size=world_size,
+                    rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen)
+
+    def save():
+        state = checkpoint_state()  # every rank takes part in gathering the loader states
+        if master:
+            path = save_checkpoint(out, step, state, cfg.keep_last)
+            log(f"saved {path}")
+
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "log.jsonl", "a")
+    batches = iter(loader)
+    first_step = step
+    start_time, window_start, window_tokens = time.time(), time.time(), 0
+    while step < steps:
+        lr_mult = lr_multiplier(tokens_seen / (steps * cfg.total_batch_size), cfg)
+        loss = train_step(model, optimizers, [next(batches) for _ in range(accum)], lr_mult, device)
+        step += 1
+        tokens_seen += cfg.total_batch_size
+        window_tokens += cfg.total_batch_size
+        record = dict(step=step, tokens=tokens_seen, loss=loss, lr_mult=lr_mult)
+
+        if step % cfg.log_every == 0 or step == steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            tok_per_s = window_tokens / (now - window_start)
+            window_start, window_tokens = now, 0
+            if world_size > 1:  # log the loss averaged over ranks
+                mean = torch.tensor(loss, device=device)
+                dist.all_reduce(mean)
+                record["loss"] = loss = mean.item() / world_size
+            eta = (steps - step) * cfg.total_batch_size / tok_per_s
+            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            record.update(tok_per_s=round(tok_per_s), mfu=mfu, mem_gib=mem, elapsed_s=round(now - start_time, 1))
+            log(f"step {step:>6,}/{steps:,} | loss {loss:.4f} | lr x{lr_mult:.3f} | {tok_per_s:,.0f} tok/s"
+                + (f" | MFU {mfu:.1%}" if mfu is not None else "") + (f" | mem {mem:.1f} GiB" if mem else "")
+                + f" | ETA {eta / 60:.1f} min")
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+            if val_batches is None:
+                try:
+                    val_batches = data.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
+                                                          rank, world_size, cfg.eval_batches)
+                except data.DataError as e:
+                    sys.exit(f"error: validation data: {e}")
+            raw_model.eval()
+            record["val_bpb"] = evaluate_bpb(raw_model, val_batches, token_bytes, device)
+            raw_model.train()
+            log(f"step {step:>6,} | validation bits per byte {record['val_bpb']:.4f}")
+        if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == steps):
+            record["samples"] = sample_texts(raw_model, tokenizer, SAMPLE_PROMPTS)
+            for text in record["samples"]:
+                log(f"  sample: {text!r}")
+        if master:
+            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            log_file.flush()
+
+        stop = torch.tensor(float(bool(stop_signal)), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank must stop at the same step
+        leave = bool(stop.item()) or (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
+            save()
+        if leave:
+            log(f"stopped at step {step:,} ({'signal' if stop.item() else '--stop-after-steps'}); "
+                f"continue with --resume")
+            break
+    if world_size > 1:
+        log(f"parameters identical on all {world_size} ranks: {ranks_in_sync(raw_model)}")
+    log(f"done: {tokens_seen:,} tokens in {time.time() - start_time:.0f}s; counts per source: "
+        f"{json.dumps(loader.token_counts(), ensure_ascii=False)}")
+    if world_size > 1:
+        del model  # DDP's reducer must go before its process group, or gloo can hang on exit
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
