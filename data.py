@@ -225,20 +225,27 @@ def first_undecodable_file(files: list[str]) -> str | None:
     return None
 
 
-def iter_texts(source: Source, ds=None):
-    """Yield the documents of one source as strings, with clear errors on bad rows."""
-    ds = open_source(source) if ds is None else ds
+def iter_text_batches(source: Source, ds, batch_size: int):
+    """Lists of documents from a dataset, with clear errors on bad rows and bad files."""
     try:
-        for i, row in enumerate(ds):
-            text = row["text"]
-            if not isinstance(text, str):
-                raise DataError(f"{source.spec}: document {i} has no string {source.text!r} field "
-                                f"(got {type(text).__name__}; its fields: {', '.join(row)})")
-            yield text
+        for batch in ds.iter(batch_size=batch_size):
+            texts = batch["text"]
+            if not all(isinstance(t, str) for t in texts):
+                bad = next(t for t in texts if not isinstance(t, str))
+                raise DataError(f"{source.spec}: a document has no string {source.text!r} field "
+                                f"(got {type(bad).__name__}; fields: {', '.join(batch)})")
+            yield texts
     except UnicodeDecodeError as e:
         bad = first_undecodable_file(source.files) or "a file"
         raise DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def iter_texts(source: Source, ds=None):
+    """Yield the documents of one source as strings."""
+    ds = open_source(source) if ds is None else ds
+    for texts in iter_text_batches(source, ds, batch_size=256):
+        yield from texts
 
 
 def interleave_documents(sources: list[Source]):
@@ -457,22 +464,6 @@ def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = Fa
         print(f"note: {source.spec} has {ds.num_shards} shards, not a multiple of {world_size} ranks: "
               f"every rank reads all of it and keeps one document in {world_size}", file=sys.stderr)
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
-
-
-def iter_text_batches(source: Source, ds, batch_size: int):
-    """Lists of documents from a dataset, checked like iter_texts checks them."""
-    try:
-        for batch in ds.iter(batch_size=batch_size):
-            texts = batch["text"]
-            if not all(isinstance(t, str) for t in texts):
-                bad = next(t for t in texts if not isinstance(t, str))
-                raise DataError(f"{source.spec}: a document has no string {source.text!r} field "
-                                f"(got {type(bad).__name__}; fields: {', '.join(batch)})")
-            yield texts
-    except UnicodeDecodeError as e:
-        bad = first_undecodable_file(source.files) or "a file"
-        raise DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,

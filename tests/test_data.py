@@ -71,7 +71,7 @@ def test_reads_every_kind(tmp_path):
     (lambda d: None, "parquet://{d}/*.parquet", "no files match"),
     (lambda d: (d / "x").mkdir(), "jsonl://{d}/x", "is a folder"),
     (lambda d: (d / "a.jsonl").write_text('{"text": "a"}\n{"inhalt": "b"}\n'), "jsonl://{d}/a.jsonl",
-     "document 1 has no string 'text' field"),
+     "a document has no string 'text' field"),
     (lambda d: (d / "a.txt").write_bytes("gut\n".encode() + "schlecht".encode("latin1") + b"\xff\n"),
      "txt://{d}/a.txt", "a.txt is not valid UTF-8"),
     (lambda d: pq.write_table(pa.table({"inhalt": ["x"]}), d / "a.parquet"), "parquet://{d}/a.parquet",
