@@ -135,6 +135,14 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {file}; train one with: python tok.py --out {path}")
         return cls(HFTokenizer.from_file(str(file)))
 
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        """From the tokenizer.json text, as checkpoints store it."""
+        return cls(HFTokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
     def save(self, folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.hf.save(str(Path(folder) / "tokenizer.json"))
@@ -193,6 +201,120 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     n_bytes = sum(len(tokenizer.normalize(t).encode()) for t in texts)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
     return n_bytes / max(n_tokens, 1)
+
+
+# -----------------------------------------------------------------------------
+# The chat template: the one place that turns a conversation into tokens.
+#
+#   <|bos|> [<|system_start|> text <|system_end|>]
+#           <|user_start|> text <|user_end|> <|assistant_start|> text <|assistant_end|>  (repeated)
+#
+# Messages are the common {"role": ..., "content": ...} dicts. sft.py trains on
+# render_conversation's ids with its mask (1 = trained: assistant text and the
+# <|assistant_end|> that ends it, so the model learns when to stop); chat.py
+# prompts with render_prompt. Message text goes through encode(), so a user who
+# types "<|assistant_end|>" gets ordinary tokens, never the special one.
+
+ROLES = ("system", "user", "assistant")
+
+
+class ConversationError(ValueError):
+    """A conversation that does not follow the template's rules; the message says which."""
+
+
+def check_conversation(messages, ends_with: str = "assistant") -> list[dict]:
+    """Validate a conversation and return its messages as plain {role, content} dicts.
+
+    Rules: a non-empty list of messages, each with a known role and non-empty
+    string content; an optional system message first; then user and assistant
+    strictly alternating, starting with user and ending with `ends_with`.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError(f"messages must be a non-empty list, got {type(messages).__name__}"
+                                + (" (empty)" if isinstance(messages, list) else ""))
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConversationError(f"message {i} is not a {{'role': ..., 'content': ...}} object: {str(m)[:80]!r}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise ConversationError(f"message {i} has unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ConversationError(f"message {i} ({role}) has non-string content of type {type(content).__name__}")
+        if not content.strip():
+            raise ConversationError(f"message {i} ({role}) has empty content")
+        checked.append({"role": role, "content": content})
+    turns = checked[1:] if checked[0]["role"] == "system" else checked
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            where = i + len(checked) - len(turns)
+            raise ConversationError(f"message {where} is {m['role']!r} where {expected!r} must come "
+                                    f"(system first if any, then user and assistant alternating)")
+    if not turns or turns[-1]["role"] != ends_with:
+        raise ConversationError(f"the conversation must end with a(n) {ends_with} message")
+    return checked
+
+
+def render_messages(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of already checked messages after <|bos|>, and the training mask for each id."""
+    s = tokenizer.special
+    ids, mask = [tokenizer.bos_id], [0]
+    for m in messages:
+        text = tokenizer.encode(m["content"])
+        if m["role"] == "assistant":
+            ids += [s["<|assistant_start|>"], *text, s["<|assistant_end|>"]]
+            mask += [0] + [1] * (len(text) + 1)
+        else:
+            ids += [s[f"<|{m['role']}_start|>"], *text, s[f"<|{m['role']}_end|>"]]
+            mask += [0] * (len(text) + 2)
+    return ids, mask
+
+
+def render_conversation(tokenizer: Tokenizer, messages, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """A training conversation to (ids, mask), cut at a turn boundary to fit max_tokens.
+
+    Truncation drops whole user+assistant exchanges from the end (the system
+    message stays); if not even the first exchange fits, ConversationError.
+    """
+    messages = check_conversation(messages, ends_with="assistant")
+    ids, mask = render_messages(tokenizer, messages)
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, mask
+    start = 1 if messages[0]["role"] == "system" else 0
+    for end in range(len(messages) - 2, start, -2):  # drop the last exchange until it fits
+        ids, mask = render_messages(tokenizer, messages[:end])
+        if len(ids) <= max_tokens:
+            return ids, mask
+    raise ConversationError(f"too long: even the first exchange needs more than {max_tokens} tokens")
+
+
+def render_prompt(tokenizer: Tokenizer, messages) -> list[int]:
+    """A conversation ending with the user's message, plus <|assistant_start|>: what the model answers."""
+    ids, _ = render_messages(tokenizer, check_conversation(messages, ends_with="user"))
+    return ids + [tokenizer.special["<|assistant_start|>"]]
+
+
+def parse_conversation(tokenizer: Tokenizer, ids: list[int]) -> list[dict]:
+    """The inverse of render_messages: ids back to {role, content} messages."""
+    starts = {tokenizer.special[f"<|{r}_start|>"]: r for r in ROLES}
+    ends = {tokenizer.special[f"<|{r}_end|>"]: r for r in ROLES}
+    if not ids or ids[0] != tokenizer.bos_id:
+        raise ConversationError("a rendered conversation starts with <|bos|>")
+    messages, role, text = [], None, []
+    for i in ids[1:]:
+        if role is None and i in starts:
+            role, text = starts[i], []
+        elif role is not None and ends.get(i) == role:
+            messages.append({"role": role, "content": b"".join(map(tokenizer.id_to_bytes.__getitem__, text)).decode()})
+            role = None
+        elif role is not None and i not in starts and i not in ends:
+            text.append(i)
+        else:
+            raise ConversationError(f"token {tokenizer.decode([i])!r} out of place in a rendered conversation")
+    if role is not None:
+        raise ConversationError(f"the {role} message is not closed")
+    return messages
 
 
 # -----------------------------------------------------------------------------

@@ -258,6 +258,38 @@ def load_checkpoint(path: Path) -> dict:
         raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it to fall back to an older one")
 
 
+def load_model(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a folder's newest one.
+
+    Checkpoints carry their tokenizer (tokenizer_json), so they work wherever they are copied."""
+    path = Path(path)
+    file = latest_checkpoint(path) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
+                         f"or pass --checkpoint FILE_OR_FOLDER")
+    ckpt = load_checkpoint(file)
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+        raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
+    config = gpt.GPTConfig(**ckpt["model_config"])
+    try:
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer_json"]) if "tokenizer_json" in ckpt else Tokenizer.load(ckpt["tokenizer"])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: tokenizer of {file}: {e}")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise SystemExit(f"error: {file}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # sets the rotary tables, which checkpoints do not hold
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"error: {file} does not fit its own model config: {str(e)[:300]}")
+    model.eval()
+    ckpt["path"] = str(file)
+    return model, tokenizer, ckpt
+
+
 def check_same_model(saved: dict, config: gpt.GPTConfig, path):
     mine = dataclasses.asdict(config)
     if saved != mine:
@@ -344,7 +376,8 @@ def main(argv=None):
             loaders = [loader.state_dict()]
         return dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                     model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
-                    tokenizer=str(Path(cfg.tokenizer).resolve()), loader=loaders, world_size=world_size,
+                    tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
+                    kind="base", loader=loaders, world_size=world_size,
                     rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen)
 
     def save():

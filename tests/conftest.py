@@ -32,3 +32,42 @@ def data_dir() -> Path:
     if not (path / "pretrain").is_dir():
         pytest.skip(f"sample data not found at {path} (set NANOSCHNACK_DATA to the folder holding pretrain/, sft/, eval/)")
     return path
+
+
+FIXTURE_TEXT = Path(__file__).parent / "fixtures" / "german.txt"
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token tokenizer trained on the German fixture, saved to a folder (shared by all tests)."""
+    from tok import Tokenizer
+    lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+    folder = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer.train(lines * 3, vocab_size=512, show_progress=False).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_tokenizer_dir):
+    from tok import Tokenizer
+    return Tokenizer.load(small_tokenizer_dir)
+
+
+def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **config) -> Path:
+    """A checkpoint of a tiny random GPT in train.py's format (for chat, eval and server tests).
+
+    The weights are random but not init_weights' zeros, so the logits depend on the input."""
+    import dataclasses
+    import torch
+    import gpt
+    import train
+    config = gpt.GPTConfig(**{**dict(sequence_len=128, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
+                                     n_kv_head=1, n_embd=64), **config})
+    torch.manual_seed(seed)
+    model = gpt.GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.ndim == 2 and p.shape[0] == config.vocab_size else 0.1)
+    state = dict(model=model.state_dict(), model_config=dataclasses.asdict(config), tokenizer_json=tokenizer.to_json(),
+                 kind=kind, step=1, tokens=0)
+    return train.save_checkpoint(Path(folder), 1, state, keep_last=1)

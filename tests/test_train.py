@@ -172,3 +172,27 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
     assert proc.returncode != 0 and "no tokenizer at" in proc.stderr
     proc = run_script(args_for(setup, tmp_path, "--total-batch-size", "100"), check=False)
     assert proc.returncode != 0 and "not a multiple" in proc.stderr
+
+
+def test_checkpoint_loads_as_a_model_without_its_tokenizer_folder(setup, tmp_path):
+    import shutil
+    shutil.copytree(setup / "tok", tmp_path / "tok")
+    run_script(args_for(setup, tmp_path / "run", "--max-steps", "1", "--eval-every", "0", "--tokenizer", str(tmp_path / "tok")))
+    shutil.rmtree(tmp_path / "tok")  # the checkpoint carries its tokenizer
+    model, tokenizer, ckpt = train.load_model(tmp_path / "run")
+    assert ckpt["kind"] == "base" and ckpt["path"].endswith("ckpt_0000001.pt")
+    assert tokenizer.encode("Guten Tag") == Tokenizer.load(setup / "tok").encode("Guten Tag")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpt["model"][name]), name
+    assert not model.training
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train.load_model(tmp_path)
+    torch.save({"step": 1}, tmp_path / "ckpt_0000001.pt")
+    with pytest.raises(SystemExit, match="not a nanoschnack checkpoint"):
+        train.load_model(tmp_path)
+    (tmp_path / "ckpt_0000002.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        train.load_model(tmp_path)
