@@ -1,0 +1,453 @@
+"""
+sft.py: supervised fine-tuning, turning a pretrained nanoschnack into a German chat model.
+
+    python sft.py --preset tiny --base out/base --data 'jsonl://DATA/sft/[!v]*.jsonl' \\
+                  --val-data 'jsonl://DATA/sft/val.jsonl'                             # CPU, minutes
+    torchrun --nproc_per_node=8 sft.py --base out/base                                 # 8 GPUs, hub data
+
+Starts from the newest checkpoint in --base (its model config and tokenizer)
+and writes chat checkpoints to --out in the same format (kind "chat"), which
+chat.py loads.
+
+- Conversations: {"messages": [{"role", "content"}]} rows from any data.py
+  spec (jsonl://, parquet://, hf://). Hub chat sets in other common shapes are
+  converted by `to_messages` (ShareGPT "conversations" from/value, OASST
+  "conversation" role/text, Alpaca instruction/input/output, Dolly
+  instruction/context/response).
+- Each conversation is rendered with tok.py's chat template; the loss is on the
+  assistant's text and its <|assistant_end|> only. Conversations longer than
+  the context are cut at a turn boundary; malformed ones are counted and
+  reported with an example, never dropped silently.
+- One row per conversation, padded to the longest in the micro-batch (targets
+  -1 on padding and on everything that is not trained). The loss is the mean
+  over all trained tokens of the whole optimizer step, on every rank together,
+  so a batch of long answers weighs as much per token as one of short answers.
+- Order: a seeded permutation per epoch; step s trains examples
+  [s*E, (s+1)*E) of it (E = examples per step), rank r micro-step m takes
+  its slice (m*W + r)*B ... Resume is exact and only needs (epoch, step).
+- A small set of identity conversations (assets/identity.jsonl: who nanoschnack
+  is, what it can and cannot do) is mixed into every epoch.
+"""
+import dataclasses
+import json
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import train
+from tok import ConversationError, check_conversation, render_conversation, render_prompt
+
+IDENTITY_FILE = Path(__file__).parent / "assets" / "identity.jsonl"
+# German chat sets on the hub: OASST (human-written, translated), Alpaca-GPT4 (German), Dolly (curated, German split)
+DEFAULT_SFT_SPEC = " ".join([
+    "hf://OpenAssistant/OASST-DE?weight=1",
+    "hf://FreedomIntelligence/alpaca-gpt4-deutsch?weight=1",
+    "hf://argilla/databricks-dolly-15k-curated-multilingual?split=de&weight=1",
+])
+DEFAULT_SFT_VAL_SPEC = "hf://OpenAssistant/OASST-DE?split=train"  # no held-out split on the hub: see --val-take
+SAMPLE_QUESTIONS = ["Wer bist du?", "Was ist die Hauptstadt von Deutschland?", "Erzähl mir einen kurzen Witz.",
+                    "Wie viele Beine hat eine Spinne?"]
+
+
+@dataclass
+class SFTConfig:
+    preset: str = "full"
+    base: str = "out/base"           # pretraining checkpoint: a file, or a folder (its newest)
+    data: str = DEFAULT_SFT_SPEC
+    val_data: str = DEFAULT_SFT_VAL_SPEC
+    val_take: int = 0                # hold out the first N conversations of --data as validation instead
+    identity_repeat: int = 4         # copies of each identity conversation per epoch (0: none)
+    out: str = "out/chat"
+    device_batch_size: int = 8       # conversations per device per micro-step
+    examples_per_step: int = 32      # conversations per optimizer step, all devices together
+    epochs: int = 1
+    max_steps: int = 0               # 0: the epochs decide
+    matrix_lr: float = 0.02          # the base LRs, as in pretraining ...
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    init_lr_frac: float = 0.02       # ... times this, decaying linearly to 0 (nanochat's SFT recipe)
+    eval_every: int = 100
+    val_conversations: int = 256     # validation conversations (0: all)
+    sample_every: int = 0            # 0: only at the end
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    device: str = ""
+    seed: int = 1337
+    resume: bool = False
+    stop_after_steps: int = 0
+
+
+PRESETS = {
+    "full": {},
+    "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=60, eval_every=20, val_conversations=32,
+                 save_every=30, log_every=5, identity_repeat=2),
+}
+
+
+# -----------------------------------------------------------------------------
+# Reading conversations
+
+ROLE_NAMES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
+              "bot": "assistant", "model": "assistant", "system": "system"}
+
+
+def to_messages(row: dict):
+    """One dataset row to {role, content} messages, whatever common chat shape it has."""
+    for column in ("messages", "conversations", "conversation"):
+        turns = row.get(column)
+        if isinstance(turns, list):
+            return [{"role": ROLE_NAMES.get(t.get("role", t.get("from")), t.get("role", t.get("from"))),
+                     "content": t.get("content", t.get("value", t.get("text")))} if isinstance(t, dict) else t
+                    for t in turns]
+    if "instruction" in row:
+        extra = row.get("input") or row.get("context") or ""
+        question = f"{row['instruction']}\n\n{extra}" if isinstance(extra, str) and extra.strip() else row["instruction"]
+        return [{"role": "user", "content": question},
+                {"role": "assistant", "content": row.get("output", row.get("response"))}]
+    raise ConversationError(f"no conversation in the row: no 'messages', 'conversations', 'conversation' or "
+                            f"'instruction' column (columns: {', '.join(row)})")
+
+
+def iter_jsonl_rows(source: data.Source):
+    """(where, row) for each line of local JSONL files; bad JSON is reported by file and line."""
+    for path in data.resolve_files(source):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{n}", e
+                    continue
+                yield f"{path}:{n}", row
+
+
+def iter_rows(source: data.Source):
+    """(where, row dict or error) for every row of a source."""
+    if source.kind == "jsonl":
+        yield from iter_jsonl_rows(source)
+        return
+    if source.kind not in ("hf", "parquet"):
+        raise data.DataError(f"{source.spec}: conversations come from jsonl://, parquet:// or hf:// sources")
+    import datasets
+    datasets.logging.set_verbosity_error()
+    if source.kind == "hf":
+        data.check_hub_reachable(source)
+        try:
+            ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
+                                       revision=source.revision, streaming=True)
+        except Exception as e:
+            raise data.DataError(f"{source.spec}: cannot open hub dataset ({e}); pass --data with local "
+                                 f"files, e.g. --data 'jsonl://DIR/*.jsonl'") from None
+    else:
+        ds = datasets.load_dataset("parquet", data_files=data.resolve_files(source), split="train", streaming=True)
+    for n, row in enumerate(ds):
+        yield f"{source.spec}#{n}", row
+
+
+class Rejections:
+    """Counts of rejected conversations by reason, with the first example of each."""
+
+    def __init__(self):
+        self.reasons: dict[str, list] = {}
+
+    def add(self, where: str, error: Exception):
+        reason = re.sub(r"\d+", "N", str(error))  # "message 3 has empty content" -> "message N ..."
+        entry = self.reasons.setdefault(reason, [0, where])
+        entry[0] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(n for n, _ in self.reasons.values())
+
+    def report(self, log, seen: int):
+        if self.total:
+            log(f"rejected {self.total:,} of {seen:,} conversations:")
+            for reason, (n, where) in sorted(self.reasons.items(), key=lambda kv: -kv[1][0]):
+                log(f"  {n:>7,} x {reason} (e.g. {where})")
+
+
+def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, log=print,
+                       limit: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Every valid conversation of the sources, rendered as (ids, mask), in source order.
+
+    A source's weight w repeats its conversations: the integer part whole, the
+    fraction as a deterministic prefix (weight 0.5 keeps the first half).
+    """
+    rendered, rejected, seen, truncated = [], Rejections(), 0, 0
+    end_id = tokenizer.special["<|assistant_end|>"]
+    for source in sources:
+        mine = []
+        for where, row in iter_rows(source):
+            if limit and seen >= limit:
+                break
+            seen += 1
+            try:
+                if isinstance(row, Exception):
+                    raise ConversationError(f"not valid JSON: {row}")
+                if not isinstance(row, dict):
+                    raise ConversationError(f"a row must be a JSON object, not {type(row).__name__}")
+                messages = check_conversation(to_messages(row))
+                ids, mask = render_conversation(tokenizer, messages, max_tokens)
+            except ConversationError as e:
+                rejected.add(where, e)
+                continue
+            truncated += ids.count(end_id) < sum(m["role"] == "assistant" for m in messages)
+            mine.append((ids, mask))
+        whole, part = int(source.weight), source.weight - int(source.weight)
+        rendered += mine * whole + mine[:round(part * len(mine))]
+    rejected.report(log, seen)
+    if truncated:
+        log(f"cut {truncated:,} conversations at a turn boundary to fit {max_tokens} tokens")
+    if not rendered:
+        raise data.DataError(f"no usable conversations in {' '.join(s.spec for s in sources)} "
+                             f"({seen:,} read, {rejected.total:,} rejected)")
+    return rendered
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+def collate(conversations, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of shape (B, longest - 1); untrained and padded targets are -1."""
+    longest = max(len(ids) for ids, _ in conversations)
+    inputs = torch.full((len(conversations), longest - 1), pad_id, dtype=torch.long)
+    targets = torch.full((len(conversations), longest - 1), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(conversations):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, :len(ids) - 1] = ids_t[:-1]
+        targets[row, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], -1)
+    return inputs, targets
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, world_size, pad_id):
+    """This rank's micro-batches for one step, and the trained-token count of the whole step (all ranks)."""
+    E, B = cfg.examples_per_step, cfg.device_batch_size
+    chosen = [conversations[i] for i in order[step_in_epoch * E:(step_in_epoch + 1) * E]]
+    n_trained = sum(sum(mask[1:]) for _, mask in chosen)
+    micro = []
+    for m in range(E // (B * world_size)):
+        start = (m * world_size + rank) * B
+        micro.append(collate(chosen[start:start + B], pad_id))
+    return micro, n_trained
+
+
+def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device) -> float:
+    """One optimizer step; the loss is the mean over the step's trained tokens on all ranks."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total = torch.zeros((), device=device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        inputs, targets = inputs.to(device), targets.to(device)
+        sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            loss_sum = model(inputs, targets, loss_reduction="sum") / max(n_trained, 1)
+            (loss_sum * world_size).backward()  # DDP averages over ranks; undo that: we want the sum
+        total += loss_sum.detach()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if world_size > 1:
+        dist.all_reduce(total)
+    return float(total)
+
+
+@torch.no_grad()
+def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, device) -> float:
+    """Mean loss per trained token over the validation conversations (all ranks together)."""
+    nats = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    mine = conversations[rank::world_size]
+    for start in range(0, len(mine), batch_size):
+        inputs, targets = collate(mine[start:start + batch_size], pad_id)
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast:
+            nats += model(inputs, targets, loss_reduction="sum").double()
+        count += (targets >= 0).sum()
+    if world_size > 1:
+        dist.all_reduce(nats)
+        dist.all_reduce(count)
+    return float(nats / count.clamp(min=1))
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
+    """Greedy answers to fixed German questions, to watch the model become a chat model."""
+    end = tokenizer.special["<|assistant_end|>"]
+    answers = []
+    for question in questions:
+        ids = render_prompt(tokenizer, [{"role": "user", "content": question}])
+        new = []
+        for i in model.generate(ids, max_new_tokens, temperature=0.0):
+            if i == end:
+                break
+            new.append(i)
+        answers.append(tokenizer.decode([i for i in new if i not in tokenizer.special.values()]))
+    return answers
+
+
+# -----------------------------------------------------------------------------
+
+def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log):
+    """(train conversations, validation conversations), identity conversations mixed into train."""
+    sources = data.parse_specs(cfg.data)
+    if cfg.val_take:
+        conversations = load_conversations(sources, tokenizer, max_tokens, log)
+        val, conversations = conversations[:cfg.val_take], conversations[cfg.val_take:]
+    else:
+        conversations = load_conversations(sources, tokenizer, max_tokens, log)
+        val = load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log,
+                                 limit=cfg.val_conversations)
+    if cfg.identity_repeat:
+        identity = data.parse_spec(f"jsonl://{quote(str(IDENTITY_FILE))}?weight={cfg.identity_repeat}")
+        conversations += load_conversations([identity], tokenizer, max_tokens, log)
+    return conversations, val[:cfg.val_conversations or None]
+
+
+def main(argv=None):
+    cfg = train.parse_config(argv, SFTConfig, PRESETS, __doc__)
+    if cfg.examples_per_step % cfg.device_batch_size:
+        sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
+                 f"--device-batch-size {cfg.device_batch_size}")
+    rank, world_size, device = train.setup_distributed(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg.examples_per_step % (cfg.device_batch_size * world_size):
+        sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of device batch "
+                 f"x world size = {cfg.device_batch_size * world_size}")
+    torch.manual_seed(cfg.seed)
+
+    model, tokenizer, base = train.load_model(cfg.base, device)
+    if base.get("kind") == "chat":
+        log(f"note: {base['path']} is already a chat checkpoint; fine-tuning it further")
+    model.train()
+    max_tokens = model.config.sequence_len + 1  # a row of T inputs predicts T targets
+    log(f"base {base['path']} | {model.num_params():,} parameters | context {model.config.sequence_len}")
+    try:
+        conversations, val = load_sft_data(cfg, tokenizer, max_tokens, log)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    steps_per_epoch = len(conversations) // cfg.examples_per_step
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(conversations)} conversations are fewer than one step of "
+                 f"--examples-per-step {cfg.examples_per_step}")
+    steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    accum = cfg.examples_per_step // (cfg.device_batch_size * world_size)
+    log(f"plan: {len(conversations):,} conversations ({len(val):,} validation), {steps:,} steps of "
+        f"{cfg.examples_per_step} ({steps_per_epoch:,} per epoch), {world_size} process(es) on {device}, "
+        f"{accum} micro-steps per step")
+
+    optimizers = train.build_optimizers(model, cfg)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] *= cfg.init_lr_frac
+    step, trained_tokens, out = 0, 0, Path(cfg.out)
+    if cfg.resume and (path := train.latest_checkpoint(out)):
+        ckpt = train.load_checkpoint(path)
+        train.check_same_model(ckpt["model_config"], model.config, path)
+        if ckpt.get("kind") != "chat" or ckpt["train_config"]["examples_per_step"] != cfg.examples_per_step:
+            sys.exit(f"error: {path} is not an SFT checkpoint with --examples-per-step {cfg.examples_per_step}")
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        step, trained_tokens = ckpt["step"], ckpt["tokens"]
+        log(f"resumed from {path} at step {step:,}")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out}, starting from {base['path']}")
+
+    raw_model = model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    pad_id = tokenizer.bos_id  # any id: padded positions have target -1
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def save():
+        if master:
+            state = dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                         model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
+                         tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
+                         base=base["path"], world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
+                         step=step, tokens=trained_tokens)
+            log(f"saved {train.save_checkpoint(out, step, state, cfg.keep_last)}")
+
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "log.jsonl", "a")
+    first_step, start_time = step, time.time()
+    window_start, window_tokens = time.time(), 0
+    while step < steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if step == first_step or step_in_epoch == 0:
+            order = epoch_order(len(conversations), cfg.seed, epoch)
+        micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
+        lr_mult = 1.0 - step / steps
+        loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device)
+        step += 1
+        trained_tokens += n_trained
+        window_tokens += n_trained
+        record = dict(step=step, epoch=epoch, loss=loss, lr_mult=lr_mult, trained_tokens=trained_tokens)
+        if step % cfg.log_every == 0 or step == steps:
+            now = time.time()
+            rate = window_tokens / (now - window_start)
+            window_start, window_tokens = now, 0
+            eta = (steps - step) * (now - start_time) / (step - first_step)
+            record.update(trained_tok_per_s=round(rate), elapsed_s=round(now - start_time, 1))
+            log(f"step {step:>5,}/{steps:,} | epoch {epoch} | loss {loss:.4f} | lr x{lr_mult:.3f} | "
+                f"{rate:,.0f} trained tok/s | ETA {eta / 60:.1f} min")
+        if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == steps):
+            raw_model.eval()
+            record["val_loss"] = validation_loss(raw_model, val, cfg.device_batch_size, rank, world_size, pad_id, device)
+            raw_model.train()
+            log(f"step {step:>5,} | validation loss {record['val_loss']:.4f}")
+        if master and (step == steps or (cfg.sample_every and step % cfg.sample_every == 0)):
+            raw_model.eval()
+            record["samples"] = dict(zip(SAMPLE_QUESTIONS, sample_answers(raw_model, tokenizer, SAMPLE_QUESTIONS)))
+            raw_model.train()
+            for question, answer in record["samples"].items():
+                log(f"  {question} -> {answer!r}")
+        if master:
+            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            log_file.flush()
+
+        stop = torch.tensor(float(bool(stop_signal)), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        leave = bool(stop.item()) or (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
+            save()
+        if leave:
+            log(f"stopped at step {step:,}; continue with --resume")
+            break
+    log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
+    if world_size > 1:
+        del model
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Tests for sft.py: conversation reading, masks in batches, sharding, learning, exact resume, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import sft
+import train
+from conftest import FIXTURE_TEXT, make_checkpoint
+from tok import check_conversation, render_conversation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixture_conversations(n=40):
+    lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [{"messages": [{"role": "user", "content": f"Sag mir Satz {i % len(lines)}."},
+                          {"role": "assistant", "content": lines[i % len(lines)]}]} for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, small_tokenizer):
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=64, n_embd=32)
+    write_jsonl(tmp_path / "train.jsonl", fixture_conversations(40))
+    write_jsonl(tmp_path / "val.jsonl", fixture_conversations(8))
+    return tmp_path
+
+
+def args_for(root, out="chat", *extra):
+    return ["--preset", "tiny", "--base", str(root / "base"), "--data", f"jsonl://{root}/train.jsonl",
+            "--val-data", f"jsonl://{root}/val.jsonl", "--out", str(root / out), "--max-steps", "6",
+            "--device-batch-size", "2", "--examples-per-step", "4", "--eval-every", "3", "--save-every", "3",
+            "--identity-repeat", "1", *extra]
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]},
+    {"conversations": [{"from": "human", "value": "Hallo"}, {"from": "gpt", "value": "Hi"}]},
+    {"conversation": [{"role": "prompter", "text": "Hallo"}, {"role": "assistant", "text": "Hi"}]},
+    {"instruction": "Hallo", "input": "", "output": "Hi"},
+    {"instruction": "Hallo", "context": "", "response": "Hi", "category": "open_qa"},
+])
+def test_common_chat_shapes_become_messages(row):
+    assert sft.to_messages(row) == [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
+
+
+def test_instruction_with_input_puts_both_in_the_question():
+    messages = sft.to_messages({"instruction": "Übersetze.", "input": "Good morning", "output": "Guten Morgen"})
+    assert messages[0]["content"] == "Übersetze.\n\nGood morning"
+
+
+def test_malformed_conversations_are_counted_with_an_example(tmp_path, small_tokenizer):
+    good = fixture_conversations(3)
+    rows = good + [
+        "{not json",
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
+        {"text": "kein Gespräch"},
+        ["a", "list"],
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    lines = []
+    got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lines.append)
+    assert len(got) == 3
+    report = "\n".join(lines)
+    assert "rejected 7 of 10 conversations" in report
+    for reason, line in [("not valid JSON", 4), ("empty content", 5), ("'user' where 'assistant' must come", 6),
+                         ("unknown role 'robot'", 7), ("non-string content", 8), ("no conversation in the row", 9),
+                         ("must be a JSON object", 10)]:
+        assert any(reason in l and f"mixed.jsonl:{line})" in l for l in lines), (reason, report)
+
+
+def test_too_long_conversations_are_cut_or_rejected_and_said(tmp_path, small_tokenizer):
+    long_answer = "Das ist ein sehr langer Satz über die Elbe. " * 20
+    rows = [{"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."},
+                          {"role": "user", "content": "Erzähl"}, {"role": "assistant", "content": long_answer}]},
+            {"messages": [{"role": "user", "content": "Erzähl"}, {"role": "assistant", "content": long_answer}]}]
+    lines = []
+    got = sft.load_conversations(data.parse_specs(f"jsonl://{write_jsonl(tmp_path / 'a.jsonl', rows)}"),
+                                 small_tokenizer, 32, log=lines.append)
+    assert len(got) == 1 and len(got[0][0]) <= 32
+    assert any("cut 1 conversations" in l for l in lines) and any("too long" in l for l in lines)
+
+
+def test_batches_train_exactly_the_masked_tokens(small_tokenizer):
+    convs = [render_conversation(small_tokenizer, c["messages"]) for c in fixture_conversations(3)]
+    inputs, targets = sft.collate(convs, pad_id=small_tokenizer.bos_id)
+    for row, (ids, mask) in enumerate(convs):
+        n = len(ids) - 1
+        assert inputs[row, :n].tolist() == ids[:-1]
+        assert targets[row, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert (targets[row, n:] == -1).all()
+
+
+def test_ranks_share_each_step_disjointly_and_completely(small_tokenizer):
+    convs = [render_conversation(small_tokenizer, c["messages"]) for c in fixture_conversations(24)]
+    cfg = sft.SFTConfig(device_batch_size=2, examples_per_step=8)
+    order = sft.epoch_order(len(convs), seed=1, epoch=0)
+    assert sorted(order) == list(range(24)) and order != sft.epoch_order(len(convs), seed=1, epoch=1)
+    for step in range(3):
+        one, n_one = sft.step_batches(convs, order, step, cfg, 0, 1, 0)
+        per_rank = [sft.step_batches(convs, order, step, cfg, r, 2, 0) for r in range(2)]
+        assert n_one == per_rank[0][1] == per_rank[1][1]  # every rank knows the step's trained-token count
+        rows = lambda batches: sorted(tuple(row.tolist()) for inputs, _ in batches for row in inputs)
+        assert rows(one) == rows(per_rank[0][0] + per_rank[1][0])
+        assert not set(rows(per_rank[0][0])) & set(rows(per_rank[1][0]))
+
+
+def test_identity_conversations_are_valid_and_about_nanoschnack():
+    rows = [json.loads(l) for l in sft.IDENTITY_FILE.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 20
+    for row in rows:
+        check_conversation(row["messages"])
+    answers = [" ".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
+    assert sum("nanoschnack" in a for a in answers) >= len(rows) // 2
+
+
+def test_loss_falls_and_samples_are_logged(setup):
+    sft.main(args_for(setup, "chat", "--max-steps", "30", "--eval-every", "30", "--init-lr-frac", "0.5",
+                      "--save-every", "0"))
+    records = [json.loads(l) for l in (setup / "chat" / "log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert "val_loss" in records[-1] and set(records[-1]["samples"]) == set(sft.SAMPLE_QUESTIONS)
+    model, tokenizer, ckpt = train.load_model(setup / "chat")
+    assert ckpt["kind"] == "chat" and ckpt["step"] == 30
+
+
+def test_resume_is_bitwise_exact(setup):
+    sft.main(args_for(setup, "a"))
+    sft.main(args_for(setup, "b", "--stop-after-steps", "3"))
+    assert train.latest_checkpoint(setup / "b").name == "ckpt_0000003.pt"
+    sft.main(args_for(setup, "b", "--resume"))
+    a, b = (torch.load(train.latest_checkpoint(setup / d), weights_only=False) for d in ("a", "b"))
+    assert a["step"] == b["step"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (setup / d / "log.jsonl").read_text().splitlines())}
+    assert loss("a") == loss("b")
+
+
+def test_two_ranks_equal_one_process(setup):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = args_for(setup, "ddp", "--max-steps", "3", "--eval-every", "0")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "sft.py"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sft.main(args_for(setup, "one", "--max-steps", "3", "--eval-every", "0"))
+    ddp, one = (torch.load(train.latest_checkpoint(setup / d), weights_only=False)["model"] for d in ("ddp", "one"))
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def run_sft(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "sft.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bad_input_gives_one_clear_error(setup, tmp_path):
+    cases = [
+        (["--base", str(tmp_path / "none")], "no checkpoint at"),
+        (["--data", f"jsonl://{tmp_path}/missing.jsonl"], "file not found"),
+        (["--data", f"jsonl://{write_jsonl(tmp_path / 'bad.jsonl', ['{oops', json.dumps({'text': 'x'})])}",
+          "--identity-repeat", "0"], "no usable conversations"),
+        (["--data", "hf://OpenAssistant/OASST-DE"], "error:"),
+        (["--examples-per-step", "5"], "not a multiple"),
+    ]
+    for extra, message in cases:
+        proc = run_sft(args_for(setup, "err", *extra))
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
