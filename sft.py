@@ -54,7 +54,6 @@ DEFAULT_SFT_SPEC = " ".join([
     "hf://FreedomIntelligence/alpaca-gpt4-deutsch?weight=1",
     "hf://argilla/databricks-dolly-15k-curated-multilingual?split=de&weight=1",
 ])
-DEFAULT_SFT_VAL_SPEC = "hf://OpenAssistant/OASST-DE?split=train"  # no held-out split on the hub: see --val-take
 SAMPLE_QUESTIONS = ["Wer bist du?", "Was ist die Hauptstadt von Deutschland?", "Erzähl mir einen kurzen Witz.",
                     "Wie viele Beine hat eine Spinne?"]
 
@@ -64,8 +63,7 @@ class SFTConfig:
     preset: str = "full"
     base: str = "out/base"           # pretraining checkpoint: a file, or a folder (its newest)
     data: str = DEFAULT_SFT_SPEC
-    val_data: str = DEFAULT_SFT_VAL_SPEC
-    val_take: int = 0                # hold out the first N conversations of --data as validation instead
+    val_data: str = ""               # held-out conversations; empty: hold out the first val_conversations of --data
     identity_repeat: int = 4         # copies of each identity conversation per epoch (0: none)
     out: str = "out/chat"
     device_batch_size: int = 8       # conversations per device per micro-step
@@ -78,7 +76,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     init_lr_frac: float = 0.02       # ... times this, decaying linearly to 0 (nanochat's SFT recipe)
     eval_every: int = 100
-    val_conversations: int = 256     # validation conversations (0: all)
+    val_conversations: int = 256     # validation conversations (0: all of --val-data)
     sample_every: int = 0            # 0: only at the end
     save_every: int = 200
     keep_last: int = 2
@@ -311,14 +309,12 @@ def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
 
 def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log):
     """(train conversations, validation conversations), identity conversations mixed into train."""
-    sources = data.parse_specs(cfg.data)
-    if cfg.val_take:
-        conversations = load_conversations(sources, tokenizer, max_tokens, log)
-        val, conversations = conversations[:cfg.val_take], conversations[cfg.val_take:]
-    else:
-        conversations = load_conversations(sources, tokenizer, max_tokens, log)
+    conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log)
+    if cfg.val_data:
         val = load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log,
                                  limit=cfg.val_conversations)
+    else:  # the hub sets have no held-out split: keep the first ones out of training
+        val, conversations = conversations[:cfg.val_conversations], conversations[cfg.val_conversations:]
     if cfg.identity_repeat:
         identity = data.parse_spec(f"jsonl://{quote(str(IDENTITY_FILE))}?weight={cfg.identity_repeat}")
         conversations += load_conversations([identity], tokenizer, max_tokens, log)

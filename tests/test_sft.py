@@ -183,3 +183,14 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path):
         proc = run_sft(args_for(setup, "err", *extra))
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])
         assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+def test_without_val_data_the_first_conversations_are_held_out(setup, small_tokenizer):
+    cfg = sft.SFTConfig(data=f"jsonl://{setup}/train.jsonl", val_data="", val_conversations=5, identity_repeat=0)
+    train_convs, val = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
+    everything = sft.load_conversations(data.parse_specs(cfg.data), small_tokenizer, 1000, log=lambda *a: None)
+    assert val == everything[:5] and train_convs == everything[5:]
+    cfg.identity_repeat = 2
+    with_identity, _ = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
+    n_identity = len(sft.IDENTITY_FILE.read_text(encoding="utf-8").splitlines())
+    assert len(with_identity) == len(train_convs) + 2 * n_identity
