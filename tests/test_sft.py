@@ -194,3 +194,24 @@ def test_without_val_data_the_first_conversations_are_held_out(setup, small_toke
     with_identity, _ = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
     n_identity = len(sft.IDENTITY_FILE.read_text(encoding="utf-8").splitlines())
     assert len(with_identity) == len(train_convs) + 2 * n_identity
+
+
+def test_resume_after_sigkill_equals_uninterrupted(setup):
+    import signal
+    import time
+    sft.main(args_for(setup, "a", "--save-every", "2"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    victim = subprocess.Popen([sys.executable, str(REPO / "sft.py"), *args_for(setup, "b", "--save-every", "2")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (setup / "b" / "ckpt_0000002.pt").exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert train.latest_checkpoint(setup / "b").name in ("ckpt_0000002.pt", "ckpt_0000004.pt")
+    proc = run_sft(args_for(setup, "b", "--save-every", "2", "--resume"))
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-1500:]
+    a, b = (torch.load(train.latest_checkpoint(setup / d), weights_only=False) for d in ("a", "b"))
+    assert a["step"] == b["step"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
