@@ -1,0 +1,308 @@
+"""Tests for `python data.py prepare` and for reading shard folders (prepared and nanochat's)."""
+import json
+import os
+import unicodedata
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data
+from data import DataError, parse_spec
+
+
+def make_corpus(folder, n=3000, files=2):
+    """Parquet files of n unique German-ish documents (row groups of 250); returns them in file order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [f"Dokument {i}: Grüße aus Köln, „Straße“ " + "ä" * (i % 41) for i in range(n)]
+    per = -(-n // files)
+    for f in range(files):
+        part = docs[f * per:(f + 1) * per]
+        pq.write_table(pa.table({"text": part, "source": [f"quelle{f}"] * len(part)}),
+                       folder / f"in-{f}.parquet", row_group_size=250)
+    return docs
+
+
+def shard_texts(path):
+    return pq.read_table(path, columns=["text"])["text"].to_pylist()
+
+
+def prepared(out):
+    """(training documents in shard order, validation documents, meta) of a prepared folder."""
+    meta = json.loads((out / "meta.json").read_text())
+    train = [t for name in meta["train"]["files"] for t in shard_texts(out / name)]
+    val = shard_texts(out / meta["val"]["file"]) if meta["val"] else []
+    return train, val, meta
+
+
+SMALL = dict(shard_chars=30_000, val_frac=0.05, log_every=1e9, log=lambda line: None)
+
+
+def test_round_trip(tmp_path):
+    docs = make_corpus(tmp_path / "in")
+    meta = data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
+    train, val, meta2 = prepared(tmp_path / "out")
+    assert meta == meta2 and meta["complete"]
+    assert Counter(train + val) == Counter(docs)  # every document exactly once
+    assert not set(train) & set(val) and 0 < len(val) < 0.1 * len(docs)
+    assert train != docs[:len(train)] and train != sorted(train)  # shuffled
+    first_half = {d for d in docs[:1500]}  # the two input files are mixed within the first shard
+    assert 0.2 < sum(d in first_half for d in train[:1024]) / 1024 < 0.8
+    # nanochat's reading: all *.parquet sorted, the last one is validation
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
+    assert names == [f"shard_{i:05d}.parquet" for i in range(len(names))]
+    assert names[:-1] == meta["train"]["files"] and names[-1] == meta["val"]["file"]
+    assert (meta["train"]["docs"], meta["val"]["docs"]) == (len(train), len(val))
+    assert meta["train"]["chars"] + meta["val"]["chars"] == sum(map(len, docs))
+    assert meta["data"] == [f"parquet://{tmp_path}/in/*.parquet"] and meta["options"]["seed"] == 42
+    assert meta["created"] and meta["finished"] and meta["read"]["docs"] == len(docs)
+    table = pq.read_table(tmp_path / "out" / names[0])
+    assert table.column_names == ["text", "source"] and set(table["source"].to_pylist()) == {"quelle0", "quelle1"}
+    assert pq.read_metadata(tmp_path / "out" / names[0]).row_group(0).column(0).compression == "ZSTD"
+    # the loader reads the folder as a spec: training shards, or ?split=val
+    assert list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/out"))) == train
+    assert list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/out?split=val"))) == val
+    with pytest.raises(DataError, match="is the validation shard of a prepared folder; name the folder"):
+        data.resolve_files(parse_spec(f"parquet://{tmp_path}/out/*.parquet"))
+    assert data.resolve_files(parse_spec(f"parquet://{tmp_path}/out/shard_00000.parquet"))  # a training shard is fine
+    # the same seed gives the same shards, another seed another order and split
+    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "again"), **SMALL)
+    assert prepared(tmp_path / "again")[:2] == (train, val)
+    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "seed7"), seed=7, **SMALL)
+    train7, val7, _ = prepared(tmp_path / "seed7")
+    assert Counter(train7 + val7) == Counter(docs) and train7 != train and set(val7) != set(val)
+
+
+def test_row_groups_and_shard_sizes(tmp_path):
+    make_corpus(tmp_path / "in")
+    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
+    _, _, meta = prepared(tmp_path / "out")
+    files = meta["train"]["files"]
+    assert len(files) >= 3
+    for name in files:
+        md = pq.read_metadata(tmp_path / "out" / name)
+        groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        assert all(g == 1024 for g in groups[:-1]) and 0 < groups[-1] <= 1024
+        if name != files[-1]:  # a full shard: whole row groups, just past the character budget
+            entry = next(s for s in meta["shards"] if s["file"] == name)
+            assert md.num_rows % 1024 == 0 and entry["chars"] >= 30_000
+            assert entry["chars"] - 30_000 < 1024 * 100
+    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "rows"), shard_rows=700, max_shards=3,
+                 **{**SMALL, "shard_chars": 1})
+    _, _, meta = prepared(tmp_path / "rows")
+    assert [s["docs"] for s in meta["shards"]][:3] == [700, 700, 700] and len(meta["train"]["files"]) == 3
+    assert meta["val"]["docs"] < 700  # drawn only from what was read for the three shards
+
+
+def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "in")
+    spec = f"parquet://{tmp_path}/in/*.parquet"
+    data.prepare(spec, str(tmp_path / "full"), **SMALL)
+
+    close, calls = data.ShardWriter.close, []
+
+    def crash_on_third_shard(self, name=None):
+        calls.append(self.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed while writing shard 2
+        return close(self, name)
+
+    monkeypatch.setattr(data.ShardWriter, "close", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(spec, str(tmp_path / "part"), **SMALL)
+    monkeypatch.setattr(data.ShardWriter, "close", close)
+    part = tmp_path / "part"
+    assert sorted(p.name for p in part.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert not json.loads((part / "meta.json").read_text())["complete"]
+    with pytest.raises(DataError, match="not finished.*resume"):
+        data.resolve_files(parse_spec(f"parquet://{part}"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in part.glob("*.parquet")}
+
+    data.prepare(spec, str(part), **SMALL)  # the same command again
+    full = tmp_path / "full"
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))
+    for p in full.glob("*.parquet"):
+        assert (part / p.name).read_bytes() == p.read_bytes(), p.name
+    assert all((part / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not rewritten
+    assert prepared(part)[2]["shards"] == prepared(full)[2]["shards"]
+    data.prepare(spec, str(part), **SMALL)  # complete: nothing to do
+    assert all((part / name).stat().st_mtime_ns == t for name, t in stamps.items())
+
+
+@pytest.mark.parametrize("options", [
+    SMALL,  # 3 training shards of one row group each: every rank keeps every other document
+    dict(SMALL, shard_rows=750, val_frac=0),  # 4 shards: rank r reads shards r and r+2
+])
+def test_two_ranks_over_prepared_shards_are_disjoint_and_complete(tmp_path, options):
+    make_corpus(tmp_path / "in")
+    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **options)
+    train, val, meta = prepared(tmp_path / "out")
+    specs = [(f"parquet://{tmp_path}/out", train)]
+    if meta["val"]:
+        specs.append((f"parquet://{tmp_path}/out?split=val", val))
+    for spec, expected in specs:
+        source = parse_spec(spec)
+        seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, 2, quiet=True))) for r in range(2)]
+        assert not set(seen[0]) & set(seen[1]) and all(seen)
+        assert Counter(seen[0] + seen[1]) == Counter(expected)
+
+
+def test_nanochat_and_plain_folders(tmp_path):
+    nano = tmp_path / "base_data"
+    nano.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"s{i}.{j}" for j in range(5)]}), nano / f"shard_{i:05d}.parquet")
+    (nano / "shard_00003.parquet.tmp").write_bytes(b"an unfinished download")
+    assert data.resolve_files(parse_spec(f"parquet://{nano}")) == [str(nano / f"shard_0000{i}.parquet") for i in (0, 1)]
+    assert list(data.iter_texts(parse_spec(f"parquet://{nano}?split=val"))) == [f"s2.{j}" for j in range(5)]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"text": [name]}), plain / f"{name}.parquet")
+    (plain / "meta.json").write_text('{"someone": "else"}')  # not prepare's: read as a plain folder
+    assert list(data.iter_texts(parse_spec(f"parquet://{plain}/"))) == ["a", "b"]  # all of it is training
+    with pytest.raises(DataError, match="no validation part"):
+        data.resolve_files(parse_spec(f"parquet://{plain}?split=val"))
+    one = tmp_path / "one"
+    one.mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), one / "shard_00000.parquet")
+    with pytest.raises(DataError, match="one shard only"):
+        data.resolve_files(parse_spec(f"parquet://{one}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no .parquet files"):
+        data.resolve_files(parse_spec(f"parquet://{tmp_path}/empty"))
+    with pytest.raises(DataError, match="split=train .*or split=val"):
+        data.resolve_files(parse_spec(f"parquet://{nano}?split=test"))
+    with pytest.raises(DataError, match="applies to a folder"):
+        data.resolve_files(parse_spec(f"parquet://{nano}/shard_00000.parquet?split=val"))
+
+
+def test_filters_are_off_by_default_and_work(tmp_path):
+    nfd = unicodedata.normalize("NFD", "Grüße aus Österreich")
+    docs = [f"Text {i} " + "lang " * 5 for i in range(400)] + ["kurz"] * 3 + ["Doppelt " * 5] * 4 + [nfd, nfd]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
+    spec = f"parquet://{tmp_path}/in/a.parquet"
+    options = dict(SMALL, shard_chars=5_000, val_frac=0.2)
+    data.prepare(spec, str(tmp_path / "raw"), **options)
+    train, val, meta = prepared(tmp_path / "raw")
+    assert Counter(train + val) == Counter(docs) and meta["filtered"] == {"too_short": 0, "duplicates": 0}
+    for dup in ("kurz", "Doppelt " * 5, nfd):  # identical documents land on the same side
+        assert (dup in train) != (dup in val)
+    data.prepare(spec, str(tmp_path / "clean"), min_chars=10, dedup=True, nfc=True, **options)
+    train, val, meta = prepared(tmp_path / "clean")
+    nfc = unicodedata.normalize("NFC", nfd)
+    assert Counter(train + val) == Counter(docs[:400] + ["Doppelt " * 5, nfc])
+    assert meta["filtered"] == {"too_short": 3, "duplicates": 4}
+    assert meta["options"] | {"min_chars": 0, "dedup": False, "nfc": False} == prepared(tmp_path / "raw")[2]["options"]
+
+
+def test_val_data_and_other_kinds(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"inhalt": f"Zeile {i}", "source": "json"}) + "\n"
+                                              for i in range(300)))
+    (tmp_path / "b.txt").write_text("".join(f"Satz {i}\n" for i in range(200)))
+    pq.write_table(pa.table({"text": ["Zeile 5", "Satz 7", "nur Validierung"]}), tmp_path / "val.parquet")
+    data.prepare([f"jsonl://{tmp_path}/a.jsonl?text=inhalt", f"txt://{tmp_path}/b.txt?per=line"],
+                 str(tmp_path / "out"), val_data=f"parquet://{tmp_path}/val.parquet", dedup=True,
+                 **dict(SMALL, shard_chars=1_000))
+    train, val, meta = prepared(tmp_path / "out")
+    assert sorted(val) == sorted(["Zeile 5", "Satz 7", "nur Validierung"])
+    expected = [f"Zeile {i}" for i in range(300) if i != 5] + [f"Satz {i}" for i in range(200) if i != 7]
+    assert sorted(train) == sorted(expected)  # --dedup drops training copies of validation documents
+    assert meta["filtered"]["duplicates"] == 2 and meta["options"]["val_frac"] == 0
+    sources = Counter(pq.read_table(tmp_path / "out" / meta["train"]["files"][0])["source"].to_pylist())
+    assert set(sources) == {"json", f"{tmp_path}/b.txt"}  # the row's own source, else the location
+
+
+def test_no_streaming_shuffles_all_documents(tmp_path):
+    docs = make_corpus(tmp_path / "in", n=1500)
+    meta = data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), streaming=False,
+                        max_shards=1, **SMALL)
+    train, val, _ = prepared(tmp_path / "out")
+    assert len(meta["train"]["files"]) == 1 and len(train) == 1024
+    assert set(train + val) <= set(docs) and not set(train) & set(val)
+    assert 0.35 < sum(d in set(docs[:750]) for d in train) / len(train) < 0.65  # drawn from the whole corpus
+    assert not (tmp_path / "out" / ".cache").exists()
+
+
+def test_cli_progress_and_resume_message(tmp_path, capsys):
+    make_corpus(tmp_path / "in")
+    argv = ["prepare", "--data", f"parquet://{tmp_path}/in/*.parquet", "--out", str(tmp_path / "out"),
+            "--shard-chars", "30k", "--val-frac", "0.05", "--log-every", "0"]
+    data.main(argv)
+    out = capsys.readouterr().out
+    assert "docs/s" in out and "ETA" in out and "M chars/s" in out and "training shards" in out
+    data.main(argv)
+    assert "complete already" in capsys.readouterr().out
+
+
+def write(tmp_path, name, table):
+    pq.write_table(table, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda d: None, ["--data", "parquet://{d}/nothing/*.parquet"], "no files match"),
+    (lambda d: None, ["--data", "{d}/a.parquet"], "no '<kind>://' prefix"),
+    (lambda d: write(d, "a.parquet", pa.table({"inhalt": ["x"]})), ["--data", "parquet://{d}/a.parquet"],
+     "has no column 'text' (columns: inhalt)"),
+    (lambda d: write(d, "a.parquet", pa.table({"text": ["x", None]})), ["--data", "parquet://{d}/a.parquet"],
+     "a document with no string 'text' field"),
+    (lambda d: write(d, "a.parquet", pa.table({"text": ["x"]})),
+     ["--data", "parquet://{d}/a.parquet", "--text", "body"], "has no column 'body'"),
+    (lambda d: write(d, "a.parquet", pa.table({"text": ["kurz"]})),
+     ["--data", "parquet://{d}/a.parquet", "--min-chars", "100"], "no training documents (1 read, 1 too short"),
+    (lambda d: write(d, "a.parquet", pa.table({"text": ["x"]})),
+     ["--data", "parquet://{d}/a.parquet", "--out", "{d}/a.parquet"], "is a file; name a folder"),
+    (lambda d: (d / "out").mkdir() or write(d / "out", "mine.parquet", pa.table({"text": ["x"]})),
+     ["--data", "parquet://{d}/out/mine.parquet"], "already holds .parquet files and no meta.json"),
+    (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--shard-chars", "0"], "shard-chars must be positive"),
+    (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--val-frac", "1.5"], "val-frac must be in [0, 1)"),
+    (lambda d: (d / "out").mkdir() or (d / "out" / "meta.json").write_text("{broken"),
+     ["--data", "parquet://{d}/x.parquet"], "meta.json was not written by prepare (or is damaged)"),
+    (lambda d: None, ["--data", "hf://nanoschnack/does-not-exist-anywhere"], "hub unreachable"),
+    (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--max-shards", "0"], "max-shards must be positive"),
+])
+def test_bad_inputs_give_clear_errors(tmp_path, make, args, message):
+    make(tmp_path)
+    argv = ["prepare", "--out", "{d}/out", "--log-every", "1e9"] + args
+    with pytest.raises(SystemExit) as e:
+        data.main([a.format(d=tmp_path) for a in argv])
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    make_corpus(tmp_path / "in", n=500)
+    spec = f"parquet://{tmp_path}/in/*.parquet"
+    data.prepare(spec, str(tmp_path / "out"), **SMALL)
+    with pytest.raises(DataError, match=r"other settings \(options: .*'seed': 42.*'seed': 1"):
+        data.prepare(spec, str(tmp_path / "out"), seed=1, **SMALL)
+    with pytest.raises(DataError, match="other settings"):
+        data.prepare(spec + "?weight=2", str(tmp_path / "out"), **SMALL)
+    with pytest.raises(DataError, match="no files match"):  # a typo: fails before writing anything ...
+        data.prepare(f"parquet://{tmp_path}/typo/*.parquet", str(tmp_path / "new"), **SMALL)
+    data.prepare(spec, str(tmp_path / "new"), **SMALL)  # ... so the corrected command starts over
+    assert prepared(tmp_path / "new")[2]["data"] == [spec]
+
+
+def test_cli_error_exits_without_traceback(tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "prepare", "--data",
+                             f"parquet://{tmp_path}/nothing/*.parquet", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and "no files match" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_prepare_real_german_sample(tmp_path, data_dir):
+    spec = f"parquet://{data_dir}/pretrain/klexikon/train-*.parquet"
+    docs = list(data.iter_texts(parse_spec(spec)))
+    meta = data.prepare(spec, str(tmp_path / "out"), shard_chars=1_000_000, nfc=True, dedup=True,
+                        log_every=1e9, log=lambda line: None)
+    train, val, _ = prepared(tmp_path / "out")
+    assert meta["read"]["docs"] == len(docs) and len(train) + len(val) == len(docs) - meta["filtered"]["duplicates"]
+    assert set(train + val) == {unicodedata.normalize("NFC", d) for d in docs}
+    assert set(pq.read_table(tmp_path / "out" / meta["train"]["files"][0])["source"].to_pylist()) == {"klexikon"}
