@@ -943,19 +943,9 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     return meta
 
 
-def parse_count(text: str) -> int:
-    """'250M', '2B', '10k', '1e6' or '1_000' to an int."""
-    import argparse
-    scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in ("k", "M", "B") else text
-    try:
-        return int(float(number.replace("_", "")) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (write e.g. 250M, 10k)") from None
-
-
 def prepare_main(argv):
     import argparse
+    from tok import parse_count
     p = argparse.ArgumentParser(prog="data.py prepare", description="Write dataset spec(s) into local, "
                                 "shuffled, nanochat-compatible parquet shards (resumable: run it again).")
     p.add_argument("--data", nargs="+", required=True, help="dataset spec(s) to convert")
