@@ -1,0 +1,300 @@
+"""chat.py: KV cache across turns, streaming, trimming, --prompt, the REPL (stdin and a pseudo-terminal)."""
+import fcntl
+import io
+import os
+import select
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+import torch
+
+import chat
+from conftest import REPO_ROOT, make_checkpoint
+from tok import ConversationError, render_prompt
+
+GREEDY = chat.Sampling(temperature=0, top_k=None, max_new_tokens=12)
+TURNS = ["Hallo! Wie geht es dir heute?", "Was ist die Hauptstadt von Österreich?",
+         "Und wie groß ist Wien?", "Danke für die Auskunft."]
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory, small_tokenizer):
+    return make_checkpoint(tmp_path_factory.mktemp("chat"), small_tokenizer, kind="chat", sequence_len=256)
+
+
+@pytest.fixture(scope="module")
+def session_factory(chat_ckpt):
+    def make(sampling=GREEDY, seed=0, **kw):
+        return chat.load_session(str(chat_ckpt), "cpu", sampling=sampling, seed=seed, **kw)
+    return make
+
+
+def recompute(model, prompt, max_new_tokens, stop_ids):
+    """Greedy answer without a cache: the whole sequence through the model for every token."""
+    ids, answer = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if token in stop_ids:
+                break
+            answer.append(token)
+            ids.append(token)
+    return answer
+
+
+def check_turn(session, prompt):
+    """The answer just given equals recomputation, and the cache holds exactly cached_ids."""
+    budget = min(GREEDY.max_new_tokens, session.context_len - len(prompt))
+    assert session.last.ids == recompute(session.model, prompt, budget, session.chat_stop_ids)
+    assert session.cache.pos == len(session.cached_ids)
+    assert session.cached_ids[:len(prompt)] == prompt
+
+
+def test_kv_cache_across_turns_equals_recompute(session_factory):
+    session = session_factory(system="Du bist ein hilfsbereiter Assistent.")
+    for i, text in enumerate(TURNS):
+        prompt = render_prompt(session.tokenizer, session.messages + [{"role": "user", "content": text}])
+        pieces = list(session.send(text))
+        check_turn(session, prompt)
+        assert "".join(pieces) == session.last.text
+        assert session.last.prompt_tokens == len(prompt)
+        if i:  # only the new part was computed: at least the whole previous prompt came from the cache
+            assert session.last.cached_tokens >= previous_prompt_len
+        previous_prompt_len = len(prompt)
+    assert [m["role"] for m in session.messages] == ["system"] + ["user", "assistant"] * len(TURNS)
+    assert [m["content"] for m in session.history[::2]] == TURNS
+
+
+def test_stopped_answer_keeps_history_and_cache_consistent(session_factory):
+    session = session_factory(sampling=chat.Sampling(temperature=1.0, top_k=None, max_new_tokens=40))
+    stream = session.send(TURNS[0])
+    shown = "".join(next(stream) for _ in range(3))
+    stream.close()  # the caller stops early (the server: client gone; the REPL: Ctrl-C)
+    assert session.last.finish_reason == "interrupted"
+    assert session.history == [{"role": "user", "content": TURNS[0]},
+                               {"role": "assistant", "content": shown}]
+    session.sampling = GREEDY
+    prompt = render_prompt(session.tokenizer, session.messages + [{"role": "user", "content": TURNS[1]}])
+    list(session.send(TURNS[1]))
+    check_turn(session, prompt)
+    # the stream API for a whole message list (the web server's) also reuses the cache
+    messages = session.messages[:-1]  # ends with the user's message
+    reply = session.answer(messages)
+    assert reply.cached_tokens == len(render_prompt(session.tokenizer, messages)) - 1
+    assert reply.text == session.history[-1]["content"]  # the same greedy answer again
+
+
+def test_ctrl_c_in_the_repl_stops_the_answer_not_the_program(session_factory):
+    session = session_factory()
+
+    class Output(io.StringIO):  # Ctrl-C arrives while the third piece is printed
+        writes = 0
+
+        def write(self, s):
+            self.writes += 1
+            if self.writes == 4:  # label, piece, piece, piece
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    lines = iter([TURNS[0], TURNS[1], "/quit"])
+    out = Output()
+    chat.repl(session, read=lambda prompt: next(lines), out=out, interactive=True)
+    text = out.getvalue()
+    assert "(abgebrochen)" in text
+    assert len(session.history) == 4  # both exchanges kept: the stopped one with the text shown
+    assert session.history[1]["content"] and text.count("Schnack: ") == 2
+
+
+def test_stream_decoder_reassembles_split_characters(small_tokenizer):
+    tok = small_tokenizer
+    byte_token = {b[0]: i for i, b in enumerate(tok.id_to_bytes) if len(b) == 1}
+    text = "Grüße aus Köln: 5 € für 🐍 und 👍🏽!"
+    # every character as single bytes, then the tokenizer's own ids, then a mix
+    sequences = [[byte_token[b] for b in text.encode()], tok.encode(text)]
+    mixed = []
+    for word in text.split(" "):
+        mixed += [byte_token[b] for b in word.encode()] if any(ord(c) > 127 for c in word) else tok.encode(word)
+        mixed.append(byte_token[ord(" ")])
+    sequences.append(mixed[:-1])
+    for ids in sequences:
+        decoder = tok.stream_decoder()
+        pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == text == tok.decode(ids)
+    assert sequences[0] != sequences[1]  # the multi-byte characters really were split
+
+
+def test_session_streams_whole_characters(session_factory, monkeypatch):
+    """Force the model's tokens: "ü", "€" and an emoji split into single bytes, then <|assistant_end|>."""
+    session = session_factory(chat.Sampling(max_new_tokens=64))
+    tok = session.tokenizer
+    byte_token = {b[0]: i for i, b in enumerate(tok.id_to_bytes) if len(b) == 1}
+    text = "Tschüss, 3 € 🥨"
+    script = iter([byte_token[b] for b in text.encode()] + [tok.special["<|assistant_end|>"]])
+    monkeypatch.setattr(chat, "sample_next_token", lambda *a, **k: torch.tensor([[next(script)]]))
+    out, lines = io.StringIO(), iter(["Hallo", "/quit"])
+    chat.repl(session, read=lambda prompt: next(lines), out=out, interactive=False)
+    assert out.getvalue() == text + "\n"
+    assert session.last.finish_reason == "stop" and session.history[-1]["content"] == text
+
+
+def test_history_trimming_keeps_newest_turns(tmp_path, small_tokenizer):
+    ckpt = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=64)
+    sampling = chat.Sampling(temperature=0, top_k=None, max_new_tokens=8)
+    session = chat.load_session(str(ckpt), "cpu", sampling=sampling, system="Sei kurz.")
+    sent, dropped, previous_prompt_len = [], 0, 0
+    for i in range(8):
+        text = f"Frage {i}: {TURNS[i % len(TURNS)]}"
+        sent.append(text)
+        kept, prompt = chat.fit_to_context(session.tokenizer, session.messages + [{"role": "user", "content": text}],
+                                           64 - 8)
+        list(session.send(text))
+        budget = min(8, 64 - len(prompt))
+        assert session.last.ids == recompute(session.model, prompt, budget, session.chat_stop_ids)
+        assert session.cache.pos == len(session.cached_ids) <= 64
+        dropped += session.last.dropped_messages
+        if session.last.dropped_messages:  # the prompt changed right after the system message: rebuilt from there
+            assert session.last.cached_tokens < previous_prompt_len
+            assert kept[0]["role"] == "system" and len(kept) < len(session.messages) + session.last.dropped_messages
+        previous_prompt_len = len(prompt)
+    assert dropped > 0
+    assert session.messages[0] == {"role": "system", "content": "Sei kurz."}
+    users = [m["content"] for m in session.history[::2]]
+    assert users == sent[-len(users):] and len(users) < len(sent)  # the newest turns, in order
+    with pytest.raises(ConversationError, match="too long"):
+        session.send("sehr lange Nachricht " * 40)
+
+
+def test_base_checkpoint_runs_in_completion_mode(tmp_path, small_tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path, small_tokenizer, kind="base")
+    chat.main(["--checkpoint", str(ckpt), "--prompt", "Es war einmal", "--temperature", "0", "--max-new-tokens", "10"])
+    out, err = capsys.readouterr()
+    assert "completion mode" in err and "(base" in err
+    session = chat.load_session(str(ckpt), "cpu", sampling=chat.Sampling(temperature=0, max_new_tokens=10))
+    assert session.kind == "base"
+    answer = "".join(session.send("Es war einmal"))
+    prompt = [small_tokenizer.bos_id] + small_tokenizer.encode("Es war einmal")
+    assert session.last.ids == recompute(session.model, prompt, 10, {small_tokenizer.bos_id})
+    assert out == answer + "\n"
+
+
+def test_clear_errors(tmp_path, small_tokenizer, monkeypatch):
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            chat.main([*argv, "--prompt", "Hallo"])
+        assert str(e.value.code).startswith("error: ")
+        return str(e.value.code)
+    assert "no checkpoint" in error("--checkpoint", str(tmp_path / "missing"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "cannot read" in error("--checkpoint", str(tmp_path / "junk.pt"))
+    torch.save({"model": {}, "model_config": {"n_layers": 3}}, tmp_path / "other.pt")
+    assert "not a checkpoint this chat.py can use" in error("--checkpoint", str(tmp_path / "other.pt"))
+    monkeypatch.chdir(tmp_path)  # no out/chat, no out/base here
+    assert "out/chat or out/base" in error()
+    ckpt = make_checkpoint(tmp_path / "c", small_tokenizer)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in error("--checkpoint", str(ckpt), "--device", "cuda")
+    assert "temperature" in error("--checkpoint", str(ckpt), "--temperature", "-1")
+
+
+# -----------------------------------------------------------------------------
+# chat.py as a program
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}
+CHAT = [sys.executable, str(REPO_ROOT / "chat.py")]
+
+
+def test_prompt_mode(chat_ckpt, session_factory):
+    args = ["--checkpoint", str(chat_ckpt), "--temperature", "0", "--max-new-tokens", "12"]
+    run = subprocess.run(CHAT + args + ["--prompt", TURNS[1]], capture_output=True, timeout=180, env=ENV)
+    assert run.returncode == 0, run.stderr.decode()
+    err = run.stderr.decode()
+    assert str(chat_ckpt) in err and "parameters" in err and "device cpu" in err
+    expected = session_factory().answer([{"role": "user", "content": TURNS[1]}]).text
+    assert run.stdout.decode() == expected + "\n"
+    # "--prompt -" reads the message from stdin
+    run = subprocess.run(CHAT + args + ["--prompt", "-"], input=TURNS[1].encode(), capture_output=True,
+                         timeout=180, env=ENV)
+    assert run.returncode == 0 and run.stdout.decode() == expected + "\n"
+
+
+def test_repl_through_stdin(chat_ckpt, session_factory):
+    lines = [TURNS[0], "/temp 0", "/topk 7", "/system Du antwortest kurz.", "/reset", TURNS[1], "/quit", "nie gelesen"]
+    run = subprocess.run(CHAT + ["--checkpoint", str(chat_ckpt), "--max-new-tokens", "12", "--seed", "3"],
+                         input="\n".join(lines).encode() + b"\n", capture_output=True, timeout=180, env=ENV)
+    assert run.returncode == 0, run.stderr.decode()
+    out, err = run.stdout.decode(), run.stderr.decode()
+    # stdout: only the answers, one per message; the replies to commands go to stderr
+    assert "(Temperatur 0.0, top-k 50)" in err and "(Temperatur 0.0, top-k 7)" in err
+    assert "(Systemnachricht: Du antwortest kurz.)" in err and "(neues Gespräch)" in err
+    first = session_factory(chat.Sampling(max_new_tokens=12), seed=3)  # sampled, as the program's first answer
+    first = "".join(first.send(TURNS[0]))
+    # after /reset the conversation is the system message and one question, answered greedily
+    second = session_factory(chat.Sampling(temperature=0, top_k=7, max_new_tokens=12)).answer(
+        [{"role": "system", "content": "Du antwortest kurz."}, {"role": "user", "content": TURNS[1]}]).text
+    assert out == first + "\n" + second + "\n"
+    assert "Traceback" not in err
+
+
+class Terminal:
+    """The parent's side of a pseudo-terminal: what chat.py wrote, read up to each expected text in turn."""
+
+    def __init__(self, fd, proc):
+        self.fd, self.proc, self.text, self.pos = fd, proc, "", 0
+
+    def expect(self, needle: str, timeout=120) -> None:
+        end = time.time() + timeout
+        while (found := self.text.find(needle, self.pos)) < 0:
+            ready = select.select([self.fd], [], [], 0.5)[0]
+            if time.time() > end or not ready and self.proc.poll() is not None:
+                raise AssertionError(f"no {needle!r} in the terminal output:\n{self.text}")
+            if ready:
+                try:
+                    self.text += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the child closed the terminal
+                    pass
+        self.pos = found + len(needle)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+
+def test_repl_through_a_terminal(chat_ckpt):
+    master, slave = os.openpty()
+
+    def controlling_terminal():  # so that Ctrl-C typed into the terminal becomes SIGINT for chat.py
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(CHAT + ["--checkpoint", str(chat_ckpt), "--max-new-tokens", "10", "--seed", "1"],
+                            stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "dumb"},
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    term = Terminal(master, proc)
+    try:
+        term.expect("parameters")
+        term.expect("/help")
+        term.expect("Du: ")
+        term.type(b"Hallo, wer bist du?\r")
+        term.expect("Schnack: ")
+        term.expect("Du: ")
+        term.type(b"/reset\r")
+        term.expect("(neues Gespräch)")
+        term.expect("Du: ")
+        term.type(b"halb getippt")
+        term.expect("getippt")  # echoed: typed together with Ctrl-C, the terminal would drop it unread
+        # A person types Ctrl-C long after the echo. Right after it, readline may still be
+        # between reads, and CPython's readline then notices SIGINT only at the next key.
+        time.sleep(1.0)
+        term.type(b"\x03")  # Ctrl-C while typing: the line is dropped, chat.py goes on
+        term.expect("/quit beendet")
+        term.expect("Du: ")
+        term.type(b"\x04")  # Ctrl-D quits
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert "Traceback" not in term.text
