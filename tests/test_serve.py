@@ -1,0 +1,570 @@
+"""serve.py through a real HTTP server on loopback: OpenAI shapes, streaming, limits, concurrency,
+disconnects, the official openai client, a base model, and the page in a headless Chromium.
+
+One server per module (a subprocess running `python serve.py`, as a user would), on a tiny
+random-weight checkpoint: its answers are nonsense, but with temperature 0 they are deterministic,
+which is what lets the tests prove that concurrent answers do not mix.
+
+The browser test drives chromedriver through the W3C WebDriver HTTP API with urllib (a dozen
+calls) instead of depending on selenium, whose driver manager also tries to download things.
+"""
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
+pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install -e '.[web]'")
+
+from conftest import REPO_ROOT, make_checkpoint
+
+LONG = 1500  # max_tokens of a request that must still be running while the test acts
+SERVER_FLAGS = ["--max-queue", "3", "--max-messages", "8", "--max-message-chars", "2000",
+                "--max-total-chars", "4000", "--max-tokens", str(LONG), "--log-level", "warning"]
+QUESTIONS = ["Hallo! Wie geht es dir heute?", "Was ist die Hauptstadt von Österreich?",
+             "Erzähl mir etwas über Bern.", "Wie spät ist es, bitte?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Server:
+    """`python serve.py` in a subprocess on a free loopback port."""
+
+    def __init__(self, checkpoint, flags, tmp_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "serve.log", "w+")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint),
+                                      "--device", "cpu", "--port", str(self.port), *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        try:
+            wait_for(self.up, 180, "the server to answer /health", interval=0.2)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"serve.py did not start:\n{self.output()}")
+
+    def up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve.py exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            return get(self.url, "/health")[0] == 200
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def request(url, method, path, body=None, headers=None):
+    """(status, headers, parsed JSON or text)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, head, raw = r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        status, head, raw = e.code, e.headers, e.read()
+    try:
+        return status, head, json.loads(raw)
+    except ValueError:
+        return status, head, raw.decode()
+
+
+def get(url, path):
+    status, _, body = request(url, "GET", path)
+    return status, body
+
+
+def post(url, path, body):
+    status, _, answer = request(url, "POST", path, body)
+    return status, answer
+
+
+def health(url) -> dict:
+    return get(url, "/health")[1]
+
+
+def chat_body(question, max_tokens=24, **extra):
+    return {"model": "nanoschnack", "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens, **extra}
+
+
+class Stream:
+    """A streaming request on its own connection, read event by event (so a test can stop reading and hang up)."""
+
+    def __init__(self, url, body, path="/v1/chat/completions"):
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+
+    def events(self):
+        """Parsed `data:` payloads ("[DONE]" as is); comments are skipped."""
+        data = []
+        for line in self.response:
+            line = line.decode("utf-8").rstrip("\n")
+            if line.startswith("data: "):
+                data.append(line[6:])
+            elif not line and data:
+                payload = "\n".join(data)
+                data = []
+                yield payload if payload == "[DONE]" else json.loads(payload)
+
+    def first_content(self) -> str:
+        for event in self.events():
+            if event != "[DONE]" and event["choices"] and event["choices"][0]["delta"].get("content"):
+                return event["choices"][0]["delta"]["content"]
+        raise AssertionError("the stream ended without content")
+
+    def close(self):
+        self.conn.sock.shutdown(socket.SHUT_RDWR)  # hang up now, as a closed browser tab does
+        self.conn.close()
+
+
+def read_stream(url, body, path="/v1/chat/completions") -> list:
+    s = Stream(url, body, path)
+    assert s.status == 200, s.response.read()
+    assert s.response.getheader("Content-Type").startswith("text/event-stream")
+    events = list(s.events())
+    s.close()
+    return events
+
+
+def streamed_text(events) -> str:
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e != "[DONE]" and e["choices"])
+
+
+# -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_tokenizer):
+    folder = tmp_path_factory.mktemp("serve_chat")
+    # sequence_len 2048, so that a LONG answer fits and runs for seconds on CPU
+    server = Server(make_checkpoint(folder, small_tokenizer, kind="chat", sequence_len=2048), SERVER_FLAGS, folder)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def base_server(tmp_path_factory, small_tokenizer):
+    folder = tmp_path_factory.mktemp("serve_base")
+    server = Server(make_checkpoint(folder, small_tokenizer, kind="base", sequence_len=256),
+                    ["--log-level", "warning"], folder)
+    yield server.url
+    server.stop()
+
+
+def test_health_models_and_page(server):
+    status, h = get(server, "/health")
+    assert status == 200 and h["status"] == "ok" and h["kind"] == "chat" and h["busy"] is False
+    assert h["limits"]["max_tokens"] == LONG and h["limits"]["max_queue"] == 3
+    status, models = get(server, "/v1/models")
+    assert status == 200 and models["object"] == "list"
+    [model] = models["data"]
+    assert model["id"] == "nanoschnack" and model["object"] == "model" and isinstance(model["created"], int)
+    assert model["owned_by"] and model["kind"] == "chat" and model["context_length"] == 2048
+    status, head, page = request(server, "GET", "/")
+    assert status == 200 and head["Content-Type"].startswith("text/html")
+    assert "Neuer Chat" in page and "Senden" in page and "Temperatur" in page
+    assert "http://" not in page and "https://" not in page  # nothing from elsewhere: works offline
+
+
+def test_chat_completion_shape(server):
+    status, answer = post(server, "/v1/chat/completions", chat_body(QUESTIONS[0]))
+    assert status == 200, answer
+    assert answer["id"].startswith("chatcmpl-") and answer["object"] == "chat.completion"
+    assert isinstance(answer["created"], int) and answer["model"] == "nanoschnack"
+    [choice] = answer["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["message"]["content"], str)
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] > 5 and 0 < usage["completion_tokens"] <= 24
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # greedy is deterministic, whatever the KV cache held before
+    post(server, "/v1/chat/completions", chat_body(QUESTIONS[1]))
+    assert post(server, "/v1/chat/completions", chat_body(QUESTIONS[0]))[1]["choices"] == answer["choices"]
+
+
+def test_seed_repeats_a_sampled_answer(server):
+    body = chat_body(QUESTIONS[3], max_tokens=30, temperature=1.0, top_p=0.9, top_k=40)
+    first, again, other = (post(server, "/v1/chat/completions", {**body, "seed": seed})[1] for seed in (7, 7, 8))
+    text = lambda answer: answer["choices"][0]["message"]["content"]
+    assert text(first) == text(again) and text(first) != text(other)
+
+
+def test_streaming_shape_and_same_answer(server):
+    whole = post(server, "/v1/chat/completions", chat_body(QUESTIONS[2]))[1]
+    events = read_stream(server, chat_body(QUESTIONS[2], stream_options={"include_usage": True}))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "nanoschnack" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish["choices"][0]["delta"] == {}
+    assert finish["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert len(chunks) > 4  # streamed in pieces, not in one
+    assert streamed_text(chunks) == whole["choices"][0]["message"]["content"]
+
+
+def test_openai_client(server):
+    openai = pytest.importorskip("openai", reason="the official openai client is not installed")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["nanoschnack"]
+    messages = [{"role": "system", "content": "Du antwortest kurz."}, {"role": "user", "content": QUESTIONS[1]}]
+    whole = client.chat.completions.create(model="nanoschnack", messages=messages, temperature=0, max_tokens=20)
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens > 0
+    pieces = [chunk.choices[0].delta.content or "" for chunk in
+              client.chat.completions.create(model="gpt-4o", messages=messages, temperature=0, max_tokens=20,
+                                             stream=True) if chunk.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="nanoschnack", messages=messages, temperature=2.5)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+BAD_REQUESTS = [  # (body, status, code, words in the message)
+    (b"{not json", 400, "invalid_json", "not valid JSON"),
+    ([1, 2], 422, "invalid_type", "JSON object"),
+    ({"temperature": 0}, 422, "invalid_type", "messages must be a list"),
+    ({"messages": []}, 400, "invalid_conversation", "non-empty"),
+    ({"messages": [{"role": "wizard", "content": "Hallo"}]}, 400, "invalid_conversation", "unknown role"),
+    ({"messages": [{"role": "assistant", "content": "Hallo"}]}, 400, "invalid_conversation", "'user' must come"),
+    ({"messages": user("Hallo") + [{"role": "assistant", "content": "Hi"}]}, 400, "invalid_conversation",
+     "end with a(n) user"),
+    ({"messages": user("   ")}, 400, "invalid_conversation", "empty content"),
+    ({"messages": [{"role": "user", "content": 42}]}, 422, "invalid_type", "content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "unsupported_content", "only text"),
+    ({"messages": user("Hallo") + [{"role": "assistant", "content": "Hi"}, *user("Na?")] * 4}, 413,
+     "too_many_messages", "at most 8"),
+    ({"messages": user("ä" * 2001)}, 413, "message_too_long", "at most 2,000"),
+    ({"messages": [*user("a" * 1500), {"role": "assistant", "content": "b" * 1500}, *user("c" * 1500)]}, 413,
+     "conversation_too_long", "at most 4,000"),
+    ({"messages": user("€" * 1999), "max_tokens": 1024}, 413, "context_length_exceeded", "too long"),
+    ({"messages": user("Hallo"), "temperature": 2.5}, 400, "invalid_value", "temperature must be between 0 and 2"),
+    ({"messages": user("Hallo"), "temperature": -1}, 400, "invalid_value", "temperature"),
+    ({"messages": user("Hallo"), "temperature": "warm"}, 422, "invalid_type", "temperature must be a number"),
+    ({"messages": user("Hallo"), "top_p": 1.5}, 400, "invalid_value", "top_p"),
+    ({"messages": user("Hallo"), "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"messages": user("Hallo"), "max_tokens": LONG + 1}, 400, "max_tokens_too_large", f"limit is {LONG}"),
+    ({"messages": user("Hallo"), "max_tokens": 3.5}, 422, "invalid_type", "integer"),
+    ({"messages": user("Hallo"), "n": 2}, 400, "invalid_value", "n must be 1"),
+    ({"messages": user("Hallo"), "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
+    ({"messages": user("Hallo"), "stream": "yes"}, 422, "invalid_type", "stream"),
+    (b'{"messages": "' + b"x" * (12 * 4000 + 70_000) + b'"}', 413, "request_too_large", "larger than"),
+]
+
+
+@pytest.mark.parametrize("body,status,code,words", BAD_REQUESTS, ids=[c for _, _, c, _ in BAD_REQUESTS])
+def test_bad_requests_get_clear_4xx(server, body, status, code, words):
+    got, answer = post(server, "/v1/chat/completions", body)
+    assert got == status, answer
+    error = answer["error"]
+    assert error["code"] == code and words in error["message"], error
+    assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+
+
+def test_unknown_paths_and_methods(server):
+    status, answer = get(server, "/v1/nothing")
+    assert status == 404 and "Not Found" in answer["error"]["message"]
+    status, answer = get(server, "/v1/chat/completions")
+    assert status == 405 and answer["error"]["message"]
+    assert health(server)["status"] == "ok"
+
+
+def test_concurrent_streams_each_get_their_own_answer(server):
+    """Four clients stream at once (one generates, three wait in the queue); each gets exactly
+    the answer it gets alone, so nothing mixed. Greedy, so the answers are deterministic."""
+    n = 150  # tokens per answer: long enough that all four are in the server at once
+    alone = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=n))[1] for q in QUESTIONS]
+    texts = [a["choices"][0]["message"]["content"] for a in alone]
+    assert len(set(texts)) == len(texts)  # different questions, different answers: mixing would show
+    results, errors = [None] * len(QUESTIONS), []
+    accepted, finished = [0.0] * len(QUESTIONS), [0.0] * len(QUESTIONS)
+    start = threading.Barrier(len(QUESTIONS))
+
+    def client(i):
+        try:
+            start.wait()
+            s = Stream(server, chat_body(QUESTIONS[i], max_tokens=n))
+            events = s.events()
+            results[i] = [next(events)]  # the role chunk, sent as soon as the request is queued
+            accepted[i] = time.time()
+            results[i] += list(events)
+            finished[i] = time.time()
+            s.close()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    seconds = time.time() - t0
+    assert not errors, errors
+    for events, whole in zip(results, alone):
+        assert events[-1] == "[DONE]"
+        assert streamed_text(events) == whole["choices"][0]["message"]["content"]
+        assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        assert len({e["id"] for e in events[:-1]}) == 1
+    assert len({events[0]["id"] for events in results}) == len(QUESTIONS)
+    assert max(accepted) < min(finished), "the requests did not overlap; the test proves nothing"
+    print(f"{len(QUESTIONS)} concurrent streams of {n} tokens: {seconds:.2f}s")
+
+
+def health_when(url, condition, what: str, timeout: float = 30) -> dict:
+    def check():
+        h = health(url)
+        return h if condition(h) else None
+    return wait_for(check, timeout, what)
+
+
+def wait_idle(url) -> dict:
+    return health_when(url, lambda h: not h["busy"] and h["queued"] == 0, "the model to be idle")
+
+
+def test_disconnect_mid_stream_frees_the_model(server):
+    before = wait_idle(server)
+    stream = Stream(server, chat_body(QUESTIONS[0], max_tokens=LONG))
+    assert stream.first_content()
+    stream.close()
+    after = wait_idle(server)
+    generated = after["completion_tokens"] - before["completion_tokens"]
+    assert after["cancelled"] == before["cancelled"] + 1 and generated < LONG // 2, (before, after)
+    status, answer = post(server, "/v1/chat/completions", chat_body(QUESTIONS[1], max_tokens=5))
+    assert status == 200 and answer["usage"]["completion_tokens"] <= 5
+
+
+def test_disconnect_while_waiting_for_a_whole_answer(server):
+    before = wait_idle(server)
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(QUESTIONS[0], max_tokens=LONG)),
+                 {"Content-Type": "application/json"})
+    wait_for(lambda: health(server)["busy"], 10, "the generation to start")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    after = wait_idle(server)  # noticed within DISCONNECT_CHECK_SECONDS
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < LONG // 2, (before, after)
+
+
+def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
+    before = wait_idle(server)
+    running = Stream(server, chat_body(QUESTIONS[0], max_tokens=LONG))
+    assert running.first_content()
+    waiting = [Stream(server, chat_body(q, max_tokens=LONG)) for q in QUESTIONS[1:]]  # --max-queue 3
+    assert [w.status for w in waiting] == [200, 200, 200]
+    h = health(server)
+    assert h["busy"] and h["queued"] == 3, h
+    status, head, answer = request(server, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
+    assert status == 429 and answer["error"]["code"] == "queue_full" and head["Retry-After"] == "1"
+    assert answer["error"]["type"] == "rate_limit_error" and "busy" in answer["error"]["message"]
+    for w in waiting:
+        w.close()
+    h = health_when(server, lambda h: h["queued"] == 0, "the queue to empty", timeout=10)
+    assert h["busy"], "the running answer goes on"
+    running.close()
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 4 and after["rejected"] == before["rejected"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < LONG  # the waiting ones never ran
+
+
+def test_base_model_serves_completions_only(base_server):
+    status, answer = post(base_server, "/v1/chat/completions", chat_body("Hallo"))
+    assert status == 400 and answer["error"]["code"] == "base_model" and "/v1/completions" in answer["error"]["message"]
+    body = {"model": "x", "prompt": "Die Hauptstadt von Deutschland ist", "temperature": 0, "max_tokens": 16}
+    status, whole = post(base_server, "/v1/completions", body)
+    assert status == 200, whole
+    assert whole["id"].startswith("cmpl-") and whole["object"] == "text_completion"
+    [choice] = whole["choices"]
+    assert choice["index"] == 0 and isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    assert whole["usage"]["completion_tokens"] > 0
+    events = read_stream(base_server, body, path="/v1/completions")
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == choice["text"]
+    assert get(base_server, "/v1/models")[1]["data"][0]["kind"] == "base"
+    assert post(base_server, "/v1/completions", {"prompt": ""})[0] == 422
+
+
+# -----------------------------------------------------------------------------
+# The page in a real browser
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1000,900"]
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver element reference key
+ENTER = "\ue007"
+
+
+class Browser:
+    """Headless Chromium through chromedriver's W3C WebDriver HTTP API."""
+
+    def __init__(self, chromium: str, chromedriver: str, profile: str):
+        port = free_port()
+        self.driver = subprocess.Popen([chromedriver, f"--port={port}"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        wait_for(self.ready, 30, "chromedriver")
+        options = {"binary": chromium, "args": CHROMIUM_ARGS + [f"--user-data-dir={profile}"]}
+        session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": {"goog:chromeOptions": options}}})
+        self.session = f"/session/{session['sessionId']}"
+
+    def ready(self) -> bool:
+        try:
+            return self.call("GET", "/status")["ready"]
+        except OSError:
+            return False
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"WebDriver {method} {path}: {e.read().decode()[:500]}") from None
+
+    def go(self, url):
+        self.call("POST", self.session + "/url", {"url": url})
+
+    def find(self, css) -> str:
+        return self.call("POST", self.session + "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def type(self, css, text):
+        self.call("POST", f"{self.session}/element/{self.find(css)}/value", {"text": text})
+
+    def click(self, css):
+        self.call("POST", f"{self.session}/element/{self.find(css)}/click", {})
+
+    def clear(self, css):
+        self.call("POST", f"{self.session}/element/{self.find(css)}/clear", {})
+
+    def js(self, script, *args):
+        return self.call("POST", self.session + "/execute/sync", {"script": script, "args": list(args)})
+
+    def quit(self):
+        try:
+            self.call("DELETE", self.session)
+        finally:
+            self.driver.terminate()
+            self.driver.wait(10)
+
+
+BUBBLES = """return [...document.querySelectorAll('.nachricht')].map(b => ({
+    role: b.classList.contains('user') ? 'user' : 'assistant', state: b.dataset.zustand || '',
+    pieces: Number(b.dataset.stuecke || 0), text: b.querySelector('.text').textContent}));"""
+
+
+def page_done(browser, n: int):
+    """The page's messages once there are n and the last answer has ended, else None."""
+    bubbles = browser.js(BUBBLES)
+    return bubbles if len(bubbles) == n and bubbles[-1]["state"] not in ("", "läuft") else None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("no chromium/chromedriver on PATH (Debian: apt-get install chromium chromium-driver; .ci/run "
+                    "installs them when it runs as root)")
+    b = Browser(chromium, chromedriver, str(tmp_path / "profile"))
+    yield b
+    b.quit()
+
+
+def test_page_streams_a_german_answer_in_the_browser(server, browser):
+    browser.go(server + "/")
+    wait_for(lambda: "Schritt 1" in browser.js("return document.getElementById('modell').textContent"),
+             20, "the page to load the model info")
+    browser.click("#einstellungen summary")  # open the settings, make the answer greedy and short
+    browser.clear("#temperatur")
+    browser.type("#temperatur", "0")
+    browser.clear("#max-tokens")
+    browser.type("#max-tokens", "60")
+    message = "Hallo <b>Schnack</b>! Wie groß ist München?"
+    browser.type("#eingabe", message + ENTER)
+    bubbles = wait_for(lambda: page_done(browser, 2), 60, "the answer to finish")
+    question, answer = bubbles
+    assert question == {"role": "user", "state": "", "pieces": 0, "text": message}
+    assert browser.js("return document.querySelectorAll('#verlauf b').length") == 0  # text, never HTML
+    expected = post(server, "/v1/chat/completions", {"messages": user(message), "temperature": 0, "top_p": 1,
+                                                     "max_tokens": 60})[1]["choices"][0]["message"]["content"]
+    assert answer["state"] == "fertig" and answer["text"] == expected
+    assert answer["pieces"] > 5  # the page showed it piece by piece
+    assert browser.js("return document.getElementById('senden').textContent") == "Senden"
+
+    # the second message is sent with the whole conversation: the page's answer equals the API's
+    browser.type("#eingabe", "Danke!")
+    browser.click("#senden")
+    bubbles = wait_for(lambda: page_done(browser, 4), 60, "the second answer")
+    history = [*user(message), {"role": "assistant", "content": expected}, *user("Danke!")]
+    expected2 = post(server, "/v1/chat/completions", {"messages": history, "temperature": 0,
+                                                      "max_tokens": 60})[1]["choices"][0]["message"]["content"]
+    assert bubbles[-1]["text"] == expected2
+
+    browser.click("#neu")  # Neuer Chat: an empty page, and the next answer starts from scratch
+    assert browser.js(BUBBLES) == []
+    browser.type("#eingabe", message + ENTER)
+    bubbles = wait_for(lambda: page_done(browser, 2), 60, "the answer in the new chat")
+    assert bubbles[-1]["text"] == expected
+
+    # "Stopp" during a long answer: the page keeps what it got, the server drops the generation
+    before = wait_idle(server)
+    browser.clear("#max-tokens")
+    browser.type("#max-tokens", str(LONG))
+    browser.type("#eingabe", "Erzähl mir eine lange Geschichte." + ENTER)
+    wait_for(lambda: browser.js(BUBBLES)[-1]["pieces"] > 3, 30, "the long answer to start")
+    assert browser.js("return document.getElementById('senden').textContent") == "Stopp"
+    browser.click("#senden")
+    bubbles = wait_for(lambda: page_done(browser, 4), 30, "the answer to stop")
+    assert bubbles[-1]["state"] == "abgebrochen" and bubbles[-1]["text"]
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < LONG // 2
