@@ -43,9 +43,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import chat
 import data
 import train
-from tok import ConversationError, check_conversation, render_conversation, render_prompt
+from tok import ConversationError, check_conversation, render_conversation
 
 IDENTITY_FILE = Path(__file__).parent / "assets" / "identity.jsonl"
 # German chat sets on the hub: OASST (human-written, translated), Alpaca-GPT4 (German), Dolly (curated, German split)
@@ -292,17 +293,8 @@ def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, 
 @torch.no_grad()
 def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
     """Greedy answers to fixed German questions, to watch the model become a chat model."""
-    end = tokenizer.special["<|assistant_end|>"]
-    answers = []
-    for question in questions:
-        ids = render_prompt(tokenizer, [{"role": "user", "content": question}])
-        new = []
-        for i in model.generate(ids, max_new_tokens, temperature=0.0):
-            if i == end:
-                break
-            new.append(i)
-        answers.append(tokenizer.decode([i for i in new if i not in tokenizer.special.values()]))
-    return answers
+    session = chat.ChatSession(model, tokenizer, sampling=chat.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    return [session.answer([{"role": "user", "content": q}]).text for q in questions]
 
 
 # -----------------------------------------------------------------------------
