@@ -181,7 +181,7 @@ class Rejections:
 
 def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, log=print,
                        limit: int = 0) -> list[tuple[list[int], list[int]]]:
-    """Every valid conversation of the sources, rendered as (ids, mask), in source order.
+    """Every valid conversation of the sources (the first `limit` if given), rendered as (ids, mask), in order.
 
     A source's weight w repeats its conversations: the integer part whole, the
     fraction as a deterministic prefix (weight 0.5 keeps the first half).
@@ -191,7 +191,7 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
     for source in sources:
         mine = []
         for where, row in iter_rows(source):
-            if limit and seen >= limit:
+            if limit and len(rendered) + len(mine) >= limit:
                 break
             seen += 1
             try:
