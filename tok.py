@@ -397,6 +397,15 @@ def main(argv=None):
     print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
           f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
           f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")
+    from eval import markdown_table, report_path, update_report  # the report card (out/report.md)
+    rows = [["vocabulary", f"{tokenizer.vocab_size:,} tokens (256 bytes, {len(SPECIAL_TOKENS)} special tokens)"],
+            ["trained on", f"{text.chars:,} characters in {text.docs:,} documents (each cut to "
+                           f"{args.max_doc_chars:,})"],
+            ["held-out compression", f"{compression:.3f} bytes/token on {len(text.heldout)} documents"
+                                     if text.heldout else "not measured (fewer than 100 documents)"],
+            ["training time", f"{seconds:.1f} s"], ["data", " ".join(f"`{d}`" for d in args.data)],
+            ["tokenizer", f"`{Path(args.out).resolve() / 'tokenizer.json'}`"]]
+    print(f"report: {update_report(report_path(args.out), 'Tokenizer', markdown_table(['', ''], rows))}")
     return tokenizer
 
 

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
 import signal
 import sys
@@ -36,8 +35,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import eval as evaluation  # eval.py; named so that it does not hide the builtin here
 import gpt
 from data import DEFAULT_PRETRAIN_SPEC, DEFAULT_VAL_SPEC
+from eval import evaluate_bpb  # noqa: F401 (train.evaluate_bpb, as before)
 from tok import Tokenizer
 
 
@@ -64,6 +65,9 @@ class TrainConfig:
     final_lr_frac: float = 0.0
     eval_every: int = 250
     eval_batches: int = 20
+    eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (eval.py), e.g.
+                                     # 'quiz=jsonl://quiz.jsonl hellaswag'; default none
+    eval_task_limit: int = 500       # examples per task (a fixed random sample)
     sample_every: int = 1000
     save_every: int = 1000
     keep_last: int = 2
@@ -189,24 +193,6 @@ def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> floa
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes: torch.Tensor, device) -> float:
-    """Bits per UTF-8 byte on the validation batches; special tokens (0 bytes) are excluded."""
-    nats, n_bytes = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast:
-            loss = model(inputs, targets, loss_reduction="none").view(-1)
-        bytes_per_target = token_bytes[targets.view(-1)]
-        nats += (loss.double() * (bytes_per_target > 0)).sum()
-        n_bytes += bytes_per_target.sum()
-    if dist.is_initialized():
-        dist.all_reduce(nats)
-        dist.all_reduce(n_bytes)
-    return float(nats / (math.log(2) * n_bytes.clamp(min=1)))
-
-
-@torch.no_grad()
 def sample_texts(model, tokenizer, prompts, max_new_tokens=24) -> list[str]:
     """Greedy continuations of fixed German prompts, to watch the model learn."""
     was_training = model.training
@@ -310,6 +296,8 @@ def main(argv=None):
     try:
         tokenizer = Tokenizer.load(cfg.tokenizer)
         sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
+        eval_tasks = [(t, evaluation.load_examples(t, cfg.eval_task_limit))
+                      for t in evaluation.parse_task_list(cfg.eval_tasks)]
     except (FileNotFoundError, data.DataError) as e:
         sys.exit(f"error: {e}")
     model = build_model(cfg, tokenizer.vocab_size, device)
@@ -339,7 +327,7 @@ def main(argv=None):
                                       prefetch=cfg.prefetch)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    step, tokens_seen, out = 0, 0, Path(cfg.out)
+    step, tokens_seen, out, prior_seconds = 0, 0, Path(cfg.out), 0.0
     if cfg.resume and (path := latest_checkpoint(out)):
         ckpt = load_checkpoint(path)
         check_same_model(ckpt["model_config"], model.config, path)
@@ -352,6 +340,7 @@ def main(argv=None):
         loader.load_state_dict(ckpt["loader"][rank])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         step, tokens_seen = ckpt["step"], ckpt["tokens"]
+        prior_seconds = ckpt.get("train_seconds", 0.0)
         log(f"resumed from {path} at step {step:,} ({tokens_seen:,} tokens)")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}, starting fresh")
@@ -378,7 +367,8 @@ def main(argv=None):
                     model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
                     tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
                     kind="base", loader=loaders, world_size=world_size,
-                    rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen)
+                    rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen,
+                    train_seconds=prior_seconds + time.time() - start_time)
 
     def save():
         state = checkpoint_state()  # every rank takes part in gathering the loader states
@@ -390,7 +380,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         log_file = open(out / "log.jsonl", "a")
     batches = iter(loader)
-    first_step = step
+    first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []  # for the report card
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     while step < steps:
         lr_mult = lr_multiplier(tokens_seen / (steps * cfg.total_batch_size), cfg)
@@ -426,8 +416,18 @@ def main(argv=None):
                     sys.exit(f"error: validation data: {e}")
             raw_model.eval()
             record["val_bpb"] = evaluate_bpb(raw_model, val_batches, token_bytes, device)
-            raw_model.train()
+            val_bpb = f"{record['val_bpb']:.4f} (step {step:,})"
             log(f"step {step:>6,} | validation bits per byte {record['val_bpb']:.4f}")
+            task_results = []
+            for task, examples in eval_tasks:  # every rank scores its share; results are all-reduced
+                r = evaluation.evaluate_task(raw_model, tokenizer, examples, device, task.kind,
+                                             cfg.device_batch_size, rank, world_size)
+                task_results.append(dict(task=task.name, data=task.spec, **r))
+                record.setdefault("evals", {})[task.name] = dict(acc=r["acc"], acc_norm=r["acc_norm"])
+                log(f"step {step:>6,} | {task.name}: acc {r['acc']:.4f}"
+                    + (f", acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else "")
+                    + f" (random {r['random']:.4f}, {r['examples']} examples)")
+            raw_model.train()
         if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == steps):
             record["samples"] = sample_texts(raw_model, tokenizer, SAMPLE_PROMPTS)
             for text in record["samples"]:
@@ -448,8 +448,29 @@ def main(argv=None):
             break
     if world_size > 1:
         log(f"parameters identical on all {world_size} ranks: {ranks_in_sync(raw_model)}")
-    log(f"done: {tokens_seen:,} tokens in {time.time() - start_time:.0f}s; counts per source: "
+    seconds = time.time() - start_time
+    log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s; counts per source: "
         f"{json.dumps(loader.token_counts(), ensure_ascii=False)}")
+    if master:
+        tok_per_s = (tokens_seen - first_tokens) / max(seconds, 1e-9)
+        mfu = f"{flops_per_token * tok_per_s / (peak * world_size):.1%}" if peak else \
+            ("n/a on CPU" if device.type == "cpu" else f"n/a (no peak FLOPs known for {torch.cuda.get_device_name()})")
+        rows = [
+            ["parameters", n_params], ["model", f"`{cfg.model or cfg.preset}`: " + ", ".join(
+                f"{k}={v}" for k, v in dataclasses.asdict(raw_model.config).items())],
+            ["tokens", tokens_seen], ["steps", f"{step:,} of {steps:,}"], ["tokens per step", cfg.total_batch_size],
+            ["wall time", f"{(prior_seconds + seconds) / 60:.1f} min" + (" (all sessions)" if first_step else "")],
+            ["tokens/s", f"{tok_per_s:,.0f} (mean over the run, evals included)"], ["MFU", mfu],
+            ["hardware", f"{world_size} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"],
+            ["final val bpb", val_bpb or "not measured (--eval-every 0)"],
+            ["validation data", " ".join(f"`{s}`" for s in cfg.val_data.split())],
+            ["training data", " ".join(f"`{s}`" for s in cfg.data.split())],
+            ["checkpoint", f"`{latest_checkpoint(out)}`"],
+        ]
+        body = evaluation.markdown_table(["", ""], rows)
+        if task_results:
+            body += "\n\nMultiple choice at the last eval:\n\n" + evaluation.results_markdown(task_results)
+        log(f"report: {evaluation.update_report(evaluation.report_path(out), 'Pretraining', body)}")
     if world_size > 1:
         del model  # DDP's reducer must go before its process group, or gloo can hang on exit
         dist.destroy_process_group()

@@ -1,0 +1,647 @@
+"""
+eval.py: how good is a nanoschnack model? Bits per byte and German benchmarks.
+
+    python eval.py --checkpoint out/chat                          # bpb + hellaswag, arc, mmlu, lambada (hub)
+    python eval.py --checkpoint out/base --local-only --limit 500 \
+        --bpb-data 'txt://DATA/eval/ud_gsd_dev.txt?per=line' --task-file quiz=jsonl://quiz.jsonl
+    torchrun --nproc_per_node=8 eval.py --checkpoint out/chat     # examples split over the ranks
+
+Three measurements, all from the model's log-probabilities (no sampling):
+
+- bits per byte (bpb) on any dataset spec: every document is <|bos|> + its
+  tokens, cut into non-overlapping windows of the model's sequence length, so
+  each token is predicted exactly once (a window after the first sees only its
+  own window as context). bpb = sum of -ln p(token) / (ln 2 x UTF-8 bytes of the
+  predicted tokens), special tokens excluded. Dividing by bytes, not tokens,
+  makes models with different tokenizers comparable.
+- multiple choice by log-likelihood, as lm-eval does it: each choice is
+  appended to the context, and the model picks the choice with the highest
+  sum of log-probs of its tokens (acc), or of that sum divided by the choice's
+  length in characters (acc_norm, lm-eval's normalisation; it stops long
+  choices from losing just for being long). "random" is the accuracy of guessing,
+  the mean of 1/len(choices).
+- LAMBADA (last word): correct when greedy decoding gives every token of the
+  last word; random is 0.
+
+Tasks are dataset specs (data.py) whose rows a small function turns into one
+internal form, {"context": str, "choices": [str], "label": int}, with German
+prompts. The hub defaults are the standard German sets (HUB_TASKS below); a
+local JSONL file in that same form is a task too (--task-file NAME=jsonl://FILE).
+
+The results go to the terminal and into the report card (report.md, next to the
+checkpoint folders), which every stage updates with its own section.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from data import DataError
+
+# -----------------------------------------------------------------------------
+# Bits per byte
+
+
+def autocast_for(device):
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def bpb_sums(model, batches, token_bytes: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nats, bytes) summed over (inputs, targets) batches; targets of -1 and special tokens (0 bytes) don't count."""
+    nats = torch.zeros((), device=device, dtype=torch.float64)
+    n_bytes = torch.zeros((), device=device, dtype=torch.float64)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast_for(device):
+            loss = model(inputs, targets, loss_reduction="none").view(-1)
+        targets = targets.view(-1)
+        bytes_per_target = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        nats += (loss.double() * (bytes_per_target > 0)).sum()
+        n_bytes += bytes_per_target.sum()
+    return nats, n_bytes
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device) -> list[float]:
+    """Sum a few counters over DDP ranks (a no-op in a single process)."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes: torch.Tensor, device) -> float:
+    """Bits per UTF-8 byte on (inputs, targets) batches, e.g. train.py's packed validation batches.
+
+    Special tokens (0 bytes) and -1 targets are excluded; under DDP the sums are
+    all-reduced, so every rank must call this once with its own batches."""
+    nats, n_bytes = bpb_sums(model, batches, token_bytes, device)
+    nats, n_bytes = all_reduce_sum(torch.stack([nats, n_bytes]), device)
+    return nats / (math.log(2) * max(n_bytes, 1))
+
+
+def document_windows(tokenizer, texts: list[str], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Each document as <|bos|> + tokens, cut into (inputs, targets) windows of at most seq_len predictions."""
+    rows = []
+    for ids in tokenizer.encode_batch(texts):
+        ids = [tokenizer.bos_id] + ids
+        for start in range(0, len(ids) - 1, seq_len):
+            window = ids[start:start + seq_len + 1]  # windows share one token: each target is predicted once
+            rows.append((window[:-1], window[1:]))
+    return rows
+
+
+def padded_batches(rows, batch_size: int):
+    """(inputs, targets) lists into (B, T) tensors, padded on the right (targets -1, so they don't count)."""
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        T = max(len(x) for x, _ in chunk)
+        inputs = torch.zeros(len(chunk), T, dtype=torch.long)
+        targets = torch.full((len(chunk), T), -1, dtype=torch.long)
+        for r, (x, y) in enumerate(chunk):
+            inputs[r, :len(x)] = torch.tensor(x)
+            targets[r, :len(y)] = torch.tensor(y)
+        yield inputs, targets
+
+
+@torch.no_grad()
+def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int = 0, rank: int = 0,
+             world_size: int = 1, progress: "Progress | None" = None) -> dict:
+    """Bits per byte of the model on an iterable of documents (the first `limit` of them, 0 = all).
+
+    Under DDP rank r takes documents r, r+W, ...; the result is the same on every rank:
+    {"bpb", "documents", "bytes", "tokens"}."""
+    token_bytes = torch.tensor(tokenizer.token_bytes, device=device)
+    nats = n_bytes = 0.0
+    docs = tokens = 0
+    texts = itertools.islice(texts, limit or None)
+    mine = (t for i, t in enumerate(texts) if i % world_size == rank)
+    while chunk := list(itertools.islice(mine, 64)):
+        rows = sorted(document_windows(tokenizer, chunk, model.config.sequence_len), key=lambda r: len(r[0]))
+        n, b = bpb_sums(model, padded_batches(rows, batch_size), token_bytes, device)
+        nats, n_bytes = nats + n.item(), n_bytes + b.item()
+        docs, tokens = docs + len(chunk), tokens + sum(len(y) for _, y in rows)
+        if progress:
+            progress.update(docs * world_size)
+    nats, n_bytes, docs, tokens = all_reduce_sum([nats, n_bytes, docs, tokens], device)
+    return dict(bpb=nats / (math.log(2) * max(n_bytes, 1)), documents=int(docs), bytes=int(n_bytes), tokens=int(tokens))
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice by log-likelihood
+
+
+def choice_rows(tokenizer, example: dict, seq_len: int) -> list[tuple[list[int], int]]:
+    """For each choice: the tokens <|bos|> context choice (cut from the left to seq_len + 1) and
+    how many tokens at the end are the choice's. Context and choice are encoded separately, so
+    every choice is scored on the same context tokens."""
+    context = [tokenizer.bos_id] + tokenizer.encode(example["context"])
+    rows = []
+    for choice in example["choices"]:
+        answer = tokenizer.encode(choice)
+        ids = (context + answer)[-(seq_len + 1):]
+        rows.append((ids, min(len(answer), len(ids) - 1)))
+    return rows
+
+
+@torch.no_grad()
+def continuation_scores(model, rows, device) -> tuple[list[float], list[bool]]:
+    """For rows (ids, n): the sum of log p of the last n tokens given the ones before, and whether
+    each of those n tokens is also the model's greedy (argmax) prediction."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.zeros(len(rows), T, dtype=torch.long)
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, (ids, n) in enumerate(rows):
+        inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[r, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[len(ids) - n:])
+    inputs, targets = inputs.to(device), targets.to(device)
+    with autocast_for(device):
+        logits = model(inputs)
+    scored = targets >= 0
+    logp = F.log_softmax(logits[scored].float(), dim=-1)  # only the scored positions: (N, vocab)
+    wanted = targets[scored]
+    token_logp = logp.gather(1, wanted[:, None]).squeeze(1)
+    token_greedy = logp.argmax(dim=1) == wanted
+    row_of = scored.nonzero()[:, 0]
+    sums = torch.zeros(len(rows), device=logp.device, dtype=torch.float64).index_add_(0, row_of, token_logp.double())
+    misses = torch.zeros(len(rows), device=logp.device).index_add_(0, row_of, (~token_greedy).float())
+    return sums.tolist(), (misses == 0).tolist()
+
+
+def example_groups(examples, max_rows: int):
+    """Consecutive examples with at most max_rows choices together (at least one example each)."""
+    group, rows = [], 0
+    for ex in examples:
+        if group and rows + len(ex["choices"]) > max_rows:
+            yield group
+            group, rows = [], 0
+        group.append(ex)
+        rows += len(ex["choices"])
+    if group:
+        yield group
+
+
+def argmax(values) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal values
+
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, examples: list[dict], device, kind: str = "choice", batch_size: int = 16,
+                  rank: int = 0, world_size: int = 1, progress: "Progress | None" = None) -> dict:
+    """Accuracy on examples {"context", "choices", "label"}: {"examples", "acc", "acc_norm", "random"}.
+
+    kind "choice": pick the choice with the highest log-likelihood (acc) or log-likelihood per
+    character (acc_norm). kind "greedy": correct when greedy decoding yields choices[label]
+    (LAMBADA); acc_norm is None, random 0. Under DDP rank r takes examples r, r+W, ... and
+    the counts are all-reduced, so every rank returns the same numbers."""
+    seq_len = model.config.sequence_len
+    n = correct = correct_norm = chance = 0.0
+    mine = examples[rank::world_size]
+    for group in example_groups(mine, batch_size):
+        rows = [row for ex in group for row in choice_rows(tokenizer, ex, seq_len)]
+        logps, greedy = continuation_scores(model, rows, device)
+        start = 0
+        for ex in group:
+            k, label = len(ex["choices"]), ex["label"]
+            lp, gr = logps[start:start + k], greedy[start:start + k]
+            start += k
+            n += 1
+            if kind == "greedy":
+                correct += gr[label]
+                continue
+            correct += argmax(lp) == label
+            correct_norm += argmax([s / max(len(c), 1) for s, c in zip(lp, ex["choices"])]) == label
+            chance += 1 / k
+        if progress:
+            progress.update(int(n) * world_size)
+    n, correct, correct_norm, chance = all_reduce_sum([n, correct, correct_norm, chance], device)
+    n_ = max(n, 1)
+    return dict(examples=int(n), acc=correct / n_, acc_norm=None if kind == "greedy" else correct_norm / n_,
+                random=chance / n_)
+
+
+# -----------------------------------------------------------------------------
+# Tasks: a dataset spec, a function from its rows to examples, German prompts
+#
+# The row functions follow lm-eval's prompts for these tasks, in German. The
+# column names are those of the hub datasets (looked up in the datasets'
+# cards and in lm-eval/lighteval code; the hub is not reachable from the
+# development machine, so they are tested on fake rows with those columns).
+
+
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag clean-up: WikiHow's "[title]" and other [..] markup out."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_example(row: dict) -> dict | None:
+    """alexandrainst/m_hellaswag (de): activity_label, ctx_a, ctx_b, endings, label (a string; "" in test)."""
+    if str(row["label"]).strip() == "":
+        return None
+    context = f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"
+    return dict(context=hellaswag_clean(context), choices=[" " + hellaswag_clean(e) for e in row["endings"]],
+                label=int(row["label"]))
+
+
+def arc_example(row: dict) -> dict | None:
+    """alexandrainst/m_arc (de): instruction, option_a .. option_e (empty, None or "None" when fewer),
+    answer ("A".."E"). Scored like lm-eval's arc_challenge: the answer text after "Antwort:"."""
+    keys = [k for k in ("option_a", "option_b", "option_c", "option_d", "option_e")
+            if row.get(k) not in (None, "", "None")]
+    letters = [k[-1].upper() for k in keys]
+    answer = str(row["answer"]).strip().upper()
+    if answer not in letters:
+        return None
+    return dict(context=f"Frage: {row['instruction'].strip()}\nAntwort:",
+                choices=[" " + str(row[k]).strip() for k in keys], label=letters.index(answer))
+
+
+def mmlu_example(row: dict) -> dict | None:
+    """openai/MMMLU (DE_DE): Question, A, B, C, D, Answer ("A".."D"), Subject.
+    Scored like lm-eval's mmlu: the options are listed, the model picks a letter."""
+    letters = ["A", "B", "C", "D"]
+    answer = str(row["Answer"]).strip().upper()
+    if answer not in letters:
+        return None
+    options = "".join(f"\n{x}. {str(row[x]).strip()}" for x in letters)
+    return dict(context=f"Frage: {row['Question'].strip()}{options}\nAntwort:", choices=[" " + x for x in letters],
+                label=letters.index(answer))
+
+
+def lambada_example(row: dict) -> dict | None:
+    """EleutherAI/lambada_openai (de, machine-translated LAMBADA): text; predict its last word."""
+    context, _, word = row["text"].strip().rpartition(" ")
+    if not context or not word:
+        return None
+    return dict(context=context, choices=[" " + word], label=0)
+
+
+def local_example(row: dict) -> dict:
+    """The local multiple-choice format: {"context": str, "choices": [str, ...], "label": int}.
+
+    A choice is joined to the context with one space, unless the context ends or
+    the choice starts with whitespace (then they are joined as they are)."""
+    context, choices, label = row.get("context"), row.get("choices"), row.get("label")
+    if not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2 \
+            or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError('a row needs "context" (a string) and "choices" (two or more non-empty strings)')
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise ValueError(f'"label" must be the index of the right choice, 0 to {len(choices) - 1}, not {label!r}')
+    join = "" if not context or context[-1].isspace() else " "
+    return dict(context=context, choices=[c if c[0].isspace() else join + c for c in choices], label=label)
+
+
+@dataclass
+class Task:
+    name: str
+    spec: str                              # where the rows come from (a dataset spec)
+    to_example: Callable[[dict], dict | None]  # row -> example, None to skip the row
+    kind: str = "choice"                   # "choice" (multiple choice) or "greedy" (LAMBADA)
+
+    @property
+    def on_hub(self) -> bool:
+        return self.spec.startswith("hf://")
+
+
+HUB_TASKS = {  # the standard German sets
+    "hellaswag": Task("hellaswag", "hf://alexandrainst/m_hellaswag?name=de&split=val", hellaswag_example),
+    "arc": Task("arc", "hf://alexandrainst/m_arc?name=de&split=test", arc_example),
+    "mmlu": Task("mmlu", "hf://openai/MMMLU?name=DE_DE&split=test", mmlu_example),
+    "lambada": Task("lambada", "hf://EleutherAI/lambada_openai?name=de&split=test", lambada_example, kind="greedy"),
+}
+DEFAULT_TASKS = "bpb,hellaswag,arc,mmlu,lambada"
+HUB_HINT = ("evaluate local data only with --local-only, --bpb-data SPEC and --task-file NAME=jsonl://FILE "
+            "(see README)")
+
+
+def make_task(name: str, spec: str | None = None) -> Task:
+    """A task by name: a hub default, or NAME=SPEC. Rows in the local format are read as such;
+    other rows go through the named hub task's row function (e.g. a downloaded copy of m_hellaswag)."""
+    hub = HUB_TASKS.get(name)
+    if spec is None:
+        if hub is None:
+            raise DataError(f"unknown task {name!r}: use one of bpb, {', '.join(HUB_TASKS)}, "
+                            f"or give a file with --task-file {name}=jsonl://FILE")
+        return hub
+    hub_row = hub.to_example if hub else None
+
+    def to_example(row):
+        if "choices" in row or hub_row is None:
+            return local_example(row)
+        return hub_row(row)
+
+    return Task(name, spec, to_example, hub.kind if hub else "choice")
+
+
+def parse_task_list(items) -> list[Task]:
+    """'hellaswag quiz=jsonl://quiz.jsonl' (or a list of such items): names and NAME=SPEC."""
+    if isinstance(items, str):
+        items = items.replace(",", " ").split()
+    tasks = []
+    for item in items:
+        name, eq, spec = item.partition("=")
+        if eq and not (name and spec):
+            raise DataError(f"bad task {item!r}: write NAME=SPEC, e.g. quiz=jsonl://quiz.jsonl")
+        tasks.append(make_task(name, spec if eq else None))
+    return tasks
+
+
+def iter_rows(spec: str):
+    """The rows (dicts) of a dataset spec: hf://, jsonl:// or parquet://."""
+    source = data.parse_spec(spec)
+    if source.kind == "hf":
+        import datasets
+        datasets.logging.set_verbosity_error()
+        data.check_hub_reachable(source)
+        try:
+            ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
+                                       revision=source.revision, streaming=True)
+            yield from ds
+        except (ConnectionError, OSError) as e:
+            raise DataError(f"{spec}: hub unreachable or dataset not cached ({e})") from None
+        except DataError:
+            raise
+        except Exception as e:  # unknown dataset, config or split
+            raise DataError(f"{spec}: cannot open hub dataset: {e}") from None
+    elif source.kind == "jsonl":
+        for path in data.resolve_files(source):
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield dict(json.loads(line), _where=f"{path}:{number}")
+                        except (json.JSONDecodeError, TypeError, ValueError) as e:
+                            raise DataError(f"{path}:{number}: not a JSON object ({e})") from None
+    elif source.kind == "parquet":
+        import pyarrow.parquet as pq
+        for path in data.resolve_files(source):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+    else:
+        raise DataError(f"{spec}: a task's rows come from jsonl://, parquet:// or hf://, not {source.kind}://")
+
+
+def load_examples(task: Task, limit: int = 0, seed: int = 0) -> list[dict]:
+    """All examples of a task, or a fixed random sample of `limit` of them (the same every run,
+    in the dataset's order; the first N would be biased, MMMLU is sorted by subject)."""
+    examples = []
+    for i, row in enumerate(iter_rows(task.spec)):
+        where = row.pop("_where", f"{task.spec} row {i}")
+        try:
+            example = task.to_example(row)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            detail = f"no column {e}" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{where}: not a {task.name} example ({detail}); the local format is "
+                            '{"context": "...", "choices": ["...", "..."], "label": 0}') from None
+        if example is not None:
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{task.spec}: no examples for task {task.name}")
+    if limit and limit < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Progress lines
+
+
+class Progress:
+    """'hellaswag: 120/500, 12.3/s, ETA 31s' on stderr, at most every `every` seconds (rank 0 only)."""
+
+    def __init__(self, label: str, total: int | None, every: float = 10.0):
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.time()
+
+    def update(self, done: int):
+        now = time.time()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = f", ETA {(self.total - done) / max(rate, 1e-9):.0f}s" if self.total else ""
+        of = f"/{self.total:,}" if self.total else ""
+        print(f"{self.label}: {done:,}{of}, {rate:,.1f}/s{left}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The report card: report.md next to the checkpoint folders
+#
+# Each stage writes one section (tok.py: Tokenizer, train.py: Pretraining,
+# sft.py: SFT and Chat samples, eval.py: Evaluation (<kind>)). A section is
+# found by a marker comment, so re-running a stage replaces its own section and
+# leaves the others alone; sections are kept in the order of REPORT_SECTIONS
+# (a title "Evaluation (chat)" sorts with "Evaluation"), others go last, and
+# titles of the same place alphabetically, so the card never depends on the
+# order in which the stages ran.
+
+REPORT_SECTIONS = ("Tokenizer", "Pretraining", "SFT", "Evaluation", "Chat samples")
+REPORT_HEADER = ("# nanoschnack report card\n\nWritten by the stages themselves: tok.py, train.py, sft.py and "
+                 "eval.py each keep one section up to date; running a stage again replaces its section.\n")
+MARKER = re.compile(r"<!-- section: (.+) -->")
+
+
+def report_path(out) -> Path:
+    """The report card of a stage writing into folder `out`: report.md in its parent folder,
+    so out/tokenizer, out/base and out/chat all report into out/report.md."""
+    return Path(out).resolve().parent / "report.md"
+
+
+def read_report(path) -> dict[str, str]:
+    """The sections of a report card, {title: body}, in file order."""
+    path = Path(path)
+    sections, title, lines = {}, None, []
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else []):
+        if m := MARKER.fullmatch(line):
+            if title is not None:
+                sections[title] = "\n".join(lines).strip()
+            title, lines = m.group(1), []
+        elif title is not None and not (line == f"## {title}" and not lines):
+            lines.append(line)
+    if title is not None:
+        sections[title] = "\n".join(lines).strip()
+    return sections
+
+
+def section_rank(title: str) -> int:
+    for i, name in enumerate(REPORT_SECTIONS):
+        if title == name or title.startswith(name + " "):
+            return i
+    return len(REPORT_SECTIONS)
+
+
+def update_report(path, title: str, body: str) -> Path:
+    """Put `body` (markdown) into the report card at `path` as section `title`, replacing a section of
+    that title or adding it in its place; written atomically. Returns the path."""
+    path = Path(path)
+    sections = read_report(path)
+    sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
+    text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
+                                   for t in sorted(sections, key=lambda t: (section_rank(t), t)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
+    return path
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; ints get thousands separators, floats 4 decimals, None is '–'."""
+    lines = ["| " + " | ".join(map(format_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(format_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_samples(samples: list[tuple[str, str]]) -> str:
+    """Prompt/answer pairs as markdown; answers are quoted, so whatever the model writes stays inside."""
+    parts = []
+    for prompt, answer in samples:
+        quoted = "\n".join("> " + line for line in (answer.strip() or "(keine Antwort)").splitlines())
+        parts.append(f"**{format_cell(prompt.strip())}**\n\n{quoted}")
+    return "\n\n".join(parts)
+
+
+def results_markdown(results: list[dict]) -> str:
+    """Tables of evaluate_task / text_bpb results (dicts with "task" and, for bpb, "data")."""
+    bpb = [r for r in results if "bpb" in r]
+    mc = [r for r in results if "acc" in r]
+    parts = []
+    if bpb:
+        parts.append(markdown_table(["text", "documents", "bytes", "bits per byte"],
+                                    [[f"`{r['data']}`", r["documents"], r["bytes"], r["bpb"]] for r in bpb]))
+    if mc:
+        parts.append(markdown_table(["task", "examples", "acc", "acc_norm", "random"],
+                                    [[r["task"], r["examples"], r["acc"], r["acc_norm"], r["random"]] for r in mc]))
+    return "\n\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# python eval.py
+
+
+def main(argv=None):
+    import types
+    import train  # here, not at the top: train.py imports this module
+    parser = argparse.ArgumentParser(description="Evaluate a nanoschnack checkpoint: bits per byte and German "
+                                                 "benchmarks; writes the Evaluation section of the report card.")
+    parser.add_argument("--checkpoint", default="out/chat", help="checkpoint file, or a folder (its newest one)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help=f"comma-separated: bpb, {', '.join(HUB_TASKS)} or a --task-file name (default: all)")
+    parser.add_argument("--task-file", action="append", default=[], metavar="NAME=SPEC",
+                        help="a task from a local file (jsonl://, parquet://) or another hub spec; repeatable; "
+                             "added to --tasks")
+    parser.add_argument("--bpb-data", nargs="+", default=[data.DEFAULT_VAL_SPEC],
+                        help="dataset spec(s) for bits per byte, one result each (default: FineWeb-2 deu_Latn test)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="examples per task (a fixed random sample) and documents for bpb (the first); 0 = all")
+    parser.add_argument("--local-only", action="store_true", help="skip everything that lives on the hub")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    parser.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    parser.add_argument("--report", default="", help="report card to update (default: report.md next to the "
+                                                      "checkpoint's folder)")
+    parser.add_argument("--no-report", action="store_true", help="don't touch the report card")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    rank, world_size, device = train.setup_distributed(types.SimpleNamespace(device=args.device))
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    try:
+        names = [n for n in args.tasks.replace(",", " ").split()]
+        files = parse_task_list(args.task_file)
+        file_names = [t.name for t in files]
+        run_bpb = "bpb" in names
+        tasks = files + parse_task_list([n for n in names if n != "bpb" and n not in file_names])
+        bpb_sources = data.parse_specs(args.bpb_data) if run_bpb else []
+        if args.local_only:
+            skipped = [t.name for t in tasks if t.on_hub] + [s.spec for s in bpb_sources if s.kind == "hf"]
+            tasks = [t for t in tasks if not t.on_hub]
+            bpb_sources = [s for s in bpb_sources if s.kind != "hf"]
+            if skipped:
+                log(f"--local-only: skipping {', '.join(skipped)}")
+        if not tasks and not bpb_sources:
+            raise DataError("nothing to evaluate: give --bpb-data SPEC or --task-file NAME=jsonl://FILE")
+        # read everything first, so that missing data fails in seconds, not after an hour of evaluation
+        texts = [(s, data.iter_texts(s, data.open_source(s))) for s in bpb_sources]
+        examples = [(t, load_examples(t, args.limit)) for t in tasks]
+    except DataError as e:
+        message = str(e).split("; pass --data")[0]
+        if "hub unreachable" in message or "not cached" in message:
+            message += "; " + HUB_HINT
+        sys.exit(f"error: {message}")
+
+    model, tokenizer, ckpt = train.load_model(args.checkpoint, device)
+    kind = ckpt.get("kind", "base")
+    log(f"{ckpt['path']}: {kind} model, step {ckpt.get('step', '?')}, {model.num_params():,} parameters, "
+        f"context {model.config.sequence_len}; {world_size} process(es) on {device}")
+    results = []
+    for source, docs in texts:
+        start = time.time()
+        progress = Progress(f"bpb {source.spec}", args.limit or None) if master else None
+        try:
+            r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress)
+        except DataError as e:
+            sys.exit(f"error: {e}")
+        results.append(dict(task="bpb", data=source.spec, **r))
+        log(f"bpb  {r['bpb']:.4f} bits per byte on {r['documents']:,} documents ({r['bytes']:,} bytes) "
+            f"of {source.spec} in {time.time() - start:.0f}s")
+    for task, exs in examples:
+        start = time.time()
+        progress = Progress(task.name, len(exs)) if master else None
+        r = evaluate_task(model, tokenizer, exs, device, task.kind, args.batch_size, rank, world_size, progress)
+        results.append(dict(task=task.name, data=task.spec, **r))
+        norm = f"acc_norm {r['acc_norm']:.4f}  " if r["acc_norm"] is not None else ""
+        log(f"{task.name:<10} {r['examples']:>6,} examples  acc {r['acc']:.4f}  {norm}random {r['random']:.4f}  "
+            f"({time.time() - start:.0f}s)")
+
+    if master:
+        table = results_markdown(results)
+        print("\n" + table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        if not args.no_report:
+            path = Path(args.report) if args.report else report_path(Path(ckpt["path"]).parent)
+            limit = f", at most {args.limit:,} examples (documents) per task" if args.limit else ""
+            legend = (" acc: the likeliest choice; acc_norm: the likeliest per character; random: guessing; "
+                      "lambada: greedy last word." if any("acc" in r for r in results) else "")
+            body = f"`{ckpt['path']}` ({kind}, step {ckpt.get('step', '?')}){limit}.{legend}\n\n{table}"
+            update_report(path, f"Evaluation ({kind})", body)
+            print(f"report: {path}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Tests for eval.py: bits per byte, multiple choice, task rows, the report card, the CLI."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import eval as ev
+import gpt
+import tok
+import train
+from conftest import FIXTURE_TEXT, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+LINES = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def random_gpt(tokenizer, seq_len=8, seed=0):
+    """A tiny GPT with random weights (not init_weights' zeros, so the logits depend on the input)."""
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
+                                  n_kv_head=1, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.shape[0] == tokenizer.vocab_size else 0.1)
+    return model.eval()
+
+
+class LogitsStub(torch.nn.Module):
+    """A 'model' whose next-token logits are a fixed vector, whatever the input."""
+
+    def __init__(self, logits, seq_len=64):
+        super().__init__()
+        self.logits, self.config = logits, SimpleNamespace(sequence_len=seq_len)
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        return self.logits.expand(*idx.shape, -1).clone()
+
+
+# --- bits per byte -------------------------------------------------------------------
+
+def test_bpb_equals_hand_computation(small_tokenizer):
+    tk, T = small_tokenizer, 8
+    model = random_gpt(tk, seq_len=T)
+    texts = LINES[:3] + [LINES[3] + " " + LINES[4]]  # the last one needs several windows of 8
+    assert len(tk.encode(texts[-1])) > 2 * T
+    result = ev.text_bpb(model, tk, iter(texts), "cpu", batch_size=3)
+
+    nats = n_bytes = n_tokens = 0
+    for doc in texts:  # token by token: each predicted once, from the start of its window of T
+        ids = [tk.bos_id] + tk.encode(doc)
+        for j in range(1, len(ids)):
+            start = (j - 1) // T * T
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[start:j]]))[0, -1]
+            logp = torch.log_softmax(logits.double(), dim=-1)[ids[j]].item()
+            nats -= logp if tk.token_bytes[ids[j]] > 0 else 0
+            n_bytes += int(tk.token_bytes[ids[j]])
+            n_tokens += 1
+    assert result["bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+    assert result["bytes"] == n_bytes == sum(len(tk.normalize(t).encode()) for t in texts)
+    assert result["tokens"] == n_tokens and result["documents"] == len(texts)
+    assert ev.text_bpb(model, tk, iter(texts), "cpu", limit=2)["documents"] == 2
+
+
+def test_evaluate_bpb_excludes_special_tokens_and_padding(small_tokenizer):
+    tk = small_tokenizer
+    model = random_gpt(tk, seq_len=16)
+    ids = [tk.bos_id] + tk.encode("Guten Morgen!") + [tk.bos_id] + tk.encode("Wie geht's?")
+    inputs, targets = torch.tensor([ids[:-1] + [0, 0]]), torch.tensor([ids[1:] + [-1, -1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inputs)[0].double(), dim=-1)
+    keep = [j for j, t in enumerate(ids[1:]) if t != tk.bos_id]
+    expected = -sum(logp[j, ids[j + 1]].item() for j in keep) / (math.log(2) * sum(tk.token_bytes[ids[1:]]))
+    assert ev.evaluate_bpb(model, [(inputs, targets)], torch.tensor(tk.token_bytes), "cpu") == pytest.approx(expected)
+    assert train.evaluate_bpb is ev.evaluate_bpb
+
+
+# --- multiple choice -----------------------------------------------------------------
+
+def test_mc_picks_the_planted_answer_when_the_logits_force_it(small_tokenizer):
+    tk = small_tokenizer
+    right = " Die Lehrerin"
+    favoured = set(tk.encode(right))
+    logits = torch.zeros(tk.vocab_size)
+    logits[list(favoured)] = 10.0  # the model 'knows' only the right answer's tokens
+    wrong = [w for w in (" Paket", " Sommer", " Preis", " Oktober", " Etikett", " Haus")
+             if not favoured & set(tk.encode(w))]
+    rng = random.Random(0)
+    examples = []
+    for _ in range(20):
+        choices = rng.sample(wrong, 3)
+        label = rng.randrange(4)
+        choices.insert(label, right)
+        examples.append(dict(context="Wer rief überrascht?", choices=choices, label=label))
+    r = ev.evaluate_task(LogitsStub(logits), tk, examples, "cpu", batch_size=6)
+    assert r == dict(examples=20, acc=1.0, acc_norm=1.0, random=0.25)
+
+
+def test_mc_is_at_chance_level_on_a_random_model(small_tokenizer):
+    tk = small_tokenizer
+    model = random_gpt(tk, seq_len=64)
+    words = sorted({w for line in LINES for w in line.split()})
+    rng = random.Random(1)
+    examples = [dict(context=rng.choice(LINES), choices=[" " + w for w in rng.sample(words, 4)], label=rng.randrange(4))
+                for _ in range(400)]
+    r = ev.evaluate_task(model, tk, examples, "cpu", batch_size=32)
+    assert r["examples"] == 400 and r["random"] == pytest.approx(0.25)
+    assert abs(r["acc"] - 0.25) < 0.08 and abs(r["acc_norm"] - 0.25) < 0.08, r
+
+
+def test_scores_are_token_log_probs_and_acc_norm_divides_by_characters(small_tokenizer):
+    tk = small_tokenizer
+    uniform = LogitsStub(torch.zeros(tk.vocab_size))  # every token: log p = -ln V
+    choices = [" Straße", " xyzqvw", " Haus"]
+    n_tokens = [len(tk.encode(c)) for c in choices]
+    rows = ev.choice_rows(tk, dict(context="Das ist die", choices=choices, label=0), seq_len=64)
+    sums, _ = ev.continuation_scores(uniform, rows, "cpu")
+    assert sums == pytest.approx([-n * math.log(tk.vocab_size) for n in n_tokens])
+    by_sum = ev.argmax([-n for n in n_tokens])
+    by_char = ev.argmax([-n / len(c) for n, c in zip(n_tokens, choices)])
+    assert by_sum != by_char  # the fixture makes the two rules disagree
+    r = ev.evaluate_task(uniform, tk, [dict(context="Das ist die", choices=choices, label=by_sum)], "cpu")
+    assert (r["acc"], r["acc_norm"]) == (1.0, 0.0)
+
+
+def test_lambada_counts_greedy_last_words(small_tokenizer):
+    tk = small_tokenizer
+    word = next(w for w in (" die", " der", " und", " in") if len(tk.encode(w)) == 1)
+    logits = torch.zeros(tk.vocab_size)
+    logits[tk.encode(word)[0]] = 5.0  # the stub always predicts this word
+    examples = [dict(context="Wir wohnen hier", choices=[word], label=0),
+                dict(context="Wir wohnen hier", choices=[" Zelt"], label=0)]
+    r = ev.evaluate_task(LogitsStub(logits), tk, examples, "cpu", kind="greedy")
+    assert r == dict(examples=2, acc=0.5, acc_norm=None, random=0.0)
+
+
+def test_long_contexts_are_cut_from_the_left(small_tokenizer):
+    rows = ev.choice_rows(small_tokenizer, dict(context=" ".join(LINES), choices=[" Ja", " Nein"], label=0), seq_len=16)
+    assert all(len(ids) == 17 and ids[-n:] == small_tokenizer.encode(c) for (ids, n), c in zip(rows, [" Ja", " Nein"]))
+
+
+# --- task rows -----------------------------------------------------------------------
+
+def test_hub_rows_map_to_examples_with_german_prompts():
+    hellaswag = dict(ind=1, activity_label="Kuchen backen", ctx_a="Eine Frau steht in der Küche.", ctx_b="sie",
+                     ctx="...", endings=["holt Mehl.", "singt. [title] Lied", "schläft.", "fährt Rad."],
+                     source_id="x", split="val", split_type="indomain", label="1")
+    assert ev.hellaswag_example(hellaswag) == dict(
+        context="Kuchen backen: Eine Frau steht in der Küche. Sie",
+        choices=[" holt Mehl.", " singt.. Lied", " schläft.", " fährt Rad."], label=1)
+    assert ev.hellaswag_example({**hellaswag, "label": ""}) is None  # the test split has no labels
+
+    arc = dict(id="Mercury_1", instruction="Welche Farbe hat der Himmel?", option_a="Grün", option_b="Blau",
+               option_c="Rot", option_d="Gelb", option_e="None", answer="B")
+    assert ev.arc_example(arc) == dict(context="Frage: Welche Farbe hat der Himmel?\nAntwort:",
+                                       choices=[" Grün", " Blau", " Rot", " Gelb"], label=1)
+
+    mmlu = {"Unnamed: 0": 0, "Question": "Was ist 2 + 2?", "A": "3", "B": "4", "C": "5", "D": "22",
+            "Answer": "B", "Subject": "elementary_mathematics"}
+    assert ev.mmlu_example(mmlu) == dict(context="Frage: Was ist 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAntwort:",
+                                         choices=[" A", " B", " C", " D"], label=1)
+
+    lambada = dict(text="Er öffnete die Tür und sah seinen alten Freund Peter")
+    assert ev.lambada_example(lambada) == dict(context="Er öffnete die Tür und sah seinen alten Freund",
+                                               choices=[" Peter"], label=0)
+    assert {n: t.kind for n, t in ev.HUB_TASKS.items()} == dict(hellaswag="choice", arc="choice", mmlu="choice",
+                                                                  lambada="greedy")
+    assert all(t.on_hub for t in ev.HUB_TASKS.values())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+QUIZ = [dict(context="Die Hauptstadt von Deutschland ist", choices=["Berlin", "Bern", "Wien"], label=0),
+        dict(context="2 + 2 =\n", choices=["4", " 5"], label=0),
+        dict(context="Der Rhein fließt in die", choices=["Nordsee", "Ostsee"], label=0)] * 4
+
+
+def test_local_jsonl_tasks(tmp_path):
+    task = ev.parse_task_list(f"quiz=jsonl://{write_jsonl(tmp_path / 'q.jsonl', QUIZ)}")[0]
+    assert (task.name, task.kind, task.on_hub) == ("quiz", "choice", False)
+    examples = ev.load_examples(task)
+    assert examples[0] == dict(context="Die Hauptstadt von Deutschland ist", choices=[" Berlin", " Bern", " Wien"],
+                               label=0)
+    assert examples[1]["choices"] == ["4", " 5"]  # after a newline, and a choice's own space, nothing is added
+    sample = ev.load_examples(task, limit=5)
+    assert len(sample) == 5 and sample == ev.load_examples(task, limit=5)
+
+    # a downloaded copy of a hub set, named like the hub task, is read with that task's columns
+    arc = dict(instruction="Was ist nass?", option_a="Wasser", option_b="Sand", answer="A")
+    arc_task = ev.make_task("arc", f"jsonl://{write_jsonl(tmp_path / 'arc.jsonl', [arc])}")
+    assert ev.load_examples(arc_task)[0]["choices"] == [" Wasser", " Sand"]
+
+    write_jsonl(tmp_path / "bad.jsonl", QUIZ[:2] + [dict(context="x", choices=["a", "b"], label=2)])
+    with pytest.raises(ev.DataError, match=r"bad.jsonl:3: .*label"):
+        ev.load_examples(ev.make_task("bad", f"jsonl://{tmp_path}/bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"context": "x", \n')
+    with pytest.raises(ev.DataError, match=r"broken.jsonl:1: not a JSON object"):
+        ev.load_examples(ev.make_task("broken", f"jsonl://{tmp_path}/broken.jsonl"))
+    with pytest.raises(ev.DataError, match="unknown task 'nope'"):
+        ev.parse_task_list("nope")
+
+
+# --- the report card -----------------------------------------------------------------
+
+def test_report_card_keeps_order_and_is_rebuilt_idempotently(tmp_path):
+    path = tmp_path / "report.md"
+    writes = [("Evaluation (base)", "e-base"), ("Custom", "c"), ("Tokenizer", "t"),
+              ("Chat samples", ev.format_samples([("Hallo?", "## keine Überschrift\n<!-- section: SFT -->")])),
+              ("Pretraining", ev.markdown_table(["", ""], [["parameters", 1234567], ["bpb", 1.23456], ["x", None]])),
+              ("Evaluation (chat)", "e-chat")]
+    for title, body in writes:
+        ev.update_report(path, title, body)
+    card = path.read_text()
+    assert list(ev.read_report(path)) == ["Tokenizer", "Pretraining", "Evaluation (base)", "Evaluation (chat)",
+                                          "Chat samples", "Custom"]
+    assert "| parameters | 1,234,567 |" in card and "| bpb | 1.2346 |" in card and "| x | – |" in card
+    assert "> ## keine Überschrift" in card  # model output stays quoted
+
+    for title, body in writes:  # every stage once more: the same card
+        ev.update_report(path, title, body)
+    assert path.read_text() == card
+    other = tmp_path / "other.md"
+    for title, body in reversed(writes):  # written in any order: the same card
+        ev.update_report(other, title, body)
+    assert other.read_text() == card
+
+    ev.update_report(path, "Pretraining", "p2")  # re-running a stage replaces only its section
+    sections = ev.read_report(path)
+    assert sections["Pretraining"] == "p2" and sections["Tokenizer"] == "t" and len(sections) == 6
+    assert card.count("## Pretraining") == 1 and not list(tmp_path.glob("*.tmp"))
+    assert ev.report_path("out/base") == ev.report_path("out/tokenizer") == Path("out/report.md").resolve()
+
+
+# --- the command line ----------------------------------------------------------------
+
+@pytest.fixture
+def files(tmp_path, small_tokenizer):
+    ckpt = make_checkpoint(tmp_path / "chat", small_tokenizer, kind="chat", sequence_len=16)
+    text = tmp_path / "dev.txt"
+    text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", QUIZ)
+    return SimpleNamespace(ckpt=ckpt, text=text, quiz=quiz, root=tmp_path)
+
+
+def cli_args(f, *extra):
+    return ["--checkpoint", str(f.root / "chat"), "--tasks", "bpb", "--bpb-data", f"txt://{f.text}?per=line",
+            "--task-file", f"quiz=jsonl://{f.quiz}", "--device", "cpu", "--batch-size", "4", *extra]
+
+
+def test_cli_evaluates_and_writes_the_report_card(files, small_tokenizer, capsys):
+    results = ev.main(cli_args(files, "--json", str(files.root / "r.json")))
+    assert [r["task"] for r in results] == ["bpb", "quiz"]
+    model, tk, _ = train.load_model(files.root / "chat")
+    expected = ev.text_bpb(model, tk, iter(LINES), "cpu")
+    assert results[0]["bpb"] == pytest.approx(expected["bpb"]) and results[0]["documents"] == len(LINES)
+    assert results[1]["examples"] == 12 and results[1]["random"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
+    assert json.loads((files.root / "r.json").read_text()) == results
+    card = (files.root / "report.md").read_text()
+    assert "## Evaluation (chat)" in card and "| quiz | 12 |" in card and "ckpt_0000001.pt" in card
+    ev.main(cli_args(files))
+    assert (files.root / "report.md").read_text() == card  # re-running replaces the section with the same one
+    assert "bits per byte" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_clear_line(files):
+    with pytest.raises(SystemExit) as e:  # the hub is switched off in the tests
+        ev.main(["--checkpoint", str(files.root / "chat"), "--tasks", "hellaswag"])
+    assert str(e.value).startswith("error:") and "--local-only" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="error: nothing to evaluate"):
+        ev.main(["--checkpoint", str(files.root / "chat"), "--local-only"])
+    with pytest.raises(SystemExit, match="error: unknown task 'foo'"):
+        ev.main(cli_args(files, "--tasks", "foo"))
+    with pytest.raises(SystemExit, match="file not found"):
+        ev.main(cli_args(files, "--bpb-data", f"txt://{files.root}/none.txt"))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        ev.main(cli_args(files, "--checkpoint", str(files.root / "none")))
+
+
+def test_two_ranks_give_the_numbers_of_one_process(files):
+    one = ev.main(cli_args(files, "--no-report"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "eval.py"), *cli_args(files, "--no-report", "--json", str(files.root / "two.json"))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((files.root / "two.json").read_text())
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and {k: v for k, v in a.items() if k != "bpb"} == \
+            {k: v for k, v in b.items() if k != "bpb"}
+        if "bpb" in a:
+            assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-6)
+
+
+# --- the stages' sections ------------------------------------------------------------
+
+def test_tokenizer_and_pretraining_write_their_sections(tmp_path, small_tokenizer_dir):
+    pq.write_table(pa.table({"text": [" ".join(LINES[i:] + LINES[:i]) for i in range(len(LINES))] * 4}),
+                   tmp_path / "train.parquet")
+    tok.main(["--data", f"parquet://{tmp_path}/train.parquet", "--vocab-size", "320", "--out", str(tmp_path / "tok")])
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", QUIZ)
+    train.main(["--preset", "nano", "--tokenizer", str(tmp_path / "tok"), "--data", f"parquet://{tmp_path}/train.parquet",
+                "--val-data", f"parquet://{tmp_path}/train.parquet", "--out", str(tmp_path / "base"),
+                "--max-steps", "4", "--eval-every", "2", "--save-every", "0", "--eval-tasks", f"quiz=jsonl://{quiz}"])
+    sections = ev.read_report(tmp_path / "report.md")
+    assert list(sections) == ["Tokenizer", "Pretraining"]
+    assert "320 tokens" in sections["Tokenizer"] and "bytes/token" in sections["Tokenizer"]
+    pre = sections["Pretraining"]
+    for row in ("| parameters |", "| tokens | 2,048 |", "| steps | 4 of 4 |", "| MFU | n/a on CPU |",
+                "| final val bpb |", "(step 4)", "| quiz | 12 |"):
+        assert row in pre, (row, pre)
+    records = [json.loads(l) for l in (tmp_path / "base" / "log.jsonl").read_text().splitlines()]
+    assert [set(r.get("evals", {})) for r in records] == [set(), {"quiz"}, set(), {"quiz"}]
+    with pytest.raises(SystemExit, match="error: unknown task"):
+        train.main(["--preset", "nano", "--tokenizer", str(tmp_path / "tok"), "--eval-tasks", "nope",
+                    "--data", f"parquet://{tmp_path}/train.parquet", "--out", str(tmp_path / "x")])
