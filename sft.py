@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
 import data
+import eval as evaluation
 import train
 from tok import ConversationError, check_conversation, render_conversation
 
@@ -180,7 +181,7 @@ class Rejections:
 
 
 def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, log=print,
-                       limit: int = 0) -> list[tuple[list[int], list[int]]]:
+                       limit: int = 0, stats: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """Every valid conversation of the sources (the first `limit` if given), rendered as (ids, mask), in order.
 
     A source's weight w repeats its conversations: the integer part whole, the
@@ -209,6 +210,8 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
         whole, part = int(source.weight), source.weight - int(source.weight)
         rendered += mine * whole + mine[:round(part * len(mine))]
     rejected.report(log, seen)
+    if stats is not None:
+        stats.update(read=seen, rejected=rejected.total, cut=truncated)
     if truncated:
         log(f"cut {truncated:,} conversations at a turn boundary to fit {max_tokens} tokens")
     if not rendered:
@@ -297,11 +300,27 @@ def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
     return [session.answer([{"role": "user", "content": q}]).text for q in questions]
 
 
+def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_tokens, seconds, last, log):
+    """The SFT and chat-sample sections of the report card (eval.py) next to the checkpoints."""
+    rows = [["base checkpoint", f"`{base['path']}`"], ["parameters", model.num_params()],
+            ["conversations", f"{n_train:,} for training (identity included), {n_val:,} for validation"],
+            ["read / rejected / cut", f"{data_stats.get('read', 0):,} / {data_stats.get('rejected', 0):,} / "
+                                      f"{data_stats.get('cut', 0):,} (cut: shortened at a turn boundary)"],
+            ["steps", f"{steps:,} of {cfg.examples_per_step} conversations"], ["trained tokens", trained_tokens],
+            ["wall time", f"{seconds / 60:.1f} min (this run)"], ["final train loss", last.get("loss")],
+            ["final validation loss", last.get("val_loss")], ["data", f"`{cfg.data}`"]]
+    path = evaluation.report_path(cfg.out)
+    evaluation.update_report(path, "SFT", evaluation.markdown_table(["", ""], rows))
+    if "samples" in last:
+        evaluation.update_report(path, "Chat samples", evaluation.format_samples(list(last["samples"].items())))
+    log(f"report: {path}")
+
+
 # -----------------------------------------------------------------------------
 
-def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log):
+def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict | None = None):
     """(train conversations, validation conversations), identity conversations mixed into train."""
-    conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log)
+    conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log, stats=stats)
     if cfg.val_data:
         val = load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log,
                                  limit=cfg.val_conversations)
@@ -332,8 +351,9 @@ def main(argv=None):
     model.train()
     max_tokens = model.config.sequence_len + 1  # a row of T inputs predicts T targets
     log(f"base {base['path']} | {model.num_params():,} parameters | context {model.config.sequence_len}")
+    data_stats = {}
     try:
-        conversations, val = load_sft_data(cfg, tokenizer, max_tokens, log)
+        conversations, val = load_sft_data(cfg, tokenizer, max_tokens, log, data_stats)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     steps_per_epoch = len(conversations) // cfg.examples_per_step
@@ -386,7 +406,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         log_file = open(out / "log.jsonl", "a")
-    first_step, start_time = step, time.time()
+    first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
     while step < steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -432,6 +452,9 @@ def main(argv=None):
             log(f"stopped at step {step:,}; continue with --resume")
             break
     log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
+    if master and step == steps:
+        write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), steps, trained_tokens,
+                     time.time() - start_time, record, log)
     if world_size > 1:
         del model
         dist.destroy_process_group()

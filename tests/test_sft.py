@@ -137,6 +137,9 @@ def test_loss_falls_and_samples_are_logged(setup):
     assert "val_loss" in records[-1] and set(records[-1]["samples"]) == set(sft.SAMPLE_QUESTIONS)
     model, tokenizer, ckpt = train.load_model(setup / "chat")
     assert ckpt["kind"] == "chat" and ckpt["step"] == 30
+    report = (setup / "report.md").read_text(encoding="utf-8")
+    assert "## SFT" in report and "## Chat samples" in report and "**Wer bist du?**" in report
+    assert f"{records[-1]['val_loss']:.4f}" in report
 
 
 def test_resume_is_bitwise_exact(setup):

@@ -13,9 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import torch.optim._muon
+
 import data
 import tok
 import train
+
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # before build_optimizers replaces it on CPU
 from tok import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,3 +200,14 @@ def test_load_model_errors_are_clear(tmp_path):
     (tmp_path / "ckpt_0000002.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         train.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_fp32_newton_schulz_matches_torch_muon(shape):
+    torch.manual_seed(0)
+    grad = torch.randn(shape)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    ours = train.newton_schulz_fp32(grad, coefficients, 5, 1e-7)
+    theirs = TORCH_NEWTON_SCHULZ(grad, coefficients, 5, 1e-7)
+    assert ours.dtype == grad.dtype and ours.shape == grad.shape
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-2, rtol=0)  # theirs is bf16
