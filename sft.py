@@ -91,8 +91,8 @@ class SFTConfig:
 
 PRESETS = {
     "full": {},
-    "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=60, eval_every=20, val_conversations=32,
-                 save_every=30, log_every=5, identity_repeat=2),
+    "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
+                 save_every=100, log_every=10, identity_repeat=4),
 }
 
 
