@@ -1,31 +1,73 @@
 #!/usr/bin/env bash
 # The offline demo: the whole nanoschnack pipeline at toy scale on CPU, on a
-# local copy of German sample data (a folder holding pretrain/<source>/*.parquet).
+# local folder of German sample data:
 #
 #   NANOSCHNACK_DATA=../shared/data ./demo.sh      (or: ./demo.sh ../shared/data)
 #
-# Stages so far: tokenizer, tiny pretraining (~10 min on 2 cores). Output goes to out/.
+# The folder holds pretrain/<source>/train-*.parquet (+ val.parquet), sft/*.jsonl
+# (sft/val.jsonl held out) and optionally eval/ud_gsd_dev.txt. Stages: tokenizer
+# -> tiny pretraining -> SFT -> evaluation + report card -> one German chat
+# answer. About 20 minutes on 2 cores (README, "Quick start"). Output: out/
+# (or $NANOSCHNACK_OUT). NANOSCHNACK_DEMO_SCALE=micro runs every stage for a few
+# seconds only (the CI smoke test, tests/test_pipeline.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-${NANOSCHNACK_DATA:-}}
-if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ]; then
-    echo "demo.sh: need the sample data folder (one holding pretrain/<source>/train-*.parquet)." >&2
-    echo "  pass it as NANOSCHNACK_DATA=/path/to/data ./demo.sh  or  ./demo.sh /path/to/data" >&2
+if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ] || [ ! -d "$DATA/sft" ]; then
+    echo "demo.sh: need the sample data folder, one holding pretrain/<source>/train-*.parquet and sft/*.jsonl." >&2
+    echo "  pass it as  NANOSCHNACK_DATA=/path/to/data ./demo.sh  or  ./demo.sh /path/to/data" >&2
     echo "  (in the nanoschnack workspace it is ../shared/data)" >&2
     exit 2
 fi
 DATA=$(cd "$DATA" && pwd)
-./setup.sh
+OUT=${NANOSCHNACK_OUT:-out}
+SCALE=${NANOSCHNACK_DEMO_SCALE:-tiny}
+[ -x .venv/bin/python ] || ./setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=.venv/bin/python
+spec() { local p=${1//%/%25}; echo "${p// /%20}"; }  # a path as a dataset spec location
 
-# One spec per source, so the tokenizer sees every kind of German text.
-PRETRAIN=""
-for dir in "$DATA"/pretrain/*/; do dir=${dir//%/%25}; PRETRAIN="$PRETRAIN parquet://${dir// /%20}train-*.parquet"; done
+# One spec per source, so the tokenizer and the model see every kind of German text.
+PRETRAIN="" VAL=""
+for dir in "$DATA"/pretrain/*/; do
+    PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet"
+    [ -f "$dir/val.parquet" ] && VAL="$VAL parquet://$(spec "$dir")val.parquet"
+done
+SFT="jsonl://$(spec "$DATA")/sft/[!v]*.jsonl"  # every conversation file but the held-out val.jsonl
+SFT_VAL="jsonl://$(spec "$DATA")/sft/val.jsonl"
+BPB="$VAL"
+[ -f "$DATA/eval/ud_gsd_dev.txt" ] && BPB="txt://$(spec "$DATA")/eval/ud_gsd_dev.txt?per=line"
 
-echo "== 1. tokenizer (byte-level BPE, 8192 tokens, 20M characters)"
-$PY tok.py --data $PRETRAIN --vocab-size 8192 --max-chars 20M --out out/tokenizer
+if [ "$SCALE" = micro ]; then
+    TOK=(--vocab-size 512 --max-chars 300k)
+    TRAIN=(--preset nano --seq-len 128 --max-steps 4 --eval-every 4)
+    TUNE=(--preset tiny --max-steps 3 --device-batch-size 2 --examples-per-step 4 --eval-every 3 --val-conversations 8)
+    EVAL=(--limit 16)
+else
+    TOK=(--vocab-size 8192 --max-chars 20M)
+    TRAIN=(--preset tiny)
+    TUNE=(--preset tiny)
+    EVAL=(--limit 200)
+fi
 
-echo "== 2. pretraining (tiny preset: 4 layers, width 256, 60 steps of 4096 tokens)"
-$PY train.py --preset tiny --data $PRETRAIN --val-data "parquet://${DATA// /%20}/pretrain/wiki/val.parquet" \
-    --tokenizer out/tokenizer --out out/base
+echo "== 1. tokenizer: byte-level BPE on German text"
+$PY tok.py --data "$PRETRAIN" "${TOK[@]}" --out "$OUT/tokenizer"
+
+echo "== 2. pretraining: a small GPT on the German mix ($SCALE)"
+$PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OUT/tokenizer" --out "$OUT/base"
+
+echo "== 3. SFT: German conversations + nanoschnack's identity"
+$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --out "$OUT/chat"
+
+echo "== 4. evaluation: bits per byte on held-out German text, report card"
+$PY eval.py --checkpoint "$OUT/chat" --local-only --tasks bpb --bpb-data "$BPB" "${EVAL[@]}"
+
+echo "== 5. a German chat answer"
+echo "> Wer bist du?"
+$PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --max-new-tokens 64
+
+echo
+echo "Done. The report card is $OUT/report.md. Chat with the model:"
+echo "  .venv/bin/python chat.py --checkpoint $OUT/chat"
+echo "or in the browser (http://127.0.0.1:8000):"
+echo "  .venv/bin/python serve.py --checkpoint $OUT/chat"

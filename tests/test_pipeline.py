@@ -1,0 +1,67 @@
+"""The CI smoke test: demo.sh end to end at micro scale (seconds per stage), on a data folder made here."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from conftest import FIXTURE_TEXT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_data_folder(root: Path) -> Path:
+    """The layout of the sample data: pretrain/<source>/{train-*,val}.parquet, sft/*.jsonl, eval/*.txt."""
+    lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 5
+    for source in ("lexikon", "reden"):
+        (root / "pretrain" / source).mkdir(parents=True)
+        pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),
+                       root / "pretrain" / source / "train-00000.parquet", row_group_size=32)
+        pq.write_table(pa.table({"text": docs[:4], "source": [source] * 4}), root / "pretrain" / source / "val.parquet")
+    (root / "sft").mkdir()
+    conversations = [{"messages": [{"role": "user", "content": f"Satz {i}?"},
+                                   {"role": "assistant", "content": lines[i % len(lines)][:60]}]} for i in range(40)]
+    for name, rows in (("chat.jsonl", conversations[:32]), ("val.jsonl", conversations[32:])):
+        (root / "sft" / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (root / "eval").mkdir()
+    (root / "eval" / "ud_gsd_dev.txt").write_text("\n".join(lines[:10]) + "\n", encoding="utf-8")
+    return root
+
+
+def run_demo(env_extra, *args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "NANOSCHNACK_DATA"}
+    env.update(OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.run(["bash", str(REPO / "demo.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_demo_runs_every_stage_at_micro_scale(tmp_path):
+    data = make_data_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    proc = run_demo(dict(NANOSCHNACK_DATA=str(data), NANOSCHNACK_OUT=str(out), NANOSCHNACK_DEMO_SCALE="micro"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("1. tokenizer", "2. pretraining", "3. SFT", "4. evaluation", "5. a German chat answer"):
+        assert f"== {stage}" in proc.stdout
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    base = torch.load(sorted((out / "base").glob("ckpt_*.pt"))[-1], weights_only=False)
+    chat = torch.load(sorted((out / "chat").glob("ckpt_*.pt"))[-1], weights_only=False)
+    assert base["kind"] == "base" and base["step"] == 4
+    assert chat["kind"] == "chat" and chat["step"] == 3 and chat["base"].startswith(str(out / "base"))
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for section in ("Tokenizer", "Pretraining", "SFT", "Evaluation"):
+        assert f"## {section}" in report, report
+    answer = proc.stdout.split("> Wer bist du?\n", 1)[1].split("\nDone.")[0]
+    assert answer.strip(), proc.stdout[-2000:]
+    assert f"chat.py --checkpoint {out}/chat" in proc.stdout
+
+
+def test_demo_without_data_says_what_to_pass(tmp_path):
+    proc = run_demo({}, timeout=60)
+    assert proc.returncode == 2
+    assert "NANOSCHNACK_DATA=/path/to/data ./demo.sh" in proc.stderr and "../shared/data" in proc.stderr
+    proc = run_demo(dict(NANOSCHNACK_DATA=str(tmp_path)), timeout=60)
+    assert proc.returncode == 2 and "need the sample data folder" in proc.stderr
