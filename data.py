@@ -236,7 +236,7 @@ def open_source(source: Source, streaming: bool = True, keep_source: bool = Fals
     the default) or, with streaming=False, converted to datasets' on-disk Arrow cache first.
     keep_source also keeps a `source` column where the data has one (for `prepare`)."""
     import datasets
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as DataError, once
     local = dict(split="train", streaming=streaming, cache_dir=cache_dir)
     if source.kind == "hf":
         check_hub_reachable(source)
@@ -254,10 +254,14 @@ def open_source(source: Source, streaming: bool = True, keep_source: bool = Fals
             pass
     else:
         source.files = resolve_files(source)
+        if source.kind != "parquet":  # datasets cannot read empty files; parquet's are dropped below
+            source.files = [f for f in source.files if os.path.getsize(f) > 0]
         if source.kind == "parquet":
             common = check_parquet_files(source)
             columns = [source.text] + (["source"] if keep_source and "source" in common - {source.text} else [])
             ds = datasets.load_dataset("parquet", data_files=source.files, columns=columns, **local)
+        elif not source.files:
+            raise DataError(f"{source.spec}: no text found, all its files are empty (empty dataset)")
         elif source.kind == "jsonl":
             ds = datasets.load_dataset("json", data_files=source.files, **local)
         else:
@@ -302,6 +306,40 @@ def check_parquet_files(source: Source) -> set[str]:
     return common
 
 
+def iter_parquet_rows(source: Source):
+    """(file, row dict) for every row of local parquet files, with a clear error on an unreadable file."""
+    import pyarrow.parquet as pq
+    for path in resolve_files(source):
+        try:
+            file = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{source.spec}: {path} is not a readable parquet file ({e})") from None
+        for batch in file.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield path, row
+
+
+def check_folder(path, flag: str = "--out"):
+    """Exit with one error line now if output folder `path` could not be created or written (a file in
+    its way, no permission), not after hours of work. Creates nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = ("is a file, not a folder" if not os.path.isdir(existing) else
+               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise SystemExit(f"error: {flag} {path}: {existing} {problem}; choose another {flag}")
+
+
+def make_folder(path, flag: str = "--out"):
+    """Create an output folder, or exit with one error line that says why it cannot be."""
+    check_folder(path, flag)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create folder {path} ({e}); choose another {flag}") from None
+
+
 def first_undecodable_file(files: list[str]) -> str | None:
     """On a UnicodeDecodeError, find which file caused it (only on that error path)."""
     for path in files:
@@ -319,6 +357,7 @@ def first_undecodable_file(files: list[str]) -> str | None:
 def iter_text_batches(source: Source, ds, batch_size: int, with_source: bool = False):
     """Lists of documents from a dataset, with clear errors on bad rows and bad files.
     with_source: (texts, the rows' `source` fields or None) instead."""
+    import pyarrow as pa
     try:
         for batch in ds.iter(batch_size=batch_size):
             texts = batch["text"]
@@ -331,6 +370,23 @@ def iter_text_batches(source: Source, ds, batch_size: int, with_source: bool = F
         bad = first_undecodable_file(source.files) or "a file"
         raise DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except pa.ArrowInvalid as e:  # a JSON line or a parquet page that does not parse
+        where = first_bad_json_line(source.files) if source.kind == "jsonl" else None
+        raise DataError(f"{source.spec}: {where or 'unreadable data'}: {str(e).splitlines()[0]}"
+                        + ("; every line must be one JSON object" if where else "")) from None
+
+
+def first_bad_json_line(files: list[str]) -> str | None:
+    """On a JSON parse error, find the file and line (only on that error path)."""
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError:
+                    return f"{path}:{number}"
+    return None
 
 
 def iter_texts(source: Source, ds=None):
@@ -827,7 +883,10 @@ def start_meta(out: str, settings: dict) -> dict:
     """Open OUT for a conversion: a new folder, or one this same conversion started (resume)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file; name a folder")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create folder {out} ({e}); choose another --out") from None
     if os.path.exists(os.path.join(out, "meta.json")):
         meta = prepared_meta(out)
         if meta is None:
@@ -977,6 +1036,11 @@ def prepare_main(argv):
                 dedup=args.dedup, nfc=args.nfc)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # disk full, a folder that is not writable
+        for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp")):  # unfinished writes: free their space
+            os.remove(tmp)
+        sys.exit(f"error: cannot write {args.out} ({e}); free disk space or choose another --out, then run "
+                 f"the same command again to resume (finished shards are kept)")
     except KeyboardInterrupt:
         sys.exit("interrupted: run the same command again to resume (finished shards are kept)")
 
@@ -1017,7 +1081,7 @@ def main(argv=None):
         print(f"== {step + 1} batches of {args.batch_size}x{args.seq_len}: {tokens / seconds:,.0f} packed tokens/s")
         for spec, n in loader.token_counts().items():
             print(f"   {n:>12,} tokens  {spec}")
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -391,10 +391,8 @@ def iter_rows(spec: str):
                         except (json.JSONDecodeError, TypeError, ValueError) as e:
                             raise DataError(f"{path}:{number}: not a JSON object ({e})") from None
     elif source.kind == "parquet":
-        import pyarrow.parquet as pq
-        for path in data.resolve_files(source):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+        for _, row in data.iter_parquet_rows(source):
+            yield row
     else:
         raise DataError(f"{spec}: a task's rows come from jsonl://, parquet:// or hf://, not {source.kind}://")
 
@@ -497,10 +495,16 @@ def update_report(path, title: str, body: str) -> Path:
     sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
     text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
                                    for t in sorted(sections, key=lambda t: (section_rank(t), t)))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise SystemExit(f"error: cannot write the report card {path} ({e}); free disk space or choose "
+                         f"another folder (the card as it was is unchanged)") from None
     return path
 
 
@@ -576,6 +580,9 @@ def main(argv=None):
 
     rank, world_size, device = train.setup_distributed(types.SimpleNamespace(device=args.device))
     master = rank == 0
+    for flag, file in [("--json", args.json), ("--report", not args.no_report and args.report)]:
+        if file:  # a bad output path fails now, on every rank, not after an hour of evaluation
+            data.check_folder(Path(file).parent, flag)
     log = print if master else (lambda *a, **k: None)
     try:
         names = [n for n in args.tasks.replace(",", " ").split()]
@@ -629,7 +636,10 @@ def main(argv=None):
         table = results_markdown(results)
         print("\n" + table)
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+            try:
+                Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+            except OSError as e:
+                sys.exit(f"error: cannot write --json {args.json} ({e})")
         if not args.no_report:
             path = Path(args.report) if args.report else report_path(Path(ckpt["path"]).parent)
             limit = f", at most {args.limit:,} examples (documents) per task" if args.limit else ""

@@ -140,20 +140,21 @@ def iter_rows(source: data.Source):
     if source.kind == "jsonl":
         yield from iter_jsonl_rows(source)
         return
-    if source.kind not in ("hf", "parquet"):
+    if source.kind == "parquet":
+        for n, (_, row) in enumerate(data.iter_parquet_rows(source)):
+            yield f"{source.spec}#{n}", row
+        return
+    if source.kind != "hf":
         raise data.DataError(f"{source.spec}: conversations come from jsonl://, parquet:// or hf:// sources")
     import datasets
     datasets.logging.set_verbosity_error()
-    if source.kind == "hf":
-        data.check_hub_reachable(source)
-        try:
-            ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
-                                       revision=source.revision, streaming=True)
-        except Exception as e:
-            raise data.DataError(f"{source.spec}: cannot open hub dataset ({e}); pass --data with local "
-                                 f"files, e.g. --data 'jsonl://DIR/*.jsonl'") from None
-    else:
-        ds = datasets.load_dataset("parquet", data_files=data.resolve_files(source), split="train", streaming=True)
+    data.check_hub_reachable(source)
+    try:
+        ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
+                                   revision=source.revision, streaming=True)
+    except Exception as e:
+        raise data.DataError(f"{source.spec}: cannot open hub dataset ({e}); pass --data with local "
+                             f"files, e.g. --data 'jsonl://DIR/*.jsonl'") from None
     for n, row in enumerate(ds):
         yield f"{source.spec}#{n}", row
 
@@ -346,6 +347,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
 
     model, tokenizer, base = train.load_model(cfg.base, device)
+    data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
     if base.get("kind") == "chat":
         log(f"note: {base['path']} is already a chat checkpoint; fine-tuning it further")
     model.train()
@@ -373,8 +375,11 @@ def main(argv=None):
     step, trained_tokens, out = 0, 0, Path(cfg.out)
     if cfg.resume and (path := train.latest_checkpoint(out)):
         ckpt = train.load_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "chat" or "optimizers" not in ckpt:
+            sys.exit(f"error: {path} is not an sft.py checkpoint to resume; resume in sft.py's own --out, "
+                     f"or choose another --out")
         train.check_same_model(ckpt["model_config"], model.config, path)
-        if ckpt.get("kind") != "chat" or ckpt["train_config"]["examples_per_step"] != cfg.examples_per_step:
+        if ckpt.get("train_config", {}).get("examples_per_step") != cfg.examples_per_step:
             sys.exit(f"error: {path} is not an SFT checkpoint with --examples-per-step {cfg.examples_per_step}")
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
@@ -404,8 +409,8 @@ def main(argv=None):
             log(f"saved {train.save_checkpoint(out, step, state, cfg.keep_last)}")
 
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "log.jsonl", "a")
+        data.make_folder(out)
+        log_file = open(out / "log.jsonl", "ab", buffering=0)
     first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
     while step < steps:
@@ -439,8 +444,7 @@ def main(argv=None):
             for question, answer in record["samples"].items():
                 log(f"  {question} -> {answer!r}")
         if master:
-            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log_file.flush()
+            train.append_log(log_file, record)
 
         stop = torch.tensor(float(bool(stop_signal)), device=device)
         if world_size > 1:

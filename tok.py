@@ -133,7 +133,12 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer at {file}; train one with: python tok.py --out {path}")
-        return cls(HFTokenizer.from_file(str(file)))
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on a damaged file
+            raise ValueError(f"{file} is not a readable tokenizer.json ({e}); give the folder tok.py wrote "
+                             f"(its --out)") from None
+        return cls(hf)
 
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
@@ -144,8 +149,17 @@ class Tokenizer:
         return self.hf.to_str()
 
     def save(self, folder):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(Path(folder) / "tokenizer.json"))
+        """Write folder/tokenizer.json atomically: a failed save (disk full) leaves an older one as it was."""
+        file = Path(folder) / "tokenizer.json"
+        tmp = file.with_name(file.name + ".tmp")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            self.hf.save(str(tmp))
+            os.replace(tmp, file)
+        except Exception as e:  # tokenizers raises a bare Exception when the write fails
+            if tmp.is_file():
+                tmp.unlink()
+            raise OSError(f"cannot write {file} ({e})") from None
 
     def normalize(self, text: str) -> str:
         """The text as the tokenizer sees it (NFC): decode(encode(text)) == normalize(text)."""
@@ -378,6 +392,7 @@ def main(argv=None):
     try:
         check_vocab_size(args.vocab_size)
         sources = data.parse_specs(args.data)
+        data.check_folder(args.out)  # a bad --out fails now, not after training
         text = TrainingText(data.interleave_documents(sources), args.max_chars, args.max_doc_chars)
         start = time.time()
         tokenizer = Tokenizer.train(text, args.vocab_size)
@@ -388,12 +403,18 @@ def main(argv=None):
         sys.exit(f"error: no text found in {' '.join(args.data)} (empty dataset?)")
     # Fewer than 100 documents leave nothing held out: then compression is not measured.
     compression = bytes_per_token(tokenizer, text.heldout) if text.heldout else float("nan")
-    tokenizer.save(args.out)
     meta = dict(vocab_size=tokenizer.vocab_size, requested_vocab_size=args.vocab_size, data=args.data,
                 chars=text.chars, documents=text.docs, heldout_documents=len(text.heldout),
                 heldout_bytes_per_token=round(compression, 4), train_seconds=round(seconds, 1),
                 split_pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS)
-    (Path(args.out) / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    meta_file = Path(args.out) / "tokenizer_meta.json"
+    try:
+        tokenizer.save(args.out)
+        Path(f"{meta_file}.tmp").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(f"{meta_file}.tmp", meta_file)
+    except OSError as e:
+        Path(f"{meta_file}.tmp").unlink(missing_ok=True)
+        sys.exit(f"error: {e}; free disk space or choose another --out")
     print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
           f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
           f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")

@@ -239,17 +239,37 @@ def ranks_in_sync(model) -> bool:
 # Checkpoints
 
 def save_checkpoint(out: Path, step: int, state: dict, keep_last: int):
-    """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ckpt_{step:07d}.pt"
+    """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last.
+
+    A write that fails (disk full, an unusable --out) removes its temp file, leaves
+    the older checkpoints as they were, and exits with one error line."""
+    path = Path(out) / f"ckpt_{step:07d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half a file
-    for old in sorted(out.glob("ckpt_*.pt"))[:-keep_last]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a Python file, so that a failed write keeps its OSError (as __context__)
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half a file
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        if tmp.is_file():
+            tmp.unlink()
+        cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
+        kept = latest_checkpoint(path.parent)
+        raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
+                         + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
+    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
         old.unlink()
     return path
+
+
+def append_log(file, record: dict):
+    """One JSON line to log.jsonl (opened unbuffered, "ab", buffering=0); a full disk ends the run with one line."""
+    try:
+        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {file.name} ({e}); free disk space, then continue with --resume")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -312,13 +332,14 @@ def main(argv=None):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
+    data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
 
     try:
         tokenizer = Tokenizer.load(cfg.tokenizer)
         sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
         eval_tasks = [(t, evaluation.load_examples(t, cfg.eval_task_limit))
                       for t in evaluation.parse_task_list(cfg.eval_tasks)]
-    except (FileNotFoundError, data.DataError) as e:
+    except (FileNotFoundError, ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     model = build_model(cfg, tokenizer.vocab_size, device)
     optimizers = build_optimizers(model, cfg)
@@ -350,6 +371,9 @@ def main(argv=None):
     step, tokens_seen, out, prior_seconds = 0, 0, Path(cfg.out), 0.0
     if cfg.resume and (path := latest_checkpoint(out)):
         ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "base" or "loader" not in ckpt:
+            sys.exit(f"error: {path} is not a train.py checkpoint to resume; resume in train.py's own --out, "
+                     f"or choose another --out")
         check_same_model(ckpt["model_config"], model.config, path)
         if ckpt["world_size"] != world_size:
             sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
@@ -357,7 +381,10 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
-        loader.load_state_dict(ckpt["loader"][rank])
+        try:
+            loader.load_state_dict(ckpt["loader"][rank])
+        except data.DataError as e:
+            sys.exit(f"error: {path}: {e}")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         step, tokens_seen = ckpt["step"], ckpt["tokens"]
         prior_seconds = ckpt.get("train_seconds", 0.0)
@@ -397,14 +424,21 @@ def main(argv=None):
             log(f"saved {path}")
 
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "log.jsonl", "a")
+        data.make_folder(out)
+        log_file = open(out / "log.jsonl", "ab", buffering=0)
     batches = iter(loader)
+
+    def next_batches(n):
+        try:
+            return [next(batches) for _ in range(n)]
+        except data.DataError as e:  # a bad row found while reading, e.g. malformed JSON lines
+            sys.exit(f"error: {e}")
+
     first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []  # for the report card
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     while step < steps:
         lr_mult = lr_multiplier(tokens_seen / (steps * cfg.total_batch_size), cfg)
-        loss = train_step(model, optimizers, [next(batches) for _ in range(accum)], lr_mult, device)
+        loss = train_step(model, optimizers, next_batches(accum), lr_mult, device)
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size
@@ -453,8 +487,7 @@ def main(argv=None):
             for text in record["samples"]:
                 log(f"  sample: {text!r}")
         if master:
-            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log_file.flush()
+            append_log(log_file, record)
 
         stop = torch.tensor(float(bool(stop_signal)), device=device)
         if world_size > 1:

@@ -138,14 +138,15 @@ def test_resume_after_sigkill(setup, tmp_path):
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     good = train.save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=2)
 
-    def torn_save(obj, path):
-        Path(path).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match=r"error: cannot write checkpoint .*ckpt_0000002.pt: \[Errno 28\] No space "
+                                         r"left on device; .* \(the previous checkpoint ckpt_0000001.pt is intact\)"):
         train.save_checkpoint(tmp_path, 2, {"step": 2}, keep_last=2)
-    assert train.latest_checkpoint(tmp_path) == good
+    assert train.latest_checkpoint(tmp_path) == good and not list(tmp_path.glob("*.tmp"))
     assert train.load_checkpoint(good)["step"] == 1
 
 
