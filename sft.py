@@ -68,7 +68,7 @@ class SFTConfig:
     val_data: str = ""               # held-out conversations; empty: hold out the first val_conversations of --data
     identity_repeat: int = 4         # copies of each identity conversation per epoch (0: none)
     out: str = "out/chat"
-    device_batch_size: int = 8       # conversations per device per micro-step
+    device_batch_size: int = 4       # conversations per device per micro-step (4 x 8 GPUs = 32)
     examples_per_step: int = 32      # conversations per optimizer step, all devices together
     epochs: int = 1
     max_steps: int = 0               # 0: the epochs decide

@@ -314,13 +314,8 @@ def test_unknown_paths_and_methods(server):
     assert health(server)["status"] == "ok"
 
 
-def test_concurrent_streams_each_get_their_own_answer(server):
-    """Four clients stream at once (one generates, three wait in the queue); each gets exactly
-    the answer it gets alone, so nothing mixed. Greedy, so the answers are deterministic."""
-    n = 150  # tokens per answer: long enough that all four are in the server at once
-    alone = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=n))[1] for q in QUESTIONS]
-    texts = [a["choices"][0]["message"]["content"] for a in alone]
-    assert len(set(texts)) == len(texts)  # different questions, different answers: mixing would show
+def concurrent_round(server, n):
+    """Four clients start streaming at once; their events and when each was accepted and finished."""
     results, errors = [None] * len(QUESTIONS), []
     accepted, finished = [0.0] * len(QUESTIONS), [0.0] * len(QUESTIONS)
     start = threading.Barrier(len(QUESTIONS))
@@ -339,21 +334,34 @@ def test_concurrent_streams_each_get_their_own_answer(server):
             errors.append(e)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
-    t0 = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    seconds = time.time() - t0
     assert not errors, errors
-    for events, whole in zip(results, alone):
-        assert events[-1] == "[DONE]"
-        assert streamed_text(events) == whole["choices"][0]["message"]["content"]
-        assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-        assert len({e["id"] for e in events[:-1]}) == 1
-    assert len({events[0]["id"] for events in results}) == len(QUESTIONS)
-    assert max(accepted) < min(finished), "the requests did not overlap; the test proves nothing"
-    print(f"{len(QUESTIONS)} concurrent streams of {n} tokens: {seconds:.2f}s")
+    return results, max(accepted) < min(finished)
+
+
+def test_concurrent_streams_each_get_their_own_answer(server):
+    """Four clients stream at once (one generates, three wait in the queue); each gets exactly
+    the answer it gets alone, so nothing mixed. Greedy, so the answers are deterministic."""
+    n = 150  # tokens per answer: long enough that all four are in the server at once
+    alone = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=n))[1] for q in QUESTIONS]
+    texts = [a["choices"][0]["message"]["content"] for a in alone]
+    assert len(set(texts)) == len(texts)  # different questions, different answers: mixing would show
+    # On a loaded machine a client thread can start late, after another one already finished:
+    # then the round proves nothing about concurrency (its answers are still checked); try again.
+    for attempt in range(3):
+        results, overlapped = concurrent_round(server, n)
+        for events, whole in zip(results, alone):
+            assert events[-1] == "[DONE]"
+            assert streamed_text(events) == whole["choices"][0]["message"]["content"]
+            assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+            assert len({e["id"] for e in events[:-1]}) == 1
+        assert len({events[0]["id"] for events in results}) == len(QUESTIONS)
+        if overlapped:
+            break
+    assert overlapped, "in 3 rounds the requests never overlapped; the test proves nothing"
 
 
 def health_when(url, condition, what: str, timeout: float = 30) -> dict:
