@@ -371,7 +371,7 @@ def main(argv=None):
     step, tokens_seen, out, prior_seconds = 0, 0, Path(cfg.out), 0.0
     if cfg.resume and (path := latest_checkpoint(out)):
         ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != "base" or "loader" not in ckpt:
+        if not isinstance(ckpt, dict) or ckpt.get("kind", "base") != "base" or "loader" not in ckpt:
             sys.exit(f"error: {path} is not a train.py checkpoint to resume; resume in train.py's own --out, "
                      f"or choose another --out")
         check_same_model(ckpt["model_config"], model.config, path)
