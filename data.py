@@ -983,8 +983,8 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     else:
         val_entry = None
         if val_sources or opts.val_frac:
-            log(f"warning: no validation documents (raise --val-frac, or check --val-data); "
-                f"nanochat would take the last training shard for validation")
+            log("warning: no validation documents (raise --val-frac, or check --val-data); "
+                "nanochat would take the last training shard for validation")
     for key in counts:
         counts[key] += train_counts[key]
     meta.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

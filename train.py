@@ -20,7 +20,6 @@ the CPU. Rank 0 logs and saves.
 """
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import signal

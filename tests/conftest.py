@@ -71,3 +71,18 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
     state = dict(model=model.state_dict(), model_config=dataclasses.asdict(config), tokenizer_json=tokenizer.to_json(),
                  kind=kind, step=1, tokens=0)
     return train.save_checkpoint(Path(folder), 1, state, keep_last=1)
+
+
+def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout: float = 120):
+    """Run a stage script and kill -9 it as soon as `path` exists (or when it exits or time runs out)."""
+    import signal
+    import subprocess
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    victim = subprocess.Popen([sys.executable, str(script), *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()

@@ -11,7 +11,7 @@ import torch
 import data
 import sft
 import train
-from conftest import FIXTURE_TEXT, make_checkpoint
+from conftest import FIXTURE_TEXT, make_checkpoint, sigkill_when_file_appears
 from tok import check_conversation, render_conversation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,17 +200,8 @@ def test_without_val_data_the_first_conversations_are_held_out(setup, small_toke
 
 
 def test_resume_after_sigkill_equals_uninterrupted(setup):
-    import signal
-    import time
     sft.main(args_for(setup, "a", "--save-every", "2"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    victim = subprocess.Popen([sys.executable, str(REPO / "sft.py"), *args_for(setup, "b", "--save-every", "2")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (setup / "b" / "ckpt_0000002.pt").exists() and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    sigkill_when_file_appears(REPO / "sft.py", args_for(setup, "b", "--save-every", "2"), setup / "b" / "ckpt_0000002.pt")
     assert train.latest_checkpoint(setup / "b").name in ("ckpt_0000002.pt", "ckpt_0000004.pt")
     proc = run_sft(args_for(setup, "b", "--save-every", "2", "--resume"))
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-1500:]

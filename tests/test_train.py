@@ -2,10 +2,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +16,7 @@ import torch.optim._muon
 import data
 import tok
 import train
+from conftest import sigkill_when_file_appears
 
 TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # before build_optimizers replaces it on CPU
 from tok import Tokenizer
@@ -121,14 +120,8 @@ def test_resume_is_bitwise_exact(setup, tmp_path):
 
 def test_resume_after_sigkill(setup, tmp_path):
     run_script(args_for(setup, tmp_path / "a", "--save-every", "2"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    victim = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args_for(setup, tmp_path / "b", "--save-every", "2")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "b" / "ckpt_0000002.pt").exists() and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    sigkill_when_file_appears(REPO / "train.py", args_for(setup, tmp_path / "b", "--save-every", "2"),
+                              tmp_path / "b" / "ckpt_0000002.pt")
     run_script(args_for(setup, tmp_path / "b", "--save-every", "2", "--resume"))
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     for name in a["model"]:
