@@ -231,6 +231,48 @@ def check_hub_reachable(source: Source, timeout: float = 3.0):
         raise DataError(f"{source.spec}: hub unreachable ({host}: {e}); {hint}") from None
 
 
+def open_hub(source: Source, streaming: bool = True, cache_dir=None):
+    """A hub dataset as `datasets` loads it; fails in seconds, with what to do, when the hub is unreachable."""
+    import datasets
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as DataError, once
+    check_hub_reachable(source)
+    try:
+        return datasets.load_dataset(source.location, name=source.name, split=source.split,
+                                     revision=source.revision, streaming=streaming, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as e:
+        raise DataError(f"{source.spec}: hub unreachable or dataset not cached ({e}); "
+                        f"pass --data with local files, e.g. --data 'parquet://DIR/*.parquet'") from None
+    except Exception as e:  # unknown dataset, config or split
+        raise DataError(f"{source.spec}: cannot open hub dataset: {e}") from None
+
+
+def iter_rows(source: Source):
+    """(where, row) for every row of a jsonl://, parquet:// or hf:// source, rows as dicts (conversations,
+    benchmark tasks). A JSONL line that is not valid JSON comes as (where, the JSONDecodeError), so the
+    caller decides whether to count it or to stop."""
+    if source.kind == "jsonl":
+        for path in resolve_files(source):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            row = e
+                        yield f"{path}:{n}", row
+    elif source.kind == "parquet":
+        for n, (_, row) in enumerate(iter_parquet_rows(source)):
+            yield f"{source.spec}#{n}", row
+    elif source.kind == "hf":
+        try:
+            for n, row in enumerate(open_hub(source)):
+                yield f"{source.spec}#{n}", row
+        except (ConnectionError, OSError) as e:
+            raise DataError(f"{source.spec}: hub connection lost while reading ({e})") from None
+    else:
+        raise DataError(f"{source.spec}: rows come from jsonl://, parquet:// or hf:// sources, not {source.kind}://")
+
+
 def open_source(source: Source, streaming: bool = True, keep_source: bool = False, cache_dir=None):
     """Open a source as a `datasets` dataset with a `text` column: streaming (IterableDataset,
     the default) or, with streaming=False, converted to datasets' on-disk Arrow cache first.
@@ -239,15 +281,7 @@ def open_source(source: Source, streaming: bool = True, keep_source: bool = Fals
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as DataError, once
     local = dict(split="train", streaming=streaming, cache_dir=cache_dir)
     if source.kind == "hf":
-        check_hub_reachable(source)
-        try:
-            ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
-                                       revision=source.revision, streaming=streaming, cache_dir=cache_dir)
-        except (ConnectionError, OSError) as e:
-            raise DataError(f"{source.spec}: hub unreachable or dataset not cached ({e}); "
-                            f"pass --data with local files, e.g. --data 'parquet://DIR/*.parquet'") from None
-        except Exception as e:  # unknown dataset, config or split
-            raise DataError(f"{source.spec}: cannot open hub dataset: {e}") from None
+        ds = open_hub(source, streaming, cache_dir)
         try:
             source.num_docs = ds.info.splits[source.split].num_examples or None
         except (AttributeError, KeyError, TypeError):

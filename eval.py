@@ -365,36 +365,12 @@ def parse_task_list(items) -> list[Task]:
 
 
 def iter_rows(spec: str):
-    """The rows (dicts) of a dataset spec: hf://, jsonl:// or parquet://."""
-    source = data.parse_spec(spec)
-    if source.kind == "hf":
-        import datasets
-        datasets.logging.set_verbosity_error()
-        data.check_hub_reachable(source)
-        try:
-            ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
-                                       revision=source.revision, streaming=True)
-            yield from ds
-        except (ConnectionError, OSError) as e:
-            raise DataError(f"{spec}: hub unreachable or dataset not cached ({e})") from None
-        except DataError:
-            raise
-        except Exception as e:  # unknown dataset, config or split
-            raise DataError(f"{spec}: cannot open hub dataset: {e}") from None
-    elif source.kind == "jsonl":
-        for path in data.resolve_files(source):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield dict(json.loads(line), _where=f"{path}:{number}")
-                        except (json.JSONDecodeError, TypeError, ValueError) as e:
-                            raise DataError(f"{path}:{number}: not a JSON object ({e})") from None
-    elif source.kind == "parquet":
-        for _, row in data.iter_parquet_rows(source):
-            yield row
-    else:
-        raise DataError(f"{spec}: a task's rows come from jsonl://, parquet:// or hf://, not {source.kind}://")
+    """The rows (dicts) of a dataset spec (hf://, jsonl:// or parquet://), each with `_where` for messages."""
+    for where, row in data.iter_rows(data.parse_spec(spec)):
+        if not isinstance(row, dict):
+            problem = row if isinstance(row, Exception) else f"a JSON {type(row).__name__}"
+            raise DataError(f"{where}: not a JSON object ({problem})")
+        yield dict(row, _where=where)
 
 
 def load_examples(task: Task, limit: int = 0, seed: int = 0) -> list[dict]:

@@ -29,7 +29,6 @@ chat.py loads.
   is, what it can and cannot do) is mixed into every epoch.
 """
 import dataclasses
-import json
 import re
 import signal
 import sys
@@ -120,45 +119,6 @@ def to_messages(row: dict):
                             f"'instruction' column (columns: {', '.join(row)})")
 
 
-def iter_jsonl_rows(source: data.Source):
-    """(where, row) for each line of local JSONL files; bad JSON is reported by file and line."""
-    for path in data.resolve_files(source):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", e
-                    continue
-                yield f"{path}:{n}", row
-
-
-def iter_rows(source: data.Source):
-    """(where, row dict or error) for every row of a source."""
-    if source.kind == "jsonl":
-        yield from iter_jsonl_rows(source)
-        return
-    if source.kind == "parquet":
-        for n, (_, row) in enumerate(data.iter_parquet_rows(source)):
-            yield f"{source.spec}#{n}", row
-        return
-    if source.kind != "hf":
-        raise data.DataError(f"{source.spec}: conversations come from jsonl://, parquet:// or hf:// sources")
-    import datasets
-    datasets.logging.set_verbosity_error()
-    data.check_hub_reachable(source)
-    try:
-        ds = datasets.load_dataset(source.location, name=source.name, split=source.split,
-                                   revision=source.revision, streaming=True)
-    except Exception as e:
-        raise data.DataError(f"{source.spec}: cannot open hub dataset ({e}); pass --data with local "
-                             f"files, e.g. --data 'jsonl://DIR/*.jsonl'") from None
-    for n, row in enumerate(ds):
-        yield f"{source.spec}#{n}", row
-
-
 class Rejections:
     """Counts of rejected conversations by reason, with the first example of each."""
 
@@ -192,7 +152,7 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
     end_id = tokenizer.special["<|assistant_end|>"]
     for source in sources:
         mine = []
-        for where, row in iter_rows(source):
+        for where, row in data.iter_rows(source):
             if limit and len(rendered) + len(mine) >= limit:
                 break
             seen += 1
