@@ -26,12 +26,19 @@ from kernels.dispatch import use_triton
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, Y, RSTD, n_rows, n_cols, eps,
-                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _row_tile(n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """This program's rows, the in-bounds mask of its tile, and the tile's element offsets."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    return rows, mask, offs
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, Y, RSTD, n_rows, n_cols, eps,
+                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows, mask, offs = _row_tile(n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
     tl.store(Y + offs, (x * rstd[:, None]).to(Y.dtype.element_ty), mask=mask)
@@ -41,10 +48,7 @@ def _rms_norm_fwd_kernel(X, Y, RSTD, n_rows, n_cols, eps,
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, RSTD, DX, n_rows, n_cols,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_COLS)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    rows, mask, offs = _row_tile(n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
