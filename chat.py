@@ -19,9 +19,10 @@ the tokens whose keys and values the cache holds. The history (text) is the
 truth; the cache is only an optimisation of it. For every answer the whole
 conversation is rendered with tok.render_prompt, the cache is truncated to the
 longest common prefix of `cached_ids` and the new prompt, and only the rest is
-prefilled, in one forward. Usually that is just the new user message, plus the
-<|assistant_end|> of the previous answer: a sampled stop token is not fed to the
-model (nothing needs its logits), the next prompt brings it. The same rule covers
+prefilled, in one forward. Usually that is just the new user message: the decode
+loop (GPT.generate, shared with training samples, sft.py and serve.py) feeds every
+token it yields, so the cache already holds the previous answer's
+<|assistant_end|>. The same rule covers
 every other case without special code: an answer stopped by the token limit or
 Ctrl-C (history keeps the text shown so far; the rendering closes it with
 <|assistant_end|>), an answer whose tokens differ from how the tokenizer encodes
@@ -44,8 +45,7 @@ from typing import Iterator
 
 import torch
 
-import train
-from gpt import sample_next_token
+import common
 from tok import ConversationError, check_conversation, render_prompt
 
 DEFAULT_CHECKPOINTS = ("out/chat", "out/base")  # sft.py writes the first, train.py the second
@@ -126,7 +126,8 @@ class ChatSession:
         self.history: list[dict] = []  # complete user/assistant exchanges, oldest first
         self.device = model.lm_head.weight.device
         self.context_len = model.config.sequence_len
-        self.cache = model.new_kv_cache(1, max_len=self.context_len)
+        # one more than the context: generate() feeds each token it yields, the last one too
+        self.cache = model.new_kv_cache(1, max_len=self.context_len + 1)
         self.cached_ids: list[int] = []  # exactly the tokens the cache holds
         self.rng = torch.Generator(device=self.device)
         if seed is None:
@@ -209,23 +210,26 @@ class ChatSession:
         start = time.perf_counter()
         budget = min(sampling.max_new_tokens, self.context_len - len(prompt))
         decoder = self.tokenizer.stream_decoder()  # holds back half a UTF-8 character
+        # Reuse the cache as far as it agrees with the prompt, but feed at least one
+        # token: its logits give the first answer token.
+        reply.cached_tokens = min(common_prefix_len(self.cached_ids, prompt), len(prompt) - 1)
+        self.cache.truncate(reply.cached_tokens)
+        received = []  # every token generate() gave us, the stop token included
+        tokens = self.model.generate(prompt[reply.cached_tokens:], budget, sampling.temperature,
+                                     sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng)
         try:
-            logits = self._prefill(prompt)
-            for i in range(budget):
-                token = sample_next_token(logits, sampling.temperature, sampling.top_k or None,
-                                          sampling.top_p, self.rng).item()
+            for token in tokens:
+                received.append(token)
                 if reply.ttft is None:
                     reply.ttft = time.perf_counter() - start
                 if token in stop_ids:
-                    reply.finish_reason = "stop"  # not fed: the next prompt brings it
+                    reply.finish_reason = "stop"
                     break
                 reply.ids.append(token)
                 piece = decoder.push(token)
                 if piece:
                     reply.text += piece
-                    yield piece  # before the next forward: the caller shows it sooner
-                if i + 1 < budget:
-                    logits = self._forward([token])
+                    yield piece
             else:
                 reply.finish_reason = "length"
             tail = decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
@@ -233,42 +237,23 @@ class ChatSession:
                 reply.text += tail
                 yield tail
         finally:
+            tokens.close()
+            # The cache only advances when a forward completes, so after a Ctrl-C in
+            # the middle of one it still holds a prefix of what we sent and received.
+            self.cached_ids = (prompt + received)[:self.cache.pos]
             if reply.finish_reason is None:  # closed early, or an exception (Ctrl-C) went through
                 reply.finish_reason = "interrupted"
-
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Make the cache hold `prompt`, computing only what it lacks; the logits after the prompt."""
-        n = common_prefix_len(self.cached_ids, prompt)
-        n = min(n, len(prompt) - 1)  # feed at least one token: its logits give the first answer token
-        self.cache.truncate(n)
-        del self.cached_ids[n:]
-        self.last.cached_tokens = n
-        return self._forward(prompt[n:])
-
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        # The cache only advances (and cached_ids only grows) when the forward
-        # completes, so a Ctrl-C in the middle leaves both consistent.
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
-            logits = self.model(x, kv_cache=self.cache)[:, -1]
-        self.cached_ids += ids
-        return logits
 
 
 # -----------------------------------------------------------------------------
 # Loading
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def find_checkpoint(path: str | None) -> Path:
     """The path given (a file or a folder), else the first of out/chat, out/base that holds a checkpoint."""
     if path:
         return Path(path)
     for folder in DEFAULT_CHECKPOINTS:
-        if train.latest_checkpoint(Path(folder)):
+        if common.latest_checkpoint(Path(folder)):
             return Path(folder)
     raise SystemExit(f"error: no checkpoint in {' or '.join(DEFAULT_CHECKPOINTS)}; fine-tune one with sft.py, "
                      f"pretrain one with train.py, or pass --checkpoint FILE_OR_FOLDER")
@@ -282,7 +267,7 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
     without weights). A missing or incompatible checkpoint raises SystemExit
     with an "error: ..." message.
     """
-    device = device or default_device()
+    device = device or common.default_device()
     try:
         device = torch.device(device)
     except RuntimeError as e:
@@ -290,10 +275,7 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: device {device} asked for, but CUDA is not available here (use --device cpu)")
     path = find_checkpoint(checkpoint)
-    try:
-        model, tokenizer, ckpt = train.load_model(path, device)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. a config from another code version
-        raise SystemExit(f"error: {path} is not a checkpoint this chat.py can use ({type(e).__name__}: {e})")
+    model, tokenizer, ckpt = common.load_model(path, device, reader="this chat.py")
     kind = ckpt.get("kind", "base")
     if kind not in ("base", "chat"):
         raise SystemExit(f"error: {ckpt['path']} has kind {kind!r}; chat.py runs 'chat' (sft.py) or 'base' (train.py)")

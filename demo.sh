@@ -60,7 +60,7 @@ echo "== 3. SFT: German conversations + nanoschnack's identity"
 $PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --out "$OUT/chat"
 
 echo "== 4. evaluation: bits per byte on held-out German text, report card"
-$PY eval.py --checkpoint "$OUT/chat" --local-only --tasks bpb --bpb-data "$BPB" "${EVAL[@]}"
+$PY evaluation.py --checkpoint "$OUT/chat" --local-only --tasks bpb --bpb-data "$BPB" "${EVAL[@]}"
 
 echo "== 5. a German chat answer"
 echo "> Wer bist du?"

@@ -20,6 +20,7 @@ T=1 there is nothing for a fused kernel to win).
 """
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -265,30 +266,32 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 kv_cache: KVCache | None = None):
-        """Stream up to max_new_tokens sampled token ids (a Python generator of ints).
+                 kv_cache: KVCache | None = None, generator: torch.Generator | None = None):
+        """Stream up to max_new_tokens sampled token ids (a Python generator of ints): the one decode loop.
 
-        tokens are prefilled in one forward (on top of kv_cache if one is given,
-        e.g. the next chat turn), then each new token is one decode step.
-        temperature 0 is greedy. Each token is fed to the model before it is
-        yielded, so when the caller stops early the cache holds exactly the prompt
-        and every token it received.
+        tokens are prefilled in one forward on top of kv_cache if one is given (e.g.
+        the next chat turn, or what is left of it after a shared prefix), then each
+        new token is one decode step. temperature 0 is greedy. Randomness comes from
+        `generator` (a caller's stream, e.g. a chat session's) or else a new one
+        seeded with `seed`. Each token is fed to the model before it is yielded, so
+        when the caller stops early the cache holds exactly the prompt and every
+        token it received, ready for the next turn.
         """
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
         device = self.lm_head.weight.device
         if kv_cache is None:
             kv_cache = self.new_kv_cache(1, len(tokens) + max_new_tokens)
-        rng = torch.Generator(device=device)
-        if seed is not None:
-            rng.manual_seed(seed)
-        else:
-            rng.seed()
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed) if seed is not None else generator.seed()
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.forward(ids, kv_cache=kv_cache)[:, -1]
+        with autocast(device):
+            logits = self.forward(ids, kv_cache=kv_cache)[:, -1]
         for _ in range(max_new_tokens):
-            next_id = sample_next_token(logits, temperature, top_k, top_p, rng)
-            logits = self.forward(next_id, kv_cache=kv_cache)[:, -1]
+            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
+            with autocast(device):
+                logits = self.forward(next_id, kv_cache=kv_cache)[:, -1]
             yield next_id.item()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -304,6 +307,11 @@ class GPT(nn.Module):
         """
         c = self.config
         return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+
+def autocast(device):
+    """The compute dtype, in one place: bf16 autocast on CUDA (weights stay fp32), plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -30,7 +30,6 @@ chat.py loads.
 """
 import dataclasses
 import re
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,11 +41,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import chat
+import common
 import data
-import eval as evaluation
-import train
-from tok import ConversationError, check_conversation, render_conversation
+import report
+from gpt import autocast
+from tok import ConversationError, check_conversation, render_conversation, render_prompt
 
 IDENTITY_FILE = Path(__file__).parent / "assets" / "identity.jsonl"
 # German chat sets on the hub: OASST (human-written, translated), Alpaca-GPT4 (German), Dolly (curated, German split)
@@ -186,13 +185,9 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
 
 def collate(conversations, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of shape (B, longest - 1); untrained and padded targets are -1."""
-    longest = max(len(ids) for ids, _ in conversations)
-    inputs = torch.full((len(conversations), longest - 1), pad_id, dtype=torch.long)
-    targets = torch.full((len(conversations), longest - 1), -1, dtype=torch.long)
-    for row, (ids, mask) in enumerate(conversations):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-        inputs[row, :len(ids) - 1] = ids_t[:-1]
-        targets[row, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], -1)
+    inputs = common.pad([ids[:-1] for ids, _ in conversations], pad_id)
+    targets = common.pad([[t if trained else -1 for t, trained in zip(ids[1:], mask[1:])]
+                          for ids, mask in conversations], -1)
     return inputs, targets
 
 
@@ -215,15 +210,12 @@ def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, worl
 
 def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device) -> float:
     """One optimizer step; the loss is the mean over the step's trained tokens on all ranks."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    common.set_lr(optimizers, lr_mult)
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(device), targets.to(device)
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()), autocast:
+        with (nullcontext() if sync else model.no_sync()), autocast(device):
             loss_sum = model(inputs, targets, loss_reduction="sum") / max(n_trained, 1)
             (loss_sum * world_size).backward()  # DDP averages over ranks; undo that: we want the sum
         total += loss_sum.detach()
@@ -240,12 +232,11 @@ def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, 
     """Mean loss per trained token over the validation conversations (all ranks together)."""
     nats = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     mine = conversations[rank::world_size]
     for start in range(0, len(mine), batch_size):
         inputs, targets = collate(mine[start:start + batch_size], pad_id)
         inputs, targets = inputs.to(device), targets.to(device)
-        with autocast:
+        with autocast(device):
             nats += model(inputs, targets, loss_reduction="sum").double()
         count += (targets >= 0).sum()
     if world_size > 1:
@@ -254,15 +245,23 @@ def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, 
     return float(nats / count.clamp(min=1))
 
 
-@torch.no_grad()
 def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
     """Greedy answers to fixed German questions, to watch the model become a chat model."""
-    session = chat.ChatSession(model, tokenizer, sampling=chat.Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
-    return [session.answer([{"role": "user", "content": q}]).text for q in questions]
+    answers = []
+    for question in questions:
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
+        room = min(max_new_tokens, model.config.sequence_len - len(prompt))
+        ids = []
+        for token in model.generate(prompt, room, temperature=0.0):
+            if token in tokenizer.special.values():  # <|assistant_end|> (or any special token) ends the answer
+                break
+            ids.append(token)
+        answers.append(tokenizer.decode(ids))
+    return answers
 
 
 def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_tokens, seconds, last, log):
-    """The SFT and chat-sample sections of the report card (eval.py) next to the checkpoints."""
+    """The SFT and chat-sample sections of the report card (report.py) next to the checkpoints."""
     rows = [["base checkpoint", f"`{base['path']}`"], ["parameters", model.num_params()],
             ["conversations", f"{n_train:,} for training (identity included), {n_val:,} for validation"],
             ["read / rejected / cut", f"{data_stats.get('read', 0):,} / {data_stats.get('rejected', 0):,} / "
@@ -270,10 +269,10 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
             ["steps", f"{steps:,} of {cfg.examples_per_step} conversations"], ["trained tokens", trained_tokens],
             ["wall time", f"{seconds / 60:.1f} min (this run)"], ["final train loss", last.get("loss")],
             ["final validation loss", last.get("val_loss")], ["data", f"`{cfg.data}`"]]
-    path = evaluation.report_path(cfg.out)
-    evaluation.update_report(path, "SFT", evaluation.markdown_table(["", ""], rows))
+    path = report.report_path(cfg.out)
+    report.update_report(path, "SFT", report.markdown_table(["", ""], rows))
     if "samples" in last:
-        evaluation.update_report(path, "Chat samples", evaluation.format_samples(list(last["samples"].items())))
+        report.update_report(path, "Chat samples", report.format_samples(list(last["samples"].items())))
     log(f"report: {path}")
 
 
@@ -294,11 +293,11 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
 
 
 def main(argv=None):
-    cfg = train.parse_config(argv, SFTConfig, PRESETS, __doc__)
+    cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
     if cfg.examples_per_step % cfg.device_batch_size:
         sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
                  f"--device-batch-size {cfg.device_batch_size}")
-    rank, world_size, device = train.setup_distributed(cfg)
+    rank, world_size, device = common.setup_distributed(cfg.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if cfg.examples_per_step % (cfg.device_batch_size * world_size):
@@ -306,7 +305,7 @@ def main(argv=None):
                  f"x world size = {cfg.device_batch_size * world_size}")
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer, base = train.load_model(cfg.base, device)
+    model, tokenizer, base = common.load_model(cfg.base, device)
     data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
     if base.get("kind") == "chat":
         log(f"note: {base['path']} is already a chat checkpoint; fine-tuning it further")
@@ -328,17 +327,17 @@ def main(argv=None):
         f"{cfg.examples_per_step} ({steps_per_epoch:,} per epoch), {world_size} process(es) on {device}, "
         f"{accum} micro-steps per step")
 
-    optimizers = train.build_optimizers(model, cfg)
+    optimizers = common.build_optimizers(model, cfg)
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
     step, trained_tokens, out = 0, 0, Path(cfg.out)
-    if cfg.resume and (path := train.latest_checkpoint(out)):
-        ckpt = train.load_checkpoint(path)
+    if cfg.resume and (path := common.latest_checkpoint(out)):
+        ckpt = common.load_checkpoint(path)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "chat" or "optimizers" not in ckpt:
             sys.exit(f"error: {path} is not an sft.py checkpoint to resume; resume in sft.py's own --out, "
                      f"or choose another --out")
-        train.check_same_model(ckpt["model_config"], model.config, path)
+        common.check_same_model(ckpt["model_config"], model.config, path)
         if ckpt.get("train_config", {}).get("examples_per_step") != cfg.examples_per_step:
             sys.exit(f"error: {path} is not an SFT checkpoint with --examples-per-step {cfg.examples_per_step}")
         model.load_state_dict(ckpt["model"])
@@ -355,9 +354,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     pad_id = tokenizer.bos_id  # any id: padded positions have target -1
 
-    stop_signal = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    stop = common.StopSignal()
 
     def save():
         if master:
@@ -366,11 +363,11 @@ def main(argv=None):
                          tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
                          base=base["path"], world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
                          step=step, tokens=trained_tokens)
-            log(f"saved {train.save_checkpoint(out, step, state, cfg.keep_last)}")
+            log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
     if master:
         data.make_folder(out)
-        log_file = open(out / "log.jsonl", "ab", buffering=0)
+        log_file = common.open_log(out)
     first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
     while step < steps:
@@ -388,10 +385,10 @@ def main(argv=None):
             now = time.time()
             rate = window_tokens / (now - window_start)
             window_start, window_tokens = now, 0
-            eta = (steps - step) * (now - start_time) / (step - first_step)
+            eta = (steps - step) * (now - start_time) / (step - first_step)  # seconds
             record.update(trained_tok_per_s=round(rate), elapsed_s=round(now - start_time, 1))
             log(f"step {step:>5,}/{steps:,} | epoch {epoch} | loss {loss:.4f} | lr x{lr_mult:.3f} | "
-                f"{rate:,.0f} trained tok/s | ETA {eta / 60:.1f} min")
+                f"{rate:,.0f} trained tok/s | ETA {common.format_seconds(eta)}")
         if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == steps):
             raw_model.eval()
             record["val_loss"] = validation_loss(raw_model, val, cfg.device_batch_size, rank, world_size, pad_id, device)
@@ -404,24 +401,20 @@ def main(argv=None):
             for question, answer in record["samples"].items():
                 log(f"  {question} -> {answer!r}")
         if master:
-            train.append_log(log_file, record)
+            common.append_log(log_file, record)
 
-        stop = torch.tensor(float(bool(stop_signal)), device=device)
-        if world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        leave = bool(stop.item()) or (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps)
+        leave = stop.reason(step - first_step, cfg.stop_after_steps, device)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
             save()
         if leave:
-            log(f"stopped at step {step:,}; continue with --resume")
+            log(f"stopped at step {step:,} ({leave}); continue with --resume")
             break
     log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
     if master and step == steps:
         write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), steps, trained_tokens,
                      time.time() - start_time, record, log)
-    if world_size > 1:
-        del model
-        dist.destroy_process_group()
+    del model  # DDP's reducer must go before its process group, or gloo can hang on exit
+    common.teardown_distributed()
 
 
 if __name__ == "__main__":

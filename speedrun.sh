@@ -25,7 +25,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 echo "== 0. data: the hub mix as local parquet shards, so a long run does not depend on the hub"
 # 200 shards of 250M characters = 50B characters, about 10B tokens: the d20 budget.
 PRETRAIN=$($PY -c 'import data; print(data.DEFAULT_PRETRAIN_SPEC)')
-$PY data.py prepare --data $PRETRAIN --out "$OUT/data/base" --max-shards 200
+$PY prepare.py --data $PRETRAIN --out "$OUT/data/base" --max-shards 200
 
 echo "== 1. tokenizer: 32768 tokens on 2B characters"
 $PY tok.py --data "parquet://$OUT/data/base" --max-chars 2B --out "$OUT/tokenizer"
@@ -38,8 +38,8 @@ echo "== 3. SFT: German chat mix from the hub + identity conversations"
 $RUN sft.py --base "$OUT/base" --out "$OUT/chat" --resume
 
 echo "== 4. evaluation: bits per byte and the German benchmarks; report card"
-$RUN eval.py --checkpoint "$OUT/base" --bpb-data "parquet://$OUT/data/base?split=val" --limit 2000 --report "$OUT/report.md"
-$RUN eval.py --checkpoint "$OUT/chat" --bpb-data "parquet://$OUT/data/base?split=val" --limit 2000 --report "$OUT/report.md"
+$RUN evaluation.py --checkpoint "$OUT/base" --bpb-data "parquet://$OUT/data/base?split=val" --limit 2000 --report "$OUT/report.md"
+$RUN evaluation.py --checkpoint "$OUT/chat" --bpb-data "parquet://$OUT/data/base?split=val" --limit 2000 --report "$OUT/report.md"
 
 echo "Done: $OUT/report.md. Chat:  $PY chat.py --checkpoint $OUT/chat"
 echo "Web (pip install -e .[web] first):  $PY serve.py --checkpoint $OUT/chat --host 0.0.0.0"

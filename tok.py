@@ -34,6 +34,8 @@ import tiktoken
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from report import markdown_table, report_path, update_report
+
 BOS = "<|bos|>"
 SPECIAL_TOKENS = [
     BOS,  # starts every document; the model also uses it as a document separator
@@ -380,7 +382,7 @@ def parse_count(text: str) -> int:
 
 
 def main(argv=None):
-    import data
+    import data  # only the command line reads dataset specs; chat.py and serve.py load the tokenizer without data.py
     parser = argparse.ArgumentParser(description="Train nanoschnack's German byte-level BPE tokenizer.")
     parser.add_argument("--data", nargs="+", default=[data.DEFAULT_PRETRAIN_SPEC],
                         help="dataset spec(s), see data.py (default: FineWeb-2 deu_Latn on the hub)")
@@ -418,7 +420,6 @@ def main(argv=None):
     print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
           f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
           f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")
-    from eval import markdown_table, report_path, update_report  # the report card (out/report.md)
     rows = [["vocabulary", f"{tokenizer.vocab_size:,} tokens (256 bytes, {len(SPECIAL_TOKENS)} special tokens)"],
             ["trained on", f"{text.chars:,} characters in {text.docs:,} documents (each cut to "
                            f"{args.max_doc_chars:,})"],

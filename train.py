@@ -18,11 +18,8 @@ the CPU. Rank 0 logs and saves.
   written atomically (temp file + rename), every --save-every steps and on
   SIGINT/SIGTERM; --resume picks up the newest one.
 """
-import argparse
 import dataclasses
 import json
-import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,11 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
 import data
-import eval as evaluation  # eval.py; named so that it does not hide the builtin here
+import evaluation
 import gpt
+import report
 from data import DEFAULT_PRETRAIN_SPEC, DEFAULT_VAL_SPEC
-from eval import evaluate_bpb  # noqa: F401 (train.evaluate_bpb, as before)
 from tok import Tokenizer
 
 
@@ -94,40 +92,12 @@ SAMPLE_PROMPTS = ["Die Hauptstadt von Deutschland ist", "Es war einmal", "Der Bu
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
 
 
-def parse_config(argv=None, config_class=TrainConfig, presets=PRESETS, description=__doc__) -> TrainConfig:
-    """Flags from the dataclass fields; a preset fills in defaults, explicit flags win."""
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[1], allow_abbrev=False)
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default!r}")
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    name = args.get("preset", config_class.preset)
-    if name not in presets and not name.startswith("d"):
-        parser.error(f"unknown preset {name!r}: use one of {', '.join(presets)} or d<depth>")
-    return config_class(**{**presets.get(name, dict(model=name)), **args})
+def parse_config(argv=None) -> TrainConfig:
+    return common.parse_config(TrainConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup, model, optimizers, schedule
-
-def setup_distributed(cfg: TrainConfig):
-    """(rank, world_size, device); initialises the process group under torchrun."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return rank, world_size, device
-
+# Model, schedule, one step
 
 def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     config = gpt.preset(cfg.model or cfg.preset, vocab_size=vocab_size, sequence_len=cfg.seq_len)
@@ -136,47 +106,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     model.to_empty(device=device)
     model.init_weights(seed=cfg.seed)
     return model
-
-
-def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
-    """torch.optim.Muon's orthogonalisation (the same quintic Newton-Schulz iteration), in fp32.
-
-    torch runs it in bf16, which GPUs do fast but CPUs without bf16 matrix units
-    about 20x slower than fp32: on a 2-core EPYC this iteration alone took most
-    of each CPU training step. Only installed for models on the CPU."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
-
-
-def build_optimizers(model: gpt.GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe)."""
-    if model.lm_head.weight.device.type == "cpu":
-        import torch.optim._muon
-        torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
-    width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
-    matrices = [p for p in model.transformer.h.parameters()]
-    if any(p.ndim != 2 for p in matrices):
-        raise ValueError("Muon expects only 2-D matrices in the blocks")
-    fused = model.lm_head.weight.device.type == "cuda"
-    adamw = torch.optim.AdamW([
-        dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
-        dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
-    ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
-    # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
-    muon = torch.optim.Muon(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
-                            weight_decay=cfg.weight_decay, adjust_lr_fn="original")
-    optimizers = [adamw, muon]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return optimizers
 
 
 def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
@@ -191,17 +120,14 @@ def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
 
 def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> float:
     """One optimizer step over the micro-batches; returns the mean loss of this rank."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    common.set_lr(optimizers, lr_mult)
     total = 0.0
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         # DDP averages gradients over ranks; only the last micro-step needs to sync
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()), autocast:
+        with (nullcontext() if sync else model.no_sync()), gpt.autocast(device):
             loss = model(inputs, targets) / len(micro_batches)
             loss.backward()
         total += loss.detach()
@@ -211,15 +137,13 @@ def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> floa
     return float(total)
 
 
-@torch.no_grad()
 def sample_texts(model, tokenizer, prompts, max_new_tokens=24) -> list[str]:
     """Greedy continuations of fixed German prompts, to watch the model learn."""
     was_training = model.training
     model.eval()
     texts = []
     for prompt in prompts:
-        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-        new = list(model.generate(ids, max_new_tokens, temperature=0.0))
+        new = model.generate([tokenizer.bos_id] + tokenizer.encode(prompt), max_new_tokens, temperature=0.0)
         texts.append(prompt + tokenizer.decode([i for i in new if i not in tokenizer.special.values()]))
     model.train(was_training)
     return texts
@@ -235,99 +159,103 @@ def ranks_in_sync(model) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# The run's pieces, in the order main() uses them
 
-def save_checkpoint(out: Path, step: int, state: dict, keep_last: int):
-    """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last.
+def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> tuple[int, int, float | None]:
+    """(optimizer steps, micro-steps per step, the device's peak FLOP/s or None); logs the plan."""
+    tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % tokens_per_micro:
+        sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
+                 f"x world size = {tokens_per_micro}")
+    accum = cfg.total_batch_size // tokens_per_micro
+    n_params = model.num_params()
+    total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_params)
+    steps = max(1, total_tokens // cfg.total_batch_size)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    log(f"model {model.config} | {n_params:,} parameters | {model.flops_per_token():.3g} FLOPs/token")
+    log(f"plan: {steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
+        f"({steps * cfg.total_batch_size / n_params:.1f} per parameter); {world_size} process(es) on {device}, "
+        f"{cfg.device_batch_size}x{cfg.seq_len} per micro-step, {accum} micro-steps per step")
+    if peak:
+        est = steps * cfg.total_batch_size * model.flops_per_token() / (0.4 * peak * world_size)
+        log(f"estimated time at 40% MFU on {torch.cuda.get_device_name()}: {est / 3600:.2f} h")
+    return steps, accum, peak
 
-    A write that fails (disk full, an unusable --out) removes its temp file, leaves
-    the older checkpoints as they were, and exits with one error line."""
-    path = Path(out) / f"ckpt_{step:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
+
+def resume(cfg: TrainConfig, model, optimizers, loader, rank: int, world_size: int, log) -> dict:
+    """Load the newest checkpoint of --out into model, optimizers, loader and RNG; its counters ({} if none)."""
+    path = common.latest_checkpoint(cfg.out)
+    if path is None:
+        log(f"--resume: no checkpoint in {cfg.out}, starting fresh")
+        return {}
+    ckpt = common.load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind", "base") != "base" or "loader" not in ckpt:
+        sys.exit(f"error: {path} is not a train.py checkpoint to resume; resume in train.py's own --out, "
+                 f"or choose another --out")
+    common.check_same_model(ckpt["model_config"], model.config, path)
+    if ckpt["world_size"] != world_size:
+        sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
+                 f"resume with the same number")
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # a Python file, so that a failed write keeps its OSError (as __context__)
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half a file
-    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-        if tmp.is_file():
-            tmp.unlink()
-        cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
-        kept = latest_checkpoint(path.parent)
-        raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
-                         + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
-    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
-        old.unlink()
-    return path
+        loader.load_state_dict(ckpt["loader"][rank])
+    except data.DataError as e:
+        sys.exit(f"error: {path}: {e}")
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    log(f"resumed from {path} at step {ckpt['step']:,} ({ckpt['tokens']:,} tokens)")
+    return ckpt
 
 
-def append_log(file, record: dict):
-    """One JSON line to log.jsonl (opened unbuffered, "ab", buffering=0); a full disk ends the run with one line."""
-    try:
-        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {file.name} ({e}); free disk space, then continue with --resume")
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    paths = sorted(Path(out).glob("ckpt_*.pt"))
-    return paths[-1] if paths else None
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it to fall back to an older one")
-
-
-def load_model(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a folder's newest one.
-
-    Checkpoints carry their tokenizer (tokenizer_json), so they work wherever they are copied."""
-    path = Path(path)
-    file = latest_checkpoint(path) if path.is_dir() else path
-    if file is None or not file.is_file():
-        raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
-                         f"or pass --checkpoint FILE_OR_FOLDER")
-    ckpt = load_checkpoint(file)
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
-    config = gpt.GPTConfig(**ckpt["model_config"])
-    try:
-        tokenizer = Tokenizer.from_json(ckpt["tokenizer_json"]) if "tokenizer_json" in ckpt else Tokenizer.load(ckpt["tokenizer"])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: tokenizer of {file}: {e}")
-    if tokenizer.vocab_size != config.vocab_size:
-        raise SystemExit(f"error: {file}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
-    with torch.device("meta"):
-        model = gpt.GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # sets the rotary tables, which checkpoints do not hold
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"error: {file} does not fit its own model config: {str(e)[:300]}")
+def evaluate(model, tokenizer, val_batches, eval_tasks, record: dict, step: int, cfg, rank, world_size, device,
+             log) -> list[dict]:
+    """Validation bits per byte and the multiple-choice tasks, into `record`; returns the task results."""
     model.eval()
-    ckpt["path"] = str(file)
-    return model, tokenizer, ckpt
+    token_bytes = torch.tensor(tokenizer.token_bytes, device=device)
+    record["val_bpb"] = evaluation.evaluate_bpb(model, val_batches, token_bytes, device)
+    log(f"step {step:>6,} | validation bits per byte {record['val_bpb']:.4f}")
+    results = []
+    for task, examples in eval_tasks:  # every rank scores its share; results are all-reduced
+        r = evaluation.evaluate_task(model, tokenizer, examples, device, task.kind, cfg.device_batch_size,
+                                     rank, world_size)
+        results.append(dict(task=task.name, data=task.spec, **r))
+        record.setdefault("evals", {})[task.name] = dict(acc=r["acc"], acc_norm=r["acc_norm"])
+        log(f"step {step:>6,} | {task.name}: acc {r['acc']:.4f}"
+            + (f", acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else "")
+            + f" (random {r['random']:.4f}, {r['examples']} examples)")
+    model.train()
+    return results
 
 
-def check_same_model(saved: dict, config: gpt.GPTConfig, path):
-    mine = dataclasses.asdict(config)
-    if saved != mine:
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        raise SystemExit(f"error: checkpoint {path} is from another model config {diff} (saved, asked); "
-                         f"use the same --preset/--model/--seq-len, or another --out")
+def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int, tokens_seen: int,
+                 tok_per_s: float, seconds: float, peak, world_size: int, device, val_bpb, task_results, log):
+    """The Pretraining section of the report card (report.py)."""
+    mfu = f"{model.flops_per_token() * tok_per_s / (peak * world_size):.1%}" if peak else \
+        ("n/a on CPU" if device.type == "cpu" else f"n/a (no peak FLOPs known for {torch.cuda.get_device_name()})")
+    rows = [
+        ["parameters", model.num_params()], ["model", f"`{cfg.model or cfg.preset}`: " + ", ".join(
+            f"{k}={v}" for k, v in dataclasses.asdict(model.config).items())],
+        ["tokens", tokens_seen], ["steps", f"{step:,} of {steps:,}"], ["tokens per step", cfg.total_batch_size],
+        ["wall time", f"{seconds / 60:.1f} min" + (" (all sessions)" if first_step else "")],
+        ["tokens/s", f"{tok_per_s:,.0f} (mean over the run, evals included)"], ["MFU", mfu],
+        ["hardware", f"{world_size} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"],
+        ["final val bpb", val_bpb or "not measured (--eval-every 0)"],
+        ["validation data", " ".join(f"`{s}`" for s in cfg.val_data.split())],
+        ["training data", " ".join(f"`{s}`" for s in cfg.data.split())],
+        ["checkpoint", f"`{common.latest_checkpoint(cfg.out)}`"],
+    ]
+    body = report.markdown_table(["", ""], rows)
+    if task_results:
+        body += "\n\nMultiple choice at the last eval:\n\n" + evaluation.results_markdown(task_results)
+    log(f"report: {report.update_report(report.report_path(cfg.out), 'Pretraining', body)}")
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device = common.setup_distributed(cfg.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
@@ -338,93 +266,43 @@ def main(argv=None):
         sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
         eval_tasks = [(t, evaluation.load_examples(t, cfg.eval_task_limit))
                       for t in evaluation.parse_task_list(cfg.eval_tasks)]
+        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
+                                      prefetch=cfg.prefetch)
     except (FileNotFoundError, ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     model = build_model(cfg, tokenizer.vocab_size, device)
-    optimizers = build_optimizers(model, cfg)
-
-    # the plan: how many tokens, steps, micro-steps
-    tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
-    if cfg.total_batch_size % tokens_per_micro:
-        sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
-                 f"x world size = {tokens_per_micro}")
-    accum = cfg.total_batch_size // tokens_per_micro
-    n_params = model.num_params()
-    total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_params)
-    steps = max(1, total_tokens // cfg.total_batch_size)
-    flops_per_token = model.flops_per_token()
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    log(f"model {model.config} | {n_params:,} parameters | {flops_per_token:.3g} FLOPs/token")
-    log(f"plan: {steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
-        f"({steps * cfg.total_batch_size / n_params:.1f} per parameter); {world_size} process(es) on {device}, "
-        f"{cfg.device_batch_size}x{cfg.seq_len} per micro-step, {accum} micro-steps per step")
-    if peak:
-        est = steps * cfg.total_batch_size * flops_per_token / (0.4 * peak * world_size)
-        log(f"estimated time at 40% MFU on {torch.cuda.get_device_name()}: {est / 3600:.2f} h")
-
-    try:
-        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
-                                      prefetch=cfg.prefetch)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    step, tokens_seen, out, prior_seconds = 0, 0, Path(cfg.out), 0.0
-    if cfg.resume and (path := latest_checkpoint(out)):
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or ckpt.get("kind", "base") != "base" or "loader" not in ckpt:
-            sys.exit(f"error: {path} is not a train.py checkpoint to resume; resume in train.py's own --out, "
-                     f"or choose another --out")
-        check_same_model(ckpt["model_config"], model.config, path)
-        if ckpt["world_size"] != world_size:
-            sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
-                     f"resume with the same number")
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        try:
-            loader.load_state_dict(ckpt["loader"][rank])
-        except data.DataError as e:
-            sys.exit(f"error: {path}: {e}")
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        step, tokens_seen = ckpt["step"], ckpt["tokens"]
-        prior_seconds = ckpt.get("train_seconds", 0.0)
-        log(f"resumed from {path} at step {step:,} ({tokens_seen:,} tokens)")
-    elif cfg.resume:
-        log(f"--resume: no checkpoint in {out}, starting fresh")
+    optimizers = common.build_optimizers(model, cfg)
+    steps, accum, peak = plan_run(cfg, model, world_size, device, log)
+    resumed = resume(cfg, model, optimizers, loader, rank, world_size, log) if cfg.resume else {}
+    step, tokens_seen = resumed.get("step", 0), resumed.get("tokens", 0)
+    prior_seconds = resumed.get("train_seconds", 0.0)
 
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    val_batches = None
-    token_bytes = torch.tensor(tokenizer.token_bytes, device=device)
+    stop = common.StopSignal()
+    out = Path(cfg.out)
 
-    stop_signal = []  # set by SIGINT/SIGTERM: save and leave after the current step
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-    def checkpoint_state():
-        loaders = [None] * world_size
+    def save():
+        loaders = [None] * world_size  # every rank takes part in gathering the loader states
         if world_size > 1:
             dist.all_gather_object(loaders, loader.state_dict())
         else:
             loaders = [loader.state_dict()]
-        return dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                    model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
-                    tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
-                    kind="base", loader=loaders, world_size=world_size,
-                    rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen,
-                    train_seconds=prior_seconds + time.time() - start_time)
-
-    def save():
-        state = checkpoint_state()  # every rank takes part in gathering the loader states
+        state = dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                     model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
+                     tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
+                     kind="base", loader=loaders, world_size=world_size,
+                     rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen,
+                     train_seconds=prior_seconds + time.time() - start_time)
         if master:
-            path = save_checkpoint(out, step, state, cfg.keep_last)
-            log(f"saved {path}")
+            log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
     if master:
         data.make_folder(out)
-        log_file = open(out / "log.jsonl", "ab", buffering=0)
+        log_file = common.open_log(out)
     batches = iter(loader)
 
     def next_batches(n):
@@ -433,7 +311,7 @@ def main(argv=None):
         except data.DataError as e:  # a bad row found while reading, e.g. malformed JSON lines
             sys.exit(f"error: {e}")
 
-    first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []  # for the report card
+    first_step, first_tokens, val_bpb, task_results, val_batches = step, tokens_seen, None, [], None
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     while step < steps:
         lr_mult = lr_multiplier(tokens_seen / (steps * cfg.total_batch_size), cfg)
@@ -453,13 +331,12 @@ def main(argv=None):
                 mean = torch.tensor(loss, device=device)
                 dist.all_reduce(mean)
                 record["loss"] = loss = mean.item() / world_size
-            eta = (steps - step) * cfg.total_batch_size / tok_per_s
-            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            mfu = raw_model.flops_per_token() * tok_per_s / (peak * world_size) if peak else None
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             record.update(tok_per_s=round(tok_per_s), mfu=mfu, mem_gib=mem, elapsed_s=round(now - start_time, 1))
             log(f"step {step:>6,}/{steps:,} | loss {loss:.4f} | lr x{lr_mult:.3f} | {tok_per_s:,.0f} tok/s"
                 + (f" | MFU {mfu:.1%}" if mfu is not None else "") + (f" | mem {mem:.1f} GiB" if mem else "")
-                + f" | ETA {eta / 60:.1f} min")
+                + f" | ETA {common.format_seconds((steps - step) * cfg.total_batch_size / tok_per_s)}")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
             if val_batches is None:
                 try:
@@ -467,36 +344,21 @@ def main(argv=None):
                                                           rank, world_size, cfg.eval_batches)
                 except data.DataError as e:
                     sys.exit(f"error: validation data: {e}")
-            raw_model.eval()
-            record["val_bpb"] = evaluate_bpb(raw_model, val_batches, token_bytes, device)
+            task_results = evaluate(raw_model, tokenizer, val_batches, eval_tasks, record, step, cfg, rank,
+                                    world_size, device, log)
             val_bpb = f"{record['val_bpb']:.4f} (step {step:,})"
-            log(f"step {step:>6,} | validation bits per byte {record['val_bpb']:.4f}")
-            task_results = []
-            for task, examples in eval_tasks:  # every rank scores its share; results are all-reduced
-                r = evaluation.evaluate_task(raw_model, tokenizer, examples, device, task.kind,
-                                             cfg.device_batch_size, rank, world_size)
-                task_results.append(dict(task=task.name, data=task.spec, **r))
-                record.setdefault("evals", {})[task.name] = dict(acc=r["acc"], acc_norm=r["acc_norm"])
-                log(f"step {step:>6,} | {task.name}: acc {r['acc']:.4f}"
-                    + (f", acc_norm {r['acc_norm']:.4f}" if r["acc_norm"] is not None else "")
-                    + f" (random {r['random']:.4f}, {r['examples']} examples)")
-            raw_model.train()
         if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == steps):
             record["samples"] = sample_texts(raw_model, tokenizer, SAMPLE_PROMPTS)
             for text in record["samples"]:
                 log(f"  sample: {text!r}")
         if master:
-            append_log(log_file, record)
+            common.append_log(log_file, record)
 
-        stop = torch.tensor(float(bool(stop_signal)), device=device)
-        if world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank must stop at the same step
-        leave = bool(stop.item()) or (cfg.stop_after_steps and step - first_step >= cfg.stop_after_steps)
+        leave = stop.reason(step - first_step, cfg.stop_after_steps, device)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
             save()
         if leave:
-            log(f"stopped at step {step:,} ({'signal' if stop.item() else '--stop-after-steps'}); "
-                f"continue with --resume")
+            log(f"stopped at step {step:,} ({leave}); continue with --resume")
             break
     if world_size > 1:
         log(f"parameters identical on all {world_size} ranks: {ranks_in_sync(raw_model)}")
@@ -504,28 +366,11 @@ def main(argv=None):
     log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s; counts per source: "
         f"{json.dumps(loader.token_counts(), ensure_ascii=False)}")
     if master:
-        tok_per_s = (tokens_seen - first_tokens) / max(seconds, 1e-9)
-        mfu = f"{flops_per_token * tok_per_s / (peak * world_size):.1%}" if peak else \
-            ("n/a on CPU" if device.type == "cpu" else f"n/a (no peak FLOPs known for {torch.cuda.get_device_name()})")
-        rows = [
-            ["parameters", n_params], ["model", f"`{cfg.model or cfg.preset}`: " + ", ".join(
-                f"{k}={v}" for k, v in dataclasses.asdict(raw_model.config).items())],
-            ["tokens", tokens_seen], ["steps", f"{step:,} of {steps:,}"], ["tokens per step", cfg.total_batch_size],
-            ["wall time", f"{(prior_seconds + seconds) / 60:.1f} min" + (" (all sessions)" if first_step else "")],
-            ["tokens/s", f"{tok_per_s:,.0f} (mean over the run, evals included)"], ["MFU", mfu],
-            ["hardware", f"{world_size} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"],
-            ["final val bpb", val_bpb or "not measured (--eval-every 0)"],
-            ["validation data", " ".join(f"`{s}`" for s in cfg.val_data.split())],
-            ["training data", " ".join(f"`{s}`" for s in cfg.data.split())],
-            ["checkpoint", f"`{latest_checkpoint(out)}`"],
-        ]
-        body = evaluation.markdown_table(["", ""], rows)
-        if task_results:
-            body += "\n\nMultiple choice at the last eval:\n\n" + evaluation.results_markdown(task_results)
-        log(f"report: {evaluation.update_report(evaluation.report_path(out), 'Pretraining', body)}")
-    if world_size > 1:
-        del model  # DDP's reducer must go before its process group, or gloo can hang on exit
-        dist.destroy_process_group()
+        write_report(cfg, raw_model, steps, step, first_step, tokens_seen,
+                     (tokens_seen - first_tokens) / max(seconds, 1e-9), prior_seconds + seconds, peak, world_size,
+                     device, val_bpb, task_results, log)
+    del model  # DDP's reducer must go before its process group, or gloo can hang on exit
+    common.teardown_distributed()
 
 
 if __name__ == "__main__":

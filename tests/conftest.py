@@ -60,7 +60,7 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
     import dataclasses
     import torch
     import gpt
-    import train
+    import common
     config = gpt.GPTConfig(**{**dict(sequence_len=128, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
                                      n_kv_head=1, n_embd=64), **config})
     torch.manual_seed(seed)
@@ -70,7 +70,7 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
             p.normal_(0, 0.5 if p.ndim == 2 and p.shape[0] == config.vocab_size else 0.1)
     state = dict(model=model.state_dict(), model_config=dataclasses.asdict(config), tokenizer_json=tokenizer.to_json(),
                  kind=kind, step=1, tokens=0)
-    return train.save_checkpoint(Path(folder), 1, state, keep_last=1)
+    return common.save_checkpoint(Path(folder), 1, state, keep_last=1)
 
 
 def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout: float = 120):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import chat
+import gpt
 from conftest import REPO_ROOT, make_checkpoint
 from tok import ConversationError, render_prompt
 
@@ -134,7 +135,7 @@ def test_session_streams_whole_characters(session_factory, monkeypatch):
     byte_token = {b[0]: i for i, b in enumerate(tok.id_to_bytes) if len(b) == 1}
     text = "Tschüss, 3 € 🥨"
     script = iter([byte_token[b] for b in text.encode()] + [tok.special["<|assistant_end|>"]])
-    monkeypatch.setattr(chat, "sample_next_token", lambda *a, **k: torch.tensor([[next(script)]]))
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *a, **k: torch.tensor([[next(script)]]))
     out, lines = io.StringIO(), iter(["Hallo", "/quit"])
     chat.repl(session, read=lambda prompt: next(lines), out=out, interactive=False)
     assert out.getvalue() == text + "\n"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import prepare
 from data import DataError, parse_spec, parse_specs
 
 
@@ -296,7 +297,7 @@ def test_inspect_cli(tmp_path, capsys):
     from tok import Tokenizer
     docs = write_docs(tmp_path, 1, 50)
     Tokenizer.train(docs, vocab_size=320, show_progress=False).save(tmp_path / "tok")
-    data.main(["--data", f"parquet://{tmp_path}/*.parquet", "--tokenizer", str(tmp_path / "tok"),
+    prepare.inspect_main(["--data", f"parquet://{tmp_path}/*.parquet", "--tokenizer", str(tmp_path / "tok"),
                "--batch-size", "2", "--seq-len", "16", "--batches", "3"])
     out = capsys.readouterr().out
     assert "document 0" in out and "packed tokens/s" in out

@@ -1,4 +1,4 @@
-"""Tests for eval.py: bits per byte, multiple choice, task rows, the report card, the CLI."""
+"""Tests for evaluation.py: bits per byte, multiple choice, task rows, the report card, the CLI."""
 import json
 import math
 import os
@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import eval as ev
+import evaluation as ev
 import gpt
 import tok
 import train
+import common
+import report
 from conftest import FIXTURE_TEXT, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +83,6 @@ def test_evaluate_bpb_excludes_special_tokens_and_padding(small_tokenizer):
     keep = [j for j, t in enumerate(ids[1:]) if t != tk.bos_id]
     expected = -sum(logp[j, ids[j + 1]].item() for j in keep) / (math.log(2) * sum(tk.token_bytes[ids[1:]]))
     assert ev.evaluate_bpb(model, [(inputs, targets)], torch.tensor(tk.token_bytes), "cpu") == pytest.approx(expected)
-    assert train.evaluate_bpb is ev.evaluate_bpb
 
 
 # --- multiple choice -----------------------------------------------------------------
@@ -217,30 +218,30 @@ def test_local_jsonl_tasks(tmp_path):
 def test_report_card_keeps_order_and_is_rebuilt_idempotently(tmp_path):
     path = tmp_path / "report.md"
     writes = [("Evaluation (base)", "e-base"), ("Custom", "c"), ("Tokenizer", "t"),
-              ("Chat samples", ev.format_samples([("Hallo?", "## keine Überschrift\n<!-- section: SFT -->")])),
-              ("Pretraining", ev.markdown_table(["", ""], [["parameters", 1234567], ["bpb", 1.23456], ["x", None]])),
+              ("Chat samples", report.format_samples([("Hallo?", "## keine Überschrift\n<!-- section: SFT -->")])),
+              ("Pretraining", report.markdown_table(["", ""], [["parameters", 1234567], ["bpb", 1.23456], ["x", None]])),
               ("Evaluation (chat)", "e-chat")]
     for title, body in writes:
-        ev.update_report(path, title, body)
+        report.update_report(path, title, body)
     card = path.read_text()
-    assert list(ev.read_report(path)) == ["Tokenizer", "Pretraining", "Evaluation (base)", "Evaluation (chat)",
+    assert list(report.read_report(path)) == ["Tokenizer", "Pretraining", "Evaluation (base)", "Evaluation (chat)",
                                           "Chat samples", "Custom"]
     assert "| parameters | 1,234,567 |" in card and "| bpb | 1.2346 |" in card and "| x | – |" in card
     assert "> ## keine Überschrift" in card  # model output stays quoted
 
     for title, body in writes:  # every stage once more: the same card
-        ev.update_report(path, title, body)
+        report.update_report(path, title, body)
     assert path.read_text() == card
     other = tmp_path / "other.md"
     for title, body in reversed(writes):  # written in any order: the same card
-        ev.update_report(other, title, body)
+        report.update_report(other, title, body)
     assert other.read_text() == card
 
-    ev.update_report(path, "Pretraining", "p2")  # re-running a stage replaces only its section
-    sections = ev.read_report(path)
+    report.update_report(path, "Pretraining", "p2")  # re-running a stage replaces only its section
+    sections = report.read_report(path)
     assert sections["Pretraining"] == "p2" and sections["Tokenizer"] == "t" and len(sections) == 6
     assert card.count("## Pretraining") == 1 and not list(tmp_path.glob("*.tmp"))
-    assert ev.report_path("out/base") == ev.report_path("out/tokenizer") == Path("out/report.md").resolve()
+    assert report.report_path("out/base") == report.report_path("out/tokenizer") == Path("out/report.md").resolve()
 
 
 # --- the command line ----------------------------------------------------------------
@@ -262,7 +263,7 @@ def cli_args(f, *extra):
 def test_cli_evaluates_and_writes_the_report_card(files, small_tokenizer, capsys):
     results = ev.main(cli_args(files, "--json", str(files.root / "r.json")))
     assert [r["task"] for r in results] == ["bpb", "quiz"]
-    model, tk, _ = train.load_model(files.root / "chat")
+    model, tk, _ = common.load_model(files.root / "chat")
     expected = ev.text_bpb(model, tk, iter(LINES), "cpu")
     assert results[0]["bpb"] == pytest.approx(expected["bpb"]) and results[0]["documents"] == len(LINES)
     assert results[1]["examples"] == 12 and results[1]["random"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
@@ -292,7 +293,7 @@ def test_two_ranks_give_the_numbers_of_one_process(files):
     one = ev.main(cli_args(files, "--no-report"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "eval.py"), *cli_args(files, "--no-report", "--json", str(files.root / "two.json"))],
+                           str(REPO / "evaluation.py"), *cli_args(files, "--no-report", "--json", str(files.root / "two.json"))],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((files.root / "two.json").read_text())
@@ -313,7 +314,7 @@ def test_tokenizer_and_pretraining_write_their_sections(tmp_path, small_tokenize
     train.main(["--preset", "nano", "--tokenizer", str(tmp_path / "tok"), "--data", f"parquet://{tmp_path}/train.parquet",
                 "--val-data", f"parquet://{tmp_path}/train.parquet", "--out", str(tmp_path / "base"),
                 "--max-steps", "4", "--eval-every", "2", "--save-every", "0", "--eval-tasks", f"quiz=jsonl://{quiz}"])
-    sections = ev.read_report(tmp_path / "report.md")
+    sections = report.read_report(tmp_path / "report.md")
     assert list(sections) == ["Tokenizer", "Pretraining"]
     assert "320 tokens" in sections["Tokenizer"] and "bytes/token" in sections["Tokenizer"]
     pre = sections["Pretraining"]

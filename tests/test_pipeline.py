@@ -47,8 +47,8 @@ def test_demo_runs_every_stage_at_micro_scale(tmp_path):
     for stage in ("1. tokenizer", "2. pretraining", "3. SFT", "4. evaluation", "5. a German chat answer"):
         assert f"== {stage}" in proc.stdout
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    base = torch.load(sorted((out / "base").glob("ckpt_*.pt"))[-1], weights_only=False)
-    chat = torch.load(sorted((out / "chat").glob("ckpt_*.pt"))[-1], weights_only=False)
+    base = torch.load(sorted((out / "base").glob("ckpt_*.pt"))[-1], weights_only=True)
+    chat = torch.load(sorted((out / "chat").glob("ckpt_*.pt"))[-1], weights_only=True)
     assert base["kind"] == "base" and base["step"] == 4
     assert chat["kind"] == "chat" and chat["step"] == 3 and chat["base"].startswith(str(out / "base"))
     report = (out / "report.md").read_text(encoding="utf-8")

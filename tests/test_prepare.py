@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data
+import prepare
 from data import DataError, parse_spec
 
 
@@ -41,7 +42,7 @@ SMALL = dict(shard_chars=30_000, val_frac=0.05, log_every=1e9, log=lambda line: 
 
 def test_round_trip(tmp_path):
     docs = make_corpus(tmp_path / "in")
-    meta = data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
+    meta = prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
     train, val, meta2 = prepared(tmp_path / "out")
     assert meta == meta2 and meta["complete"]
     assert Counter(train + val) == Counter(docs)  # every document exactly once
@@ -67,16 +68,16 @@ def test_round_trip(tmp_path):
         data.resolve_files(parse_spec(f"parquet://{tmp_path}/out/*.parquet"))
     assert data.resolve_files(parse_spec(f"parquet://{tmp_path}/out/shard_00000.parquet"))  # a training shard is fine
     # the same seed gives the same shards, another seed another order and split
-    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "again"), **SMALL)
+    prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "again"), **SMALL)
     assert prepared(tmp_path / "again")[:2] == (train, val)
-    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "seed7"), seed=7, **SMALL)
+    prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "seed7"), seed=7, **SMALL)
     train7, val7, _ = prepared(tmp_path / "seed7")
     assert Counter(train7 + val7) == Counter(docs) and train7 != train and set(val7) != set(val)
 
 
 def test_row_groups_and_shard_sizes(tmp_path):
     make_corpus(tmp_path / "in")
-    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
+    prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **SMALL)
     _, _, meta = prepared(tmp_path / "out")
     files = meta["train"]["files"]
     assert len(files) >= 3
@@ -88,7 +89,7 @@ def test_row_groups_and_shard_sizes(tmp_path):
             entry = next(s for s in meta["shards"] if s["file"] == name)
             assert md.num_rows % 1024 == 0 and entry["chars"] >= 30_000
             assert entry["chars"] - 30_000 < 1024 * 100
-    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "rows"), shard_rows=700, max_shards=3,
+    prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "rows"), shard_rows=700, max_shards=3,
                  **{**SMALL, "shard_chars": 1})
     _, _, meta = prepared(tmp_path / "rows")
     assert [s["docs"] for s in meta["shards"]][:3] == [700, 700, 700] and len(meta["train"]["files"]) == 3
@@ -98,9 +99,9 @@ def test_row_groups_and_shard_sizes(tmp_path):
 def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypatch):
     make_corpus(tmp_path / "in")
     spec = f"parquet://{tmp_path}/in/*.parquet"
-    data.prepare(spec, str(tmp_path / "full"), **SMALL)
+    prepare.prepare(spec, str(tmp_path / "full"), **SMALL)
 
-    close, calls = data.ShardWriter.close, []
+    close, calls = prepare.ShardWriter.close, []
 
     def crash_on_third_shard(self, name=None):
         calls.append(self.name)
@@ -108,10 +109,10 @@ def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypa
             raise KeyboardInterrupt  # as if killed while writing shard 2
         return close(self, name)
 
-    monkeypatch.setattr(data.ShardWriter, "close", crash_on_third_shard)
+    monkeypatch.setattr(prepare.ShardWriter, "close", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare(spec, str(tmp_path / "part"), **SMALL)
-    monkeypatch.setattr(data.ShardWriter, "close", close)
+        prepare.prepare(spec, str(tmp_path / "part"), **SMALL)
+    monkeypatch.setattr(prepare.ShardWriter, "close", close)
     part = tmp_path / "part"
     assert sorted(p.name for p in part.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
     assert not json.loads((part / "meta.json").read_text())["complete"]
@@ -119,14 +120,14 @@ def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypa
         data.resolve_files(parse_spec(f"parquet://{part}"))
     stamps = {p.name: p.stat().st_mtime_ns for p in part.glob("*.parquet")}
 
-    data.prepare(spec, str(part), **SMALL)  # the same command again
+    prepare.prepare(spec, str(part), **SMALL)  # the same command again
     full = tmp_path / "full"
     assert sorted(os.listdir(part)) == sorted(os.listdir(full))
     for p in full.glob("*.parquet"):
         assert (part / p.name).read_bytes() == p.read_bytes(), p.name
     assert all((part / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not rewritten
     assert prepared(part)[2]["shards"] == prepared(full)[2]["shards"]
-    data.prepare(spec, str(part), **SMALL)  # complete: nothing to do
+    prepare.prepare(spec, str(part), **SMALL)  # complete: nothing to do
     assert all((part / name).stat().st_mtime_ns == t for name, t in stamps.items())
 
 
@@ -136,7 +137,7 @@ def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypa
 ])
 def test_two_ranks_over_prepared_shards_are_disjoint_and_complete(tmp_path, options):
     make_corpus(tmp_path / "in")
-    data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **options)
+    prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), **options)
     train, val, meta = prepared(tmp_path / "out")
     specs = [(f"parquet://{tmp_path}/out", train)]
     if meta["val"]:
@@ -185,12 +186,12 @@ def test_filters_are_off_by_default_and_work(tmp_path):
     pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
     spec = f"parquet://{tmp_path}/in/a.parquet"
     options = dict(SMALL, shard_chars=5_000, val_frac=0.2)
-    data.prepare(spec, str(tmp_path / "raw"), **options)
+    prepare.prepare(spec, str(tmp_path / "raw"), **options)
     train, val, meta = prepared(tmp_path / "raw")
     assert Counter(train + val) == Counter(docs) and meta["filtered"] == {"too_short": 0, "duplicates": 0}
     for dup in ("kurz", "Doppelt " * 5, nfd):  # identical documents land on the same side
         assert (dup in train) != (dup in val)
-    data.prepare(spec, str(tmp_path / "clean"), min_chars=10, dedup=True, nfc=True, **options)
+    prepare.prepare(spec, str(tmp_path / "clean"), min_chars=10, dedup=True, nfc=True, **options)
     train, val, meta = prepared(tmp_path / "clean")
     nfc = unicodedata.normalize("NFC", nfd)
     assert Counter(train + val) == Counter(docs[:400] + ["Doppelt " * 5, nfc])
@@ -203,7 +204,7 @@ def test_val_data_and_other_kinds(tmp_path):
                                               for i in range(300)))
     (tmp_path / "b.txt").write_text("".join(f"Satz {i}\n" for i in range(200)))
     pq.write_table(pa.table({"text": ["Zeile 5", "Satz 7", "nur Validierung"]}), tmp_path / "val.parquet")
-    data.prepare([f"jsonl://{tmp_path}/a.jsonl?text=inhalt", f"txt://{tmp_path}/b.txt?per=line"],
+    prepare.prepare([f"jsonl://{tmp_path}/a.jsonl?text=inhalt", f"txt://{tmp_path}/b.txt?per=line"],
                  str(tmp_path / "out"), val_data=f"parquet://{tmp_path}/val.parquet", dedup=True,
                  **dict(SMALL, shard_chars=1_000))
     train, val, meta = prepared(tmp_path / "out")
@@ -217,7 +218,7 @@ def test_val_data_and_other_kinds(tmp_path):
 
 def test_no_streaming_shuffles_all_documents(tmp_path):
     docs = make_corpus(tmp_path / "in", n=1500)
-    meta = data.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), streaming=False,
+    meta = prepare.prepare(f"parquet://{tmp_path}/in/*.parquet", str(tmp_path / "out"), streaming=False,
                         max_shards=1, **SMALL)
     train, val, _ = prepared(tmp_path / "out")
     assert len(meta["train"]["files"]) == 1 and len(train) == 1024
@@ -230,10 +231,10 @@ def test_cli_progress_and_resume_message(tmp_path, capsys):
     make_corpus(tmp_path / "in")
     argv = ["prepare", "--data", f"parquet://{tmp_path}/in/*.parquet", "--out", str(tmp_path / "out"),
             "--shard-chars", "30k", "--val-frac", "0.05", "--log-every", "0"]
-    data.main(argv)
+    prepare.main(argv[1:])
     out = capsys.readouterr().out
     assert "docs/s" in out and "ETA" in out and "M chars/s" in out and "training shards" in out
-    data.main(argv)
+    prepare.main(argv[1:])
     assert "complete already" in capsys.readouterr().out
 
 
@@ -268,21 +269,21 @@ def test_bad_inputs_give_clear_errors(tmp_path, make, args, message):
     make(tmp_path)
     argv = ["prepare", "--out", "{d}/out", "--log-every", "1e9"] + args
     with pytest.raises(SystemExit) as e:
-        data.main([a.format(d=tmp_path) for a in argv])
+        prepare.main([a.format(d=tmp_path) for a in argv][1:])
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     make_corpus(tmp_path / "in", n=500)
     spec = f"parquet://{tmp_path}/in/*.parquet"
-    data.prepare(spec, str(tmp_path / "out"), **SMALL)
+    prepare.prepare(spec, str(tmp_path / "out"), **SMALL)
     with pytest.raises(DataError, match=r"other settings \(options: .*'seed': 42.*'seed': 1"):
-        data.prepare(spec, str(tmp_path / "out"), seed=1, **SMALL)
+        prepare.prepare(spec, str(tmp_path / "out"), seed=1, **SMALL)
     with pytest.raises(DataError, match="other settings"):
-        data.prepare(spec + "?weight=2", str(tmp_path / "out"), **SMALL)
+        prepare.prepare(spec + "?weight=2", str(tmp_path / "out"), **SMALL)
     with pytest.raises(DataError, match="no files match"):  # a typo: fails before writing anything ...
-        data.prepare(f"parquet://{tmp_path}/typo/*.parquet", str(tmp_path / "new"), **SMALL)
-    data.prepare(spec, str(tmp_path / "new"), **SMALL)  # ... so the corrected command starts over
+        prepare.prepare(f"parquet://{tmp_path}/typo/*.parquet", str(tmp_path / "new"), **SMALL)
+    prepare.prepare(spec, str(tmp_path / "new"), **SMALL)  # ... so the corrected command starts over
     assert prepared(tmp_path / "new")[2]["data"] == [spec]
 
 
@@ -300,7 +301,7 @@ def test_cli_error_exits_without_traceback(tmp_path):
 def test_prepare_real_german_sample(tmp_path, data_dir):
     spec = f"parquet://{data_dir}/pretrain/klexikon/train-*.parquet"
     docs = list(data.iter_texts(parse_spec(spec)))
-    meta = data.prepare(spec, str(tmp_path / "out"), shard_chars=1_000_000, nfc=True, dedup=True,
+    meta = prepare.prepare(spec, str(tmp_path / "out"), shard_chars=1_000_000, nfc=True, dedup=True,
                         log_every=1e9, log=lambda line: None)
     train, val, _ = prepared(tmp_path / "out")
     assert meta["read"]["docs"] == len(docs) and len(train) + len(val) == len(docs) - meta["filtered"]["duplicates"]

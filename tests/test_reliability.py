@@ -38,7 +38,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import common
 import data
+import prepare
 import sft
 import train
 from conftest import FIXTURE_TEXT, make_checkpoint
@@ -92,7 +94,7 @@ def world(tmp_path_factory, small_tokenizer_dir, small_tokenizer):
         for s, h in handlers.items():
             signal.signal(s, h)
     make_checkpoint(w / "other_base", small_tokenizer, kind="base", sequence_len=64, n_embd=32)
-    data.prepare(f"parquet://{w}/train.parquet", str(w / "prepared"), shard_rows=10, val_frac=0.1,
+    prepare.prepare(f"parquet://{w}/train.parquet", str(w / "prepared"), shard_rows=10, val_frac=0.1,
                  log=lambda *a: None)
     assert (w / "out" / "report.md").is_file() and (w / "prepared" / "shard_00001.parquet").is_file()
     return w
@@ -152,16 +154,16 @@ CASES = [
     case("sft.py", SFT, ["--out", "{w}/file.txt/chat"], IN_THE_WAY + "--out", id="sft-out-below-file"),
     case("sft.py", SFT, ["--resume"], r"cannot write checkpoint .*ckpt_0000002.pt: \[Errno 27\] File too large.*"
          r"ckpt_0000001.pt is intact", copy={"chat": "out/chat"}, fsize=200_000, id="sft-disk-full-checkpoint"),
-    # eval.py
-    case("eval.py", EVAL, ["--tasks", "bpb", "--bpb-data", "parquet://{w}/train.parquet?bogus=1"],
+    # evaluation.py
+    case("evaluation.py", EVAL, ["--tasks", "bpb", "--bpb-data", "parquet://{w}/train.parquet?bogus=1"],
          "option 'bogus' does not apply", id="eval-bad-spec"),
-    case("eval.py", EVAL, ["--task-file", "quiz=jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: not a JSON object",
+    case("evaluation.py", EVAL, ["--task-file", "quiz=jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: not a JSON object",
          id="eval-malformed-task-file"),
-    case("eval.py", EVAL, ["--task-file", "quiz=jsonl://{w}/conversations.jsonl"], "conversations.jsonl:1: not a quiz",
+    case("evaluation.py", EVAL, ["--task-file", "quiz=jsonl://{w}/conversations.jsonl"], "conversations.jsonl:1: not a quiz",
          id="eval-wrong-task-rows"),
-    case("eval.py", EVAL, ["--checkpoint", "{w}/garbage.pt"], "cannot read checkpoint", id="eval-garbage-checkpoint"),
-    case("eval.py", EVAL, ["--json", "{w}/file.txt/results.json"], IN_THE_WAY + "--json", id="eval-json-below-file"),
-    case("eval.py", EVAL[:-1], [], r"cannot write the report card .*report.md .*File too large", fsize=300,
+    case("evaluation.py", EVAL, ["--checkpoint", "{w}/garbage.pt"], "cannot read checkpoint", id="eval-garbage-checkpoint"),
+    case("evaluation.py", EVAL, ["--json", "{w}/file.txt/results.json"], IN_THE_WAY + "--json", id="eval-json-below-file"),
+    case("evaluation.py", EVAL[:-1], [], r"cannot write the report card .*report.md .*File too large", fsize=300,
          id="eval-disk-full-report"),
     # chat.py, serve.py
     case("chat.py", ["--prompt", "Hallo"], ["--checkpoint", "{w}/not_a_checkpoint.pt"], "not a nanoschnack checkpoint",
@@ -205,8 +207,8 @@ def test_bad_input_fails_with_one_error_line_and_damages_nothing(world, tmp_path
     assert not [p for p in [*world.rglob("*.tmp"), *tmp_path.rglob("*.tmp")]], "a temp file was left behind"
     if fsize and copy:  # the checkpoint or tokenizer that was there still loads
         for dest in copy:
-            if (ckpt := train.latest_checkpoint(tmp_path / dest)) is not None:
-                assert ckpt.name == "ckpt_0000001.pt" and train.load_model(ckpt)[2]["step"] == 1
+            if (ckpt := common.latest_checkpoint(tmp_path / dest)) is not None:
+                assert ckpt.name == "ckpt_0000001.pt" and common.load_model(ckpt)[2]["step"] == 1
             else:
                 from tok import Tokenizer
                 assert Tokenizer.load(tmp_path / dest).vocab_size == 512
@@ -251,11 +253,11 @@ def test_kill_during_checkpoint_write(world, tmp_path):
     tmp.write_bytes(torn)  # what a crash in the middle of the write leaves
     assert len(torn) < (run_dir / "ckpt_0000001.pt").stat().st_size
 
-    assert train.latest_checkpoint(run_dir).name == "ckpt_0000001.pt"
+    assert common.latest_checkpoint(run_dir).name == "ckpt_0000001.pt"
     assert hashes(run_dir, logs=False) == {**good, "ckpt_0000002.pt.tmp": hashlib.sha256(torn).hexdigest()}
-    assert train.load_model(run_dir)[2]["step"] == 1
+    assert common.load_model(run_dir)[2]["step"] == 1
     proc = run("train.py", [*args, "--resume"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "ckpt_0000001.pt" in proc.stdout
-    assert train.load_checkpoint(train.latest_checkpoint(run_dir))["step"] == 4
+    assert common.load_checkpoint(common.latest_checkpoint(run_dir))["step"] == 4
     assert not list(run_dir.glob("*.tmp"))

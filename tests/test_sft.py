@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import data
 import sft
 import train
@@ -135,7 +136,7 @@ def test_loss_falls_and_samples_are_logged(setup):
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     assert "val_loss" in records[-1] and set(records[-1]["samples"]) == set(sft.SAMPLE_QUESTIONS)
-    model, tokenizer, ckpt = train.load_model(setup / "chat")
+    model, tokenizer, ckpt = common.load_model(setup / "chat")
     assert ckpt["kind"] == "chat" and ckpt["step"] == 30
     report = (setup / "report.md").read_text(encoding="utf-8")
     assert "## SFT" in report and "## Chat samples" in report and "**Wer bist du?**" in report
@@ -145,9 +146,9 @@ def test_loss_falls_and_samples_are_logged(setup):
 def test_resume_is_bitwise_exact(setup):
     sft.main(args_for(setup, "a"))
     sft.main(args_for(setup, "b", "--stop-after-steps", "3"))
-    assert train.latest_checkpoint(setup / "b").name == "ckpt_0000003.pt"
+    assert common.latest_checkpoint(setup / "b").name == "ckpt_0000003.pt"
     sft.main(args_for(setup, "b", "--resume"))
-    a, b = (torch.load(train.latest_checkpoint(setup / d), weights_only=False) for d in ("a", "b"))
+    a, b = (torch.load(common.latest_checkpoint(setup / d), weights_only=True) for d in ("a", "b"))
     assert a["step"] == b["step"] == 6
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -162,7 +163,7 @@ def test_two_ranks_equal_one_process(setup):
                            str(REPO / "sft.py"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     sft.main(args_for(setup, "one", "--max-steps", "3", "--eval-every", "0"))
-    ddp, one = (torch.load(train.latest_checkpoint(setup / d), weights_only=False)["model"] for d in ("ddp", "one"))
+    ddp, one = (torch.load(common.latest_checkpoint(setup / d), weights_only=True)["model"] for d in ("ddp", "one"))
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -202,10 +203,10 @@ def test_without_val_data_the_first_conversations_are_held_out(setup, small_toke
 def test_resume_after_sigkill_equals_uninterrupted(setup):
     sft.main(args_for(setup, "a", "--save-every", "2"))
     sigkill_when_file_appears(REPO / "sft.py", args_for(setup, "b", "--save-every", "2"), setup / "b" / "ckpt_0000002.pt")
-    assert train.latest_checkpoint(setup / "b").name in ("ckpt_0000002.pt", "ckpt_0000004.pt")
+    assert common.latest_checkpoint(setup / "b").name in ("ckpt_0000002.pt", "ckpt_0000004.pt")
     proc = run_sft(args_for(setup, "b", "--save-every", "2", "--resume"))
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-1500:]
-    a, b = (torch.load(train.latest_checkpoint(setup / d), weights_only=False) for d in ("a", "b"))
+    a, b = (torch.load(common.latest_checkpoint(setup / d), weights_only=True) for d in ("a", "b"))
     assert a["step"] == b["step"] == 6
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name

@@ -13,12 +13,13 @@ import torch
 
 import torch.optim._muon
 
+import common
 import data
 import tok
 import train
 from conftest import sigkill_when_file_appears
 
-TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # before build_optimizers replaces it on CPU
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # bf16: what common.CPUMuon replaces
 from tok import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def run_script(args, nproc=1, check=True, **kw):
 
 
 def final_state(out):
-    return torch.load(train.latest_checkpoint(out), weights_only=False)
+    return torch.load(common.latest_checkpoint(out), weights_only=True)
 
 
 def losses(out):
@@ -96,7 +97,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     cfg = train.parse_config(args_for(setup, out, "--max-steps", "3"))
     tokenizer = Tokenizer.load(setup / "tok")
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
-    optimizers = train.build_optimizers(model, cfg)
+    optimizers = common.build_optimizers(model, cfg)
     loaders = [iter(data.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
                                          cfg.seq_len, rank, 2)) for rank in range(2)]
     for step in range(3):
@@ -109,7 +110,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
 def test_resume_is_bitwise_exact(setup, tmp_path):
     run_script(args_for(setup, tmp_path / "a"))
     run_script(args_for(setup, tmp_path / "b", "--stop-after-steps", "3"))
-    assert train.latest_checkpoint(tmp_path / "b").name == "ckpt_0000003.pt"
+    assert common.latest_checkpoint(tmp_path / "b").name == "ckpt_0000003.pt"
     run_script(args_for(setup, tmp_path / "b", "--resume"))
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert a["step"] == b["step"] == 6
@@ -129,7 +130,7 @@ def test_resume_after_sigkill(setup, tmp_path):
 
 
 def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    good = train.save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=2)
+    good = common.save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=2)
 
     def torn_save(obj, f):
         f.write(b"half a checkpoint")
@@ -138,14 +139,14 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(SystemExit, match=r"error: cannot write checkpoint .*ckpt_0000002.pt: \[Errno 28\] No space "
                                          r"left on device; .* \(the previous checkpoint ckpt_0000001.pt is intact\)"):
-        train.save_checkpoint(tmp_path, 2, {"step": 2}, keep_last=2)
-    assert train.latest_checkpoint(tmp_path) == good and not list(tmp_path.glob("*.tmp"))
-    assert train.load_checkpoint(good)["step"] == 1
+        common.save_checkpoint(tmp_path, 2, {"step": 2}, keep_last=2)
+    assert common.latest_checkpoint(tmp_path) == good and not list(tmp_path.glob("*.tmp"))
+    assert common.load_checkpoint(good)["step"] == 1
 
 
 def test_keeps_last_k_checkpoints(tmp_path):
     for step in range(1, 5):
-        train.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+        common.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
     assert [p.name for p in sorted(tmp_path.glob("ckpt_*"))] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
 
 
@@ -177,7 +178,7 @@ def test_checkpoint_loads_as_a_model_without_its_tokenizer_folder(setup, tmp_pat
     shutil.copytree(setup / "tok", tmp_path / "tok")
     run_script(args_for(setup, tmp_path / "run", "--max-steps", "1", "--eval-every", "0", "--tokenizer", str(tmp_path / "tok")))
     shutil.rmtree(tmp_path / "tok")  # the checkpoint carries its tokenizer
-    model, tokenizer, ckpt = train.load_model(tmp_path / "run")
+    model, tokenizer, ckpt = common.load_model(tmp_path / "run")
     assert ckpt["kind"] == "base" and ckpt["path"].endswith("ckpt_0000001.pt")
     assert tokenizer.encode("Guten Tag") == Tokenizer.load(setup / "tok").encode("Guten Tag")
     for name, tensor in model.state_dict().items():
@@ -187,13 +188,13 @@ def test_checkpoint_loads_as_a_model_without_its_tokenizer_folder(setup, tmp_pat
 
 def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        train.load_model(tmp_path)
+        common.load_model(tmp_path)
     torch.save({"step": 1}, tmp_path / "ckpt_0000001.pt")
     with pytest.raises(SystemExit, match="not a nanoschnack checkpoint"):
-        train.load_model(tmp_path)
+        common.load_model(tmp_path)
     (tmp_path / "ckpt_0000002.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        train.load_model(tmp_path)
+        common.load_model(tmp_path)
 
 
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
@@ -201,7 +202,33 @@ def test_fp32_newton_schulz_matches_torch_muon(shape):
     torch.manual_seed(0)
     grad = torch.randn(shape)
     coefficients = (3.4445, -4.7750, 2.0315)
-    ours = train.newton_schulz_fp32(grad, coefficients, 5, 1e-7)
+    ours = common.newton_schulz_fp32(grad, coefficients, 5, 1e-7)
     theirs = TORCH_NEWTON_SCHULZ(grad, coefficients, 5, 1e-7)
     assert ours.dtype == grad.dtype and ours.shape == grad.shape
     torch.testing.assert_close(ours, theirs.float(), atol=1e-2, rtol=0)  # theirs is bf16
+
+
+def test_cpu_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
+    """common.CPUMuon's update is torch.optim.Muon's, step for step, once both orthogonalise in fp32."""
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 80), torch.randn(80, 48)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    settings = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01, adjust_lr_fn="original")
+
+    def run(optimizer_class):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = optimizer_class(params, **settings)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt.state_dict()
+
+    ours, our_state = run(common.CPUMuon)
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", common.newton_schulz_fp32)
+    theirs, their_state = run(torch.optim.Muon)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert our_state["state"].keys() == their_state["state"].keys()  # checkpoints move between the two
+    for k in our_state["state"]:
+        assert our_state["state"][k].keys() == their_state["state"][k].keys()

@@ -1,10 +1,10 @@
 """
-eval.py: how good is a nanoschnack model? Bits per byte and German benchmarks.
+evaluation.py: how good is a nanoschnack model? Bits per byte and German benchmarks.
 
-    python eval.py --checkpoint out/chat                          # bpb + hellaswag, arc, mmlu, lambada (hub)
-    python eval.py --checkpoint out/base --local-only --limit 500 \
+    python evaluation.py --checkpoint out/chat                    # bpb + hellaswag, arc, mmlu, lambada (hub)
+    python evaluation.py --checkpoint out/base --local-only --limit 500 \
         --bpb-data 'txt://DATA/eval/ud_gsd_dev.txt?per=line' --task-file quiz=jsonl://quiz.jsonl
-    torchrun --nproc_per_node=8 eval.py --checkpoint out/chat     # examples split over the ranks
+    torchrun --nproc_per_node=8 evaluation.py --checkpoint out/chat   # examples split over the ranks
 
 Three measurements, all from the model's log-probabilities (no sampling):
 
@@ -35,12 +35,10 @@ import argparse
 import itertools
 import json
 import math
-import os
 import random
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -49,16 +47,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import common
 import data
 from data import DataError
+from gpt import autocast
+from report import markdown_table, report_path, update_report
 
 # -----------------------------------------------------------------------------
 # Bits per byte
-
-
-def autocast_for(device):
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()
@@ -68,7 +64,7 @@ def bpb_sums(model, batches, token_bytes: torch.Tensor, device) -> tuple[torch.T
     n_bytes = torch.zeros((), device=device, dtype=torch.float64)
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
-        with autocast_for(device):
+        with autocast(device):
             loss = model(inputs, targets, loss_reduction="none").view(-1)
         targets = targets.view(-1)
         bytes_per_target = token_bytes[targets.clamp(min=0)] * (targets >= 0)
@@ -111,18 +107,12 @@ def padded_batches(rows, batch_size: int):
     """(inputs, targets) lists into (B, T) tensors, padded on the right (targets -1, so they don't count)."""
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        T = max(len(x) for x, _ in chunk)
-        inputs = torch.zeros(len(chunk), T, dtype=torch.long)
-        targets = torch.full((len(chunk), T), -1, dtype=torch.long)
-        for r, (x, y) in enumerate(chunk):
-            inputs[r, :len(x)] = torch.tensor(x)
-            targets[r, :len(y)] = torch.tensor(y)
-        yield inputs, targets
+        yield common.pad([x for x, _ in chunk], 0), common.pad([y for _, y in chunk], -1)
 
 
 @torch.no_grad()
 def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int = 0, rank: int = 0,
-             world_size: int = 1, progress: "Progress | None" = None) -> dict:
+             world_size: int = 1, progress: "common.Progress | None" = None) -> dict:
     """Bits per byte of the model on an iterable of documents (the first `limit` of them, 0 = all).
 
     Under DDP rank r takes documents r, r+W, ...; the result is the same on every rank:
@@ -164,14 +154,10 @@ def choice_rows(tokenizer, example: dict, seq_len: int) -> list[tuple[list[int],
 def continuation_scores(model, rows, device) -> tuple[list[float], list[bool]]:
     """For rows (ids, n): the sum of log p of the last n tokens given the ones before, and whether
     each of those n tokens is also the model's greedy (argmax) prediction."""
-    T = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.zeros(len(rows), T, dtype=torch.long)
-    targets = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, (ids, n) in enumerate(rows):
-        inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[r, len(ids) - 1 - n:len(ids) - 1] = torch.tensor(ids[len(ids) - n:])
+    inputs = common.pad([ids[:-1] for ids, _ in rows], 0)
+    targets = common.pad([[-1] * (len(ids) - 1 - n) + ids[len(ids) - n:] for ids, n in rows], -1)
     inputs, targets = inputs.to(device), targets.to(device)
-    with autocast_for(device):
+    with autocast(device):
         logits = model(inputs)
     scored = targets >= 0
     logp = F.log_softmax(logits[scored].float(), dim=-1)  # only the scored positions: (N, vocab)
@@ -203,7 +189,7 @@ def argmax(values) -> int:
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, examples: list[dict], device, kind: str = "choice", batch_size: int = 16,
-                  rank: int = 0, world_size: int = 1, progress: "Progress | None" = None) -> dict:
+                  rank: int = 0, world_size: int = 1, progress: "common.Progress | None" = None) -> dict:
     """Accuracy on examples {"context", "choices", "label"}: {"examples", "acc", "acc_norm", "random"}.
 
     kind "choice": pick the choice with the highest log-likelihood (acc) or log-likelihood per
@@ -396,121 +382,7 @@ def load_examples(task: Task, limit: int = 0, seed: int = 0) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Progress lines
-
-
-class Progress:
-    """'hellaswag: 120/500, 12.3/s, ETA 31s' on stderr, at most every `every` seconds (rank 0 only)."""
-
-    def __init__(self, label: str, total: int | None, every: float = 10.0):
-        self.label, self.total, self.every = label, total, every
-        self.start = self.last = time.time()
-
-    def update(self, done: int):
-        now = time.time()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = f", ETA {(self.total - done) / max(rate, 1e-9):.0f}s" if self.total else ""
-        of = f"/{self.total:,}" if self.total else ""
-        print(f"{self.label}: {done:,}{of}, {rate:,.1f}/s{left}", file=sys.stderr, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# The report card: report.md next to the checkpoint folders
-#
-# Each stage writes one section (tok.py: Tokenizer, train.py: Pretraining,
-# sft.py: SFT and Chat samples, eval.py: Evaluation (<kind>)). A section is
-# found by a marker comment, so re-running a stage replaces its own section and
-# leaves the others alone; sections are kept in the order of REPORT_SECTIONS
-# (a title "Evaluation (chat)" sorts with "Evaluation"), others go last, and
-# titles of the same place alphabetically, so the card never depends on the
-# order in which the stages ran.
-
-REPORT_SECTIONS = ("Tokenizer", "Pretraining", "SFT", "Evaluation", "Chat samples")
-REPORT_HEADER = ("# nanoschnack report card\n\nWritten by the stages themselves: tok.py, train.py, sft.py and "
-                 "eval.py each keep one section up to date; running a stage again replaces its section.\n")
-MARKER = re.compile(r"<!-- section: (.+) -->")
-
-
-def report_path(out) -> Path:
-    """The report card of a stage writing into folder `out`: report.md in its parent folder,
-    so out/tokenizer, out/base and out/chat all report into out/report.md."""
-    return Path(out).resolve().parent / "report.md"
-
-
-def read_report(path) -> dict[str, str]:
-    """The sections of a report card, {title: body}, in file order."""
-    path = Path(path)
-    sections, title, lines = {}, None, []
-    for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else []):
-        if m := MARKER.fullmatch(line):
-            if title is not None:
-                sections[title] = "\n".join(lines).strip()
-            title, lines = m.group(1), []
-        elif title is not None and not (line == f"## {title}" and not lines):
-            lines.append(line)
-    if title is not None:
-        sections[title] = "\n".join(lines).strip()
-    return sections
-
-
-def section_rank(title: str) -> int:
-    for i, name in enumerate(REPORT_SECTIONS):
-        if title == name or title.startswith(name + " "):
-            return i
-    return len(REPORT_SECTIONS)
-
-
-def update_report(path, title: str, body: str) -> Path:
-    """Put `body` (markdown) into the report card at `path` as section `title`, replacing a section of
-    that title or adding it in its place; written atomically. Returns the path."""
-    path = Path(path)
-    sections = read_report(path)
-    sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
-    text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
-                                   for t in sorted(sections, key=lambda t: (section_rank(t), t)))
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
-    except OSError as e:
-        if tmp.is_file():
-            tmp.unlink()
-        raise SystemExit(f"error: cannot write the report card {path} ({e}); free disk space or choose "
-                         f"another folder (the card as it was is unchanged)") from None
-    return path
-
-
-def format_cell(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; ints get thousands separators, floats 4 decimals, None is '–'."""
-    lines = ["| " + " | ".join(map(format_cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(format_cell, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_samples(samples: list[tuple[str, str]]) -> str:
-    """Prompt/answer pairs as markdown; answers are quoted, so whatever the model writes stays inside."""
-    parts = []
-    for prompt, answer in samples:
-        quoted = "\n".join("> " + line for line in (answer.strip() or "(keine Antwort)").splitlines())
-        parts.append(f"**{format_cell(prompt.strip())}**\n\n{quoted}")
-    return "\n\n".join(parts)
-
+# Results as markdown (the report card's Evaluation section)
 
 def results_markdown(results: list[dict]) -> str:
     """Tables of evaluate_task / text_bpb results (dicts with "task" and, for bpb, "data")."""
@@ -527,12 +399,10 @@ def results_markdown(results: list[dict]) -> str:
 
 
 # -----------------------------------------------------------------------------
-# python eval.py
+# python evaluation.py
 
 
 def main(argv=None):
-    import types
-    import train  # here, not at the top: train.py imports this module
     parser = argparse.ArgumentParser(description="Evaluate a nanoschnack checkpoint: bits per byte and German "
                                                  "benchmarks; writes the Evaluation section of the report card.")
     parser.add_argument("--checkpoint", default="out/chat", help="checkpoint file, or a folder (its newest one)")
@@ -554,7 +424,7 @@ def main(argv=None):
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    rank, world_size, device = train.setup_distributed(types.SimpleNamespace(device=args.device))
+    rank, world_size, device = common.setup_distributed(args.device)
     master = rank == 0
     for flag, file in [("--json", args.json), ("--report", not args.no_report and args.report)]:
         if file:  # a bad output path fails now, on every rank, not after an hour of evaluation
@@ -579,19 +449,16 @@ def main(argv=None):
         texts = [(s, data.iter_texts(s, data.open_source(s))) for s in bpb_sources]
         examples = [(t, load_examples(t, args.limit)) for t in tasks]
     except DataError as e:
-        message = str(e).split("; pass --data")[0]
-        if "hub unreachable" in message or "not cached" in message:
-            message += "; " + HUB_HINT
-        sys.exit(f"error: {message}")
+        sys.exit(f"error: {e.problem}; {HUB_HINT}" if e.hint else f"error: {e}")
 
-    model, tokenizer, ckpt = train.load_model(args.checkpoint, device)
+    model, tokenizer, ckpt = common.load_model(args.checkpoint, device)
     kind = ckpt.get("kind", "base")
     log(f"{ckpt['path']}: {kind} model, step {ckpt.get('step', '?')}, {model.num_params():,} parameters, "
         f"context {model.config.sequence_len}; {world_size} process(es) on {device}")
     results = []
     for source, docs in texts:
         start = time.time()
-        progress = Progress(f"bpb {source.spec}", args.limit or None) if master else None
+        progress = common.Progress(f"bpb {source.spec}", args.limit or None) if master else None
         try:
             r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress)
         except DataError as e:
@@ -601,7 +468,7 @@ def main(argv=None):
             f"of {source.spec} in {time.time() - start:.0f}s")
     for task, exs in examples:
         start = time.time()
-        progress = Progress(task.name, len(exs)) if master else None
+        progress = common.Progress(task.name, len(exs)) if master else None
         r = evaluate_task(model, tokenizer, exs, device, task.kind, args.batch_size, rank, world_size, progress)
         results.append(dict(task=task.name, data=task.spec, **r))
         norm = f"acc_norm {r['acc_norm']:.4f}  " if r["acc_norm"] is not None else ""
@@ -624,8 +491,7 @@ def main(argv=None):
             body = f"`{ckpt['path']}` ({kind}, step {ckpt.get('step', '?')}){limit}.{legend}\n\n{table}"
             update_report(path, f"Evaluation ({kind})", body)
             print(f"report: {path}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    common.teardown_distributed()
     return results
 
 

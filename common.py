@@ -1,0 +1,328 @@
+"""
+common.py: the plumbing every stage shares.
+
+    process setup   setup_distributed, teardown_distributed, default_device
+    configuration   parse_config: a config dataclass -> command-line flags, with presets
+    checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model
+    training        build_optimizers (Muon + AdamW), set_lr, StopSignal (SIGINT/SIGTERM, agreed by all ranks)
+    logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
+    batches         pad (lists of token ids -> one padded tensor)
+
+The stages (train.py, sft.py, evaluation.py, chat.py, serve.py) import this
+module; it imports only the model (gpt.py) and the tokenizer (tok.py), so no
+stage ever needs another stage's script for plumbing.
+
+Checkpoints are torch.save files of plain data (tensors, numbers, strings,
+lists, dicts) and are read with torch.load(weights_only=True): opening a
+checkpoint somebody shared cannot run code.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import gpt
+from tok import Tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Processes and devices
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def setup_distributed(device: str = "") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group under torchrun (NCCL on GPUs, gloo on CPU)."""
+    device = torch.device(device or default_device())
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device
+
+
+def teardown_distributed():
+    """Leave the process group (callers drop their DDP wrapper first, or gloo can hang on exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Configuration: a dataclass is the flags
+
+def parse_config(config_class, presets: dict, argv=None, description: str = ""):
+    """Flags from the dataclass fields; a preset fills in defaults, explicit flags win.
+
+    Presets are the keys of `presets`; a config with a `model` field (train.py)
+    also takes d<depth> (d12, d26, ...), which names the model preset of that depth."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default!r}")
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    name = args.get("preset", config_class.preset)
+    takes_depth = "model" in {f.name for f in dataclasses.fields(config_class)}
+    if name in presets:
+        preset = presets[name]
+    elif takes_depth and name[:1] == "d" and name[1:].isdigit():
+        preset = dict(model=name)
+    else:
+        parser.error(f"unknown preset {name!r}: use one of {', '.join(presets)}"
+                     + (" or d<depth>" if takes_depth else ""))
+    return config_class(**{**preset, **args})
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last.
+
+    A write that fails (disk full, an unusable --out) removes its temp file, leaves
+    the older checkpoints as they were, and exits with one error line."""
+    path = Path(out) / f"ckpt_{step:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a Python file, so that a failed write keeps its OSError (as __context__)
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file, never half a file
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        if tmp.is_file():
+            tmp.unlink()
+        cause = e if isinstance(e, OSError) or not isinstance(e.__context__, OSError) else e.__context__
+        kept = latest_checkpoint(path.parent)
+        raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
+                         + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
+    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    paths = sorted(Path(out).glob("ckpt_*.pt"))
+    return paths[-1] if paths else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's dict, read without running any code from the file (weights_only=True).
+
+    Our checkpoints hold only tensors, numbers, strings, lists, tuples and dicts; a
+    file that asks for anything else (a class, a function) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # it names a class or function
+            raise SystemExit(f"error: {path} is not a plain nanoschnack checkpoint: it would run code or build "
+                             f"objects when loaded, so it was not loaded (only use checkpoints you trust)") from None
+        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it to fall back to an older one") from None
+
+
+def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a folder's newest one.
+
+    Checkpoints carry their tokenizer (tokenizer_json), so they work wherever they are copied.
+    `reader` names the program in the error for a config it cannot use."""
+    path = Path(path)
+    file = latest_checkpoint(path) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
+                         f"or pass --checkpoint FILE_OR_FOLDER")
+    ckpt = load_checkpoint(file)
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+        raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
+    try:
+        config = gpt.GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:  # e.g. a config from another code version
+        raise SystemExit(f"error: {file} is not a checkpoint {reader} can use ({type(e).__name__}: {e})")
+    try:
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer_json"]) if "tokenizer_json" in ckpt else Tokenizer.load(ckpt["tokenizer"])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: tokenizer of {file}: {e}")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise SystemExit(f"error: {file}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # sets the rotary tables, which checkpoints do not hold
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {file} does not fit its own model config: {str(e)[:300]}")
+    model.eval()
+    ckpt["path"] = str(file)
+    return model, tokenizer, ckpt
+
+
+def check_same_model(saved: dict, config: gpt.GPTConfig, path):
+    mine = dataclasses.asdict(config)
+    if saved != mine:
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        raise SystemExit(f"error: checkpoint {path} is from another model config {diff} (saved, asked); "
+                         f"use the same --preset/--model/--seq-len, or another --out")
+
+
+# -----------------------------------------------------------------------------
+# Optimizers (nanochat's recipe) and the learning rate
+
+def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation (the same quintic Newton-Schulz iteration), in fp32."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
+
+
+class CPUMuon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in fp32, for models on the CPU.
+
+    torch runs the iteration in bf16, which GPUs do fast but CPUs without bf16
+    matrix units about 20x slower than fp32: on a 2-core EPYC it took most of each
+    CPU training step. The update is torch's (same state, same lr adjustment
+    "original": sqrt(max(1, rows/cols))), so checkpoints move between the two."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "CPUMuon takes no closure"
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz_fp32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.shape[0] / p.shape[1])))
+
+
+def build_optimizers(model: gpt.GPT, cfg) -> list[torch.optim.Optimizer]:
+    """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe).
+
+    cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay."""
+    width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
+    matrices = [p for p in model.transformer.h.parameters()]
+    if any(p.ndim != 2 for p in matrices):
+        raise ValueError("Muon expects only 2-D matrices in the blocks")
+    on_cuda = model.lm_head.weight.device.type == "cuda"
+    adamw = torch.optim.AdamW([
+        dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
+        dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
+    ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
+    # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
+    muon = (torch.optim.Muon if on_cuda else CPUMuon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                                                       weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def set_lr(optimizers, lr_mult: float):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+
+
+class StopSignal:
+    """When to save and leave early: on SIGINT/SIGTERM, or after --stop-after-steps (for jobs with a time limit).
+
+    Every rank must leave at the same step, so the check is a collective."""
+
+    def __init__(self):
+        self.received = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def reason(self, steps_done: int, stop_after_steps: int, device) -> str | None:
+        """Why to leave after this step ("signal", "--stop-after-steps") or None; every rank calls it each step."""
+        stop = torch.tensor(float(bool(self.received)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
+            return "signal"
+        return "--stop-after-steps" if stop_after_steps and steps_done >= stop_after_steps else None
+
+
+# -----------------------------------------------------------------------------
+# Logs and progress
+
+def open_log(out: Path):
+    """log.jsonl in `out`, unbuffered and appending (a resumed run continues it)."""
+    return open(Path(out) / "log.jsonl", "ab", buffering=0)
+
+
+def append_log(file, record: dict):
+    """One JSON line to log.jsonl; a full disk ends the run with one line."""
+    try:
+        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {file.name} ({e}); free disk space, then continue with --resume")
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.0f}s" if s < 60 else f"{s / 60:.1f}m" if s < 3600 else f"{s / 3600:.1f}h"
+
+
+class Progress:
+    """'hellaswag: 120/500, 12.3/s, 10s, ETA 31s' lines, at most every `every` seconds (or when forced).
+
+    `fraction` overrides done/total where the caller knows better how far along it is."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "", every: float = 10.0,
+                 log=lambda line: print(line, file=sys.stderr, flush=True)):
+        self.label, self.total, self.unit, self.every, self.log = label, total, unit, every, log
+        self.start = self.last = time.time()
+
+    def update(self, done: int, extra: str = "", fraction: float | None = None, force: bool = False):
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last, seconds = now, max(now - self.start, 1e-9)
+        if fraction is None and self.total:
+            fraction = done / self.total
+        of = f"/{self.total:,}" if self.total else ""
+        line = f"{self.label}: {done:,}{of}{self.unit}, {done / seconds:,.1f}{self.unit}/s{extra} | {format_seconds(seconds)}"
+        if fraction:
+            line += f" | {min(fraction, 1.0):.1%}, ETA {format_seconds(seconds * max(1 - fraction, 0) / fraction)}"
+        self.log(line)
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+def pad(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Token-id lists as one (len(rows), length or longest) LongTensor, filled on the right with `value`."""
+    out = torch.full((len(rows), length or max(map(len, rows))), value, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        out[r, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return out

@@ -1,0 +1,459 @@
+"""
+prepare.py: any dataset spec -> local, shuffled, nanochat-compatible parquet shards.
+
+    python prepare.py --data SPEC... --out DIR [--max-shards N] [--nfc --dedup --min-chars N]
+    python prepare.py inspect --data SPEC... [--tokenizer out/tokenizer]   # first documents, token counts, speed
+
+A long multi-GPU run should not depend on the hub staying up, so this script
+materialises any spec into a folder the loader (and nanochat) reads directly:
+
+  OUT/shard_00000.parquet ... shard_{n-1}   training documents
+  OUT/shard_{n}.parquet                      validation: the last shard, as in nanochat
+  OUT/meta.json                              from what, with which options, counts, dates
+
+Each shard has columns `text` and `source` (the row's own `source` field where the
+data has one, else the spec's location), zstd compression, and row groups of 1024
+rows: ranks split a shard by row group, so one giant row group would starve all but
+one rank. A shard ends at the first whole row group past --shard-chars characters
+(nanochat's rule; 250M is its size) or at exactly --shard-rows rows.
+
+Shuffling a corpus bigger than memory, deterministically. Streaming (the default),
+per source: the reading order is permuted with the seed (local parquet: all row
+groups of all files, read directly with pyarrow; other kinds: datasets'
+IterableDataset.shuffle, files or hub shards) and documents are drawn at random
+from a buffer of --shuffle-buffer documents. Memory stays bounded and nothing is
+copied, but the shuffle is local: a document moves at most about a buffer ahead,
+so a source read from one huge row group stays roughly in order. --no-streaming first
+converts each source into datasets' on-disk Arrow cache (OUT/.cache, a full copy,
+deleted at the end) and then permutes all of its documents: an exact global
+shuffle, as nanochat's repackaging does. Several sources are then interleaved by
+weight, characters per weight as the loader mixes them: give weights in proportion
+to the sources' sizes (or one glob over all files) for an even mix to the end.
+
+Resume. The document stream is a deterministic function of (specs, seed, options,
+datasets version), all recorded in meta.json. A shard is written to NAME.tmp and
+renamed when complete, so a shard that exists is whole. An interrupted run, started
+again with the same command, replays the stream from the start and skips *writing*
+the shards that exist (their row counts are checked against the replay). Replaying
+costs reading and filtering again, not compressing and writing; unlike seeking into
+a shuffled stream, it cannot land one document off.
+
+Validation. A document goes to validation when a hash of its text, keyed by the
+seed, falls under --val-frac, until the validation shard is full (one shard's size):
+the draw needs no lookahead, and identical documents always land on the same side,
+so an exact duplicate never leaks from training into validation. --val-data SPEC
+takes validation from a held-out spec instead (read first, so --dedup also drops
+training documents that equal a validation document).
+
+Filters, off by default: --nfc (Unicode NFC, so "ö" typed as o + combining
+diaeresis equals "ö"), --min-chars N (drop shorter documents, after NFC) and --dedup
+(drop exact duplicates: keeps an 8-byte hash per kept document, ~70 bytes of memory
+each, e.g. 7 GB for 100M documents).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+import common
+from data import (DEFAULT_PRETRAIN_SPEC, PREPARED_FORMAT, DataError, PretrainBatches, Source, check_parquet_files,
+                  interleave, iter_text_batches, iter_texts, open_source, parse_specs, prepared_meta, resolve_files)
+from tok import Tokenizer, parse_count
+
+
+ROW_GROUP = 1024
+
+
+@dataclass
+class PrepareOptions:
+    """How `prepare` shuffles, shards, splits and filters (all recorded in meta.json)."""
+    seed: int = 42
+    shard_chars: int = 250_000_000  # a shard ends at the first whole row group past this many characters
+    shard_rows: int | None = None   # or at exactly this many rows
+    max_shards: int | None = None   # training shards to write; None: all
+    text: str | None = None         # the text column, for every source (else each spec's text=)
+    streaming: bool = True          # False: exact global shuffle through datasets' on-disk cache
+    shuffle_buffer: int = 10_000    # documents, streaming only
+    val_frac: float = 0.01          # share of documents drawn for validation (up to one shard)
+    min_chars: int = 0              # filters, off by default
+    dedup: bool = False
+    nfc: bool = False
+
+
+def check_prepare_options(opts: PrepareOptions):
+    problems = [f"{name} must be {rule} (got {value!r})" for name, value, ok, rule in [
+        ("shard_chars", opts.shard_chars, opts.shard_chars > 0, "positive"),
+        ("shard_rows", opts.shard_rows, opts.shard_rows is None or opts.shard_rows > 0, "positive"),
+        ("max_shards", opts.max_shards, opts.max_shards is None or opts.max_shards > 0, "positive (or all)"),
+        ("shuffle_buffer", opts.shuffle_buffer, opts.shuffle_buffer > 0, "positive"),
+        ("val_frac", opts.val_frac, 0 <= opts.val_frac < 1, "in [0, 1)"),
+        ("min_chars", opts.min_chars, opts.min_chars >= 0, "0 or more"),
+    ] if not ok]
+    if problems:
+        raise DataError("bad prepare options: " + "; ".join(problems).replace("_", "-"))
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+class ShardWriter:
+    """One shard, written a row group at a time to a .tmp file that is renamed when complete.
+    On a resumed run a shard that already exists is only counted, and checked, not rewritten."""
+
+    def __init__(self, folder: str, name: str | None, tmp_name: str | None = None):
+        self.folder, self.name = folder, name
+        self.exists = name is not None and os.path.exists(os.path.join(folder, name))
+        self.tmp = os.path.join(folder, (tmp_name or name) + ".tmp")
+        self.texts, self.origins, self.docs, self.chars = [], [], 0, 0
+        self.writer = None
+
+    def add(self, text: str, origin: str):
+        self.texts.append(text)
+        self.origins.append(origin)
+        self.docs, self.chars = self.docs + 1, self.chars + len(text)
+        if len(self.texts) == ROW_GROUP:
+            self.flush()
+
+    def full(self, opts: PrepareOptions) -> bool:
+        if opts.shard_rows:
+            return self.docs >= opts.shard_rows
+        return self.chars >= opts.shard_chars and self.docs % ROW_GROUP == 0  # whole row groups only
+
+    def flush(self):
+        if self.texts and not self.exists:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            table = pa.table({"text": pa.array(self.texts, pa.string()),
+                              "source": pa.array(self.origins, pa.string())})
+            if self.writer is None:  # as nanochat: zstd, no dictionary or statistics for the text
+                self.writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd", compression_level=3,
+                                               use_dictionary=["source"], write_statistics=["source"])
+            self.writer.write_table(table, row_group_size=ROW_GROUP)
+        self.texts, self.origins = [], []
+
+    def close(self, name: str | None = None) -> dict:
+        """Finish the shard as NAME (default: the name it was opened with); its entry for meta.json."""
+        import pyarrow.parquet as pq
+        name = name or self.name
+        self.flush()
+        path = os.path.join(self.folder, name)
+        if self.exists:
+            rows = pq.read_metadata(path).num_rows
+            if rows != self.docs:
+                raise DataError(f"{path} has {rows} rows, but resuming this conversion puts {self.docs} "
+                                f"documents into it: it was written by another run; delete the folder and start over")
+        else:
+            self.writer.close()
+            os.replace(self.tmp, path)
+        return {"file": name, "docs": self.docs, "chars": self.chars}
+
+
+def read_shuffled(source: Source, opts: PrepareOptions, cache_dir: str | None):
+    """(text, origin) for every document of one source, in a seeded random order (see above)."""
+    label = source.location + (f"/{source.name}" if source.name else "")
+    if opts.streaming and source.kind == "parquet":  # read directly, row group by row group
+        rng = np.random.default_rng(opts.seed)
+        yield from buffer_shuffle(read_row_groups(source, rng, label), opts.shuffle_buffer, rng)
+        return
+    ds = open_source(source, streaming=opts.streaming, keep_source=True, cache_dir=cache_dir)
+    if opts.streaming:  # datasets: shuffled file (shard) order and a shuffle buffer
+        ds = ds.shuffle(seed=opts.seed, buffer_size=opts.shuffle_buffer)
+    else:  # a permutation of all documents
+        ds = ds.shuffle(seed=opts.seed)
+    for texts, origins in iter_text_batches(source, ds, batch_size=256, with_source=True):
+        origins = origins or [None] * len(texts)
+        yield from zip(texts, [o if isinstance(o, str) else label for o in origins])
+
+
+def read_row_groups(source: Source, rng, label: str):
+    """(text, origin) of a local parquet source, its row groups read in a random order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    source.files = resolve_files(source)
+    check_parquet_files(source)
+    groups = []
+    for path in source.files:
+        meta = pq.read_metadata(path)
+        columns = [source.text] + (["source"] if "source" in meta.schema.names and source.text != "source" else [])
+        groups += [(path, g, columns) for g in range(meta.num_row_groups)]
+    for k in rng.permutation(len(groups)):
+        path, g, columns = groups[k]
+        table = pq.ParquetFile(path).read_row_group(g, columns=columns)
+        text = table.column(source.text)
+        if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)) or text.null_count:
+            raise DataError(f"{source.spec}: {path} has a document with no string {source.text!r} field "
+                            f"(column type {text.type}, {text.null_count} nulls)")
+        origins = table.column("source").to_pylist() if "source" in columns else [None] * len(table)
+        yield from zip(text.to_pylist(), [o if isinstance(o, str) else label for o in origins])
+
+
+def buffer_shuffle(items, size: int, rng):
+    """Items in a random order, drawn from a buffer of `size` items (deterministic given rng)."""
+    buffer, draws = [], iter(())
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = next(draws, None)
+        if i is None:  # random indices in blocks: one numpy call per 1024 items
+            draws = iter(rng.integers(0, size, 1024).tolist())
+            i = next(draws)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def prepared_documents(sources: list[Source], opts: PrepareOptions, seen: set, counts: dict, cache_dir=None):
+    """(text, origin, u) for every document kept: shuffled per source, interleaved by weight,
+    filtered. u in [0, 1) is a hash of the text keyed by the seed: the validation draw."""
+    streams = [read_shuffled(s, opts, cache_dir) for s in sources]
+    salt = str(opts.seed).encode()
+    for text, origin in interleave(streams, [s.weight for s in sources], size=lambda doc: len(doc[0])):
+        counts["read"] += 1
+        counts["read_chars"] += len(text)
+        if opts.nfc:
+            text = unicodedata.normalize("NFC", text)
+        if len(text) < opts.min_chars:
+            counts["too_short"] += 1
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=salt).digest()
+        key = int.from_bytes(digest, "little")
+        if opts.dedup:
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(key)
+        yield text, origin, key / 2**64
+
+
+def progress_line(progress: common.Progress, sources: list[Source], opts: PrepareOptions, counts: dict,
+                  written: dict, shards: int, force: bool = False):
+    """A progress line: documents and characters read, shards written, rates, and an ETA where the end is known
+    (by documents read when the sources' sizes are known, by what is written when --max-shards bounds it)."""
+    known = [s.num_docs for s in sources]
+    guesses = [counts["read"] / sum(known)] if known and None not in known and sum(known) else []
+    if opts.max_shards:
+        if opts.shard_rows:
+            guesses.append(written["docs"] / (opts.max_shards * opts.shard_rows))
+        else:
+            guesses.append(written["chars"] / (opts.max_shards * opts.shard_chars))
+    seconds = max(time.time() - progress.start, 1e-9)
+    progress.update(counts["read"], f" | {counts['read_chars'] / 1e6:,.1f}M chars read, "
+                    f"{counts['read_chars'] / seconds / 1e6:,.2f}M chars/s | {shards} training shards",
+                    fraction=min(1.0, max(guesses)) if guesses else None, force=force)
+
+
+def start_meta(out: str, settings: dict) -> dict:
+    """Open OUT for a conversion: a new folder, or one this same conversion started (resume)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file; name a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create folder {out} ({e}); choose another --out") from None
+    if os.path.exists(os.path.join(out, "meta.json")):
+        meta = prepared_meta(out)
+        if meta is None:
+            raise DataError(f"{out}/meta.json was not written by prepare (or is damaged); "
+                            f"choose a new or empty --out, or delete {out} to start over")
+        theirs = {k: meta.get(k) for k in settings}
+        if theirs == settings:
+            return meta  # resume it, or it is complete already
+        if meta["complete"] or glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
+            diff = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} now"
+                             for k in settings if theirs[k] != settings[k])
+            raise DataError(f"{out} holds a conversion with other settings ({diff}); "
+                            f"use another --out, or delete {out} to start over")
+        # else a run that failed before its first shard (a typo in --data?): start over
+    elif glob.glob(os.path.join(glob.escape(out), "*.parquet")):
+        raise DataError(f"{out} already holds .parquet files and no meta.json (not written by prepare); "
+                        f"choose a new or empty --out")
+    meta = {"format": PREPARED_FORMAT, "complete": False, **settings,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_meta(out, meta)
+    return meta
+
+
+def write_meta(out: str, meta: dict):
+    tmp = os.path.join(out, "meta.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out, "meta.json"))
+
+
+def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, **options) -> dict:
+    """Write the documents of spec(s) `data` into shards in folder `out` (see above); returns meta.json's content.
+
+    Options are the fields of PrepareOptions. Run again with the same arguments to resume."""
+    out = os.fspath(out)
+    opts = PrepareOptions(**options)
+    check_prepare_options(opts)
+    sources = parse_specs(data)
+    val_sources = parse_specs(val_data) if val_data else []
+    if val_sources:
+        opts.val_frac = 0.0  # validation comes from --val-data
+    for s in sources + val_sources:
+        if opts.text and s.kind != "txt":
+            s.text = opts.text
+    settings = {"data": [s.spec for s in sources], "val_data": [s.spec for s in val_sources] or None,
+                "options": vars(opts).copy(), "datasets_version": datasets.__version__}
+    meta = start_meta(out, settings)
+    if meta["complete"]:
+        log(f"prepare: {out} is complete already ({len(meta['train']['files'])} training shards)")
+        return meta
+    if glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
+        log(f"prepare: resuming {out}: replaying the stream; shards already written are checked, not rewritten")
+    cache_dir = None if opts.streaming else os.path.join(out, ".cache")
+    counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0}
+    seen = set()  # hashes of the documents kept (--dedup)
+    val = ShardWriter(out, None, tmp_name="val.parquet")
+    for text, origin, _ in prepared_documents(val_sources, opts, seen, counts, cache_dir):
+        if val.full(opts):
+            break
+        val.add(text, origin)
+
+    progress = common.Progress("prepare", unit=" docs", every=log_every, log=log)
+    train_counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0}
+    shards, shard, written = [], None, {"docs": 0, "chars": 0}
+    for text, origin, u in prepared_documents(sources, opts, seen, train_counts, cache_dir):
+        if u < opts.val_frac and not val.full(opts):
+            val.add(text, origin)
+            continue
+        if shard is None:
+            shard = ShardWriter(out, shard_name(len(shards)))
+        shard.add(text, origin)
+        written["docs"], written["chars"] = written["docs"] + 1, written["chars"] + len(text)
+        if shard.full(opts):
+            shards.append(shard.close())
+            shard = None
+            meta["shards"] = shards  # what is done so far, for a look while it runs
+            write_meta(out, meta)
+            progress_line(progress, sources, opts, train_counts, written, len(shards), force=True)
+            if len(shards) == opts.max_shards:
+                break
+        progress_line(progress, sources, opts, train_counts, written, len(shards))
+    if shard is not None:
+        shards.append(shard.close())
+    if not shards:
+        raise DataError(f"{' '.join(s.spec for s in sources)}: no training documents "
+                        f"({train_counts['read']} read, {train_counts['too_short']} too short, "
+                        f"{train_counts['duplicates']} duplicates, the rest drawn for validation)")
+    progress_line(progress, sources, opts, train_counts, written, len(shards), force=True)
+
+    if val.docs:
+        val_entry = val.close(shard_name(len(shards)))  # the last shard, as nanochat expects
+    else:
+        val_entry = None
+        if val_sources or opts.val_frac:
+            log("warning: no validation documents (raise --val-frac, or check --val-data); "
+                "nanochat would take the last training shard for validation")
+    for key in counts:
+        counts[key] += train_counts[key]
+    meta.update(complete=True, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                row_group_size=ROW_GROUP, shards=shards + ([val_entry] if val_entry else []),
+                train={"files": [s["file"] for s in shards], "docs": sum(s["docs"] for s in shards),
+                       "chars": sum(s["chars"] for s in shards)},
+                val=val_entry, filtered={"too_short": counts["too_short"], "duplicates": counts["duplicates"]},
+                read={"docs": counts["read"], "chars": counts["read_chars"]})
+    write_meta(out, meta)
+    if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    log(f"prepare: wrote {out}: {len(shards)} training shards, {meta['train']['docs']:,} documents, "
+        f"{meta['train']['chars']:,} characters; validation {meta['val']['file'] + ', ' if val_entry else ''}"
+        f"{val.docs:,} documents, {val.chars:,} characters")
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write dataset spec(s) into local, "
+                                "shuffled, nanochat-compatible parquet shards (resumable: run it again).")
+    p.add_argument("--data", nargs="+", required=True, help="dataset spec(s) to convert")
+    p.add_argument("--out", required=True, help="folder to write shard_NNNNN.parquet and meta.json into")
+    p.add_argument("--val-data", nargs="+", help="held-out spec(s) for the validation shard (instead of --val-frac)")
+    p.add_argument("--val-frac", type=float, default=0.01,
+                   help="share of documents drawn for the validation shard, up to one shard's size (0: none)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle and validation draw")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-chars", type=parse_count, default=250_000_000,
+                      help="characters per shard, rounded up to whole row groups of 1024 rows (default 250M)")
+    size.add_argument("--shard-rows", "--rows-per-shard", type=parse_count, help="rows per shard instead")
+    p.add_argument("--max-shards", "--num-shards", type=int, default=-1,
+                   help="training shards to write; -1: all (default)")
+    p.add_argument("--text", "--text-column", help="text column of every source (else each spec's ?text=)")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream with a shuffle buffer (default), or --no-streaming: on-disk cache, exact shuffle")
+    p.add_argument("--shuffle-buffer", type=parse_count, default=10_000, help="documents (streaming)")
+    p.add_argument("--min-chars", type=int, default=0, help="filter: drop documents shorter than this")
+    p.add_argument("--dedup", action="store_true", help="filter: drop exact duplicate documents")
+    p.add_argument("--nfc", action="store_true", help="filter: Unicode NFC normalisation")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.data, args.out, val_data=args.val_data, log_every=args.log_every, seed=args.seed,
+                shard_chars=args.shard_chars, shard_rows=args.shard_rows, text=args.text,
+                max_shards=None if args.max_shards == -1 else args.max_shards, streaming=args.streaming,
+                shuffle_buffer=args.shuffle_buffer, val_frac=args.val_frac, min_chars=args.min_chars,
+                dedup=args.dedup, nfc=args.nfc)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # disk full, a folder that is not writable
+        for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp")):  # unfinished writes: free their space
+            os.remove(tmp)
+        sys.exit(f"error: cannot write {args.out} ({e}); free disk space or choose another --out, then run "
+                 f"the same command again to resume (finished shards are kept)")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: run the same command again to resume (finished shards are kept)")
+
+
+# -----------------------------------------------------------------------------
+# python prepare.py inspect: look at a spec
+
+def inspect_main(argv=None):
+    parser = argparse.ArgumentParser(prog="prepare.py inspect", description="Inspect dataset specs: first documents, token counts, "
+                                                 "and packed-batch throughput. (`python prepare.py "
+                                                 "--help`: convert specs into local shards.)")
+    parser.add_argument("--data", nargs="+", default=[DEFAULT_PRETRAIN_SPEC], help="dataset spec(s)")
+    parser.add_argument("--tokenizer", default="out/tokenizer", help="tokenizer folder (from tok.py)")
+    parser.add_argument("-n", "--docs", type=int, default=2, help="documents to show per source")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batches", type=int, default=50, help="batches to time")
+    parser.add_argument("--prefetch", type=int, default=0, help="batches to prepare in a background thread")
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = Tokenizer.load(args.tokenizer)
+        sources = parse_specs(args.data)
+        for source in sources:
+            print(f"== {source.spec}")
+            for i, doc in zip(range(args.docs), iter_texts(source)):
+                print(f"-- document {i}: {len(doc):,} characters, {len(tokenizer.encode(doc)):,} tokens\n"
+                      f"{doc[:300]!r}")
+        loader = PretrainBatches(sources, tokenizer, args.batch_size, args.seq_len, prefetch=args.prefetch)
+        start, tokens = time.time(), 0
+        for step, (inputs, _) in zip(range(args.batches), loader):
+            tokens += inputs.numel()
+        seconds = time.time() - start
+        print(f"== {step + 1} batches of {args.batch_size}x{args.seq_len}: {tokens / seconds:,.0f} packed tokens/s")
+        for spec, n in loader.token_counts().items():
+            print(f"   {n:>12,} tokens  {spec}")
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["inspect"]:
+        inspect_main(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,132 @@
+"""How the code fits together: the import graph, shared plumbing, and safe checkpoint loading."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import sft
+import train
+from conftest import REPO_ROOT, make_checkpoint
+
+MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py")) + ["kernels"]
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {m: project_imports(REPO_ROOT / f"{m}.py") for m in MODULES if m != "kernels"}
+    graph["kernels"] = set().union(*(project_imports(p) for p in (REPO_ROOT / "kernels").glob("*.py"))) - {"kernels"}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state = {}  # 1: on the current path, 2: done
+
+    def visit(module, path):
+        if state.get(module) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        state[module] = 2
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_stages_take_plumbing_from_common_not_from_each_other():
+    graph = import_graph()
+    stages = {"train", "sft", "evaluation", "chat", "serve", "prepare"}
+    for stage in ("train", "sft", "evaluation", "chat"):
+        assert "common" in graph[stage], stage
+    for stage in ("sft", "evaluation", "chat", "serve", "prepare"):
+        assert not graph[stage] & (stages - {"evaluation", "chat"}), (stage, graph[stage])
+    assert "train" not in graph["sft"] | graph["evaluation"] | graph["chat"] | graph["serve"]
+
+
+def test_chat_and_serve_load_no_training_or_data_code():
+    """What `python chat.py` / `python serve.py` really load: no train.py, sft.py, data.py, prepare.py."""
+    probe = ("import sys, chat, serve; print(' '.join(sorted(m for m in sys.modules if m in "
+             f"{MODULES!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
+    assert not set(out) & {"train", "sft", "data", "prepare", "evaluation"}, out
+
+
+def test_sft_rejects_model_presets_clearly(capsys):
+    """`sft.py --preset d20` used to crash with a TypeError (the shared parser built SFTConfig(model=...))."""
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(sft.SFTConfig, sft.PRESETS, ["--preset", "d20"])
+    assert e.value.code == 2
+    assert "unknown preset 'd20': use one of full, tiny" in capsys.readouterr().err
+    assert train.parse_config(["--preset", "d26"]).model == "d26"  # train.py takes any depth
+    with pytest.raises(SystemExit):
+        train.parse_config(["--preset", "dx"])
+
+
+# -----------------------------------------------------------------------------
+# Safe loading: a checkpoint that would run code is refused by every loader
+
+class Planted:
+    """Unpickling this runs `touch MARKER`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def planted(tmp_path, small_tokenizer):
+    """A folder with a real checkpoint whose dict also holds a code-running object, and the marker path."""
+    good = make_checkpoint(tmp_path / "good", small_tokenizer)
+    state = torch.load(good, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["note"] = Planted(marker)
+    for folder in ("evil", "evil_resume"):
+        (tmp_path / folder).mkdir()
+        torch.save(state, tmp_path / folder / "ckpt_0000001.pt")
+    return tmp_path, marker
+
+
+@pytest.mark.parametrize("script,args", [
+    ("chat.py", ["--checkpoint", "{d}/evil", "--prompt", "Hallo"]),
+    ("serve.py", ["--checkpoint", "{d}/evil", "--port", "0"]),
+    ("evaluation.py", ["--checkpoint", "{d}/evil", "--local-only", "--tasks", "bpb", "--bpb-data", "txt://{d}/t.txt"]),
+    ("sft.py", ["--preset", "tiny", "--base", "{d}/evil", "--data", "jsonl://{d}/c.jsonl", "--out", "{d}/chat"]),
+    ("train.py", ["--preset", "nano", "--resume", "--out", "{d}/evil_resume", "--tokenizer", "{d}/tok",
+                  "--data", "txt://{d}/t.txt", "--val-data", "txt://{d}/t.txt"]),
+], ids=["chat", "serve", "evaluation", "sft-base", "train-resume"])
+def test_every_loader_refuses_a_checkpoint_that_runs_code(planted, small_tokenizer, script, args):
+    folder, marker = planted
+    (folder / "t.txt").write_text("Ein kurzer deutscher Text über Äpfel und Birnen. " * 40, encoding="utf-8")
+    (folder / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "Hallo"}, '
+                                    '{"role": "assistant", "content": "Guten Tag"}]}\n' * 40, encoding="utf-8")
+    small_tokenizer.save(folder / "tok")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *[a.format(d=folder) for a in args]],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode != 0
+    assert not marker.exists(), "the checkpoint's code ran"
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("error: ")
+    assert "would run code or build objects when loaded" in lines[-1], proc.stderr[-2000:]
+
