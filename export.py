@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 import gpt
+from eval import read_report, report_path
 from tok import SPECIAL_TOKENS, Tokenizer, render_prompt
 from train import load_model  # the integrator moves this to common.py
 
@@ -180,10 +181,12 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
     return json.dumps(spec, ensure_ascii=False, indent=2)
 
 
-def hf_tokenizer_config(model_config: dict) -> dict:
+def hf_tokenizer_config() -> dict:
+    """No model_max_length: the context is config.json's max_position_embeddings (transformers would
+    only warn about longer texts, which gpt.py handles up to 10x its context)."""
     return dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|bos|>", eos_token="<|assistant_end|>",
                 pad_token="<|bos|>", additional_special_tokens=SPECIAL_TOKENS[1:], add_bos_token=True,
-                model_max_length=model_config["sequence_len"], clean_up_tokenization_spaces=False,
+                clean_up_tokenization_spaces=False,
                 chat_template=CHAT_TEMPLATE)
 
 
@@ -218,14 +221,13 @@ tags: [nanoschnack, nanochat]
 
 # {name}
 
-Ein kleines deutsches Sprachmodell aus [nanoschnack](https://github.com/) – ein von Grund auf trainierter
-{what}, im Geist von nanoGPT und nanochat. Die Architektur ist die von nanochat; transformers kennt sie als
-`NanoChatForCausalLM`.
+Ein kleines deutsches Sprachmodell aus nanoschnack, von Grund auf trainiert im Geist von nanoGPT und
+nanochat: {what}. Die Architektur ist die von nanochat; transformers kennt sie als `NanoChatForCausalLM`.
 
 | | |
 |---|---|
 | Art | {kind_de} (Checkpoint `{checkpoint}`, Schritt {step}) |
-| Parameter | {params:,} |
+| Parameter | {params} |
 | Schichten / Breite / Köpfe (KV-Köpfe) | {n_layer} / {n_embd} / {n_head} ({n_kv_head}) |
 | Kontext beim Training | {sequence_len} Tokens |
 | Vokabular | {vocab_size} Tokens (Byte-Level-BPE, deutsch) |
@@ -257,15 +259,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 model = AutoModelForCausalLM.from_pretrained("{repo}")
-messages = [{{"role": "user", "content": "Was ist die Hauptstadt von Deutschland?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True,
-                                       return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=100)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+{usage}
 ```
 
 Mit vLLM (über dessen transformers-Backend): `vllm serve {repo}`.
 {report}"""
+USAGE = {
+    "chat": """\
+messages = [{"role": "user", "content": "Was ist die Hauptstadt von Deutschland?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True,
+                                       return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=100)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))""",
+    "base": """\
+inputs = tokenizer("Die Hauptstadt von Deutschland ist", return_tensors="pt")  # <|bos|> kommt von selbst davor
+output = model.generate(**inputs, max_new_tokens=50)
+print(tokenizer.decode(output[0], skip_special_tokens=True))""",
+}
 
 
 def licence_lines(specs: list[str]) -> str:
@@ -286,25 +296,26 @@ def model_card(ckpt: dict, model: gpt.GPT, name: str, repo: str, dtype: str) -> 
         training.append(f"Feinabgestimmt (SFT) auf Gesprächen aus dem Basis-Modell `{ckpt.get('base', '?')}`.")
     else:
         training.append("Vortrainiert auf deutschem Text.")
-    training.append(f"{ckpt.get('tokens', 0):,} Tokens in {ckpt.get('step', '?')} Schritten.")
+    training.append(f"{german_int(ckpt.get('tokens') or 0)} Tokens in {ckpt.get('step', '?')} Schritten.")
     if cfg:
         shown = {k: cfg[k] for k in ("preset", "model", "seq_len", "total_batch_size", "matrix_lr", "embedding_lr",
                                      "unembedding_lr", "max_steps", "seed") if k in cfg}
         training.append("Einstellungen: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()) + ".")
-    report = Path(ckpt["path"]).resolve().parent.parent / "report.md"  # eval.report_path of the checkpoint's folder
-    report_text = ""
-    if report.is_file():
-        body = report.read_text(encoding="utf-8").split("\n", 1)[-1]  # without its "# ..." title
-        body = re.sub(r"^## ", "### ", body, flags=re.M)
-        report_text = f"\n## Bericht der Trainingsschritte (report.md)\n{body}"
+    sections = read_report(report_path(Path(ckpt["path"]).parent))  # report.md next to the checkpoint folders
+    report = "".join(f"\n### {title}\n\n{body}\n" for title, body in sections.items())
     c = model.config
     return MODEL_CARD.format(
-        name=name, what="Chat-Assistent" if kind == "chat" else "Basis-Sprachmodell (setzt Text fort)",
+        name=name, what="ein Chat-Assistent" if kind == "chat" else "ein Basis-Modell, das Text fortsetzt",
         kind_de="Chat-Modell (SFT)" if kind == "chat" else "Basis-Modell", checkpoint=Path(ckpt["path"]).name,
-        step=ckpt.get("step", "?"), params=model.num_params(), n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head,
-        n_kv_head=c.n_kv_head, sequence_len=c.sequence_len, vocab_size=c.vocab_size, dtype=dtype,
-        training=" ".join(training), licences=licence_lines(specs), repo=repo or "PFAD/ZUM/ORDNER",
-        report=report_text)
+        step=ckpt.get("step", "?"), params=german_int(model.num_params()), n_layer=c.n_layer, n_embd=c.n_embd,
+        n_head=c.n_head, n_kv_head=c.n_kv_head, sequence_len=c.sequence_len, vocab_size=german_int(c.vocab_size),
+        dtype=dtype, training=" ".join(training), licences=licence_lines(specs), repo=repo or "PFAD/ZUM/ORDNER",
+        usage=USAGE["chat" if kind == "chat" else "base"],
+        report=f"\n## Bericht der Trainingsschritte (report.md)\n{report}" if report else "")
+
+
+def german_int(n: int) -> str:
+    return f"{n:,}".replace(",", ".")
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +330,7 @@ def write_folder(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, ckpt: dict,
     weights = hf_state_dict(model, getattr(torch, dtype))
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     files = {"config.json": config, "generation_config.json": generation_config(tokenizer, kind),
-             "tokenizer_config.json": hf_tokenizer_config(dataclasses.asdict(model.config))}
+             "tokenizer_config.json": hf_tokenizer_config()}
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (folder / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")

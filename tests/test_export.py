@@ -160,8 +160,10 @@ def test_special_token_text_typed_by_a_user(exported, hf_tokenizer):
 def test_model_card_is_german_and_carries_the_report(exported):
     card = (exported[2] / "README.md").read_text(encoding="utf-8")
     for part in ["## Training", "## Grenzen", "## Lizenz der Daten", "## Benutzung", "AutoModelForCausalLM",
-                 "Chat-Modell", "128 Tokens", "## Bericht der Trainingsschritte", "### SFT", "| steps | 7 |"]:
+                 "Chat-Modell", "128 Tokens", "## Bericht der Trainingsschritte", "### SFT", "| steps | 7 |",
+                 "apply_chat_template"]:
         assert part in card, part
+    assert "<!--" not in card
 
 
 def test_load_hf_folder_rebuilds_our_model(exported):
