@@ -420,6 +420,7 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
         tokenizer = Tokenizer.load(path / "tokenizer.json")
     except (OSError, ValueError) as e:
         raise ExportError(f"{path} is not an exported model folder ({e})") from None
+    tokenizer.hf.post_processor = None  # the export's <|bos|> post-processor: tokenizer.json as tok.py wrote it
     ours = dict(model_type="nanochat", hidden_act="relu2", rms_norm_eps=gpt.NORM_EPS, final_logit_softcapping=gpt.SOFTCAP,
                 rope_parameters=dict(rope_type="default", rope_theta=gpt.ROTARY_BASE), tie_word_embeddings=False,
                 attention_bias=False, intermediate_size=4 * config.get("hidden_size", 0))

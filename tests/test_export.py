@@ -173,6 +173,18 @@ def test_load_hf_folder_rebuilds_our_model(exported):
     for name, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
     assert back_tok.encode(GERMAN[1]) == tokenizer.encode(GERMAN[1]) and back_tok.special == tokenizer.special
+    assert back_tok.to_json() == tokenizer.to_json()  # as tok.py wrote it: re-exporting gives the same folder
+
+
+def test_load_hf_folder_refuses_what_gpt_py_lacks(tmp_path, exported):
+    with pytest.raises(export.ExportError, match="not an exported model folder"):
+        export.load_hf_folder(tmp_path)
+    for name in ["config.json", "tokenizer.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((exported[2] / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    with pytest.raises(export.ExportError, match="final_logit_softcapping"):
+        export.load_hf_folder(tmp_path)
 
 
 def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exported, monkeypatch):
