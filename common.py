@@ -3,7 +3,8 @@ common.py: the plumbing every stage shares.
 
     process setup   setup_distributed, teardown_distributed, default_device
     configuration   parse_config: a config dataclass -> command-line flags, with presets
-    checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model
+    checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model,
+                    load_hf_folder (a folder export.py wrote)
     training        build_optimizers (Muon + AdamW), set_lr, StopSignal (SIGINT/SIGTERM, agreed by all ranks)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
     batches         pad (lists of token ids -> one padded tensor)
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -135,15 +137,19 @@ def load_checkpoint(path: Path) -> dict:
         if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # it names a class or function
             raise SystemExit(f"error: {path} is not a plain nanoschnack checkpoint: it would run code or build "
                              f"objects when loaded, so it was not loaded (only use checkpoints you trust)") from None
-        raise SystemExit(f"error: cannot read checkpoint {path} ({e}); delete it to fall back to an older one") from None
+        reason = "not a file torch.save wrote" if "Weights only load failed" in str(e) else str(e).splitlines()[0]
+        raise SystemExit(f"error: cannot read checkpoint {path} ({reason}); delete it to fall back to an older one") from None
 
 
 def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a folder's newest one.
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file, a folder's newest one,
+    or a folder export.py wrote (config.json + model.safetensors, e.g. downloaded from the hub).
 
     Checkpoints carry their tokenizer (tokenizer_json), so they work wherever they are copied.
     `reader` names the program in the error for a config it cannot use."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and not latest_checkpoint(path):
+        return load_hf_folder(path, device)
     file = latest_checkpoint(path) if path.is_dir() else path
     if file is None or not file.is_file():
         raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
@@ -172,6 +178,65 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
     model.eval()
     ckpt["path"] = str(file)
     return model, tokenizer, ckpt
+
+
+# -----------------------------------------------------------------------------
+# Exported Hugging Face folders (export.py writes them; load_model reads them back)
+
+# gpt.GPTConfig fields -> transformers' NanoChatConfig fields
+HF_CONFIG_FIELDS = {"vocab_size": "vocab_size", "n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+                    "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+                    "sequence_len": "max_position_embeddings"}
+
+# gpt.py's weight names -> NanoChatForCausalLM's (regex, replacement), applied to whole names
+HF_WEIGHT_NAMES = [
+    (r"transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"transformer\.h\.(\d+)\.attn\.c_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
+    (r"transformer\.h\.(\d+)\.attn\.c_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
+    (r"transformer\.h\.(\d+)\.attn\.c_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"model.layers.\1.mlp.fc1.weight"),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"model.layers.\1.mlp.fc2.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+
+
+def hf_weight_name(name: str) -> str | None:
+    """transformers' name for one of our weights (None: it has none)."""
+    for pattern, replacement in HF_WEIGHT_NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, checkpoint-like dict) from a folder export.py wrote (or any
+    NanoChatForCausalLM folder whose settings gpt.py has); the dict holds model_config, kind, step, path."""
+    from safetensors.torch import load_file  # safetensors comes with datasets' dependencies
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.load(path / "tokenizer.json")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is not an exported model folder ({e})") from None
+    tokenizer.hf.post_processor = None  # the export's <|bos|> post-processor: tokenizer.json as tok.py wrote it
+    ours = dict(model_type="nanochat", hidden_act="relu2", rms_norm_eps=gpt.NORM_EPS, final_logit_softcapping=gpt.SOFTCAP,
+                rope_parameters=dict(rope_type="default", rope_theta=gpt.ROTARY_BASE), tie_word_embeddings=False,
+                attention_bias=False, intermediate_size=4 * config.get("hidden_size", 0))
+    differ = {k: (config.get(k), v) for k, v in ours.items() if config.get(k) != v}
+    if differ:
+        raise SystemExit(f"error: {path}/config.json has settings gpt.py does not have: {differ} (theirs, ours)")
+    model_config = {ours_name: config[hf_name] for ours_name, hf_name in HF_CONFIG_FIELDS.items()}
+    model = gpt.GPT(gpt.GPTConfig(**model_config)).to(device)
+    to_ours = {hf_weight_name(k): k for k in model.state_dict()}
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        model.load_state_dict({to_ours[k]: v.float() for k, v in weights.items()})
+    except (OSError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"error: {path}/model.safetensors does not fit its config.json ({str(e)[:300]})") from None
+    meta = config.get("nanoschnack") or {}
+    return model.eval(), tokenizer, dict(model_config=model_config, kind=meta.get("kind", "base"),
+                                         step=meta.get("step"), tokens=meta.get("tokens"), path=str(path))
 
 
 def check_same_model(saved: dict, config: gpt.GPTConfig, path):

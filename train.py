@@ -62,7 +62,7 @@ class TrainConfig:
     final_lr_frac: float = 0.0
     eval_every: int = 250
     eval_batches: int = 20
-    eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (eval.py), e.g.
+    eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (evaluation.py), e.g.
                                      # 'quiz=jsonl://quiz.jsonl hellaswag'; default none
     eval_task_limit: int = 500       # examples per task (a fixed random sample)
     sample_every: int = 1000

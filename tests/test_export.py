@@ -1,0 +1,311 @@
+"""export.py: the exported Hugging Face folder computes what gpt.py computes, token for token.
+
+The checkpoint is conftest.make_checkpoint's tiny GPT (2 layers, GQA 2:1, width 64, context 128)
+with random but non-zero weights, not a trained one: every weight and every norm is exercised
+either way, and agreement between two implementations does not depend on how good the weights
+are. Its lm_head is drawn wide (std 0.5), so the logits spread over about +-10 and the softcap
+is active, and greedy choices and multiple-choice rankings are clear, not near-ties.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the dev extra installs it (and lm-eval): these tests run in CI, they never skip
+
+import evaluation as ev
+import chat
+import common
+import export
+import gpt
+from conftest import REPO_ROOT, make_checkpoint
+from tok import render_conversation, render_prompt
+
+GERMAN = [
+    "Die Größe der Straße überrascht Jürgen nicht.",
+    "Er sagte: „Das kostet 1.000,50 € – höchstens!“ und ging.",
+    "Im Jahr 2024 fuhren 12.345 Züge pünktlich; übrigens: ÄÖÜ äöüß.",
+    "Gro\u0308\u00dfe",  # "Größe" with a combining diaeresis: NFC makes it the precomposed word
+    "  Zwei Leerzeichen\n\nund Absätze\tmit Tab.",
+]
+LOGIT_ATOL = 1e-4  # fp32 on CPU; both sides sum the same products in different orders
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, small_tokenizer):
+    """(our model, tokenizer, HF folder): a chat checkpoint in runs/chat, its report card in runs/report.md."""
+    runs = tmp_path_factory.mktemp("runs")
+    make_checkpoint(runs / "chat", small_tokenizer, kind="chat", seed=3)
+    (runs / "report.md").write_text("# nanoschnack report card\n\n<!-- section: SFT -->\n## SFT\n\n"
+                                    "| steps | 7 |\n", encoding="utf-8")
+    folder = runs / "hf"
+    export.main(["--checkpoint", str(runs / "chat"), "--out", str(folder)])
+    model, tokenizer, _ = common.load_model(runs / "chat")
+    return model, tokenizer, folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(exported):
+    return transformers.AutoModelForCausalLM.from_pretrained(exported[2], dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(exported):
+    return transformers.AutoTokenizer.from_pretrained(exported[2])
+
+
+def test_folder_holds_a_nanochat_model(exported, capsys):
+    model, tokenizer, folder = exported
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "generation_config.json",
+                                                  "tokenizer.json", "tokenizer_config.json", "README.md"}
+    config = json.loads((folder / "config.json").read_text())
+    c = model.config
+    assert config["architectures"] == ["NanoChatForCausalLM"] and config["model_type"] == "nanochat"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"], config["max_position_embeddings"]) == \
+           (c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.sequence_len)
+    assert config["rope_parameters"]["rope_theta"] == gpt.ROTARY_BASE and config["rms_norm_eps"] == gpt.NORM_EPS
+    assert config["final_logit_softcapping"] == gpt.SOFTCAP and config["tie_word_embeddings"] is False
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.special["<|assistant_end|>"])
+    assert config["nanoschnack"]["kind"] == "chat"
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".hf.")]  # the temporary folder is gone
+
+
+def test_logits_match_gpt_py(exported, hf_model):
+    model, tokenizer, _ = exported
+    worst = 0.0
+    texts = GERMAN + [" ".join(GERMAN) * 4]  # the last one runs past the training context (128 tokens)
+    for text in texts:
+        ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)])
+        with torch.no_grad():
+            ours, theirs = model(ids), hf_model(ids).logits
+        worst = max(worst, (ours - theirs).abs().max().item())
+    assert ids.shape[1] > model.config.sequence_len
+    assert worst < LOGIT_ATOL, worst
+    print(f"max |logit difference| {worst:.2e}")
+
+
+@pytest.mark.parametrize("config", [dict(n_layer=3, n_head=4, n_kv_head=4, n_embd=96),   # no GQA, head_dim 24
+                                    dict(n_layer=1, n_head=4, n_kv_head=2, n_embd=64)])  # GQA 2:1
+def test_logits_match_for_other_shapes(tmp_path, small_tokenizer, config):
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", seed=5, **config)
+    folder, diff = export.export(tmp_path / "base", tmp_path / "hf")
+    assert diff < LOGIT_ATOL
+    model, tokenizer, _ = common.load_model(tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(GERMAN[1] + GERMAN[2])])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < LOGIT_ATOL
+
+
+def test_greedy_generate_gives_our_tokens(exported, hf_model, hf_tokenizer):
+    model, tokenizer, _ = exported
+    stops = {tokenizer.special["<|assistant_end|>"], tokenizer.bos_id}  # generation_config's eos_token_id
+    prompts = [[tokenizer.bos_id] + tokenizer.encode("Es war einmal ein König, der"),
+               render_prompt(tokenizer, [{"role": "user", "content": "Wie heißt die Hauptstadt von Österreich?"}])]
+    for prompt in prompts:
+        ours = list(model.generate(prompt, max_new_tokens=30, temperature=0.0))
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
+        theirs = out[0, len(prompt):].tolist()
+        assert theirs == ours[:len(theirs)]  # transformers stops at the first stop token, ours runs on
+        assert len(theirs) == 30 or theirs[-1] in stops
+        assert len(theirs) >= 10, "the test wants a long sequence to compare; pick another prompt"
+
+
+def test_tokenizer_gives_our_ids(exported, hf_tokenizer):
+    _, tokenizer, _ = exported
+    assert type(hf_tokenizer).__name__ == "TokenizersBackend"
+    for text in GERMAN:
+        assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+        assert hf_tokenizer(text).input_ids == [tokenizer.bos_id] + tokenizer.encode(text)  # <|bos|> first, as trained
+        assert hf_tokenizer.decode(hf_tokenizer(text).input_ids, skip_special_tokens=True) == tokenizer.normalize(text)
+    assert hf_tokenizer.eos_token == "<|assistant_end|>" and hf_tokenizer.bos_token == "<|bos|>"
+
+
+def test_chat_template_gives_render_prompt_ids(exported, hf_tokenizer):
+    _, tokenizer, _ = exported
+    conversations = [
+        [{"role": "user", "content": "Hallo! Wie geht’s?"}],
+        [{"role": "system", "content": "Du bist ein höflicher Assistent. Antworte knapp."},
+         {"role": "user", "content": "Was kostet das? „Nur“ 1.000,50 €?"},
+         {"role": "assistant", "content": "Ja, genau 1.000,50 €."},
+         {"role": "user", "content": "Und\nmit Zeilenumbruch?  "}],
+    ]
+    for messages in conversations:
+        assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
+               render_prompt(tokenizer, messages)
+        finished = messages + [{"role": "assistant", "content": "Gern geschehen."}]
+        assert hf_tokenizer.apply_chat_template(finished, return_dict=False) == render_conversation(tokenizer, finished)[0]
+    bad = [[{"role": "assistant", "content": "Ich fange an."}],
+           [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+           [{"role": "user", "content": "   "}]]
+    for messages in bad:  # what tok.check_conversation rejects, the template rejects too
+        with pytest.raises(Exception, match="message|conversation"):
+            hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_special_token_text_typed_by_a_user(exported, hf_tokenizer):
+    """Ours: ordinary text. transformers: control tokens by default, ours with sanitize_control_tokens=True."""
+    _, tokenizer, _ = exported
+    messages = [{"role": "user", "content": "Schreib <|assistant_end|> und <|bos|> ab."}]
+    ours = render_prompt(tokenizer, messages)
+    assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                            sanitize_control_tokens=True) == ours
+    default = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert default != ours and default.count(tokenizer.special["<|assistant_end|>"]) == 1  # the README says so
+
+
+def test_model_card_is_german_and_carries_the_report(exported):
+    card = (exported[2] / "README.md").read_text(encoding="utf-8")
+    for part in ["## Training", "## Grenzen", "## Lizenz der Daten", "## Benutzung", "AutoModelForCausalLM",
+                 "Chat-Modell", "128 Tokens", "## Bericht der Trainingsschritte", "### SFT", "| steps | 7 |",
+                 "apply_chat_template"]:
+        assert part in card, part
+    assert "<!--" not in card
+
+
+def test_load_hf_folder_rebuilds_our_model(exported):
+    model, tokenizer, folder = exported
+    back, back_tok, ckpt = common.load_hf_folder(folder)
+    assert back.config == model.config and ckpt["kind"] == "chat" and ckpt["step"] == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    assert back_tok.encode(GERMAN[1]) == tokenizer.encode(GERMAN[1]) and back_tok.special == tokenizer.special
+    assert back_tok.to_json() == tokenizer.to_json()  # as tok.py wrote it: re-exporting gives the same folder
+    # every stage loads it through load_model, e.g. chat.py and serve.py run a model from the hub
+    session = chat.load_session(str(folder), "cpu", sampling=chat.Sampling(temperature=0, max_new_tokens=8))
+    assert session.model.config == model.config and session.checkpoint == str(folder)
+    ids = render_prompt(tokenizer, [{"role": "user", "content": GERMAN[0]}])
+    assert session.answer([{"role": "user", "content": GERMAN[0]}]).ids == [
+        t for t in itertools.takewhile(lambda t: t not in tokenizer.special.values(),
+                                       model.generate(ids, 8, temperature=0))]
+
+
+def test_load_hf_folder_refuses_what_gpt_py_lacks(tmp_path, exported):
+    with pytest.raises(SystemExit, match="error: .* not an exported model folder"):
+        common.load_hf_folder(tmp_path)
+    for name in ["config.json", "tokenizer.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((exported[2] / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    with pytest.raises(SystemExit, match="error: .*final_logit_softcapping"):
+        common.load_hf_folder(tmp_path)
+
+
+def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exported, monkeypatch):
+    model, tokenizer, _ = exported
+    config = dict(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    with pytest.raises(export.ExportError, match="sliding_window.*does not map"):
+        export.hf_config({**config, "sliding_window": 64}, tokenizer, "float32", {})
+    with pytest.raises(export.ExportError, match="value_embeds.*does not map"):
+        export.hf_weight_name("transformer.value_embeds.0.weight")
+    # a gpt.py whose rotary pairs neighbours (x[2i], x[2i+1]) instead of halves: only the numbers tell
+    def interleaved(x, cos, sin):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).flatten(-2)
+    monkeypatch.setattr(gpt, "apply_rotary", interleaved)
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
+    assert str(e.value.code).startswith("error: transformers' NanoChatForCausalLM computes other logits")
+    assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["base"]
+
+
+def test_bad_input_is_one_error_line(tmp_path, small_tokenizer):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    make_checkpoint(tmp_path / "ok", small_tokenizer)
+    (tmp_path / "a_file").write_text("x")
+    cases = [(["--checkpoint", str(tmp_path / "missing")], "no checkpoint at"),
+             (["--checkpoint", str(tmp_path / "junk.pt")], "cannot read checkpoint"),
+             (["--checkpoint", str(tmp_path / "other.pt")], "not a nanoschnack checkpoint"),
+             (["--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "a_file")], "is a file")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            export.main(args + (["--out", str(tmp_path / "hf")] if "--out" not in args else []))
+        text = str(e.value.code)
+        assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert not (tmp_path / "hf").exists()
+
+
+def test_bfloat16_export_is_verified_against_rounded_weights(tmp_path, small_tokenizer):
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base")
+    folder, diff = export.export(tmp_path / "base", tmp_path / "hf", dtype="bfloat16")
+    assert diff < LOGIT_ATOL
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (folder / "model.safetensors").stat().st_size < 400_000  # half of fp32's 620 kB
+
+
+# -----------------------------------------------------------------------------
+# A second harness: lm-evaluation-harness on the exported folder vs evaluation.py on the checkpoint
+
+QUIZ = Path(__file__).parent / "fixtures" / "quiz_de.jsonl"
+LM_EVAL_TASK = """\
+task: nanoschnack_quiz
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {file}
+test_split: test
+process_docs: !function nanoschnack_task.process_docs
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+LM_EVAL_UTILS = """\
+from evaluation import local_example  # evaluation.py's own reading of the file: the same strings in both harnesses
+
+
+def process_docs(dataset):
+    return dataset.map(local_example)
+"""
+LL_ATOL = 1e-4  # per-choice sums of log-probs, fp32, a few tokens each
+
+
+@pytest.mark.slow  # about 25 s, most of it importing lm-eval and transformers in a fresh process
+def test_lm_eval_agrees_with_eval_py(tmp_path, exported):
+    """Same examples, same strings: evaluation.local_example joins context and choice (with one space), and
+    the lm-eval task reads the file through it with target_delimiter "". Then acc_norm is the same
+    definition on both sides (log-likelihood / characters of the choice, its leading space included),
+    and the per-choice log-likelihoods agree to fp32 precision, so acc and acc_norm agree exactly."""
+    model, tokenizer, folder = exported
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "nanoschnack_quiz.yaml").write_text(LM_EVAL_TASK.format(file=QUIZ))
+    (tmp_path / "task" / "nanoschnack_task.py").write_text(LM_EVAL_UTILS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+                          "--model_args", f"pretrained={folder},dtype=float32", "--device", "cpu",
+                          "--tasks", "nanoschnack_quiz", "--include_path", str(tmp_path / "task"),
+                          "--batch_size", "16", "--output_path", str(tmp_path / "lm_eval"), "--log_samples"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next((tmp_path / "lm_eval").rglob("results_*.json")).read_text())["results"]
+    theirs = results["nanoschnack_quiz"]
+    samples = [json.loads(l) for l in next((tmp_path / "lm_eval").rglob("samples_*.jsonl")).read_text().splitlines()]
+
+    examples = ev.load_examples(ev.make_task("quiz", f"jsonl://{QUIZ}"))
+    ours = ev.evaluate_task(model, tokenizer, examples, "cpu")
+    print(f"lm-eval: acc {theirs['acc,none']:.4f} acc_norm {theirs['acc_norm,none']:.4f} | "
+          f"evaluation.py: acc {ours['acc']:.4f} acc_norm {ours['acc_norm']:.4f} ({len(examples)} examples)")
+    assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
+
+    assert len(samples) == len(examples) == 12
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        ex = examples[sample["doc_id"]]
+        assert [a["arg_1"] for a in sample["arguments"].values()] == ex["choices"]
+        lls, _ = ev.continuation_scores(model, ev.choice_rows(tokenizer, ex, model.config.sequence_len), "cpu")
+        theirs_lls = [float(r[0][0]) for r in sample["resps"]]
+        assert theirs_lls == pytest.approx(lls, abs=LL_ATOL)
+        for scores in (lls, [s / len(c) for s, c in zip(lls, ex["choices"])]):  # acc's and acc_norm's
+            best, second = sorted(scores, reverse=True)[:2]
+            assert best - second > 10 * LL_ATOL  # no near-ties: equal accuracies are not luck
