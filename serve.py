@@ -70,7 +70,9 @@ try:
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
+import batch
 import chat
+import torch
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -95,6 +97,7 @@ class Limits:
     max_tokens: int = 1024  # cap on max_tokens, and its value when a request names none
     max_queue: int = 16  # requests waiting behind the one being answered; more get 429
     request_seconds: float = 600.0  # a request's whole life, queue included; then 504 (or an SSE error)
+    max_batch: int = 8  # answers generated together (continuous batching); 1: one at a time
 
     @property
     def max_body_bytes(self) -> int:
@@ -135,9 +138,14 @@ class Job:
     cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
     time.monotonic() after which the worker drops the job with RequestTimeout."""
 
-    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf):
+    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
+                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
         self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
         self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
+        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
+        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
+        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
+        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -149,19 +157,56 @@ class Job:
             self.cancelled.set()
 
 
-class Engine:
-    """Owns the ChatSession and the worker thread that runs the queued jobs."""
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
 
-    def __init__(self, session: chat.ChatSession, max_queue: int):
-        self.session, self.max_queue = session, max_queue
+    def __init__(self, bounds: tuple):
+        self.bounds, self.buckets, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.buckets)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """What GET /metrics reports besides the engine's counters."""
+
+    def __init__(self):
+        self.status = collections.Counter()  # HTTP responses by status code
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
+        self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
+
+    def finished(self, job: Job, reply: chat.Reply) -> None:
+        if job.first_piece is None:
+            return
+        self.ttft.observe(job.first_piece - job.submitted)
+        seconds = time.monotonic() - job.first_piece
+        if len(reply.ids) > 1 and seconds > 0:
+            self.rate.observe((len(reply.ids) - 1) / seconds)
+
+
+class Queue:
+    """The waiting line in front of a model, and the counters; shared by both engines."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
-        self.busy = False
         self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0,
                                           completion_tokens=0)
-        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
         self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
+        self.metrics = Metrics()
+
+    @property
+    def running(self) -> int:
+        return int(self.busy)
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -180,6 +225,29 @@ class Engine:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self.counts["cancelled"] += 1
+
+    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
+        """Count a job that generated (completely or not) and tell its client."""
+        self.counts["completion_tokens"] += completion_tokens(reply)
+        self.metrics.finished(job, reply)
+        if timed_out:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
+            return
+        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        job.emit("done", reply)
+
+
+class Engine(Queue):
+    """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
+    ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
+
+    def __init__(self, session: chat.ChatSession, max_queue: int):
+        super().__init__(max_queue)
+        self.session = session
+        self.busy = False
+        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
 
     def _work(self) -> None:
         while True:
@@ -216,6 +284,8 @@ class Engine:
         try:
             stream = job.generate(s)
             for piece in stream:
+                job.reply = s.last
+                job.first_piece = job.first_piece or time.monotonic()
                 if self.on_piece is not None:
                     self.on_piece(job)
                 if job.cancelled.is_set():
@@ -232,14 +302,158 @@ class Engine:
         finally:
             if stream is not None:
                 stream.close()  # an unfinished answer ends here; the KV cache stays consistent
-        reply = s.last
-        self.counts["completion_tokens"] += completion_tokens(reply)
-        if timed_out:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
+        self.finish(job, s.last, timed_out)
+
+
+
+class Row:
+    """One slot of the batch: the job it serves (None: free) and the tokens its KV cache row holds."""
+
+    def __init__(self):
+        self.job: Job | None = None
+        self.ids: list[int] = []  # exactly the tokens cached in this row
+        self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
+        self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
+        self.logits = self.rng = self.decoder = None
+        self.step = self.budget = 0
+
+
+class BatchEngine(Queue):
+    """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
+
+    One worker thread loops over steps. A step first admits at most one waiting job: it
+    takes a free row and prefills its prompt there alone (batch.prefill), so a long
+    prompt delays the others by one prefill, never more. Then every running row samples
+    its next token with its own settings and generator, and all rows that go on are fed
+    in one batched forward (batch.decode). A row leaves when its answer stops, reaches
+    its limit, is cancelled (client gone) or times out; the next newcomer takes it.
+
+    Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
+    cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
+    its prompt and only computes the rest, so each of up to N conversations keeps its
+    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it."""
+
+    def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
+        super().__init__(max_queue)
+        self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
+        self.cache = batch.BatchCache(model, max_batch, context_len)
+        self.rows = [Row() for _ in range(max_batch)]
+        self.steps = 0
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return sum(r.job is not None for r in self.rows)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.busy:
+                    self.cond.wait()
+                free = [r for r in self.rows if r.job is None]
+                newcomer = self.waiting.popleft() if self.waiting and free else None
+            try:
+                if newcomer is not None:
+                    self._admit(newcomer, free)
+                self._step()
+            except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
+                log(f"generation failed: {type(e).__name__}: {e}")
+                for row in self.rows:
+                    if row.job is not None:
+                        self.counts["errors"] += 1
+                        row.job.emit("error", e)
+                        row.job, row.ids, row.owner = None, [], None
+                        self.cache.lengths[self.rows.index(row)] = 0
+
+    def _admit(self, job: Job, free: list[Row]) -> None:
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
             return
-        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
-        job.emit("done", reply)
+        if time.monotonic() > job.deadline:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            return
+        prompt = job.prompt
+        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
+        if mine:  # this client's longest cached prefix
+            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
+            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+        else:  # the least recently used free row; whatever it held is overwritten
+            row, keep = min(free, key=lambda r: r.used), 0
+        self.steps += 1
+        row.used, row.owner, row.job = self.steps, job.cache_key, job
+        index = self.rows.index(row)
+        row.ids = []  # until the prefill has completed
+        row.logits = batch.prefill(self.model, self.cache, index, keep, prompt[keep:])
+        row.ids = list(prompt)
+        job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
+        row.rng = torch.Generator(device=self.cache.k.device)
+        if job.seed is None:
+            row.rng.seed()
+        else:
+            row.rng.manual_seed(job.seed)
+        row.decoder = self.tokenizer.stream_decoder()
+        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
+
+    def _step(self) -> None:
+        feed = []
+        for row in self.rows:
+            job = row.job
+            if job is None:
+                continue
+            if job.cancelled.is_set():
+                self._leave(row, "interrupted")
+                continue
+            s, reply = job.sampling, job.reply
+            token = chat.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
+            if reply.ttft is None:
+                reply.ttft = time.monotonic() - job.submitted
+            if token in job.stop_ids:
+                self._leave(row, "stop")  # not fed: a next turn's prompt brings it
+                continue
+            reply.ids.append(token)
+            row.step += 1
+            piece = row.decoder.push(token)
+            if piece:
+                job.first_piece = job.first_piece or time.monotonic()
+                if self.on_piece is not None:
+                    self.on_piece(job)
+                if job.cancelled.is_set():
+                    self._leave(row, "interrupted")
+                    continue
+                if time.monotonic() > job.deadline:
+                    self._leave(row, "interrupted", timed_out=True)
+                    continue
+                reply.text += piece
+                job.emit("piece", piece)
+            if row.step >= row.budget:
+                self._leave(row, "length")
+            else:
+                feed.append((row, token))
+        if feed:
+            rows = [self.rows.index(row) for row, _ in feed]
+            logits = batch.decode(self.model, self.cache, rows, [t for _, t in feed])
+            for i, (row, token) in enumerate(feed):
+                row.logits = logits[i:i + 1]
+                row.ids.append(token)
+
+    def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
+        job, reply = row.job, row.job.reply
+        if finish_reason in ("stop", "length"):
+            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+            if tail:
+                reply.text += tail
+                job.emit("piece", tail)
+        reply.finish_reason = finish_reason
+        with self.cond:
+            row.job = None
+            if job.cache_key is None:
+                row.owner = None  # reusable by nobody
+        self.finish(job, reply, timed_out)
 
 
 async def job_events(job: Job, idle_seconds: float):
@@ -441,11 +655,12 @@ def read_messages(data: dict, limits: Limits, system: str | None) -> list[dict]:
         raise APIError(400, str(e), param="messages", code="invalid_conversation")
 
 
-def check_fits(session: chat.ChatSession, messages: list[dict], sampling: chat.Sampling) -> None:
-    """413 when the last user message alone leaves no room for an answer (older turns are dropped silently)."""
+def check_fits(session: chat.ChatSession, messages: list[dict], sampling: chat.Sampling) -> tuple[list, list[int]]:
+    """The kept messages and the prompt's ids, as ChatSession.stream makes them; 413 when the
+    last user message alone leaves no room for an answer (older turns are dropped silently)."""
     reserve = min(sampling.max_new_tokens, session.context_len // 2)
     try:
-        chat.fit_to_context(session.tokenizer, messages, session.context_len - reserve)
+        return chat.fit_to_context(session.tokenizer, messages, session.context_len - reserve)
     except ConversationError as e:
         raise APIError(413, f"{e} (context {session.context_len} tokens)", param="messages",
                        code="context_length_exceeded")
@@ -680,7 +895,10 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
                shared_cache: bool = False) -> FastAPI:
     """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves."""
     limits = limits or Limits()
-    engine = Engine(session, limits.max_queue)
+    if limits.max_batch > 1:
+        engine = BatchEngine(session.model, session.tokenizer, session.context_len, limits.max_batch, limits.max_queue)
+    else:
+        engine = Engine(session, limits.max_queue)
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
@@ -719,12 +937,18 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         cache_key = read_cache_key(data, shared_cache)
         if chat_mode:
             messages = read_messages(data, limits, system)
-            check_fits(session, messages, sampling)
+            kept, ids = check_fits(session, messages, sampling)
             work = lambda s: s.stream(messages, sampling)
+            stop_ids, dropped = session.chat_stop_ids, len(messages) - len(kept)
         else:
             prompt = read_prompt(data, limits)
             work = lambda s: s.complete(prompt, sampling)
-        job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline)
+            # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
+            room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
+            text_ids = session.tokenizer.encode(prompt)
+            ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
+            stop_ids, dropped = session.base_stop_ids, 0
+        job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
         engine.submit(job)
         answer = Answer(chat_mode, model_name)
         if not data.get("stream"):
@@ -753,7 +977,7 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "kind": session.kind, "device": str(session.device),
-                "busy": engine.busy, "queued": len(engine.waiting), **engine.counts,
+                "busy": engine.busy, "running": engine.running, "queued": len(engine.waiting), **engine.counts,
                 "limits": {**vars(limits), "temperature": TEMPERATURE_RANGE}}
 
     @app.get("/")
@@ -790,6 +1014,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-chars", type=int, default=L.max_total_chars, help="per request (%(default)s)")
     p.add_argument("--max-queue", type=int, default=L.max_queue, help="requests waiting for the model; more get "
                                                                       "429 (%(default)s)")
+    p.add_argument("--max-batch", type=int, default=L.max_batch, help="answers generated together (continuous "
+                                                                      "batching); 1 = one at a time (%(default)s)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers "
                                                                       "(%(default)s)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (%(default)s)")
@@ -802,7 +1028,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     limits = Limits(args.max_messages, args.max_message_chars, args.max_total_chars, args.max_tokens, args.max_queue,
-                    args.request_timeout)
+                    args.request_timeout, args.max_batch)
     if min(vars(limits).values()) < 1:
         raise SystemExit(f"error: every limit must be at least 1, got {limits}")
     for name in ("header_timeout", "body_timeout", "request_timeout"):

@@ -33,7 +33,8 @@ import serve
 from conftest import REPO_ROOT, make_checkpoint
 
 LONG = 1500  # max_tokens of a request that must still be running while the test acts
-SERVER_FLAGS = ["--max-queue", "3", "--max-messages", "8", "--max-message-chars", "2000",
+MAX_BATCH = 2  # the chat server generates two answers at once (continuous batching); the base server one
+SERVER_FLAGS = ["--max-batch", str(MAX_BATCH), "--max-queue", "3", "--max-messages", "8", "--max-message-chars", "2000",
                 "--max-total-chars", "4000", "--max-tokens", str(LONG), "--log-level", "warning"]
 QUESTIONS = ["Hallo! Wie geht es dir heute?", "Was ist die Hauptstadt von Österreich?",
              "Erzähl mir etwas über Bern.", "Wie spät ist es, bitte?"]
@@ -193,7 +194,7 @@ def server(tmp_path_factory, small_tokenizer):
 def base_server(tmp_path_factory, small_tokenizer):
     folder = tmp_path_factory.mktemp("serve_base")
     server = Server(make_checkpoint(folder, small_tokenizer, kind="base", sequence_len=256),
-                    ["--log-level", "warning"], folder)
+                    ["--max-batch", "1", "--log-level", "warning"], folder)
     yield server.url
     server.stop()
 
@@ -530,7 +531,7 @@ class Hold:
     def __call__(self, job):
         self.calls += 1
         if self.calls == self.n:
-            self.job, self.tokens = job, len(self.engine.session.last.ids)
+            self.job, self.tokens = job, len(job.reply.ids)
             self.reached.set()
             self.release.wait(300)
 
@@ -688,23 +689,24 @@ def test_read_timeouts_close_idle_and_half_sent_connections(live):
 
 def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     before = wait_idle(server)
-    running = Stream(server, chat_body(QUESTIONS[0], max_tokens=LONG))
-    assert running.first_content()
+    running = [Stream(server, chat_body(q, max_tokens=LONG)) for q in QUESTIONS[:MAX_BATCH]]
+    assert all(r.first_content() for r in running)  # both rows of the batch are taken
     waiting = [Stream(server, chat_body(q, max_tokens=LONG)) for q in QUESTIONS[1:]]  # --max-queue 3
     assert [w.status for w in waiting] == [200, 200, 200]
     h = health(server)
-    assert h["busy"] and h["queued"] == 3, h
+    assert h["running"] == MAX_BATCH and h["queued"] == 3, h
     status, head, answer = request(server, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
     assert status == 429 and answer["error"]["code"] == "queue_full" and head["Retry-After"] == "1"
     assert answer["error"]["type"] == "rate_limit_error" and "busy" in answer["error"]["message"]
     for w in waiting:
         w.close()
     h = health_when(server, lambda h: h["queued"] == 0, "the queue to empty", timeout=10)
-    assert h["busy"], "the running answer goes on"
-    running.close()
+    assert h["running"] == MAX_BATCH, "the running answers go on"
+    for r in running:
+        r.close()
     after = wait_idle(server)
-    assert after["cancelled"] == before["cancelled"] + 4 and after["rejected"] == before["rejected"] + 1
-    assert after["completion_tokens"] - before["completion_tokens"] < LONG  # the waiting ones never ran
+    assert after["cancelled"] == before["cancelled"] + 3 + MAX_BATCH and after["rejected"] == before["rejected"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
 
 
 def test_base_model_serves_completions_only(base_server):
