@@ -855,8 +855,8 @@ class Guard:
     that rebinds its DNS name to this server's address still sends Host: attacker.example),
     and gives every response X-Content-Type-Options: nosniff."""
 
-    def __init__(self, app, allowed_hosts: list[str]):
-        self.app = app
+    def __init__(self, app, allowed_hosts: list[str], metrics: "Metrics | None" = None):
+        self.app, self.metrics = app, metrics
         self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
@@ -870,6 +870,8 @@ class Guard:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
+                if self.metrics is not None:
+                    self.metrics.status[message["status"]] += 1
                 message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
             await send(message)
         await self.app(scope, receive, send_with_headers)
@@ -902,7 +904,7 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
-    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), metrics=engine.metrics)
     app.state.engine = engine
     created = int(Path(session.checkpoint).stat().st_mtime) if getattr(session, "checkpoint", None) else 0
     html = PAGE.read_text(encoding="utf-8")
@@ -979,6 +981,22 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         return {"status": "ok", "model": model_name, "kind": session.kind, "device": str(session.device),
                 "busy": engine.busy, "running": engine.running, "queued": len(engine.waiting), **engine.counts,
                 "limits": {**vars(limits), "temperature": TEMPERATURE_RANGE}}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus' text format: requests by status, queue, batch, tokens, TTFT and tokens/s."""
+        m, c = engine.metrics, engine.counts
+        lines = ["# TYPE nanoschnack_responses_total counter"]
+        lines += [f'nanoschnack_responses_total{{status="{code}"}} {n}' for code, n in sorted(m.status.items())]
+        lines += ["# TYPE nanoschnack_generations_total counter"]
+        lines += [f'nanoschnack_generations_total{{outcome="{k}"}} {c[k]}'
+                  for k in ("completed", "cancelled", "errors", "rejected", "timeouts")]
+        lines += ["# TYPE nanoschnack_tokens_generated_total counter", f"nanoschnack_tokens_generated_total {c['completion_tokens']}",
+                  "# TYPE nanoschnack_queue_length gauge", f"nanoschnack_queue_length {len(engine.waiting)}",
+                  "# TYPE nanoschnack_running gauge", f"nanoschnack_running {engine.running}",
+                  "# TYPE nanoschnack_time_to_first_token_seconds histogram", *m.ttft.lines("nanoschnack_time_to_first_token_seconds"),
+                  "# TYPE nanoschnack_tokens_per_second histogram", *m.rate.lines("nanoschnack_tokens_per_second")]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
     async def page():

@@ -419,6 +419,25 @@ def test_client_leaving_mid_body_is_one_log_line(server):
     assert "Traceback" not in log and "ClientDisconnect" not in log
 
 
+def test_metrics_in_prometheus_format(server):
+    post(server, "/v1/chat/completions", chat_body(QUESTIONS[0], max_tokens=5))
+    status, head, text = request(server, "GET", "/metrics")
+    assert status == 200 and head["Content-Type"].startswith("text/plain")
+    values = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    h = health(server)
+    assert values['nanoschnack_responses_total{status="200"}'] >= 1
+    assert values["nanoschnack_tokens_generated_total"] == h["completion_tokens"]
+    assert values['nanoschnack_generations_total{outcome="completed"}'] == h["completed"]
+    assert values["nanoschnack_queue_length"] == 0 and values["nanoschnack_running"] == 0
+    count = values["nanoschnack_time_to_first_token_seconds_count"]
+    assert count >= 1 and values['nanoschnack_time_to_first_token_seconds_bucket{le="+Inf"}'] == count
+    assert "nanoschnack_tokens_per_second_sum" in values
+
+
 def test_unknown_paths_and_methods(server):
     status, answer = get(server, "/v1/nothing")
     assert status == 404 and "Not Found" in answer["error"]["message"]
