@@ -37,6 +37,8 @@ for max_new_tokens (at most half the context); the answer may then use all the
 room left.
 """
 import argparse
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,24 +51,34 @@ import common
 from tok import ConversationError, check_conversation, render_prompt
 
 DEFAULT_CHECKPOINTS = ("out/chat", "out/base")  # sft.py writes the first, train.py the second
+# Below these, sampling is greedy. The logits are soft-capped at +-15, so at temperature 1e-6
+# a token 1e-4 below the best one is e^-100 as likely already; and logits / temperature
+# overflows float32 below about 1e-37 (top_p below float32's range rounds to 0, dropping every token).
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = 1e-6
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
 class Sampling:
+    """How answers are sampled. Refuses what cannot be sampled (negative or non-finite values);
+    a temperature below MIN_TEMPERATURE or a top_p below MIN_TOP_P becomes greedy (temperature 0)."""
     temperature: float = 0.6  # 0 = greedy
     top_k: int | None = 50  # None or 0: off
     top_p: float | None = None  # None or 1.0: off
     max_new_tokens: int = 512  # per answer; the context may leave less
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
+            self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
 
 
 @dataclass
@@ -151,6 +163,12 @@ class ChatSession:
     def reset(self) -> None:
         """Start a new conversation; the system message stays (and so does the cached prefix of it)."""
         self.history = []
+
+    def clear_cache(self) -> None:
+        """Forget what the KV cache holds: the next answer computes its whole prompt (serve.py
+        calls it between requests of different clients, so none can time another's prompt)."""
+        self.cache.truncate(0)
+        self.cached_ids.clear()
 
     def send(self, text: str, sampling: Sampling | None = None) -> Iterator[str]:
         """Answer the next user message: stream text pieces, then add the exchange to the history.
@@ -300,6 +318,23 @@ Ctrl-C bricht die laufende Antwort ab, nicht das Programm.
 """
 
 
+def preview(text: str, chars: int = 80) -> str:
+    """Text to echo back: whole if short, else its beginning and its length."""
+    return text if len(text) <= chars else f"{text[:chars]}… ({len(text):,} Zeichen)"
+
+
+def check_system(session: ChatSession, text: str | None) -> None:
+    """ConversationError unless the system message leaves at least half of the prompt's room
+    to the conversation: else every later message would be refused as too long."""
+    if not text:
+        return
+    room = session.context_len - min(session.sampling.max_new_tokens, session.context_len // 2)
+    ids = render_prompt(session.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "."}])
+    if len(ids) > room // 2:
+        raise ConversationError(f"the system message is too long: {len(ids):,} tokens with a one-word question, "
+                                f"at most {room // 2} (half the room for prompts) are allowed")
+
+
 def run_command(session: ChatSession, line: str, out) -> bool:
     """Carry out a /command; True means quit."""
     name, _, arg = line.partition(" ")
@@ -315,10 +350,15 @@ def run_command(session: ChatSession, line: str, out) -> bool:
         if session.kind == "base":
             out.write("(Basismodell: ohne Chat-Vorlage gibt es keine Systemnachricht)\n")
         elif arg:
-            session.system = None if arg == "-" else arg
-            out.write(f"(Systemnachricht: {session.system or 'keine'})\n")
+            try:
+                check_system(session, None if arg == "-" else arg)
+            except ConversationError as e:
+                out.write(f"(Systemnachricht nicht übernommen: {e})\n")
+            else:
+                session.system = None if arg == "-" else arg
+                out.write(f"(Systemnachricht: {preview(session.system or 'keine')})\n")
         else:
-            out.write(f"(Systemnachricht: {session.system or 'keine'})\n")
+            out.write(f"(Systemnachricht: {preview(session.system or 'keine')})\n")
     elif name in ("/temp", "/topk"):
         try:
             if name == "/temp":
@@ -380,6 +420,8 @@ def repl(session: ChatSession, read=input, out=None, interactive: bool = True) -
             if interactive:
                 out.write("\n")
             return
+        except OSError as e:  # e.g. stdin is a directory
+            raise SystemExit(f"error: cannot read stdin ({e})")
         except KeyboardInterrupt:  # Ctrl-C while typing: drop the line, keep going
             out.write("\n(Ctrl-D oder /quit beendet)\n")
             continue
@@ -411,15 +453,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    try:
+        run(argv)
+    except BrokenPipeError:
+        # Whoever reads our output has gone (e.g. `python chat.py ... | head -c 1`): stop
+        # with a note, as Unix tools stop. stdout now points at /dev/null, so that Python's
+        # last flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            print("chat.py: the output was closed; stopping", file=sys.stderr, flush=True)
+        except (BrokenPipeError, ValueError, AttributeError):  # stderr went with it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
+def run(argv=None) -> None:
     args = parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 gets '?' rather than a crash
+    for stream in (sys.stdin, sys.stdout, sys.stderr):  # a terminal that is not UTF-8 gets '?' rather than a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise SystemExit(f"error: --seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {preview(str(args.seed), 40)}")
+    if sys.stdin is None and (args.prompt is None or args.prompt == "-"):  # started with stdin closed (0<&-)
+        raise SystemExit("error: stdin is closed, there is nothing to read; pass the message with --prompt TEXT")
     session = load_session(args.checkpoint, args.device, sampling, args.system, args.seed)
+    if session.kind == "chat":
+        try:
+            check_system(session, args.system)
+        except ConversationError as e:
+            raise SystemExit(f"error: --system: {e}")
 
     m = session.model
     log = lambda text: print(text, file=sys.stderr, flush=True)  # stdout is for answers only
@@ -433,7 +498,10 @@ def main(argv=None) -> None:
             log("(--system wird im Vervollständigungsmodus nicht verwendet)")
 
     if args.prompt is not None:
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        try:
+            text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        except OSError as e:  # e.g. stdin is a directory
+            raise SystemExit(f"error: cannot read the message from stdin ({e})")
         try:
             stream = session.send(text)
         except ConversationError as e:
@@ -445,6 +513,7 @@ def main(argv=None) -> None:
         except KeyboardInterrupt:
             raise SystemExit(130)
         sys.stdout.write("\n")
+        sys.stdout.flush()
     elif sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())

@@ -30,11 +30,29 @@ message: chat.py reuses the longest common prefix of the cache and the prompt.
 A base checkpoint (train.py, no chat template) is served in completion mode:
 /v1/completions works, /v1/chat/completions answers 400 saying so, and the page
 switches to continuing text.
+
+Hardening (issue 20), each with a test in tests/test_serve.py:
+- Read timeouts: a connection gets --header-timeout seconds for its request line
+  and headers and --body-timeout for its body, else it is closed (uvicorn's h11
+  protocol has only a keep-alive timeout, so TimedH11Protocol adds these); a
+  request gets --request-timeout seconds in all, waiting in the queue included.
+- The KV cache is only reused between requests of the same client: the same
+  `prompt_cache_key` (OpenAI's field; the page sends a random one per chat).
+  Otherwise a request could time how fast its prompt is answered and so guess
+  another user's prompt prefix. --shared-cache opts back into reuse by everyone.
+- /v1/* takes only Content-Type: application/json (else 415), so a web page on
+  another site cannot make a visitor's browser run generations with a "simple"
+  form POST; Host must be one of --allowed-hosts (DNS rebinding); no redirects.
+- Every malformed request is a 4xx in OpenAI's shape, never a 500.
 """
 import argparse
 import asyncio
 import collections
+import base64
+import hashlib
 import json
+import math
+import re
 import sys
 import threading
 import time
@@ -45,18 +63,29 @@ from pathlib import Path
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
+import batch
 import chat
+import torch
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 PING_SECONDS = 2.0  # while a streamed request waits, send an SSE comment this often
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
+MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def log(text: str) -> None:
+    """One line on stderr: what went wrong, never a traceback, for things clients cause."""
+    print(f"serve: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -67,6 +96,8 @@ class Limits:
     max_total_chars: int = 32_000  # all messages together (or a completion prompt)
     max_tokens: int = 1024  # cap on max_tokens, and its value when a request names none
     max_queue: int = 16  # requests waiting behind the one being answered; more get 429
+    request_seconds: float = 600.0  # a request's whole life, queue included; then 504 (or an SSE error)
+    max_batch: int = 8  # answers generated together (continuous batching); 1: one at a time
 
     @property
     def max_body_bytes(self) -> int:
@@ -83,20 +114,38 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(self.status, "invalid_request_error")
+        kind = {429: "rate_limit_error"}.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 # -----------------------------------------------------------------------------
 # The model worker: one thread, one generation at a time, jobs in FIFO order
 
+class RequestTimeout(Exception):
+    """A request outlived --request-timeout (waiting and generating together)."""
+
+
+def completion_tokens(reply: chat.Reply) -> int:
+    """The one rule for counting generated tokens, in usage and in /health: every sampled
+    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
+    return len(reply.ids) + (reply.finish_reason == "stop")
+
+
 class Job:
     """One request's generation. The worker reports to the event loop through `events`:
-    ("piece", text)..., then ("done", chat.Reply) or ("error", exception)."""
+    ("piece", text)..., then ("done", chat.Reply) or ("error", exception).
 
-    def __init__(self, loop, generate, seed: int | None):
+    cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
+    time.monotonic() after which the worker drops the job with RequestTimeout."""
+
+    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
+                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
         self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
-        self.seed = seed
+        self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
+        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
+        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
+        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
+        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -108,17 +157,56 @@ class Job:
             self.cancelled.set()
 
 
-class Engine:
-    """Owns the ChatSession and the worker thread that runs the queued jobs."""
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
 
-    def __init__(self, session: chat.ChatSession, max_queue: int):
-        self.session, self.max_queue = session, max_queue
+    def __init__(self, bounds: tuple):
+        self.bounds, self.buckets, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.buckets)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """What GET /metrics reports besides the engine's counters."""
+
+    def __init__(self):
+        self.status = collections.Counter()  # HTTP responses by status code
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
+        self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
+
+    def finished(self, job: Job, reply: chat.Reply) -> None:
+        if job.first_piece is None:
+            return
+        self.ttft.observe(job.first_piece - job.submitted)
+        seconds = time.monotonic() - job.first_piece
+        if len(reply.ids) > 1 and seconds > 0:
+            self.rate.observe((len(reply.ids) - 1) / seconds)
+
+
+class Queue:
+    """The waiting line in front of a model, and the counters; shared by both engines."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
-        self.busy = False
-        self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0,
+        self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0,
                                           completion_tokens=0)
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
+        self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
+        self.metrics = Metrics()
+
+    @property
+    def running(self) -> int:
+        return int(self.busy)
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -138,6 +226,29 @@ class Engine:
                 self.waiting.remove(job)
                 self.counts["cancelled"] += 1
 
+    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
+        """Count a job that generated (completely or not) and tell its client."""
+        self.counts["completion_tokens"] += completion_tokens(reply)
+        self.metrics.finished(job, reply)
+        if timed_out:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
+            return
+        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        job.emit("done", reply)
+
+
+class Engine(Queue):
+    """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
+    ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
+
+    def __init__(self, session: chat.ChatSession, max_queue: int):
+        super().__init__(max_queue)
+        self.session = session
+        self.busy = False
+        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
+
     def _work(self) -> None:
         while True:
             with self.cond:
@@ -154,30 +265,195 @@ class Engine:
         if job.cancelled.is_set():  # the client left while the job was being taken from the queue
             self.counts["cancelled"] += 1
             return
+        if time.monotonic() > job.deadline:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            return
         s = self.session
+        if job.cache_key is None or job.cache_key != self.cache_owner:
+            # Another client's tokens must not make this prompt faster: that would let it
+            # time guesses of their prompt. Reuse stays within one cache_key.
+            s.clear_cache()
+        self.cache_owner = job.cache_key
         if job.seed is None:
             s.rng.seed()  # fresh randomness per request
         else:
             s.rng.manual_seed(job.seed)  # OpenAI's `seed`: the same request gives the same answer
         stream = None
+        timed_out = False
         try:
             stream = job.generate(s)
             for piece in stream:
+                job.reply = s.last
+                job.first_piece = job.first_piece or time.monotonic()
+                if self.on_piece is not None:
+                    self.on_piece(job)
                 if job.cancelled.is_set():
+                    break
+                if time.monotonic() > job.deadline:
+                    timed_out = True
                     break
                 job.emit("piece", piece)
         except Exception as e:  # a bug or e.g. CUDA out of memory: fail this request, keep serving
             self.counts["errors"] += 1
-            print(f"serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            log(f"generation failed: {type(e).__name__}: {e}")
             job.emit("error", e)
             return
         finally:
             if stream is not None:
                 stream.close()  # an unfinished answer ends here; the KV cache stays consistent
-        reply = s.last
-        self.counts["completion_tokens"] += len(reply.ids)
-        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
-        job.emit("done", reply)
+        self.finish(job, s.last, timed_out)
+
+
+
+class Row:
+    """One slot of the batch: the job it serves (None: free) and the tokens its KV cache row holds."""
+
+    def __init__(self):
+        self.job: Job | None = None
+        self.ids: list[int] = []  # exactly the tokens cached in this row
+        self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
+        self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
+        self.logits = self.rng = self.decoder = None
+        self.step = self.budget = 0
+
+
+class BatchEngine(Queue):
+    """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
+
+    One worker thread loops over steps. A step first admits at most one waiting job: it
+    takes a free row and prefills its prompt there alone (batch.prefill), so a long
+    prompt delays the others by one prefill, never more. Then every running row samples
+    its next token with its own settings and generator, and all rows that go on are fed
+    in one batched forward (batch.decode). A row leaves when its answer stops, reaches
+    its limit, is cancelled (client gone) or times out; the next newcomer takes it.
+
+    Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
+    cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
+    its prompt and only computes the rest, so each of up to N conversations keeps its
+    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it."""
+
+    def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
+        super().__init__(max_queue)
+        self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
+        self.cache = batch.BatchCache(model, max_batch, context_len)
+        self.rows = [Row() for _ in range(max_batch)]
+        self.steps = 0
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return sum(r.job is not None for r in self.rows)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.busy:
+                    self.cond.wait()
+                free = [r for r in self.rows if r.job is None]
+                newcomer = self.waiting.popleft() if self.waiting and free else None
+            try:
+                if newcomer is not None:
+                    self._admit(newcomer, free)
+                self._step()
+            except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
+                log(f"generation failed: {type(e).__name__}: {e}")
+                for row in self.rows:
+                    if row.job is not None:
+                        self.counts["errors"] += 1
+                        row.job.emit("error", e)
+                        row.job, row.ids, row.owner = None, [], None
+                        self.cache.lengths[self.rows.index(row)] = 0
+
+    def _admit(self, job: Job, free: list[Row]) -> None:
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            return
+        if time.monotonic() > job.deadline:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            return
+        prompt = job.prompt
+        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
+        if mine:  # this client's longest cached prefix
+            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
+            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+        else:  # the least recently used free row; whatever it held is overwritten
+            row, keep = min(free, key=lambda r: r.used), 0
+        self.steps += 1
+        row.used, row.owner, row.job = self.steps, job.cache_key, job
+        index = self.rows.index(row)
+        row.ids = []  # until the prefill has completed
+        row.logits = batch.prefill(self.model, self.cache, index, keep, prompt[keep:])
+        row.ids = list(prompt)
+        job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
+        row.rng = torch.Generator(device=self.cache.k.device)
+        if job.seed is None:
+            row.rng.seed()
+        else:
+            row.rng.manual_seed(job.seed)
+        row.decoder = self.tokenizer.stream_decoder()
+        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
+
+    def _step(self) -> None:
+        feed = []
+        for row in self.rows:
+            job = row.job
+            if job is None:
+                continue
+            if job.cancelled.is_set():
+                self._leave(row, "interrupted")
+                continue
+            s, reply = job.sampling, job.reply
+            token = chat.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
+            if reply.ttft is None:
+                reply.ttft = time.monotonic() - job.submitted
+            if token in job.stop_ids:
+                self._leave(row, "stop")  # not fed: a next turn's prompt brings it
+                continue
+            reply.ids.append(token)
+            row.step += 1
+            piece = row.decoder.push(token)
+            if piece:
+                job.first_piece = job.first_piece or time.monotonic()
+                if self.on_piece is not None:
+                    self.on_piece(job)
+                if job.cancelled.is_set():
+                    self._leave(row, "interrupted")
+                    continue
+                if time.monotonic() > job.deadline:
+                    self._leave(row, "interrupted", timed_out=True)
+                    continue
+                reply.text += piece
+                job.emit("piece", piece)
+            if row.step >= row.budget:
+                self._leave(row, "length")
+            else:
+                feed.append((row, token))
+        if feed:
+            rows = [self.rows.index(row) for row, _ in feed]
+            logits = batch.decode(self.model, self.cache, rows, [t for _, t in feed])
+            for i, (row, token) in enumerate(feed):
+                row.logits = logits[i:i + 1]
+                row.ids.append(token)
+
+    def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
+        job, reply = row.job, row.job.reply
+        if finish_reason in ("stop", "length"):
+            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+            if tail:
+                reply.text += tail
+                job.emit("piece", tail)
+        reply.finish_reason = finish_reason
+        with self.cond:
+            row.job = None
+            if job.cache_key is None:
+                row.owner = None  # reusable by nobody
+        self.finish(job, reply, timed_out)
 
 
 async def job_events(job: Job, idle_seconds: float):
@@ -203,55 +479,114 @@ async def job_events(job: Job, idle_seconds: float):
 # -----------------------------------------------------------------------------
 # Reading requests: every field checked, every problem a clear 4xx
 
+class ClientGone(Exception):
+    """The client hung up while sending its request: nobody is left to answer."""
+
+
+def json_depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, depth)
+            todo += [(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
+
+
+def no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")  # json.loads would accept NaN and Infinity
+
+
 async def read_json(request: Request, limit: int) -> dict:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        # A web page on another site can send text/plain or a form without asking the browser
+        # first (no CORS preflight); application/json it cannot. So this refuses cross-site use.
+        raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'}",
+                       code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body of {int(length):,} bytes is larger than this server's limit of {limit:,} bytes",
                        code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():  # also bounds bodies sent without Content-Length
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body is larger than this server's limit of {limit:,} bytes",
-                           code="request_too_large")
     try:
-        data = json.loads(body)
+        async for chunk in request.stream():  # also bounds bodies sent without Content-Length
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body is larger than this server's limit of {limit:,} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:
+        raise ClientGone(f"client {client_name(request)} hung up after {len(body):,} bytes of its request body")
+    try:
+        data = json.loads(body, parse_constant=no_constant)
+    except RecursionError:
+        data = None  # nested deeper than Python's stack: as too deep as below
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json")
+    if data is None or json_depth(data) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests lists and objects deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json")
     if not isinstance(data, dict):
         raise APIError(422, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_type")
     return data
 
 
+def client_name(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+def shown(value) -> str:
+    """A value for an error message, short whatever it is (a 400-digit number, a long string)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def number(data: dict, name: str, default, low: float, high: float, integer: bool = False):
-    """data[name] (or default when absent or null), checked to be a number in [low, high]."""
+    """data[name] (or default when absent or null), checked to be a finite number in [low, high]."""
     value = data.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise APIError(422, f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}",
+        raise APIError(422, f"{name} must be {'an integer' if integer else 'a number'}, got {shown(value)}",
                        param=name, code="invalid_type")
-    if not low <= value <= high:
-        raise APIError(400, f"{name} must be between {low:g} and {high:g}, got {value:g}", param=name,
+    if not low <= value <= high:  # also refuses inf (1e999 in JSON); NaN never gets here (no_constant)
+        raise APIError(400, f"{name} must be between {low:g} and {high:g}, got {shown(value)}", param=name,
                        code="invalid_value")
     return value
 
 
+def strict(data: dict, name: str, kind, what: str):
+    """data[name] when it is exactly of `kind` (so true is no 1, and 1.0 no integer), else 422."""
+    value = data.get(name)
+    if value is not None and (type(value) is not kind):
+        raise APIError(422, f"{name} must be {what}, got {shown(value)}", param=name, code="invalid_type")
+    return value
+
+
 def read_sampling(data: dict, defaults: chat.Sampling, limits: Limits) -> tuple[chat.Sampling, int | None]:
-    """OpenAI's sampling fields (and vLLM's top_k) over the server's defaults; (sampling, seed)."""
-    if data.get("n") not in (None, 1):
+    """OpenAI's sampling fields (and vLLM's top_k) over the server's defaults; (sampling, seed).
+
+    Temperatures below chat.MIN_TEMPERATURE (and top_p below chat.MIN_TOP_P) are greedy:
+    there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
+    if strict(data, "n", int, "an integer") not in (None, 1):
         raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
     if data.get("stop"):
         raise APIError(400, "stop sequences are not supported; the model stops at the end of its answer",
                        param="stop", code="unsupported_parameter")
     if data.get("logprobs"):
         raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
-    if data.get("stream") not in (None, True, False):
-        raise APIError(422, "stream must be true or false", param="stream", code="invalid_type")
-    name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    strict(data, "stream", bool, "true or false")
+    if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
+        raise APIError(422, "stream_options must be an object", param="stream_options", code="invalid_type")
+    both = data.get("max_tokens"), data.get("max_completion_tokens")
+    if None not in both and both[0] != both[1]:
+        raise APIError(400, f"max_tokens ({shown(both[0])}) and max_completion_tokens ({shown(both[1])}) disagree; "
+                            f"send one of them", param="max_completion_tokens", code="invalid_value")
+    name = "max_completion_tokens" if both[1] is not None else "max_tokens"
     max_tokens = data.get(name)
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
-        raise APIError(400, f"{name} is {max_tokens}, this server's limit is {limits.max_tokens} (--max-tokens)",
+        raise APIError(400, f"{name} is {shown(max_tokens)}, this server's limit is {limits.max_tokens} (--max-tokens)",
                        param=name, code="max_tokens_too_large")
     temperature = number(data, "temperature", defaults.temperature, *TEMPERATURE_RANGE)
     top_p = number(data, "top_p", defaults.top_p, 0.0, 1.0)
@@ -261,6 +596,17 @@ def read_sampling(data: dict, defaults: chat.Sampling, limits: Limits) -> tuple[
     sampling = chat.Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                              max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
+
+
+def read_cache_key(data: dict, shared: bool):
+    """Whose KV cache this request may reuse: its prompt_cache_key (OpenAI's field), else nobody's
+    (or everybody's with --shared-cache). A key is as secret as the client makes it: the page
+    uses 128 random bits per chat."""
+    key = data.get("prompt_cache_key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
+        raise APIError(422, "prompt_cache_key must be a string of 1 to 256 characters", param="prompt_cache_key",
+                       code="invalid_type")
+    return ("key", key) if key is not None else ("shared",) if shared else None
 
 
 def text_of(content, i: int) -> str:
@@ -309,11 +655,12 @@ def read_messages(data: dict, limits: Limits, system: str | None) -> list[dict]:
         raise APIError(400, str(e), param="messages", code="invalid_conversation")
 
 
-def check_fits(session: chat.ChatSession, messages: list[dict], sampling: chat.Sampling) -> None:
-    """413 when the last user message alone leaves no room for an answer (older turns are dropped silently)."""
+def check_fits(session: chat.ChatSession, messages: list[dict], sampling: chat.Sampling) -> tuple[list, list[int]]:
+    """The kept messages and the prompt's ids, as ChatSession.stream makes them; 413 when the
+    last user message alone leaves no room for an answer (older turns are dropped silently)."""
     reserve = min(sampling.max_new_tokens, session.context_len // 2)
     try:
-        chat.fit_to_context(session.tokenizer, messages, session.context_len - reserve)
+        return chat.fit_to_context(session.tokenizer, messages, session.context_len - reserve)
     except ConversationError as e:
         raise APIError(413, f"{e} (context {session.context_len} tokens)", param="messages",
                        code="context_length_exceeded")
@@ -335,10 +682,17 @@ def read_prompt(data: dict, limits: Limits) -> str:
 # Writing answers in OpenAI's shapes
 
 def usage(reply: chat.Reply) -> dict:
-    # A sampled stop token is generated too (OpenAI counts it), though it is not text.
-    completion = len(reply.ids) + (reply.finish_reason == "stop")
+    completion = completion_tokens(reply)
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": reply.prompt_tokens + completion}
+            "total_tokens": reply.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}  # as OpenAI reports prompt caching
+
+
+def failure(e: Exception) -> APIError:
+    """What the client is told when its generation ended in an exception."""
+    if isinstance(e, RequestTimeout):
+        return APIError(504, f"{e} (the server took too long; try fewer max_tokens)", code="request_timeout")
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed")
 
 
 def sse(data) -> str:
@@ -387,8 +741,8 @@ async def stream_answer(engine: Engine, job: Job, answer: Answer, include_usage:
                 yield ": waiting\n\n"  # an SSE comment: keeps proxies open, and notices a gone client
             elif kind == "piece":
                 yield sse(answer.chunk(value))
-            elif kind == "error":
-                yield sse(APIError(500, f"generation failed: {type(value).__name__}: {value}").body())
+            elif kind == "error":  # the status (200) is sent already: the error is an event
+                yield sse(failure(value).body())
             elif kind == "done":
                 yield sse(answer.chunk(finish_reason=value.finish_reason))
                 if include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
@@ -410,7 +764,7 @@ async def whole_answer(engine: Engine, job: Job, answer: Answer, request: Reques
                 if await request.is_disconnected():
                     return JSONResponse({"error": "client disconnected"}, status_code=499)  # nobody reads it
             if kind == "error":
-                raise APIError(500, f"generation failed: {type(value).__name__}: {value}", code="generation_failed")
+                raise failure(value)
             if kind == "done":
                 return JSONResponse(answer.whole(value))
     finally:
@@ -418,22 +772,153 @@ async def whole_answer(engine: Engine, job: Job, answer: Answer, request: Reques
 
 
 # -----------------------------------------------------------------------------
+# In front of the app: read timeouts, Host check, headers
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus read timeouts: header_timeout seconds for the request line
+    and headers (from the connection's start, or from the first byte of a next request on a
+    kept-alive connection), then body_timeout seconds for the body. A connection that sends
+    nothing, half its headers or less body than it announced is closed then, instead of
+    holding a socket and a coroutine for as long as it likes. (Between requests uvicorn's
+    own keep-alive timeout applies.) Subclass it with the values: timed_protocol()."""
+
+    header_timeout = body_timeout = 10.0
+    read_timer = reading = None  # the pending timeout and what it is for: "headers", "body" or None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._expect("headers")
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track(got_bytes=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track(got_bytes=False)
+
+    def _track(self, got_bytes: bool) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._expect("body" if cycle.more_body else None)  # None: the app is answering
+        elif got_bytes or self.conn.trailing_data[0]:
+            self._expect("headers")  # part of a next request has come
+        else:
+            self._expect(None)  # idle between requests: uvicorn's keep-alive timeout applies
+
+    def connection_lost(self, exc):
+        self._expect(None)
+        super().connection_lost(exc)
+
+    def _expect(self, what: str | None) -> None:
+        if what == self.reading:
+            return  # the deadline counts from when the wait began, not from the latest bytes
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        self.reading, self.read_timer = what, None
+        if what is not None:
+            seconds = self.header_timeout if what == "headers" else self.body_timeout
+            self.read_timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if not self.transport.is_closing():
+            client = "%s:%d" % self.client if self.client else "?"
+            log(f"closed the connection of {client}: its request {self.reading} did not arrive within "
+                f"{self.header_timeout if self.reading == 'headers' else self.body_timeout:g} s")
+            self.transport.close()
+        self.read_timer = self.reading = None
+
+
+def timed_protocol(header_timeout: float, body_timeout: float) -> type:
+    return type("TimedH11Protocol", (TimedH11Protocol,), dict(header_timeout=header_timeout,
+                                                             body_timeout=body_timeout))
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without the port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]"."""
+    host = host.strip().lower()
+    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
+
+
+def default_allowed_hosts(bind: str) -> list[str]:
+    """What --host implies: loopback names for a loopback address, that address for a specific
+    one, and any name ("*") for 0.0.0.0 or ::, where the server cannot know the names it has."""
+    if bind in ("0.0.0.0", "::", ""):
+        return ["*"]
+    if bind in ("127.0.0.1", "localhost", "::1"):
+        return list(LOOPBACK_HOSTS)
+    return [f"[{bind}]" if ":" in bind else bind]
+
+
+class Guard:
+    """ASGI middleware: refuses Host names not in allowed_hosts (a page on attacker.example
+    that rebinds its DNS name to this server's address still sends Host: attacker.example),
+    and gives every response X-Content-Type-Options: nosniff."""
+
+    def __init__(self, app, allowed_hosts: list[str], metrics: "Metrics | None" = None):
+        self.app, self.metrics = app, metrics
+        self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            e = APIError(400, f"this server does not answer for host {shown(host)} (--allowed-hosts)",
+                         code="invalid_host")
+            return await JSONResponse(e.body(), status_code=400)(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                if self.metrics is not None:
+                    self.metrics.status[message["status"]] += 1
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+        await self.app(scope, receive, send_with_headers)
+
+
+def page_headers(html: str) -> dict:
+    """Security headers for the page. Its CSP allows exactly its own inline <script> and
+    <style> (by hash), requests to this server only, and no framing by other sites."""
+    def hashes(tag):
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+                        for m in re.findall(rf"^<{tag}>(.*?)</{tag}>", html, re.S | re.M))
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           f"img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache"}
+
+
+# -----------------------------------------------------------------------------
 # The app
 
 def create_app(session: chat.ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
-               system: str | None = None) -> FastAPI:
+               system: str | None = None, allowed_hosts: list[str] = LOOPBACK_HOSTS,
+               shared_cache: bool = False) -> FastAPI:
     """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves."""
     limits = limits or Limits()
-    engine = Engine(session, limits.max_queue)
+    if limits.max_batch > 1:
+        engine = BatchEngine(session.model, session.tokenizer, session.context_len, limits.max_batch, limits.max_queue)
+    else:
+        engine = Engine(session, limits.max_queue)
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), metrics=engine.metrics)
     app.state.engine = engine
     created = int(Path(session.checkpoint).stat().st_mtime) if getattr(session, "checkpoint", None) else 0
+    html = PAGE.read_text(encoding="utf-8")
+    html_headers = page_headers(html)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         headers = {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, e: ClientGone):
+        log(str(e))  # one line: a client that leaves is normal, not a bug
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)
     async def server_error(request, e):  # a bug: logged by uvicorn, answered in OpenAI's shape
@@ -445,25 +930,33 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
                             status_code=e.status_code)
 
     async def generate(request: Request, chat_mode: bool):
+        deadline = time.monotonic() + limits.request_seconds
         if chat_mode and session.kind == "base":
             raise APIError(400, "this is a base model (pretrained only, no chat template): use POST /v1/completions "
                                 "to continue text, or fine-tune it with sft.py", code="base_model")
         data = await read_json(request, limits.max_body_bytes)
         sampling, seed = read_sampling(data, defaults, limits)
+        cache_key = read_cache_key(data, shared_cache)
         if chat_mode:
             messages = read_messages(data, limits, system)
-            check_fits(session, messages, sampling)
+            kept, ids = check_fits(session, messages, sampling)
             work = lambda s: s.stream(messages, sampling)
+            stop_ids, dropped = session.chat_stop_ids, len(messages) - len(kept)
         else:
             prompt = read_prompt(data, limits)
             work = lambda s: s.complete(prompt, sampling)
-        job = Job(asyncio.get_running_loop(), work, seed)
+            # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
+            room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
+            text_ids = session.tokenizer.encode(prompt)
+            ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
+            stop_ids, dropped = session.base_stop_ids, 0
+        job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
         engine.submit(job)
         answer = Answer(chat_mode, model_name)
         if not data.get("stream"):
             return await whole_answer(engine, job, answer, request)
-        options = data.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        options = data.get("stream_options") or {}
+        include_usage = options.get("include_usage") is True
         return StreamingResponse(stream_answer(engine, job, answer, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -486,12 +979,28 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "kind": session.kind, "device": str(session.device),
-                "busy": engine.busy, "queued": len(engine.waiting), **engine.counts,
+                "busy": engine.busy, "running": engine.running, "queued": len(engine.waiting), **engine.counts,
                 "limits": {**vars(limits), "temperature": TEMPERATURE_RANGE}}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus' text format: requests by status, queue, batch, tokens, TTFT and tokens/s."""
+        m, c = engine.metrics, engine.counts
+        lines = ["# TYPE nanoschnack_responses_total counter"]
+        lines += [f'nanoschnack_responses_total{{status="{code}"}} {n}' for code, n in sorted(m.status.items())]
+        lines += ["# TYPE nanoschnack_generations_total counter"]
+        lines += [f'nanoschnack_generations_total{{outcome="{k}"}} {c[k]}'
+                  for k in ("completed", "cancelled", "errors", "rejected", "timeouts")]
+        lines += ["# TYPE nanoschnack_tokens_generated_total counter", f"nanoschnack_tokens_generated_total {c['completion_tokens']}",
+                  "# TYPE nanoschnack_queue_length gauge", f"nanoschnack_queue_length {len(engine.waiting)}",
+                  "# TYPE nanoschnack_running gauge", f"nanoschnack_running {engine.running}",
+                  "# TYPE nanoschnack_time_to_first_token_seconds histogram", *m.ttft.lines("nanoschnack_time_to_first_token_seconds"),
+                  "# TYPE nanoschnack_tokens_per_second histogram", *m.rate.lines("nanoschnack_tokens_per_second")]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
     async def page():
-        return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+        return Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
 
     return app
 
@@ -503,8 +1012,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only; "
                                                         "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    p.add_argument("--allowed-hosts", default=None, help="comma-separated names the Host header may carry, * for "
+                                                         "any (default: what --host implies: 127.0.0.1,localhost,"
+                                                         "[::1] for loopback, * for 0.0.0.0)")
     p.add_argument("--model-name", default="nanoschnack", help="the model id in responses (requests may name any)")
     p.add_argument("--system", default=None, help="system message for requests that bring none")
+    p.add_argument("--shared-cache", action="store_true", help="let requests without a prompt_cache_key reuse each "
+                                                               "other's KV cache (faster, but a client can time "
+                                                               "guesses of another's prompt)")
     d = chat.Sampling()
     p.add_argument("--temperature", type=float, default=d.temperature, help="when a request names none (%(default)s)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="when a request names none, 0 = off (%(default)s)")
@@ -517,25 +1032,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-chars", type=int, default=L.max_total_chars, help="per request (%(default)s)")
     p.add_argument("--max-queue", type=int, default=L.max_queue, help="requests waiting for the model; more get "
                                                                       "429 (%(default)s)")
+    p.add_argument("--max-batch", type=int, default=L.max_batch, help="answers generated together (continuous "
+                                                                      "batching); 1 = one at a time (%(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers "
+                                                                      "(%(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (%(default)s)")
+    p.add_argument("--request-timeout", type=float, default=L.request_seconds,
+                   help="seconds a request may take in all, waiting for the model included (%(default)s)")
     p.add_argument("--log-level", default="info", help="uvicorn's (default %(default)s; 'warning' hides each request)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    limits = Limits(args.max_messages, args.max_message_chars, args.max_total_chars, args.max_tokens, args.max_queue)
+    limits = Limits(args.max_messages, args.max_message_chars, args.max_total_chars, args.max_tokens, args.max_queue,
+                    args.request_timeout, args.max_batch)
     if min(vars(limits).values()) < 1:
         raise SystemExit(f"error: every limit must be at least 1, got {limits}")
+    for name in ("header_timeout", "body_timeout", "request_timeout"):
+        if not 0 < getattr(args, name) < math.inf:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number of seconds")
     try:
         sampling = chat.Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
     session = chat.load_session(args.checkpoint, args.device, sampling)
-    app = create_app(session, limits, args.model_name, args.system)
+    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"
     print(f"nanoschnack: {session.checkpoint} (step {session.step}, {mode}), device {session.device}, "
           f"context {session.context_len} tokens; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    if allowed == ["*"]:
+        print("nanoschnack: any Host name is answered; name yours with --allowed-hosts", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                http=timed_protocol(args.header_timeout, args.body_timeout))
 
 
 if __name__ == "__main__":

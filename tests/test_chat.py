@@ -299,3 +299,85 @@ def test_repl_through_a_terminal(chat_ckpt):
             proc.kill()
         os.close(master)
     assert "Traceback" not in term.text
+
+
+# -----------------------------------------------------------------------------
+# Bad numbers and I/O edges (issue 20): an `error:` line or a one-line note, never a traceback
+
+def test_sampling_refuses_non_finite_and_makes_tiny_values_greedy():
+    for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
+                dict(temperature=-1e-9), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            chat.Sampling(**bad)
+    for tiny in (dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=0.8, top_p=1e-300)):
+        s = chat.Sampling(**tiny)
+        assert s.temperature == 0 and s.top_p is None, tiny
+    assert chat.Sampling(temperature=1e-3, top_p=0.01).temperature == 1e-3  # small but samplable: kept
+
+
+def test_tiny_values_sample_greedily(session_factory):
+    greedy = session_factory().answer([{"role": "user", "content": TURNS[1]}]).ids
+    for tiny in (dict(temperature=1e-40), dict(temperature=1.0, top_p=1e-300)):
+        session = session_factory(chat.Sampling(top_k=None, max_new_tokens=12, **tiny))
+        assert session.answer([{"role": "user", "content": TURNS[1]}]).ids == greedy
+
+
+def test_repl_commands_with_bad_numbers_and_a_huge_system_message(session_factory):
+    session = session_factory()
+    out = io.StringIO()
+    for line in ("/temp nan", "/temp inf", "/temp -1", "/temp 1e999", "/topk 1e3", "/topk -5"):
+        chat.run_command(session, line, out)
+    notes = out.getvalue().splitlines()
+    assert len(notes) == 6 and all("braucht eine Zahl" in n for n in notes), notes
+    assert session.sampling == GREEDY  # nothing changed
+    out = io.StringIO()
+    chat.run_command(session, "/temp 1e-40", out)
+    assert session.sampling.temperature == 0 and "Temperatur 0.0" in out.getvalue()
+    huge = "Sei freundlich. " * 65_536  # 1 MB
+    out = io.StringIO()
+    chat.run_command(session, "/system " + huge, out)
+    assert "nicht übernommen" in out.getvalue() and "too long" in out.getvalue() and len(out.getvalue()) < 300
+    assert session.system is None
+    long_ok = "Sei freundlich und antworte kurz. " * 3
+    out = io.StringIO()
+    chat.run_command(session, "/system " + long_ok, out)
+    assert session.system == long_ok.strip() and "Zeichen)" in out.getvalue() and len(out.getvalue()) < 200
+    list(session.send(TURNS[0]))  # the conversation goes on
+    assert session.last.finish_reason in ("stop", "length") and session.last.prompt_tokens > 10
+
+
+def run_chat(args, **kw):
+    run = subprocess.run(CHAT + args, capture_output=True, timeout=180, env=ENV, **kw)
+    return run.returncode, run.stdout.decode(), run.stderr.decode()
+
+
+def test_program_bad_numbers_are_one_error_line(chat_ckpt):
+    for flags, words in ((["--temperature", "nan"], "temperature"), (["--temperature", "inf"], "temperature"),
+                         (["--top-p", "nan"], "top_p"), (["--seed", str(2**70)], "--seed must be between"),
+                         (["--system", "Sei kurz. " * 2000], "system message is too long")):
+        code, out, err = run_chat(["--checkpoint", str(chat_ckpt), "--prompt", "Hallo", *flags])
+        assert code == 1 and out == "", (flags, err)
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and words in err, err
+
+
+def test_program_io_edges(chat_ckpt, session_factory):
+    args = ["--checkpoint", str(chat_ckpt), "--temperature", "0", "--max-new-tokens", "12"]
+    # --top-p 1e-300 underflowed in float32: now greedy, the same answer as --temperature 0
+    expected = session_factory().answer([{"role": "user", "content": TURNS[1]}]).text
+    code, out, err = run_chat(args + ["--temperature", "1", "--top-p", "1e-300", "--prompt", TURNS[1]])
+    assert code == 0 and out == expected + "\n", err
+    # stdout closed before the first piece (as `| head -c 1` does, but without racing head)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run(CHAT + args + ["--prompt", TURNS[1]], stdout=write_end, stderr=subprocess.PIPE,
+                          timeout=180, env=ENV)
+    os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == "chat.py: the output was closed; stopping"
+    # stdin closed (0<&-): --prompt - and the REPL have nothing to read
+    for mode in (["--prompt", "-"], []):
+        proc = subprocess.run(CHAT + args + mode, capture_output=True, timeout=180, env=ENV,
+                              stdin=None, preexec_fn=lambda: os.close(0))
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and "Traceback" not in err and "error: stdin is closed" in err, err
