@@ -10,11 +10,11 @@ times with prompts of different lengths. So here:
   fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
 - prefill(): one row alone, through gpt.GPT.forward with a gpt.KVCache that is a view
   of that row, so a prompt is computed exactly as chat.ChatSession computes it.
-- decode(): one new token for each of several rows in one forward. Each row gets its
-  own rotary position, writes its key and value at its own length, and attends to its
-  own keys only (a per-row length mask for SDPA). The weights are gpt.GPT's; this
-  re-states CausalSelfAttention.forward for per-row positions instead of complicating
-  gpt.py's single-sequence path.
+- decode(): one new token for each of several rows in one forward, through the same
+  gpt.GPT.forward: BatchCache.select(rows) is a cache whose rows each have their own
+  position (rotary angle), write their key and value at their own length, and attend
+  to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
+  the three things GPT.forward asks of a cache.
 
 Exactness: on CPU in fp32, decode() of a row gives the logits of the single-sequence path
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
@@ -24,12 +24,13 @@ rounding of each other; tests/test_batch.py and tests/test_serve.py check token 
 On CUDA with bf16 autocast the rounding is bf16's, and near-ties flip more easily.
 """
 import torch
-import torch.nn.functional as F
 
-from gpt import SOFTCAP, KVCache, apply_rotary, norm
+from gpt import KVCache, autocast
 
 
 class BatchCache:
+    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length."""
+
     def __init__(self, model, rows: int, max_len: int):
         c = model.config
         p = model.lm_head.weight
@@ -48,9 +49,39 @@ class BatchCache:
         view.pos = self.lengths[row]
         return view
 
+    def select(self, rows: list[int]) -> "Rows":
+        return Rows(self, rows)
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+class Rows:
+    """Some rows of a BatchCache, each at its own position, as the cache of one GPT.forward."""
+
+    def __init__(self, cache: BatchCache, rows: list[int]):
+        self.cache, self.rows = cache, rows
+        self.index = torch.tensor(rows, device=cache.k.device)
+        self.lengths = torch.tensor([cache.lengths[r] for r in rows], device=cache.k.device)
+
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """(len(rows), T): row i's new tokens follow its own cached ones."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write each row's new k, v (B, H_kv, T, D) at its own positions; return the rows' keys and values
+        up to the longest row, and a mask (B, 1, T, Tk) that hides other rows' lengths and the future."""
+        positions = self.positions(k.shape[2])
+        end = int(positions.max()) + 1
+        if end > self.cache.max_len:
+            raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, H_kv, D) into place
+        cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
+        mask = torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None]  # key j <= query's position
+        return ck[self.index, :, :end], cv[self.index, :, :end], mask[:, None]
+
+    def advance(self, T: int) -> None:
+        for r in self.rows:
+            self.cache.lengths[r] += T
+        self.lengths += T
 
 
 @torch.inference_mode()
@@ -68,34 +99,7 @@ def prefill(model, cache: BatchCache, row: int, keep: int, ids: list[int]) -> to
 @torch.inference_mode()
 def decode(model, cache: BatchCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
     """Feed tokens[i] to row rows[i], all in one forward; the next logits, (len(rows), vocab)."""
-    device = cache.k.device
-    B = len(rows)
-    pos = torch.tensor([cache.lengths[r] for r in rows], device=device)
-    if int(pos.max()) >= cache.max_len:
-        raise ValueError(f"a row of the batch cache is full ({cache.max_len} tokens)")
-    index = torch.tensor(rows, device=device)
-    T_keys = int(pos.max()) + 1  # attend over this many cached positions; shorter rows are masked
-    mask = (torch.arange(T_keys, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, T_keys)
-    cos, sin = model.cos[0, pos][:, None], model.sin[0, pos][:, None]  # (B, 1, 1, D/2): each row its position
-    with autocast(device):
-        x = norm(model.transformer.wte(torch.tensor(tokens, device=device)[:, None]))  # (B, 1, C)
-        for layer, block in enumerate(model.transformer.h):
-            a = block.attn
-            h = norm(x)
-            q = a.c_q(h).view(B, 1, a.n_head, a.head_dim)
-            k = a.c_k(h).view(B, 1, a.n_kv_head, a.head_dim)
-            v = a.c_v(h).view(B, 1, a.n_kv_head, a.head_dim)
-            q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-            ck, cv = cache.k[layer], cache.v[layer]
-            ck[index, :, pos] = k[:, 0].to(ck.dtype)  # row i's new key at its own position
-            cv[index, :, pos] = v[:, 0].to(cv.dtype)
-            keys, values = ck[index, :, :T_keys], cv[index, :, :T_keys]  # (B, H_kv, T_keys, D)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                               enable_gqa=a.n_head != a.n_kv_head)
-            x = x + a.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.mlp(norm(x))
-        logits = model.lm_head(norm(x))[:, -1]
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-    for r in rows:
-        cache.lengths[r] += 1
+    x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
+    with autocast(x.device):
+        logits = model(x, kv_cache=cache.select(rows))[:, -1]
     return logits.float()

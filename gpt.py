@@ -106,10 +106,15 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, for generation.
 
     Holds (n_layer, B, n_kv_head, max_len, head_dim) tensors, allocated on the first
-    insert with that key's dtype and device. `pos` is the number of cached tokens;
-    GPT.forward advances it after all layers have inserted. Prefill any number of
-    tokens on top of what is cached (a whole prompt, or the next chat turn), decode
-    one at a time, and `truncate(n)` / `reset()` to roll back.
+    insert with that key's dtype and device. `pos` is the number of cached tokens,
+    the same for all B rows; GPT.forward advances it after all layers have inserted.
+    Prefill any number of tokens on top of what is cached (a whole prompt, or the
+    next chat turn), decode one at a time, and `truncate(n)` / `reset()` to roll back.
+
+    GPT.forward asks a cache three things: positions(T) of the new tokens,
+    insert(layer, k, v) -> (keys, values, mask), and advance(T). batch.py's cache
+    answers them with a position per row, for a server's requests that arrived at
+    different times; the model code is the same for both.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int):
@@ -118,17 +123,28 @@ class KVCache:
         self.k = self.v = None
         self.pos = 0
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) after the cached tokens; return all keys and values so far."""
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """Positions of T new tokens after the cached ones, (1, T): every row is at the same place."""
+        return torch.arange(self.pos, self.pos + T, device=device)[None]
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H_kv, T, D) after the cached tokens; return all keys and values so far and
+        the attention mask (T, Tk) of the new queries."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = self.pos + k.shape[2]
+        T, end = k.shape[2], self.pos + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} cached + {k.shape[2]} new > max_len {self.max_len}")
+            raise ValueError(f"KV cache full: {self.pos} cached + {T} new > max_len {self.max_len}")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # New query i sits at position end - T + i: it sees the whole cache and the new
+        # tokens up to itself. (T == end is plain causal; T == 1 sees everything.)
+        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=end - T)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+    def advance(self, T: int) -> None:
+        self.pos += T
 
     def truncate(self, pos: int) -> None:
         """Forget every token from position `pos` on."""
@@ -161,11 +177,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = flash_attn(q, k, v)
         else:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-            # New query i sits at position Tk - T + i: it sees the whole cache and
-            # the new tokens up to itself. (T == Tk is plain causal; T == 1 sees all.)
-            Tk = k.shape[2]
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+            k, v, mask = kv_cache.insert(self.layer_idx, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
@@ -239,17 +251,21 @@ class GPT(nn.Module):
         the cached ones, and the cache advances by T.
         """
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.rotary_len:
-            raise ValueError(f"position {start + T} is past the rotary tables ({self.rotary_len})")
-        cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
+        if kv_cache is None:
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # each row's new tokens at their own positions: (1 or B, T, 1, head_dim/2)
+            positions = kv_cache.positions(T, idx.device)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]
+        if kv_cache is not None and int(positions.max()) >= self.rotary_len or T > self.rotary_len:
+            raise ValueError(f"position {int(positions.max()) + 1 if kv_cache else T} is past the rotary tables "
+                             f"({self.rotary_len})")
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
 
         if targets is None:
             logits = self.lm_head(x)

@@ -70,9 +70,11 @@ try:
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
+import torch
+
 import batch
 import chat
-import torch
+import gpt
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -409,7 +411,7 @@ class BatchEngine(Queue):
                 self._leave(row, "interrupted")
                 continue
             s, reply = job.sampling, job.reply
-            token = chat.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
+            token = gpt.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
             if reply.ttft is None:
                 reply.ttft = time.monotonic() - job.submitted
             if token in job.stop_ids:

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import batch
-import train
+import common
 from conftest import make_checkpoint
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])  # grouped-query attention and plain
 def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_head):
-    model, _, _ = train.load_model(make_checkpoint(tmp_path, small_tokenizer, n_kv_head=n_kv_head,
+    model, _, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer, n_kv_head=n_kv_head,
                                                    sequence_len=256), torch.device("cpu"))
     rng = random.Random(n_kv_head)
     prompts = [[rng.randrange(512) for _ in range(rng.randrange(2, 60))] for _ in range(5)]

@@ -29,6 +29,7 @@ pytest.importorskip("uvicorn", reason="the web extra is not installed: pip insta
 import uvicorn
 
 import chat
+import gpt
 import serve
 from conftest import REPO_ROOT, make_checkpoint
 
@@ -659,7 +660,7 @@ def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
     for path, stop in stops.items():
         before = live.idle()["completion_tokens"]
         script = iter([a, b, stop])
-        monkeypatch.setattr(chat, "sample_next_token", lambda *args, **kw: torch.tensor([[next(script)]]))
+        monkeypatch.setattr(gpt, "sample_next_token", lambda *args, **kw: torch.tensor([[next(script)]]))
         body = chat_body(QUESTIONS[0]) if "chat" in path else {"prompt": "Es war einmal", "max_tokens": 24}
         status, answer = post(live.url, path, body)
         assert status == 200 and answer["choices"][0]["finish_reason"] == "stop", answer
