@@ -290,7 +290,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # kernels/aot.py): 8 warps wherever a 128-row tile at D = 128, or the dK/dV
 # kernel's accumulators, would not fit 4 warps' registers, and dK/dV streams 16
 # queries at a time (32 spilled on sm_80). fp32 (exact math, for tests) spills
-# only in the D = 128 forward with GQA on sm_90, about 1.2 KB per thread. None
+# in the D = 128 forward with GQA on sm_90 (1.2 KB per thread) and a little in
+# dK/dV at D = 64 with GQA on sm_90 (32 bytes). None
 # of them were timed on a GPU here: bench/gpu.py does that. The interpreter gets
 # small tiles so that tests at T ~ 100 still cross several tiles and a ragged end.
 
