@@ -27,6 +27,12 @@ Both use dS = P * (dP - delta), dP = dO V^T.
 Precision. bf16/fp16 inputs feed the tensor cores and accumulate in fp32; fp32
 inputs use full-precision ("ieee") dots, not tf32. LSE is always fp32.
 
+Scalars. The kernels take no float arguments: the softmax scale 1/sqrt(D) is a
+constexpr (SM_SCALE, one value per HEAD_DIM, so no extra compiles). A Python float
+argument is typed fp32 by an eager Triton launch but fp64 by torch.compile's
+Inductor (torch 2.13), which would turn the scores into fp64 and break the fp32
+accumulating dot. kernels/aot.py compiles every launch both ways to keep it so.
+
 Custom ops. `nanoschnack::flash_attn(q, k, v) -> (out, lse)` and
 `nanoschnack::flash_attn_backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` are
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
@@ -44,7 +50,7 @@ from torch.library import triton_op, wrap_triton
 
 from kernels.dispatch import use_triton
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -52,8 +58,8 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-               offs_m, offs_n, lo, hi, seq_len, qk_scale,
-               ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               offs_m, offs_n, lo, hi, seq_len,
+               QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate key/value tiles [lo, hi) into the running softmax of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -63,7 +69,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
         else:  # strictly left of the diagonal: every key is valid, no masks needed
             k = tl.load(k_ptrs + start_n * stride_kt)
             v = tl.load(v_ptrs + start_n * stride_vt)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # scores, in log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE  # scores, in log2 units
         if ON_DIAGONAL:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -94,8 +100,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt,
                      stride_ob, stride_oh, stride_ot,
-                     n_heads, group_size, seq_len, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     n_heads, group_size, seq_len,
+                     SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
@@ -109,11 +115,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     # Two passes: the unmasked tiles left of the diagonal, then the diagonal tiles.
     # Every row sees key 0, so m_i is finite after the first tile (no exp(-inf - -inf)).
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               offs_m, offs_n, 0, start_m, seq_len, qk_scale,
-                               False, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_n, 0, start_m, seq_len,
+                               SM_SCALE * LOG2E, False, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
-                               True, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len,
+                               SM_SCALE * LOG2E, True, BLOCK_N, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -143,8 +149,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                    offs_n, offs_m, lo, hi, seq_len, qk_scale,
-                    ON_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    offs_n, offs_m, lo, hi, seq_len,
+                    QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Accumulate dK and dV of one key tile over the query tiles [lo, hi).
 
     Works on transposed tiles (keys x queries) so that dK and dV come out as
@@ -156,9 +163,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
         row_ok = rows < seq_len
         q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
         do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE
         p_t = tl.math.exp2(s_t - lse[None, :])
         if ON_DIAGONAL:
             p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -177,8 +184,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt,
                           stride_dvb, stride_dvh, stride_dvt,
-                          n_kv_heads, group_size, seq_len, qk_scale, sm_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          n_kv_heads, group_size, seq_len,
+                          SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
@@ -203,14 +210,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         # Query tiles crossing the diagonal of this key tile (masked), then the ones below it.
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
-                                 start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len, qk_scale,
-                                 True, BLOCK_M, DOT_PRECISION)
+                                 start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len,
+                                 SM_SCALE * LOG2E, True, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
-                                 start_n + BLOCK_N, seq_len, seq_len, qk_scale,
-                                 False, BLOCK_M, DOT_PRECISION)
+                                 start_n + BLOCK_N, seq_len, seq_len,
+                                 SM_SCALE * LOG2E, False, BLOCK_M, DOT_PRECISION)
 
-    dk = dk * sm_scale  # s = sm_scale * q.k, so dK carries the scale once
+    dk = dk * SM_SCALE  # s = sm_scale * q.k, so dK carries the scale once
     tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
@@ -219,8 +226,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                  offs_m, offs_n, lo, hi, seq_len, qk_scale,
-                  ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  offs_m, offs_n, lo, hi, seq_len,
+                  QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -230,7 +238,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
         else:
             k = tl.load(k_ptrs + start_n * stride_kt)
             v = tl.load(v_ptrs + start_n * stride_vt)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
         p = tl.math.exp2(s - lse[:, None])
         if ON_DIAGONAL:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
@@ -247,27 +255,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_vb, stride_vh, stride_vt,
                         stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        n_heads, group_size, seq_len, qk_scale, sm_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        n_heads, group_size, seq_len,
+                        SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     row_ok = offs_m < seq_len
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     row_base = bh.to(tl.int64) * seq_len
-    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                       offs_m, offs_n, 0, start_m, seq_len, qk_scale,
-                       False, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, 0, start_m, seq_len,
+                       SM_SCALE * LOG2E, False, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                       offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, qk_scale,
-                       True, BLOCK_N, DOT_PRECISION)
-    dq = dq * sm_scale
+                       offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len,
+                       SM_SCALE * LOG2E, True, BLOCK_N, DOT_PRECISION)
+    dq = dq * SM_SCALE
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -276,26 +284,37 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # Launch configurations.
 #
 # The big tile is a multiple of the small one in every kernel, so the diagonal
-# region splits into whole small tiles. GPU numbers follow the Triton fused-attention
-# tutorial's settings and fit Hopper's shared memory at D = 128; they were not
-# tuned on a GPU here. The interpreter gets small tiles so that tests at T ~ 100
-# still cross several tiles and a ragged end.
+# region splits into whole small tiles. The 16-bit configs (every preset trains
+# in bf16) compile without a single register spill on sm_90 and sm_80 (the ptxas
+# of the triton wheel; tests/test_kernels_aot.py recompiles them all, see
+# kernels/aot.py): 8 warps wherever a 128-row tile at D = 128, or the dK/dV
+# kernel's accumulators, would not fit 4 warps' registers, and dK/dV streams 16
+# queries at a time (32 spilled on sm_80). fp32 (exact math, for tests) spills
+# in the D = 128 forward with GQA on sm_90 (1.2 KB per thread) and a little in
+# dK/dV at D = 64 with GQA on sm_90 (32 bytes). None
+# of them were timed on a GPU here: bench/gpu.py does that. The interpreter gets
+# small tiles so that tests at T ~ 100 still cross several tiles and a ragged end.
 
 def _configs(x: torch.Tensor) -> dict:
     if x.device.type != "cuda":  # Triton interpreter
         return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
                     dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32))
     D = x.shape[-1]
-    if x.dtype == torch.float32:  # twice the bytes per tile: smaller tiles, fewer stages
-        return dict(fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                    dkdv=dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+    if x.dtype == torch.float32:  # exact dots on the FMA units keep whole tiles in registers: small tiles
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4, num_stages=2),
+                    dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
                     dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
                     delta=dict(BLOCK_M=64))
-    warps = 4 if D <= 64 else 8
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=warps, num_stages=3),
-                dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=5 if D <= 64 else 3),
-                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5 if D <= 64 else 3),
+    stages = 5 if D <= 64 else 3  # shared memory: D = 128 tiles are twice as big
+    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                dkdv=dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=stages),
+                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if D <= 64 else 8, num_stages=stages),
                 delta=dict(BLOCK_M=64))
+
+
+def _sm_scale(head_dim: int) -> float:
+    """The softmax scale 1/sqrt(D), passed as a constexpr (see "Scalars" at the top)."""
+    return 1.0 / math.sqrt(head_dim)
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -325,8 +344,8 @@ def _triton_fwd(q, k, v):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, H // k.shape[1], T, LOG2E / math.sqrt(D),
-        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg)
+        H, H // k.shape[1], T,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg)
     return out, lse
 
 
@@ -335,8 +354,6 @@ def _triton_bwd(dout, q, k, v, out, lse):
     H_kv = k.shape[1]
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
     cfg = _configs(q)
-    sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = sm_scale * LOG2E
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(T, cfg["delta"]["BLOCK_M"]), B * H)
@@ -356,8 +373,8 @@ def _triton_bwd(dout, q, k, v, out, lse):
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H_kv, H // H_kv, T, qk_scale, sm_scale,
-        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
+        H_kv, H // H_kv, T,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
 
     dq = torch.empty_like(q)
     grid = (triton.cdiv(T, cfg["dq"]["BLOCK_M"]), B * H)
@@ -368,8 +385,8 @@ def _triton_bwd(dout, q, k, v, out, lse):
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // H_kv, T, qk_scale, sm_scale,
-        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
+        H, H // H_kv, T,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
     return dq, dk, dv
 
 

@@ -40,7 +40,9 @@ def _rms_norm_fwd_kernel(X, Y, RSTD, n_rows, n_cols, eps,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     rows, mask, offs = _row_tile(n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
+    # eps cast to fp32: torch.compile's Inductor passes a Python float as fp64, which
+    # would pull the whole rstd computation into fp64 (an eager launch passes fp32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / n_cols + tl.cast(eps, tl.float32))
     tl.store(Y + offs, (x * rstd[:, None]).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 

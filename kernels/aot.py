@@ -1,0 +1,265 @@
+"""
+Compile every Triton launch the kernels can make on CUDA, ahead of time, for real
+GPUs, on a machine without one; report what ptxas made of it.
+
+    python -m kernels.aot                 # table: kernel, case, target, registers, spills, shared memory
+    python -m kernels.aot --json out.json # the same as JSON (tests/test_kernels_aot.py reads it)
+
+Needs TRITON_INTERPRET unset: the interpreter's @triton.jit objects cannot be compiled.
+
+How. The launchers (`_triton_fwd` / `_triton_bwd` of kernels/attention.py and
+kernels/rmsnorm.py) run on fake CUDA tensors (FakeTensorMode: shapes, strides and
+dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
+they would make is captured as they make it: kernel, grid, arguments, constexprs,
+num_warps and num_stages. A change to a launcher or to `_configs()` is therefore
+compiled here too. Each launch is then bound exactly as Triton's JIT binds an
+eager launch (same code: pointer dtypes, i32/i64 ints, ints equal to 1 folded,
+16-byte divisibility hints; tensors count as 16-byte aligned, as PyTorch's
+allocations are) and run through triton.compile for sm_90 and sm_80, down to a
+cubin with the ptxas that ships in the triton wheel.
+
+Float scalars are compiled twice: typed fp32, as an eager launch types a Python
+float, and fp64, as torch.compile's Inductor types it (torch 2.13,
+torch/_inductor/codegen/triton_utils.py). The kernels must be fp32 either way.
+"""
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+TARGETS = {"sm_90": 90, "sm_80": 80}
+# Most dynamic shared memory a block may opt into (CUDA C Programming Guide,
+# "Technical Specifications per Compute Capability"): 227 KB on 9.0, 163 KB on 8.0.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+# What the launchers are asked to do: everything _configs() can tell apart on CUDA
+# (dtype, head dim), multi-head and grouped-query attention (group size 1 is folded
+# to a constant by the JIT, so it compiles differently), and a ragged sequence
+# length (not a multiple of 16: no divisibility hint on seq_len and the strides).
+# B, H, H_kv, T, D; the model's (B, T, H, D) layout, viewed as (B, H, T, D).
+ATTENTION_CASES = [(2, 6, 6, 2048, 64), (1, 4, 2, 1000, 64), (2, 10, 10, 2048, 128), (1, 4, 2, 1000, 128)]
+# RMSNorm widths of gpt.py's presets: residual stream n_embd, QK-norm head_dim
+# (nano 64/32, tiny 256/64, d12 768/128, d20 1280/128), over a ragged row count.
+NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@dataclass
+class Launch:
+    kernel: object  # the @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    case: str = ""
+    dtype: torch.dtype = None
+
+
+@dataclass
+class Job:
+    launch: Launch
+    arch: int
+    float_type: str  # how float scalars are typed: "fp32" (eager) or "fp64" (Inductor)
+    float_args: list = field(default_factory=list)  # the float scalar arguments' names
+    signature: dict = field(default_factory=dict)
+    constexprs: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# 1. Record what the launchers launch
+
+
+def record_launches() -> list[Launch]:
+    """Run the real launchers on fake CUDA tensors and capture every kernel launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import attention, rmsnorm
+
+    launches = []
+
+    def fake_wrap_triton(kernel):  # stands in for torch.library.wrap_triton: kernel[grid](*args, **kwargs)
+        return _Indexable(lambda grid: lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, kwargs)))
+
+    saved = attention.wrap_triton, rmsnorm.wrap_triton
+    attention.wrap_triton = rmsnorm.wrap_triton = fake_wrap_triton
+    try:
+        with FakeTensorMode():
+            for dtype in DTYPES:
+                for B, H, H_kv, T, D in ATTENTION_CASES:
+                    case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}"
+                    q = torch.empty(B, T, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+                    k, v = (torch.empty(B, T, H_kv, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in "kv")
+                    start = len(launches)
+                    out, lse = attention._triton_fwd(q, k, v)
+                    attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse)
+                    _label(launches[start:], case, dtype)
+                for width in NORM_WIDTHS:
+                    x = torch.empty(999, width, device="cuda", dtype=dtype)
+                    start = len(launches)
+                    y, rstd = rmsnorm._triton_fwd(x, 1e-6)
+                    rmsnorm._triton_bwd(torch.empty_like(y), x, rstd)
+                    _label(launches[start:], f"rows 999 N{width}", dtype)
+    finally:
+        attention.wrap_triton, rmsnorm.wrap_triton = saved
+    return launches
+
+
+class _Indexable:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn(grid)
+
+
+def _label(launches, case, dtype):
+    for launch in launches:
+        launch.case, launch.dtype = case, dtype
+
+
+# ----------------------------------------------------------------------------
+# 2. Bind each launch as the JIT would, per target and float typing
+
+
+def _stand_in(arg):
+    """What the JIT's specialisation needs from a tensor: its dtype and a 16-byte aligned pointer."""
+    from triton.runtime.jit import MockTensor
+    return MockTensor(arg.dtype, list(arg.shape)) if isinstance(arg, torch.Tensor) else arg
+
+
+def bind(launch: Launch, arch: int, float_type: str) -> Job:
+    """Signature, constexprs, attributes and options of an eager launch (triton.runtime.jit's own binder)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args = [_stand_in(a) for a in launch.args]
+    bound, specialization, options = binder(*args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization, options)
+    float_args = [name for name, ty in signature.items() if ty == "fp32" and isinstance(bound[name], float)]
+    signature.update({name: float_type for name in float_args})  # Inductor types them fp64
+    return Job(launch, arch, float_type, float_args, signature, constexprs, attrs, options.__dict__)
+
+
+def jobs(launches: list[Launch]) -> list[Job]:
+    """One job per launch, target and float typing; launches that bind identically are compiled once."""
+    out, seen = [], set()
+    for launch in launches:
+        for arch in TARGETS.values():
+            eager = bind(launch, arch, "fp32")
+            for job in [eager, bind(launch, arch, "fp64")] if eager.float_args else [eager]:
+                key = (launch.kernel.__name__, arch, repr(job.signature), repr(job.constexprs),
+                       repr(job.attrs), repr(sorted(job.options.items())))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(job)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 3. Compile and measure
+
+
+PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS_LINE = re.compile(r"Used (\d+) registers")
+# fp64 arithmetic in PTX: any instruction on .f64 operands, except reading an fp64
+# parameter and narrowing it to fp32 once (what `.to(tl.float32)` costs an fp64 scalar).
+F64_ALLOWED = re.compile(r"^\s*(ld\.param\.f64|cvt\.rn\.f32\.f64)\b")
+
+
+def compile_job(job: Job) -> dict:
+    """Compile one job to a cubin; return its metrics."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    launch = job.launch
+    result = dict(kernel=launch.kernel.__name__.strip("_"), case=launch.case,
+                  dtype=str(launch.dtype).removeprefix("torch."), target=f"sm_{job.arch}",
+                  float_type=job.float_type, float_args=job.float_args,
+                  config={k: v for k, v in launch.kwargs.items() if k.isupper() or k.startswith("num_")})
+    src = triton.compiler.ASTSource(launch.kernel, job.signature, job.constexprs, job.attrs)
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True  # triton prints ptxas -v's report; catch it
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
+    except Exception as e:  # reported, and failed, by the caller
+        return dict(result, error=f"{type(e).__name__}: {e}"[:2000])
+    ptx = compiled.asm["ptx"]
+    report = log.getvalue()
+    stack, spill_stores, spill_loads = map(int, PTXAS_LINE.search(report).groups())
+    f64 = [line.strip() for line in ptx.splitlines()
+           if re.search(r"\.f64\b", line) and not line.lstrip().startswith(("//", ".param", ".visible", ".entry"))
+           and not F64_ALLOWED.match(line)]
+    return dict(
+        result, error=None, regs=int(REGS_LINE.search(report).group(1)), stack=stack, spill_stores=spill_stores, spill_loads=spill_loads,
+        shared=compiled.metadata.shared, smem_limit=SMEM_LIMIT[job.arch],
+        f64_instructions=f64[:5], n_f64=len(f64),
+        wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, has_dot="tt.dot" in compiled.asm["ttir"],
+    )
+
+
+_JOBS: list[Job] = []  # what the forked workers compile, by index
+
+
+def _compile_index(i: int) -> dict:
+    return compile_job(_JOBS[i])
+
+
+def compile_all(workers: int = 2) -> list[dict]:
+    """Record, bind and compile everything, on `workers` processes."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernels.aot compiles for real GPUs: run it with TRITON_INTERPRET unset")
+    _JOBS[:] = jobs(record_launches())
+    if workers <= 1:
+        return [compile_job(job) for job in _JOBS]
+    # fork: the workers inherit the bound jobs (Triton kernels do not pickle)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_index, range(len(_JOBS)), chunksize=1))
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| kernel | case | dtype | target | floats | config | regs | spill st/ld B | stack B | smem KB | fp64 ops | wgmma |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if r["error"]:
+            rows.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['target']} | {r['float_type']} | "
+                        f"FAILED: {r['error'].splitlines()[0][:80]} |")
+            continue
+        config = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={v}" for k, v in r["config"].items()
+                          if k not in ("HEAD_DIM", "DOT_PRECISION", "SM_SCALE"))
+        rows.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['target']} | {r['float_type'] if r['float_args'] else '-'} "
+                    f"| {config} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
+                    f"| {r['shared'] / 1024:.0f} | {r['n_f64']} | {'yes' if r['wgmma'] else '-'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    args = parser.parse_args(argv)
+    results = compile_all(args.workers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    else:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
