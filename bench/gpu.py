@@ -415,17 +415,15 @@ def section_decode(args, device) -> list[str]:
     with torch.no_grad():  # random weights instead of init_weights' zero lm_head, so the tokens vary
         model.lm_head.weight.normal_(0, 0.02)
     prompt = list(range(1, prompt_len + 1))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rows = ["| model | prompt | new tokens | decode tokens/s (after prefill) |", "|---|---:|---:|---:|"]
-    with autocast:
-        for _ in model.generate(prompt, 4, temperature=0.0):  # warm-up
-            pass
-        stream = model.generate(prompt, new, temperature=0.0)
-        next(stream)  # prefill and the first token
-        sync(device)
-        t = time.perf_counter()
-        n = sum(1 for _ in stream)
-        sync(device)
+    for _ in model.generate(prompt, 4, temperature=0.0):  # warm-up
+        pass
+    stream = model.generate(prompt, new, temperature=0.0)
+    next(stream)  # prefill and the first token
+    sync(device)
+    t = time.perf_counter()
+    n = sum(1 for _ in stream)
+    sync(device)
     rows.append(f"| {preset} | {prompt_len} | {n} | {n / (time.perf_counter() - t):,.0f} |")
     return rows
 
