@@ -29,6 +29,7 @@ chat.py loads.
   is, what it can and cannot do) is mixed into every epoch.
 """
 import dataclasses
+import functools
 import re
 import sys
 import time
@@ -70,6 +71,8 @@ class SFTConfig:
     examples_per_step: int = 32      # conversations per optimizer step, all devices together
     epochs: int = 1
     max_steps: int = 0               # 0: the epochs decide
+    time_budget: float = 0.0         # minutes of wall time: the learning rate decays with it, the run ends
+                                     # on time (then epochs and max_steps are ignored)
     matrix_lr: float = 0.02          # the base LRs, as in pretraining ...
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
@@ -321,9 +324,13 @@ def main(argv=None):
     if steps_per_epoch == 0:
         sys.exit(f"error: {len(conversations)} conversations are fewer than one step of "
                  f"--examples-per-step {cfg.examples_per_step}")
-    steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    steps = sys.maxsize if cfg.time_budget else cfg.max_steps or steps_per_epoch * cfg.epochs
+    cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
+        functools.partial(common.probe_batch, model, seq_len=model.config.sequence_len, device=device),
+        cfg.device_batch_size, lambda b: cfg.examples_per_step % (b * world_size) == 0, log, device)
     accum = cfg.examples_per_step // (cfg.device_batch_size * world_size)
-    log(f"plan: {len(conversations):,} conversations ({len(val):,} validation), {steps:,} steps of "
+    length = f"{cfg.time_budget:g} minutes (time budget)" if cfg.time_budget else f"{steps:,} steps"
+    log(f"plan: {len(conversations):,} conversations ({len(val):,} validation), {length} of "
         f"{cfg.examples_per_step} ({steps_per_epoch:,} per epoch), {world_size} process(es) on {device}, "
         f"{accum} micro-steps per step")
 
@@ -331,7 +338,7 @@ def main(argv=None):
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
-    step, trained_tokens, out = 0, 0, Path(cfg.out)
+    step, trained_tokens, prior_seconds, out = 0, 0, 0.0, Path(cfg.out)
     if cfg.resume and (path := common.latest_checkpoint(out)):
         ckpt = common.load_checkpoint(path)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "chat" or "optimizers" not in ckpt:
@@ -344,7 +351,7 @@ def main(argv=None):
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        step, trained_tokens = ckpt["step"], ckpt["tokens"]
+        step, trained_tokens, prior_seconds = ckpt["step"], ckpt["tokens"], ckpt.get("train_seconds", 0.0)
         log(f"resumed from {path} at step {step:,}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}, starting from {base['path']}")
@@ -354,7 +361,8 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     pad_id = tokenizer.bos_id  # any id: padded positions have target -1
 
-    stop = common.StopSignal()
+    stop, smoothed = common.StopSignal(), common.SmoothedLoss()
+    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
 
     def save():
         if master:
@@ -362,7 +370,7 @@ def main(argv=None):
                          model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
                          tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
                          base=base["path"], world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
-                         step=step, tokens=trained_tokens)
+                         step=step, tokens=trained_tokens, train_seconds=prior_seconds + time.time() - start_time)
             log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
     if master:
@@ -370,31 +378,35 @@ def main(argv=None):
         log_file = common.open_log(out)
     first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
-    while step < steps:
+    last = step >= steps
+    while not last:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step == first_step or step_in_epoch == 0:
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
-        lr_mult = 1.0 - step / steps
+        lr_mult = 1.0 - (budget.fraction() if budget else step / steps)
         loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device)
         step += 1
         trained_tokens += n_trained
         window_tokens += n_trained
-        record = dict(step=step, epoch=epoch, loss=loss, lr_mult=lr_mult, trained_tokens=trained_tokens)
-        if step % cfg.log_every == 0 or step == steps:
+        last = step == steps or (budget is not None and budget.used_up(device))
+        record = dict(step=step, epoch=epoch, loss=loss, loss_smooth=smoothed.update(loss), lr_mult=lr_mult,
+                      trained_tokens=trained_tokens)
+        if step % cfg.log_every == 0 or last:
             now = time.time()
             rate = window_tokens / (now - window_start)
             window_start, window_tokens = now, 0
-            eta = (steps - step) * (now - start_time) / (step - first_step)  # seconds
+            left = budget.seconds - budget.elapsed() if budget else (steps - step) * (now - start_time) / (step - first_step)
             record.update(trained_tok_per_s=round(rate), elapsed_s=round(now - start_time, 1))
-            log(f"step {step:>5,}/{steps:,} | epoch {epoch} | loss {loss:.4f} | lr x{lr_mult:.3f} | "
-                f"{rate:,.0f} trained tok/s | ETA {common.format_seconds(eta)}")
-        if cfg.eval_every and val and (step % cfg.eval_every == 0 or step == steps):
+            log(f"step {step:>5,}" + ("" if budget else f"/{steps:,}") + f" | epoch {epoch} | loss "
+                f"{record['loss_smooth']:.4f} (this step {loss:.4f}) | lr x{lr_mult:.3f} | "
+                f"{rate:,.0f} trained tok/s | ETA {common.format_seconds(max(left, 0))}")
+        if cfg.eval_every and val and (step % cfg.eval_every == 0 or last):
             raw_model.eval()
             record["val_loss"] = validation_loss(raw_model, val, cfg.device_batch_size, rank, world_size, pad_id, device)
             raw_model.train()
             log(f"step {step:>5,} | validation loss {record['val_loss']:.4f}")
-        if master and (step == steps or (cfg.sample_every and step % cfg.sample_every == 0)):
+        if master and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
             raw_model.eval()
             record["samples"] = dict(zip(SAMPLE_QUESTIONS, sample_answers(raw_model, tokenizer, SAMPLE_QUESTIONS)))
             raw_model.train()
@@ -403,15 +415,15 @@ def main(argv=None):
         if master:
             common.append_log(log_file, record)
 
-        leave = stop.reason(step - first_step, cfg.stop_after_steps, device)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
+        leave = None if last else stop.reason(step - first_step, cfg.stop_after_steps, device)
+        if (cfg.save_every and step % cfg.save_every == 0) or last or leave:
             save()
         if leave:
             log(f"stopped at step {step:,} ({leave}); continue with --resume")
             break
     log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
-    if master and step == steps:
-        write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), steps, trained_tokens,
+    if master and last:
+        write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), step, trained_tokens,
                      time.time() - start_time, record, log)
     del model  # DDP's reducer must go before its process group, or gloo can hang on exit
     common.teardown_distributed()

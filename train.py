@@ -19,6 +19,7 @@ the CPU. Rank 0 logs and saves.
   SIGINT/SIGTERM; --resume picks up the newest one.
 """
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -53,6 +54,8 @@ class TrainConfig:
     tokens_per_param: float = 20.0   # training length (nanochat: 20:1) unless tokens/steps are given
     max_tokens: int = 0
     max_steps: int = 0
+    time_budget: float = 0.0         # minutes of wall time: the schedule follows it, the run ends on time
+                                     # with its warmdown done (then tokens/steps above are ignored)
     matrix_lr: float = 0.02          # Muon
     embedding_lr: float = 0.2        # AdamW, scaled by (width/768)^-0.5 like the next one
     unembedding_lr: float = 0.004
@@ -162,7 +165,9 @@ def ranks_in_sync(model) -> bool:
 # The run's pieces, in the order main() uses them
 
 def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> tuple[int, int, float | None]:
-    """(optimizer steps, micro-steps per step, the device's peak FLOP/s or None); logs the plan."""
+    """(optimizer steps, micro-steps per step, the device's peak FLOP/s or None); logs the plan.
+
+    With --time-budget the clock decides when the run ends; steps is then only an upper bound."""
     tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
     if cfg.total_batch_size % tokens_per_micro:
         sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
@@ -170,13 +175,15 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
     accum = cfg.total_batch_size // tokens_per_micro
     n_params = model.num_params()
     total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_params)
-    steps = max(1, total_tokens // cfg.total_batch_size)
+    steps = sys.maxsize if cfg.time_budget else max(1, total_tokens // cfg.total_batch_size)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     log(f"model {model.config} | {n_params:,} parameters | {model.flops_per_token():.3g} FLOPs/token")
-    log(f"plan: {steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
-        f"({steps * cfg.total_batch_size / n_params:.1f} per parameter); {world_size} process(es) on {device}, "
-        f"{cfg.device_batch_size}x{cfg.seq_len} per micro-step, {accum} micro-steps per step")
-    if peak:
+    length = (f"{cfg.time_budget:g} minutes (time budget)" if cfg.time_budget else
+              f"{steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
+              f"({steps * cfg.total_batch_size / n_params:.1f} per parameter)")
+    log(f"plan: {length}; {world_size} process(es) on {device}, {cfg.device_batch_size}x{cfg.seq_len} per "
+        f"micro-step, {accum} micro-steps per step of {cfg.total_batch_size:,} tokens")
+    if peak and not cfg.time_budget:
         est = steps * cfg.total_batch_size * model.flops_per_token() / (0.4 * peak * world_size)
         log(f"estimated time at 40% MFU on {torch.cuda.get_device_name()}: {est / 3600:.2f} h")
     return steps, accum, peak
@@ -236,7 +243,8 @@ def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int
     rows = [
         ["parameters", model.num_params()], ["model", f"`{cfg.model or cfg.preset}`: " + ", ".join(
             f"{k}={v}" for k, v in dataclasses.asdict(model.config).items())],
-        ["tokens", tokens_seen], ["steps", f"{step:,} of {steps:,}"], ["tokens per step", cfg.total_batch_size],
+        ["tokens", tokens_seen], ["tokens per step", cfg.total_batch_size],
+        ["steps", f"{step:,} in a time budget of {cfg.time_budget:g} min" if cfg.time_budget else f"{step:,} of {steps:,}"],
         ["wall time", f"{seconds / 60:.1f} min" + (" (all sessions)" if first_step else "")],
         ["tokens/s", f"{tok_per_s:,.0f} (mean over the run, evals included)"], ["MFU", mfu],
         ["hardware", f"{world_size} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"],
@@ -266,24 +274,27 @@ def main(argv=None):
         sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
         eval_tasks = [(t, evaluation.load_examples(t, cfg.eval_task_limit))
                       for t in evaluation.parse_task_list(cfg.eval_tasks)]
-        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
-                                      prefetch=cfg.prefetch)
     except (FileNotFoundError, ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    model = build_model(cfg, tokenizer.vocab_size, device)
-    optimizers = common.build_optimizers(model, cfg)
-    steps, accum, peak = plan_run(cfg, model, world_size, device, log)
-    resumed = resume(cfg, model, optimizers, loader, rank, world_size, log) if cfg.resume else {}
+    raw_model = build_model(cfg, tokenizer.vocab_size, device)
+    optimizers = common.build_optimizers(raw_model, cfg)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
+        functools.partial(common.probe_batch, model, seq_len=cfg.seq_len, device=device), cfg.device_batch_size,
+        lambda b: cfg.total_batch_size % (b * cfg.seq_len * world_size) == 0, log, device)
+    steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
+    try:
+        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
+                                      prefetch=cfg.prefetch)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    resumed = resume(cfg, raw_model, optimizers, loader, rank, world_size, log) if cfg.resume else {}
     step, tokens_seen = resumed.get("step", 0), resumed.get("tokens", 0)
-    prior_seconds = resumed.get("train_seconds", 0.0)
-
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    budget = common.TimeBudget(cfg.time_budget, resumed.get("train_seconds", 0.0)) if cfg.time_budget else None
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stop = common.StopSignal()
-    out = Path(cfg.out)
+    stop, smoothed = common.StopSignal(), common.SmoothedLoss()
+    out, prior_seconds = Path(cfg.out), resumed.get("train_seconds", 0.0)
 
     def save():
         loaders = [None] * world_size  # every rank takes part in gathering the loader states
@@ -313,15 +324,18 @@ def main(argv=None):
 
     first_step, first_tokens, val_bpb, task_results, val_batches = step, tokens_seen, None, [], None
     start_time, window_start, window_tokens = time.time(), time.time(), 0
-    while step < steps:
-        lr_mult = lr_multiplier(tokens_seen / (steps * cfg.total_batch_size), cfg)
+    last = step >= steps
+    while not last:
+        progress = budget.fraction() if budget else tokens_seen / (steps * cfg.total_batch_size)
+        lr_mult = lr_multiplier(progress, cfg)
         loss = train_step(model, optimizers, next_batches(accum), lr_mult, device)
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size
-        record = dict(step=step, tokens=tokens_seen, loss=loss, lr_mult=lr_mult)
+        last = step == steps or (budget is not None and budget.used_up(device))
+        record = dict(step=step, tokens=tokens_seen, loss=loss, loss_smooth=smoothed.update(loss), lr_mult=lr_mult)
 
-        if step % cfg.log_every == 0 or step == steps:
+        if step % cfg.log_every == 0 or last:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.time()
@@ -334,10 +348,13 @@ def main(argv=None):
             mfu = raw_model.flops_per_token() * tok_per_s / (peak * world_size) if peak else None
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             record.update(tok_per_s=round(tok_per_s), mfu=mfu, mem_gib=mem, elapsed_s=round(now - start_time, 1))
-            log(f"step {step:>6,}/{steps:,} | loss {loss:.4f} | lr x{lr_mult:.3f} | {tok_per_s:,.0f} tok/s"
+            left = (budget.seconds - budget.elapsed() if budget else
+                    (steps - step) * cfg.total_batch_size / tok_per_s)
+            log(f"step {step:>6,}" + ("" if budget else f"/{steps:,}")
+                + f" | loss {record['loss_smooth']:.4f} (this step {loss:.4f}) | lr x{lr_mult:.3f} | {tok_per_s:,.0f} tok/s"
                 + (f" | MFU {mfu:.1%}" if mfu is not None else "") + (f" | mem {mem:.1f} GiB" if mem else "")
-                + f" | ETA {common.format_seconds((steps - step) * cfg.total_batch_size / tok_per_s)}")
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+                + f" | ETA {common.format_seconds(max(left, 0))}")
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             if val_batches is None:
                 try:
                     val_batches = data.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
@@ -347,15 +364,15 @@ def main(argv=None):
             task_results = evaluate(raw_model, tokenizer, val_batches, eval_tasks, record, step, cfg, rank,
                                     world_size, device, log)
             val_bpb = f"{record['val_bpb']:.4f} (step {step:,})"
-        if master and cfg.sample_every and (step % cfg.sample_every == 0 or step == steps):
+        if master and cfg.sample_every and (step % cfg.sample_every == 0 or last):
             record["samples"] = sample_texts(raw_model, tokenizer, SAMPLE_PROMPTS)
             for text in record["samples"]:
                 log(f"  sample: {text!r}")
         if master:
             common.append_log(log_file, record)
 
-        leave = stop.reason(step - first_step, cfg.stop_after_steps, device)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or leave:
+        leave = None if last else stop.reason(step - first_step, cfg.stop_after_steps, device)
+        if (cfg.save_every and step % cfg.save_every == 0) or last or leave:
             save()
         if leave:
             log(f"stopped at step {step:,} ({leave}); continue with --resume")
@@ -363,8 +380,10 @@ def main(argv=None):
     if world_size > 1:
         log(f"parameters identical on all {world_size} ranks: {ranks_in_sync(raw_model)}")
     seconds = time.time() - start_time
-    log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s; counts per source: "
-        f"{json.dumps(loader.token_counts(), ensure_ascii=False)}")
+    log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s"
+        + (f" ({tokens_seen - first_tokens:,} in this session's share of the {cfg.time_budget:g}-minute budget)"
+           if budget else "")
+        + f"; counts per source: {json.dumps(loader.token_counts(), ensure_ascii=False)}")
     if master:
         write_report(cfg, raw_model, steps, step, first_step, tokens_seen,
                      (tokens_seen - first_tokens) / max(seconds, 1e-9), prior_seconds + seconds, peak, world_size,

@@ -20,8 +20,7 @@ Sections (each catches its own failure and reports it, so the others' numbers su
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
                steps after warm-up, with our kernels and with PyTorch's own
                (F.scaled_dot_product_attention + F.rms_norm, both fused by
-               torch.compile: the fast baseline; --baseline reference takes the
-               custom ops' PyTorch reference path instead, which builds T x T scores).
+               torch.compile: what NANOSCHNACK_REFERENCE_KERNELS=1 selects).
   run          a short real d12 run whose loss must fall: counting sequences
                (token t+1 = token t + 1 mod 1024, a fresh random start per row and
                step), so there is something to learn and no data files are needed.
@@ -289,25 +288,9 @@ def counting_batch(B: int, T: int, device, vocab_size: int, generator=None):
     return seq[:, :-1].to(device), seq[:, 1:].to(device)
 
 
-class pytorch_ops:
-    """Swap gpt.py's kernels for PyTorch's own ops (SDPA and F.rms_norm) for the duration."""
-
-    def __enter__(self):
-        self.saved = gpt.flash_attn, gpt.rms_norm
-        gpt.flash_attn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                       enable_gqa=q.shape[1] != k.shape[1])
-        gpt.rms_norm = lambda x, eps: F.rms_norm(x, (x.shape[-1],), eps=eps)
-
-    def __exit__(self, *exc):
-        gpt.flash_attn, gpt.rms_norm = self.saved
-
-
 def variant_context(variant: str):
-    if variant == "ours":
-        return nullcontext()
-    if variant == "reference":
-        return _env(kernels.REFERENCE_ENV, "1")
-    return pytorch_ops()
+    """ours: Triton; pytorch: gpt.py's flash_attn/rms_norm call torch's SDPA and F.rms_norm (kernels/dispatch.py)."""
+    return nullcontext() if variant == "ours" else _env(kernels.REFERENCE_ENV, "1")
 
 
 class _env:
@@ -359,11 +342,10 @@ def measure_training(preset: str, variant: str, args, device) -> dict:
 
 def section_train(args, device) -> list[str]:
     presets = ["nano"] if args.smoke else args.train_presets.split(",")
-    variants = ["ours", args.baseline]
+    variants = ["ours", "pytorch"]
     rows = [f"{args.train_steps} steps after {args.warmup} warm-up steps, one micro-batch per step, "
             f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
-            f"Baseline '{args.baseline}': " + ("SDPA + F.rms_norm." if args.baseline == "pytorch" else
-                                               f"the ops' PyTorch reference path ({kernels.REFERENCE_ENV}=1)."), "",
+            "Baseline: torch's SDPA + F.rms_norm.", "",
             "| model | T x batch | kernels | tokens/s | MFU | peak memory GiB | ours / baseline |",
             "|---|---|---|---:|---:|---:|---:|"]
     for preset in presets:
@@ -454,8 +436,6 @@ def main(argv=None):
     parser.add_argument("--train-presets", default="d12,d20")
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="train steps before timing (the first compiles)")
-    parser.add_argument("--baseline", choices=["pytorch", "reference"], default="pytorch",
-                        help="what our kernels are compared with in training")
     parser.add_argument("--run-steps", type=int, default=300, help="steps of the short real d12 run")
     parser.add_argument("--append", action=argparse.BooleanOptionalAction, default=None,
                         help="append the report to bench/RESULTS.md (default: yes, except with --smoke)")

@@ -7,9 +7,9 @@ nanoschnack's fused kernels: causal flash attention and RMSNorm, in Triton.
 
 Both are torch.library custom ops (nanoschnack::flash_attn, nanoschnack::rms_norm
 and their *_backward ops) with autograd registered, so torch.compile traces them
-without a graph break. They launch Triton on CUDA tensors and run a PyTorch
-reference everywhere else; NANOSCHNACK_REFERENCE_KERNELS=1 forces the reference
-on the GPU too (see kernels/dispatch.py).
+without a graph break. flash_attn and rms_norm launch Triton on CUDA tensors and
+call torch's own ops (SDPA, F.rms_norm) everywhere else; NANOSCHNACK_REFERENCE_KERNELS=1
+does that on the GPU too, for A/B runs (see kernels/dispatch.py).
 """
 from kernels.attention import flash_attn, flash_attn_backward_op, flash_attn_op
 from kernels.dispatch import REFERENCE_ENV, triton_on_cpu, use_triton

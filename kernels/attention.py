@@ -36,14 +36,17 @@ accumulating dot. kernels/aot.py compiles every launch both ways to keep it so.
 Custom ops. `nanoschnack::flash_attn(q, k, v) -> (out, lse)` and
 `nanoschnack::flash_attn_backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` are
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
-through them. Which path runs is decided in kernels/dispatch.py: Triton on CUDA,
-the PyTorch reference below on CPU or when NANOSCHNACK_REFERENCE_KERNELS=1.
-The reference is the textbook math in fp32 (fp64 for fp64 inputs); it builds the
-T x T scores, which is fine for the CPU models and for A/B runs, not for speed.
+through them. Which path runs is decided in kernels/dispatch.py: on CUDA the
+model's flash_attn() launches Triton; elsewhere (or with NANOSCHNACK_REFERENCE_KERNELS=1)
+it calls torch's SDPA, whose CPU flash kernel is about twice as fast as the
+reference below. The ops themselves, off the Triton path, run that reference: the
+textbook math in fp32 (fp64 for fp64 inputs) with T x T scores, the exact oracle
+the kernel tests compare Triton against.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
@@ -474,5 +477,9 @@ flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention, differentiable: q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D)."""
+    if not use_triton(q):  # torch's own fused attention and its backward (kernels/dispatch.py)
+        if q.shape[1] % k.shape[1]:  # SDPA checks the rest itself
+            raise RuntimeError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
     out, _ = flash_attn_op(q, k, v)
     return out

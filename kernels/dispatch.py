@@ -1,10 +1,15 @@
 """
-When do the custom ops launch Triton, and when do they take the PyTorch reference path?
+When do flash_attn and rms_norm launch Triton, and when do they use torch's own ops?
 
-    CUDA tensor                          -> Triton
-    CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> reference (for A/B comparisons)
-    CPU tensor                           -> reference
-    CPU tensor inside `triton_on_cpu()`  -> Triton, run by Triton's interpreter (tests only)
+    CUDA tensor                                  -> Triton
+    CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> torch's ops (for A/B comparisons)
+    CPU tensor                                   -> torch's ops
+    CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
+
+"torch's ops" are F.scaled_dot_product_attention and F.rms_norm with torch's own
+autograd (on CPU, SDPA's flash kernel). The custom ops called directly off the
+Triton path run their textbook PyTorch reference instead: the exact oracle the
+kernel tests compare Triton against.
 
 The rule is read on every call, so a test (or a notebook) can flip the environment
 variable without re-importing anything. Under torch.compile the op's body is traced

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, KVCache, PRESETS, preset, sample_next_token
-from kernels.dispatch import triton_on_cpu
+import kernels
+from kernels import triton_on_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,7 @@ def test_compile_fullgraph_matches_eager(inductor_cache_dir):
     idx, targets = random_tokens(model, 2, 32), random_tokens(model, 2, 32, seed=1)
     targets[1, :4] = -1
 
-    # The custom ops must be in the captured graph (the model really uses them), with no graph break.
+    # A CPU model attends with torch's own SDPA and rms_norm (kernels/dispatch.py), in one graph.
     graphs = []
 
     def capture(gm, example_inputs):
@@ -180,7 +181,14 @@ def test_compile_fullgraph_matches_eager(inductor_cache_dir):
     torch._dynamo.reset()
     torch.compile(model, backend=capture, fullgraph=True)(idx, targets)
     code = graphs[0].code
-    assert len(graphs) == 1 and "nanoschnack.flash_attn" in code and "nanoschnack.rms_norm" in code
+    assert len(graphs) == 1 and "scaled_dot_product_attention" in code and "rms_norm" in code
+    # On a GPU the model calls the custom ops instead: they too trace whole, with no graph break.
+    q, k = torch.randn(2, 4, 32, 16), torch.randn(2, 2, 32, 16)
+    torch._dynamo.reset()
+    torch.compile(lambda q, k: kernels.flash_attn_op(q, k, k)[0] + kernels.rms_norm_op(q, 1e-6)[0],
+                  backend=capture, fullgraph=True)(q, k)
+    code = graphs[1].code
+    assert len(graphs) == 2 and "nanoschnack.flash_attn" in code and "nanoschnack.rms_norm" in code
 
     eager_loss = model(idx, targets)
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))

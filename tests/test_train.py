@@ -232,3 +232,67 @@ def test_cpu_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
     assert our_state["state"].keys() == their_state["state"].keys()  # checkpoints move between the two
     for k in our_state["state"]:
         assert our_state["state"][k].keys() == their_state["state"][k].keys()
+
+
+# -----------------------------------------------------------------------------
+# Out of memory, time budget, smoothed loss
+
+def test_fit_device_batch_halves_until_it_fits():
+    tried, log = [], []
+
+    def try_batch(b):
+        tried.append(b)
+        if b > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert common.fit_device_batch(try_batch, 16, lambda b: 32 % b == 0, log.append, "cpu") == 2
+    assert tried == [16, 8, 4, 2] and "device batch 2 (out of memory at 16" in log[-1]
+    tried.clear()
+    assert common.fit_device_batch(try_batch, 12, lambda b: 24 % b == 0, log.append, "cpu") == 3  # 12, 6, 3
+    with pytest.raises(SystemExit, match="error: out of memory even at device batch 1 \\(asked 4\\)"):
+        common.fit_device_batch(lambda b: try_batch(99), 4, lambda b: True, log.append, "cpu")
+
+
+def test_out_of_memory_at_the_first_step_halves_the_device_batch(setup, tmp_path, monkeypatch, capsys):
+    """train.py keeps --total-batch-size through gradient accumulation; the run learns the same tokens per step."""
+    probe = common.probe_batch
+
+    def tight_memory(model, batch_size, **kw):
+        if batch_size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        probe(model, batch_size, **kw)
+    monkeypatch.setattr(common, "probe_batch", tight_memory)
+    train.main(args_for(setup, tmp_path / "run", "--max-steps", "3", "--eval-every", "0"))
+    out = capsys.readouterr().out
+    assert "out of memory at device batch 4" in out and "out of memory at device batch 2" in out
+    assert "device batch 1 (out of memory at 4" in out and "8 micro-steps per step of 512 tokens" in out
+    state = final_state(tmp_path / "run")
+    assert state["train_config"]["device_batch_size"] == 1 and state["tokens"] == 3 * 512
+
+
+def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeypatch, capsys):
+    """A fake clock: every reading of the budget's clock moves it 7 seconds, so the run is the same on any machine."""
+    readings = []
+
+    def fake_elapsed(self):
+        readings.append(None)
+        return self.prior + 7.0 * len(readings)
+    monkeypatch.setattr(common.TimeBudget, "elapsed", fake_elapsed)
+    train.main(args_for(setup, tmp_path / "run", "--time-budget", "1", "--max-steps", "2", "--warmdown-ratio", "0.5",
+                        "--eval-every", "0", "--save-every", "0", "--log-every", "1000"))
+    records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) > 2  # --max-steps is ignored: the budget decides
+    fractions = [min(1.0, 7.0 * (1 + 2 * i) / 60) for i in range(len(records))]  # fraction() then used_up() per step
+    assert [r["lr_mult"] for r in records] == [pytest.approx(train.lr_multiplier(f, train.TrainConfig(
+        warmdown_ratio=0.5))) for f in fractions]
+    assert records[-1]["lr_mult"] < 0.2  # the warmdown is done when the budget ends
+    out = capsys.readouterr().out
+    assert "plan: 1 minutes (time budget)" in out and "1-minute budget" in out.split("done:")[1]
+    assert final_state(tmp_path / "run")["step"] == len(records)  # saved at the end
+    assert "in a time budget of 1 min" in (tmp_path / "report.md").read_text()
+
+
+def test_smoothed_loss_is_a_debiased_moving_average():
+    ema = common.SmoothedLoss(beta=0.9)
+    assert ema.update(4.0) == pytest.approx(4.0)  # debiased: the first value is the loss itself
+    assert ema.update(4.0) == pytest.approx(4.0)
+    assert ema.update(2.0) == pytest.approx((0.9 * 0.9 * 0.1 * 4 + 0.9 * 0.1 * 4 + 0.1 * 2) / (1 - 0.9 ** 3))
