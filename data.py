@@ -780,7 +780,7 @@ class ShuffledShards:
             while len(slots) < self.streams and next_k < len(self.order):
                 slots.append(_OpenShard(next_k, None, 0, self._open_shard(next_k)))
                 next_k += 1
-        batch = {}
+        batch, rows = {}, 0
         while slots:
             turn %= len(slots)
             row = slots[turn].next_row(self.ROWS)
@@ -794,13 +794,14 @@ class ShuffledShards:
             turn += 1
             for column, value in row.items():
                 batch.setdefault(column, []).append(value)
-            if len(batch[column]) == batch_size:
+            rows += 1
+            if rows == batch_size:
                 self.state = {"next": next_k, "turn": turn % len(slots),
                               "open": [[s.k, copy.deepcopy(s.before), s.offset] for s in slots]}
                 yield batch
-                batch = {}
+                batch, rows = {}, 0
         self.state = {"next": next_k, "turn": 0, "open": []}
-        if batch:
+        if rows:
             yield batch
 
 

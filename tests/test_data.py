@@ -78,6 +78,10 @@ def test_reads_every_kind(tmp_path):
              f"txt://{tmp_path}/c.txt?per=line": ["Fünf", "Sechs"]}
     for spec, expected in specs.items():
         assert list(data.iter_texts(parse_spec(spec))) == expected, spec
+        # shuffled: the same documents (one file each here, so in the same order), through ShuffledShards
+        shuffled = parse_spec(spec + ("&" if "?" in spec else "?") + "shuffle=on")
+        assert isinstance(data.open_source(shuffled), data.ShuffledShards)
+        assert list(data.iter_texts(shuffled)) == expected, spec
 
 
 @pytest.mark.parametrize("make, spec, message", [
