@@ -23,11 +23,27 @@ unescaped in a spec) or given as repeated flags. Options:
     name=CONFIG   hf only: the dataset config, e.g. deu_Latn
     revision=REV  hf only: a branch, tag or commit of the dataset repo
     per=file|line txt only: one document per file (default) or per line
+    shuffle=on|off read the source's shards (files) in a seeded random order,
+                  MIX_STREAMS of them at once (default: on for hf, off for local
+                  files, which are read in the order named; see "Fair from the
+                  first batch" below)
+    seed=N        the seed of that order (default: 42; implies shuffle=on)
 
 Folders. `parquet://DIR` names a folder of shards: one written by `python data.py
 prepare` (it has a meta.json; training shards, or with ?split=val its validation
 shard), nanochat's base_data (shard_NNNNN.parquet, the last one is validation, as
 in nanochat), or any folder of *.parquet (all of it is training data).
+
+Fair from the first batch. A hub dataset's files are sorted by name, and the names
+follow its sources or dates (German Commons starts with OCR'd 19th-century books), so
+reading them in order would feed a run one corner of the corpus for billions of
+tokens. A shuffled source (hf:// by default) is therefore read as `ShuffledShards`:
+its shards in a seeded random permutation (a new one each epoch), MIX_STREAMS shards
+open at once, one document from each in turn, so the first batch already mixes
+documents from MIX_STREAMS random files. The order is a pure function of (seed,
+epoch, shards), and the state records which shards are open and how far each has
+been read, so a resumed run continues exactly (no shuffle buffer, whose content
+could not be restored).
 
 Everything is streamed through HF `datasets` (streaming=True), so no corpus is
 ever loaded whole into memory. `python data.py prepare` (at the end of this file)
@@ -50,9 +66,12 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import torch
 
-# The default pretraining mix: real German text on the Hugging Face hub. Web text
-# (FineWeb-2), encyclopedic text (Wikipedia) and openly licensed books, news,
-# laws and speeches (German Commons), weighted by share of tokens.
+# The default pretraining mix: real German text on the Hugging Face hub, weighted by
+# share of tokens (see README, "The default mix"): web text (FineWeb-2, 60%: the
+# broadest, most current German), encyclopedic text (Wikipedia, 10%: dense facts,
+# clean prose) and openly licensed books, news, laws, speeches and science (German
+# Commons, 30%). Each is read in a seeded random shard order (shuffle=on is the hub
+# default), so every share is a fair sample of its source from the first batch on.
 DEFAULT_PRETRAIN_SPEC = " ".join([
     "hf://HuggingFaceFW/fineweb-2?name=deu_Latn&split=train&weight=0.6",
     "hf://wikimedia/wikipedia?name=20231101.de&split=train&weight=0.1",
@@ -63,11 +82,13 @@ DEFAULT_VAL_SPEC = "hf://HuggingFaceFW/fineweb-2?name=deu_Latn&split=test"
 LOCAL_KINDS = ("parquet", "jsonl", "txt")
 KINDS = ("hf",) + LOCAL_KINDS
 OPTIONS = {  # which options each kind of source accepts
-    "hf": {"text", "weight", "split", "name", "revision"},
-    "parquet": {"text", "weight", "split"},
-    "jsonl": {"text", "weight"},
-    "txt": {"weight", "per"},
+    "hf": {"text", "weight", "split", "name", "revision", "shuffle", "seed"},
+    "parquet": {"text", "weight", "split", "shuffle", "seed"},
+    "jsonl": {"text", "weight", "shuffle", "seed"},
+    "txt": {"weight", "per", "shuffle", "seed"},
 }
+DEFAULT_SEED = 42  # the seed of a shuffled source's shard order
+MIX_STREAMS = 8    # shards of a shuffled source read at once (datasets' own shuffle reads 10)
 
 
 class DataError(Exception):
@@ -93,8 +114,15 @@ class Source:
     name: str | None = None
     revision: str | None = None
     per: str = "file"
+    shuffle: bool | None = None    # None: the kind's default (on for hf, off for local files)
+    seed: int = DEFAULT_SEED
     files: list[str] = field(default_factory=list)  # resolved local files
     num_docs: int | None = None    # number of documents, where it is known without reading them
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether the source is read in a seeded random shard order (ShuffledShards)."""
+        return self.kind == "hf" if self.shuffle is None else self.shuffle
 
 
 def parse_spec(spec: str) -> Source:
@@ -127,8 +155,21 @@ def parse_spec(spec: str) -> Source:
                 raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number")
         elif key == "per" and value not in ("file", "line"):
             raise DataError(f"bad dataset spec {spec!r}: per={value!r} must be 'file' or 'line'")
+        elif key == "shuffle":
+            if value not in ("on", "off"):
+                raise DataError(f"bad dataset spec {spec!r}: shuffle={value!r} must be 'on' or 'off'")
+            source.shuffle = value == "on"
+        elif key == "seed":
+            if not value.isdigit():
+                raise DataError(f"bad dataset spec {spec!r}: seed={value!r} must be a whole number, 0 or more")
+            source.seed = int(value)
         else:
             setattr(source, key, value)
+    keys = {part.partition("=")[0] for part in query.split("&")}
+    if "seed" in keys:
+        if source.shuffle is False:
+            raise DataError(f"bad dataset spec {spec!r}: seed= orders a shuffled source, but shuffle=off; drop one")
+        source.shuffle = True
     return source
 
 
@@ -277,10 +318,13 @@ def iter_rows(source: Source):
         raise DataError(f"{source.spec}: rows come from jsonl://, parquet:// or hf:// sources, not {source.kind}://")
 
 
-def open_source(source: Source, streaming: bool = True, keep_source: bool = False, cache_dir=None):
+def open_source(source: Source, streaming: bool = True, keep_source: bool = False, cache_dir=None,
+                shuffle: bool = True, epoch: int = 0):
     """Open a source as a `datasets` dataset with a `text` column: streaming (IterableDataset,
     the default) or, with streaming=False, converted to datasets' on-disk Arrow cache first.
-    keep_source also keeps a `source` column where the data has one (for `prepare`)."""
+    keep_source also keeps a `source` column where the data has one (for `prepare`).
+    A shuffled source (source.shuffled) comes streaming as ShuffledShards for `epoch`,
+    unless shuffle=False (the caller orders it itself: open_rank_shard, prepare)."""
     import datasets
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as DataError, once
     local = dict(split="train", streaming=streaming, cache_dir=cache_dir)
@@ -315,6 +359,8 @@ def open_source(source: Source, streaming: bool = True, keep_source: bool = Fals
         if "text" in (ds.column_names or ()):
             ds = ds.remove_columns("text")
         ds = ds.rename_column(source.text, "text")
+    if shuffle and streaming and source.shuffled:
+        ds = ShuffledShards(ds, source.seed, epoch)
     return ds
 
 
@@ -523,7 +569,8 @@ class PretrainBatches:
                 return None
             self.progress["epochs"][i] += 1  # start the source over
             self.progress["states"][i] = None
-            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True)
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
+                                               epoch=self.progress["epochs"][i])  # shuffled: a new shard order
             self.readers[i] = None
         return None
 
@@ -630,7 +677,8 @@ class PretrainBatches:
                             f"{theirs}, not {mine}; resume with the same --data and number of processes")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for i, ds_state in enumerate(self.progress["states"]):
-            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True)
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
+                                               epoch=self.progress["epochs"][i])
             if ds_state is not None:
                 self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
             self.readers[i] = None
@@ -642,18 +690,146 @@ class PretrainBatches:
         return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
 
 
-def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = False):
-    """This rank's disjoint part of a source (see the sharding rule above)."""
+def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = False, epoch: int = 0):
+    """This rank's disjoint part of a source (see the sharding rule above), in a seeded
+    random shard order for `epoch` if the source is shuffled (ShuffledShards)."""
     from datasets.distributed import split_dataset_by_node
-    ds = open_source(source)
-    if world_size == 1:
-        return ds
-    if ds.num_shards % world_size:
+    ds = open_source(source, shuffle=False)
+    if world_size > 1 and ds.num_shards % world_size:
         ds = ds.reshard()  # parquet: one shard per row group, often enough to divide evenly
-    if ds.num_shards % world_size and not quiet and rank == 0:
+    if world_size > 1 and ds.num_shards % world_size and not quiet and rank == 0:
         print(f"note: {source.spec} has {ds.num_shards} shards, not a multiple of {world_size} ranks: "
               f"every rank reads all of it and keeps one document in {world_size}", file=sys.stderr)
-    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    if source.shuffled:
+        return ShuffledShards(ds, source.seed, epoch, rank, world_size)
+    return ds if world_size == 1 else split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+class ShuffledShards:
+    """A streaming dataset read in a seeded random shard order, `streams` shards at a time.
+
+    The shards (files, or row groups after reshard) are permuted with
+    numpy.random.default_rng([seed, epoch]), the same permutation on every rank.
+    With world_size ranks, rank r keeps shards r, r+W, r+2W, ... (by index, the rule of
+    split_dataset_by_node) when the shard count divides by W; otherwise every rank reads
+    every shard and keeps its documents r, r+W, ... . Of this rank's shards in that
+    order, the first `streams` are opened, and documents are taken one from each open
+    shard in turn; a finished shard is replaced, in its place in the turn, by the next
+    unopened one. So the first documents already come from `streams` random shards.
+
+    The order depends on nothing but (seed, epoch, shards), so state_dict() -- the next
+    shard to open, whose turn it is, and per open shard its `datasets` state before the
+    rows it holds plus how many of those were handed out -- resumes exactly.
+    It offers what the readers use of a datasets.IterableDataset: iter(batch_size),
+    state_dict(), load_state_dict(), num_shards, column_names.
+    """
+
+    ROWS = 256  # rows read from an open shard at a time
+
+    def __init__(self, ds, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 streams: int = MIX_STREAMS):
+        self.ds, self.seed, self.epoch, self.rank, self.world_size = ds, seed, epoch, rank, world_size
+        self.streams = streams
+        self.by_shard = ds.num_shards % world_size == 0
+        order = shard_order(ds.num_shards, seed, epoch)
+        self.order = [i for i in order if i % world_size == rank] if self.by_shard else order
+        self.start = {"next": 0, "turn": 0, "open": []}  # where iter() starts
+        self.state = copy.deepcopy(self.start)            # after the last batch handed out
+
+    @property
+    def num_shards(self) -> int:
+        return self.ds.num_shards
+
+    @property
+    def column_names(self):
+        return self.ds.column_names
+
+    def _identity(self) -> dict:
+        return {"format": "shuffled-shards-1", "seed": self.seed, "epoch": self.epoch, "shards": self.ds.num_shards,
+                "rank": self.rank, "world_size": self.world_size, "streams": self.streams}
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), **copy.deepcopy(self.state)}
+
+    def load_state_dict(self, state: dict):
+        mine = self._identity()
+        theirs = {k: state.get(k) for k in mine} if isinstance(state, dict) else None
+        if theirs != mine:
+            raise DataError(f"a data loader state for another shard order ({theirs}, now {mine}): the source's "
+                            f"shards, seed or streams changed, or the state predates shuffled sources; resume "
+                            f"with the same data, seed and code, or start the data stream afresh")
+        self.start = {k: copy.deepcopy(state[k]) for k in ("next", "turn", "open")}
+        self.state = copy.deepcopy(self.start)
+
+    def _open_shard(self, k: int, before=None):
+        """The k-th shard of this rank's order, as a dataset, positioned at `before` (None: its start)."""
+        from datasets.distributed import split_dataset_by_node
+        shard = self.ds.shard(num_shards=self.ds.num_shards, index=self.order[k])
+        if not self.by_shard:
+            shard = split_dataset_by_node(shard, rank=self.rank, world_size=self.world_size)
+        if before is not None:
+            shard.load_state_dict(copy.deepcopy(before))
+        return shard
+
+    def iter(self, batch_size: int):
+        """Batches {column: [values]} of up to batch_size rows, in the mixed order."""
+        position = copy.deepcopy(self.start)
+        slots = [_OpenShard(k, before, offset, self._open_shard(k, before)) for k, before, offset in position["open"]]
+        next_k, turn = position["next"], position["turn"]
+        if next_k == 0 and not slots:
+            while len(slots) < self.streams and next_k < len(self.order):
+                slots.append(_OpenShard(next_k, None, 0, self._open_shard(next_k)))
+                next_k += 1
+        batch, rows = {}, 0
+        while slots:
+            turn %= len(slots)
+            row = slots[turn].next_row(self.ROWS)
+            if row is None:  # this shard is done: the next one takes its place, or the slot closes
+                if next_k < len(self.order):
+                    slots[turn] = _OpenShard(next_k, None, 0, self._open_shard(next_k))
+                    next_k += 1
+                else:
+                    del slots[turn]
+                continue
+            turn += 1
+            for column, value in row.items():
+                batch.setdefault(column, []).append(value)
+            rows += 1
+            if rows == batch_size:
+                self.state = {"next": next_k, "turn": turn % len(slots),
+                              "open": [[s.k, copy.deepcopy(s.before), s.offset] for s in slots]}
+                yield batch
+                batch, rows = {}, 0
+        self.state = {"next": next_k, "turn": 0, "open": []}
+        if rows:
+            yield batch
+
+
+class _OpenShard:
+    """One open shard of ShuffledShards: rows come from `held`, a batch read after state `before`,
+    of which `offset` rows were handed out."""
+
+    def __init__(self, k: int, before, offset: int, dataset):
+        self.k, self.before, self.offset, self.dataset = k, before, offset, dataset
+        self.batches, self.held = None, None
+
+    def next_row(self, rows: int) -> dict | None:
+        if self.batches is None:
+            self.batches = self.dataset.iter(batch_size=rows)
+        while self.held is None or self.offset >= len(next(iter(self.held.values()))):
+            if self.held is not None:  # all of it handed out: the position is now after it
+                self.before, self.offset = self.dataset.state_dict(), 0
+            self.held = next(self.batches, None)
+            if self.held is None:
+                return None
+        row = {column: values[self.offset] for column, values in self.held.items()}
+        self.offset += 1
+        return row
+
+
+def shard_order(num_shards: int, seed: int, epoch: int = 0) -> list[int]:
+    """The seeded random order of a shuffled source's shards in one epoch (the same on every rank)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
 
 
 def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,

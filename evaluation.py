@@ -238,45 +238,73 @@ def hellaswag_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
+class SkipRow(Exception):
+    """A hub row that is no usable example (a missing, empty or non-string field, an answer that is
+    not among the options): load_examples skips and counts it. Hub sets have such rows: MMMLU's CSV
+    reads "None" and "NA" as NaN, for one."""
+
+
+def field_text(row: dict, key: str) -> str:
+    """row[key] if it is a string; else SkipRow naming what it is."""
+    value = row.get(key)
+    if isinstance(value, str):
+        return value
+    what = ("missing" if key not in row else "None" if value is None else
+            "NaN" if isinstance(value, float) and math.isnan(value) else f"of type {type(value).__name__} ({value!r:.40})")
+    raise SkipRow(f"field {key!r} is {what}, not a string")
+
+
 def hellaswag_example(row: dict) -> dict | None:
     """alexandrainst/m_hellaswag (de): activity_label, ctx_a, ctx_b, endings, label (a string; "" in test)."""
-    if str(row["label"]).strip() == "":
-        return None
-    context = f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"
-    return dict(context=hellaswag_clean(context), choices=[" " + hellaswag_clean(e) for e in row["endings"]],
-                label=int(row["label"]))
+    label = row.get("label")
+    if isinstance(label, str) and label.strip() == "":
+        return None  # an unlabeled (test) row
+    endings = row.get("endings")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise SkipRow(f"field 'endings' is {endings!r:.60}, not a list of two or more strings")
+    if isinstance(label, bool) or not (isinstance(label, int) or isinstance(label, str) and label.strip().isdigit()) \
+            or not 0 <= int(label) < len(endings):
+        raise SkipRow(f"field 'label' is {label!r:.40}, not the index of one of the {len(endings)} endings")
+    context = f"{field_text(row, 'activity_label')}: {field_text(row, 'ctx_a')} {field_text(row, 'ctx_b').capitalize()}"
+    return dict(context=hellaswag_clean(context), choices=[" " + hellaswag_clean(e) for e in endings],
+                label=int(label))
 
 
 def arc_example(row: dict) -> dict | None:
-    """alexandrainst/m_arc (de): instruction, option_a .. option_e (empty, None or "None" when fewer),
+    """alexandrainst/m_arc (de): instruction, option_a .. option_e (empty, None, "None" or NaN when fewer),
     answer ("A".."E"). Scored like lm-eval's arc_challenge: the answer text after "Antwort:"."""
-    keys = [k for k in ("option_a", "option_b", "option_c", "option_d", "option_e")
-            if row.get(k) not in (None, "", "None")]
+    keys = []
+    for k in ("option_a", "option_b", "option_c", "option_d", "option_e"):
+        value = row.get(k)
+        if value in (None, "", "None") or isinstance(value, float) and math.isnan(value):
+            continue  # no such option
+        field_text(row, k)
+        keys.append(k)
     letters = [k[-1].upper() for k in keys]
-    answer = str(row["answer"]).strip().upper()
-    if answer not in letters:
-        return None
-    return dict(context=f"Frage: {row['instruction'].strip()}\nAntwort:",
-                choices=[" " + str(row[k]).strip() for k in keys], label=letters.index(answer))
+    answer = field_text(row, "answer").strip().upper()
+    if answer not in letters or len(keys) < 2:
+        raise SkipRow(f"answer {answer!r} is not one of its two or more options ({', '.join(letters) or 'none'})")
+    return dict(context=f"Frage: {field_text(row, 'instruction').strip()}\nAntwort:",
+                choices=[" " + row[k].strip() for k in keys], label=letters.index(answer))
 
 
 def mmlu_example(row: dict) -> dict | None:
     """openai/MMMLU (DE_DE): Question, A, B, C, D, Answer ("A".."D"), Subject.
     Scored like lm-eval's mmlu: the options are listed, the model picks a letter."""
     letters = ["A", "B", "C", "D"]
-    answer = str(row["Answer"]).strip().upper()
+    answer = field_text(row, "Answer").strip().upper()
     if answer not in letters:
-        return None
-    options = "".join(f"\n{x}. {str(row[x]).strip()}" for x in letters)
-    return dict(context=f"Frage: {row['Question'].strip()}{options}\nAntwort:", choices=[" " + x for x in letters],
-                label=letters.index(answer))
+        raise SkipRow(f"answer {answer!r} is not one of A, B, C, D")
+    options = "".join(f"\n{x}. {field_text(row, x).strip()}" for x in letters)
+    return dict(context=f"Frage: {field_text(row, 'Question').strip()}{options}\nAntwort:",
+                choices=[" " + x for x in letters], label=letters.index(answer))
 
 
 def lambada_example(row: dict) -> dict | None:
     """EleutherAI/lambada_openai (de, machine-translated LAMBADA): text; predict its last word."""
-    context, _, word = row["text"].strip().rpartition(" ")
+    context, _, word = field_text(row, "text").strip().rpartition(" ")
     if not context or not word:
-        return None
+        raise SkipRow("field 'text' has no context before its last word")
     return dict(context=context, choices=[" " + word], label=0)
 
 
@@ -359,25 +387,50 @@ def iter_rows(spec: str):
         yield dict(row, _where=where)
 
 
-def load_examples(task: Task, limit: int = 0, seed: int = 0) -> list[dict]:
+class Examples(list):
+    """load_examples' list of examples, with how many rows were skipped and why (the first of them)."""
+    skipped: int = 0
+    first_skipped: str = ""
+
+
+def warn(message: str):
+    """A warning on stderr, once (rank 0) when several processes run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def load_examples(task: Task, limit: int = 0, seed: int = 0, log=warn) -> Examples:
     """All examples of a task, or a fixed random sample of `limit` of them (the same every run,
-    in the dataset's order; the first N would be biased, MMMLU is sorted by subject)."""
-    examples = []
+    in the dataset's order; the first N would be biased, MMMLU is sorted by subject).
+
+    Hub rows that are no usable example (SkipRow: missing, None, NaN or non-string fields;
+    unlabeled rows) are skipped and counted, and `log` says how many; a row of the local
+    format that is wrong stops with its line, as it is the user's own file."""
+    examples, skipped, first = Examples(), 0, ""
     for i, row in enumerate(iter_rows(task.spec)):
         where = row.pop("_where", f"{task.spec} row {i}")
         try:
             example = task.to_example(row)
+            if example is None:
+                raise SkipRow("not an example (no label)")
+        except SkipRow as e:
+            skipped, first = skipped + 1, first or f"{where}: {e}"
+            continue
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             detail = f"no column {e}" if isinstance(e, KeyError) else str(e)
             raise DataError(f"{where}: not a {task.name} example ({detail}); the local format is "
                             '{"context": "...", "choices": ["...", "..."], "label": 0}') from None
-        if example is not None:
-            examples.append(example)
+        examples.append(example)
     if not examples:
-        raise DataError(f"{task.spec}: no examples for task {task.name}")
+        raise DataError(f"{task.spec}: no examples for task {task.name}"
+                        + (f" (all {skipped:,} rows skipped; the first: {first})" if skipped else ""))
+    if skipped and log:
+        log(f"{task.name}: skipped {skipped:,} of {skipped + len(examples):,} rows that are no usable example "
+            f"(the first: {first})")
     if limit and limit < len(examples):
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
-        examples = [examples[i] for i in keep]
+        examples[:] = [examples[i] for i in keep]
+    examples.skipped, examples.first_skipped = skipped, first
     return examples
 
 
@@ -470,10 +523,11 @@ def main(argv=None):
         start = time.time()
         progress = common.Progress(task.name, len(exs)) if master else None
         r = evaluate_task(model, tokenizer, exs, device, task.kind, args.batch_size, rank, world_size, progress)
-        results.append(dict(task=task.name, data=task.spec, **r))
+        skipped = getattr(exs, "skipped", 0)
+        results.append(dict(task=task.name, data=task.spec, **r, skipped_rows=skipped))
         norm = f"acc_norm {r['acc_norm']:.4f}  " if r["acc_norm"] is not None else ""
         log(f"{task.name:<10} {r['examples']:>6,} examples  acc {r['acc']:.4f}  {norm}random {r['random']:.4f}  "
-            f"({time.time() - start:.0f}s)")
+            f"({time.time() - start:.0f}s{f'; {skipped:,} rows skipped' if skipped else ''})")
 
     if master:
         table = results_markdown(results)

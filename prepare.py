@@ -20,8 +20,11 @@ one rank. A shard ends at the first whole row group past --shard-chars character
 Shuffling a corpus bigger than memory, deterministically. Streaming (the default),
 per source: the reading order is permuted with the seed (local parquet: all row
 groups of all files, read directly with pyarrow; other kinds: datasets'
-IterableDataset.shuffle, files or hub shards) and documents are drawn at random
-from a buffer of --shuffle-buffer documents. Memory stays bounded and nothing is
+IterableDataset.shuffle, files or hub shards, 10 of them read at once, so a hub
+source's first shard is a mix of 10 random files, not its first file) and
+documents are drawn at random from a buffer of --shuffle-buffer documents. A spec's
+shuffle=/seed= options (data.py) are for reading it directly; prepare always
+shuffles, with --seed. Memory stays bounded and nothing is
 copied, but the shuffle is local: a document moves at most about a buffer ahead,
 so a source read from one huge row group stays roughly in order. --no-streaming first
 converts each source into datasets' on-disk Arrow cache (OUT/.cache, a full copy,
@@ -165,8 +168,8 @@ def read_shuffled(source: Source, opts: PrepareOptions, cache_dir: str | None):
         rng = np.random.default_rng(opts.seed)
         yield from buffer_shuffle(read_row_groups(source, rng, label), opts.shuffle_buffer, rng)
         return
-    ds = open_source(source, streaming=opts.streaming, keep_source=True, cache_dir=cache_dir)
-    if opts.streaming:  # datasets: shuffled file (shard) order and a shuffle buffer
+    ds = open_source(source, streaming=opts.streaming, keep_source=True, cache_dir=cache_dir, shuffle=False)
+    if opts.streaming:  # datasets: shuffled file (shard) order, 10 shards read at once, and a shuffle buffer
         ds = ds.shuffle(seed=opts.seed, buffer_size=opts.shuffle_buffer)
     else:  # a permutation of all documents
         ds = ds.shuffle(seed=opts.seed)
@@ -307,6 +310,9 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     for s in sources + val_sources:
         if opts.text and s.kind != "txt":
             s.text = opts.text
+        if s.shuffle is not None:
+            log(f"note: {s.spec}: prepare shuffles every source with --seed {opts.seed}; the spec's "
+                f"shuffle=/seed= apply where the spec is read directly (tok.py, train.py)")
     settings = {"data": [s.spec for s in sources], "val_data": [s.spec for s in val_sources] or None,
                 "options": vars(opts).copy(), "datasets_version": datasets.__version__}
     meta = start_meta(out, settings)

@@ -383,13 +383,19 @@ def parse_count(text: str) -> int:
 
 def main(argv=None):
     import data  # only the command line reads dataset specs; chat.py and serve.py load the tokenizer without data.py
-    parser = argparse.ArgumentParser(description="Train nanoschnack's German byte-level BPE tokenizer.")
+    default_mix = "\n".join(f"  {spec}" for spec in data.DEFAULT_PRETRAIN_SPEC.split())
+    parser = argparse.ArgumentParser(
+        description="Train nanoschnack's German byte-level BPE tokenizer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"default --data: data.DEFAULT_PRETRAIN_SPEC, the pretraining mix (each hub source\n"
+               f"read in a seeded random shard order; README, \"The default mix\"):\n{default_mix}")
     parser.add_argument("--data", nargs="+", default=[data.DEFAULT_PRETRAIN_SPEC],
-                        help="dataset spec(s), see data.py (default: FineWeb-2 deu_Latn on the hub)")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 64")
-    parser.add_argument("--max-chars", type=parse_count, default=parse_count("2B"), help="characters to train on")
-    parser.add_argument("--max-doc-chars", type=parse_count, default=10_000, help="cap on each document's length")
-    parser.add_argument("--out", default="out/tokenizer", help="output folder")
+                        help="dataset spec(s), see data.py (default: the pretraining mix of the hub sources "
+                             "below, as train.py reads it)")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 64 (default: 32768)")
+    parser.add_argument("--max-chars", type=parse_count, default=parse_count("2B"), help="characters to train on (default: 2B)")
+    parser.add_argument("--max-doc-chars", type=parse_count, default=10_000, help="cap on each document's length (default: 10k)")
+    parser.add_argument("--out", default="out/tokenizer", help="output folder (default: out/tokenizer)")
     args = parser.parse_args(argv)
     try:
         check_vocab_size(args.vocab_size)

@@ -41,11 +41,24 @@ def test_parse_several_specs_by_whitespace_and_list():
     ("parquet:///x?name=deu", "option 'name' does not apply to parquet://"),
     ("txt:///x?per=page", "per='page'"),
     ("hf://a/b?split", "option 'split' is not key=value"),
+    ("hf://a/b?shuffle=yes", "shuffle='yes' must be 'on' or 'off'"),
+    ("hf://a/b?seed=-1", "seed='-1' must be a whole number"),
+    ("parquet:///x?seed=1&shuffle=off", "seed= orders a shuffled source, but shuffle=off"),
 ])
 def test_bad_specs_name_the_offending_part(spec, message):
     with pytest.raises(DataError, match="bad dataset spec") as e:
         parse_spec(spec)
     assert message in str(e.value) and repr(spec) in str(e.value)
+
+
+def test_hub_sources_are_shuffled_by_default_local_ones_on_request():
+    assert [s.shuffled for s in parse_specs(data.DEFAULT_PRETRAIN_SPEC)] == [True, True, True]
+    assert parse_spec(data.DEFAULT_VAL_SPEC).shuffled
+    assert parse_spec("hf://a/b?shuffle=off").shuffled is False
+    assert not parse_spec("parquet:///x.parquet").shuffled and not parse_spec("txt:///x.txt").shuffled
+    s = parse_spec("jsonl:///x.jsonl?seed=7")  # a seed asks for the shuffle
+    assert (s.shuffled, s.seed) == (True, 7)
+    assert (parse_spec("parquet:///x?shuffle=on").seed, parse_spec("hf://a/b").seed) == (data.DEFAULT_SEED,) * 2
 
 
 def test_no_spec_at_all():
@@ -65,6 +78,10 @@ def test_reads_every_kind(tmp_path):
              f"txt://{tmp_path}/c.txt?per=line": ["Fünf", "Sechs"]}
     for spec, expected in specs.items():
         assert list(data.iter_texts(parse_spec(spec))) == expected, spec
+        # shuffled: the same documents (one file each here, so in the same order), through ShuffledShards
+        shuffled = parse_spec(spec + ("&" if "?" in spec else "?") + "shuffle=on")
+        assert isinstance(data.open_source(shuffled), data.ShuffledShards)
+        assert list(data.iter_texts(shuffled)) == expected, spec
 
 
 @pytest.mark.parametrize("make, spec, message", [
@@ -301,3 +318,154 @@ def test_inspect_cli(tmp_path, capsys):
                "--batch-size", "2", "--seq-len", "16", "--batches", "3"])
     out = capsys.readouterr().out
     assert "document 0" in out and "packed tokens/s" in out
+
+
+# --- shuffled sources: fair from the first batch --------------------------------------
+
+def doc_file(doc):
+    """The file index of a write_docs document ("d7.3:xx" -> 7)."""
+    return int(doc.split(".")[0].lstrip("abcdefghijklmnopqrstuvwxyz"))
+
+
+def test_shuffled_source_mixes_random_shards_from_the_first_documents(tmp_path):
+    docs = write_docs(tmp_path, 16, 20)
+    first = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")))
+    assert sorted(first) == sorted(docs)  # every document, once
+    order = data.shard_order(16, data.DEFAULT_SEED)
+    assert sorted(order) == list(range(16)) and order != list(range(16))
+    k = data.MIX_STREAMS
+    # the first documents: the first document of each of the first MIX_STREAMS shards of the order, in turn
+    assert [doc_file(d) for d in first[:k]] == order[:k]
+    assert first[:k] == [docs[20 * f] for f in order[:k]]
+    assert len({doc_file(d) for d in first[:64]}) == k  # a spread of shards, not the first file
+    assert first != docs
+    again = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")))
+    other = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?seed=1")))
+    assert again == first and other != first and sorted(other) == sorted(docs)  # a function of the seed
+    assert [doc_file(d) for d in other[:k]] == data.shard_order(16, 1)[:k]
+    assert list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet"))) == docs  # local: as named
+
+
+def test_a_finished_shard_is_replaced_by_the_next_one_in_its_turn(tmp_path):
+    write_docs(tmp_path, 3, 4)
+    (tmp_path / "long").mkdir()
+    write_docs(tmp_path / "long", 1, 10, prefix="L")
+    files = sorted(tmp_path.glob("*.parquet")) + [tmp_path / "long" / "L-00.parquet"]
+    ds = datasets_stream(files)
+    mixed = ShuffledShardsReader(ds, seed=3, streams=2)
+    order = data.shard_order(4, 3)
+    by_file = {i: [d for d in mixed if file_of(d, files) == i] for i in range(4)}
+    assert all(by_file[i] == read_file(files[i]) for i in range(4))  # each shard in its own order
+    # two shards open at a time, one document from each in turn; the long file (10 documents) comes first
+    assert order == [3, 2, 1, 0]
+    assert [file_of(d, files) for d in mixed] == [3, 2] * 4 + [3, 1] * 4 + [3, 0] * 2 + [0, 0]
+    assert sorted(mixed) == sorted(sum((read_file(f) for f in files), []))
+
+
+def datasets_stream(files):
+    import datasets
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+
+
+def read_file(path):
+    return pq.read_table(path).column("text").to_pylist()
+
+
+def file_of(doc, files):
+    return next(i for i, f in enumerate(files) if doc in read_file(f))
+
+
+def ShuffledShardsReader(ds, seed, streams, batch_size=5):
+    return [t for b in data.ShuffledShards(ds, seed, streams=streams).iter(batch_size) for t in b["text"]]
+
+
+@pytest.mark.parametrize("world_size, n_files, rows_per_group", [
+    (2, 8, None), (2, 3, None), (3, 2, None), (3, 9, None), (3, 1, 10), (2, 5, 4),
+])
+def test_shuffled_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
+    docs = write_docs(tmp_path, n_files, 30, rows_per_group)
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")
+    seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, world_size, quiet=True)))
+            for r in range(world_size)]
+    for r in range(world_size):
+        for q in range(r):
+            assert not set(seen[r]) & set(seen[q])
+    assert sorted(sum(seen, [])) == sorted(docs)
+    if n_files >= 2 * world_size and n_files % world_size == 0:  # by shard: each rank a spread of its shards
+        for r in range(world_size):
+            mine = [i for i in data.shard_order(n_files, data.DEFAULT_SEED) if i % world_size == r]
+            k = min(len(mine), data.MIX_STREAMS)
+            assert [doc_file(d) for d in seen[r][:k]] == mine[:k]
+
+
+@pytest.mark.parametrize("prefetch, rows", [(0, 256), (2, 256), (0, 2)])
+def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows):
+    monkeypatch.setattr(data.ShuffledShards, "ROWS", rows)  # 2: resume inside a shard's held rows too
+    write_docs(tmp_path, 20, 7, rows_per_group=4)  # rank 1 of 2: 10 shards, more than MIX_STREAMS open
+    (tmp_path / "small").mkdir()
+    write_docs(tmp_path / "small", 3, 3, prefix="s")
+    specs = (f"parquet://{tmp_path}/*.parquet?shuffle=on parquet://{tmp_path}/small/*.parquet?seed=5&weight=0.5")
+
+    def make_loader():
+        return data.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
+                                    rank=1, world_size=2, docs_per_read=3, prefetch=prefetch)
+
+    full = [b for _, b in zip(range(60), make_loader())]  # both sources wrap around (new shard orders)
+    for k in (1, 5, 17, 38):
+        resumed = resume_after(lambda: LimitedLoader(make_loader(), 60 - k), k, tmp_path)
+        assert len(resumed) == 60 - k
+        for (x, y), (x2, y2) in zip(full[k:], resumed):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_each_epoch_has_its_own_shard_order(tmp_path):
+    docs = write_docs(tmp_path, 6, 2)
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")
+    epochs = [list(data.iter_texts(source, data.open_rank_shard(source, 0, 1, epoch=e))) for e in range(3)]
+    assert all(sorted(e) == sorted(docs) for e in epochs)
+    assert [[doc_file(d) for d in e[:6]] for e in epochs] == [
+        data.shard_order(6, data.DEFAULT_SEED, e) for e in range(3)]
+    assert len({tuple(e) for e in epochs}) == 3
+    loader = data.PretrainBatches([source], CharTokenizer(), batch_size=1, seq_len=8, docs_per_read=4)
+    text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([b for _, b in zip(range(40), loader)]))
+    assert text.split("\0")[1:13] == epochs[0]  # the loader reads epoch 0 first
+    assert loader.handed_out["progress"]["epochs"][0] >= 1
+    assert text.split("\0")[13:25] == epochs[1]  # ... and then epoch 1, in its own order
+
+
+def test_shuffled_state_refuses_another_order(tmp_path):
+    write_docs(tmp_path, 4, 5)
+    ds = datasets_stream(sorted(tmp_path.glob("*.parquet")))
+    reader = data.ShuffledShards(ds, seed=1)
+    next(reader.iter(3))
+    with pytest.raises(DataError, match="another shard order"):
+        data.ShuffledShards(ds, seed=2).load_state_dict(reader.state_dict())
+    with pytest.raises(DataError, match="predates shuffled sources"):
+        data.ShuffledShards(ds, seed=1).load_state_dict({"examples_iterable": {}, "epoch": 0})
+
+
+def fake_hub(monkeypatch, files):
+    """hf:// specs open local parquet files the way `datasets` streams a hub dataset of several shards."""
+    opened = []
+
+    def open_hub(source, streaming=True, cache_dir=None):
+        opened.append(source.spec)
+        return datasets_stream(files)
+    monkeypatch.setattr(data, "open_hub", open_hub)
+    return opened
+
+
+def test_hub_sources_go_through_the_shuffle_for_tok_train_and_eval(tmp_path, monkeypatch):
+    docs = write_docs(tmp_path, 16, 10)
+    opened = fake_hub(monkeypatch, sorted(tmp_path.glob("*.parquet")))
+    spread = data.shard_order(16, data.DEFAULT_SEED)[:data.MIX_STREAMS]
+    # tok.py reads interleave_documents, evaluation.py's bpb and `inspect` iter_texts
+    first = [d for _, d in zip(range(data.MIX_STREAMS), data.interleave_documents(parse_specs("hf://org/set")))]
+    assert [doc_file(d) for d in first] == spread
+    # train.py reads PretrainBatches
+    loader = data.PretrainBatches(parse_specs("hf://org/set"), CharTokenizer(), batch_size=4, seq_len=32)
+    text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([next(iter(loader))]))
+    assert [doc_file(d) for d in text.split("\0")[1:1 + data.MIX_STREAMS]] == spread
+    assert len(opened) == 2
+    # shuffle=off reads the hub's order
+    assert next(data.iter_texts(parse_spec("hf://org/set?shuffle=off"))) == docs[0]

@@ -178,6 +178,74 @@ def test_hub_rows_map_to_examples_with_german_prompts():
     assert all(t.on_hub for t in ev.HUB_TASKS.values())
 
 
+NAN = float("nan")
+HELLASWAG = dict(activity_label="Kochen", ctx_a="Er schneidet Zwiebeln.", ctx_b="dann", endings=["weint.", "lacht."],
+                 label="0")
+ARC = dict(instruction="Was ist nass?", option_a="Wasser", option_b="Sand", option_c=None, option_d=NAN,
+           option_e="None", answer="A")
+MMLU = {"Question": "Was ist 2 + 2?", "A": "3", "B": "4", "C": "5", "D": "22", "Answer": "B", "Subject": "math"}
+LAMBADA = dict(text="Sie rief ihren Hund Bello")
+
+
+@pytest.mark.parametrize("function, good, bad, text_field", [
+    (ev.hellaswag_example, HELLASWAG, [{"ctx_a": None}, {"ctx_b": NAN}, {"activity_label": 3}, {"endings": None},
+                                       {"endings": ["weint.", NAN]}, {"label": NAN}, {"label": "7"}, {"label": None}],
+     "ctx_a"),
+    (ev.arc_example, ARC, [{"instruction": None}, {"instruction": NAN}, {"option_a": 4}, {"answer": NAN},
+                           {"answer": "C"}, {"option_b": None}], "instruction"),
+    (ev.mmlu_example, MMLU, [{"Question": NAN}, {"A": NAN}, {"C": None}, {"D": 22}, {"Answer": NAN}, {"Answer": "E"}],
+     "B"),
+    (ev.lambada_example, LAMBADA, [{"text": None}, {"text": NAN}, {"text": 12}, {"text": "Einwort"}], "text"),
+])
+def test_hub_rows_with_missing_or_non_string_fields_are_skip_rows(function, good, bad, text_field):
+    assert function(good)["choices"]  # the good row is an example
+    for change in bad:
+        with pytest.raises(ev.SkipRow):
+            function({**good, **change})
+    with pytest.raises(ev.SkipRow, match=f"field '{text_field}' is missing, not a string"):
+        function({k: v for k, v in good.items() if k != text_field})
+    with pytest.raises(ev.SkipRow, match=f"field '{text_field}' is NaN, not a string"):
+        function({**good, text_field: NAN})
+    with pytest.raises(ev.SkipRow, match=f"field '{text_field}' is of type int \\(5\\), not a string"):
+        function({**good, text_field: 5})
+
+
+def test_arc_options_that_are_none_nan_or_empty_are_absent():
+    assert ev.arc_example(ARC)["choices"] == [" Wasser", " Sand"]
+    assert ev.arc_example({**ARC, "option_c": "", "option_d": "Luft", "answer": "D"})["label"] == 2
+
+
+def test_rows_of_hub_sets_with_bad_fields_are_skipped_and_counted(tmp_path):
+    # as a downloaded copy (the hub is off in the tests): the same row functions, through load_examples;
+    # JSON's NaN and null stand for what MMMLU's CSV gives for "None" and "NA"
+    rows = [MMLU, {**MMLU, "A": NAN}, {**MMLU, "Question": None}, {**MMLU, "C": 5}, {**MMLU, "Answer": "B"},
+            {k: v for k, v in MMLU.items() if k != "D"}]
+    messages = []
+    task = ev.make_task("mmlu", f"jsonl://{write_jsonl(tmp_path / 'mmlu.jsonl', rows)}")
+    examples = ev.load_examples(task, log=messages.append)
+    assert examples == [ev.mmlu_example(MMLU)] * 2 and examples.skipped == 4
+    assert messages == [f"mmlu: skipped 4 of 6 rows that are no usable example (the first: {tmp_path}/mmlu.jsonl:2: "
+                        f"field 'A' is NaN, not a string)"]
+    sample = ev.load_examples(task, limit=1, log=messages.append)
+    assert len(sample) == 1 and sample.skipped == 4
+
+    pq.write_table(pa.table({"text": ["Sie rief ihren Hund Bello", None, "Er trank seinen Kaffee schwarz"]}),
+                   tmp_path / "lambada.parquet")
+    lambada = ev.load_examples(ev.make_task("lambada", f"parquet://{tmp_path}/lambada.parquet"), log=None)
+    assert [e["choices"] for e in lambada] == [[" Bello"], [" schwarz"]] and lambada.skipped == 1
+
+    write_jsonl(tmp_path / "none.jsonl", [{**MMLU, "Answer": NAN}] * 3)
+    with pytest.raises(ev.DataError, match=r"no examples for task mmlu \(all 3 rows skipped; the first: .*none.jsonl:1: "
+                                           r"field 'Answer' is NaN"):
+        ev.load_examples(ev.make_task("mmlu", f"jsonl://{tmp_path}/none.jsonl"))
+
+
+def test_skipped_rows_are_reported_once_by_default(tmp_path, capsys):
+    task = ev.make_task("lambada", f"jsonl://{write_jsonl(tmp_path / 'l.jsonl', [LAMBADA, {'text': None}])}")
+    assert len(ev.load_examples(task)) == 1
+    assert capsys.readouterr().err.count("warning: lambada: skipped 1 of 2 rows") == 1
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

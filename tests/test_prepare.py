@@ -307,3 +307,22 @@ def test_prepare_real_german_sample(tmp_path, data_dir):
     assert meta["read"]["docs"] == len(docs) and len(train) + len(val) == len(docs) - meta["filtered"]["duplicates"]
     assert set(train + val) == {unicodedata.normalize("NFC", d) for d in docs}
     assert set(pq.read_table(tmp_path / "out" / meta["train"]["files"][0])["source"].to_pylist()) == {"klexikon"}
+
+
+def test_a_hub_source_is_prepared_from_a_spread_of_its_files(tmp_path, monkeypatch):
+    """Hub datasets are sorted by source: prepare's first shard must not be the first file's documents."""
+    import datasets
+    files = []
+    for f in range(16):
+        files.append(str(tmp_path / f"hub-{f:02d}.parquet"))
+        pq.write_table(pa.table({"text": [f"Datei {f}, Dokument {i}" for i in range(40)]}), files[-1])
+    monkeypatch.setattr(data, "open_hub", lambda source, streaming=True, cache_dir=None: datasets.load_dataset(
+        "parquet", data_files=files, split="train", streaming=True))
+    lines = []
+    prepare.prepare("hf://org/sorted-by-source?shuffle=on", str(tmp_path / "out"),
+                    **{**SMALL, "shuffle_buffer": 4, "shard_rows": 64, "log": lines.append})
+    train, val, _ = prepared(tmp_path / "out")
+    assert sorted(train + val) == sorted(f"Datei {f}, Dokument {i}" for f in range(16) for i in range(40))
+    first_files = {int(t.split(",")[0].split()[1]) for t in train[:32]}
+    assert len(first_files) >= 8, first_files  # with a buffer of 4 documents: mixed from many shards
+    assert any("prepare shuffles every source with --seed 42" in line for line in lines)

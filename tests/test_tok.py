@@ -223,3 +223,14 @@ def test_compression_beats_bytes_on_german_sample(data_dir):
     compression = tok.bytes_per_token(tokenizer, heldout)
     # a byte-level tokenizer gives exactly 1.0 byte/token; BPE on German should give > 3
     assert compression > 3.0, compression
+
+
+def test_cli_help_names_the_real_default_data(capsys):
+    import data
+    with pytest.raises(SystemExit):
+        tok.main(["--help"])
+    out = capsys.readouterr().out
+    assert "data.DEFAULT_PRETRAIN_SPEC" in out
+    for spec in data.DEFAULT_PRETRAIN_SPEC.split():
+        assert f"\n  {spec}\n" in out  # each source whole, on its own line
+    assert "FineWeb-2 deu_Latn on the hub" not in out  # the old, wrong default
