@@ -68,7 +68,8 @@ import datasets
 import numpy as np
 
 import common
-from data import (DEFAULT_PRETRAIN_SPEC, PREPARED_FORMAT, DataError, PretrainBatches, Source, check_parquet_files,
+from dataloader import PretrainBatches
+from data import (DEFAULT_PRETRAIN_SPEC, PREPARED_FORMAT, DataError, Source, check_parquet_files,
                   interleave, iter_text_batches, iter_texts, open_source, parse_specs, prepared_meta, resolve_files)
 from tok import Tokenizer, parse_count
 

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
+import dataloader
 import evaluation
 import gpt
 import report
@@ -284,7 +285,7 @@ def main(argv=None):
         lambda b: cfg.total_batch_size % (b * cfg.seq_len * world_size) == 0, log, device)
     steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
     try:
-        loader = data.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
+        loader = dataloader.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
                                       prefetch=cfg.prefetch)
     except data.DataError as e:
         sys.exit(f"error: {e}")
@@ -357,7 +358,7 @@ def main(argv=None):
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             if val_batches is None:
                 try:
-                    val_batches = data.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
+                    val_batches = dataloader.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
                                                           rank, world_size, cfg.eval_batches)
                 except data.DataError as e:
                     sys.exit(f"error: validation data: {e}")

@@ -1,5 +1,5 @@
 """
-bench/data.py: packed tokens/s of the pretraining loader (data.PretrainBatches).
+bench/data.py: packed tokens/s of the pretraining loader (dataloader.PretrainBatches).
 
     python bench/data.py [--data-dir ../shared/data] [--tokenizer out/tokenizer]
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import dataloader  # noqa: E402
 from tok import Tokenizer  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def source_specs(data_dir: Path) -> list[str]:
 
 def measure(specs, tokenizer_dir, batch_size, seq_len, seconds, prefetch=0, rank=0, world_size=1, result=None):
     tokenizer = Tokenizer.load(tokenizer_dir)
-    loader = data.PretrainBatches(data.parse_specs(specs), tokenizer, batch_size, seq_len,
+    loader = dataloader.PretrainBatches(data.parse_specs(specs), tokenizer, batch_size, seq_len,
                                   rank=rank, world_size=world_size, prefetch=prefetch)
     batches = iter(loader)
     next(batches)  # opening the sources is start-up cost, not throughput

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import dataloader
 import prepare
 from data import DataError, parse_spec, parse_specs
 
@@ -160,7 +161,7 @@ def flat_tokens(batches):
 
 def test_packing_is_exact(tmp_path):
     docs = write_docs(tmp_path, 2, 40)
-    loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(),
+    loader = dataloader.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(),
                                   batch_size=3, seq_len=16, loop=False, docs_per_read=5)
     batches = read_all(loader)
     assert all(x.shape == y.shape == (3, 16) for x, y in batches[:-1])
@@ -178,7 +179,7 @@ def test_packing_with_the_real_tokenizer(tmp_path):
     from tok import Tokenizer
     tokenizer = Tokenizer.train([d * 3 for d in write_docs(tmp_path, 1, 30)], vocab_size=320, show_progress=False)
     docs = write_docs(tmp_path, 1, 30)
-    loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), tokenizer, 2, 32, loop=False)
+    loader = dataloader.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), tokenizer, 2, 32, loop=False)
     got = flat_tokens(read_all(loader))
     expected = [t for d in docs for t in [tokenizer.bos_id] + tokenizer.encode(d)]
     assert got == expected[:len(got)] and len(expected) - len(got) < 33
@@ -190,7 +191,7 @@ def test_packing_with_the_real_tokenizer(tmp_path):
 def test_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
     docs = write_docs(tmp_path, n_files, 30, rows_per_group)
     source = parse_spec(f"parquet://{tmp_path}/*.parquet")
-    seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, world_size, quiet=True)))
+    seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, world_size, quiet=True)))
             for r in range(world_size)]
     for r in range(world_size):
         for q in range(r):
@@ -202,7 +203,7 @@ def test_ranks_pack_disjoint_streams(tmp_path):
     docs = write_docs(tmp_path, 4, 25)
     streams = []
     for rank in range(2):
-        loader = data.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(), 2, 8,
+        loader = dataloader.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(), 2, 8,
                                       rank=rank, world_size=2, loop=False)
         text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens(read_all(loader)))
         streams.append(set(text.split("\0")[1:-1]))  # whole documents seen by this rank
@@ -215,14 +216,14 @@ def test_mixing_follows_weights(tmp_path):
     write_docs(tmp_path / "a", 1, 400, prefix="a")
     write_docs(tmp_path / "b", 1, 400, prefix="b")
     specs = f"parquet://{tmp_path}/a/*.parquet?weight=3 parquet://{tmp_path}/b/*.parquet"
-    loader = data.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
+    loader = dataloader.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
     batches = [b for _, b in zip(range(60), loader)]
     counts = list(loader.token_counts().values())
     assert abs(counts[0] / sum(counts) - 0.75) < 0.02
     text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens(batches))
     a_chars = sum(len(d) + 1 for d in text.split("\0") if d.startswith("a"))
     assert abs(a_chars / len(text) - 0.75) < 0.05
-    again = data.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
+    again = dataloader.PretrainBatches(parse_specs(specs), CharTokenizer(), 4, 32, docs_per_read=4)
     assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(batches, again))  # deterministic
 
 
@@ -247,7 +248,7 @@ def test_resume_is_exact(tmp_path, prefetch):
     specs = f"parquet://{tmp_path}/*.parquet parquet://{tmp_path}/small/*.parquet?weight=0.5"
 
     def make_loader():
-        return data.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
+        return dataloader.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
                                     rank=1, world_size=2, docs_per_read=3, prefetch=prefetch)
 
     full = [b for _, b in zip(range(40), make_loader())]  # the small source wraps around several times
@@ -281,8 +282,8 @@ class LimitedLoader:
 def test_resume_refuses_another_setup(tmp_path):
     write_docs(tmp_path, 2, 10)
     spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
-    state = data.PretrainBatches(spec, CharTokenizer(), 2, 8).state_dict()
-    other = data.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=0, world_size=2)
+    state = dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8).state_dict()
+    other = dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=0, world_size=2)
     with pytest.raises(DataError, match="another setup"):
         other.load_state_dict(state)
 
@@ -290,10 +291,10 @@ def test_resume_refuses_another_setup(tmp_path):
 def test_validation_batches_are_fixed(tmp_path):
     write_docs(tmp_path, 2, 30)
     spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
-    a = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
-    b = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
+    a = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
+    b = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
     assert len(a) == 5 and all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
-    everything = data.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=10_000)
+    everything = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=10_000)
     assert sum(x.shape[0] for x, _ in everything) == len(stream_of(write_docs(tmp_path, 2, 30))) // 17
 
 
@@ -301,13 +302,13 @@ def test_loader_errors(tmp_path):
     pq.write_table(pa.table({"text": ["nur eins"]}), tmp_path / "one.parquet")
     spec = parse_specs(f"parquet://{tmp_path}/one.parquet")
     with pytest.raises(DataError, match="no documents for rank 1 of 2"):
-        next(iter(data.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=1, world_size=2)))
+        next(iter(dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=1, world_size=2)))
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
-        next(iter(data.PretrainBatches(parse_specs(f"txt://{tmp_path}/bad.txt"), CharTokenizer(), 1, 4)))
+        next(iter(dataloader.PretrainBatches(parse_specs(f"txt://{tmp_path}/bad.txt"), CharTokenizer(), 1, 4)))
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(DataError, match="no string 'text' field"):
-        next(iter(data.PretrainBatches(parse_specs(f"jsonl://{tmp_path}/a.jsonl"), CharTokenizer(), 1, 4, prefetch=2)))
+        next(iter(dataloader.PretrainBatches(parse_specs(f"jsonl://{tmp_path}/a.jsonl"), CharTokenizer(), 1, 4, prefetch=2)))
 
 
 def test_inspect_cli(tmp_path, capsys):
@@ -385,7 +386,7 @@ def ShuffledShardsReader(ds, seed, streams, batch_size=5):
 def test_shuffled_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
     docs = write_docs(tmp_path, n_files, 30, rows_per_group)
     source = parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")
-    seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, world_size, quiet=True)))
+    seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, world_size, quiet=True)))
             for r in range(world_size)]
     for r in range(world_size):
         for q in range(r):
@@ -407,7 +408,7 @@ def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows):
     specs = (f"parquet://{tmp_path}/*.parquet?shuffle=on parquet://{tmp_path}/small/*.parquet?seed=5&weight=0.5")
 
     def make_loader():
-        return data.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
+        return dataloader.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
                                     rank=1, world_size=2, docs_per_read=3, prefetch=prefetch)
 
     full = [b for _, b in zip(range(60), make_loader())]  # both sources wrap around (new shard orders)
@@ -421,12 +422,12 @@ def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows):
 def test_each_epoch_has_its_own_shard_order(tmp_path):
     docs = write_docs(tmp_path, 6, 2)
     source = parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")
-    epochs = [list(data.iter_texts(source, data.open_rank_shard(source, 0, 1, epoch=e))) for e in range(3)]
+    epochs = [list(data.iter_texts(source, dataloader.open_rank_shard(source, 0, 1, epoch=e))) for e in range(3)]
     assert all(sorted(e) == sorted(docs) for e in epochs)
     assert [[doc_file(d) for d in e[:6]] for e in epochs] == [
         data.shard_order(6, data.DEFAULT_SEED, e) for e in range(3)]
     assert len({tuple(e) for e in epochs}) == 3
-    loader = data.PretrainBatches([source], CharTokenizer(), batch_size=1, seq_len=8, docs_per_read=4)
+    loader = dataloader.PretrainBatches([source], CharTokenizer(), batch_size=1, seq_len=8, docs_per_read=4)
     text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([b for _, b in zip(range(40), loader)]))
     assert text.split("\0")[1:13] == epochs[0]  # the loader reads epoch 0 first
     assert loader.handed_out["progress"]["epochs"][0] >= 1
@@ -463,7 +464,7 @@ def test_hub_sources_go_through_the_shuffle_for_tok_train_and_eval(tmp_path, mon
     first = [d for _, d in zip(range(data.MIX_STREAMS), data.interleave_documents(parse_specs("hf://org/set")))]
     assert [doc_file(d) for d in first] == spread
     # train.py reads PretrainBatches
-    loader = data.PretrainBatches(parse_specs("hf://org/set"), CharTokenizer(), batch_size=4, seq_len=32)
+    loader = dataloader.PretrainBatches(parse_specs("hf://org/set"), CharTokenizer(), batch_size=4, seq_len=32)
     text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([next(iter(loader))]))
     assert [doc_file(d) for d in text.split("\0")[1:1 + data.MIX_STREAMS]] == spread
     assert len(opened) == 2

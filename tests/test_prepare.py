@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data
+import dataloader
 import prepare
 from data import DataError, parse_spec
 
@@ -144,7 +145,7 @@ def test_two_ranks_over_prepared_shards_are_disjoint_and_complete(tmp_path, opti
         specs.append((f"parquet://{tmp_path}/out?split=val", val))
     for spec, expected in specs:
         source = parse_spec(spec)
-        seen = [list(data.iter_texts(source, data.open_rank_shard(source, r, 2, quiet=True))) for r in range(2)]
+        seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, 2, quiet=True))) for r in range(2)]
         assert not set(seen[0]) & set(seen[1]) and all(seen)
         assert Counter(seen[0] + seen[1]) == Counter(expected)
 

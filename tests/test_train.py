@@ -15,6 +15,7 @@ import torch.optim._muon
 
 import common
 import data
+import dataloader
 import tok
 import train
 from conftest import sigkill_when_file_appears
@@ -98,7 +99,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     tokenizer = Tokenizer.load(setup / "tok")
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
     optimizers = common.build_optimizers(model, cfg)
-    loaders = [iter(data.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
+    loaders = [iter(dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
                                          cfg.seq_len, rank, 2)) for rank in range(2)]
     for step in range(3):
         lr = train.lr_multiplier(step / 3, cfg)

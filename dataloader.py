@@ -1,0 +1,224 @@
+"""
+dataloader.py: pretraining batches. Shard by rank, tokenize, mix, pack, resume exactly.
+
+    loader = PretrainBatches(data.parse_specs(SPEC), tokenizer, batch_size=32, seq_len=2048, rank=r, world_size=W)
+    for inputs, targets in loader: ...          # (B, T) each; loader.state_dict() resumes exactly
+
+Sharding. Each rank opens every source and keeps a disjoint part of it with
+`datasets.distributed.split_dataset_by_node`, whose rule is: when the number
+of shards (files, or parquet row groups after `reshard()`) divides by the
+world size, rank r reads shards r, r+W, r+2W, ...; otherwise every rank reads
+all of it and keeps documents r, r+W, r+2W, ... (correct, but each rank then
+parses everything). Together the ranks see every document exactly once.
+
+Packing: plain concatenate-and-split, per source. Each document becomes
+<|bos|> + its tokens; a source's documents are concatenated in order and cut
+into rows of T+1 tokens (row = T inputs + the target of the last one); rows do
+not overlap. No token is lost or duplicated: the only rule is that the one
+(last token of a row -> first token of the next row) prediction per row is
+never trained, and at the end of a non-looping stream each source's tail
+shorter than one row is dropped.
+The trade-off against nanochat's BOS-aligned best-fit packing: best-fit starts
+every row at a document start (no row begins mid-document without context)
+but crops documents to fill rows, throwing tokens away; concatenation keeps
+every token and makes exact resume a matter of remembering one buffer.
+
+Mixing, row by row: the next row always comes from the source that has given
+the fewest tokens relative to its weight ("least tokens consumed"), so the
+token shares follow the weights to within a row, deterministically, with no RNG
+to save, however long a source's documents are (one novel can be 1M tokens).
+A source that runs out starts over (a new epoch) when looping.
+"""
+import copy
+import itertools
+import queue
+import sys
+import threading
+
+import numpy as np
+import torch
+
+from data import DataError, ShuffledShards, Source, iter_text_batches, open_source
+
+
+class PretrainBatches:
+    """(inputs, targets) batches of shape (B, T) for one rank, from a weighted mix of sources.
+
+    Iterate it for batches; `state_dict()` describes the position after the last
+    batch handed out, and a fresh loader given `load_state_dict(state)` continues
+    with exactly the batch the uninterrupted run would have produced next.
+    """
+
+    def __init__(self, sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, loop: bool = True, docs_per_read: int = 64, prefetch: int = 0):
+        self.sources, self.tokenizer = sources, tokenizer
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.loop, self.docs_per_read, self.prefetch = loop, docs_per_read, prefetch
+        self.datasets = [open_rank_shard(s, rank, world_size) for s in sources]
+        self.readers = [None] * len(sources)
+        n = len(sources)
+        self.progress = {"states": [None] * n, "epochs": [0] * n, "tokens": [0] * n, "docs": [0] * n,
+                         "exhausted": [False] * n}
+        # per source: tokens read but not yet handed out (never written in place, so views are snapshots)
+        self.pending = [np.empty(0, dtype=np.int32) for _ in sources]
+        self.handed_out = self._snapshot()
+
+    # --- reading and packing ---
+
+    def _read_documents(self, i: int) -> list[str] | None:
+        """The next documents of source i, or None once it is exhausted (and not looping)."""
+        for _ in range(2):
+            if self.readers[i] is None:
+                self.readers[i] = iter_text_batches(self.sources[i], self.datasets[i], self.docs_per_read)
+            docs = next(self.readers[i], None)
+            if docs is not None:
+                self.progress["states"][i] = copy.deepcopy(self.datasets[i].state_dict())
+                return docs
+            if self.progress["docs"][i] == 0 and self.progress["epochs"][i] == 0:
+                raise DataError(f"{self.sources[i].spec}: no documents for rank {self.rank} of "
+                                f"{self.world_size} (empty dataset, or fewer documents than ranks?)")
+            if not self.loop:
+                return None
+            self.progress["epochs"][i] += 1  # start the source over
+            self.progress["states"][i] = None
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
+                                               epoch=self.progress["epochs"][i])  # shuffled: a new shard order
+            self.readers[i] = None
+        return None
+
+    def _refill(self, i: int) -> bool:
+        """Tokenize the next documents of source i into its buffer; False once it is exhausted."""
+        docs = self._read_documents(i)
+        if docs is None:
+            self.progress["exhausted"][i] = True
+            return False
+        bos = self.tokenizer.bos_id
+        tokens = np.fromiter(itertools.chain.from_iterable(
+            [bos] + ids for ids in self.tokenizer.encode_batch(docs)), dtype=np.int32)
+        self.progress["docs"][i] += len(docs)
+        self.pending[i] = np.concatenate([self.pending[i], tokens])
+        return True
+
+    def _next_row(self):
+        """The next row of T+1 tokens, from the source with the fewest tokens handed out per weight."""
+        row = self.seq_len + 1
+        while True:
+            live = [i for i in range(len(self.sources)) if not self.progress["exhausted"][i]]
+            if not live:
+                return None
+            i = min(live, key=lambda j: self.progress["tokens"][j] / self.sources[j].weight)
+            while len(self.pending[i]) < row and self._refill(i):
+                pass
+            if len(self.pending[i]) >= row:
+                self.progress["tokens"][i] += row
+                tokens, self.pending[i] = self.pending[i][:row], self.pending[i][row:]
+                return tokens
+            # an exhausted, non-looping source: its tail shorter than a row is dropped
+
+    def _next_block(self):
+        """The next (rows, T+1) block of tokens and the loader state right after it."""
+        rows = [r for r in (self._next_row() for _ in range(self.batch_size)) if r is not None]
+        if not rows:  # rows run out only at the end of a non-looping stream
+            return None, None
+        return np.stack(rows), self._snapshot()
+
+    def _snapshot(self) -> dict:
+        return {"progress": copy.deepcopy(self.progress), "pending": list(self.pending)}
+
+    def _to_batch(self, block):
+        tokens = torch.from_numpy(block.astype(np.int64))
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        if torch.cuda.is_available():  # ready for .to(device, non_blocking=True)
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    # --- iteration, with optional background prefetching ---
+
+    def __iter__(self):
+        if self.prefetch <= 0:
+            while (item := self._next_block())[0] is not None:
+                self.handed_out = item[1]
+                yield self._to_batch(item[0])
+            return
+        # A background thread reads and tokenizes ahead (both release the GIL);
+        # each block travels with the state after it, so state_dict() stays exact.
+        ready, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+
+        def produce():
+            try:
+                while not stop.is_set():
+                    item = self._next_block()
+                    item = (self._to_batch(item[0]), item[1]) if item[0] is not None else None
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if item is None:
+                        return
+            except BaseException as e:  # hand errors to the consumer
+                ready.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="data-prefetch")
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self.handed_out = item[1]
+                yield item[0]
+        finally:
+            stop.set()
+            thread.join()
+
+    # --- exact resume ---
+
+    def state_dict(self) -> dict:
+        """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
+        state = copy.deepcopy(self.handed_out["progress"])
+        state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
+                     pending=[torch.from_numpy(p.copy()) for p in self.handed_out["pending"]])
+        return state
+
+    def load_state_dict(self, state: dict):
+        mine = ([s.spec for s in self.sources], self.rank, self.world_size)
+        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"))
+        if mine != theirs:
+            raise DataError(f"data loader state is from another setup (sources, rank, world size) "
+                            f"{theirs}, not {mine}; resume with the same --data and number of processes")
+        self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
+        for i, ds_state in enumerate(self.progress["states"]):
+            self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
+                                               epoch=self.progress["epochs"][i])
+            if ds_state is not None:
+                self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
+            self.readers[i] = None
+        self.pending = [p.numpy().astype(np.int32) for p in state["pending"]]
+        self.handed_out = self._snapshot()
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens handed out so far from each source (for the log)."""
+        return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
+
+
+def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = False, epoch: int = 0):
+    """This rank's disjoint part of a source (see the sharding rule above), in a seeded
+    random shard order for `epoch` if the source is shuffled (ShuffledShards)."""
+    from datasets.distributed import split_dataset_by_node
+    ds = open_source(source, shuffle=False)
+    if world_size > 1 and ds.num_shards % world_size:
+        ds = ds.reshard()  # parquet: one shard per row group, often enough to divide evenly
+    if world_size > 1 and ds.num_shards % world_size and not quiet and rank == 0:
+        print(f"note: {source.spec} has {ds.num_shards} shards, not a multiple of {world_size} ranks: "
+              f"every rank reads all of it and keeps one document in {world_size}", file=sys.stderr)
+    if source.shuffled:
+        return ShuffledShards(ds, source.seed, epoch, rank, world_size)
+    return ds if world_size == 1 else split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                       world_size: int = 1, max_batches: int = 20) -> list:
+    """A fixed, deterministic list of this rank's validation batches (read once, kept in memory)."""
+    loader = PretrainBatches(sources, tokenizer, batch_size, seq_len, rank, world_size, loop=False)
+    return list(itertools.islice(loader, max_batches))
