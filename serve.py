@@ -12,16 +12,11 @@ Endpoints:
     GET  /v1/models            the one model served
     GET  /health               liveness, queue length and counters
 
-How requests share the model. A model and its KV cache serve one generation at
-a time, so one worker thread owns them (chat.py's ChatSession) and takes jobs
-from a FIFO queue; the event loop only parses requests and forwards text pieces.
-Each job gets its own asyncio queue, which the worker fills through
-`loop.call_soon_threadsafe`: pieces of two answers can never mix, and a slow
-generation never blocks other requests from being answered with 4xx, /health
-or the page. A job whose client goes away is marked cancelled: the worker stops
-it before the next token (or skips it while it still waits) and moves on. One
-process serves one model on one device; for several GPUs run one server per GPU
-(--device cuda:N --port ...) behind a load balancer.
+How requests share the model: engine.py (a queue of jobs, one worker thread that owns
+the model; one answer at a time with --max-batch 1, else continuous batching). This file is
+the HTTP side: it reads and checks requests, submits engine.Jobs, and writes their pieces
+as OpenAI's responses. One process serves one model on one device; for several GPUs run
+one server per GPU (--device cuda:N --port ...) behind a load balancer.
 
 The session's KV cache is kept between requests, so the next turn of the same
 conversation (the page sends the whole history each time) only prefills the new
@@ -47,14 +42,12 @@ Hardening (issue 20), each with a test in tests/test_serve.py:
 """
 import argparse
 import asyncio
-import collections
 import base64
 import hashlib
 import json
 import math
 import re
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -70,11 +63,8 @@ try:
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
-import torch
-
-import batch
 import chat
-import gpt
+from engine import BatchEngine, Engine, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -83,11 +73,6 @@ PING_SECONDS = 2.0  # while a streamed request waits, send an SSE comment this o
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-def log(text: str) -> None:
-    """One line on stderr: what went wrong, never a traceback, for things clients cause."""
-    print(f"serve: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -118,364 +103,6 @@ class APIError(Exception):
     def body(self) -> dict:
         kind = {429: "rate_limit_error"}.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# -----------------------------------------------------------------------------
-# The model worker: one thread, one generation at a time, jobs in FIFO order
-
-class RequestTimeout(Exception):
-    """A request outlived --request-timeout (waiting and generating together)."""
-
-
-def completion_tokens(reply: chat.Reply) -> int:
-    """The one rule for counting generated tokens, in usage and in /health: every sampled
-    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
-    return len(reply.ids) + (reply.finish_reason == "stop")
-
-
-class Job:
-    """One request's generation. The worker reports to the event loop through `events`:
-    ("piece", text)..., then ("done", chat.Reply) or ("error", exception).
-
-    cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
-    time.monotonic() after which the worker drops the job with RequestTimeout."""
-
-    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
-                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
-        self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
-        self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
-        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
-        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
-        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
-        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-
-    def emit(self, kind: str, value=None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, bounds: tuple):
-        self.bounds, self.buckets, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.buckets[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.buckets)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-
-
-class Metrics:
-    """What GET /metrics reports besides the engine's counters."""
-
-    def __init__(self):
-        self.status = collections.Counter()  # HTTP responses by status code
-        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
-        self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
-
-    def finished(self, job: Job, reply: chat.Reply) -> None:
-        if job.first_piece is None:
-            return
-        self.ttft.observe(job.first_piece - job.submitted)
-        seconds = time.monotonic() - job.first_piece
-        if len(reply.ids) > 1 and seconds > 0:
-            self.rate.observe((len(reply.ids) - 1) / seconds)
-
-
-class Queue:
-    """The waiting line in front of a model, and the counters; shared by both engines."""
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.cond = threading.Condition()
-        self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0,
-                                          completion_tokens=0)
-        self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
-        self.metrics = Metrics()
-
-    @property
-    def running(self) -> int:
-        return int(self.busy)
-
-    def submit(self, job: Job) -> None:
-        with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                self.counts["rejected"] += 1
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting already "
-                                    f"(--max-queue {self.max_queue}); try again in a moment", code="queue_full")
-            self.waiting.append(job)
-            self.counts["requests"] += 1
-            self.cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job from the queue, or stop it before its next token."""
-        job.cancelled.set()
-        with self.cond:
-            if job in self.waiting:
-                self.waiting.remove(job)
-                self.counts["cancelled"] += 1
-
-    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
-        """Count a job that generated (completely or not) and tell its client."""
-        self.counts["completion_tokens"] += completion_tokens(reply)
-        self.metrics.finished(job, reply)
-        if timed_out:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
-            return
-        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
-        job.emit("done", reply)
-
-
-class Engine(Queue):
-    """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
-    ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
-
-    def __init__(self, session: chat.ChatSession, max_queue: int):
-        super().__init__(max_queue)
-        self.session = session
-        self.busy = False
-        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.waiting:
-                    self.cond.wait()
-                job = self.waiting.popleft()
-                self.busy = True
-            try:
-                self._run(job)
-            finally:
-                self.busy = False
-
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # the client left while the job was being taken from the queue
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
-            return
-        s = self.session
-        if job.cache_key is None or job.cache_key != self.cache_owner:
-            # Another client's tokens must not make this prompt faster: that would let it
-            # time guesses of their prompt. Reuse stays within one cache_key.
-            s.clear_cache()
-        self.cache_owner = job.cache_key
-        if job.seed is None:
-            s.rng.seed()  # fresh randomness per request
-        else:
-            s.rng.manual_seed(job.seed)  # OpenAI's `seed`: the same request gives the same answer
-        stream = None
-        timed_out = False
-        try:
-            stream = job.generate(s)
-            for piece in stream:
-                job.reply = s.last
-                job.first_piece = job.first_piece or time.monotonic()
-                if self.on_piece is not None:
-                    self.on_piece(job)
-                if job.cancelled.is_set():
-                    break
-                if time.monotonic() > job.deadline:
-                    timed_out = True
-                    break
-                job.emit("piece", piece)
-        except Exception as e:  # a bug or e.g. CUDA out of memory: fail this request, keep serving
-            self.counts["errors"] += 1
-            log(f"generation failed: {type(e).__name__}: {e}")
-            job.emit("error", e)
-            return
-        finally:
-            if stream is not None:
-                stream.close()  # an unfinished answer ends here; the KV cache stays consistent
-        self.finish(job, s.last, timed_out)
-
-
-
-class Row:
-    """One slot of the batch: the job it serves (None: free) and the tokens its KV cache row holds."""
-
-    def __init__(self):
-        self.job: Job | None = None
-        self.ids: list[int] = []  # exactly the tokens cached in this row
-        self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
-        self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
-        self.logits = self.rng = self.decoder = None
-        self.step = self.budget = 0
-
-
-class BatchEngine(Queue):
-    """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
-
-    One worker thread loops over steps. A step first admits at most one waiting job: it
-    takes a free row and prefills its prompt there alone (batch.prefill), so a long
-    prompt delays the others by one prefill, never more. Then every running row samples
-    its next token with its own settings and generator, and all rows that go on are fed
-    in one batched forward (batch.decode). A row leaves when its answer stops, reaches
-    its limit, is cancelled (client gone) or times out; the next newcomer takes it.
-
-    Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
-    cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
-    its prompt and only computes the rest, so each of up to N conversations keeps its
-    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it."""
-
-    def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
-        super().__init__(max_queue)
-        self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
-        self.cache = batch.BatchCache(model, max_batch, context_len)
-        self.rows = [Row() for _ in range(max_batch)]
-        self.steps = 0
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
-
-    @property
-    def running(self) -> int:
-        return sum(r.job is not None for r in self.rows)
-
-    @property
-    def busy(self) -> bool:
-        return self.running > 0
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.waiting and not self.busy:
-                    self.cond.wait()
-                free = [r for r in self.rows if r.job is None]
-                newcomer = self.waiting.popleft() if self.waiting and free else None
-            try:
-                if newcomer is not None:
-                    self._admit(newcomer, free)
-                self._step()
-            except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
-                log(f"generation failed: {type(e).__name__}: {e}")
-                for row in self.rows:
-                    if row.job is not None:
-                        self.counts["errors"] += 1
-                        row.job.emit("error", e)
-                        row.job, row.ids, row.owner = None, [], None
-                        self.cache.lengths[self.rows.index(row)] = 0
-
-    def _admit(self, job: Job, free: list[Row]) -> None:
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
-            return
-        prompt = job.prompt
-        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
-        if mine:  # this client's longest cached prefix
-            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
-            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
-        else:  # the least recently used free row; whatever it held is overwritten
-            row, keep = min(free, key=lambda r: r.used), 0
-        self.steps += 1
-        row.used, row.owner, row.job = self.steps, job.cache_key, job
-        index = self.rows.index(row)
-        row.ids = []  # until the prefill has completed
-        row.logits = batch.prefill(self.model, self.cache, index, keep, prompt[keep:])
-        row.ids = list(prompt)
-        job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
-        row.rng = torch.Generator(device=self.cache.k.device)
-        if job.seed is None:
-            row.rng.seed()
-        else:
-            row.rng.manual_seed(job.seed)
-        row.decoder = self.tokenizer.stream_decoder()
-        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
-
-    def _step(self) -> None:
-        feed = []
-        for row in self.rows:
-            job = row.job
-            if job is None:
-                continue
-            if job.cancelled.is_set():
-                self._leave(row, "interrupted")
-                continue
-            s, reply = job.sampling, job.reply
-            token = gpt.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
-            if reply.ttft is None:
-                reply.ttft = time.monotonic() - job.submitted
-            if token in job.stop_ids:
-                self._leave(row, "stop")  # not fed: a next turn's prompt brings it
-                continue
-            reply.ids.append(token)
-            row.step += 1
-            piece = row.decoder.push(token)
-            if piece:
-                job.first_piece = job.first_piece or time.monotonic()
-                if self.on_piece is not None:
-                    self.on_piece(job)
-                if job.cancelled.is_set():
-                    self._leave(row, "interrupted")
-                    continue
-                if time.monotonic() > job.deadline:
-                    self._leave(row, "interrupted", timed_out=True)
-                    continue
-                reply.text += piece
-                job.emit("piece", piece)
-            if row.step >= row.budget:
-                self._leave(row, "length")
-            else:
-                feed.append((row, token))
-        if feed:
-            rows = [self.rows.index(row) for row, _ in feed]
-            logits = batch.decode(self.model, self.cache, rows, [t for _, t in feed])
-            for i, (row, token) in enumerate(feed):
-                row.logits = logits[i:i + 1]
-                row.ids.append(token)
-
-    def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
-        job, reply = row.job, row.job.reply
-        if finish_reason in ("stop", "length"):
-            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
-            if tail:
-                reply.text += tail
-                job.emit("piece", tail)
-        reply.finish_reason = finish_reason
-        with self.cond:
-            row.job = None
-            if job.cache_key is None:
-                row.owner = None  # reusable by nobody
-        self.finish(job, reply, timed_out)
-
-
-async def job_events(job: Job, idle_seconds: float):
-    """The job's events as they come; ("idle", None) after idle_seconds without one."""
-    getter = None
-    try:
-        while True:
-            getter = getter or asyncio.ensure_future(job.events.get())
-            done, _ = await asyncio.wait({getter}, timeout=idle_seconds)
-            if not done:
-                yield "idle", None
-                continue
-            kind, value = getter.result()
-            getter = None
-            yield kind, value
-            if kind in ("done", "error"):
-                return
-    finally:
-        if getter is not None:
-            getter.cancel()
 
 
 # -----------------------------------------------------------------------------
@@ -857,7 +484,7 @@ class Guard:
     that rebinds its DNS name to this server's address still sends Host: attacker.example),
     and gives every response X-Content-Type-Options: nosniff."""
 
-    def __init__(self, app, allowed_hosts: list[str], metrics: "Metrics | None" = None):
+    def __init__(self, app, allowed_hosts: list[str], metrics=None):
         self.app, self.metrics = app, metrics
         self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
 
@@ -953,7 +580,10 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
             stop_ids, dropped = session.base_stop_ids, 0
         job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full")
         answer = Answer(chat_mode, model_name)
         if not data.get("stream"):
             return await whole_answer(engine, job, answer, request)

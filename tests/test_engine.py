@@ -1,11 +1,11 @@
-"""batch.py: rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
+"""engine.py's batch cache: rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
 the same greedy tokens, logits equal up to float rounding."""
 import random
 
 import pytest
 import torch
 
-import batch
+import engine
 import common
 from conftest import make_checkpoint
 
@@ -29,12 +29,12 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         return out, logits_seen
 
     expected = [alone(p) for p in prompts]
-    cache = batch.BatchCache(model, 8, 256)
+    cache = engine.BatchCache(model, 8, 256)
     rows = [7, 2, 5, 0, 3]  # any rows, joining one per step, leaving when done
     out, seen, logits, active = [[] for _ in prompts], [[] for _ in prompts], {}, []
     for step in range(steps + len(prompts)):
         if step < len(prompts):
-            logits[step] = batch.prefill(model, cache, rows[step], 0, prompts[step])
+            logits[step] = engine.prefill(model, cache, rows[step], 0, prompts[step])
             active.append(step)
         feed = []
         for i in list(active):
@@ -45,7 +45,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
             else:
                 feed.append(i)
         if feed:
-            new = batch.decode(model, cache, [rows[i] for i in feed], [out[i][-1] for i in feed])
+            new = engine.decode(model, cache, [rows[i] for i in feed], [out[i][-1] for i in feed])
             for j, i in enumerate(feed):
                 logits[i] = new[j:j + 1]
     for i, (tokens, logits_alone) in enumerate(expected):
