@@ -168,6 +168,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.on_finish = None  # called in the worker as on_finish(completion tokens) when it has generated
 
     def emit(self, kind: str, value=None) -> None:
         try:
@@ -248,6 +249,8 @@ class Queue:
     def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
         """Count a job that generated (completely or not) and tell its client."""
         self.counts["completion_tokens"] += completion_tokens(reply)
+        if job.on_finish is not None:
+            job.on_finish(completion_tokens(reply))
         self.metrics.finished(job, reply)
         if timed_out:
             self.counts["timeouts"] += 1

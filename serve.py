@@ -59,11 +59,12 @@ try:
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
 import chat
+from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited, TimedH11Protocol,  # noqa: F401
+                    default_allowed_hosts, host_name, read_key_file, timed_protocol)
 from engine import BatchEngine, Engine, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log
 from tok import ConversationError, check_conversation
 
@@ -72,7 +73,6 @@ TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 PING_SECONDS = 2.0  # while a streamed request waits, send an SSE comment this often
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 @dataclass
@@ -96,9 +96,11 @@ class Limits:
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int = 1):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # for a 429: seconds to wait
 
     def body(self) -> dict:
         kind = {429: "rate_limit_error"}.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -401,101 +403,39 @@ async def whole_answer(engine: Engine, job: Job, answer: Answer, request: Reques
 
 
 # -----------------------------------------------------------------------------
-# In front of the app: read timeouts, Host check, headers
-
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus read timeouts: header_timeout seconds for the request line
-    and headers (from the connection's start, or from the first byte of a next request on a
-    kept-alive connection), then body_timeout seconds for the body. A connection that sends
-    nothing, half its headers or less body than it announced is closed then, instead of
-    holding a socket and a coroutine for as long as it likes. (Between requests uvicorn's
-    own keep-alive timeout applies.) Subclass it with the values: timed_protocol()."""
-
-    header_timeout = body_timeout = 10.0
-    read_timer = reading = None  # the pending timeout and what it is for: "headers", "body" or None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._expect("headers")
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._track(got_bytes=True)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._track(got_bytes=False)
-
-    def _track(self, got_bytes: bool) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            self._expect("body" if cycle.more_body else None)  # None: the app is answering
-        elif got_bytes or self.conn.trailing_data[0]:
-            self._expect("headers")  # part of a next request has come
-        else:
-            self._expect(None)  # idle between requests: uvicorn's keep-alive timeout applies
-
-    def connection_lost(self, exc):
-        self._expect(None)
-        super().connection_lost(exc)
-
-    def _expect(self, what: str | None) -> None:
-        if what == self.reading:
-            return  # the deadline counts from when the wait began, not from the latest bytes
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-        self.reading, self.read_timer = what, None
-        if what is not None:
-            seconds = self.header_timeout if what == "headers" else self.body_timeout
-            self.read_timer = self.loop.call_later(seconds, self._timed_out)
-
-    def _timed_out(self) -> None:
-        if not self.transport.is_closing():
-            client = "%s:%d" % self.client if self.client else "?"
-            log(f"closed the connection of {client}: its request {self.reading} did not arrive within "
-                f"{self.header_timeout if self.reading == 'headers' else self.body_timeout:g} s")
-            self.transport.close()
-        self.read_timer = self.reading = None
-
-
-def timed_protocol(header_timeout: float, body_timeout: float) -> type:
-    return type("TimedH11Protocol", (TimedH11Protocol,), dict(header_timeout=header_timeout,
-                                                             body_timeout=body_timeout))
-
-
-def host_name(host: str) -> str:
-    """A Host header's name without the port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]"."""
-    host = host.strip().lower()
-    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
-
-
-def default_allowed_hosts(bind: str) -> list[str]:
-    """What --host implies: loopback names for a loopback address, that address for a specific
-    one, and any name ("*") for 0.0.0.0 or ::, where the server cannot know the names it has."""
-    if bind in ("0.0.0.0", "::", ""):
-        return ["*"]
-    if bind in ("127.0.0.1", "localhost", "::1"):
-        return list(LOOPBACK_HOSTS)
-    return [f"[{bind}]" if ":" in bind else bind]
-
+# In front of the app: the Host check, API keys, headers (read timeouts: access.py)
 
 class Guard:
     """ASGI middleware: refuses Host names not in allowed_hosts (a page on attacker.example
     that rebinds its DNS name to this server's address still sends Host: attacker.example),
-    and gives every response X-Content-Type-Options: nosniff."""
+    says who a /v1/* request is (access.Access: 401 without a valid API key or page session
+    when keys are set; the Client goes to request.state.client), and gives every response
+    X-Content-Type-Options: nosniff."""
 
-    def __init__(self, app, allowed_hosts: list[str], metrics=None):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, allowed_hosts: list[str], access: Access, metrics=None):
+        self.app, self.access, self.metrics = app, access, metrics
         self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
         if self.allowed is not None and host_name(host) not in self.allowed:
             e = APIError(400, f"this server does not answer for host {shown(host)} (--allowed-hosts)",
                          code="invalid_host")
             return await JSONResponse(e.body(), status_code=400)(scope, receive, send)
+        if scope["path"].startswith("/v1/"):
+            peer = scope["client"][0] if scope.get("client") else "?"
+            address = self.access.client_address(peer, headers.get(b"x-forwarded-for", b"").decode("latin-1"))
+            cookies = Request(scope).cookies
+            try:
+                scope.setdefault("state", {})["client"] = self.access.identify(
+                    address, headers.get(b"authorization", b"").decode("latin-1"), cookies.get(COOKIE))
+            except Denied as denied:
+                e = APIError(401, str(denied), code="invalid_api_key")
+                return await JSONResponse(e.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -523,9 +463,11 @@ def page_headers(html: str) -> dict:
 
 def create_app(session: chat.ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
                system: str | None = None, allowed_hosts: list[str] = LOOPBACK_HOSTS,
-               shared_cache: bool = False) -> FastAPI:
-    """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves."""
+               shared_cache: bool = False, access: Access | None = None) -> FastAPI:
+    """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves.
+    `access`: API keys, trusted proxies and rate limits (default: an open API, no limits)."""
     limits = limits or Limits()
+    access = access or Access()
     if limits.max_batch > 1:
         engine = BatchEngine(session.model, session.tokenizer, session.context_len, limits.max_batch, limits.max_queue)
     else:
@@ -533,15 +475,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
-    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), metrics=engine.metrics)
-    app.state.engine = engine
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), access=access, metrics=engine.metrics)
+    app.state.engine, app.state.access = engine, access
     created = int(Path(session.checkpoint).stat().st_mtime) if getattr(session, "checkpoint", None) else 0
     html = PAGE.read_text(encoding="utf-8")
     html_headers = page_headers(html)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = {"Retry-After": str(e.retry_after)} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
@@ -563,9 +505,16 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         if chat_mode and session.kind == "base":
             raise APIError(400, "this is a base model (pretrained only, no chat template): use POST /v1/completions "
                                 "to continue text, or fine-tune it with sft.py", code="base_model")
+        client: Client = request.state.client
+        try:
+            access.admit(client)
+        except RateLimited as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after)
         data = await read_json(request, limits.max_body_bytes)
         sampling, seed = read_sampling(data, defaults, limits)
         cache_key = read_cache_key(data, shared_cache)
+        if cache_key is not None and client.identity is not None:
+            cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
         if chat_mode:
             messages = read_messages(data, limits, system)
             kept, ids = check_fits(session, messages, sampling)
@@ -580,6 +529,7 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
             stop_ids, dropped = session.base_stop_ids, 0
         job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
+        job.on_finish = lambda tokens: access.charge(client, tokens)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -631,8 +581,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
-    async def page():
-        return Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
+    async def page(request: Request):
+        response = Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
+        if access.keys and access.session_of(request.cookies.get(COOKIE)) is None:
+            # the page's own requests need no key: a signed session cookie (access.py says why that is safe)
+            https = request.url.scheme == "https" or (request.client and access.is_trusted(request.client.host) and
+                                                      request.headers.get("x-forwarded-proto") == "https")
+            response.set_cookie(COOKIE, access.new_session(), path="/", httponly=True, samesite="strict",
+                                secure=bool(https))
+        return response
 
     return app
 
@@ -671,6 +628,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (%(default)s)")
     p.add_argument("--request-timeout", type=float, default=L.request_seconds,
                    help="seconds a request may take in all, waiting for the model included (%(default)s)")
+    p.add_argument("--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(repeat for several keys; the page and /health stay open); visible in `ps`, so prefer:")
+    p.add_argument("--api-key-file", help="file with one API key per line (# comments)")
+    p.add_argument("--trusted-proxy", action="append", default=[], help="address or network (CIDR) of a reverse "
+                   "proxy whose X-Forwarded-For is believed (repeatable; default: none)")
+    p.add_argument("--rate-limit-requests", type=int, default=0, help="requests per minute per client (API key, "
+                   "else address); 0 = off (%(default)s)")
+    p.add_argument("--rate-limit-tokens", type=int, default=0, help="generated tokens per minute per client; "
+                   "0 = off (%(default)s)")
     p.add_argument("--log-level", default="info", help="uvicorn's (default %(default)s; 'warning' hides each request)")
     return p.parse_args(argv)
 
@@ -689,8 +655,19 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
+    keys = list(args.api_key)
+    try:
+        keys += read_key_file(args.api_key_file) if args.api_key_file else []
+        access = Access(keys, [p for arg in args.trusted_proxy for p in arg.split(",")], args.rate_limit_requests,
+                        args.rate_limit_tokens)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.api_key_file and not keys:
+        raise SystemExit(f"error: --api-key-file {args.api_key_file} holds no key")
+    if min(args.rate_limit_requests, args.rate_limit_tokens) < 0:
+        raise SystemExit("error: rate limits must be 0 (off) or positive")
     session = chat.load_session(args.checkpoint, args.device, sampling)
-    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache)
+    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"
     print(f"nanoschnack: {session.checkpoint} (step {session.step}, {mode}), device {session.device}, "
           f"context {session.context_len} tokens; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ def make_checkpoint(folder: Path, preset: str, sequence_len: int) -> Path:
     import dataclasses
     import torch
     import gpt
-    import train
+    import common
     from tok import Tokenizer
     lines = [l for l in (ROOT / "tests/fixtures/german.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
     tok = Tokenizer.train(lines * 3, vocab_size=512, show_progress=False)
@@ -47,7 +47,7 @@ def make_checkpoint(folder: Path, preset: str, sequence_len: int) -> Path:
             p.normal_(0, 0.1)
     state = dict(model=model.state_dict(), model_config=dataclasses.asdict(config), tokenizer_json=tok.to_json(),
                  kind="base", step=1, tokens=0)
-    return train.save_checkpoint(folder, 1, state, keep_last=1)
+    return common.save_checkpoint(folder, 1, state, keep_last=1)
 
 
 def free_port() -> int:

@@ -517,10 +517,10 @@ READ_TIMEOUT = 1.0  # the live server's --header-timeout and --body-timeout
 
 
 class LiveServer:
-    def __init__(self, checkpoint):
+    def __init__(self, checkpoint, access=None):
         session = chat.load_session(str(checkpoint), "cpu", sampling=chat.Sampling())
         self.limits = serve.Limits(max_tokens=LONG, max_queue=3)
-        self.app = serve.create_app(session, self.limits)
+        self.app = serve.create_app(session, self.limits, access=access)
         self.engine = self.app.state.engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
