@@ -21,8 +21,8 @@ times with prompts of different lengths. So here:
   fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
 - prefill(): one row alone, through gpt.GPT.forward with a gpt.KVCache that is a view
   of that row, so a prompt is computed exactly as chat.ChatSession computes it.
-- decode(): one new token for each of several rows in one forward, through the same
-  gpt.GPT.forward: BatchCache.select(rows) is a cache whose rows each have their own
+- decode(): one new token for each of rows 0..n-1 in one forward, through the same
+  gpt.GPT.forward: BatchCache.first(n) is a cache whose rows each have their own
   position (rotary angle), write their key and value at their own length, and attend
   to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
   the three things GPT.forward asks of a cache.
@@ -61,7 +61,10 @@ class QueueFull(Exception):
 # The batch cache: many sequences, each at its own position, on one model
 
 class BatchCache:
-    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length."""
+    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length.
+
+    The sequences decoded together are always rows 0..n-1 (BatchEngine keeps them there with
+    swap()), so a decode step reads the cache through slices, never copies it by index."""
 
     def __init__(self, model, rows: int, max_len: int):
         c = model.config
@@ -81,39 +84,57 @@ class BatchCache:
         view.pos = self.lengths[row]
         return view
 
-    def select(self, rows: list[int]) -> "Rows":
-        return Rows(self, rows)
+    def swap(self, i: int, j: int) -> None:
+        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
+        n = max(self.lengths[i], self.lengths[j])
+        if i != j and n:
+            for t in (self.k, self.v):
+                row_i = t[:, i, :, :n].clone()
+                t[:, i, :, :n] = t[:, j, :, :n]
+                t[:, j, :, :n] = row_i
+        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
+
+    def first(self, n: int) -> "Rows":
+        return Rows(self, n)
 
 
 class Rows:
-    """Some rows of a BatchCache, each at its own position, as the cache of one GPT.forward."""
+    """Rows 0..n-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
 
-    def __init__(self, cache: BatchCache, rows: list[int]):
-        self.cache, self.rows = cache, rows
-        self.index = torch.tensor(rows, device=cache.k.device)
-        self.lengths = torch.tensor([cache.lengths[r] for r in rows], device=cache.k.device)
+    def __init__(self, cache: BatchCache, n: int):
+        self.cache, self.n = cache, n
+        device = cache.k.device
+        self.index = torch.arange(n, device=device)
+        self.lengths = torch.tensor(cache.lengths[:n], device=device)
+        self.longest = max(cache.lengths[:n])
+        self.mask = None  # the same for every layer: made by the first
 
     def positions(self, T: int, device=None) -> torch.Tensor:
-        """(len(rows), T): row i's new tokens follow its own cached ones."""
+        """(n, T): row i's new tokens follow its own cached ones."""
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write each row's new k, v (B, H_kv, T, D) at its own positions; return the rows' keys and values
-        up to the longest row, and a mask (B, 1, T, Tk) that hides other rows' lengths and the future."""
-        positions = self.positions(k.shape[2])
-        end = int(positions.max()) + 1
+        """Write each row's new k, v (n, H_kv, T, D) at its own positions; return the rows' keys and values
+        up to the longest row (slices: no copy), and a mask (n, 1, T, Tk) that hides other rows' lengths
+        and the future."""
+        T = k.shape[2]
+        end = self.longest + T
         if end > self.cache.max_len:
             raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
-        ck, cv = self.cache.k[layer], self.cache.v[layer]
-        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, H_kv, D) into place
+        positions = self.positions(T)
+        ck, cv = self.cache.k[layer, :self.n], self.cache.v[layer, :self.n]
+        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
         cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
-        mask = torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None]  # key j <= query's position
-        return ck[self.index, :, :end], cv[self.index, :, :end], mask[:, None]
+        if self.mask is None:  # key j is visible to a query at position p when j <= p
+            self.mask = (torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None])[:, None]
+        return ck[:, :, :end], cv[:, :, :end], self.mask
 
     def advance(self, T: int) -> None:
-        for r in self.rows:
+        for r in range(self.n):
             self.cache.lengths[r] += T
         self.lengths += T
+        self.longest += T
+        self.mask = None
 
 
 @torch.inference_mode()
@@ -129,11 +150,11 @@ def prefill(model, cache: BatchCache, row: int, keep: int, ids: list[int]) -> to
 
 
 @torch.inference_mode()
-def decode(model, cache: BatchCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
-    """Feed tokens[i] to row rows[i], all in one forward; the next logits, (len(rows), vocab)."""
+def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
+    """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
     x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
     with autocast(x.device):
-        logits = model(x, kv_cache=cache.select(rows))[:, -1]
+        logits = model(x, kv_cache=cache.first(len(tokens)))[:, -1]
     return logits.float()
 
 
@@ -337,35 +358,45 @@ class Row:
         self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
         self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
         self.logits = self.rng = self.decoder = None
-        self.step = self.budget = 0
+        self.step = self.budget = self.next = 0
 
 
 class BatchEngine(Queue):
     """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
 
     One worker thread loops over steps. A step first admits at most one waiting job: it
-    takes a free row and prefills its prompt there alone (prefill), so a long
-    prompt delays the others by one prefill, never more. Then every running row samples
-    its next token with its own settings and generator, and all rows that go on are fed
-    in one batched forward (decode). A row leaves when its answer stops, reaches
-    its limit, is cancelled (client gone) or times out; the next newcomer takes it.
+    takes a free row and prefills its prompt there alone (prefill), so a long prompt
+    delays the others by one prefill, never more. Then the running rows sample their next
+    tokens, rows with the same settings in one call (a seeded request alone, with its own
+    generator), and all rows that go on are fed in one batched forward (decode). A row
+    leaves when its answer stops, reaches its limit, is cancelled (client gone) or times
+    out; the next newcomer takes it. The running rows are always the first `n` rows of
+    self.rows and of the cache (a leaving row swaps places with the last running one), so
+    decode reads the cache through slices instead of gathering rows by index.
 
     Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
     cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
     its prompt and only computes the rest, so each of up to N conversations keeps its
-    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it."""
+    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it.
+
+    Errors: a prefill that fails (e.g. out of memory on a long prompt) fails that request
+    only; a failing decode step fails the answers running in it, and the engine goes on."""
 
     def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
         super().__init__(max_queue)
         self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
         self.cache = BatchCache(model, max_batch, context_len)
         self.rows = [Row() for _ in range(max_batch)]
+        self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
+        self.admitting = None  # the job being prefilled (running, though not yet in a row)
+        self.rng = torch.Generator(device=self.cache.k.device)  # for requests without a seed
+        self.rng.seed()
         self.steps = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
 
     @property
     def running(self) -> int:
-        return sum(r.job is not None for r in self.rows)
+        return self.n + (self.admitting is not None)
 
     @property
     def busy(self) -> bool:
@@ -376,66 +407,107 @@ class BatchEngine(Queue):
             with self.cond:
                 while not self.waiting and not self.busy:
                     self.cond.wait()
-                free = [r for r in self.rows if r.job is None]
-                newcomer = self.waiting.popleft() if self.waiting and free else None
+                if self.waiting and self.n < len(self.rows):
+                    self.admitting = self.waiting.popleft()
             try:
-                if newcomer is not None:
-                    self._admit(newcomer, free)
+                if self.admitting is not None:
+                    self._admit(self.admitting)
                 self._step()
             except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
-                log(f"generation failed: {type(e).__name__}: {e}")
-                for row in self.rows:
-                    if row.job is not None:
-                        self.counts["errors"] += 1
-                        row.job.emit("error", e)
-                        row.job, row.ids, row.owner = None, [], None
-                        self.cache.lengths[self.rows.index(row)] = 0
+                self._fail(self.rows[:self.n], e)
 
-    def _admit(self, job: Job, free: list[Row]) -> None:
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
-            return
-        prompt = job.prompt
-        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
-        if mine:  # this client's longest cached prefix
-            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
-            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
-        else:  # the least recently used free row; whatever it held is overwritten
-            row, keep = min(free, key=lambda r: r.used), 0
-        self.steps += 1
-        row.used, row.owner, row.job = self.steps, job.cache_key, job
-        index = self.rows.index(row)
-        row.ids = []  # until the prefill has completed
-        row.logits = prefill(self.model, self.cache, index, keep, prompt[keep:])
-        row.ids = list(prompt)
-        job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
-        row.rng = torch.Generator(device=self.cache.k.device)
-        if job.seed is None:
-            row.rng.seed()
-        else:
-            row.rng.manual_seed(job.seed)
-        row.decoder = self.tokenizer.stream_decoder()
-        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
+    def _fail(self, rows: list[Row], e: Exception) -> None:
+        log(f"generation failed: {type(e).__name__}: {e}")
+        with self.cond:
+            for row in rows:
+                self.counts["errors"] += 1
+                row.job.emit("error", e)
+                row.job, row.ids, row.owner = None, [], None
+                self.cache.lengths[self.rows.index(row)] = 0
+                self._swap(self.rows.index(row), self.n - 1)
+                self.n -= 1
+
+    def _swap(self, i: int, j: int) -> None:
+        if i != j:
+            self.cache.swap(i, j)
+            self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
+
+    def _admit(self, job: Job) -> None:
+        try:
+            if job.cancelled.is_set():
+                self.counts["cancelled"] += 1
+                return
+            if time.monotonic() > job.deadline:
+                self.counts["timeouts"] += 1
+                job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+                return
+            prompt, free = job.prompt, self.rows[self.n:]
+            mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
+            if mine:  # this client's longest cached prefix
+                row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
+                keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+            else:  # the least recently used free row; whatever it held is overwritten
+                row, keep = min(free, key=lambda r: r.used), 0
+            self.steps += 1
+            self._swap(self.rows.index(row), self.n)  # the next running row
+            row.used, row.owner, row.ids = self.steps, job.cache_key, []  # ids: none until the prefill is done
+            try:
+                row.logits = prefill(self.model, self.cache, self.n, keep, prompt[keep:])
+            except Exception as e:  # this prompt failed (e.g. out of memory): fail it alone
+                log(f"prefill failed: {type(e).__name__}: {e}")
+                self.counts["errors"] += 1
+                self.cache.lengths[self.n], row.owner = 0, None
+                job.emit("error", e)
+                return
+            row.ids = list(prompt)
+            job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
+            if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
+                row.rng = torch.Generator(device=self.cache.k.device)
+                row.rng.manual_seed(job.seed)
+            row.decoder = self.tokenizer.stream_decoder()
+            row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
+            with self.cond:
+                row.job = job
+                self.n += 1
+        finally:
+            self.admitting = None
+
+    def _sample(self, rows: list[Row]) -> list[int | None]:
+        """The next token of each row (None for a cancelled one): one gpt.sample_next_token call
+        for all greedy rows, one per group of unseeded rows with the same settings, one per seeded row."""
+        groups = {}
+        for i, row in enumerate(rows):
+            job = row.job
+            if job.cancelled.is_set():
+                continue
+            s = job.sampling
+            key = ("greedy",) if s.temperature == 0 else ("seeded", i) if job.seed is not None else \
+                (s.temperature, s.top_k, s.top_p)
+            groups.setdefault(key, []).append(i)
+        tokens = [None] * len(rows)
+        for key, members in groups.items():
+            first = rows[members[0]]
+            s = first.job.sampling
+            logits = first.logits if len(members) == 1 else torch.cat([rows[i].logits for i in members])
+            rng = first.rng if key[0] == "seeded" else self.rng
+            ids = gpt.sample_next_token(logits, s.temperature, s.top_k or None, s.top_p, rng).view(-1).tolist()
+            for i, token in zip(members, ids):
+                tokens[i] = token
+        return tokens
 
     def _step(self) -> None:
-        feed = []
-        for row in self.rows:
+        rows = self.rows[:self.n]
+        leaving = []  # (row, finish_reason, timed_out)
+        for row, token in zip(rows, self._sample(rows)):
             job = row.job
-            if job is None:
+            if token is None:
+                leaving.append((row, "interrupted", False))
                 continue
-            if job.cancelled.is_set():
-                self._leave(row, "interrupted")
-                continue
-            s, reply = job.sampling, job.reply
-            token = gpt.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
+            reply = job.reply
             if reply.ttft is None:
                 reply.ttft = time.monotonic() - job.submitted
             if token in job.stop_ids:
-                self._leave(row, "stop")  # not fed: a next turn's prompt brings it
+                leaving.append((row, "stop", False))  # not fed: a next turn's prompt brings it
                 continue
             reply.ids.append(token)
             row.step += 1
@@ -445,23 +517,25 @@ class BatchEngine(Queue):
                 if self.on_piece is not None:
                     self.on_piece(job)
                 if job.cancelled.is_set():
-                    self._leave(row, "interrupted")
+                    leaving.append((row, "interrupted", False))
                     continue
                 if time.monotonic() > job.deadline:
-                    self._leave(row, "interrupted", timed_out=True)
+                    leaving.append((row, "interrupted", True))
                     continue
                 reply.text += piece
                 job.emit("piece", piece)
             if row.step >= row.budget:
-                self._leave(row, "length")
+                leaving.append((row, "length", False))
             else:
-                feed.append((row, token))
-        if feed:
-            rows = [self.rows.index(row) for row, _ in feed]
-            logits = decode(self.model, self.cache, rows, [t for _, t in feed])
-            for i, (row, token) in enumerate(feed):
+                row.next = token
+        for row, finish_reason, timed_out in leaving:
+            self._leave(row, finish_reason, timed_out)
+        if self.n:
+            feed = self.rows[:self.n]  # every running row that did not leave, and only those
+            logits = decode(self.model, self.cache, [row.next for row in feed])
+            for i, row in enumerate(feed):
                 row.logits = logits[i:i + 1]
-                row.ids.append(token)
+                row.ids.append(row.next)
 
     def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
         job, reply = row.job, row.job.reply
@@ -475,6 +549,8 @@ class BatchEngine(Queue):
             row.job = None
             if job.cache_key is None:
                 row.owner = None  # reusable by nobody
+            self._swap(self.rows.index(row), self.n - 1)  # the running rows stay 0..n-1
+            self.n -= 1
         self.finish(job, reply, timed_out)
 
 
