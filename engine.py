@@ -506,6 +506,9 @@ class BatchEngine(Queue):
             reply = job.reply
             if reply.ttft is None:
                 reply.ttft = time.monotonic() - job.submitted
+            if time.monotonic() > job.deadline:  # every token, not only those that complete a piece of text
+                leaving.append((row, "interrupted", True))
+                continue
             if token in job.stop_ids:
                 leaving.append((row, "stop", False))  # not fed: a next turn's prompt brings it
                 continue

@@ -517,7 +517,8 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
         if chat_mode:
             messages = read_messages(data, limits, system)
-            kept, ids = check_fits(session, messages, sampling)
+            # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
+            kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
             work = lambda s: s.stream(messages, sampling)
             stop_ids, dropped = session.chat_stop_ids, len(messages) - len(kept)
         else:
@@ -525,7 +526,7 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             work = lambda s: s.complete(prompt, sampling)
             # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
             room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
-            text_ids = session.tokenizer.encode(prompt)
+            text_ids = await asyncio.to_thread(session.tokenizer.encode, prompt)
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
             stop_ids, dropped = session.base_stop_ids, 0
         job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
