@@ -39,6 +39,11 @@ Hardening (issue 20), each with a test in tests/test_serve.py:
   another site cannot make a visitor's browser run generations with a "simple"
   form POST; Host must be one of --allowed-hosts (DNS rebinding); no redirects.
 - Every malformed request is a 4xx in OpenAI's shape, never a 500.
+
+Access control (issue 18; access.py): --api-key / --api-key-file require a Bearer key on
+/v1/*, the page chats through a signed session cookie instead, a key's requests only reuse
+its own cache, and --rate-limit-requests / --rate-limit-tokens bound each client (per key,
+else per address; X-Forwarded-For only from --trusted-proxy). deploy/ puts it behind nginx.
 """
 import argparse
 import asyncio
