@@ -112,7 +112,7 @@ class KVCache:
     next chat turn), decode one at a time, and `truncate(n)` / `reset()` to roll back.
 
     GPT.forward asks a cache three things: positions(T) of the new tokens,
-    insert(layer, k, v) -> (keys, values, mask), and advance(T). batch.py's cache
+    insert(layer, k, v) -> (keys, values, mask), and advance(T). engine.py's cache
     answers them with a position per row, for a server's requests that arrived at
     different times; the model code is the same for both.
     """

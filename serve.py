@@ -12,16 +12,11 @@ Endpoints:
     GET  /v1/models            the one model served
     GET  /health               liveness, queue length and counters
 
-How requests share the model. A model and its KV cache serve one generation at
-a time, so one worker thread owns them (chat.py's ChatSession) and takes jobs
-from a FIFO queue; the event loop only parses requests and forwards text pieces.
-Each job gets its own asyncio queue, which the worker fills through
-`loop.call_soon_threadsafe`: pieces of two answers can never mix, and a slow
-generation never blocks other requests from being answered with 4xx, /health
-or the page. A job whose client goes away is marked cancelled: the worker stops
-it before the next token (or skips it while it still waits) and moves on. One
-process serves one model on one device; for several GPUs run one server per GPU
-(--device cuda:N --port ...) behind a load balancer.
+How requests share the model: engine.py (a queue of jobs, one worker thread that owns
+the model; one answer at a time with --max-batch 1, else continuous batching). This file is
+the HTTP side: it reads and checks requests, submits engine.Jobs, and writes their pieces
+as OpenAI's responses. One process serves one model on one device; for several GPUs run
+one server per GPU (--device cuda:N --port ...) behind a load balancer.
 
 The session's KV cache is kept between requests, so the next turn of the same
 conversation (the page sends the whole history each time) only prefills the new
@@ -44,17 +39,20 @@ Hardening (issue 20), each with a test in tests/test_serve.py:
   another site cannot make a visitor's browser run generations with a "simple"
   form POST; Host must be one of --allowed-hosts (DNS rebinding); no redirects.
 - Every malformed request is a 4xx in OpenAI's shape, never a 500.
+
+Access control (issue 18; access.py): --api-key / --api-key-file require a Bearer key on
+/v1/*, the page chats through a signed session cookie instead, a key's requests only reuse
+its own cache, and --rate-limit-requests / --rate-limit-tokens bound each client (per key,
+else per address; X-Forwarded-For only from --trusted-proxy). deploy/ puts it behind nginx.
 """
 import argparse
 import asyncio
-import collections
 import base64
 import hashlib
 import json
 import math
 import re
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -66,15 +64,13 @@ try:
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
-import torch
-
-import batch
 import chat
-import gpt
+from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited, default_allowed_hosts, host_name,
+                    read_key_file, timed_protocol)
+from engine import BatchEngine, Engine, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -82,12 +78,6 @@ TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 PING_SECONDS = 2.0  # while a streamed request waits, send an SSE comment this often
 DISCONNECT_CHECK_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-def log(text: str) -> None:
-    """One line on stderr: what went wrong, never a traceback, for things clients cause."""
-    print(f"serve: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -111,371 +101,15 @@ class Limits:
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int = 1):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # for a 429: seconds to wait
 
     def body(self) -> dict:
         kind = {429: "rate_limit_error"}.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# -----------------------------------------------------------------------------
-# The model worker: one thread, one generation at a time, jobs in FIFO order
-
-class RequestTimeout(Exception):
-    """A request outlived --request-timeout (waiting and generating together)."""
-
-
-def completion_tokens(reply: chat.Reply) -> int:
-    """The one rule for counting generated tokens, in usage and in /health: every sampled
-    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
-    return len(reply.ids) + (reply.finish_reason == "stop")
-
-
-class Job:
-    """One request's generation. The worker reports to the event loop through `events`:
-    ("piece", text)..., then ("done", chat.Reply) or ("error", exception).
-
-    cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
-    time.monotonic() after which the worker drops the job with RequestTimeout."""
-
-    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
-                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
-        self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
-        self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
-        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
-        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
-        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
-        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-
-    def emit(self, kind: str, value=None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled.set()
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, bounds: tuple):
-        self.bounds, self.buckets, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.buckets[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.buckets)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-
-
-class Metrics:
-    """What GET /metrics reports besides the engine's counters."""
-
-    def __init__(self):
-        self.status = collections.Counter()  # HTTP responses by status code
-        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
-        self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
-
-    def finished(self, job: Job, reply: chat.Reply) -> None:
-        if job.first_piece is None:
-            return
-        self.ttft.observe(job.first_piece - job.submitted)
-        seconds = time.monotonic() - job.first_piece
-        if len(reply.ids) > 1 and seconds > 0:
-            self.rate.observe((len(reply.ids) - 1) / seconds)
-
-
-class Queue:
-    """The waiting line in front of a model, and the counters; shared by both engines."""
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.cond = threading.Condition()
-        self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0,
-                                          completion_tokens=0)
-        self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
-        self.metrics = Metrics()
-
-    @property
-    def running(self) -> int:
-        return int(self.busy)
-
-    def submit(self, job: Job) -> None:
-        with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                self.counts["rejected"] += 1
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting already "
-                                    f"(--max-queue {self.max_queue}); try again in a moment", code="queue_full")
-            self.waiting.append(job)
-            self.counts["requests"] += 1
-            self.cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job from the queue, or stop it before its next token."""
-        job.cancelled.set()
-        with self.cond:
-            if job in self.waiting:
-                self.waiting.remove(job)
-                self.counts["cancelled"] += 1
-
-    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
-        """Count a job that generated (completely or not) and tell its client."""
-        self.counts["completion_tokens"] += completion_tokens(reply)
-        self.metrics.finished(job, reply)
-        if timed_out:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
-            return
-        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
-        job.emit("done", reply)
-
-
-class Engine(Queue):
-    """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
-    ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
-
-    def __init__(self, session: chat.ChatSession, max_queue: int):
-        super().__init__(max_queue)
-        self.session = session
-        self.busy = False
-        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.waiting:
-                    self.cond.wait()
-                job = self.waiting.popleft()
-                self.busy = True
-            try:
-                self._run(job)
-            finally:
-                self.busy = False
-
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # the client left while the job was being taken from the queue
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
-            return
-        s = self.session
-        if job.cache_key is None or job.cache_key != self.cache_owner:
-            # Another client's tokens must not make this prompt faster: that would let it
-            # time guesses of their prompt. Reuse stays within one cache_key.
-            s.clear_cache()
-        self.cache_owner = job.cache_key
-        if job.seed is None:
-            s.rng.seed()  # fresh randomness per request
-        else:
-            s.rng.manual_seed(job.seed)  # OpenAI's `seed`: the same request gives the same answer
-        stream = None
-        timed_out = False
-        try:
-            stream = job.generate(s)
-            for piece in stream:
-                job.reply = s.last
-                job.first_piece = job.first_piece or time.monotonic()
-                if self.on_piece is not None:
-                    self.on_piece(job)
-                if job.cancelled.is_set():
-                    break
-                if time.monotonic() > job.deadline:
-                    timed_out = True
-                    break
-                job.emit("piece", piece)
-        except Exception as e:  # a bug or e.g. CUDA out of memory: fail this request, keep serving
-            self.counts["errors"] += 1
-            log(f"generation failed: {type(e).__name__}: {e}")
-            job.emit("error", e)
-            return
-        finally:
-            if stream is not None:
-                stream.close()  # an unfinished answer ends here; the KV cache stays consistent
-        self.finish(job, s.last, timed_out)
-
-
-
-class Row:
-    """One slot of the batch: the job it serves (None: free) and the tokens its KV cache row holds."""
-
-    def __init__(self):
-        self.job: Job | None = None
-        self.ids: list[int] = []  # exactly the tokens cached in this row
-        self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
-        self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
-        self.logits = self.rng = self.decoder = None
-        self.step = self.budget = 0
-
-
-class BatchEngine(Queue):
-    """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
-
-    One worker thread loops over steps. A step first admits at most one waiting job: it
-    takes a free row and prefills its prompt there alone (batch.prefill), so a long
-    prompt delays the others by one prefill, never more. Then every running row samples
-    its next token with its own settings and generator, and all rows that go on are fed
-    in one batched forward (batch.decode). A row leaves when its answer stops, reaches
-    its limit, is cancelled (client gone) or times out; the next newcomer takes it.
-
-    Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
-    cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
-    its prompt and only computes the rest, so each of up to N conversations keeps its
-    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it."""
-
-    def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
-        super().__init__(max_queue)
-        self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
-        self.cache = batch.BatchCache(model, max_batch, context_len)
-        self.rows = [Row() for _ in range(max_batch)]
-        self.steps = 0
-        threading.Thread(target=self._work, name="generation", daemon=True).start()
-
-    @property
-    def running(self) -> int:
-        return sum(r.job is not None for r in self.rows)
-
-    @property
-    def busy(self) -> bool:
-        return self.running > 0
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.waiting and not self.busy:
-                    self.cond.wait()
-                free = [r for r in self.rows if r.job is None]
-                newcomer = self.waiting.popleft() if self.waiting and free else None
-            try:
-                if newcomer is not None:
-                    self._admit(newcomer, free)
-                self._step()
-            except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
-                log(f"generation failed: {type(e).__name__}: {e}")
-                for row in self.rows:
-                    if row.job is not None:
-                        self.counts["errors"] += 1
-                        row.job.emit("error", e)
-                        row.job, row.ids, row.owner = None, [], None
-                        self.cache.lengths[self.rows.index(row)] = 0
-
-    def _admit(self, job: Job, free: list[Row]) -> None:
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
-            return
-        prompt = job.prompt
-        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
-        if mine:  # this client's longest cached prefix
-            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
-            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
-        else:  # the least recently used free row; whatever it held is overwritten
-            row, keep = min(free, key=lambda r: r.used), 0
-        self.steps += 1
-        row.used, row.owner, row.job = self.steps, job.cache_key, job
-        index = self.rows.index(row)
-        row.ids = []  # until the prefill has completed
-        row.logits = batch.prefill(self.model, self.cache, index, keep, prompt[keep:])
-        row.ids = list(prompt)
-        job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
-        row.rng = torch.Generator(device=self.cache.k.device)
-        if job.seed is None:
-            row.rng.seed()
-        else:
-            row.rng.manual_seed(job.seed)
-        row.decoder = self.tokenizer.stream_decoder()
-        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
-
-    def _step(self) -> None:
-        feed = []
-        for row in self.rows:
-            job = row.job
-            if job is None:
-                continue
-            if job.cancelled.is_set():
-                self._leave(row, "interrupted")
-                continue
-            s, reply = job.sampling, job.reply
-            token = gpt.sample_next_token(row.logits, s.temperature, s.top_k or None, s.top_p, row.rng).item()
-            if reply.ttft is None:
-                reply.ttft = time.monotonic() - job.submitted
-            if token in job.stop_ids:
-                self._leave(row, "stop")  # not fed: a next turn's prompt brings it
-                continue
-            reply.ids.append(token)
-            row.step += 1
-            piece = row.decoder.push(token)
-            if piece:
-                job.first_piece = job.first_piece or time.monotonic()
-                if self.on_piece is not None:
-                    self.on_piece(job)
-                if job.cancelled.is_set():
-                    self._leave(row, "interrupted")
-                    continue
-                if time.monotonic() > job.deadline:
-                    self._leave(row, "interrupted", timed_out=True)
-                    continue
-                reply.text += piece
-                job.emit("piece", piece)
-            if row.step >= row.budget:
-                self._leave(row, "length")
-            else:
-                feed.append((row, token))
-        if feed:
-            rows = [self.rows.index(row) for row, _ in feed]
-            logits = batch.decode(self.model, self.cache, rows, [t for _, t in feed])
-            for i, (row, token) in enumerate(feed):
-                row.logits = logits[i:i + 1]
-                row.ids.append(token)
-
-    def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
-        job, reply = row.job, row.job.reply
-        if finish_reason in ("stop", "length"):
-            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
-            if tail:
-                reply.text += tail
-                job.emit("piece", tail)
-        reply.finish_reason = finish_reason
-        with self.cond:
-            row.job = None
-            if job.cache_key is None:
-                row.owner = None  # reusable by nobody
-        self.finish(job, reply, timed_out)
-
-
-async def job_events(job: Job, idle_seconds: float):
-    """The job's events as they come; ("idle", None) after idle_seconds without one."""
-    getter = None
-    try:
-        while True:
-            getter = getter or asyncio.ensure_future(job.events.get())
-            done, _ = await asyncio.wait({getter}, timeout=idle_seconds)
-            if not done:
-                yield "idle", None
-                continue
-            kind, value = getter.result()
-            getter = None
-            yield kind, value
-            if kind in ("done", "error"):
-                return
-    finally:
-        if getter is not None:
-            getter.cancel()
 
 
 # -----------------------------------------------------------------------------
@@ -774,101 +408,39 @@ async def whole_answer(engine: Engine, job: Job, answer: Answer, request: Reques
 
 
 # -----------------------------------------------------------------------------
-# In front of the app: read timeouts, Host check, headers
-
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus read timeouts: header_timeout seconds for the request line
-    and headers (from the connection's start, or from the first byte of a next request on a
-    kept-alive connection), then body_timeout seconds for the body. A connection that sends
-    nothing, half its headers or less body than it announced is closed then, instead of
-    holding a socket and a coroutine for as long as it likes. (Between requests uvicorn's
-    own keep-alive timeout applies.) Subclass it with the values: timed_protocol()."""
-
-    header_timeout = body_timeout = 10.0
-    read_timer = reading = None  # the pending timeout and what it is for: "headers", "body" or None
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._expect("headers")
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._track(got_bytes=True)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._track(got_bytes=False)
-
-    def _track(self, got_bytes: bool) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            self._expect("body" if cycle.more_body else None)  # None: the app is answering
-        elif got_bytes or self.conn.trailing_data[0]:
-            self._expect("headers")  # part of a next request has come
-        else:
-            self._expect(None)  # idle between requests: uvicorn's keep-alive timeout applies
-
-    def connection_lost(self, exc):
-        self._expect(None)
-        super().connection_lost(exc)
-
-    def _expect(self, what: str | None) -> None:
-        if what == self.reading:
-            return  # the deadline counts from when the wait began, not from the latest bytes
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-        self.reading, self.read_timer = what, None
-        if what is not None:
-            seconds = self.header_timeout if what == "headers" else self.body_timeout
-            self.read_timer = self.loop.call_later(seconds, self._timed_out)
-
-    def _timed_out(self) -> None:
-        if not self.transport.is_closing():
-            client = "%s:%d" % self.client if self.client else "?"
-            log(f"closed the connection of {client}: its request {self.reading} did not arrive within "
-                f"{self.header_timeout if self.reading == 'headers' else self.body_timeout:g} s")
-            self.transport.close()
-        self.read_timer = self.reading = None
-
-
-def timed_protocol(header_timeout: float, body_timeout: float) -> type:
-    return type("TimedH11Protocol", (TimedH11Protocol,), dict(header_timeout=header_timeout,
-                                                             body_timeout=body_timeout))
-
-
-def host_name(host: str) -> str:
-    """A Host header's name without the port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]"."""
-    host = host.strip().lower()
-    return host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.partition(":")[0]
-
-
-def default_allowed_hosts(bind: str) -> list[str]:
-    """What --host implies: loopback names for a loopback address, that address for a specific
-    one, and any name ("*") for 0.0.0.0 or ::, where the server cannot know the names it has."""
-    if bind in ("0.0.0.0", "::", ""):
-        return ["*"]
-    if bind in ("127.0.0.1", "localhost", "::1"):
-        return list(LOOPBACK_HOSTS)
-    return [f"[{bind}]" if ":" in bind else bind]
-
+# In front of the app: the Host check, API keys, headers (read timeouts: access.py)
 
 class Guard:
     """ASGI middleware: refuses Host names not in allowed_hosts (a page on attacker.example
     that rebinds its DNS name to this server's address still sends Host: attacker.example),
-    and gives every response X-Content-Type-Options: nosniff."""
+    says who a /v1/* request is (access.Access: 401 without a valid API key or page session
+    when keys are set; the Client goes to request.state.client), and gives every response
+    X-Content-Type-Options: nosniff."""
 
-    def __init__(self, app, allowed_hosts: list[str], metrics: "Metrics | None" = None):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, allowed_hosts: list[str], access: Access, metrics=None):
+        self.app, self.access, self.metrics = app, access, metrics
         self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
         if self.allowed is not None and host_name(host) not in self.allowed:
             e = APIError(400, f"this server does not answer for host {shown(host)} (--allowed-hosts)",
                          code="invalid_host")
             return await JSONResponse(e.body(), status_code=400)(scope, receive, send)
+        if scope["path"].startswith("/v1/"):
+            peer = scope["client"][0] if scope.get("client") else "?"
+            address = self.access.client_address(peer, headers.get(b"x-forwarded-for", b"").decode("latin-1"))
+            cookies = Request(scope).cookies
+            try:
+                scope.setdefault("state", {})["client"] = self.access.identify(
+                    address, headers.get(b"authorization", b"").decode("latin-1"), cookies.get(COOKIE))
+            except Denied as denied:
+                e = APIError(401, str(denied), code="invalid_api_key")
+                return await JSONResponse(e.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -896,9 +468,11 @@ def page_headers(html: str) -> dict:
 
 def create_app(session: chat.ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
                system: str | None = None, allowed_hosts: list[str] = LOOPBACK_HOSTS,
-               shared_cache: bool = False) -> FastAPI:
-    """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves."""
+               shared_cache: bool = False, access: Access | None = None) -> FastAPI:
+    """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves.
+    `access`: API keys, trusted proxies and rate limits (default: an open API, no limits)."""
     limits = limits or Limits()
+    access = access or Access()
     if limits.max_batch > 1:
         engine = BatchEngine(session.model, session.tokenizer, session.context_len, limits.max_batch, limits.max_queue)
     else:
@@ -906,15 +480,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
-    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), metrics=engine.metrics)
-    app.state.engine = engine
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), access=access, metrics=engine.metrics)
+    app.state.engine, app.state.access = engine, access
     created = int(Path(session.checkpoint).stat().st_mtime) if getattr(session, "checkpoint", None) else 0
     html = PAGE.read_text(encoding="utf-8")
     html_headers = page_headers(html)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = {"Retry-After": str(e.retry_after)} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
@@ -936,12 +510,20 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         if chat_mode and session.kind == "base":
             raise APIError(400, "this is a base model (pretrained only, no chat template): use POST /v1/completions "
                                 "to continue text, or fine-tune it with sft.py", code="base_model")
+        client: Client = request.state.client
+        try:
+            access.admit(client)
+        except RateLimited as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after)
         data = await read_json(request, limits.max_body_bytes)
         sampling, seed = read_sampling(data, defaults, limits)
         cache_key = read_cache_key(data, shared_cache)
+        if cache_key is not None and client.identity is not None:
+            cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
         if chat_mode:
             messages = read_messages(data, limits, system)
-            kept, ids = check_fits(session, messages, sampling)
+            # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
+            kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
             work = lambda s: s.stream(messages, sampling)
             stop_ids, dropped = session.chat_stop_ids, len(messages) - len(kept)
         else:
@@ -949,11 +531,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             work = lambda s: s.complete(prompt, sampling)
             # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
             room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
-            text_ids = session.tokenizer.encode(prompt)
+            text_ids = await asyncio.to_thread(session.tokenizer.encode, prompt)
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
             stop_ids, dropped = session.base_stop_ids, 0
         job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
-        engine.submit(job)
+        job.on_finish = lambda tokens: access.charge(client, tokens)
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full")
         answer = Answer(chat_mode, model_name)
         if not data.get("stream"):
             return await whole_answer(engine, job, answer, request)
@@ -1001,8 +587,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
-    async def page():
-        return Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
+    async def page(request: Request):
+        response = Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
+        if access.keys and access.session_of(request.cookies.get(COOKIE)) is None:
+            # the page's own requests need no key: a signed session cookie (access.py says why that is safe)
+            https = request.url.scheme == "https" or (request.client and access.is_trusted(request.client.host) and
+                                                      request.headers.get("x-forwarded-proto") == "https")
+            response.set_cookie(COOKIE, access.new_session(), path="/", httponly=True, samesite="strict",
+                                secure=bool(https))
+        return response
 
     return app
 
@@ -1041,6 +634,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (%(default)s)")
     p.add_argument("--request-timeout", type=float, default=L.request_seconds,
                    help="seconds a request may take in all, waiting for the model included (%(default)s)")
+    p.add_argument("--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(repeat for several keys; the page and /health stay open); visible in `ps`, so prefer:")
+    p.add_argument("--api-key-file", help="file with one API key per line (# comments)")
+    p.add_argument("--trusted-proxy", action="append", default=[], help="address or network (CIDR) of a reverse "
+                   "proxy whose X-Forwarded-For is believed (repeatable; default: none)")
+    p.add_argument("--rate-limit-requests", type=int, default=0, help="requests per minute per client (API key, "
+                   "else address); 0 = off (%(default)s)")
+    p.add_argument("--rate-limit-tokens", type=int, default=0, help="generated tokens per minute per client; "
+                   "0 = off (%(default)s)")
     p.add_argument("--log-level", default="info", help="uvicorn's (default %(default)s; 'warning' hides each request)")
     return p.parse_args(argv)
 
@@ -1059,8 +661,19 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
+    keys = list(args.api_key)
+    try:
+        keys += read_key_file(args.api_key_file) if args.api_key_file else []
+        access = Access(keys, [p for arg in args.trusted_proxy for p in arg.split(",")], args.rate_limit_requests,
+                        args.rate_limit_tokens)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.api_key_file and not keys:
+        raise SystemExit(f"error: --api-key-file {args.api_key_file} holds no key")
+    if min(args.rate_limit_requests, args.rate_limit_tokens) < 0:
+        raise SystemExit("error: rate limits must be 0 (off) or positive")
     session = chat.load_session(args.checkpoint, args.device, sampling)
-    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache)
+    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"
     print(f"nanoschnack: {session.checkpoint} (step {session.step}, {mode}), device {session.device}, "
           f"context {session.context_len} tokens; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)

@@ -80,6 +80,8 @@ class SFTConfig:
     init_lr_frac: float = 0.02       # ... times this, decaying linearly to 0 (nanochat's SFT recipe)
     eval_every: int = 100
     val_conversations: int = 256     # validation conversations (0: all of --val-data)
+    stop_rate_conversations: int = 50  # at the end: how many of these (the first validation ones) get a greedy
+                                       # answer to their first question that ends with <|assistant_end|>
     sample_every: int = 0            # 0: only at the end
     save_every: int = 200
     keep_last: int = 2
@@ -248,19 +250,30 @@ def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, 
     return float(nats / count.clamp(min=1))
 
 
+def greedy_answer(model, tokenizer, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """The greedy answer's tokens to a rendered prompt, and whether it ended with <|assistant_end|> in time."""
+    ids = []
+    for token in model.generate(prompt, min(max_new_tokens, model.config.sequence_len - len(prompt)), temperature=0.0):
+        if token in tokenizer.special.values():  # <|assistant_end|> (or any special token) ends the answer
+            return ids, token == tokenizer.special["<|assistant_end|>"]
+        ids.append(token)
+    return ids, False
+
+
 def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
     """Greedy answers to fixed German questions, to watch the model become a chat model."""
-    answers = []
-    for question in questions:
-        prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
-        room = min(max_new_tokens, model.config.sequence_len - len(prompt))
-        ids = []
-        for token in model.generate(prompt, room, temperature=0.0):
-            if token in tokenizer.special.values():  # <|assistant_end|> (or any special token) ends the answer
-                break
-            ids.append(token)
-        answers.append(tokenizer.decode(ids))
-    return answers
+    return [tokenizer.decode(greedy_answer(model, tokenizer, render_prompt(tokenizer, [{"role": "user", "content": q}]),
+                                           max_new_tokens)[0]) for q in questions]
+
+
+def stop_rate(model, tokenizer, conversations) -> tuple[int, int]:
+    """(answers that ended, questions asked): greedy answers to the first user turn of each held-out
+    conversation, with the whole rest of the context as the limit (as chat.py and serve.py allow).
+    A chat model that never emits <|assistant_end|> talks until the limit in every answer."""
+    start = tokenizer.special["<|assistant_start|>"]
+    ended = sum(greedy_answer(model, tokenizer, ids[:ids.index(start) + 1], model.config.sequence_len)[1]
+                for ids, _ in conversations)
+    return ended, len(conversations)
 
 
 def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_tokens, seconds, last, log):
@@ -272,6 +285,11 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
             ["steps", f"{steps:,} of {cfg.examples_per_step} conversations"], ["trained tokens", trained_tokens],
             ["wall time", f"{seconds / 60:.1f} min (this run)"], ["final train loss", last.get("loss")],
             ["final validation loss", last.get("val_loss")], ["data", f"`{cfg.data}`"]]
+    if "stop_rate" in last:
+        ended, asked = last["stop_rate"]
+        rows.insert(-1, ["answers that end", f"{ended} of {asked} ({ended / asked:.0%}): greedy answers to the first "
+                                             f"question of held-out conversations that end with <|assistant_end|> "
+                                             f"before the context is full"])
     path = report.report_path(cfg.out)
     report.update_report(path, "SFT", report.markdown_table(["", ""], rows))
     if "samples" in last:
@@ -412,6 +430,11 @@ def main(argv=None):
             raw_model.train()
             for question, answer in record["samples"].items():
                 log(f"  {question} -> {answer!r}")
+        if master and last and cfg.stop_rate_conversations and val:
+            raw_model.eval()
+            record["stop_rate"] = stop_rate(raw_model, tokenizer, val[:cfg.stop_rate_conversations])
+            raw_model.train()
+            log(f"answers that end with <|assistant_end|>: {record['stop_rate'][0]} of {record['stop_rate'][1]}")
         if master:
             common.append_log(log_file, record)
 

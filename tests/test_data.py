@@ -185,18 +185,23 @@ def test_packing_with_the_real_tokenizer(tmp_path):
     assert got == expected[:len(got)] and len(expected) - len(got) < 33
 
 
-@pytest.mark.parametrize("world_size, n_files, rows_per_group", [
-    (2, 2, None), (2, 3, None), (3, 2, None), (3, 3, None), (3, 1, 10), (2, 5, 4), (3, 4, None),
-])
-def test_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
-    docs = write_docs(tmp_path, n_files, 30, rows_per_group)
-    source = parse_spec(f"parquet://{tmp_path}/*.parquet")
+def rank_parts(source, world_size, docs) -> list[list[str]]:
+    """Each rank's documents of a source; asserts that the ranks are disjoint and together complete."""
     seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, world_size, quiet=True)))
             for r in range(world_size)]
     for r in range(world_size):
         for q in range(r):
             assert not set(seen[r]) & set(seen[q])
     assert sorted(sum(seen, [])) == sorted(docs)
+    return seen
+
+
+@pytest.mark.parametrize("world_size, n_files, rows_per_group", [
+    (2, 2, None), (2, 3, None), (3, 2, None), (3, 3, None), (3, 1, 10), (2, 5, 4), (3, 4, None),
+])
+def test_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
+    docs = write_docs(tmp_path, n_files, 30, rows_per_group)
+    rank_parts(parse_spec(f"parquet://{tmp_path}/*.parquet"), world_size, docs)
 
 
 def test_ranks_pack_disjoint_streams(tmp_path):
@@ -385,13 +390,7 @@ def ShuffledShardsReader(ds, seed, streams, batch_size=5):
 ])
 def test_shuffled_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files, rows_per_group):
     docs = write_docs(tmp_path, n_files, 30, rows_per_group)
-    source = parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")
-    seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, world_size, quiet=True)))
-            for r in range(world_size)]
-    for r in range(world_size):
-        for q in range(r):
-            assert not set(seen[r]) & set(seen[q])
-    assert sorted(sum(seen, [])) == sorted(docs)
+    seen = rank_parts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on"), world_size, docs)
     if n_files >= 2 * world_size and n_files % world_size == 0:  # by shard: each rank a spread of its shards
         for r in range(world_size):
             mine = [i for i in data.shard_order(n_files, data.DEFAULT_SEED) if i % world_size == r]

@@ -141,6 +141,9 @@ def test_loss_falls_and_samples_are_logged(setup):
     report = (setup / "report.md").read_text(encoding="utf-8")
     assert "## SFT" in report and "## Chat samples" in report and "**Wer bist du?**" in report
     assert f"{records[-1]['val_loss']:.4f}" in report
+    ended, asked = records[-1]["stop_rate"]  # the first questions of the 8 held-out conversations
+    assert asked == 8
+    assert f"| answers that end | {ended} of {asked}" in report
 
 
 def test_resume_is_bitwise_exact(setup):
@@ -217,3 +220,32 @@ def test_limit_counts_usable_conversations(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "v.jsonl", [bad, bad] + fixture_conversations(5))
     got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lambda *a: None, limit=3)
     assert got == [render_conversation(small_tokenizer, c["messages"]) for c in fixture_conversations(3)]
+
+
+def test_stop_rate_counts_answers_that_end_their_turn(tmp_path, small_tokenizer, monkeypatch):
+    """Scripted models: one that ends every answer after two tokens, one that never does, one that
+    ends only the answers to odd questions; the prompt is each conversation's first question."""
+    import gpt
+    model, tokenizer, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer))
+    conversations = [render_conversation(tokenizer, c["messages"]) for c in fixture_conversations(6)]
+    end = tokenizer.special["<|assistant_end|>"]
+    prompts = []
+
+    def script(ending):
+        def sample(logits, *args, **kwargs):
+            return torch.tensor([[end if ending(len(prompts)) else 7]])
+        return sample
+
+    def generate(self, prompt, *args, **kwargs):  # note each prompt, then sample as scripted
+        prompts.append(prompt)
+        yield from original(self, prompt, *args, **kwargs)
+    original = gpt.GPT.generate
+    monkeypatch.setattr(gpt.GPT, "generate", generate)
+    monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: True))
+    assert sft.stop_rate(model, tokenizer, conversations) == (6, 6)
+    start = tokenizer.special["<|assistant_start|>"]
+    assert all(p[-1] == start and p.count(start) == 1 for p in prompts)  # the first question only
+    monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: False))
+    assert sft.stop_rate(model, tokenizer, conversations) == (0, 6)
+    monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: n % 2 == 0))
+    assert sft.stop_rate(model, tokenizer, conversations) == (3, 6)

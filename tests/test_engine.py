@@ -1,11 +1,11 @@
-"""batch.py: rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
+"""engine.py's batch cache: rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
 the same greedy tokens, logits equal up to float rounding."""
 import random
 
 import pytest
 import torch
 
-import batch
+import engine
 import common
 from conftest import make_checkpoint
 
@@ -29,23 +29,27 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         return out, logits_seen
 
     expected = [alone(p) for p in prompts]
-    cache = batch.BatchCache(model, 8, 256)
-    rows = [7, 2, 5, 0, 3]  # any rows, joining one per step, leaving when done
-    out, seen, logits, active = [[] for _ in prompts], [[] for _ in prompts], {}, []
+    cache = engine.BatchCache(model, 8, 256)
+    # as BatchEngine keeps them: the running sequences in rows 0..n-1, joining one per step at
+    # row n, and a leaving one swapping places with the last (so its cache row moves)
+    slot, out, seen, logits, active = {}, [[] for _ in prompts], [[] for _ in prompts], {}, []
     for step in range(steps + len(prompts)):
         if step < len(prompts):
-            logits[step] = batch.prefill(model, cache, rows[step], 0, prompts[step])
+            slot[step] = len(active)
+            logits[step] = engine.prefill(model, cache, slot[step], 0, prompts[step])
             active.append(step)
-        feed = []
         for i in list(active):
             seen[i].append(logits[i])
             out[i].append(int(logits[i].argmax()))
             if len(out[i]) == steps:
+                last = max(active, key=lambda j: slot[j])
+                cache.swap(slot[i], slot[last])
+                slot[i], slot[last] = slot[last], slot[i]
                 active.remove(i)
-            else:
-                feed.append(i)
-        if feed:
-            new = batch.decode(model, cache, [rows[i] for i in feed], [out[i][-1] for i in feed])
+        if active:
+            feed = sorted(active, key=lambda i: slot[i])
+            assert [slot[i] for i in feed] == list(range(len(feed)))
+            new = engine.decode(model, cache, [out[i][-1] for i in feed])
             for j, i in enumerate(feed):
                 logits[i] = new[j:j + 1]
     for i, (tokens, logits_alone) in enumerate(expected):

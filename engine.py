@@ -1,0 +1,577 @@
+"""
+engine.py: the model side of serve.py. A queue of generation jobs in front of one model,
+and a worker thread that runs them: one at a time (Engine) or continuously batched
+(BatchEngine, on a BatchCache). serve.py is the HTTP side: it parses and checks requests,
+submits Jobs and turns their events into OpenAI's responses.
+
+How requests share the model. A model and its KV cache serve one generation at a time
+per row, so one worker thread owns them and takes jobs from a FIFO queue; the event loop
+only parses requests and forwards text pieces. Each job gets its own asyncio queue, which
+the worker fills through `loop.call_soon_threadsafe`: pieces of two answers can never mix,
+and a slow generation never blocks other requests from being answered. A job whose client
+goes away is marked cancelled: the worker stops it before the next token (or skips it
+while it still waits) and moves on.
+
+Continuous batching decodes many sequences at once on one model. gpt.py's KVCache holds B sequences that all sit at the same position, which is what
+training-style generation needs. A server's sequences do not: they arrive at different
+times with prompts of different lengths. So here:
+
+- BatchCache: keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len,
+  head_dim), and each row's own length. A row is a slot: a request takes a free one,
+  fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
+- prefill(): one row alone, through gpt.GPT.forward with a gpt.KVCache that is a view
+  of that row, so a prompt is computed exactly as chat.ChatSession computes it.
+- decode(): one new token for each of rows 0..n-1 in one forward, through the same
+  gpt.GPT.forward: BatchCache.first(n) is a cache whose rows each have their own
+  position (rotary angle), write their key and value at their own length, and attend
+  to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
+  the three things GPT.forward asks of a cache.
+
+Exactness: on CPU in fp32, decode() of a row gives the logits of the single-sequence path
+up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
+masked keys, sums in another order), whatever the other rows are. So greedy answers are
+the same tokens as alone unless the two best logits of some step lie within that
+rounding of each other; tests/test_engine.py and tests/test_serve.py check token equality.
+On CUDA with bf16 autocast the rounding is bf16's, and near-ties flip more easily.
+"""
+import asyncio
+import collections
+import math
+import sys
+import threading
+import time
+
+import torch
+
+import chat
+import gpt
+from gpt import KVCache, autocast
+
+
+def log(text: str) -> None:
+    """One line on stderr: what went wrong, never a traceback, for things clients cause."""
+    print(f"serve: {text}", file=sys.stderr, flush=True)
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than max_queue: serve.py answers 429."""
+
+
+# -----------------------------------------------------------------------------
+# The batch cache: many sequences, each at its own position, on one model
+
+class BatchCache:
+    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length.
+
+    The sequences decoded together are always rows 0..n-1 (BatchEngine keeps them there with
+    swap()), so a decode step reads the cache through slices, never copies it by index."""
+
+    def __init__(self, model, rows: int, max_len: int):
+        c = model.config
+        p = model.lm_head.weight
+        dtype = torch.bfloat16 if p.device.type == "cuda" else p.dtype  # what autocast makes of k and v
+        shape = (c.n_layer, rows, c.n_kv_head, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.lengths = [0] * rows  # tokens cached per row
+        self.max_len = max_len
+
+    def row_view(self, row: int) -> KVCache:
+        """gpt.KVCache over one row: GPT.forward writes straight into this cache."""
+        n_layer, _, n_kv_head, _, head_dim = self.k.shape
+        view = KVCache(1, self.max_len, n_layer, n_kv_head, head_dim)
+        view.k, view.v = self.k[:, row:row + 1], self.v[:, row:row + 1]
+        view.pos = self.lengths[row]
+        return view
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
+        n = max(self.lengths[i], self.lengths[j])
+        if i != j and n:
+            for t in (self.k, self.v):
+                row_i = t[:, i, :, :n].clone()
+                t[:, i, :, :n] = t[:, j, :, :n]
+                t[:, j, :, :n] = row_i
+        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
+
+    def first(self, n: int) -> "Rows":
+        return Rows(self, n)
+
+
+class Rows:
+    """Rows 0..n-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
+
+    def __init__(self, cache: BatchCache, n: int):
+        self.cache, self.n = cache, n
+        device = cache.k.device
+        self.index = torch.arange(n, device=device)
+        self.lengths = torch.tensor(cache.lengths[:n], device=device)
+        self.longest = max(cache.lengths[:n])
+        self.mask = None  # the same for every layer: made by the first
+
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """(n, T): row i's new tokens follow its own cached ones."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write each row's new k, v (n, H_kv, T, D) at its own positions; return the rows' keys and values
+        up to the longest row (slices: no copy), and a mask (n, 1, T, Tk) that hides other rows' lengths
+        and the future."""
+        T = k.shape[2]
+        end = self.longest + T
+        if end > self.cache.max_len:
+            raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
+        positions = self.positions(T)
+        ck, cv = self.cache.k[layer, :self.n], self.cache.v[layer, :self.n]
+        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
+        cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
+        if self.mask is None:  # key j is visible to a query at position p when j <= p
+            self.mask = (torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None])[:, None]
+        return ck[:, :, :end], cv[:, :, :end], self.mask
+
+    def advance(self, T: int) -> None:
+        for r in range(self.n):
+            self.cache.lengths[r] += T
+        self.lengths += T
+        self.longest += T
+        self.mask = None
+
+
+@torch.inference_mode()
+def prefill(model, cache: BatchCache, row: int, keep: int, ids: list[int]) -> torch.Tensor:
+    """Keep the row's first `keep` tokens, compute `ids` after them; the logits (1, vocab) after the last."""
+    view = cache.row_view(row)
+    view.truncate(keep)
+    x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
+    with autocast(x.device):
+        logits = model(x, kv_cache=view)[:, -1]
+    cache.lengths[row] = view.pos
+    return logits.float()
+
+
+@torch.inference_mode()
+def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
+    """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
+    x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
+    with autocast(x.device):
+        logits = model(x, kv_cache=cache.first(len(tokens)))[:, -1]
+    return logits.float()
+
+
+# -----------------------------------------------------------------------------
+# Jobs, the queue, and the two engines
+
+class RequestTimeout(Exception):
+    """A request outlived --request-timeout (waiting and generating together)."""
+
+
+def completion_tokens(reply: chat.Reply) -> int:
+    """The one rule for counting generated tokens, in usage and in /health: every sampled
+    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
+    return len(reply.ids) + (reply.finish_reason == "stop")
+
+
+class Job:
+    """One request's generation. The worker reports to the event loop through `events`:
+    ("piece", text)..., then ("done", chat.Reply) or ("error", exception).
+
+    cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
+    time.monotonic() after which the worker drops the job with RequestTimeout."""
+
+    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
+                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
+        self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
+        self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
+        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
+        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
+        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
+        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.on_finish = None  # called in the worker as on_finish(completion tokens) when it has generated
+
+    def emit(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancelled.set()
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds: tuple):
+        self.bounds, self.buckets, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.buckets)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """What GET /metrics reports besides the engine's counters."""
+
+    def __init__(self):
+        self.status = collections.Counter()  # HTTP responses by status code
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
+        self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
+
+    def finished(self, job: Job, reply: chat.Reply) -> None:
+        if job.first_piece is None:
+            return
+        self.ttft.observe(job.first_piece - job.submitted)
+        seconds = time.monotonic() - job.first_piece
+        if len(reply.ids) > 1 and seconds > 0:
+            self.rate.observe((len(reply.ids) - 1) / seconds)
+
+
+class Queue:
+    """The waiting line in front of a model, and the counters; shared by both engines."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.counts = collections.Counter(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0,
+                                          completion_tokens=0)
+        self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
+        self.metrics = Metrics()
+
+    @property
+    def running(self) -> int:
+        return int(self.busy)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                self.counts["rejected"] += 1
+                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting already "
+                                f"(--max-queue {self.max_queue}); try again in a moment")
+            self.waiting.append(job)
+            self.counts["requests"] += 1
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job from the queue, or stop it before its next token."""
+        job.cancelled.set()
+        with self.cond:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.counts["cancelled"] += 1
+
+    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
+        """Count a job that generated (completely or not) and tell its client."""
+        self.counts["completion_tokens"] += completion_tokens(reply)
+        if job.on_finish is not None:
+            job.on_finish(completion_tokens(reply))
+        self.metrics.finished(job, reply)
+        if timed_out:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the answer took longer than --request-timeout"))
+            return
+        self.counts["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        job.emit("done", reply)
+
+
+class Engine(Queue):
+    """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
+    ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
+
+    def __init__(self, session: chat.ChatSession, max_queue: int):
+        super().__init__(max_queue)
+        self.session = session
+        self.busy = False
+        self.cache_owner = None  # the cache_key of the request whose tokens the session's KV cache holds
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting:
+                    self.cond.wait()
+                job = self.waiting.popleft()
+                self.busy = True
+            try:
+                self._run(job)
+            finally:
+                self.busy = False
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while the job was being taken from the queue
+            self.counts["cancelled"] += 1
+            return
+        if time.monotonic() > job.deadline:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            return
+        s = self.session
+        if job.cache_key is None or job.cache_key != self.cache_owner:
+            # Another client's tokens must not make this prompt faster: that would let it
+            # time guesses of their prompt. Reuse stays within one cache_key.
+            s.clear_cache()
+        self.cache_owner = job.cache_key
+        if job.seed is None:
+            s.rng.seed()  # fresh randomness per request
+        else:
+            s.rng.manual_seed(job.seed)  # OpenAI's `seed`: the same request gives the same answer
+        stream = None
+        timed_out = False
+        try:
+            stream = job.generate(s)
+            for piece in stream:
+                job.reply = s.last
+                job.first_piece = job.first_piece or time.monotonic()
+                if self.on_piece is not None:
+                    self.on_piece(job)
+                if job.cancelled.is_set():
+                    break
+                if time.monotonic() > job.deadline:
+                    timed_out = True
+                    break
+                job.emit("piece", piece)
+        except Exception as e:  # a bug or e.g. CUDA out of memory: fail this request, keep serving
+            self.counts["errors"] += 1
+            log(f"generation failed: {type(e).__name__}: {e}")
+            job.emit("error", e)
+            return
+        finally:
+            if stream is not None:
+                stream.close()  # an unfinished answer ends here; the KV cache stays consistent
+        self.finish(job, s.last, timed_out)
+
+
+
+class Row:
+    """One slot of the batch: the job it serves (None: free) and the tokens its KV cache row holds."""
+
+    def __init__(self):
+        self.job: Job | None = None
+        self.ids: list[int] = []  # exactly the tokens cached in this row
+        self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
+        self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
+        self.logits = self.rng = self.decoder = None
+        self.step = self.budget = self.next = 0
+
+
+class BatchEngine(Queue):
+    """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
+
+    One worker thread loops over steps. A step first admits at most one waiting job: it
+    takes a free row and prefills its prompt there alone (prefill), so a long prompt
+    delays the others by one prefill, never more. Then the running rows sample their next
+    tokens, rows with the same settings in one call (a seeded request alone, with its own
+    generator), and all rows that go on are fed in one batched forward (decode). A row
+    leaves when its answer stops, reaches its limit, is cancelled (client gone) or times
+    out; the next newcomer takes it. The running rows are always the first `n` rows of
+    self.rows and of the cache (a leaving row swaps places with the last running one), so
+    decode reads the cache through slices instead of gathering rows by index.
+
+    Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
+    cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
+    its prompt and only computes the rest, so each of up to N conversations keeps its
+    cache between turns (the one-at-a-time engine keeps one). Other clients never reuse it.
+
+    Errors: a prefill that fails (e.g. out of memory on a long prompt) fails that request
+    only; a failing decode step fails the answers running in it, and the engine goes on."""
+
+    def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
+        super().__init__(max_queue)
+        self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
+        self.cache = BatchCache(model, max_batch, context_len)
+        self.rows = [Row() for _ in range(max_batch)]
+        self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
+        self.admitting = None  # the job being prefilled (running, though not yet in a row)
+        self.rng = torch.Generator(device=self.cache.k.device)  # for requests without a seed
+        self.rng.seed()
+        self.steps = 0
+        threading.Thread(target=self._work, name="generation", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return self.n + (self.admitting is not None)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.busy:
+                    self.cond.wait()
+                if self.waiting and self.n < len(self.rows):
+                    self.admitting = self.waiting.popleft()
+            try:
+                if self.admitting is not None:
+                    self._admit(self.admitting)
+                self._step()
+            except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
+                self._fail(self.rows[:self.n], e)
+
+    def _fail(self, rows: list[Row], e: Exception) -> None:
+        log(f"generation failed: {type(e).__name__}: {e}")
+        with self.cond:
+            for row in rows:
+                self.counts["errors"] += 1
+                row.job.emit("error", e)
+                row.job, row.ids, row.owner = None, [], None
+                self.cache.lengths[self.rows.index(row)] = 0
+                self._swap(self.rows.index(row), self.n - 1)
+                self.n -= 1
+
+    def _swap(self, i: int, j: int) -> None:
+        if i != j:
+            self.cache.swap(i, j)
+            self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
+
+    def _admit(self, job: Job) -> None:
+        try:
+            if job.cancelled.is_set():
+                self.counts["cancelled"] += 1
+                return
+            if time.monotonic() > job.deadline:
+                self.counts["timeouts"] += 1
+                job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+                return
+            prompt, free = job.prompt, self.rows[self.n:]
+            mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
+            if mine:  # this client's longest cached prefix
+                row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
+                keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+            else:  # the least recently used free row; whatever it held is overwritten
+                row, keep = min(free, key=lambda r: r.used), 0
+            self.steps += 1
+            self._swap(self.rows.index(row), self.n)  # the next running row
+            row.used, row.owner, row.ids = self.steps, job.cache_key, []  # ids: none until the prefill is done
+            try:
+                row.logits = prefill(self.model, self.cache, self.n, keep, prompt[keep:])
+            except Exception as e:  # this prompt failed (e.g. out of memory): fail it alone
+                log(f"prefill failed: {type(e).__name__}: {e}")
+                self.counts["errors"] += 1
+                self.cache.lengths[self.n], row.owner = 0, None
+                job.emit("error", e)
+                return
+            row.ids = list(prompt)
+            job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
+            if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
+                row.rng = torch.Generator(device=self.cache.k.device)
+                row.rng.manual_seed(job.seed)
+            row.decoder = self.tokenizer.stream_decoder()
+            row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
+            with self.cond:
+                row.job = job
+                self.n += 1
+        finally:
+            self.admitting = None
+
+    def _sample(self, rows: list[Row]) -> list[int | None]:
+        """The next token of each row (None for a cancelled one): one gpt.sample_next_token call
+        for all greedy rows, one per group of unseeded rows with the same settings, one per seeded row."""
+        groups = {}
+        for i, row in enumerate(rows):
+            job = row.job
+            if job.cancelled.is_set():
+                continue
+            s = job.sampling
+            key = ("greedy",) if s.temperature == 0 else ("seeded", i) if job.seed is not None else \
+                (s.temperature, s.top_k, s.top_p)
+            groups.setdefault(key, []).append(i)
+        tokens = [None] * len(rows)
+        for key, members in groups.items():
+            first = rows[members[0]]
+            s = first.job.sampling
+            logits = first.logits if len(members) == 1 else torch.cat([rows[i].logits for i in members])
+            rng = first.rng if key[0] == "seeded" else self.rng
+            ids = gpt.sample_next_token(logits, s.temperature, s.top_k or None, s.top_p, rng).view(-1).tolist()
+            for i, token in zip(members, ids):
+                tokens[i] = token
+        return tokens
+
+    def _step(self) -> None:
+        rows = self.rows[:self.n]
+        leaving = []  # (row, finish_reason, timed_out)
+        for row, token in zip(rows, self._sample(rows)):
+            job = row.job
+            if token is None:
+                leaving.append((row, "interrupted", False))
+                continue
+            reply = job.reply
+            if reply.ttft is None:
+                reply.ttft = time.monotonic() - job.submitted
+            if time.monotonic() > job.deadline:  # every token, not only those that complete a piece of text
+                leaving.append((row, "interrupted", True))
+                continue
+            if token in job.stop_ids:
+                leaving.append((row, "stop", False))  # not fed: a next turn's prompt brings it
+                continue
+            reply.ids.append(token)
+            row.step += 1
+            piece = row.decoder.push(token)
+            if piece:
+                job.first_piece = job.first_piece or time.monotonic()
+                if self.on_piece is not None:
+                    self.on_piece(job)
+                if job.cancelled.is_set():
+                    leaving.append((row, "interrupted", False))
+                    continue
+                if time.monotonic() > job.deadline:
+                    leaving.append((row, "interrupted", True))
+                    continue
+                reply.text += piece
+                job.emit("piece", piece)
+            if row.step >= row.budget:
+                leaving.append((row, "length", False))
+            else:
+                row.next = token
+        for row, finish_reason, timed_out in leaving:
+            self._leave(row, finish_reason, timed_out)
+        if self.n:
+            feed = self.rows[:self.n]  # every running row that did not leave, and only those
+            logits = decode(self.model, self.cache, [row.next for row in feed])
+            for i, row in enumerate(feed):
+                row.logits = logits[i:i + 1]
+                row.ids.append(row.next)
+
+    def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
+        job, reply = row.job, row.job.reply
+        if finish_reason in ("stop", "length"):
+            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+            if tail:
+                reply.text += tail
+                job.emit("piece", tail)
+        reply.finish_reason = finish_reason
+        with self.cond:
+            row.job = None
+            if job.cache_key is None:
+                row.owner = None  # reusable by nobody
+            self._swap(self.rows.index(row), self.n - 1)  # the running rows stay 0..n-1
+            self.n -= 1
+        self.finish(job, reply, timed_out)
+
+
+async def job_events(job: Job, idle_seconds: float):
+    """The job's events as they come; ("idle", None) after idle_seconds without one."""
+    getter = None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({getter}, timeout=idle_seconds)
+            if not done:
+                yield "idle", None
+                continue
+            kind, value = getter.result()
+            getter = None
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+    finally:
+        if getter is not None:
+            getter.cancel()

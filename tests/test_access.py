@@ -1,0 +1,159 @@
+"""Access control (issue 18): API keys on /v1/*, the page's session, cache reuse scoped by key,
+per-client rate limits with 429 + Retry-After, and X-Forwarded-For believed only from trusted
+proxies. The rate limiter's clock is frozen by the tests: nothing waits for a bucket to refill."""
+import math
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
+
+import access
+from conftest import make_checkpoint
+from test_serve import QUESTIONS, LiveServer, chat_body, request
+
+KEYS = ["sk-erster-schluessel", "sk-zweiter-schluessel"]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, small_tokenizer):
+    """serve.create_app with two API keys, 127.0.0.1 as a trusted proxy and a frozen clock."""
+    folder = tmp_path_factory.mktemp("serve_access")
+    clock = Clock()
+    gate = access.Access(KEYS, ["127.0.0.1"], clock=clock)
+    server = LiveServer(make_checkpoint(folder, small_tokenizer, kind="chat", sequence_len=512), access=gate)
+    server.access, server.clock = gate, clock
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def limits(guarded):
+    """Set rate limits for one test; fresh buckets before and after."""
+    def set_limits(requests=0, tokens=0):
+        guarded.access.requests_per_minute, guarded.access.tokens_per_minute = requests, tokens
+        guarded.access.buckets.clear()
+    yield set_limits
+    set_limits()
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def post(server, body, headers=None):
+    return request(server.url, "POST", "/v1/chat/completions", body, headers)
+
+
+def test_api_key_is_required_on_v1_only(guarded):
+    for headers in ({}, bearer("sk-falsch"), {"Authorization": KEYS[0]}, {"Authorization": "Basic " + KEYS[0]}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            status, head, answer = request(guarded.url, method, path, chat_body(QUESTIONS[0], max_tokens=2)
+                                           if method == "POST" else None, headers)
+            assert status == 401 and head["WWW-Authenticate"] == "Bearer", (headers, path, answer)
+            assert answer["error"]["code"] == "invalid_api_key" and answer["error"]["type"] == "invalid_request_error"
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+    for key in KEYS:
+        assert request(guarded.url, "GET", "/v1/models", headers=bearer(key))[0] == 200
+        status, _, answer = post(guarded, chat_body(QUESTIONS[0], max_tokens=3), bearer(key))
+        assert status == 200 and answer["usage"]["completion_tokens"] > 0, answer
+    assert request(guarded.url, "GET", "/health")[0] == 200  # the page and /health stay open
+    assert request(guarded.url, "GET", "/")[0] == 200
+
+
+def test_official_client_sends_the_key(guarded):
+    openai = pytest.importorskip("openai", reason="the official openai client is not installed")
+    good = openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEYS[1], max_retries=0)
+    assert [m.id for m in good.models.list()] == ["nanoschnack"]
+    bad = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sk-falsch", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_the_page_chats_with_its_session_not_a_key(guarded):
+    status, head, _ = request(guarded.url, "GET", "/")
+    cookie = head["Set-Cookie"]
+    attributes = {a.strip().lower() for a in cookie.split(";")}
+    assert "httponly" in attributes and "samesite=strict" in attributes and "path=/" in attributes
+    session = cookie.split(";")[0]
+    assert session.startswith(access.COOKIE + "=")
+    status, _, answer = post(guarded, chat_body(QUESTIONS[1], max_tokens=3), {"Cookie": session})
+    assert status == 200, answer
+    forged = session[:-4] + ("0000" if not session.endswith("0000") else "1111")  # a changed signature
+    for cookie in (forged, f"{access.COOKIE}=abc", f"{access.COOKIE}=abc.def"):
+        assert post(guarded, chat_body(QUESTIONS[1], max_tokens=3), {"Cookie": cookie})[0] == 401, cookie
+    # a browser that has a session gets no new one
+    assert "Set-Cookie" not in request(guarded.url, "GET", "/", headers={"Cookie": session})[1]
+
+
+def test_cache_reuse_never_crosses_api_keys(guarded):
+    """The same prompt_cache_key under another key starts from scratch; under the same key it reuses."""
+    cached = lambda answer: answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+    first = [{"role": "system", "content": "Das Passwort ist Kuckucksuhr."}, {"role": "user", "content": "Hallo"}]
+    body = lambda messages: {**chat_body(""), "messages": messages, "max_tokens": 8, "prompt_cache_key": "chat-1"}
+    status, _, a1 = post(guarded, body(first), bearer(KEYS[0]))
+    assert status == 200, a1
+    second = first + [{"role": "assistant", "content": a1["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "Und?"}]
+    other = post(guarded, body(second), bearer(KEYS[1]))[2]
+    assert cached(other) == 0, other["usage"]
+    mine = post(guarded, body(second), bearer(KEYS[0]))[2]
+    assert cached(mine) >= a1["usage"]["prompt_tokens"] - 1, mine["usage"]
+
+
+def test_request_rate_limit_per_key(guarded, limits):
+    limits(requests=2)
+    for _ in range(2):
+        assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), bearer(KEYS[0]))[0] == 200
+    status, head, answer = post(guarded, chat_body(QUESTIONS[0], max_tokens=2), bearer(KEYS[0]))
+    assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded", answer
+    assert answer["error"]["type"] == "rate_limit_error" and "2 requests per minute" in answer["error"]["message"]
+    assert head["Retry-After"] == "30"  # 2 per minute: the next one in 30 s
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), bearer(KEYS[1]))[0] == 200  # another client
+    guarded.clock.now += 30
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), bearer(KEYS[0]))[0] == 200
+    assert guarded.engine.counts["rejected"] == 0  # rate limits are not the queue's
+
+
+def test_token_rate_limit_counts_generated_tokens(guarded, limits):
+    limits(tokens=10)
+    status, _, answer = post(guarded, chat_body(QUESTIONS[2], max_tokens=24), bearer(KEYS[0]))
+    assert status == 200
+    used = answer["usage"]["completion_tokens"]
+    assert used > 10, answer["usage"]  # an answer may overdraw once...
+    status, head, answer = post(guarded, chat_body(QUESTIONS[2], max_tokens=2), bearer(KEYS[0]))
+    assert status == 429 and "10 generated tokens per minute" in answer["error"]["message"], answer
+    assert head["Retry-After"] == str(math.ceil((1 - (10 - used)) * 60 / 10))  # ...then waits until it is repaid
+    guarded.clock.now += int(head["Retry-After"])
+    assert post(guarded, chat_body(QUESTIONS[2], max_tokens=2), bearer(KEYS[0]))[0] == 200
+
+
+def test_forwarded_for_is_believed_from_trusted_proxies_only(guarded, limits):
+    """127.0.0.1 is a trusted proxy here: page sessions are limited per forwarded address."""
+    limits(requests=1)
+    session = request(guarded.url, "GET", "/")[1]["Set-Cookie"].split(";")[0]
+    as_client = lambda address: {"Cookie": session, "X-Forwarded-For": f"203.0.113.9, {address}"}
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), as_client("198.51.100.1"))[0] == 200
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), as_client("198.51.100.2"))[0] == 200
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), as_client("198.51.100.1"))[0] == 429
+    gate = access.Access(trusted_proxies=["10.0.0.0/8"])
+    assert gate.client_address("192.0.2.7", "198.51.100.1") == "192.0.2.7"  # not a proxy: the header is a claim
+    assert gate.client_address("10.1.2.3", "198.51.100.1, 10.9.9.9") == "198.51.100.1"  # proxies chained
+    assert gate.client_address("10.1.2.3", "1.1.1.1, 198.51.100.1") == "198.51.100.1"  # the client's own claim is ignored
+    assert gate.client_address("10.1.2.3", None) == "10.1.2.3"
+
+
+def test_key_file_and_flags(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# Schlüssel\nsk-a\n\n  sk-b  \n", encoding="utf-8")
+    assert access.read_key_file(str(path)) == ["sk-a", "sk-b"]
+    gate = access.Access(["sk-a"])
+    assert gate.identify("1.2.3.4", "Bearer sk-a", None).identity == gate.identify("5.6.7.8", "bearer sk-a", None).identity
+    assert "sk-a" not in gate.identify("1.2.3.4", "Bearer sk-a", None).identity  # the key itself is never kept
