@@ -267,6 +267,18 @@ class Queue:
                 self.waiting.remove(job)
                 self.counts["cancelled"] += 1
 
+    def gone(self, job: Job) -> bool:
+        """Whether a job taken from the queue is over before it starts: its client left, or its time ran out
+        while it waited (counted, and the client told)."""
+        if job.cancelled.is_set():
+            self.counts["cancelled"] += 1
+            return True
+        if time.monotonic() > job.deadline:
+            self.counts["timeouts"] += 1
+            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            return True
+        return False
+
     def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
         """Count a job that generated (completely or not) and tell its client."""
         self.counts["completion_tokens"] += completion_tokens(reply)
@@ -305,12 +317,7 @@ class Engine(Queue):
                 self.busy = False
 
     def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # the client left while the job was being taken from the queue
-            self.counts["cancelled"] += 1
-            return
-        if time.monotonic() > job.deadline:
-            self.counts["timeouts"] += 1
-            job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+        if self.gone(job):
             return
         s = self.session
         if job.cache_key is None or job.cache_key != self.cache_owner:
@@ -434,12 +441,7 @@ class BatchEngine(Queue):
 
     def _admit(self, job: Job) -> None:
         try:
-            if job.cancelled.is_set():
-                self.counts["cancelled"] += 1
-                return
-            if time.monotonic() > job.deadline:
-                self.counts["timeouts"] += 1
-                job.emit("error", RequestTimeout("the request waited longer than --request-timeout"))
+            if self.gone(job):
                 return
             prompt, free = job.prompt, self.rows[self.n:]
             mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
