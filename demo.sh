@@ -7,8 +7,10 @@
 # The folder holds pretrain/<source>/train-*.parquet (+ val.parquet), sft/*.jsonl
 # (sft/val.jsonl held out) and optionally eval/ud_gsd_dev.txt. Stages: tokenizer
 # -> tiny pretraining -> SFT -> evaluation + report card -> one German chat
-# answer. About 20 minutes on 2 cores (README, "Quick start"). Output: out/
-# (or $NANOSCHNACK_OUT). NANOSCHNACK_DEMO_SCALE=micro runs every stage for a few
+# answer. Pretraining and SFT run on a time budget (NANOSCHNACK_PRETRAIN_MINUTES,
+# NANOSCHNACK_SFT_MINUTES), so the demo takes about the same time on any machine
+# and a faster one simply trains more (README, "The demo"). Output: out/ (or
+# $NANOSCHNACK_OUT). NANOSCHNACK_DEMO_SCALE=micro runs every stage for a few
 # seconds only (the CI smoke test, tests/test_pipeline.py).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,28 +47,40 @@ if [ "$SCALE" = micro ]; then
     EVAL=(--limit 16)
 else
     TOK=(--vocab-size 8192 --max-chars 20M)
-    TRAIN=(--preset tiny)
-    TUNE=(--preset tiny)
+    TRAIN=(--preset tiny --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-12}")
+    TUNE=(--preset tiny --time-budget "${NANOSCHNACK_SFT_MINUTES:-4}")
     EVAL=(--limit 200)
 fi
+STAGE_START=$SECONDS DEMO_START=$SECONDS
+stage_done() {  # each stage says how long it took
+    local s=$((SECONDS - STAGE_START))
+    echo "-- $1 took $((s / 60)) min $((s % 60)) s"
+    STAGE_START=$SECONDS
+}
 
 echo "== 1. tokenizer: byte-level BPE on German text"
 $PY tok.py --data "$PRETRAIN" "${TOK[@]}" --out "$OUT/tokenizer"
+stage_done "tokenizer"
 
 echo "== 2. pretraining: a small GPT on the German mix ($SCALE)"
 $PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OUT/tokenizer" --out "$OUT/base"
+stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
 $PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --out "$OUT/chat"
+stage_done "SFT"
 
 echo "== 4. evaluation: bits per byte on held-out German text, report card"
 $PY evaluation.py --checkpoint "$OUT/chat" --local-only --tasks bpb --bpb-data "$BPB" "${EVAL[@]}"
+stage_done "evaluation"
 
 echo "== 5. a German chat answer"
 echo "> Wer bist du?"
 $PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --max-new-tokens 64
+stage_done "chat"
 
 echo
+echo "The whole demo took $(((SECONDS - DEMO_START) / 60)) min $(((SECONDS - DEMO_START) % 60)) s."
 echo "Done. The report card is $OUT/report.md. Chat with the model:"
 echo "  .venv/bin/python chat.py --checkpoint $OUT/chat"
 echo "or in the browser (http://127.0.0.1:8000):"

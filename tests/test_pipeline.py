@@ -54,8 +54,11 @@ def test_demo_runs_every_stage_at_micro_scale(tmp_path):
     report = (out / "report.md").read_text(encoding="utf-8")
     for section in ("Tokenizer", "Pretraining", "SFT", "Evaluation"):
         assert f"## {section}" in report, report
-    answer = proc.stdout.split("> Wer bist du?\n", 1)[1].split("\nDone.")[0]
+    answer = proc.stdout.split("> Wer bist du?\n", 1)[1].split("\n-- chat took")[0]
     assert answer.strip(), proc.stdout[-2000:]
+    for stage in ("tokenizer", "pretraining", "SFT", "evaluation", "chat"):  # each stage's own wall time
+        assert f"-- {stage} took " in proc.stdout
+    assert "The whole demo took " in proc.stdout
     assert f"chat.py --checkpoint {out}/chat" in proc.stdout
 
 
