@@ -251,14 +251,13 @@ class GPT(nn.Module):
         the cached ones, and the cache advances by T.
         """
         B, T = idx.shape
-        if kv_cache is None:
-            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if kv_cache is None:  # training: positions 0..T-1
+            end, cos, sin = T, self.cos[:, :T], self.sin[:, :T]
         else:  # each row's new tokens at their own positions: (1 or B, T, 1, head_dim/2)
             positions = kv_cache.positions(T, idx.device)
-            cos, sin = self.cos[0, positions], self.sin[0, positions]
-        if kv_cache is not None and int(positions.max()) >= self.rotary_len or T > self.rotary_len:
-            raise ValueError(f"position {int(positions.max()) + 1 if kv_cache else T} is past the rotary tables "
-                             f"({self.rotary_len})")
+            end, cos, sin = int(positions[:, -1].max()) + 1, self.cos[0, positions], self.sin[0, positions]
+        if end > self.rotary_len:
+            raise ValueError(f"position {end} is past the rotary tables ({self.rotary_len})")
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
