@@ -245,13 +245,17 @@ class Queue:
         self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
         self.metrics = Metrics()
 
+    slots = 1  # answers generated at once
+
     @property
     def running(self) -> int:
         return int(self.busy)
 
     def submit(self, job: Job) -> None:
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            # A job waits only until the worker takes it (one per step): jobs that a free slot
+            # will take don't count against max_queue, else a burst gets 429s while slots are free.
+            if len(self.waiting) >= self.max_queue + max(0, self.slots - self.running):
                 self.counts["rejected"] += 1
                 raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting already "
                                 f"(--max-queue {self.max_queue}); try again in a moment")
@@ -393,6 +397,7 @@ class BatchEngine(Queue):
         super().__init__(max_queue)
         self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
         self.cache = BatchCache(model, max_batch, context_len)
+        self.slots = max_batch
         self.rows = [Row() for _ in range(max_batch)]
         self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
         self.admitting = None  # the job being prefilled (running, though not yet in a row)

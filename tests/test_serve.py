@@ -458,6 +458,7 @@ def concurrent_round(server, n):
         try:
             start.wait()
             s = Stream(server, chat_body(QUESTIONS[i], max_tokens=n))
+            assert s.status == 200, (s.status, s.response.read())
             events = s.events()
             results[i] = [next(events)]  # the role chunk, sent as soon as the request is queued
             accepted[i] = time.time()
@@ -648,6 +649,27 @@ def test_request_time_limit(live, hold):
     stream.close()
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
     assert live.idle()["timeouts"] >= 2
+
+
+def test_a_burst_fills_free_rows_before_the_queue(live, hold):
+    """Jobs wait until the worker takes them, one per step; a burst that free rows of the batch
+    will take must not count against --max-queue (it once got 429s while rows were free).
+    The worker is held inside its first answer, so no job is taken while the burst arrives."""
+    before = live.idle()
+    h = hold(1)
+    first = Stream(live.url, chat_body(QUESTIONS[0], max_tokens=LONG))
+    h.wait()
+    free = live.limits.max_batch - 1
+    burst = [Stream(live.url, chat_body(QUESTIONS[1], max_tokens=LONG)) for _ in range(free + live.limits.max_queue)]
+    assert [s.status for s in burst] == [200] * len(burst)
+    status, _, answer = request(live.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
+    assert status == 429 and answer["error"]["code"] == "queue_full"
+    for s in [first, *burst]:
+        s.close()
+    wait_for(lambda: not live.engine.waiting, 60, "the queue to notice its clients are gone")
+    h.release.set()
+    after = live.idle()
+    assert after["rejected"] == before["rejected"] + 1 and after["cancelled"] == before["cancelled"] + 1 + len(burst)
 
 
 def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
