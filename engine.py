@@ -372,12 +372,17 @@ class Row:
         self.step = self.budget = self.next = 0
 
 
+PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled in one step (at least one prompt, however long)
+
+
 class BatchEngine(Queue):
     """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
 
-    One worker thread loops over steps. A step first admits at most one waiting job: it
-    takes a free row and prefills its prompt there alone (prefill), so a long prompt
-    delays the others by one prefill, never more. Then the running rows sample their next
+    One worker thread loops over steps. A step first admits waiting jobs, while rows are
+    free, up to PREFILL_TOKENS_PER_STEP prompt tokens (always at least one job, as vLLM's
+    token budget per step): each takes a free row and prefills its prompt there alone
+    (prefill), so a long prompt delays the others by its one prefill, and a burst of short
+    ones all start in the same step instead of one per step. Then the running rows sample their next
     tokens, rows with the same settings in one call (a seeded request alone, with its own
     generator), and all rows that go on are fed in one batched forward (decode). A row
     leaves when its answer stops, reaches its limit, is cancelled (client gone) or times
@@ -400,7 +405,7 @@ class BatchEngine(Queue):
         self.slots = max_batch
         self.rows = [Row() for _ in range(max_batch)]
         self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
-        self.admitting = None  # the job being prefilled (running, though not yet in a row)
+        self.admitting: list[Job] = []  # taken from the queue for this step's prefills (running, not yet in rows)
         self.rng = torch.Generator(device=self.cache.k.device)  # for requests without a seed
         self.rng.seed()
         self.steps = 0
@@ -408,7 +413,7 @@ class BatchEngine(Queue):
 
     @property
     def running(self) -> int:
-        return self.n + (self.admitting is not None)
+        return self.n + len(self.admitting)
 
     @property
     def busy(self) -> bool:
@@ -419,11 +424,14 @@ class BatchEngine(Queue):
             with self.cond:
                 while not self.waiting and not self.busy:
                     self.cond.wait()
-                if self.waiting and self.n < len(self.rows):
-                    self.admitting = self.waiting.popleft()
+                prompt_tokens = 0  # newcomers of this step: while free rows and the prefill budget last
+                while self.waiting and self.n + len(self.admitting) < len(self.rows) and (
+                        not self.admitting or prompt_tokens + len(self.waiting[0].prompt) <= PREFILL_TOKENS_PER_STEP):
+                    self.admitting.append(self.waiting.popleft())
+                    prompt_tokens += len(self.admitting[-1].prompt)
             try:
-                if self.admitting is not None:
-                    self._admit(self.admitting)
+                while self.admitting:
+                    self._admit(self.admitting[0])
                 self._step()
             except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
                 self._fail(self.rows[:self.n], e)
@@ -477,7 +485,7 @@ class BatchEngine(Queue):
                 row.job = job
                 self.n += 1
         finally:
-            self.admitting = None
+            self.admitting.remove(job)
 
     def _sample(self, rows: list[Row]) -> list[int | None]:
         """The next token of each row (None for a cancelled one): one gpt.sample_next_token call
@@ -566,19 +574,13 @@ class BatchEngine(Queue):
 
 async def job_events(job: Job, idle_seconds: float):
     """The job's events as they come; ("idle", None) after idle_seconds without one."""
-    getter = None
-    try:
-        while True:
-            getter = getter or asyncio.ensure_future(job.events.get())
-            done, _ = await asyncio.wait({getter}, timeout=idle_seconds)
-            if not done:
-                yield "idle", None
-                continue
-            kind, value = getter.result()
-            getter = None
-            yield kind, value
-            if kind in ("done", "error"):
-                return
-    finally:
-        if getter is not None:
-            getter.cancel()
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):  # a cancelled get() loses no event
+                kind, value = await job.events.get()
+        except TimeoutError:
+            yield "idle", None
+            continue
+        yield kind, value
+        if kind in ("done", "error"):
+            return

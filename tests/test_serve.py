@@ -29,6 +29,7 @@ pytest.importorskip("uvicorn", reason="the web extra is not installed: pip insta
 import uvicorn
 
 import chat
+import engine
 import gpt
 import serve
 from access import timed_protocol
@@ -670,6 +671,36 @@ def test_a_burst_fills_free_rows_before_the_queue(live, hold):
     h.release.set()
     after = live.idle()
     assert after["rejected"] == before["rejected"] + 1 and after["cancelled"] == before["cancelled"] + 1 + len(burst)
+
+
+def test_newcomers_start_together_within_the_prefill_budget(live, hold, small_tokenizer, monkeypatch):
+    """Jobs that wait together start in the same step while their prompts fit in
+    engine.PREFILL_TOKENS_PER_STEP; a longer prompt starts in a step of its own. Seen from
+    the worker: how many rows run when each job's first token is sampled. The worker is held
+    inside a first answer while the others queue, so which step takes whom is deterministic."""
+    live.idle()
+    h = hold(1)
+    first = Stream(live.url, chat_body(QUESTIONS[0], max_tokens=LONG))
+    h.wait()
+    long_question = "Wort " * engine.PREFILL_TOKENS_PER_STEP  # alone over the budget
+    assert len(small_tokenizer.encode(long_question)) > engine.PREFILL_TOKENS_PER_STEP
+    newcomers = [Stream(live.url, chat_body(q, max_tokens=4)) for q in [long_question, *QUESTIONS[1:]]]
+    wait_for(lambda: len(live.engine.waiting) == len(newcomers), 60, "the newcomers to queue")
+    jobs, rows_at_first_token = list(live.engine.waiting), {}
+    sample = live.engine._sample
+
+    def recording_sample(rows):
+        for row in rows:
+            rows_at_first_token.setdefault(row.job, len(rows))
+        return sample(rows)
+    monkeypatch.setattr(live.engine, "_sample", recording_sample)
+    h.release.set()
+    for s in newcomers:
+        assert list(s.events())[-1] == "[DONE]"
+    assert [rows_at_first_token[job] for job in jobs] == [2, 5, 5, 5]  # the held answer + 1, then + 3 more
+    for s in [first, *newcomers]:
+        s.close()
+    live.idle()
 
 
 def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
