@@ -19,13 +19,14 @@ times with prompts of different lengths. So here:
 - BatchCache: keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len,
   head_dim), and each row's own length. A row is a slot: a request takes a free one,
   fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
-- prefill(): one row alone, through gpt.GPT.forward with a gpt.KVCache that is a view
-  of that row, so a prompt is computed exactly as chat.ChatSession computes it.
 - decode(): one new token for each of rows 0..n-1 in one forward, through the same
-  gpt.GPT.forward: BatchCache.first(n) is a cache whose rows each have their own
+  gpt.GPT.forward: BatchCache.rows(0, n) is a cache whose rows each have their own
   position (rotary angle), write their key and value at their own length, and attend
   to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
   the three things GPT.forward asks of a cache.
+- prefill(): the prompts of newcomers, each after its own cached prefix, in one forward
+  over their rows, right-padded to the longest (a padding token's key lands after its
+  row's length, where no query of that row looks, and the next tokens overwrite it).
 
 Exactness: on CPU in fp32, decode() of a row gives the logits of the single-sequence path
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
@@ -45,7 +46,7 @@ import torch
 
 import chat
 import gpt
-from gpt import KVCache, autocast
+from gpt import autocast
 
 
 def log(text: str) -> None:
@@ -76,14 +77,6 @@ class BatchCache:
         self.lengths = [0] * rows  # tokens cached per row
         self.max_len = max_len
 
-    def row_view(self, row: int) -> KVCache:
-        """gpt.KVCache over one row: GPT.forward writes straight into this cache."""
-        n_layer, _, n_kv_head, _, head_dim = self.k.shape
-        view = KVCache(1, self.max_len, n_layer, n_kv_head, head_dim)
-        view.k, view.v = self.k[:, row:row + 1], self.v[:, row:row + 1]
-        view.pos = self.lengths[row]
-        return view
-
     def swap(self, i: int, j: int) -> None:
         """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
         n = max(self.lengths[i], self.lengths[j])
@@ -94,19 +87,19 @@ class BatchCache:
                 t[:, j, :, :n] = row_i
         self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
 
-    def first(self, n: int) -> "Rows":
-        return Rows(self, n)
+    def rows(self, start: int, stop: int) -> "Rows":
+        return Rows(self, start, stop)
 
 
 class Rows:
-    """Rows 0..n-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
+    """Rows start..stop-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
 
-    def __init__(self, cache: BatchCache, n: int):
-        self.cache, self.n = cache, n
+    def __init__(self, cache: BatchCache, start: int, stop: int):
+        self.cache, self.start, self.stop, self.n = cache, start, stop, stop - start
         device = cache.k.device
-        self.index = torch.arange(n, device=device)
-        self.lengths = torch.tensor(cache.lengths[:n], device=device)
-        self.longest = max(cache.lengths[:n])
+        self.index = torch.arange(self.n, device=device)
+        self.lengths = torch.tensor(cache.lengths[start:stop], device=device)
+        self.longest = max(cache.lengths[start:stop])
         self.mask = None  # the same for every layer: made by the first
 
     def positions(self, T: int, device=None) -> torch.Tensor:
@@ -122,7 +115,7 @@ class Rows:
         if end > self.cache.max_len:
             raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
         positions = self.positions(T)
-        ck, cv = self.cache.k[layer, :self.n], self.cache.v[layer, :self.n]
+        ck, cv = self.cache.k[layer, self.start:self.stop], self.cache.v[layer, self.start:self.stop]
         ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
         cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
         if self.mask is None:  # key j is visible to a query at position p when j <= p
@@ -130,7 +123,7 @@ class Rows:
         return ck[:, :, :end], cv[:, :, :end], self.mask
 
     def advance(self, T: int) -> None:
-        for r in range(self.n):
+        for r in range(self.start, self.stop):
             self.cache.lengths[r] += T
         self.lengths += T
         self.longest += T
@@ -138,15 +131,16 @@ class Rows:
 
 
 @torch.inference_mode()
-def prefill(model, cache: BatchCache, row: int, keep: int, ids: list[int]) -> torch.Tensor:
-    """Keep the row's first `keep` tokens, compute `ids` after them; the logits (1, vocab) after the last."""
-    view = cache.row_view(row)
-    view.truncate(keep)
-    x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
+def prefill(model, cache: BatchCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
+    them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
+    stop, T = start + len(prompts), max(len(p) for p in prompts)
+    cache.lengths[start:stop] = keeps
+    x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=cache.k.device)
     with autocast(x.device):
-        logits = model(x, kv_cache=view)[:, -1]
-    cache.lengths[row] = view.pos
-    return logits.float()
+        logits = model(x, kv_cache=cache.rows(start, stop))
+    cache.lengths[start:stop] = [keep + len(p) for keep, p in zip(keeps, prompts)]  # the padding is not kept
+    return logits[range(len(prompts)), [len(p) - 1 for p in prompts]].float()
 
 
 @torch.inference_mode()
@@ -154,7 +148,7 @@ def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
     """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
     x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
     with autocast(x.device):
-        logits = model(x, kv_cache=cache.first(len(tokens)))[:, -1]
+        logits = model(x, kv_cache=cache.rows(0, len(tokens)))[:, -1]
     return logits.float()
 
 
@@ -430,8 +424,8 @@ class BatchEngine(Queue):
                     self.admitting.append(self.waiting.popleft())
                     prompt_tokens += len(self.admitting[-1].prompt)
             try:
-                while self.admitting:
-                    self._admit(self.admitting[0])
+                if self.admitting:
+                    self._admit(self.admitting)
                 self._step()
             except Exception as e:  # a bug or out of memory: fail the running answers, keep serving
                 self._fail(self.rows[:self.n], e)
@@ -452,61 +446,86 @@ class BatchEngine(Queue):
             self.cache.swap(i, j)
             self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
+        """Give each newcomer a free row (rows n, n+1, ...), prefill them all in one forward, and let
+        them run. If that forward fails (e.g. out of memory), each prompt is tried alone: only a
+        prompt that fails alone fails its request."""
         try:
-            if self.gone(job):
-                return
-            prompt, free = job.prompt, self.rows[self.n:]
-            mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
-            if mine:  # this client's longest cached prefix
-                row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
-                keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
-            else:  # the least recently used free row; whatever it held is overwritten
-                row, keep = min(free, key=lambda r: r.used), 0
-            self.steps += 1
-            self._swap(self.rows.index(row), self.n)  # the next running row
-            row.used, row.owner, row.ids = self.steps, job.cache_key, []  # ids: none until the prefill is done
+            jobs = [job for job in jobs if not self.gone(job)]
+            start = self.n
+            keeps = [self._take_row(job, start + i) for i, job in enumerate(jobs)]
+            prompts = [job.prompt[keep:] for job, keep in zip(jobs, keeps)]
             try:
-                row.logits = prefill(self.model, self.cache, self.n, keep, prompt[keep:])
-            except Exception as e:  # this prompt failed (e.g. out of memory): fail it alone
-                log(f"prefill failed: {type(e).__name__}: {e}")
-                self.counts["errors"] += 1
-                self.cache.lengths[self.n], row.owner = 0, None
-                job.emit("error", e)
-                return
-            row.ids = list(prompt)
-            job.reply = chat.Reply(prompt_tokens=len(prompt), cached_tokens=keep, dropped_messages=job.dropped)
-            if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
-                row.rng = torch.Generator(device=self.cache.k.device)
-                row.rng.manual_seed(job.seed)
-            row.decoder = self.tokenizer.stream_decoder()
-            row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(prompt))
-            with self.cond:
-                row.job = job
-                self.n += 1
+                results = list(prefill(self.model, self.cache, start, keeps, prompts).split(1)) if jobs else []
+            except Exception as e:
+                if len(jobs) == 1:
+                    results = [e]
+                else:
+                    results = [self._prefill_alone(start + i, keep, prompt)
+                               for i, (keep, prompt) in enumerate(zip(keeps, prompts))]
+            for i, (job, keep, result) in enumerate(zip(jobs, keeps, results)):
+                if isinstance(result, Exception):  # its row stays free
+                    log(f"prefill failed: {type(result).__name__}: {result}")
+                    self.counts["errors"] += 1
+                    self.cache.lengths[start + i], self.rows[start + i].owner = 0, None
+                    job.emit("error", result)
+                else:  # its row joins the running ones, rows 0..n-1 (past any failed one)
+                    self._swap(start + i, self.n)
+                    self._start(self.rows[self.n], job, keep, result)
         finally:
+            self.admitting.clear()
+
+    def _take_row(self, job: Job, position: int) -> int:
+        """Move a free row for the job to `position` (at or after n); how many of its cached tokens to keep."""
+        prompt, free = job.prompt, self.rows[position:]
+        mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
+        if mine:  # this client's longest cached prefix
+            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
+            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+        else:  # the least recently used free row; whatever it held is overwritten
+            row, keep = min(free, key=lambda r: r.used), 0
+        self.steps += 1
+        self._swap(self.rows.index(row), position)
+        row.used, row.owner, row.ids = self.steps, job.cache_key, []  # ids: none until the prefill is done
+        return keep
+
+    def _prefill_alone(self, position: int, keep: int, prompt: list[int]):
+        try:
+            return prefill(self.model, self.cache, position, [keep], [prompt])
+        except Exception as e:
+            return e
+
+    def _start(self, row: Row, job: Job, keep: int, logits: torch.Tensor) -> None:
+        row.logits, row.ids = logits, list(job.prompt)
+        job.reply = chat.Reply(prompt_tokens=len(job.prompt), cached_tokens=keep, dropped_messages=job.dropped)
+        if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
+            row.rng = torch.Generator(device=self.cache.k.device)
+            row.rng.manual_seed(job.seed)
+        row.decoder = self.tokenizer.stream_decoder()
+        row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(job.prompt))
+        with self.cond:
+            row.job = job
+            self.n += 1
             self.admitting.remove(job)
 
     def _sample(self, rows: list[Row]) -> list[int | None]:
-        """The next token of each row (None for a cancelled one): one gpt.sample_next_token call
-        for all greedy rows, one per group of unseeded rows with the same settings, one per seeded row."""
+        """The next token of each row (None for a cancelled one): one gpt.sample_next_token call per
+        group of rows with the same settings. A seeded row draws its random number from its own
+        generator, the others from the engine's, so a seed gives the same answer in any batch."""
         groups = {}
         for i, row in enumerate(rows):
-            job = row.job
-            if job.cancelled.is_set():
-                continue
-            s = job.sampling
-            key = ("greedy",) if s.temperature == 0 else ("seeded", i) if job.seed is not None else \
-                (s.temperature, s.top_k, s.top_p)
-            groups.setdefault(key, []).append(i)
+            if not row.job.cancelled.is_set():
+                s = row.job.sampling
+                groups.setdefault((s.temperature, s.top_k, s.top_p) if s.temperature else "greedy", []).append(i)
         tokens = [None] * len(rows)
-        for key, members in groups.items():
-            first = rows[members[0]]
-            s = first.job.sampling
-            logits = first.logits if len(members) == 1 else torch.cat([rows[i].logits for i in members])
-            rng = first.rng if key[0] == "seeded" else self.rng
-            ids = gpt.sample_next_token(logits, s.temperature, s.top_k or None, s.top_p, rng).view(-1).tolist()
-            for i, token in zip(members, ids):
+        for members in groups.values():
+            s = rows[members[0]].job.sampling
+            logits = torch.cat([rows[i].logits for i in members])
+            uniform = None if not s.temperature else torch.cat([torch.rand(
+                1, 1, generator=self.rng if rows[i].job.seed is None else rows[i].rng, dtype=torch.float64,
+                device=logits.device) for i in members])
+            ids = gpt.sample_next_token(logits, s.temperature, s.top_k or None, s.top_p, uniform=uniform)
+            for i, token in zip(members, ids.view(-1).tolist()):
                 tokens[i] = token
         return tokens
 

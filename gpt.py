@@ -330,8 +330,15 @@ def autocast(device):
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B, 1). temperature 0 means greedy."""
+                      top_p: float | None = None, generator: torch.Generator | None = None,
+                      uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, vocab) -> token ids (B, 1). temperature 0 means greedy.
+
+    Each row takes one random number in [0, 1) (`uniform`, (B, 1) float64, or drawn from
+    `generator`) and picks the token where that number falls in the cumulative distribution.
+    One number per token, so a row's tokens follow from its own numbers alone (the server
+    draws a seeded request's from its own generator while sampling its batch in one call);
+    torch.multinomial draws one per vocabulary entry, ~10x slower on a CPU at 8k tokens."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -345,5 +352,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         drop = probs.cumsum(dim=-1) - probs >= top_p
         drop = drop.scatter(-1, order, drop)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # float64: the tail's tiny probabilities still count
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1)

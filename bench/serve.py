@@ -36,14 +36,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def make_checkpoint(folder: Path, preset: str, sequence_len: int) -> Path:
+def make_checkpoint(folder: Path, preset: str, sequence_len: int, tokenizer: str | None = None) -> Path:
     import dataclasses
     import torch
     import gpt
     import common
     from tok import Tokenizer
-    lines = [l for l in (ROOT / "tests/fixtures/german.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
-    tok = Tokenizer.train(lines * 3, vocab_size=512, show_progress=False)
+    if tokenizer:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        lines = [l for l in (ROOT / "tests/fixtures/german.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+        tok = Tokenizer.train(lines * 3, vocab_size=512, show_progress=False)
     config = gpt.preset(preset, tok.vocab_size, sequence_len)
     torch.manual_seed(0)
     model = gpt.GPT(config)
@@ -148,9 +151,11 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="--max-batch of the batched engine (default %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="rounds per engine and client count; the median is "
                                                          "reported (default %(default)s)")
+    p.add_argument("--tokenizer", help="a tokenizer folder (e.g. the demo's, 8,192 tokens): the random model gets its "
+                                       "vocabulary (default: 512 tokens trained on the test fixture)")
     args = p.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    checkpoint = make_checkpoint(folder, args.preset, sequence_len=512)
+    checkpoint = make_checkpoint(folder, args.preset, sequence_len=512, tokenizer=args.tokenizer)
     engines = (1, args.batch)
     servers = {}
     try:

@@ -36,7 +36,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
     for step in range(steps + len(prompts)):
         if step < len(prompts):
             slot[step] = len(active)
-            logits[step] = engine.prefill(model, cache, slot[step], 0, prompts[step])
+            logits[step] = engine.prefill(model, cache, slot[step], [0], [prompts[step]])
             active.append(step)
         for i in list(active):
             seen[i].append(logits[i])
@@ -57,3 +57,38 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         diff = max(float((a - b).abs().max()) for a, b in zip(seen[i], logits_alone))
         assert diff < 1e-4, f"prompt {i}: logits differ by {diff}"  # rounding only (matmuls of other shapes)
         print(f"prompt {i}: largest logit difference {diff:.2e}")
+
+
+def test_prefill_of_several_rows_equals_each_alone(tmp_path, small_tokenizer):
+    """Newcomers are prefilled in one forward, right-padded to the longest prompt, each after its own
+    kept prefix: each row's logits and its next greedy tokens are those of its sequence alone."""
+    model, _, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer, sequence_len=256),
+                                    torch.device("cpu"))
+    rng = random.Random(0)
+    full = [[rng.randrange(512) for _ in range(n)] for n in (3, 40, 12, 1)]
+    keeps = [0, 0, 7, 0]  # row 2 holds a prefix of its sequence from an earlier turn
+
+    def alone(seq, steps=8):
+        cache, out = model.new_kv_cache(1, 256), []
+        with torch.inference_mode():
+            logits = model(torch.tensor([seq]), kv_cache=cache)[:, -1]
+            first = logits
+            for _ in range(steps):
+                out.append(int(logits.argmax()))
+                logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[:, -1]
+        return first, out
+
+    cache = engine.BatchCache(model, 6, 256)
+    engine.prefill(model, cache, 2, [0], [full[2][:7] + [1, 2, 3]])  # the earlier turn, then other tokens
+    logits = engine.prefill(model, cache, 0, keeps, [seq[keep:] for seq, keep in zip(full, keeps)])
+    assert cache.lengths[:4] == [len(seq) for seq in full]
+    prefilled, out = logits, [[] for _ in full]
+    for _ in range(8):
+        tokens = [int(row.argmax()) for row in logits]
+        for o, t in zip(out, tokens):
+            o.append(t)
+        logits = engine.decode(model, cache, tokens)
+    for i, seq in enumerate(full):
+        first, tokens = alone(seq)
+        diff = float((first[0] - prefilled[i]).abs().max())
+        assert diff < 1e-4 and out[i] == tokens, f"row {i}: logit difference {diff}, {out[i]} vs {tokens}"

@@ -279,6 +279,19 @@ def test_sample_next_token_top_k_and_top_p():
     assert sample_next_token(logits, temperature=0).item() == 0
 
 
+def test_sample_next_token_follows_the_distribution():
+    """Inverse-CDF sampling: each token as often as its probability, a zero-probability token
+    never, and each row's token follows from its own random number alone."""
+    p = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    logits = torch.log(p).expand(20_000, -1)
+    drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(0)).view(-1)
+    freq = torch.bincount(drawn, minlength=5) / len(drawn)
+    assert freq[2] == 0
+    assert (freq - p).abs().max() < 0.01, freq  # 3.5 standard errors of the largest
+    edges = torch.tensor([[0.0], [0.4999], [0.5001], [0.9999]], dtype=torch.float64)
+    assert sample_next_token(torch.log(p).expand(4, -1), uniform=edges).view(-1).tolist() == [0, 0, 1, 4]
+
+
 # ----------------------------------------------------------------------------
 # Learning
 

@@ -703,6 +703,63 @@ def test_newcomers_start_together_within_the_prefill_budget(live, hold, small_to
     live.idle()
 
 
+def test_a_prompt_that_fails_to_prefill_fails_alone(live, hold, monkeypatch):
+    """Newcomers are prefilled in one forward; when it fails (here: out of memory whenever the long
+    prompt is in it), each is tried alone, and only the request that fails alone gets the error."""
+    before = live.idle()
+    h = hold(1)
+    first = Stream(live.url, chat_body(QUESTIONS[0], max_tokens=LONG))
+    h.wait()
+    prefill, long_question = engine.prefill, "Wort " * 100
+
+    def prefill_without_memory(model, cache, start, keeps, prompts):
+        if max(map(len, prompts)) > 100:
+            raise torch.OutOfMemoryError("no memory for the long prompt")
+        return prefill(model, cache, start, keeps, prompts)
+    monkeypatch.setattr(engine, "prefill", prefill_without_memory)
+    results = {}
+    threads = [threading.Thread(target=lambda q=q: results.update({q: post(live.url, "/v1/chat/completions",
+                                                                           chat_body(q, max_tokens=4))}))
+               for q in (QUESTIONS[1], long_question, QUESTIONS[2])]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(live.engine.waiting) == 3, 60, "the three requests to queue")
+    h.release.set()
+    for t in threads:
+        t.join(120)
+    first.close()
+    status, answer = results[long_question]
+    assert status == 500 and "OutOfMemoryError" in answer["error"]["message"]
+    assert results[QUESTIONS[1]][0] == 200 and results[QUESTIONS[2]][0] == 200
+    after = live.idle()
+    assert after["errors"] == before["errors"] + 1 and after["completed"] == before["completed"] + 2
+
+
+def test_a_seed_gives_the_same_answer_in_a_batch(live, hold, monkeypatch):
+    """A seeded request draws its random numbers from its own generator, also when it is
+    sampled in one call with other rows: alone or next to an unseeded answer, the same text."""
+    body = chat_body(QUESTIONS[3], max_tokens=30, temperature=1.0, top_k=40)
+    alone = post(live.url, "/v1/chat/completions", {**body, "seed": 7})[1]["choices"][0]["message"]["content"]
+    live.idle()
+    h = hold(1)
+    other = Stream(live.url, {**body, "max_tokens": LONG})  # the same settings, no seed
+    h.wait()
+    batch_sizes, sample = [], live.engine._sample
+    monkeypatch.setattr(live.engine, "_sample", lambda rows: batch_sizes.append(len(rows)) or sample(rows))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        answer=post(live.url, "/v1/chat/completions", {**body, "seed": 7})[1]))
+    t.start()
+    wait_for(lambda: live.engine.waiting, 60, "the seeded request to queue")
+    h.release.set()
+    t.join(120)
+    other.close()
+    live.idle()
+    tokens = result["answer"]["usage"]["completion_tokens"]
+    assert batch_sizes[:tokens] == [2] * tokens, "the seeded answer was not sampled next to the other one"
+    assert result["answer"]["choices"][0]["message"]["content"] == alone
+
+
 def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
     """usage.completion_tokens and /health's completion_tokens both count the stop token that
     ends an answer (they used to disagree). The model's tokens are scripted: two, then a stop."""
