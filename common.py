@@ -287,17 +287,17 @@ def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: 
     return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
 
 
-class CPUMuon(torch.optim.Muon):
-    """torch.optim.Muon with its Newton-Schulz iteration in fp32, for models on the CPU.
+class FP32Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in fp32, for training in fp32.
 
-    torch runs the iteration in bf16, which GPUs do fast but CPUs without bf16
-    matrix units about 20x slower than fp32: on a 2-core EPYC it took most of each
-    CPU training step. The update is torch's (same state, same lr adjustment
-    "original": sqrt(max(1, rows/cols))), so checkpoints move between the two."""
+    torch runs the iteration in bf16, which hardware without native bf16 products (most
+    CPUs before AVX512-BF16) runs about 20x slower than fp32. The update is torch's
+    (same state, same lr adjustment "original": sqrt(max(1, rows/cols))), so
+    checkpoints move between the two."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None, "CPUMuon takes no closure"
+        assert closure is None, "FP32Muon takes no closure"
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -313,22 +313,36 @@ class CPUMuon(torch.optim.Muon):
                 p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.shape[0] / p.shape[1])))
 
 
-def build_optimizers(model: gpt.GPT, cfg) -> list[torch.optim.Optimizer]:
+def training_dtype(device, choice: str, log) -> torch.dtype:
+    """--dtype resolved (gpt.compute_dtype), with a clear error for a bad value; the choice is logged."""
+    try:
+        dtype = gpt.compute_dtype(device, choice)
+    except ValueError as e:
+        sys.exit(f"error: --dtype: {e}")
+    log(f"compute: {str(dtype).removeprefix('torch.')} matrix products on {device} (--dtype {choice}), fp32 weights")
+    return dtype
+
+
+def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
     """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe).
 
-    cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay."""
+    cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay. Muon orthogonalises
+    in the compute dtype (default: gpt.autocast's, bf16 on CUDA, fp32 on the CPU): bf16 as torch does,
+    or fp32 (FP32Muon)."""
     width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
     matrices = [p for p in model.transformer.h.parameters()]
     if any(p.ndim != 2 for p in matrices):
         raise ValueError("Muon expects only 2-D matrices in the blocks")
-    on_cuda = model.lm_head.weight.device.type == "cuda"
+    device = model.lm_head.weight.device
+    on_cuda = device.type == "cuda"
     adamw = torch.optim.AdamW([
         dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
         dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
     ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
     # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
-    muon = (torch.optim.Muon if on_cuda else CPUMuon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
-                                                       weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    bf16 = (dtype or (torch.bfloat16 if on_cuda else torch.float32)) == torch.bfloat16
+    muon = (torch.optim.Muon if bf16 else FP32Muon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                                                    weight_decay=cfg.weight_decay, adjust_lr_fn="original")
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -401,11 +415,11 @@ class SmoothedLoss:
         return self.value / (1 - self.beta ** self.steps)
 
 
-def probe_batch(model, batch_size: int, seq_len: int, device):
+def probe_batch(model, batch_size: int, seq_len: int, device, dtype: torch.dtype | None = None):
     """One forward and backward pass at full shape, so that running out of memory shows before training."""
     x = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
     try:
-        with gpt.autocast(device):
+        with gpt.autocast(device, dtype):
             model(x, x).backward()
     finally:
         model.zero_grad(set_to_none=True)

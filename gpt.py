@@ -324,9 +324,25 @@ class GPT(nn.Module):
         return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
-def autocast(device):
-    """The compute dtype, in one place: bf16 autocast on CUDA (weights stay fp32), plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+def compute_dtype(device, choice: str = "auto") -> torch.dtype:
+    """The dtype of training's matrix products: "float32", "bfloat16", or "auto": bf16 where the
+    hardware multiplies bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX, such as AMD Zen 4 and
+    Intel Sapphire Rapids, where it makes a tiny-model training step ~1.8x faster), else fp32."""
+    if choice not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"unknown dtype {choice!r}: use auto, float32 or bfloat16")
+    if choice == "auto":
+        native = torch.device(device).type == "cuda" or torch.cpu._is_avx512_bf16_supported() \
+            or torch.cpu._is_amx_tile_supported()
+        choice = "bfloat16" if native else "float32"
+    return getattr(torch, choice)
+
+
+def autocast(device, dtype: torch.dtype | None = None):
+    """The compute dtype, in one place: autocast to `dtype` (weights stay fp32). By default bf16 on
+    CUDA and fp32 on the CPU, where generation is memory-bound and casting weights costs more than it saves."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

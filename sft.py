@@ -87,6 +87,7 @@ class SFTConfig:
     keep_last: int = 2
     log_every: int = 10
     device: str = ""
+    dtype: str = "auto"              # as train.py's: bfloat16 where the hardware has bf16 products, else float32
     seed: int = 1337
     resume: bool = False
     stop_after_steps: int = 0
@@ -216,14 +217,15 @@ def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, worl
     return micro, n_trained
 
 
-def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device) -> float:
+def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device,
+             dtype: torch.dtype | None = None) -> float:
     """One optimizer step; the loss is the mean over the step's trained tokens on all ranks."""
     common.set_lr(optimizers, lr_mult)
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(device), targets.to(device)
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()), autocast(device):
+        with (nullcontext() if sync else model.no_sync()), autocast(device, dtype):
             loss_sum = model(inputs, targets, loss_reduction="sum") / max(n_trained, 1)
             (loss_sum * world_size).backward()  # DDP averages over ranks; undo that: we want the sum
         total += loss_sum.detach()
@@ -346,8 +348,9 @@ def main(argv=None):
         sys.exit(f"error: {len(conversations)} conversations are fewer than one step of "
                  f"--examples-per-step {cfg.examples_per_step}")
     steps = sys.maxsize if cfg.time_budget else cfg.max_steps or steps_per_epoch * cfg.epochs
+    dtype = common.training_dtype(device, cfg.dtype, log)
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
-        functools.partial(common.probe_batch, model, seq_len=model.config.sequence_len, device=device),
+        functools.partial(common.probe_batch, model, seq_len=model.config.sequence_len, device=device, dtype=dtype),
         cfg.device_batch_size, lambda b: cfg.examples_per_step % (b * world_size) == 0, log, device)
     accum = cfg.examples_per_step // (cfg.device_batch_size * world_size)
     length = f"{cfg.time_budget:g} minutes (time budget)" if cfg.time_budget else f"{steps:,} steps"
@@ -355,7 +358,7 @@ def main(argv=None):
         f"{cfg.examples_per_step} ({steps_per_epoch:,} per epoch), {world_size} process(es) on {device}, "
         f"{accum} micro-steps per step")
 
-    optimizers = common.build_optimizers(model, cfg)
+    optimizers = common.build_optimizers(model, cfg, dtype)
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
@@ -406,7 +409,7 @@ def main(argv=None):
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
         lr_mult = 1.0 - (budget.fraction() if budget else step / steps)
-        loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device)
+        loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device, dtype)
         step += 1
         trained_tokens += n_trained
         window_tokens += n_trained

@@ -75,6 +75,8 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = True
     device: str = ""                 # default: cuda if available, else cpu
+    dtype: str = "auto"              # matrix products: bfloat16 where the hardware has bf16 products (CUDA,
+                                     # AVX512-BF16/AMX CPUs), else float32; or float32 / bfloat16
     seed: int = 1337
     resume: bool = False
     stop_after_steps: int = 0        # save and leave after this many steps (for jobs with a time limit)
@@ -123,7 +125,7 @@ def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
     return left + (1 - left) * cfg.final_lr_frac
 
 
-def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> float:
+def train_step(model, optimizers, micro_batches, lr_mult: float, device, dtype: torch.dtype | None = None) -> float:
     """One optimizer step over the micro-batches; returns the mean loss of this rank."""
     common.set_lr(optimizers, lr_mult)
     total = 0.0
@@ -132,7 +134,7 @@ def train_step(model, optimizers, micro_batches, lr_mult: float, device) -> floa
         targets = targets.to(device, non_blocking=True)
         # DDP averages gradients over ranks; only the last micro-step needs to sync
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()), gpt.autocast(device):
+        with (nullcontext() if sync else model.no_sync()), gpt.autocast(device, dtype):
             loss = model(inputs, targets) / len(micro_batches)
             loss.backward()
         total += loss.detach()
@@ -279,10 +281,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     raw_model = build_model(cfg, tokenizer.vocab_size, device)
-    optimizers = common.build_optimizers(raw_model, cfg)
+    dtype = common.training_dtype(device, cfg.dtype, log)
+    optimizers = common.build_optimizers(raw_model, cfg, dtype)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
-        functools.partial(common.probe_batch, model, seq_len=cfg.seq_len, device=device), cfg.device_batch_size,
+        functools.partial(common.probe_batch, model, seq_len=cfg.seq_len, device=device, dtype=dtype),
+        cfg.device_batch_size,
         lambda b: cfg.total_batch_size % (b * cfg.seq_len * world_size) == 0, log, device)
     steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
     try:
@@ -330,7 +334,7 @@ def main(argv=None):
     while not last:
         progress = budget.fraction() if budget else tokens_seen / (steps * cfg.total_batch_size)
         lr_mult = lr_multiplier(progress, cfg)
-        loss = train_step(model, optimizers, next_batches(accum), lr_mult, device)
+        loss = train_step(model, optimizers, next_batches(accum), lr_mult, device, dtype)
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size

@@ -16,11 +16,12 @@ import torch.optim._muon
 import common
 import data
 import dataloader
+import gpt
 import tok
 import train
 from conftest import sigkill_when_file_appears
 
-TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # bf16: what common.CPUMuon replaces
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # bf16: what common.FP32Muon replaces
 from tok import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,12 +91,13 @@ def test_loss_falls_on_german_sample(data_dir, tmp_path):
 
 def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_script(args_for(setup, out, "--max-steps", "3", "--eval-every", "0"), nproc=2)
+    # fp32: equal up to the order of float sums (bf16 products would round differently per split)
+    proc = run_script(args_for(setup, out, "--max-steps", "3", "--eval-every", "0", "--dtype", "float32"), nproc=2)
     assert "parameters identical on all 2 ranks: True" in proc.stdout
     ddp_params = final_state(out)["model"]
 
     # the same global batch in one process: rank 0's and rank 1's micro-batches, accumulated
-    cfg = train.parse_config(args_for(setup, out, "--max-steps", "3"))
+    cfg = train.parse_config(args_for(setup, out, "--max-steps", "3", "--dtype", "float32"))
     tokenizer = Tokenizer.load(setup / "tok")
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
     optimizers = common.build_optimizers(model, cfg)
@@ -209,8 +211,8 @@ def test_fp32_newton_schulz_matches_torch_muon(shape):
     torch.testing.assert_close(ours, theirs.float(), atol=1e-2, rtol=0)  # theirs is bf16
 
 
-def test_cpu_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
-    """common.CPUMuon's update is torch.optim.Muon's, step for step, once both orthogonalise in fp32."""
+def test_fp32_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
+    """common.FP32Muon's update is torch.optim.Muon's, step for step, once both orthogonalise in fp32."""
     torch.manual_seed(0)
     weights = [torch.randn(48, 80), torch.randn(80, 48)]
     grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
@@ -225,7 +227,7 @@ def test_cpu_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
             opt.step()
         return params, opt.state_dict()
 
-    ours, our_state = run(common.CPUMuon)
+    ours, our_state = run(common.FP32Muon)
     monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", common.newton_schulz_fp32)
     theirs, their_state = run(torch.optim.Muon)
     for a, b in zip(ours, theirs):
@@ -297,3 +299,22 @@ def test_smoothed_loss_is_a_debiased_moving_average():
     assert ema.update(4.0) == pytest.approx(4.0)  # debiased: the first value is the loss itself
     assert ema.update(4.0) == pytest.approx(4.0)
     assert ema.update(2.0) == pytest.approx((0.9 * 0.9 * 0.1 * 4 + 0.9 * 0.1 * 4 + 0.1 * 2) / (1 - 0.9 ** 3))
+
+
+def test_dtype_choice():
+    """--dtype auto: bf16 where the hardware multiplies bf16 natively, fp32 elsewhere; a bad value is a clear error."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert gpt.compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    assert gpt.compute_dtype("cpu", "float32") == torch.float32
+    assert gpt.compute_dtype("cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="use auto, float32 or bfloat16"):
+        gpt.compute_dtype("cpu", "float16")
+    model = gpt.GPT(gpt.preset("nano", 64, 16))
+    cfg = train.TrainConfig()
+    assert isinstance(common.build_optimizers(model, cfg, torch.float32)[1], common.FP32Muon)
+    assert type(common.build_optimizers(model, cfg, torch.bfloat16)[1]) is torch.optim.Muon
+
+
+def test_bad_dtype_is_a_clear_error(setup, tmp_path):
+    proc = run_script(args_for(setup, tmp_path, "--dtype", "float16"), check=False)
+    assert proc.returncode != 0 and "error: --dtype: unknown dtype 'float16'" in proc.stderr
