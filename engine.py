@@ -366,19 +366,21 @@ class Row:
         self.step = self.budget = self.next = 0
 
 
-PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled in one step (at least one prompt, however long)
+PREFILL_TOKENS_PER_STEP = 512  # token positions of one step's prefill, padding included (at least one prompt)
 
 
 class BatchEngine(Queue):
     """Continuous batching (--max-batch N > 1), as vLLM and TGI do it, on CPU-sized terms.
 
     One worker thread loops over steps. A step first admits waiting jobs, while rows are
-    free, up to PREFILL_TOKENS_PER_STEP prompt tokens (always at least one job, as vLLM's
-    token budget per step): each takes a free row and prefills its prompt there alone
-    (prefill), so a long prompt delays the others by its one prefill, and a burst of short
-    ones all start in the same step instead of one per step. Then the running rows sample their next
-    tokens, rows with the same settings in one call (a seeded request alone, with its own
-    generator), and all rows that go on are fed in one batched forward (decode). A row
+    free and their prompts, padded to the longest, fit in PREFILL_TOKENS_PER_STEP tokens
+    (always at least one job, as vLLM's token budget per step): each takes a free row, and
+    their prompts are computed in one forward (prefill), so a long prompt delays the
+    others by its one prefill, and a burst
+    of short ones starts in the same step instead of one per step. Then the running rows
+    sample their next tokens, rows with the same settings in one call (a seeded row with
+    its own generator's random number), and all rows that go on are fed in one batched
+    forward (decode). A row
     leaves when its answer stops, reaches its limit, is cancelled (client gone) or times
     out; the next newcomer takes it. The running rows are always the first `n` rows of
     self.rows and of the cache (a leaving row swaps places with the last running one), so
@@ -418,11 +420,11 @@ class BatchEngine(Queue):
             with self.cond:
                 while not self.waiting and not self.busy:
                     self.cond.wait()
-                prompt_tokens = 0  # newcomers of this step: while free rows and the prefill budget last
-                while self.waiting and self.n + len(self.admitting) < len(self.rows) and (
-                        not self.admitting or prompt_tokens + len(self.waiting[0].prompt) <= PREFILL_TOKENS_PER_STEP):
+                longest = 0  # newcomers of this step: while rows are free and the padded prefill fits the budget
+                while self.waiting and self.n + len(self.admitting) < len(self.rows) and (not self.admitting or (
+                        len(self.admitting) + 1) * max(longest, len(self.waiting[0].prompt)) <= PREFILL_TOKENS_PER_STEP):
                     self.admitting.append(self.waiting.popleft())
-                    prompt_tokens += len(self.admitting[-1].prompt)
+                    longest = max(longest, len(self.admitting[-1].prompt))
             try:
                 if self.admitting:
                     self._admit(self.admitting)

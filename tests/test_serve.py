@@ -674,19 +674,21 @@ def test_a_burst_fills_free_rows_before_the_queue(live, hold):
 
 
 def test_newcomers_start_together_within_the_prefill_budget(live, hold, small_tokenizer, monkeypatch):
-    """Jobs that wait together start in the same step while their prompts fit in
-    engine.PREFILL_TOKENS_PER_STEP; a longer prompt starts in a step of its own. Seen from
+    """Jobs that wait together start in the same step while their prompts, padded to the
+    longest, fit in engine.PREFILL_TOKENS_PER_STEP; a prompt over half of it starts in a
+    step of its own (the prompts' sum would fit: the padding would not). Seen from
     the worker: how many rows run when each job's first token is sampled. The worker is held
     inside a first answer while the others queue, so which step takes whom is deterministic."""
     live.idle()
     h = hold(1)
     first = Stream(live.url, chat_body(QUESTIONS[0], max_tokens=LONG))
     h.wait()
-    long_question = "Wort " * engine.PREFILL_TOKENS_PER_STEP  # alone over the budget
-    assert len(small_tokenizer.encode(long_question)) > engine.PREFILL_TOKENS_PER_STEP
+    long_question = "Wort " * (engine.PREFILL_TOKENS_PER_STEP * 2 // 3 // len(small_tokenizer.encode("Wort ")))
     newcomers = [Stream(live.url, chat_body(q, max_tokens=4)) for q in [long_question, *QUESTIONS[1:]]]
     wait_for(lambda: len(live.engine.waiting) == len(newcomers), 60, "the newcomers to queue")
     jobs, rows_at_first_token = list(live.engine.waiting), {}
+    lengths = [len(job.prompt) for job in jobs]
+    assert engine.PREFILL_TOKENS_PER_STEP / 2 < lengths[0] and sum(lengths) <= engine.PREFILL_TOKENS_PER_STEP, lengths
     sample = live.engine._sample
 
     def recording_sample(rows):
