@@ -28,7 +28,7 @@ times with prompts of different lengths. So here:
   over their rows, right-padded to the longest (a padding token's key lands after its
   row's length, where no query of that row looks, and the next tokens overwrite it).
 
-Exactness: on CPU in fp32, decode() of a row gives the logits of the single-sequence path
+Exactness: on CPU in fp32, prefill() and decode() give a row the logits of the single-sequence path
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
 masked keys, sums in another order), whatever the other rows are. So greedy answers are
 the same tokens as alone unless the two best logits of some step lie within that
