@@ -376,15 +376,14 @@ class BatchEngine(Queue):
     free and their prompts, padded to the longest, fit in PREFILL_TOKENS_PER_STEP tokens
     (always at least one job, as vLLM's token budget per step): each takes a free row, and
     their prompts are computed in one forward (prefill), so a long prompt delays the
-    others by its one prefill, and a burst
-    of short ones starts in the same step instead of one per step. Then the running rows
-    sample their next tokens, rows with the same settings in one call (a seeded row with
-    its own generator's random number), and all rows that go on are fed in one batched
-    forward (decode). A row
-    leaves when its answer stops, reaches its limit, is cancelled (client gone) or times
-    out; the next newcomer takes it. The running rows are always the first `n` rows of
-    self.rows and of the cache (a leaving row swaps places with the last running one), so
-    decode reads the cache through slices instead of gathering rows by index.
+    others by its one prefill, and a burst of short ones starts in the same step instead
+    of one per step. Then the running rows sample their next tokens, rows with the same
+    settings in one call (a seeded row with its own generator's random number), and all
+    rows that go on are fed in one batched forward (decode). A row leaves when its answer
+    stops, reaches its limit, is cancelled (client gone) or times out; the next newcomer
+    takes it. The running rows are always the first `n` rows of self.rows and of the
+    cache (a leaving row swaps places with the last running one), so decode reads the
+    cache through slices instead of gathering rows by index.
 
     Prefix cache: a row keeps its tokens after its job leaves. A newcomer with the same
     cache_key (prompt_cache_key) takes the free row that shares the longest prefix with
