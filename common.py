@@ -327,8 +327,7 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
     """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe).
 
     cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay. Muon orthogonalises
-    in the compute dtype (default: gpt.autocast's, bf16 on CUDA, fp32 on the CPU): bf16 as torch does,
-    or fp32 (FP32Muon)."""
+    in the compute dtype (default: gpt.default_dtype): bf16 as torch does, or fp32 (FP32Muon)."""
     width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
     matrices = [p for p in model.transformer.h.parameters()]
     if any(p.ndim != 2 for p in matrices):
@@ -340,7 +339,7 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
         dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
     ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
     # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
-    bf16 = (dtype or (torch.bfloat16 if on_cuda else torch.float32)) == torch.bfloat16
+    bf16 = (dtype or gpt.default_dtype(device)) == torch.bfloat16
     muon = (torch.optim.Muon if bf16 else FP32Muon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
                                                     weight_decay=cfg.weight_decay, adjust_lr_fn="original")
     optimizers = [adamw, muon]

@@ -239,7 +239,10 @@ class Queue:
         self.on_piece = None  # tests: called in the worker as on_piece(job) before each piece is sent
         self.metrics = Metrics()
 
-    slots = 1  # answers generated at once
+    @property
+    def slots(self) -> int:
+        """Answers generated at once."""
+        return 1
 
     @property
     def running(self) -> int:
@@ -397,7 +400,6 @@ class BatchEngine(Queue):
         super().__init__(max_queue)
         self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
         self.cache = BatchCache(model, max_batch, context_len)
-        self.slots = max_batch
         self.rows = [Row() for _ in range(max_batch)]
         self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
         self.admitting: list[Job] = []  # taken from the queue for this step's prefills (running, not yet in rows)
@@ -405,6 +407,10 @@ class BatchEngine(Queue):
         self.rng.seed()
         self.steps = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
+
+    @property
+    def slots(self) -> int:
+        return len(self.rows)
 
     @property
     def running(self) -> int:

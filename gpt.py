@@ -337,12 +337,16 @@ def compute_dtype(device, choice: str = "auto") -> torch.dtype:
     return getattr(torch, choice)
 
 
+def default_dtype(device) -> torch.dtype:
+    """What runs without a choice (generation, evaluation): bf16 on CUDA, fp32 on the CPU, where
+    generation is memory-bound and casting the weights each step costs more than it saves."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def autocast(device, dtype: torch.dtype | None = None):
-    """The compute dtype, in one place: autocast to `dtype` (weights stay fp32). By default bf16 on
-    CUDA and fp32 on the CPU, where generation is memory-bound and casting weights costs more than it saves."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    """The compute dtype, in one place: autocast to `dtype` (weights stay fp32), default_dtype by default."""
+    dtype = dtype or default_dtype(device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
