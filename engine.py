@@ -1,8 +1,9 @@
 """
 engine.py: the model side of serve.py. A queue of generation jobs in front of one model,
 and a worker thread that runs them: one at a time (Engine) or continuously batched
-(BatchEngine, on a BatchCache). serve.py is the HTTP side: it parses and checks requests,
-submits Jobs and turns their events into OpenAI's responses.
+(BatchEngine, on a BatchCache), in serve.py's process or in one of its own (EngineProcess).
+serve.py is the HTTP side: it parses and checks requests, submits Jobs and turns their
+events into OpenAI's responses.
 
 How requests share the model. A model and its KV cache serve one generation at a time
 per row, so one worker thread owns them and takes jobs from a FIFO queue; the event loop
@@ -28,6 +29,14 @@ times with prompts of different lengths. So here:
   over their rows, right-padded to the longest (a padding token's key lands after its
   row's length, where no query of that row looks, and the next tokens overwrite it).
 
+In its own process (EngineProcess, serve.py's default): the engine above runs unchanged in a
+child process that loads the same checkpoint, and serve.py talks to it through two pipes: jobs
+(as plain data, Job.SPEC) and cancellations go there, the jobs' events come back in batches
+with the engine's counters. This is how vLLM runs its engine core, and for the same reason: in
+one process the event loop's work for every streamed piece (HTTP, JSON, the socket) and the
+worker's forward take turns on one interpreter lock, so a decode step of 8 streams also waits
+for 8 pieces' worth of HTTP. Apart are both on their own core (bench/RESULTS.md has the numbers).
+
 Exactness: on CPU in fp32, prefill() and decode() give a row the logits of the single-sequence path
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
 masked keys, sums in another order), whatever the other rows are. So greedy answers are
@@ -37,7 +46,11 @@ On CUDA with bf16 autocast the rounding is bf16's, and near-ties flip more easil
 """
 import asyncio
 import collections
+import functools
+import itertools
 import math
+import multiprocessing
+import pickle
 import sys
 import threading
 import time
@@ -165,29 +178,50 @@ def completion_tokens(reply: chat.Reply) -> int:
     return len(reply.ids) + (reply.finish_reason == "stop")
 
 
+FINAL = ("done", "error", "cancelled")  # a job's last event: it has no more after one of these
+
+
 class Job:
-    """One request's generation. The worker reports to the event loop through `events`:
-    ("piece", text)..., then ("done", chat.Reply) or ("error", exception).
+    """One request's generation. The worker reports through `emit`: ("piece", text)..., then
+    ("done", chat.Reply) or ("error", exception), or ("cancelled", None) when it is dropped
+    before it starts; by default into `events`, an asyncio queue of the event loop that made the job.
 
-    cache_key: whose KV cache this request may reuse (None: nobody's). deadline:
-    time.monotonic() after which the worker drops the job with RequestTimeout."""
+    What to generate is plain data (SPEC), so a job can be sent to the engine process:
+    prompt (token ids, what the batched engine feeds), sampling, seed, and for the one-at-a-time
+    engine's ChatSession either `messages` (chat) or `text` (completion). cache_key: whose KV
+    cache this request may reuse (None: nobody's). deadline: time.monotonic() after which the
+    worker drops the job with RequestTimeout."""
 
-    def __init__(self, loop, generate, seed: int | None, cache_key=None, deadline: float = math.inf,
-                 prompt: list[int] | None = None, sampling: chat.Sampling | None = None, stop_ids=(), dropped: int = 0):
-        self.generate = generate  # session -> iterator of text pieces (ChatSession.stream or .complete)
-        self.seed, self.cache_key, self.deadline = seed, cache_key, deadline
-        # what BatchEngine needs instead of `generate`: the rendered prompt and how to sample
-        self.prompt, self.sampling, self.stop_ids, self.dropped = prompt, sampling, stop_ids, dropped
+    SPEC = ("prompt", "sampling", "seed", "cache_key", "deadline", "stop_ids", "dropped", "messages", "text", "submitted")
+
+    def __init__(self, prompt: list[int], sampling: chat.Sampling, seed: int | None = None, cache_key=None,
+                 deadline: float = math.inf, stop_ids=(), dropped: int = 0, messages: list[dict] | None = None,
+                 text: str | None = None, submitted: float | None = None, deliver=None):
+        self.prompt, self.sampling, self.seed, self.cache_key, self.deadline = prompt, sampling, seed, cache_key, deadline
+        self.stop_ids, self.dropped, self.messages, self.text = stop_ids, dropped, messages, text
         self.reply: chat.Reply | None = None  # the answer so far, once the job runs
-        self.submitted, self.first_piece = time.monotonic(), None  # for the metrics
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.submitted = time.monotonic() if submitted is None else submitted  # for the metrics (a clock all
+        self.first_piece = None                                                # processes of this machine share)
+        if deliver is None:
+            loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+            deliver = lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.deliver = deliver
         self.cancelled = threading.Event()
+        self.id = None  # EngineProcess's name for it
         self.on_finish = None  # called in the worker as on_finish(completion tokens) when it has generated
+
+    def spec(self) -> dict:
+        return {name: getattr(self, name) for name in self.SPEC}
+
+    def generate(self, session: chat.ChatSession):
+        """The one-at-a-time engine's generation: an iterator of text pieces."""
+        if self.messages is not None:
+            return session.stream(self.messages, self.sampling)
+        return session.complete(self.text, self.sampling)
 
     def emit(self, kind: str, value=None) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.deliver((kind, value))
         except RuntimeError:  # the event loop is closed: the server is shutting down
             self.cancelled.set()
 
@@ -211,10 +245,9 @@ class Histogram:
 
 
 class Metrics:
-    """What GET /metrics reports besides the engine's counters."""
+    """What GET /metrics reports besides the engine's counters (serve.py counts the HTTP statuses)."""
 
     def __init__(self):
-        self.status = collections.Counter()  # HTTP responses by status code
         self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
         self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
 
@@ -248,6 +281,10 @@ class Queue:
     def running(self) -> int:
         return int(self.busy)
 
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
     def submit(self, job: Job) -> None:
         with self.cond:
             # A job waits only until the worker takes it (one per step): jobs that a free slot
@@ -267,12 +304,14 @@ class Queue:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self.counts["cancelled"] += 1
+                job.emit("cancelled")
 
     def gone(self, job: Job) -> bool:
         """Whether a job taken from the queue is over before it starts: its client left, or its time ran out
         while it waited (counted, and the client told)."""
         if job.cancelled.is_set():
             self.counts["cancelled"] += 1
+            job.emit("cancelled")
             return True
         if time.monotonic() > job.deadline:
             self.counts["timeouts"] += 1
@@ -598,6 +637,213 @@ class BatchEngine(Queue):
         self.finish(job, reply, timed_out)
 
 
+def make_engine(session: chat.ChatSession, max_batch: int, max_queue: float):
+    """The engine for --max-batch: one answer at a time for 1, else continuous batching."""
+    if max_batch > 1:
+        return BatchEngine(session.model, session.tokenizer, session.context_len, max_batch, max_queue)
+    return Engine(session, max_queue)
+
+
+# -----------------------------------------------------------------------------
+# The engine in a process of its own
+
+STATS_SECONDS = 0.1  # the engine process sends its counters this often when they changed without an event
+
+
+def engine_process(commands, events, checkpoint: str, device: str | None, max_batch: int) -> None:
+    """The engine process's main (EngineProcess starts it): load the model, run an engine on it, and relay.
+
+    In come ("submit", id, Job.spec()) and ("cancel", id); out go ("ready", device, stats) or ("failed",
+    message) once, then ("events", [(id, event), ...], stats): what the jobs emitted, and the engine's counters."""
+    try:
+        session = chat.load_session(checkpoint, device)
+    except SystemExit as e:  # load_session's clear "error: ..." messages
+        events.send(("failed", str(e)))
+        return
+    engine = make_engine(session, max_batch, math.inf)  # EngineProcess.submit applies --max-queue
+    events.send(("ready", str(session.device), {**engine_stats(engine), "metrics": engine.metrics}))
+    outbox = Outbox(events, engine)
+    jobs = {}
+    while True:
+        try:
+            kind, job_id, *spec = commands.recv()
+        except EOFError:  # serve.py is gone (or closed us): so are its clients
+            return
+        if kind == "submit":
+            job = jobs[job_id] = Job(**spec[0], deliver=functools.partial(outbox.put, job_id, jobs))
+            job.on_finish = lambda tokens, job_id=job_id: outbox.put(job_id, jobs, ("finished", tokens))
+            engine.submit(job)
+        elif kind == "cancel" and (job := jobs.get(job_id)) is not None:
+            engine.cancel(job)
+
+
+class Outbox:
+    """The engine process's events on their way to serve.py. A thread sends whatever has gathered
+    in one message (a step's pieces for all rows cost one write), with the engine's counters; and the
+    counters alone when they changed without an event (checked every STATS_SECONDS)."""
+
+    def __init__(self, conn, engine: Queue):
+        self.conn, self.engine = conn, engine
+        self.pending, self.cond = [], threading.Condition()
+        threading.Thread(target=self._send, name="events", daemon=True).start()
+
+    def put(self, job_id: int, jobs: dict, event: tuple) -> None:
+        """A job's event; after its last one, the job leaves `jobs` (the engine process's open jobs by id)."""
+        if event[0] in FINAL:
+            jobs.pop(job_id, None)
+        with self.cond:
+            self.pending.append((job_id, event))
+            self.cond.notify()
+
+    def _send(self) -> None:
+        sent = None
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending, timeout=STATS_SECONDS)
+                pending, self.pending = self.pending, []
+            stats = engine_stats(self.engine)
+            if pending or stats != sent:
+                self.conn.send(("events", [(i, portable(e)) for i, e in pending], {**stats, "metrics": self.engine.metrics}))
+                sent = stats
+
+
+def engine_stats(engine: Queue) -> dict:
+    return dict(counts=dict(engine.counts), queued=engine.queued, running=engine.running, busy=engine.busy)
+
+
+def portable(event: tuple) -> tuple:
+    """An event that pickles: an exception that does not becomes a RuntimeError with its text."""
+    kind, value = event
+    if isinstance(value, Exception):
+        try:
+            pickle.loads(pickle.dumps(value))
+        except Exception:
+            return kind, RuntimeError(f"{type(value).__name__}: {value}")
+    return event
+
+
+class EngineProcess:
+    """serve.py's engine in a process of its own, as vLLM runs its engine core: the event loop
+    (HTTP, JSON, server-sent events) and the worker thread (the model) no longer take turns on
+    one interpreter lock. In one process, a step of 8 streams waits for the event loop's work on
+    8 pieces; measured in bench/RESULTS.md.
+
+    The engine process loads the same checkpoint and runs Engine or BatchEngine as they are;
+    this side has their interface (submit, cancel, queued, running, busy, counts, metrics). Jobs
+    go there as their SPEC, their events come back in one message per batch (Outbox), and are
+    passed on to each job's own queue. --max-queue is applied here with the engines' rule,
+    which counts only jobs not yet finished: waiting + running >= max_queue + rows. If the
+    engine process dies, every open request gets an error and `on_exit` is called (serve.py
+    stops, so that systemd restarts it)."""
+
+    def __init__(self, checkpoint: str, device: str | None, max_batch: int, max_queue: int):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA cannot start in a forked one
+        self.events, events_out = ctx.Pipe(duplex=False)
+        commands_in, self.commands = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=engine_process, args=(commands_in, events_out, checkpoint, device, max_batch),
+                                   name="nanoschnack-engine", daemon=True)
+        self.process.start()
+        commands_in.close()
+        events_out.close()  # ours: so that recv() ends with EOFError when the engine process is gone
+        try:
+            kind, detail, *stats = self.events.recv()
+        except EOFError:
+            self.process.join(10)
+            raise SystemExit(f"error: the engine process exited with code {self.process.exitcode} while loading "
+                             f"{checkpoint} (its messages are above)")
+        if kind == "failed":
+            raise SystemExit(detail)
+        self.device, self.max_queue, self.slots = detail, max_queue, max_batch
+        self.jobs: dict[int, Job] = {}  # submitted, not finished
+        self.ids = itertools.count()
+        self.rejected = 0
+        self.stats = stats[0]
+        self.closing, self.died, self.on_exit = False, False, None
+        self.lock = threading.Lock()  # one writer at a time on the command pipe
+        threading.Thread(target=self._receive, name="engine-events", daemon=True).start()
+
+    def submit(self, job: Job) -> None:
+        if len(self.jobs) >= self.max_queue + self.slots:
+            self.rejected += 1
+            raise QueueFull(f"the server is busy: {len(self.jobs) - self.slots} requests are waiting already "
+                            f"(--max-queue {self.max_queue}); try again in a moment")
+        job.id = next(self.ids)
+        self.jobs[job.id] = job
+        self._send(("submit", job.id, job.spec()))
+
+    def cancel(self, job: Job) -> None:
+        """As the engines' cancel: its end ("cancelled" or "done") comes back as an event."""
+        if job.id in self.jobs and not job.cancelled.is_set():
+            job.cancelled.set()
+            self._send(("cancel", job.id))
+
+    def _send(self, command: tuple) -> None:
+        with self.lock:
+            try:
+                self.commands.send(command)
+            except OSError:  # the engine process is gone: _receive fails the jobs
+                pass
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                _, events, self.stats = self.events.recv()
+            except (EOFError, OSError):
+                return self._engine_gone()
+            for job_id, (kind, value) in events:
+                job = self.jobs.get(job_id)
+                if job is None:
+                    continue
+                if kind == "finished":  # the tokens it generated, for the rate limits
+                    if job.on_finish is not None:
+                        job.on_finish(value)
+                    continue
+                if kind in FINAL:
+                    del self.jobs[job_id]
+                job.emit(kind, value)
+
+    def _engine_gone(self) -> None:
+        if self.closing:
+            return
+        self.died = True
+        self.process.join(5)
+        log(f"the engine process exited (code {self.process.exitcode}): failing {len(self.jobs)} open requests "
+            f"and stopping")
+        for job in list(self.jobs.values()):
+            job.emit("error", RuntimeError("the engine process exited"))
+        self.jobs.clear()
+        if self.on_exit is not None:
+            self.on_exit()
+
+    def close(self) -> None:
+        """Stop the engine process (serve.py, on shutdown)."""
+        self.closing = True
+        self.commands.close()
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+
+    @property
+    def counts(self) -> collections.Counter:
+        return collections.Counter({**self.stats["counts"], "rejected": self.rejected})
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.stats["metrics"]
+
+    @property
+    def queued(self) -> int:
+        return self.stats["queued"]
+
+    @property
+    def running(self) -> int:
+        return self.stats["running"]
+
+    @property
+    def busy(self) -> bool:
+        return self.stats["busy"]
+
+
 async def job_events(job: Job, idle_seconds: float):
     """The job's events as they come; ("idle", None) after idle_seconds without one."""
     while True:
@@ -608,5 +854,5 @@ async def job_events(job: Job, idle_seconds: float):
             yield "idle", None
             continue
         yield kind, value
-        if kind in ("done", "error"):
+        if kind in FINAL:
             return

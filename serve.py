@@ -13,9 +13,9 @@ Endpoints:
     GET  /health               liveness, queue length and counters
 
 How requests share the model: engine.py (a queue of jobs, one worker thread that owns
-the model; one answer at a time with --max-batch 1, else continuous batching). This file is
-the HTTP side: it reads and checks requests, submits engine.Jobs, and writes their pieces
-as OpenAI's responses. One process serves one model on one device; for several GPUs run
+the model; one answer at a time with --max-batch 1, else continuous batching), run in an
+engine process of its own unless --single-process. This file is the HTTP side: it reads and
+checks requests, submits engine.Jobs, and writes their pieces as OpenAI's responses. One process serves one model on one device; for several GPUs run
 one server per GPU (--device cuda:N --port ...) behind a load balancer.
 
 The session's KV cache is kept between requests, so the next turn of the same
@@ -48,6 +48,7 @@ else per address; X-Forwarded-For only from --trusted-proxy). deploy/ puts it be
 import argparse
 import asyncio
 import base64
+import collections
 import hashlib
 import json
 import math
@@ -70,7 +71,8 @@ except ImportError as e:
 import chat
 from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited, default_allowed_hosts, host_name,
                     read_key_file, timed_protocol)
-from engine import BatchEngine, Engine, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log
+from engine import (Engine, EngineProcess, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log,
+                    make_engine)
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -417,8 +419,8 @@ class Guard:
     when keys are set; the Client goes to request.state.client), and gives every response
     X-Content-Type-Options: nosniff."""
 
-    def __init__(self, app, allowed_hosts: list[str], access: Access, metrics=None):
-        self.app, self.access, self.metrics = app, access, metrics
+    def __init__(self, app, allowed_hosts: list[str], access: Access, statuses: collections.Counter | None = None):
+        self.app, self.access, self.statuses = app, access, statuses
         self.allowed = None if "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
@@ -444,8 +446,8 @@ class Guard:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                if self.metrics is not None:
-                    self.metrics.status[message["status"]] += 1
+                if self.statuses is not None:
+                    self.statuses[message["status"]] += 1
                 message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
             await send(message)
         await self.app(scope, receive, send_with_headers)
@@ -468,19 +470,19 @@ def page_headers(html: str) -> dict:
 
 def create_app(session: chat.ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
                system: str | None = None, allowed_hosts: list[str] = LOOPBACK_HOSTS,
-               shared_cache: bool = False, access: Access | None = None) -> FastAPI:
+               shared_cache: bool = False, access: Access | None = None, engine=None) -> FastAPI:
     """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves.
-    `access`: API keys, trusted proxies and rate limits (default: an open API, no limits)."""
+    `access`: API keys, trusted proxies and rate limits (default: an open API, no limits).
+    `engine`: what generates (main() passes an engine.EngineProcess); default: an engine in this
+    process, on session's model, with limits.max_batch rows."""
     limits = limits or Limits()
     access = access or Access()
-    if limits.max_batch > 1:
-        engine = BatchEngine(session.model, session.tokenizer, session.context_len, limits.max_batch, limits.max_queue)
-    else:
-        engine = Engine(session, limits.max_queue)
+    engine = engine or make_engine(session, limits.max_batch, limits.max_queue)
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
-    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), access=access, metrics=engine.metrics)
+    statuses = collections.Counter()  # HTTP responses by status code, for /metrics
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), access=access, statuses=statuses)
     app.state.engine, app.state.access = engine, access
     created = int(Path(session.checkpoint).stat().st_mtime) if getattr(session, "checkpoint", None) else 0
     html = PAGE.read_text(encoding="utf-8")
@@ -524,17 +526,15 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
             messages = read_messages(data, limits, system)
             # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
             kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
-            work = lambda s: s.stream(messages, sampling)
-            stop_ids, dropped = session.chat_stop_ids, len(messages) - len(kept)
+            job = Job(ids, sampling, seed, cache_key, deadline, session.chat_stop_ids, len(messages) - len(kept),
+                      messages=messages)
         else:
             prompt = read_prompt(data, limits)
-            work = lambda s: s.complete(prompt, sampling)
             # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
             room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
             text_ids = await asyncio.to_thread(session.tokenizer.encode, prompt)
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
-            stop_ids, dropped = session.base_stop_ids, 0
-        job = Job(asyncio.get_running_loop(), work, seed, cache_key, deadline, ids, sampling, stop_ids, dropped)
+            job = Job(ids, sampling, seed, cache_key, deadline, session.base_stop_ids, text=prompt)
         job.on_finish = lambda tokens: access.charge(client, tokens)
         try:
             engine.submit(job)
@@ -567,7 +567,7 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "kind": session.kind, "device": str(session.device),
-                "busy": engine.busy, "running": engine.running, "queued": len(engine.waiting), **engine.counts,
+                "busy": engine.busy, "running": engine.running, "queued": engine.queued, **engine.counts,
                 "limits": {**vars(limits), "temperature": TEMPERATURE_RANGE}}
 
     @app.get("/metrics")
@@ -575,12 +575,12 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
         """Prometheus' text format: requests by status, queue, batch, tokens, TTFT and tokens/s."""
         m, c = engine.metrics, engine.counts
         lines = ["# TYPE nanoschnack_responses_total counter"]
-        lines += [f'nanoschnack_responses_total{{status="{code}"}} {n}' for code, n in sorted(m.status.items())]
+        lines += [f'nanoschnack_responses_total{{status="{code}"}} {n}' for code, n in sorted(statuses.items())]
         lines += ["# TYPE nanoschnack_generations_total counter"]
         lines += [f'nanoschnack_generations_total{{outcome="{k}"}} {c[k]}'
                   for k in ("completed", "cancelled", "errors", "rejected", "timeouts")]
         lines += ["# TYPE nanoschnack_tokens_generated_total counter", f"nanoschnack_tokens_generated_total {c['completion_tokens']}",
-                  "# TYPE nanoschnack_queue_length gauge", f"nanoschnack_queue_length {len(engine.waiting)}",
+                  "# TYPE nanoschnack_queue_length gauge", f"nanoschnack_queue_length {engine.queued}",
                   "# TYPE nanoschnack_running gauge", f"nanoschnack_running {engine.running}",
                   "# TYPE nanoschnack_time_to_first_token_seconds histogram", *m.ttft.lines("nanoschnack_time_to_first_token_seconds"),
                   "# TYPE nanoschnack_tokens_per_second histogram", *m.rate.lines("nanoschnack_tokens_per_second")]
@@ -643,6 +643,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else address); 0 = off (%(default)s)")
     p.add_argument("--rate-limit-tokens", type=int, default=0, help="generated tokens per minute per client; "
                    "0 = off (%(default)s)")
+    p.add_argument("--single-process", action="store_true", help="run the model in this process too, not in an "
+                   "engine process of its own: the HTTP side then takes turns with it on one interpreter lock "
+                   "(fewer tokens/s with many clients; simpler to debug)")
     p.add_argument("--log-level", default="info", help="uvicorn's (default %(default)s; 'warning' hides each request)")
     return p.parse_args(argv)
 
@@ -672,15 +675,31 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --api-key-file {args.api_key_file} holds no key")
     if min(args.rate_limit_requests, args.rate_limit_tokens) < 0:
         raise SystemExit("error: rate limits must be 0 (off) or positive")
-    session = chat.load_session(args.checkpoint, args.device, sampling)
-    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access)
+    engine = None
+    if args.single_process:
+        session = chat.load_session(args.checkpoint, args.device, sampling)
+    else:  # this side needs the tokenizer and settings; the engine process loads the model on the device
+        session = chat.load_session(args.checkpoint, "cpu", sampling)
+        engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue)
+        session.device = engine.device
+    app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access, engine)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"
     print(f"nanoschnack: {session.checkpoint} (step {session.step}, {mode}), device {session.device}, "
           f"context {session.context_len} tokens; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     if allowed == ["*"]:
         print("nanoschnack: any Host name is answered; name yours with --allowed-hosts", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                http=timed_protocol(args.header_timeout, args.body_timeout))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5,
+                                           http=timed_protocol(args.header_timeout, args.body_timeout)))
+    if engine is not None:
+        engine.on_exit = lambda: setattr(server, "should_exit", True)  # stop as on SIGTERM, then exit 1 below
+    try:
+        server.run()
+    finally:
+        if engine is not None:
+            engine.close()
+    if engine is not None and engine.died:
+        raise SystemExit("error: the engine process exited; serve.py stopped with it")
 
 
 if __name__ == "__main__":

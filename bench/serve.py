@@ -5,9 +5,9 @@ bench/serve.py: serve.py under N concurrent streaming clients, batched against o
     python bench/serve.py --clients 1 8 --tokens 128 --preset tiny
 
 For each engine (--max-batch 1, the one-at-a-time FIFO, and --max-batch 16, continuous
-batching) a real `python serve.py` process is started on loopback with a random-weight
-model of --preset (a 512-token tokenizer trained on the test fixture, so
-nothing is downloaded). N clients then each stream one /v1/completions answer of exactly
+batching) a real `python serve.py` process (and its engine process, unless --single-process)
+is started on loopback with a random-weight model of --preset (a 512-token tokenizer trained
+on the test fixture, so nothing is downloaded). N clients then each stream one /v1/completions answer of exactly
 --tokens tokens at once (a base checkpoint, sampled with a fixed seed per client, so no
 answer stops early; checked through usage). Reported per N: aggregate tokens/s (all
 tokens / wall time of the round), time to first token p50/p95, and the gap between a
@@ -64,11 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, max_batch: int, tokens: int, log) -> tuple[subprocess.Popen, int]:
+def start_server(checkpoint: Path, max_batch: int, tokens: int, log, flags=()) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--device", "cpu",
                              "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "64",
-                             "--max-tokens", str(tokens), "--log-level", "warning"],
+                             "--max-tokens", str(tokens), "--log-level", "warning", *flags],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     deadline = time.time() + 120
@@ -151,6 +151,8 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="--max-batch of the batched engine (default %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="rounds per engine and client count; the median is "
                                                          "reported (default %(default)s)")
+    p.add_argument("--single-process", action="store_true", help="run both servers with --single-process (the model "
+                                                                   "in serve.py's process, as before the engine process)")
     p.add_argument("--tokenizer", help="a tokenizer folder (e.g. the demo's, 8,192 tokens): the random model gets its "
                                        "vocabulary (default: 512 tokens trained on the test fixture)")
     args = p.parse_args()
@@ -160,8 +162,8 @@ def main():
     servers = {}
     try:
         for max_batch in engines:
-            servers[max_batch] = start_server(checkpoint, max_batch, args.tokens,
-                                              open(folder / f"serve_{max_batch}.log", "w"))
+            servers[max_batch] = start_server(checkpoint, max_batch, args.tokens, open(folder / f"serve_{max_batch}.log", "w"),
+                                              ["--single-process"] * args.single_process)
             round_of(servers[max_batch][1], 2, 8)  # warm-up
         rounds = {}
         for n in args.clients:

@@ -1,7 +1,7 @@
 """deploy/: Debian's real nginx, with deploy/nginx/nanoschnack-proxy.conf as shipped, in front
 of a real `python serve.py` on loopback ports. A streamed answer must arrive through the proxy
-piece by piece: the server holds its generation after the first piece (engine.on_piece, set by
-a small launcher around serve.main) until the test has read that piece through nginx, so a
+piece by piece: the server holds the stream after its first piece (a small launcher around
+serve.main wraps serve.stream_answer) until the test has read that piece through nginx, so a
 buffering proxy would fail the test, not just slow it down. The API key is enforced through it.
 nginx runs as a non-daemon child with its own prefix, pid, logs and temp paths in tmp."""
 import http.client
@@ -22,21 +22,21 @@ from test_serve import chat_body, free_port, wait_for
 KEY = "sk-durch-den-proxy"
 PROXY_CONF = REPO_ROOT / "deploy" / "nginx" / "nanoschnack-proxy.conf"
 
-# serve.main with a hook that holds the first answer at its second piece until a line comes on stdin
+# serve.main with a hook that holds the first stream after its first piece of text until a line comes on
+# stdin: the piece is handed to the socket, and nothing more is sent until the test has read it through nginx
 LAUNCHER = """
-import sys, serve
-create_app = serve.create_app
-def held_app(*args, **kwargs):
-    app = create_app(*args, **kwargs)
-    pieces = []
-    def hold(job):
-        pieces.append(job)
-        if len(pieces) == 2:
+import asyncio, json, sys, serve
+stream_answer, streams = serve.stream_answer, []
+async def held_stream_answer(*args, **kwargs):
+    streams.append(1)
+    first = len(streams) == 1
+    async for chunk in stream_answer(*args, **kwargs):
+        yield chunk
+        if first and chunk.startswith("data: {") and json.loads(chunk[6:])["choices"][0]["delta"].get("content"):
+            first = False
             print("held", flush=True)
-            sys.stdin.readline()
-    app.state.engine.on_piece = hold
-    return app
-serve.create_app = held_app
+            await asyncio.to_thread(sys.stdin.readline)
+serve.stream_answer = held_stream_answer
 serve.main(sys.argv[1:])
 """
 
@@ -145,7 +145,7 @@ def test_streams_piece_by_piece_through_nginx_and_needs_the_key(stack):
         events.append(json.loads(event))
         if events[-1]["choices"][0]["delta"].get("content"):
             break
-    assert readline_within(server.stdout, 120) == "held"  # the generation really is waiting at piece 2
+    assert readline_within(server.stdout, 120) == "held"  # the server really sends nothing more yet
     server.stdin.write(b"go\n")
     server.stdin.flush()
     while (event := next_event()) not in (None, "[DONE]"):

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,10 +139,11 @@ def chat_body(question, max_tokens=24, **extra):
 class Stream:
     """A streaming request on its own connection, read event by event (so a test can stop reading and hang up)."""
 
-    def __init__(self, url, body, path="/v1/chat/completions"):
+    def __init__(self, url, body, path="/v1/chat/completions", headers=None):
         host, port = url.removeprefix("http://").split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
-        self.conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        self.conn.request("POST", path, json.dumps({**body, "stream": True}),
+                          {"Content-Type": "application/json", **(headers or {})})
         self.response = self.conn.getresponse()
         self.status = self.response.status
 
@@ -196,8 +198,9 @@ def server(tmp_path_factory, small_tokenizer):
 @pytest.fixture(scope="module")
 def base_server(tmp_path_factory, small_tokenizer):
     folder = tmp_path_factory.mktemp("serve_base")
+    # one at a time, and the model in serve.py's own process (--single-process): main()'s other way
     server = Server(make_checkpoint(folder, small_tokenizer, kind="base", sequence_len=256),
-                    ["--max-batch", "1", "--log-level", "warning"], folder)
+                    ["--max-batch", "1", "--single-process", "--log-level", "warning"], folder)
     yield server.url
     server.stop()
 
@@ -826,8 +829,8 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     assert all(r.first_content() for r in running)  # both rows of the batch are taken
     waiting = [Stream(server, chat_body(q, max_tokens=LONG)) for q in QUESTIONS[1:]]  # --max-queue 3
     assert [w.status for w in waiting] == [200, 200, 200]
-    h = health(server)
-    assert h["running"] == MAX_BATCH and h["queued"] == 3, h
+    # /health hears from the engine process within engine.STATS_SECONDS: wait for it, not for time
+    health_when(server, lambda h: h["running"] == MAX_BATCH and h["queued"] == 3, "two running and three queued")
     status, head, answer = request(server, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
     assert status == 429 and answer["error"]["code"] == "queue_full" and head["Retry-After"] == "1"
     assert answer["error"]["type"] == "rate_limit_error" and "busy" in answer["error"]["message"]
@@ -840,6 +843,51 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 3 + MAX_BATCH and after["rejected"] == before["rejected"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
+
+
+def engine_process_of(server) -> int:
+    """The pid of serve.py's engine process (multiprocessing's spawned child; not its resource tracker)."""
+    pid = server.proc.pid
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+            return int(child)
+    raise AssertionError(f"serve.py (pid {pid}) has no engine process")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+def test_when_the_engine_process_dies_open_requests_fail_and_serve_py_stops(tmp_path, small_tokenizer):
+    server = Server(make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256),
+                    ["--max-batch", "1", "--rate-limit-tokens", "1", "--trusted-proxy", "127.0.0.1",
+                     "--log-level", "warning"], tmp_path)
+    client = lambda n: {"X-Forwarded-For": f"10.0.0.{n}"}
+    try:
+        status, _, answer = request(server.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0], max_tokens=8),
+                                    client(1))
+        assert status == 200 and answer["usage"]["completion_tokens"] > 0  # the one-at-a-time engine, over there
+        # its generated tokens came back to the rate limit: client 1 owes tokens now
+        status, _, answer = request(server.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]), client(1))
+        assert status == 429 and "--rate-limit-tokens" in answer["error"]["message"], answer
+        engine_pid = engine_process_of(server)
+        os.kill(engine_pid, signal.SIGSTOP)  # frozen: the next request is accepted, and then waits
+        stream = Stream(server.url, chat_body(QUESTIONS[1], max_tokens=8), headers=client(2))
+        events = stream.events()
+        assert stream.status == 200 and next(events)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        os.kill(engine_pid, signal.SIGKILL)
+        rest = list(events)
+        assert rest[-1] == "[DONE]" and "the engine process exited" in rest[-2]["error"]["message"], rest
+        assert server.proc.wait(60) == 1  # systemd's Restart=on-failure starts it again
+        assert "error: the engine process exited; serve.py stopped with it" in server.output()
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_that_cannot_start_is_one_error_line(tmp_path, small_tokenizer):
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--device",
+                           "nonsense", "--port", str(free_port())], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown device 'nonsense'"), proc.stderr
 
 
 def test_base_model_serves_completions_only(base_server):
