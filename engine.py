@@ -50,6 +50,7 @@ import functools
 import itertools
 import math
 import multiprocessing
+import os
 import pickle
 import sys
 import threading
@@ -660,6 +661,8 @@ def engine_process(commands, events, checkpoint: str, device: str | None, max_ba
     except SystemExit as e:  # load_session's clear "error: ..." messages
         events.send(("failed", str(e)))
         return
+    if session.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # a core stays with serve.py's HTTP side
     engine = make_engine(session, max_batch, math.inf)  # EngineProcess.submit applies --max-queue
     events.send(("ready", str(session.device), {**engine_stats(engine), "metrics": engine.metrics}))
     outbox = Outbox(events, engine)
@@ -763,6 +766,8 @@ class EngineProcess:
         threading.Thread(target=self._receive, name="engine-events", daemon=True).start()
 
     def submit(self, job: Job) -> None:
+        if self.died:  # serve.py is stopping
+            raise RuntimeError("the engine process exited")
         if len(self.jobs) >= self.max_queue + self.slots:
             self.rejected += 1
             raise QueueFull(f"the server is busy: {len(self.jobs) - self.slots} requests are waiting already "

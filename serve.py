@@ -15,8 +15,9 @@ Endpoints:
 How requests share the model: engine.py (a queue of jobs, one worker thread that owns
 the model; one answer at a time with --max-batch 1, else continuous batching), run in an
 engine process of its own unless --single-process. This file is the HTTP side: it reads and
-checks requests, submits engine.Jobs, and writes their pieces as OpenAI's responses. One process serves one model on one device; for several GPUs run
-one server per GPU (--device cuda:N --port ...) behind a load balancer.
+checks requests, submits engine.Jobs, and writes their pieces as OpenAI's responses. One
+server serves one model on one device; for several GPUs run one server per GPU
+(--device cuda:N --port ...) behind a load balancer.
 
 The session's KV cache is kept between requests, so the next turn of the same
 conversation (the page sends the whole history each time) only prefills the new
@@ -477,7 +478,8 @@ def create_app(session: chat.ChatSession, limits: Limits | None = None, model_na
     process, on session's model, with limits.max_batch rows."""
     limits = limits or Limits()
     access = access or Access()
-    engine = engine or make_engine(session, limits.max_batch, limits.max_queue)
+    if engine is None:
+        engine = make_engine(session, limits.max_batch, limits.max_queue)
     defaults = session.sampling
     app = FastAPI(title="nanoschnack", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /health/ is a 404, not a redirect to http://<any Host>/health
