@@ -683,6 +683,7 @@ def main(argv=None) -> None:
     else:  # this side needs the tokenizer and settings; the engine process loads the model on the device
         session = chat.load_session(args.checkpoint, "cpu", sampling)
         engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue)
+        session.model.to("meta")  # this side never runs it: its weights need no memory here
         session.device = engine.device
     app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access, engine)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"
