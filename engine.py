@@ -52,6 +52,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -656,6 +657,10 @@ def engine_process(commands, events, checkpoint: str, device: str | None, max_ba
 
     In come ("submit", id, Job.spec()) and ("cancel", id); out go ("ready", device, stats) or ("failed",
     message) once, then ("events", [(id, event), ...], stats): what the jobs emitted, and the engine's counters."""
+    # Ctrl-C in a terminal and systemd's stop signal reach every process of the group: serve.py
+    # stops gracefully, letting answers finish, and then closes our pipe, which is our end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         session = chat.load_session(checkpoint, device)
     except SystemExit as e:  # load_session's clear "error: ..." messages

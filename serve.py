@@ -698,6 +698,8 @@ def main(argv=None) -> None:
         engine.on_exit = lambda: setattr(server, "should_exit", True)  # stop as on SIGTERM, then exit 1 below
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has handled; uvicorn.run() swallows it so too
+        pass
     finally:
         if engine is not None:
             engine.close()

@@ -845,9 +845,8 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
 
 
-def engine_process_of(server) -> int:
+def engine_process_of(pid: int) -> int:
     """The pid of serve.py's engine process (multiprocessing's spawned child; not its resource tracker)."""
-    pid = server.proc.pid
     for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
         if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
             return int(child)
@@ -867,7 +866,7 @@ def test_when_the_engine_process_dies_open_requests_fail_and_serve_py_stops(tmp_
         # its generated tokens came back to the rate limit: client 1 owes tokens now
         status, _, answer = request(server.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]), client(1))
         assert status == 429 and "--rate-limit-tokens" in answer["error"]["message"], answer
-        engine_pid = engine_process_of(server)
+        engine_pid = engine_process_of(server.proc.pid)
         os.kill(engine_pid, signal.SIGSTOP)  # frozen: the next request is accepted, and then waits
         stream = Stream(server.url, chat_body(QUESTIONS[1], max_tokens=8), headers=client(2))
         events = stream.events()
@@ -879,6 +878,43 @@ def test_when_the_engine_process_dies_open_requests_fail_and_serve_py_stops(tmp_
         assert "error: the engine process exited; serve.py stopped with it" in server.output()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
+@pytest.mark.parametrize("sig, exit_code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])
+def test_ctrl_c_and_systemd_stop_end_both_processes_cleanly(tmp_path, small_tokenizer, sig, exit_code):
+    """Ctrl-C in a terminal and `systemctl stop` signal every process of the group: serve.py stops as
+    uvicorn does (exit 0 after Ctrl-C; after SIGTERM uvicorn dies of the signal it re-raises), the
+    engine process with it, and neither prints a traceback nor takes the other for dead."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--device",
+                             "cpu", "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    def up():
+        try:
+            return get(f"http://127.0.0.1:{port}", "/health")[0] == 200
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[1]
+            return False
+
+    def ended(pid):  # gone, or a zombie nobody reaped yet (whoever adopted it)
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    try:
+        wait_for(up, 180, "serve.py to start", interval=0.2)
+        engine_pid = engine_process_of(proc.pid)
+        os.killpg(proc.pid, sig)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == exit_code and "Traceback" not in stderr and "engine process exited" not in stderr, stderr
+    wait_for(lambda: ended(engine_pid), 30, "the engine process to end")
 
 
 def test_an_engine_process_that_cannot_start_is_one_error_line(tmp_path, small_tokenizer):
