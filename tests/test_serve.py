@@ -892,6 +892,7 @@ def test_ctrl_c_and_systemd_stop_end_both_processes_cleanly(tmp_path, small_toke
                              "cpu", "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
                             cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+
     def up():
         try:
             return get(f"http://127.0.0.1:{port}", "/health")[0] == 200
