@@ -85,7 +85,7 @@ class BatchCache:
     def __init__(self, model, rows: int, max_len: int):
         c = model.config
         p = model.lm_head.weight
-        dtype = torch.bfloat16 if p.device.type == "cuda" else p.dtype  # what autocast makes of k and v
+        dtype = gpt.default_dtype(p.device)  # what autocast (decode, prefill) makes of k and v
         shape = (c.n_layer, rows, c.n_kv_head, max_len, c.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -669,7 +669,7 @@ def engine_process(commands, events, checkpoint: str, device: str | None, max_ba
     if session.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # a core stays with serve.py's HTTP side
     engine = make_engine(session, max_batch, math.inf)  # EngineProcess.submit applies --max-queue
-    events.send(("ready", str(session.device), {**engine_stats(engine), "metrics": engine.metrics}))
+    events.send(("ready", str(session.device), engine_stats(engine)))
     outbox = Outbox(events, engine)
     jobs = {}
     while True:
@@ -679,7 +679,7 @@ def engine_process(commands, events, checkpoint: str, device: str | None, max_ba
             return
         if kind == "submit":
             job = jobs[job_id] = Job(**spec[0], deliver=functools.partial(outbox.put, job_id, jobs))
-            job.on_finish = lambda tokens, job_id=job_id: outbox.put(job_id, jobs, ("finished", tokens))
+            job.on_finish = functools.partial(job.emit, "finished")  # the tokens to charge, before "done"
             engine.submit(job)
         elif kind == "cancel" and (job := jobs.get(job_id)) is not None:
             engine.cancel(job)
@@ -711,12 +711,14 @@ class Outbox:
                 pending, self.pending = self.pending, []
             stats = engine_stats(self.engine)
             if pending or stats != sent:
-                self.conn.send(("events", [(i, portable(e)) for i, e in pending], {**stats, "metrics": self.engine.metrics}))
+                self.conn.send(("events", [(i, portable(e)) for i, e in pending], stats))
                 sent = stats
 
 
 def engine_stats(engine: Queue) -> dict:
-    return dict(counts=dict(engine.counts), queued=engine.queued, running=engine.running, busy=engine.busy)
+    """What EngineProcess reports of the engine (metrics: the engine's own object, so it compares equal
+    until the counts change, which is when it changes)."""
+    return dict(counts=dict(engine.counts), queued=engine.queued, running=engine.running, metrics=engine.metrics)
 
 
 def portable(event: tuple) -> tuple:
@@ -850,8 +852,8 @@ class EngineProcess:
         return self.stats["running"]
 
     @property
-    def busy(self) -> bool:
-        return self.stats["busy"]
+    def busy(self) -> bool:  # as both engines': something runs
+        return self.running > 0
 
 
 async def job_events(job: Job, idle_seconds: float):
