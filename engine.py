@@ -13,29 +13,11 @@ and a slow generation never blocks other requests from being answered. A job who
 goes away is marked cancelled: the worker stops it before the next token (or skips it
 while it still waits) and moves on.
 
-Continuous batching decodes many sequences at once on one model. gpt.py's KVCache holds B sequences that all sit at the same position, which is what
-training-style generation needs. A server's sequences do not: they arrive at different
-times with prompts of different lengths. So here:
+Continuous batching decodes many sequences at once on one model, each at its own position,
+on session.py's BatchCache (its docstring says how). BatchEngine admits newcomers into free rows,
+prefills their prompts together, and decodes all running rows in one forward per step.
 
-- BatchCache: keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len,
-  head_dim), and each row's own length. A row is a slot: a request takes a free one,
-  fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
-- decode(): one new token for each of rows 0..n-1 in one forward, through the same
-  gpt.GPT.forward: BatchCache.rows(0, n) is a cache whose rows each have their own
-  position (rotary angle), write their key and value at their own length, and attend
-  to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
-  the three things GPT.forward asks of a cache.
-- prefill(): the prompts of newcomers, each after its own cached prefix, in one forward
-  over their rows, right-padded to the longest (a padding token's key lands after its
-  row's length, where no query of that row looks, and the next tokens overwrite it).
-
-In its own process (EngineProcess, serve.py's default): the engine above runs unchanged in a
-child process that loads the same checkpoint, and serve.py talks to it through two pipes: jobs
-(as plain data, Job.SPEC) and cancellations go there, the jobs' events come back in batches
-with the engine's counters. This is how vLLM runs its engine core, and for the same reason: in
-one process the event loop's work for every streamed piece (HTTP, JSON, the socket) and the
-worker's forward take turns on one interpreter lock, so a decode step of 8 streams also waits
-for 8 pieces' worth of HTTP. Apart are both on their own core (bench/RESULTS.md has the numbers).
+In its own process: engine_process.py (EngineProcess, serve.py's default).
 
 Exactness: on CPU in fp32, prefill() and decode() give a row the logits of the single-sequence path
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
@@ -46,22 +28,15 @@ On CUDA with bf16 autocast the rounding is bf16's, and near-ties flip more easil
 """
 import asyncio
 import collections
-import functools
-import itertools
 import math
-import multiprocessing
-import os
-import pickle
-import signal
 import sys
 import threading
 import time
 
 import torch
 
-import chat
 import gpt
-from gpt import autocast
+from session import BatchCache, ChatSession, Reply, Sampling, common_prefix_len, decode, prefill
 
 
 def log(text: str) -> None:
@@ -74,107 +49,13 @@ class QueueFull(Exception):
 
 
 # -----------------------------------------------------------------------------
-# The batch cache: many sequences, each at its own position, on one model
-
-class BatchCache:
-    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length.
-
-    The sequences decoded together are always rows 0..n-1 (BatchEngine keeps them there with
-    swap()), so a decode step reads the cache through slices, never copies it by index."""
-
-    def __init__(self, model, rows: int, max_len: int):
-        c = model.config
-        p = model.lm_head.weight
-        dtype = gpt.default_dtype(p.device)  # what autocast (decode, prefill) makes of k and v
-        shape = (c.n_layer, rows, c.n_kv_head, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=p.device)
-        self.lengths = [0] * rows  # tokens cached per row
-        self.max_len = max_len
-
-    def swap(self, i: int, j: int) -> None:
-        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
-        n = max(self.lengths[i], self.lengths[j])
-        if i != j and n:
-            for t in (self.k, self.v):
-                row_i = t[:, i, :, :n].clone()
-                t[:, i, :, :n] = t[:, j, :, :n]
-                t[:, j, :, :n] = row_i
-        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
-
-    def rows(self, start: int, stop: int) -> "Rows":
-        return Rows(self, start, stop)
-
-
-class Rows:
-    """Rows start..stop-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
-
-    def __init__(self, cache: BatchCache, start: int, stop: int):
-        self.cache, self.start, self.stop, self.n = cache, start, stop, stop - start
-        device = cache.k.device
-        self.index = torch.arange(self.n, device=device)
-        self.lengths = torch.tensor(cache.lengths[start:stop], device=device)
-        self.longest = max(cache.lengths[start:stop])
-        self.mask = None  # the same for every layer: made by the first
-
-    def positions(self, T: int, device=None) -> torch.Tensor:
-        """(n, T): row i's new tokens follow its own cached ones."""
-        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write each row's new k, v (n, H_kv, T, D) at its own positions; return the rows' keys and values
-        up to the longest row (slices: no copy), and a mask (n, 1, T, Tk) that hides other rows' lengths
-        and the future."""
-        T = k.shape[2]
-        end = self.longest + T
-        if end > self.cache.max_len:
-            raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
-        positions = self.positions(T)
-        ck, cv = self.cache.k[layer, self.start:self.stop], self.cache.v[layer, self.start:self.stop]
-        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
-        cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
-        if self.mask is None:  # key j is visible to a query at position p when j <= p
-            self.mask = (torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None])[:, None]
-        return ck[:, :, :end], cv[:, :, :end], self.mask
-
-    def advance(self, T: int) -> None:
-        for r in range(self.start, self.stop):
-            self.cache.lengths[r] += T
-        self.lengths += T
-        self.longest += T
-        self.mask = None
-
-
-@torch.inference_mode()
-def prefill(model, cache: BatchCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
-    """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
-    them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
-    stop, T = start + len(prompts), max(len(p) for p in prompts)
-    cache.lengths[start:stop] = keeps
-    x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=cache.k.device)
-    with autocast(x.device):
-        logits = model(x, kv_cache=cache.rows(start, stop))
-    cache.lengths[start:stop] = [keep + len(p) for keep, p in zip(keeps, prompts)]  # the padding is not kept
-    return logits[range(len(prompts)), [len(p) - 1 for p in prompts]].float()
-
-
-@torch.inference_mode()
-def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
-    """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
-    x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
-    with autocast(x.device):
-        logits = model(x, kv_cache=cache.rows(0, len(tokens)))[:, -1]
-    return logits.float()
-
-
-# -----------------------------------------------------------------------------
 # Jobs, the queue, and the two engines
 
 class RequestTimeout(Exception):
     """A request outlived --request-timeout (waiting and generating together)."""
 
 
-def completion_tokens(reply: chat.Reply) -> int:
+def completion_tokens(reply: Reply) -> int:
     """The one rule for counting generated tokens, in usage and in /health: every sampled
     token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
     return len(reply.ids) + (reply.finish_reason == "stop")
@@ -185,7 +66,7 @@ FINAL = ("done", "error", "cancelled")  # a job's last event: it has no more aft
 
 class Job:
     """One request's generation. The worker reports through `emit`: ("piece", text)..., then
-    ("done", chat.Reply) or ("error", exception), or ("cancelled", None) when it is dropped
+    ("done", Reply) or ("error", exception), or ("cancelled", None) when it is dropped
     before it starts; by default into `events`, an asyncio queue of the event loop that made the job.
 
     What to generate is plain data (SPEC), so a job can be sent to the engine process:
@@ -196,12 +77,12 @@ class Job:
 
     SPEC = ("prompt", "sampling", "seed", "cache_key", "deadline", "stop_ids", "dropped", "messages", "text", "submitted")
 
-    def __init__(self, prompt: list[int], sampling: chat.Sampling, seed: int | None = None, cache_key=None,
+    def __init__(self, prompt: list[int], sampling: Sampling, seed: int | None = None, cache_key=None,
                  deadline: float = math.inf, stop_ids=(), dropped: int = 0, messages: list[dict] | None = None,
                  text: str | None = None, submitted: float | None = None, deliver=None):
         self.prompt, self.sampling, self.seed, self.cache_key, self.deadline = prompt, sampling, seed, cache_key, deadline
         self.stop_ids, self.dropped, self.messages, self.text = stop_ids, dropped, messages, text
-        self.reply: chat.Reply | None = None  # the answer so far, once the job runs
+        self.reply: Reply | None = None  # the answer so far, once the job runs
         self.submitted = time.monotonic() if submitted is None else submitted  # for the metrics (a clock all
         self.first_piece = None                                                # processes of this machine share)
         if deliver is None:
@@ -215,7 +96,7 @@ class Job:
     def spec(self) -> dict:
         return {name: getattr(self, name) for name in self.SPEC}
 
-    def generate(self, session: chat.ChatSession):
+    def generate(self, session: ChatSession):
         """The one-at-a-time engine's generation: an iterator of text pieces."""
         if self.messages is not None:
             return session.stream(self.messages, self.sampling)
@@ -253,7 +134,7 @@ class Metrics:
         self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # seconds, from arrival
         self.rate = Histogram((1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))  # tokens/s of one answer
 
-    def finished(self, job: Job, reply: chat.Reply) -> None:
+    def finished(self, job: Job, reply: Reply) -> None:
         if job.first_piece is None:
             return
         self.ttft.observe(job.first_piece - job.submitted)
@@ -321,7 +202,7 @@ class Queue:
             return True
         return False
 
-    def finish(self, job: Job, reply: chat.Reply, timed_out: bool = False) -> None:
+    def finish(self, job: Job, reply: Reply, timed_out: bool = False) -> None:
         """Count a job that generated (completely or not) and tell its client."""
         self.counts["completion_tokens"] += completion_tokens(reply)
         if job.on_finish is not None:
@@ -339,7 +220,7 @@ class Engine(Queue):
     """One generation at a time (--max-batch 1): a worker thread runs the queued jobs on one
     ChatSession, in FIFO order. Simple, and the reference the batched engine is measured against."""
 
-    def __init__(self, session: chat.ChatSession, max_queue: int):
+    def __init__(self, session: ChatSession, max_queue: int):
         super().__init__(max_queue)
         self.session = session
         self.busy = False
@@ -528,8 +409,8 @@ class BatchEngine(Queue):
         prompt, free = job.prompt, self.rows[position:]
         mine = [r for r in free if job.cache_key is not None and r.owner == job.cache_key]
         if mine:  # this client's longest cached prefix
-            row = max(mine, key=lambda r: chat.common_prefix_len(r.ids, prompt))
-            keep = min(chat.common_prefix_len(row.ids, prompt), len(prompt) - 1)
+            row = max(mine, key=lambda r: common_prefix_len(r.ids, prompt))
+            keep = min(common_prefix_len(row.ids, prompt), len(prompt) - 1)
         else:  # the least recently used free row; whatever it held is overwritten
             row, keep = min(free, key=lambda r: r.used), 0
         self.steps += 1
@@ -545,7 +426,7 @@ class BatchEngine(Queue):
 
     def _start(self, row: Row, job: Job, keep: int, logits: torch.Tensor) -> None:
         row.logits, row.ids = logits, list(job.prompt)
-        job.reply = chat.Reply(prompt_tokens=len(job.prompt), cached_tokens=keep, dropped_messages=job.dropped)
+        job.reply = Reply(prompt_tokens=len(job.prompt), cached_tokens=keep, dropped_messages=job.dropped)
         if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
             row.rng = torch.Generator(device=self.cache.k.device)
             row.rng.manual_seed(job.seed)
@@ -639,221 +520,11 @@ class BatchEngine(Queue):
         self.finish(job, reply, timed_out)
 
 
-def make_engine(session: chat.ChatSession, max_batch: int, max_queue: float):
+def make_engine(session: ChatSession, max_batch: int, max_queue: float):
     """The engine for --max-batch: one answer at a time for 1, else continuous batching."""
     if max_batch > 1:
         return BatchEngine(session.model, session.tokenizer, session.context_len, max_batch, max_queue)
     return Engine(session, max_queue)
-
-
-# -----------------------------------------------------------------------------
-# The engine in a process of its own
-
-STATS_SECONDS = 0.1  # the engine process sends its counters this often when they changed without an event
-
-
-def engine_process(commands, events, checkpoint: str, device: str | None, max_batch: int) -> None:
-    """The engine process's main (EngineProcess starts it): load the model, run an engine on it, and relay.
-
-    In come ("submit", id, Job.spec()) and ("cancel", id); out go ("ready", device, stats) or ("failed",
-    message) once, then ("events", [(id, event), ...], stats): what the jobs emitted, and the engine's counters."""
-    # Ctrl-C in a terminal and systemd's stop signal reach every process of the group: serve.py
-    # stops gracefully, letting answers finish, and then closes our pipe, which is our end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        session = chat.load_session(checkpoint, device)
-    except SystemExit as e:  # load_session's clear "error: ..." messages
-        events.send(("failed", str(e)))
-        return
-    if session.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))  # a core stays with serve.py's HTTP side
-    engine = make_engine(session, max_batch, math.inf)  # EngineProcess.submit applies --max-queue
-    events.send(("ready", str(session.device), engine_stats(engine)))
-    outbox = Outbox(events, engine)
-    jobs = {}
-    while True:
-        try:
-            kind, job_id, *spec = commands.recv()
-        except EOFError:  # serve.py is gone (or closed us): so are its clients
-            return
-        if kind == "submit":
-            job = jobs[job_id] = Job(**spec[0], deliver=functools.partial(outbox.put, job_id, jobs))
-            job.on_finish = functools.partial(job.emit, "finished")  # the tokens to charge, before "done"
-            engine.submit(job)
-        elif kind == "cancel" and (job := jobs.get(job_id)) is not None:
-            engine.cancel(job)
-
-
-class Outbox:
-    """The engine process's events on their way to serve.py. A thread sends whatever has gathered
-    in one message (a step's pieces for all rows cost one write), with the engine's counters; and the
-    counters alone when they changed without an event (checked every STATS_SECONDS)."""
-
-    def __init__(self, conn, engine: Queue):
-        self.conn, self.engine = conn, engine
-        self.pending, self.cond = [], threading.Condition()
-        threading.Thread(target=self._send, name="events", daemon=True).start()
-
-    def put(self, job_id: int, jobs: dict, event: tuple) -> None:
-        """A job's event; after its last one, the job leaves `jobs` (the engine process's open jobs by id)."""
-        if event[0] in FINAL:
-            jobs.pop(job_id, None)
-        with self.cond:
-            self.pending.append((job_id, event))
-            self.cond.notify()
-
-    def _send(self) -> None:
-        sent = None
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.pending, timeout=STATS_SECONDS)
-                pending, self.pending = self.pending, []
-            stats = engine_stats(self.engine)
-            if pending or stats != sent:
-                self.conn.send(("events", [(i, portable(e)) for i, e in pending], stats))
-                sent = stats
-
-
-def engine_stats(engine: Queue) -> dict:
-    """What EngineProcess reports of the engine (metrics: the engine's own object, so it compares equal
-    until the counts change, which is when it changes)."""
-    return dict(counts=dict(engine.counts), queued=engine.queued, running=engine.running, metrics=engine.metrics)
-
-
-def portable(event: tuple) -> tuple:
-    """An event that pickles: an exception that does not becomes a RuntimeError with its text."""
-    kind, value = event
-    if isinstance(value, Exception):
-        try:
-            pickle.loads(pickle.dumps(value))
-        except Exception:
-            return kind, RuntimeError(f"{type(value).__name__}: {value}")
-    return event
-
-
-class EngineProcess:
-    """serve.py's engine in a process of its own, as vLLM runs its engine core: the event loop
-    (HTTP, JSON, server-sent events) and the worker thread (the model) no longer take turns on
-    one interpreter lock. In one process, a step of 8 streams waits for the event loop's work on
-    8 pieces; measured in bench/RESULTS.md.
-
-    The engine process loads the same checkpoint and runs Engine or BatchEngine as they are;
-    this side has their interface (submit, cancel, queued, running, busy, counts, metrics). Jobs
-    go there as their SPEC, their events come back in one message per batch (Outbox), and are
-    passed on to each job's own queue. --max-queue is applied here with the engines' rule,
-    which counts only jobs not yet finished: waiting + running >= max_queue + rows. If the
-    engine process dies, every open request gets an error and `on_exit` is called (serve.py
-    stops, so that systemd restarts it)."""
-
-    def __init__(self, checkpoint: str, device: str | None, max_batch: int, max_queue: int):
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA cannot start in a forked one
-        self.events, events_out = ctx.Pipe(duplex=False)
-        commands_in, self.commands = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=engine_process, args=(commands_in, events_out, checkpoint, device, max_batch),
-                                   name="nanoschnack-engine", daemon=True)
-        self.process.start()
-        commands_in.close()
-        events_out.close()  # ours: so that recv() ends with EOFError when the engine process is gone
-        try:
-            kind, detail, *stats = self.events.recv()
-        except EOFError:
-            self.process.join(10)
-            raise SystemExit(f"error: the engine process exited with code {self.process.exitcode} while loading "
-                             f"{checkpoint} (its messages are above)")
-        if kind == "failed":
-            raise SystemExit(detail)
-        self.device, self.max_queue, self.slots = detail, max_queue, max_batch
-        self.jobs: dict[int, Job] = {}  # submitted, not finished
-        self.ids = itertools.count()
-        self.rejected = 0
-        self.stats = stats[0]
-        self.closing, self.died, self.on_exit = False, False, None
-        self.lock = threading.Lock()  # one writer at a time on the command pipe
-        threading.Thread(target=self._receive, name="engine-events", daemon=True).start()
-
-    def submit(self, job: Job) -> None:
-        if self.died:  # serve.py is stopping
-            raise RuntimeError("the engine process exited")
-        if len(self.jobs) >= self.max_queue + self.slots:
-            self.rejected += 1
-            raise QueueFull(f"the server is busy: {len(self.jobs) - self.slots} requests are waiting already "
-                            f"(--max-queue {self.max_queue}); try again in a moment")
-        job.id = next(self.ids)
-        self.jobs[job.id] = job
-        self._send(("submit", job.id, job.spec()))
-
-    def cancel(self, job: Job) -> None:
-        """As the engines' cancel: its end ("cancelled" or "done") comes back as an event."""
-        if job.id in self.jobs and not job.cancelled.is_set():
-            job.cancelled.set()
-            self._send(("cancel", job.id))
-
-    def _send(self, command: tuple) -> None:
-        with self.lock:
-            try:
-                self.commands.send(command)
-            except OSError:  # the engine process is gone: _receive fails the jobs
-                pass
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                _, events, self.stats = self.events.recv()
-            except (EOFError, OSError):
-                return self._engine_gone()
-            for job_id, (kind, value) in events:
-                job = self.jobs.get(job_id)
-                if job is None:
-                    continue
-                if kind == "finished":  # the tokens it generated, for the rate limits
-                    if job.on_finish is not None:
-                        job.on_finish(value)
-                    continue
-                if kind in FINAL:
-                    del self.jobs[job_id]
-                job.emit(kind, value)
-
-    def _engine_gone(self) -> None:
-        if self.closing:
-            return
-        self.died = True
-        self.process.join(5)
-        log(f"the engine process exited (code {self.process.exitcode}): failing {len(self.jobs)} open requests "
-            f"and stopping")
-        for job in list(self.jobs.values()):
-            job.emit("error", RuntimeError("the engine process exited"))
-        self.jobs.clear()
-        if self.on_exit is not None:
-            self.on_exit()
-
-    def close(self) -> None:
-        """Stop the engine process (serve.py, on shutdown)."""
-        self.closing = True
-        self.commands.close()
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-
-    @property
-    def counts(self) -> collections.Counter:
-        return collections.Counter({**self.stats["counts"], "rejected": self.rejected})
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.stats["metrics"]
-
-    @property
-    def queued(self) -> int:
-        return self.stats["queued"]
-
-    @property
-    def running(self) -> int:
-        return self.stats["running"]
-
-    @property
-    def busy(self) -> bool:  # as both engines': something runs
-        return self.running > 0
 
 
 async def job_events(job: Job, idle_seconds: float):

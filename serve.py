@@ -69,11 +69,12 @@ try:
 except ImportError as e:
     raise SystemExit(f"error: serve.py needs the web extra ({e.name} is missing): pip install -e '.[web]'")
 
-import chat
 from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited, default_allowed_hosts, host_name,
                     read_key_file, timed_protocol)
-from engine import (Engine, EngineProcess, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log,
+from engine import (Engine, Job, QueueFull, RequestTimeout, completion_tokens, job_events, log,
                     make_engine)
+from engine_process import EngineProcess
+from session import MIN_TEMPERATURE, MIN_TOP_P, ChatSession, Reply, Sampling, fit_to_context, load_session
 from tok import ConversationError, check_conversation
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -203,10 +204,10 @@ def strict(data: dict, name: str, kind, what: str):
     return value
 
 
-def read_sampling(data: dict, defaults: chat.Sampling, limits: Limits) -> tuple[chat.Sampling, int | None]:
+def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampling, int | None]:
     """OpenAI's sampling fields (and vLLM's top_k) over the server's defaults; (sampling, seed).
 
-    Temperatures below chat.MIN_TEMPERATURE (and top_p below chat.MIN_TOP_P) are greedy:
+    Temperatures below MIN_TEMPERATURE (and top_p below MIN_TOP_P) are greedy:
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
     if strict(data, "n", int, "an integer") not in (None, 1):
         raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
@@ -232,7 +233,7 @@ def read_sampling(data: dict, defaults: chat.Sampling, limits: Limits) -> tuple[
     top_k = number(data, "top_k", defaults.top_k, 0, 1_000_000, integer=True)
     if top_p == 0:  # the limit of nucleus sampling as top_p -> 0: only the most likely token
         temperature, top_p = 0.0, None
-    sampling = chat.Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
+    sampling = Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                              max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
 
@@ -294,12 +295,12 @@ def read_messages(data: dict, limits: Limits, system: str | None) -> list[dict]:
         raise APIError(400, str(e), param="messages", code="invalid_conversation")
 
 
-def check_fits(session: chat.ChatSession, messages: list[dict], sampling: chat.Sampling) -> tuple[list, list[int]]:
+def check_fits(session: ChatSession, messages: list[dict], sampling: Sampling) -> tuple[list, list[int]]:
     """The kept messages and the prompt's ids, as ChatSession.stream makes them; 413 when the
     last user message alone leaves no room for an answer (older turns are dropped silently)."""
     reserve = min(sampling.max_new_tokens, session.context_len // 2)
     try:
-        return chat.fit_to_context(session.tokenizer, messages, session.context_len - reserve)
+        return fit_to_context(session.tokenizer, messages, session.context_len - reserve)
     except ConversationError as e:
         raise APIError(413, f"{e} (context {session.context_len} tokens)", param="messages",
                        code="context_length_exceeded")
@@ -320,7 +321,7 @@ def read_prompt(data: dict, limits: Limits) -> str:
 # -----------------------------------------------------------------------------
 # Writing answers in OpenAI's shapes
 
-def usage(reply: chat.Reply) -> dict:
+def usage(reply: Reply) -> dict:
     completion = completion_tokens(reply)
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
             "total_tokens": reply.prompt_tokens + completion,
@@ -349,7 +350,7 @@ class Answer:
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, reply: chat.Reply) -> dict:
+    def whole(self, reply: Reply) -> dict:
         if self.chat_mode:
             choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
                       "finish_reason": reply.finish_reason}
@@ -469,12 +470,12 @@ def page_headers(html: str) -> dict:
 # -----------------------------------------------------------------------------
 # The app
 
-def create_app(session: chat.ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
+def create_app(session: ChatSession, limits: Limits | None = None, model_name: str = "nanoschnack",
                system: str | None = None, allowed_hosts: list[str] = LOOPBACK_HOSTS,
                shared_cache: bool = False, access: Access | None = None, engine=None) -> FastAPI:
     """The FastAPI app serving `session`. Tests and other programs can mount or run it themselves.
     `access`: API keys, trusted proxies and rate limits (default: an open API, no limits).
-    `engine`: what generates (main() passes an engine.EngineProcess); default: an engine in this
+    `engine`: what generates (main() passes an engine_process.EngineProcess); default: an engine in this
     process, on session's model, with limits.max_batch rows."""
     limits = limits or Limits()
     access = access or Access()
@@ -617,7 +618,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shared-cache", action="store_true", help="let requests without a prompt_cache_key reuse each "
                                                                "other's KV cache (faster, but a client can time "
                                                                "guesses of another's prompt)")
-    d = chat.Sampling()
+    d = Sampling()
     p.add_argument("--temperature", type=float, default=d.temperature, help="when a request names none (%(default)s)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="when a request names none, 0 = off (%(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="when a request names none, 1 = off (%(default)s)")
@@ -662,7 +663,7 @@ def main(argv=None) -> None:
         if not 0 < getattr(args, name) < math.inf:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number of seconds")
     try:
-        sampling = chat.Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)
@@ -679,9 +680,9 @@ def main(argv=None) -> None:
         raise SystemExit("error: rate limits must be 0 (off) or positive")
     engine = None
     if args.single_process:
-        session = chat.load_session(args.checkpoint, args.device, sampling)
+        session = load_session(args.checkpoint, args.device, sampling)
     else:  # this side needs the tokenizer and settings; the engine process loads the model on the device
-        session = chat.load_session(args.checkpoint, "cpu", sampling)
+        session = load_session(args.checkpoint, "cpu", sampling)
         engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue)
         session.model.to("meta")  # this side never runs it: its weights need no memory here
         session.device = engine.device

@@ -13,10 +13,11 @@ import torch
 
 import chat
 import gpt
+from session import Sampling, fit_to_context, load_session
 from conftest import REPO_ROOT, make_checkpoint
 from tok import ConversationError, render_prompt
 
-GREEDY = chat.Sampling(temperature=0, top_k=None, max_new_tokens=12)
+GREEDY = Sampling(temperature=0, top_k=None, max_new_tokens=12)
 TURNS = ["Hallo! Wie geht es dir heute?", "Was ist die Hauptstadt von Österreich?",
          "Und wie groß ist Wien?", "Danke für die Auskunft."]
 
@@ -29,7 +30,7 @@ def chat_ckpt(tmp_path_factory, small_tokenizer):
 @pytest.fixture(scope="module")
 def session_factory(chat_ckpt):
     def make(sampling=GREEDY, seed=0, **kw):
-        return chat.load_session(str(chat_ckpt), "cpu", sampling=sampling, seed=seed, **kw)
+        return load_session(str(chat_ckpt), "cpu", sampling=sampling, seed=seed, **kw)
     return make
 
 
@@ -70,7 +71,7 @@ def test_kv_cache_across_turns_equals_recompute(session_factory):
 
 
 def test_stopped_answer_keeps_history_and_cache_consistent(session_factory):
-    session = session_factory(sampling=chat.Sampling(temperature=1.0, top_k=None, max_new_tokens=40))
+    session = session_factory(sampling=Sampling(temperature=1.0, top_k=None, max_new_tokens=40))
     stream = session.send(TURNS[0])
     shown = "".join(next(stream) for _ in range(3))
     stream.close()  # the caller stops early (the server: client gone; the REPL: Ctrl-C)
@@ -130,7 +131,7 @@ def test_stream_decoder_reassembles_split_characters(small_tokenizer):
 
 def test_session_streams_whole_characters(session_factory, monkeypatch):
     """Force the model's tokens: "ü", "€" and an emoji split into single bytes, then <|assistant_end|>."""
-    session = session_factory(chat.Sampling(max_new_tokens=64))
+    session = session_factory(Sampling(max_new_tokens=64))
     tok = session.tokenizer
     byte_token = {b[0]: i for i, b in enumerate(tok.id_to_bytes) if len(b) == 1}
     text = "Tschüss, 3 € 🥨"
@@ -144,13 +145,13 @@ def test_session_streams_whole_characters(session_factory, monkeypatch):
 
 def test_history_trimming_keeps_newest_turns(tmp_path, small_tokenizer):
     ckpt = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=64)
-    sampling = chat.Sampling(temperature=0, top_k=None, max_new_tokens=8)
-    session = chat.load_session(str(ckpt), "cpu", sampling=sampling, system="Sei kurz.")
+    sampling = Sampling(temperature=0, top_k=None, max_new_tokens=8)
+    session = load_session(str(ckpt), "cpu", sampling=sampling, system="Sei kurz.")
     sent, dropped, previous_prompt_len = [], 0, 0
     for i in range(8):
         text = f"Frage {i}: {TURNS[i % len(TURNS)]}"
         sent.append(text)
-        kept, prompt = chat.fit_to_context(session.tokenizer, session.messages + [{"role": "user", "content": text}],
+        kept, prompt = fit_to_context(session.tokenizer, session.messages + [{"role": "user", "content": text}],
                                            64 - 8)
         list(session.send(text))
         budget = min(8, 64 - len(prompt))
@@ -174,7 +175,7 @@ def test_base_checkpoint_runs_in_completion_mode(tmp_path, small_tokenizer, caps
     chat.main(["--checkpoint", str(ckpt), "--prompt", "Es war einmal", "--temperature", "0", "--max-new-tokens", "10"])
     out, err = capsys.readouterr()
     assert "completion mode" in err and "(base" in err
-    session = chat.load_session(str(ckpt), "cpu", sampling=chat.Sampling(temperature=0, max_new_tokens=10))
+    session = load_session(str(ckpt), "cpu", sampling=Sampling(temperature=0, max_new_tokens=10))
     assert session.kind == "base"
     answer = "".join(session.send("Es war einmal"))
     prompt = [small_tokenizer.bos_id] + small_tokenizer.encode("Es war einmal")
@@ -231,10 +232,10 @@ def test_repl_through_stdin(chat_ckpt, session_factory):
     # stdout: only the answers, one per message; the replies to commands go to stderr
     assert "(Temperatur 0.0, top-k 50)" in err and "(Temperatur 0.0, top-k 7)" in err
     assert "(Systemnachricht: Du antwortest kurz.)" in err and "(neues Gespräch)" in err
-    first = session_factory(chat.Sampling(max_new_tokens=12), seed=3)  # sampled, as the program's first answer
+    first = session_factory(Sampling(max_new_tokens=12), seed=3)  # sampled, as the program's first answer
     first = "".join(first.send(TURNS[0]))
     # after /reset the conversation is the system message and one question, answered greedily
-    second = session_factory(chat.Sampling(temperature=0, top_k=7, max_new_tokens=12)).answer(
+    second = session_factory(Sampling(temperature=0, top_k=7, max_new_tokens=12)).answer(
         [{"role": "system", "content": "Du antwortest kurz."}, {"role": "user", "content": TURNS[1]}]).text
     assert out == first + "\n" + second + "\n"
     assert "Traceback" not in err
@@ -308,17 +309,17 @@ def test_sampling_refuses_non_finite_and_makes_tiny_values_greedy():
     for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
                 dict(temperature=-1e-9), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
-            chat.Sampling(**bad)
+            Sampling(**bad)
     for tiny in (dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=0.8, top_p=1e-300)):
-        s = chat.Sampling(**tiny)
+        s = Sampling(**tiny)
         assert s.temperature == 0 and s.top_p is None, tiny
-    assert chat.Sampling(temperature=1e-3, top_p=0.01).temperature == 1e-3  # small but samplable: kept
+    assert Sampling(temperature=1e-3, top_p=0.01).temperature == 1e-3  # small but samplable: kept
 
 
 def test_tiny_values_sample_greedily(session_factory):
     greedy = session_factory().answer([{"role": "user", "content": TURNS[1]}]).ids
     for tiny in (dict(temperature=1e-40), dict(temperature=1.0, top_p=1e-300)):
-        session = session_factory(chat.Sampling(top_k=None, max_new_tokens=12, **tiny))
+        session = session_factory(Sampling(top_k=None, max_new_tokens=12, **tiny))
         assert session.answer([{"role": "user", "content": TURNS[1]}]).ids == greedy
 
 

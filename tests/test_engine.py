@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-import engine
 import common
+import engine
+import session
 from conftest import make_checkpoint
 
 
@@ -18,7 +19,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
     prompts = [[rng.randrange(512) for _ in range(rng.randrange(2, 60))] for _ in range(5)]
     steps = 30
 
-    def alone(prompt):  # the single-sequence path chat.ChatSession uses
+    def alone(prompt):  # the single-sequence path session.ChatSession uses
         cache, out, logits_seen = model.new_kv_cache(1, 256), [], []
         with torch.inference_mode():
             logits = model(torch.tensor([prompt]), kv_cache=cache)[:, -1]
@@ -29,14 +30,14 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         return out, logits_seen
 
     expected = [alone(p) for p in prompts]
-    cache = engine.BatchCache(model, 8, 256)
+    cache = session.BatchCache(model, 8, 256)
     # as BatchEngine keeps them: the running sequences in rows 0..n-1, joining one per step at
     # row n, and a leaving one swapping places with the last (so its cache row moves)
     slot, out, seen, logits, active = {}, [[] for _ in prompts], [[] for _ in prompts], {}, []
     for step in range(steps + len(prompts)):
         if step < len(prompts):
             slot[step] = len(active)
-            logits[step] = engine.prefill(model, cache, slot[step], [0], [prompts[step]])
+            logits[step] = session.prefill(model, cache, slot[step], [0], [prompts[step]])
             active.append(step)
         for i in list(active):
             seen[i].append(logits[i])
@@ -49,7 +50,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         if active:
             feed = sorted(active, key=lambda i: slot[i])
             assert [slot[i] for i in feed] == list(range(len(feed)))
-            new = engine.decode(model, cache, [out[i][-1] for i in feed])
+            new = session.decode(model, cache, [out[i][-1] for i in feed])
             for j, i in enumerate(feed):
                 logits[i] = new[j:j + 1]
     for i, (tokens, logits_alone) in enumerate(expected):
@@ -78,16 +79,16 @@ def test_prefill_of_several_rows_equals_each_alone(tmp_path, small_tokenizer):
                 logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[:, -1]
         return first, out
 
-    cache = engine.BatchCache(model, 6, 256)
-    engine.prefill(model, cache, 2, [0], [full[2][:7] + [1, 2, 3]])  # the earlier turn, then other tokens
-    logits = engine.prefill(model, cache, 0, keeps, [seq[keep:] for seq, keep in zip(full, keeps)])
+    cache = session.BatchCache(model, 6, 256)
+    session.prefill(model, cache, 2, [0], [full[2][:7] + [1, 2, 3]])  # the earlier turn, then other tokens
+    logits = session.prefill(model, cache, 0, keeps, [seq[keep:] for seq, keep in zip(full, keeps)])
     assert cache.lengths[:4] == [len(seq) for seq in full]
     prefilled, out = logits, [[] for _ in full]
     for _ in range(8):
         tokens = [int(row.argmax()) for row in logits]
         for o, t in zip(out, tokens):
             o.append(t)
-        logits = engine.decode(model, cache, tokens)
+        logits = session.decode(model, cache, tokens)
     for i, seq in enumerate(full):
         first, tokens = alone(seq)
         diff = float((first[0] - prefilled[i]).abs().max())

@@ -18,11 +18,11 @@ import torch
 import transformers  # the dev extra installs it (and lm-eval): these tests run in CI, they never skip
 
 import evaluation as ev
-import chat
 import common
 import export
 import gpt
 from conftest import REPO_ROOT, make_checkpoint
+from session import Sampling, load_session
 from tok import render_conversation, render_prompt
 
 GERMAN = [
@@ -177,7 +177,7 @@ def test_load_hf_folder_rebuilds_our_model(exported):
     assert back_tok.encode(GERMAN[1]) == tokenizer.encode(GERMAN[1]) and back_tok.special == tokenizer.special
     assert back_tok.to_json() == tokenizer.to_json()  # as tok.py wrote it: re-exporting gives the same folder
     # every stage loads it through load_model, e.g. chat.py and serve.py run a model from the hub
-    session = chat.load_session(str(folder), "cpu", sampling=chat.Sampling(temperature=0, max_new_tokens=8))
+    session = load_session(str(folder), "cpu", sampling=Sampling(temperature=0, max_new_tokens=8))
     assert session.model.config == model.config and session.checkpoint == str(folder)
     ids = render_prompt(tokenizer, [{"role": "user", "content": GERMAN[0]}])
     assert session.answer([{"role": "user", "content": GERMAN[0]}]).ids == [

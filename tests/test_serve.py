@@ -29,12 +29,13 @@ pytest.importorskip("uvicorn", reason="the web extra is not installed: pip insta
 
 import uvicorn
 
-import chat
 import engine
+import engine_process
 import gpt
 import serve
 from access import timed_protocol
 from conftest import REPO_ROOT, make_checkpoint
+from session import MIN_TEMPERATURE, Sampling, load_session
 
 LONG = 1500  # max_tokens of a request that must still be running while the test acts
 MAX_BATCH = 2  # the chat server generates two answers at once (continuous batching); the base server one
@@ -345,7 +346,7 @@ def test_bad_requests_leave_no_traceback(server):
 
 def test_tiny_sampling_values_are_greedy(server):
     """temperature 1e-38 and top_p 1e-300 are legal; they underflowed in float32 (a 500, or an
-    SSE error without a finish_reason). Below chat.MIN_TEMPERATURE / MIN_TOP_P sampling is greedy."""
+    SSE error without a finish_reason). Below MIN_TEMPERATURE / MIN_TOP_P sampling is greedy."""
     greedy = post(server, "/v1/chat/completions", chat_body(QUESTIONS[2]))[1]["choices"]
     for extra in ({"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300}):
         status, answer = post(server, "/v1/chat/completions", {**chat_body(QUESTIONS[2]), **extra})
@@ -524,7 +525,7 @@ READ_TIMEOUT = 1.0  # the live server's --header-timeout and --body-timeout
 
 class LiveServer:
     def __init__(self, checkpoint, access=None):
-        session = chat.load_session(str(checkpoint), "cpu", sampling=chat.Sampling())
+        session = load_session(str(checkpoint), "cpu", sampling=Sampling())
         self.limits = serve.Limits(max_tokens=LONG, max_queue=3)
         self.app = serve.create_app(session, self.limits, access=access)
         self.engine = self.app.state.engine
@@ -829,7 +830,7 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     assert all(r.first_content() for r in running)  # both rows of the batch are taken
     waiting = [Stream(server, chat_body(q, max_tokens=LONG)) for q in QUESTIONS[1:]]  # --max-queue 3
     assert [w.status for w in waiting] == [200, 200, 200]
-    # /health hears from the engine process within engine.STATS_SECONDS: wait for it, not for time
+    # /health hears from the engine process within engine_process.STATS_SECONDS: wait for it, not for time
     health_when(server, lambda h: h["running"] == MAX_BATCH and h["queued"] == 3, "two running and three queued")
     status, head, answer = request(server, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
     assert status == 429 and answer["error"]["code"] == "queue_full" and head["Retry-After"] == "1"

@@ -54,11 +54,26 @@ def test_no_import_cycles():
 def test_stages_take_plumbing_from_common_not_from_each_other():
     graph = import_graph()
     stages = {"train", "sft", "evaluation", "chat", "serve", "prepare"}
-    for stage in ("train", "sft", "evaluation", "chat"):
+    for stage in ("train", "sft", "evaluation", "session"):
         assert "common" in graph[stage], stage
+    assert "session" in graph["chat"]  # chat.py is the terminal around session.py
     for stage in ("sft", "evaluation", "chat", "serve", "prepare"):
         assert not graph[stage] & (stages - {"evaluation", "chat"}), (stage, graph[stage])
     assert "train" not in graph["sft"] | graph["evaluation"] | graph["chat"] | graph["serve"]
+
+
+def test_serving_does_not_import_the_terminal_chat():
+    """The model side that chat.py and the server share lives in session.py: the server never loads chat.py."""
+    graph = import_graph()
+    serving = {"serve", "engine", "engine_process", "access"}
+
+    def reach(module, seen):
+        for dep in graph[module] - seen:
+            seen.add(dep)
+            reach(dep, seen)
+        return seen
+    assert "chat" not in set().union(*(reach(m, set()) for m in serving))
+    assert "session" in graph["chat"] and "session" in graph["engine"]
 
 
 def test_chat_and_serve_load_no_training_or_data_code():

@@ -1,0 +1,412 @@
+"""
+session.py: the model in conversation, without a terminal or a server: what chat.py,
+serve.py's engines, sft.py and the benchmarks share.
+
+- ChatSession: model, tokenizer, KV cache, history and sampling settings.
+  `send(text)` answers the next user message of its own history, `stream(messages)`
+  answers a whole OpenAI-style message list, `complete(text)` continues plain
+  text (base models). All three return generators of text pieces; the caller stops
+  an answer early by closing the generator (or just leaving the loop).
+- load_session(): a ChatSession on a checkpoint, with clear errors.
+- BatchCache, prefill(), decode(): many sequences decoded together, each at its own
+  position (serve.py's continuous batching, engine.BatchEngine).
+
+How the KV cache is kept across turns. The session keeps `cached_ids`, exactly
+the tokens whose keys and values the cache holds. The history (text) is the
+truth; the cache is only an optimisation of it. For every answer the whole
+conversation is rendered with tok.render_prompt, the cache is truncated to the
+longest common prefix of `cached_ids` and the new prompt, and only the rest is
+prefilled, in one forward. Usually that is just the new user message: the decode
+loop (GPT.generate, shared with training samples, sft.py and serve.py) feeds every
+token it yields, so the cache already holds the previous answer's
+<|assistant_end|>. The same rule covers
+every other case without special code: an answer stopped by the token limit or
+Ctrl-C (history keeps the text shown so far; the rendering closes it with
+<|assistant_end|>), an answer whose tokens differ from how the tokenizer encodes
+its text, a changed system message, /reset, and trimming, which changes the
+prompt right after the system message, so everything after it is rebuilt.
+
+Context: prompt + answer never go past the model's training length
+(config.sequence_len). The rotary tables reach further, but the model has never
+seen those positions. Before each answer the oldest whole user+assistant
+exchanges are dropped (the system message stays) until the prompt leaves room
+for max_new_tokens (at most half the context); the answer may then use all the
+room left.
+
+Continuous batching decodes many sequences at once on one model. gpt.py's KVCache holds B
+sequences that all sit at the same position, which is what training-style generation needs. A server's sequences do not: they arrive at different
+times with prompts of different lengths. So here:
+
+- BatchCache: keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len,
+  head_dim), and each row's own length. A row is a slot: a request takes a free one,
+  fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
+- decode(): one new token for each of rows 0..n-1 in one forward, through the same
+  gpt.GPT.forward: BatchCache.rows(0, n) is a cache whose rows each have their own
+  position (rotary angle), write their key and value at their own length, and attend
+  to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
+  the three things GPT.forward asks of a cache.
+- prefill(): the prompts of newcomers, each after its own cached prefix, in one forward
+  over their rows, right-padded to the longest (a padding token's key lands after its
+  row's length, where no query of that row looks, and the next tokens overwrite it).
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+import common
+import gpt
+from gpt import autocast
+from tok import ConversationError, check_conversation, render_prompt
+
+DEFAULT_CHECKPOINTS = ("out/chat", "out/base")  # sft.py writes the first, train.py the second
+# Below these, sampling is greedy. The logits are soft-capped at +-15, so at temperature 1e-6
+# a token 1e-4 below the best one is e^-100 as likely already; and logits / temperature
+# overflows float32 below about 1e-37 (top_p below float32's range rounds to 0, dropping every token).
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = 1e-6
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+@dataclass
+class Sampling:
+    """How answers are sampled. Refuses what cannot be sampled (negative or non-finite values);
+    a temperature below MIN_TEMPERATURE or a top_p below MIN_TOP_P becomes greedy (temperature 0)."""
+    temperature: float = 0.6  # 0 = greedy
+    top_k: int | None = 50  # None or 0: off
+    top_p: float | None = None  # None or 1.0: off
+    max_new_tokens: int = 512  # per answer; the context may leave less
+
+    def __post_init__(self):
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
+            self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
+
+
+@dataclass
+class Reply:
+    """What one answer did; `ChatSession.last` is updated while it streams."""
+    text: str = ""  # the text pieces yielded so far, joined
+    ids: list[int] = field(default_factory=list)  # the answer's token ids, without the stop token
+    finish_reason: str | None = None  # "stop" (a special token), "length" (token limit), "interrupted"; None while streaming
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the KV cache instead of computed
+    dropped_messages: int = 0  # oldest messages left out to fit the context
+    ttft: float | None = None  # seconds from the call to the first sampled token
+
+
+def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[dict], list[int]]:
+    """Drop the oldest user+assistant exchanges (a system message stays) until the prompt fits.
+
+    Returns the kept messages and their prompt ids (render_prompt). ConversationError
+    if the messages break the template's rules or the last user message alone is too long.
+    """
+    messages = check_conversation(messages, ends_with="user")
+    first = 1 if messages[0]["role"] == "system" else 0
+    while True:
+        ids = render_prompt(tokenizer, messages)
+        if len(ids) <= max_prompt_tokens:
+            return messages, ids
+        if len(messages) - first < 3:  # only the last user message is left
+            raise ConversationError(f"the message is too long: its prompt has {len(ids)} tokens, "
+                                    f"the context has room for {max_prompt_tokens} (plus the answer)")
+        messages = messages[:first] + messages[first + 2:]
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A model in conversation: one KV cache, one history, sampling settings; no terminal.
+
+    One session serves one answer at a time (it owns one cache); sessions can
+    share a model. kind "chat" uses the chat template, kind "base" (a model that
+    was only pretrained) continues plain text with complete().
+    """
+
+    def __init__(self, model, tokenizer, kind: str = "chat", sampling: Sampling | None = None,
+                 system: str | None = None, seed: int | None = None):
+        if kind not in ("chat", "base"):
+            raise ValueError(f"kind must be 'chat' or 'base', got {kind!r}")
+        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.sampling = sampling or Sampling()
+        self.system = system  # the system message, or None
+        self.history: list[dict] = []  # complete user/assistant exchanges, oldest first
+        self.device = model.lm_head.weight.device
+        self.context_len = model.config.sequence_len
+        # one more than the context: generate() feeds each token it yields, the last one too
+        self.cache = model.new_kv_cache(1, max_len=self.context_len + 1)
+        self.cached_ids: list[int] = []  # exactly the tokens the cache holds
+        self.rng = torch.Generator(device=self.device)
+        if seed is None:
+            self.rng.seed()
+        else:
+            self.rng.manual_seed(seed)
+        self.last = Reply()
+        # Any special token ends an answer: the template never puts one inside an
+        # assistant's text (normally it is <|assistant_end|>). Base models stop at <|bos|>.
+        self.chat_stop_ids = set(tokenizer.special.values())
+        self.base_stop_ids = {tokenizer.bos_id}
+
+    # -- conversation -----------------------------------------------------------
+
+    @property
+    def messages(self) -> list[dict]:
+        """The system message (if any) and the history, as {role, content} dicts."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history
+
+    def reset(self) -> None:
+        """Start a new conversation; the system message stays (and so does the cached prefix of it)."""
+        self.history = []
+
+    def clear_cache(self) -> None:
+        """Forget what the KV cache holds: the next answer computes its whole prompt (serve.py
+        calls it between requests of different clients, so none can time another's prompt)."""
+        self.cache.truncate(0)
+        self.cached_ids.clear()
+
+    def send(self, text: str, sampling: Sampling | None = None) -> Iterator[str]:
+        """Answer the next user message: stream text pieces, then add the exchange to the history.
+
+        A stopped answer keeps the text shown so far. An answer with no text is
+        not kept, and neither is its question. Oldest exchanges that do not fit the
+        context are dropped from the history. Base models: complete(text).
+        """
+        if self.kind == "base":
+            return self.complete(text, sampling)
+        user = {"role": "user", "content": text}
+        stream = self.stream(self.messages + [user], sampling)  # raises ConversationError now, not later
+        return self._remember(stream, user)
+
+    def _remember(self, stream, user):
+        try:
+            yield from stream
+        finally:  # also when the caller stops early or Ctrl-C interrupts a forward
+            self.history = self.history[self.last.dropped_messages:]
+            if self.last.text.strip():
+                self.history += [user, {"role": "assistant", "content": self.last.text}]
+
+    # -- generation -------------------------------------------------------------
+
+    def stream(self, messages: list[dict], sampling: Sampling | None = None) -> Iterator[str]:
+        """Stream the assistant's answer to OpenAI-style messages (system?, user, assistant, ..., user).
+
+        Does not touch the session's history; reuses the KV cache as far as the
+        rendered prompt agrees with it. Messages that do not fit the context are
+        dropped oldest first (see last.dropped_messages). Raises ConversationError
+        right away for messages that break the template's rules.
+        """
+        sampling = sampling or self.sampling
+        checked = check_conversation(messages, ends_with="user")
+        reserve = min(sampling.max_new_tokens, self.context_len // 2)
+        kept, prompt = fit_to_context(self.tokenizer, checked, self.context_len - reserve)
+        return self._generate(prompt, sampling, self.chat_stop_ids, dropped=len(checked) - len(kept))
+
+    def answer(self, messages: list[dict], sampling: Sampling | None = None) -> Reply:
+        """stream() to the end, for callers that want the whole answer at once."""
+        for _ in self.stream(messages, sampling):
+            pass
+        return self.last
+
+    def complete(self, text: str, sampling: Sampling | None = None) -> Iterator[str]:
+        """Continue plain text: the prompt is <|bos|> + text; stops at <|bos|> or the token limit.
+
+        Text too long for the context loses its beginning."""
+        sampling = sampling or self.sampling
+        room = self.context_len - min(sampling.max_new_tokens, self.context_len // 2)
+        ids = self.tokenizer.encode(text)
+        dropped = max(0, len(ids) + 1 - room)
+        return self._generate([self.tokenizer.bos_id] + ids[dropped:], sampling, self.base_stop_ids)
+
+    def _generate(self, prompt: list[int], sampling: Sampling, stop_ids: set[int], dropped: int = 0):
+        reply = self.last = Reply(prompt_tokens=len(prompt), dropped_messages=dropped)
+        start = time.perf_counter()
+        budget = min(sampling.max_new_tokens, self.context_len - len(prompt))
+        decoder = self.tokenizer.stream_decoder()  # holds back half a UTF-8 character
+        # Reuse the cache as far as it agrees with the prompt, but feed at least one
+        # token: its logits give the first answer token.
+        reply.cached_tokens = min(common_prefix_len(self.cached_ids, prompt), len(prompt) - 1)
+        self.cache.truncate(reply.cached_tokens)
+        received = []  # every token generate() gave us, the stop token included
+        tokens = self.model.generate(prompt[reply.cached_tokens:], budget, sampling.temperature,
+                                     sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng)
+        try:
+            for token in tokens:
+                received.append(token)
+                if reply.ttft is None:
+                    reply.ttft = time.perf_counter() - start
+                if token in stop_ids:
+                    reply.finish_reason = "stop"
+                    break
+                reply.ids.append(token)
+                piece = decoder.push(token)
+                if piece:
+                    reply.text += piece
+                    yield piece
+            else:
+                reply.finish_reason = "length"
+            tail = decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+            if tail:
+                reply.text += tail
+                yield tail
+        finally:
+            tokens.close()
+            # The cache only advances when a forward completes, so after a Ctrl-C in
+            # the middle of one it still holds a prefix of what we sent and received.
+            self.cached_ids = (prompt + received)[:self.cache.pos]
+            if reply.finish_reason is None:  # closed early, or an exception (Ctrl-C) went through
+                reply.finish_reason = "interrupted"
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def find_checkpoint(path: str | None) -> Path:
+    """The path given (a file or a folder), else the first of out/chat, out/base that holds a checkpoint."""
+    if path:
+        return Path(path)
+    for folder in DEFAULT_CHECKPOINTS:
+        if common.latest_checkpoint(Path(folder)):
+            return Path(folder)
+    raise SystemExit(f"error: no checkpoint in {' or '.join(DEFAULT_CHECKPOINTS)}; fine-tune one with sft.py, "
+                     f"pretrain one with train.py, or pass --checkpoint FILE_OR_FOLDER")
+
+
+def load_session(checkpoint: str | None = None, device: str | None = None, sampling: Sampling | None = None,
+                 system: str | None = None, seed: int | None = None) -> ChatSession:
+    """A ChatSession on a checkpoint file or a folder's newest one (None: out/chat, else out/base).
+
+    The session also gets `checkpoint` (the file), `step`, and `ckpt` (the dict,
+    without weights). A missing or incompatible checkpoint raises SystemExit
+    with an "error: ..." message.
+    """
+    device = device or common.default_device()
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: unknown device {device!r} ({e})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device {device} asked for, but CUDA is not available here (use --device cpu)")
+    path = find_checkpoint(checkpoint)
+    model, tokenizer, ckpt = common.load_model(path, device, reader="this chat.py")
+    kind = ckpt.get("kind", "base")
+    if kind not in ("base", "chat"):
+        raise SystemExit(f"error: {ckpt['path']} has kind {kind!r}; chat.py runs 'chat' (sft.py) or 'base' (train.py)")
+    session = ChatSession(model, tokenizer, kind=kind, sampling=sampling, system=system, seed=seed)
+    session.checkpoint, session.step = ckpt["path"], ckpt.get("step")
+    session.ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizers")}
+    return session
+
+
+
+# -----------------------------------------------------------------------------
+# The batch cache: many sequences, each at its own position, on one model
+
+class BatchCache:
+    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length.
+
+    The sequences decoded together are always rows 0..n-1 (BatchEngine keeps them there with
+    swap()), so a decode step reads the cache through slices, never copies it by index."""
+
+    def __init__(self, model, rows: int, max_len: int):
+        c = model.config
+        p = model.lm_head.weight
+        dtype = gpt.default_dtype(p.device)  # what autocast (decode, prefill) makes of k and v
+        shape = (c.n_layer, rows, c.n_kv_head, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=p.device)
+        self.lengths = [0] * rows  # tokens cached per row
+        self.max_len = max_len
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
+        n = max(self.lengths[i], self.lengths[j])
+        if i != j and n:
+            for t in (self.k, self.v):
+                row_i = t[:, i, :, :n].clone()
+                t[:, i, :, :n] = t[:, j, :, :n]
+                t[:, j, :, :n] = row_i
+        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
+
+    def rows(self, start: int, stop: int) -> "Rows":
+        return Rows(self, start, stop)
+
+
+class Rows:
+    """Rows start..stop-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
+
+    def __init__(self, cache: BatchCache, start: int, stop: int):
+        self.cache, self.start, self.stop, self.n = cache, start, stop, stop - start
+        device = cache.k.device
+        self.index = torch.arange(self.n, device=device)
+        self.lengths = torch.tensor(cache.lengths[start:stop], device=device)
+        self.longest = max(cache.lengths[start:stop])
+        self.mask = None  # the same for every layer: made by the first
+
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """(n, T): row i's new tokens follow its own cached ones."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write each row's new k, v (n, H_kv, T, D) at its own positions; return the rows' keys and values
+        up to the longest row (slices: no copy), and a mask (n, 1, T, Tk) that hides other rows' lengths
+        and the future."""
+        T = k.shape[2]
+        end = self.longest + T
+        if end > self.cache.max_len:
+            raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
+        positions = self.positions(T)
+        ck, cv = self.cache.k[layer, self.start:self.stop], self.cache.v[layer, self.start:self.stop]
+        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
+        cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
+        if self.mask is None:  # key j is visible to a query at position p when j <= p
+            self.mask = (torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None])[:, None]
+        return ck[:, :, :end], cv[:, :, :end], self.mask
+
+    def advance(self, T: int) -> None:
+        for r in range(self.start, self.stop):
+            self.cache.lengths[r] += T
+        self.lengths += T
+        self.longest += T
+        self.mask = None
+
+
+@torch.inference_mode()
+def prefill(model, cache: BatchCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
+    them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
+    stop, T = start + len(prompts), max(len(p) for p in prompts)
+    cache.lengths[start:stop] = keeps
+    x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=cache.k.device)
+    with autocast(x.device):
+        logits = model(x, kv_cache=cache.rows(start, stop))
+    cache.lengths[start:stop] = [keep + len(p) for keep, p in zip(keeps, prompts)]  # the padding is not kept
+    return logits[range(len(prompts)), [len(p) - 1 for p in prompts]].float()
+
+
+@torch.inference_mode()
+def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
+    """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
+    x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
+    with autocast(x.device):
+        logits = model(x, kv_cache=cache.rows(0, len(tokens)))[:, -1]
+    return logits.float()
+
+
