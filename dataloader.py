@@ -11,24 +11,44 @@ world size, rank r reads shards r, r+W, r+2W, ...; otherwise every rank reads
 all of it and keeps documents r, r+W, r+2W, ... (correct, but each rank then
 parses everything). Together the ranks see every document exactly once.
 
-Packing: plain concatenate-and-split, per source. Each document becomes
-<|bos|> + its tokens; a source's documents are concatenated in order and cut
-into rows of T+1 tokens (row = T inputs + the target of the last one); rows do
-not overlap. No token is lost or duplicated: the only rule is that the one
-(last token of a row -> first token of the next row) prediction per row is
-never trained, and at the end of a non-looping stream each source's tail
-shorter than one row is dropped.
-The trade-off against nanochat's BOS-aligned best-fit packing: best-fit starts
-every row at a document start (no row begins mid-document without context)
-but crops documents to fill rows, throwing tokens away; concatenation keeps
-every token and makes exact resume a matter of remembering one buffer.
+Packing, per source, one of two (`packing=`):
 
-Mixing, row by row: the next row always comes from the source that has given
-the fewest tokens relative to its weight ("least tokens consumed"), so the
+- "concat" (the default): plain concatenate-and-split. Each document becomes
+  <|bos|> + its tokens; a source's documents are concatenated in order and cut
+  into rows of T+1 tokens (row = T inputs + the target of the last one); rows do
+  not overlap. No token is lost or duplicated: the only rule is that the one
+  (last token of a row -> first token of the next row) prediction per row is
+  never trained, and at the end of a non-looping stream each source's tail
+  shorter than one row is dropped. A row usually starts mid-document, and its
+  first tokens attend back into the end of an unrelated document.
+- "bestfit": nanochat's BOS-aligned best-fit packing. Every row starts with a
+  document's <|bos|>. A source keeps a buffer of at least `buffer_docs` tokenized
+  documents; a row is filled by repeatedly taking the largest buffered document
+  that fits the space left whole; when none fits, the shortest one is cropped:
+  its first (space left) tokens end the row and the rest of it is discarded.
+  Nothing is padded, and no token but a cropped document's tail is lost (plus,
+  at the end of a non-looping stream, the last row that cannot be filled); both
+  are counted per source (`cropped_counts()`). A document longer than a row is
+  kept in the buffer only up to a row's worth of tokens (all a crop can use),
+  with its full length for the choices, so memory and the saved state stay
+  bounded. Unlike nanochat (one endless stream), a source's buffer is not
+  topped up across the end of an epoch: it drains first, so a source with fewer
+  documents than the buffer is not read several times over to fill it. Long
+  documents lose the most: a novel gives a row's worth of its opening per epoch
+  and the rest is discarded.
+The trade-off: best-fit starts every row at a document start (no token sees an
+unrelated document as context) but throws away tokens; concatenation keeps every
+token and makes exact resume a matter of remembering one buffer per source.
+
+Mixing, row by row (either packing): the next row always comes from the
+source that has given the fewest tokens relative to its weight ("least tokens consumed"), so the
 token shares follow the weights to within a row, deterministically, with no RNG
 to save, however long a source's documents are (one novel can be 1M tokens).
-A source that runs out starts over (a new epoch) when looping.
+A source that runs out starts over (a new epoch) when looping. Tokens count as
+given when they are in a row: a source's cropped tokens do not count towards its
+share (they are not trained on); it reads more documents to fill its share.
 """
+import bisect
 import copy
 import itertools
 import queue
@@ -40,6 +60,8 @@ import torch
 
 from data import DataError, ShuffledShards, Source, iter_text_batches, open_source
 
+PACKINGS = ("concat", "bestfit")
+
 
 class PretrainBatches:
     """(inputs, targets) batches of shape (B, T) for one rank, from a weighted mix of sources.
@@ -50,23 +72,29 @@ class PretrainBatches:
     """
 
     def __init__(self, sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, loop: bool = True, docs_per_read: int = 64, prefetch: int = 0):
+                 world_size: int = 1, loop: bool = True, docs_per_read: int = 64, prefetch: int = 0,
+                 packing: str = "concat", buffer_docs: int = 1000):
+        if packing not in PACKINGS:
+            raise DataError(f"unknown packing {packing!r}: use one of {', '.join(PACKINGS)}")
         self.sources, self.tokenizer = sources, tokenizer
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.loop, self.docs_per_read, self.prefetch = loop, docs_per_read, prefetch
+        self.packing, self.buffer_docs = packing, buffer_docs  # buffer_docs: bestfit's choice (nanochat: 1000)
         self.datasets = [open_rank_shard(s, rank, world_size) for s in sources]
         self.readers = [None] * len(sources)
         n = len(sources)
         self.progress = {"states": [None] * n, "epochs": [0] * n, "tokens": [0] * n, "docs": [0] * n,
-                         "exhausted": [False] * n}
-        # per source: tokens read but not yet handed out (never written in place, so views are snapshots)
-        self.pending = [np.empty(0, dtype=np.int32) for _ in sources]
+                         "exhausted": [False] * n, "cropped": [0] * n}
+        # per source: tokens read but not yet handed out. concat: one array (never written in place, so
+        # views are snapshots); bestfit: a BestFitBuffer of documents (copied for snapshots)
+        self.pending = [self._empty_pending() for _ in sources]
         self.handed_out = self._snapshot()
 
     # --- reading and packing ---
 
-    def _read_documents(self, i: int) -> list[str] | None:
-        """The next documents of source i, or None once it is exhausted (and not looping)."""
+    def _read_documents(self, i: int, start_over: bool = True) -> list[str] | None:
+        """The next documents of source i, or None once it is exhausted (and not looping, or not
+        `start_over`: then the next call starts the new epoch)."""
         for _ in range(2):
             if self.readers[i] is None:
                 self.readers[i] = iter_text_batches(self.sources[i], self.datasets[i], self.docs_per_read)
@@ -77,7 +105,7 @@ class PretrainBatches:
             if self.progress["docs"][i] == 0 and self.progress["epochs"][i] == 0:
                 raise DataError(f"{self.sources[i].spec}: no documents for rank {self.rank} of "
                                 f"{self.world_size} (empty dataset, or fewer documents than ranks?)")
-            if not self.loop:
+            if not self.loop or not start_over:
                 return None
             self.progress["epochs"][i] += 1  # start the source over
             self.progress["states"][i] = None
@@ -86,34 +114,73 @@ class PretrainBatches:
             self.readers[i] = None
         return None
 
-    def _refill(self, i: int) -> bool:
-        """Tokenize the next documents of source i into its buffer; False once it is exhausted."""
-        docs = self._read_documents(i)
+    def _refill(self, i: int, start_over: bool = True) -> bool:
+        """Tokenize the next documents of source i into its buffer; False once it is exhausted (or at
+        the end of an epoch, if not `start_over`)."""
+        docs = self._read_documents(i, start_over)
         if docs is None:
-            self.progress["exhausted"][i] = True
+            if start_over or not self.loop:
+                self.progress["exhausted"][i] = True
             return False
         bos = self.tokenizer.bos_id
+        self.progress["docs"][i] += len(docs)
+        if self.packing == "bestfit":
+            for ids in self.tokenizer.encode_batch(docs):
+                self.pending[i].add(bos, ids)
+            return True
         tokens = np.fromiter(itertools.chain.from_iterable(
             [bos] + ids for ids in self.tokenizer.encode_batch(docs)), dtype=np.int32)
-        self.progress["docs"][i] += len(docs)
         self.pending[i] = np.concatenate([self.pending[i], tokens])
         return True
 
     def _next_row(self):
         """The next row of T+1 tokens, from the source with the fewest tokens handed out per weight."""
-        row = self.seq_len + 1
         while True:
-            live = [i for i in range(len(self.sources)) if not self.progress["exhausted"][i]]
+            live = [i for i in range(len(self.sources))
+                    if not self.progress["exhausted"][i] or (self.packing == "bestfit" and len(self.pending[i]))]
             if not live:
                 return None
             i = min(live, key=lambda j: self.progress["tokens"][j] / self.sources[j].weight)
-            while len(self.pending[i]) < row and self._refill(i):
-                pass
-            if len(self.pending[i]) >= row:
-                self.progress["tokens"][i] += row
-                tokens, self.pending[i] = self.pending[i][:row], self.pending[i][row:]
+            tokens = self._concat_row(i) if self.packing == "concat" else self._bestfit_row(i)
+            if tokens is not None:
+                self.progress["tokens"][i] += len(tokens)
                 return tokens
-            # an exhausted, non-looping source: its tail shorter than a row is dropped
+            # else source i is exhausted (not looping) and has given its last row
+
+    def _concat_row(self, i: int):
+        """The next T+1 tokens of source i's stream; None at its end (the tail shorter than a row is dropped)."""
+        row = self.seq_len + 1
+        while len(self.pending[i]) < row and self._refill(i):
+            pass
+        if len(self.pending[i]) < row:
+            self.progress["cropped"][i] += len(self.pending[i])
+            self.pending[i] = self._empty_pending()
+            return None
+        tokens, self.pending[i] = self.pending[i][:row], self.pending[i][row:]
+        return tokens
+
+    def _bestfit_row(self, i: int):
+        """T+1 tokens of whole documents of source i, best fit, the last one cropped to fill the row;
+        None at the end of a non-looping stream (its last, partial row is dropped)."""
+        row, buffer = self.seq_len + 1, self.pending[i]
+        pieces, filled = [], 0
+        while filled < row:
+            # the buffer never holds two epochs: it drains before the next epoch is read, so a source
+            # smaller than the buffer is not read several times over (and held twice) to fill it
+            while (len(buffer) < self.buffer_docs and not self.progress["exhausted"][i]
+                   and self._refill(i, start_over=not len(buffer))):
+                pass
+            if not len(buffer):
+                self.progress["cropped"][i] += filled
+                return None
+            tokens, cropped = buffer.take(row - filled)
+            pieces.append(tokens)
+            filled += len(tokens)
+            self.progress["cropped"][i] += cropped
+        return np.concatenate(pieces)
+
+    def _empty_pending(self):
+        return np.empty(0, dtype=np.int32) if self.packing == "concat" else BestFitBuffer(self.seq_len + 1)
 
     def _next_block(self):
         """The next (rows, T+1) block of tokens and the loader state right after it."""
@@ -123,7 +190,8 @@ class PretrainBatches:
         return np.stack(rows), self._snapshot()
 
     def _snapshot(self) -> dict:
-        return {"progress": copy.deepcopy(self.progress), "pending": list(self.pending)}
+        pending = list(self.pending) if self.packing == "concat" else [b.copy() for b in self.pending]
+        return {"progress": copy.deepcopy(self.progress), "pending": pending}
 
     def _to_batch(self, block):
         tokens = torch.from_numpy(block.astype(np.int64))
@@ -178,28 +246,89 @@ class PretrainBatches:
         """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
         state = copy.deepcopy(self.handed_out["progress"])
         state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
-                     pending=[torch.from_numpy(p.copy()) for p in self.handed_out["pending"]])
+                     packing=self.packing)
+        if self.packing == "concat":
+            state["pending"] = [torch.from_numpy(p.copy()) for p in self.handed_out["pending"]]
+        else:
+            state["buffers"] = [b.state_dict() for b in self.handed_out["pending"]]
         return state
 
     def load_state_dict(self, state: dict):
-        mine = ([s.spec for s in self.sources], self.rank, self.world_size)
-        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"))
+        mine = ([s.spec for s in self.sources], self.rank, self.world_size, self.packing)
+        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"), state.get("packing", "concat"))
         if mine != theirs:
-            raise DataError(f"data loader state is from another setup (sources, rank, world size) "
-                            f"{theirs}, not {mine}; resume with the same --data and number of processes")
+            raise DataError(f"data loader state is from another setup (sources, rank, world size, packing) "
+                            f"{theirs}, not {mine}; resume with the same --data, --packing and number of processes")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
+        self.progress["cropped"] = list(state.get("cropped", [0] * len(self.sources)))  # older states: not counted
         for i, ds_state in enumerate(self.progress["states"]):
             self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
                                                epoch=self.progress["epochs"][i])
             if ds_state is not None:
                 self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
             self.readers[i] = None
-        self.pending = [p.numpy().astype(np.int32) for p in state["pending"]]
+        if self.packing == "concat":
+            self.pending = [p.numpy().astype(np.int32) for p in state["pending"]]
+        else:
+            self.pending = [BestFitBuffer.from_state(b, self.seq_len + 1) for b in state["buffers"]]
         self.handed_out = self._snapshot()
 
     def token_counts(self) -> dict[str, int]:
         """Tokens handed out so far from each source (for the log)."""
         return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
+
+    def cropped_counts(self) -> dict[str, int]:
+        """Tokens read from each source but never handed out: best-fit's cropped document tails, and the
+        last partial row of a non-looping stream (either packing)."""
+        return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["cropped"])}
+
+
+class BestFitBuffer:
+    """One source's documents waiting for best-fit packing (each <|bos|> + tokens), sorted by length.
+
+    `take(space)` gives the largest document of length <= space whole; if none is that
+    short, the shortest document's first `space` tokens, the rest of it cropped away
+    (nanochat's rule). A document longer than a row keeps only a row's worth of
+    tokens here (a crop never uses more) but its full length, which decides the
+    choices and counts its cropped tokens.
+    """
+
+    def __init__(self, row: int, lengths=(), docs=()):
+        self.row, self.lengths, self.docs = row, list(lengths), list(docs)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def add(self, bos: int, ids: list[int]):
+        length = len(ids) + 1
+        k = bisect.bisect_right(self.lengths, length)  # after the equally long ones: order of arrival
+        self.lengths.insert(k, length)
+        self.docs.insert(k, np.array([bos] + ids[:self.row - 1], dtype=np.int32))
+
+    def take(self, space: int):
+        """(tokens for the row, number of tokens cropped away)."""
+        k = bisect.bisect_right(self.lengths, space) - 1  # the largest that fits ...
+        k = bisect.bisect_left(self.lengths, self.lengths[max(k, 0)])  # (or none: the shortest), oldest first
+        length, doc = self.lengths.pop(k), self.docs.pop(k)
+        return doc[:space], max(length - space, 0)
+
+    def copy(self):
+        return BestFitBuffer(self.row, self.lengths, self.docs)
+
+    def state_dict(self) -> dict:
+        tokens = np.concatenate(self.docs) if self.docs else np.empty(0, dtype=np.int32)
+        return {"row": self.row, "lengths": torch.tensor(self.lengths, dtype=torch.int64),
+                "tokens": torch.from_numpy(tokens)}
+
+    @classmethod
+    def from_state(cls, state: dict, row: int):
+        if state["row"] != row:
+            raise DataError(f"data loader state packs rows of {state['row']} tokens, not {row}; "
+                            f"resume with the same --seq-len")
+        lengths = state["lengths"].tolist()
+        stops = np.cumsum([min(n, row) for n in lengths], dtype=np.int64)
+        docs = np.split(state["tokens"].numpy().astype(np.int32), stops[:-1]) if lengths else []
+        return cls(row, lengths, docs)
 
 
 def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = False, epoch: int = 0):

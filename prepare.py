@@ -68,7 +68,7 @@ import datasets
 import numpy as np
 
 import common
-from dataloader import PretrainBatches
+from dataloader import PACKINGS, PretrainBatches
 from data import (DEFAULT_PRETRAIN_SPEC, PREPARED_FORMAT, DataError, Source, check_parquet_files,
                   interleave, iter_text_batches, iter_texts, open_source, parse_specs, prepared_meta, resolve_files)
 from tok import Tokenizer, parse_count
@@ -438,6 +438,8 @@ def inspect_main(argv=None):
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batches", type=int, default=50, help="batches to time")
     parser.add_argument("--prefetch", type=int, default=0, help="batches to prepare in a background thread")
+    parser.add_argument("--packing", default="concat", choices=PACKINGS,
+                        help="how documents become rows (dataloader.py); bestfit also prints the tokens it crops")
     args = parser.parse_args(argv)
     try:
         tokenizer = Tokenizer.load(args.tokenizer)
@@ -447,14 +449,21 @@ def inspect_main(argv=None):
             for i, doc in zip(range(args.docs), iter_texts(source)):
                 print(f"-- document {i}: {len(doc):,} characters, {len(tokenizer.encode(doc)):,} tokens\n"
                       f"{doc[:300]!r}")
-        loader = PretrainBatches(sources, tokenizer, args.batch_size, args.seq_len, prefetch=args.prefetch)
+        loader = PretrainBatches(sources, tokenizer, args.batch_size, args.seq_len, prefetch=args.prefetch,
+                                 packing=args.packing)
         start, tokens = time.time(), 0
         for step, (inputs, _) in zip(range(args.batches), loader):
             tokens += inputs.numel()
         seconds = time.time() - start
         print(f"== {step + 1} batches of {args.batch_size}x{args.seq_len}: {tokens / seconds:,.0f} packed tokens/s")
-        for spec, n in loader.token_counts().items():
-            print(f"   {n:>12,} tokens  {spec}")
+        given, cropped = loader.token_counts(), loader.cropped_counts()
+        for spec, n in given.items():
+            read = n + cropped[spec]
+            print(f"   {n:>12,} tokens  {spec}" + (f"  (+{cropped[spec]:,} cropped: {cropped[spec] / max(read, 1):.1%} "
+                                                     f"of those read)" if args.packing == "bestfit" else ""))
+        if args.packing == "bestfit":
+            total_cropped = sum(cropped.values())
+            print(f"   cropped: {total_cropped / max(sum(given.values()) + total_cropped, 1):.1%} of the tokens read")
     except (DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -81,6 +81,8 @@ class TrainConfig:
     resume: bool = False
     stop_after_steps: int = 0        # save and leave after this many steps (for jobs with a time limit)
     prefetch: int = 4
+    packing: str = "concat"          # rows of the training batches: concat (split the document stream) or bestfit
+                                     # (nanochat's: each row starts at a document, some tokens cropped; dataloader.py)
 
 
 PRESETS = {
@@ -291,7 +293,7 @@ def main(argv=None):
     steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
     try:
         loader = dataloader.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
-                                      prefetch=cfg.prefetch)
+                                      prefetch=cfg.prefetch, packing=cfg.packing)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     resumed = resume(cfg, raw_model, optimizers, loader, rank, world_size, log) if cfg.resume else {}
@@ -389,7 +391,9 @@ def main(argv=None):
     log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s"
         + (f" ({tokens_seen - first_tokens:,} in this session's share of the {cfg.time_budget:g}-minute budget)"
            if budget else "")
-        + f"; counts per source: {json.dumps(loader.token_counts(), ensure_ascii=False)}")
+        + f"; counts per source: {json.dumps(loader.token_counts(), ensure_ascii=False)}"
+        + (f"; cropped per source: {json.dumps(loader.cropped_counts(), ensure_ascii=False)}"
+           if cfg.packing == "bestfit" else ""))
     if master:
         write_report(cfg, raw_model, steps, step, first_step, tokens_seen,
                      (tokens_seen - first_tokens) / max(seconds, 1e-9), prior_seconds + seconds, peak, world_size,
