@@ -47,9 +47,11 @@ def _row_tile(n_rows, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS
 
 # The width N_COLS is a constexpr, and the row stride is N_COLS (the launchers pass
 # contiguous rows): so the compiler knows every row starts 16-byte aligned whenever
-# N_COLS * element size is a multiple of 16, and vectorises the loads, whatever the
-# number of rows, also under torch.compile(dynamic=True), where a runtime width or
-# stride would be a symbolic size with no divisibility hint (scalar loads).
+# N_COLS * element size is a multiple of 16, and vectorises the accesses whatever the
+# number of rows, also under torch.compile with dynamic shapes, where a runtime width
+# is a symbolic size without a divisibility hint. PTX for sm_90, bf16, width 768, sizes
+# without hints: 16-byte ld/st.global.v4 with N_COLS a constexpr, 2-byte ld/st.global.b16
+# with the width a runtime argument (tests/test_kernels_compile.py).
 @triton.jit
 def _rms_norm_fwd_kernel(X, Y, RSTD, n_rows, eps,
                          N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):

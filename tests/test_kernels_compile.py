@@ -18,6 +18,10 @@ inputs (wrap_triton swapped for a recorder, as kernels/aot.py does). What the ke
 compute is not checked here: the same kernel with the same launch is what
 tests/test_kernels.py checks numerically, in the interpreter.
 
+The same subprocess compiles RMSNorm's kernels to PTX for sm_90 as Inductor binds
+them under dynamic shapes (no divisibility hint on a size), to check that their
+memory accesses stay 16 bytes wide.
+
 The bug this guards: rms_norm's launch configuration was computed from the width
 with triton.next_power_of_2; under dynamic shapes the width is a symbol, and Inductor
 emitted next_power_of_2's bit-twiddling into the launch grid (on CUDA a NameError,
@@ -77,6 +81,15 @@ def test_generated_launches_hold_no_bit_twiddling(compiled, op, mode):
     assert lines
     bad = [line for line in lines if re.search(r"\||&|\^|<<|>>|Bitwise", line)]
     assert not bad, "\n".join(line[:300] for line in bad)
+
+
+def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
+    """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
+    768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
+    does it: with the width a runtime argument they were 2-byte scalar accesses (ld.global.b16)."""
+    for kernel, accesses in compiled["ptx_global_accesses"].items():
+        assert "ld.global.v4.b32" in accesses, (kernel, accesses)
+        assert not any(a.endswith(".b16") for a in accesses), (kernel, accesses)
 
 
 def test_rows_stay_dynamic_and_widths_recompile(compiled):
@@ -172,6 +185,28 @@ def _eager_launches(module, launcher, *args) -> list:
     return launches
 
 
+def _global_accesses_with_dynamic_sizes() -> dict:
+    """PTX global loads/stores of RMSNorm's kernels, bf16, width 768, sm_90, bound as Inductor binds
+    dynamic sizes: pointers 16-byte aligned, no divisibility hint on any int argument."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from kernels import aot
+
+    found = {}
+    for launch in aot.record_launches():
+        name = launch.kernel.__name__
+        if name.startswith("_rms_norm") and launch.dtype == torch.bfloat16 and launch.case.endswith("N768"):
+            job = aot.bind(launch, 90, "fp32")
+            pointers = {i for i, ty in enumerate(job.signature.values()) if ty.startswith("*")}
+            attrs = {k: v for k, v in job.attrs.items() if k[0] in pointers}
+            source = triton.compiler.ASTSource(launch.kernel, job.signature, job.constexprs, attrs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job.options).asm["ptx"]
+            found[name] = sorted(set(re.findall(r"(?:ld|st)\.global(?:\.\w+)*", ptx)))
+    return found
+
+
 def child(out_path: str) -> None:
     import logging
 
@@ -250,6 +285,7 @@ def child(out_path: str) -> None:
                         + _eager_launches(attention, attention._triton_bwd, dout, q_, k_, v_, out.contiguous(), lse))
             rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
         results["flash_attn_op"][mode] = rows
+    results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
     Path(out_path).write_text(json.dumps(results, indent=1, default=str))
 
 
