@@ -2,20 +2,38 @@
 One command for a person with one H100/H200: are the kernels right on the
 hardware, how fast are they, and what do they buy a training run?
 
-    python bench/gpu.py              # the full run (meant to finish in under 8 minutes), appended to bench/RESULTS.md
-    python bench/gpu.py --smoke      # CPU smoke run: tiny shapes, seconds, nothing appended (tests/test_bench_gpu.py)
-    python bench/gpu.py --sections correctness,speed   # a subset
+    python bench/gpu.py              # the full run: 10-15 minutes (an estimate, not yet timed)
+    python bench/gpu.py --quick      # every section at reduced sizes: under 5 minutes on an H100/H200
+                                     # (an estimate from the sizes and compile counts, not yet timed)
+    python bench/gpu.py --smoke      # CPU smoke run: toy sizes, no GPU (tests/test_kernels_bench_gpu.py)
+    python bench/gpu.py --sections correctness,speed --out report.md
 
-Sections (each catches its own failure and reports it, so the others' numbers survive):
+It always reports (bench/gpu_runner.py). Each section runs in its own process,
+with its own time limit (SECTIONS). The rows go to stdout and are appended to the
+report file the moment they exist: --out, else $OUT/gpu_report.md when $OUT is
+set, else bench/RESULTS.md (the smoke run writes no file unless --out is given).
+A case that fails is one row with the first line of its error (the traceback
+on stderr), and the section goes on; a section that crashes is one row; a
+section past its time limit is killed, with a row saying so, and the next
+section starts. The exit status is 1 if any row failed, timed out or was wrong.
 
-  correctness  our attention (forward and backward) and RMSNorm on the GPU against
-               the fp32 PyTorch reference, bf16, D 64/128, MHA/GQA, ragged T,
-               eagerly and inside torch.compile(fullgraph=True). Tolerances are
-               tests/test_kernels.py's for bf16.
+Sections (each a function section_<name> and a time limit in SECTIONS):
+
+  device       the GPU, the versions, which path our ops take.
+  correctness  every op on the GPU against the fp32 PyTorch reference, bf16:
+               flash_attn (D 64/128, MHA/GQA, ragged T), kernels.rms_norm (the
+               model's call: ours or F.rms_norm per kernels/dispatch.py) and
+               rms_norm_op (our kernel at every width); eager, torch.compile
+               (fullgraph) and torch.compile(dynamic=True), over shapes that vary
+               batch, sequence, rows and width, so the compiled ones recompile or
+               run dynamic. Tolerances are tests/test_kernels.py's for bf16.
   speed        attention forward and forward+backward TFLOP/s, causal, bf16, D 128,
                T 2048 and 4096, against every SDPA backend that runs (flash, cuDNN,
-               efficient) and the flash_attn package if installed; RMSNorm
-               forward+backward GB/s against eager and compiled F.rms_norm.
+               efficient) and the flash_attn package if installed.
+  rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
+               (eager, and as the custom op inside torch.compile) against eager
+               and compiled F.rms_norm, at the model's widths.
+  launch       host time per call of each op's eager path (bench/kernels.py).
   train        d12 and d20 at train.py's defaults (T 2048, 32 sequences a device),
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
                steps after warm-up, with our kernels and with PyTorch's own
@@ -26,18 +44,26 @@ Sections (each catches its own failure and reports it, so the others' numbers su
                step), so there is something to learn and no data files are needed.
   decode       KV-cache generation tokens/s (gpt.GPT.generate), d12, bf16 autocast.
 
+--quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
+3 RMSNorm shapes in 3 modes (about 15 compiles of a few seconds each), speed
+T 2048 only, RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
+about a minute each), run and decode as in the full run (seconds each), plus
+one start-up of about 10 s (the imports) and a CUDA initialisation per section.
+The quick time limits (SECTIONS) add up to 5 minutes, so even a hung section
+cannot stretch the run much past that.
+
 In --smoke the same code runs on the CPU at toy sizes: the nano model, fp32, no
-torch.compile, SDPA backends and flash_attn reported as n/a. The correctness
-section runs Triton through its interpreter when TRITON_INTERPRET=1, the other
-sections (where the interpreter would only be slow) the ops' reference path.
+torch.compile (Inductor cannot trace Triton's interpreter), SDPA backends and
+flash_attn reported as n/a. The correctness section runs Triton through its
+interpreter when TRITON_INTERPRET=1, the other sections the ops' reference path.
 """
 import argparse
 import math
 import os
 import platform
 import sys
+import threading
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,15 +77,33 @@ import common
 import gpt
 import kernels
 import train
+from bench.gpu_runner import Report, case, run_sections
+from bench.kernels import launch_overhead
 from kernels import attention, rmsnorm
 
-SECTIONS = ["correctness", "speed", "train", "run", "decode"]
+# (name, seconds in a full run, seconds in a --quick run): section_<name> runs in its own
+# process and is killed at its limit, counted from its first line (bench/gpu_runner.py).
+# To add a section: write section_<name>(args, device), a generator of report lines (its
+# first line a description, its title the docstring's first line), and add a line here.
+SECTIONS = [
+    ("device", 60, 10),
+    ("correctness", 900, 80),
+    ("speed", 300, 25),
+    ("rms_norm_speed", 300, 25),
+    ("launch", 120, 10),
+    ("train", 1500, 110),
+    ("run", 600, 25),
+    ("decode", 300, 15),
+]
+PRELOAD = ["torch", "torch.nn.functional", "triton", "common", "gpt", "kernels", "train", "bench.kernels",
+           "bench.gpu_runner"]  # what every section's process starts with, imported once
+TEST_HANG_LIMIT = 3  # the --test-hang section's limit (tests only)
 ATTN_TOL = {torch.bfloat16: (3e-2, 3e-2), torch.float32: (2e-5, 1e-4)}  # as in tests/test_kernels.py
 NORM_TOL = {torch.bfloat16: (8e-3, 1.6e-2), torch.float32: (1e-5, 1e-5)}
 
 
 # ----------------------------------------------------------------------------
-# Where we run
+# Where we run, and the rows
 
 
 def machine() -> str:
@@ -106,8 +150,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _ok(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
 # ----------------------------------------------------------------------------
-# correctness
+# device and correctness
+
+
+def section_device(args, device):
+    """Device"""
+    yield f"{machine()}. Our ops run: {path_name(device, args.smoke)} in the correctness section, {path_name(device, False)} elsewhere."
+    yield (f"kernels.rms_norm takes our kernel at widths {sorted(kernels.RMS_NORM_TRITON_WIDTHS)} in eager training, "
+           "F.rms_norm everywhere else (kernels/dispatch.py).")
 
 
 def max_err(got, want, tol) -> tuple[float, bool]:
@@ -146,33 +201,51 @@ def norm_errors(fn, shape, dtype, device):
     return [e for e, _ in results], all(ok for _, ok in results)
 
 
-def section_correctness(args, device) -> list[str]:
+def _errors_cells(errors_and_ok) -> list:
+    errs, ok = errors_and_ok
+    return [" / ".join(f"{e:.1e}" for e in errs), _ok(ok)]
+
+
+def section_correctness(args, device):
+    """Correctness on the device"""
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    attn_shapes = ([(1, 2, 2, 33, 64), (1, 4, 2, 40, 128)] if args.smoke else
-                   [(2, 8, 8, 1000, 64), (2, 8, 2, 1000, 64), (2, 10, 10, 2048, 128), (1, 8, 2, 4093, 128)])
-    norm_shapes = [(7, 64), (3, 5, 100)] if args.smoke else [(4096, 768), (4096, 1280), (2, 2048, 10, 128), (999, 64)]
-    flash = lambda q, k, v: kernels.flash_attn(q, k, v)
-    norm = lambda x: kernels.rms_norm(x, gpt.NORM_EPS)
-    modes = {"eager": (flash, norm)}
-    if not args.smoke:  # compiling takes longer than the whole smoke run
-        modes["compiled"] = (torch.compile(flash, fullgraph=True), torch.compile(norm, fullgraph=True))
-    rows = [f"Against the fp32 PyTorch reference; {str(dtype)[6:]} inputs; tolerances (atol, rtol) "
-            f"attention {ATTN_TOL[dtype]}, RMSNorm {NORM_TOL[dtype]}.", "",
-            "| op | shape | mode | max abs err | ok |", "|---|---|---|---|---|"]
+    # B, H, H_kv, T, D; and RMSNorm shapes. In a row the sizes change one dimension at a time
+    # (batch, sequence; rows, width), so the compiled modes recompile or run dynamic.
+    if args.smoke:
+        attn_shapes, norm_shapes = [(1, 2, 2, 33, 64), (1, 4, 2, 40, 128)], [(7, 64), (3, 5, 100)]
+    elif args.quick:
+        attn_shapes = [(2, 8, 2, 1000, 128), (1, 8, 2, 2048, 128)]
+        norm_shapes = [(4096, 768), (2, 512, 10, 128), (999, 128)]
+    else:
+        attn_shapes = [(2, 8, 8, 1000, 64), (2, 8, 2, 1000, 64), (1, 8, 2, 1500, 64), (2, 10, 10, 2048, 128),
+                       (1, 8, 2, 4093, 128)]
+        norm_shapes = [(4096, 768), (4096, 1280), (2, 2048, 10, 128), (3000, 128), (999, 64)]
+    ops = {"flash_attn": lambda q, k, v: kernels.flash_attn(q, k, v),
+           "rms_norm": lambda x: kernels.rms_norm(x, gpt.NORM_EPS),  # the model's call: ours or F.rms_norm
+           "rms_norm_op": lambda x: kernels.rms_norm_op(x, gpt.NORM_EPS)[0]}  # our kernel at every width
+    modes = {"eager": lambda fn: fn}
+    if not args.smoke:  # Inductor cannot trace the interpreter (tests/test_kernels_compile.py)
+        modes["compiled"] = lambda fn: torch.compile(fn, fullgraph=True)
+        modes["compiled dynamic"] = lambda fn: torch.compile(fn, fullgraph=True, dynamic=True)
+    yield (f"Against the fp32 PyTorch reference; {str(dtype)[6:]} inputs; tolerances (atol, rtol) "
+           f"attention {ATTN_TOL[dtype]}, RMSNorm {NORM_TOL[dtype]}; {', '.join(modes)}"
+           f"{' (no torch.compile in the smoke run)' if args.smoke else ''}.")
+    yield ""
+    yield "| op | shape | mode | max abs err (out/dq/dk/dv; y/dx) | ok |"
+    yield "|---|---|---|---|---|"
     with our_path(args.smoke):
-        for mode, (attn_fn, norm_fn) in modes.items():
-            for B, H, H_kv, T, D in attn_shapes:
-                errs, ok = attention_errors(attn_fn, B, H, H_kv, T, D, dtype, device)
-                shape = f"B{B} H{H} Hkv{H_kv} T{T} D{D}"
-                rows.append(f"| attention out/dq/dk/dv | {shape} | {mode} | {' / '.join(f'{e:.1e}' for e in errs)} | {_ok(ok)} |")
-            for shape in norm_shapes:
-                errs, ok = norm_errors(norm_fn, shape, dtype, device)
-                rows.append(f"| rms_norm y/dx | {'x'.join(map(str, shape))} | {mode} | {' / '.join(f'{e:.1e}' for e in errs)} | {_ok(ok)} |")
-    return rows
-
-
-def _ok(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
+        for mode, wrap in modes.items():
+            for op, fn in ops.items():
+                torch._dynamo.reset()
+                compiled = wrap(fn)  # one compiled function per op and mode, across the shapes
+                if op == "flash_attn":
+                    for shape in attn_shapes:
+                        label = "B{} H{} Hkv{} T{} D{}".format(*shape)
+                        yield case(args, [op, label, mode], lambda: _errors_cells(attention_errors(compiled, *shape, dtype, device)))
+                else:
+                    for shape in norm_shapes:
+                        label = "x".join(map(str, shape))
+                        yield case(args, [op, label, mode], lambda: _errors_cells(norm_errors(compiled, shape, dtype, device)))
 
 
 # ----------------------------------------------------------------------------
@@ -196,15 +269,17 @@ def attention_contenders(smoke: bool) -> dict:
     return contenders
 
 
-def section_attention_speed(args, device) -> list[str]:
+def section_speed(args, device):
+    """Attention speed, TFLOP/s"""
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    shapes = [(64, 64)] if args.smoke else [(2048, 128), (4096, 128)]
+    shapes = [(64, 64)] if args.smoke else [(2048, 128)] if args.quick else [(2048, 128), (4096, 128)]
     tokens, width = (64, 128) if args.smoke else (16384, 2048)  # B*T tokens, H*D width (as bench/kernels.py)
     contenders = attention_contenders(args.smoke)
-    rows = [f"Causal, {str(dtype)[6:]}, B*T = {tokens} tokens, H = {width} / D heads. FLOPs: forward "
-            "4*B*H*T^2*D / 2 (the causal half), backward 2.5x that.", "",
-            "| T | D | pass | " + " | ".join(contenders) + " | ours / best other |",
-            "|---|---|---|" + "---:|" * (len(contenders) + 1)]
+    yield (f"Causal, {str(dtype)[6:]}, B*T = {tokens} tokens, H = {width} / D heads. FLOPs: forward "
+           "4*B*H*T^2*D / 2 (the causal half), backward 2.5x that.")
+    yield ""
+    yield "| T | D | pass | " + " | ".join(contenders) + " | ours / best other |"
+    yield "|---|---|---|" + "---:|" * (len(contenders) + 1)
     for T, D in shapes:
         B, H = max(1, tokens // T), width // D
         g = torch.Generator(device=device).manual_seed(0)
@@ -212,13 +287,13 @@ def section_attention_speed(args, device) -> list[str]:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         flops_fwd = 4 * B * H * T * T * D / 2
         for label, flops in (("fwd", flops_fwd), ("fwd+bwd", 3.5 * flops_fwd)):
-            speed = {}
-            for name, contender in contenders.items():
-                speed[name] = None if contender is None else _tflops(contender, label, flops, q, k, v, dout, args.smoke)
-            others = [s for n, s in speed.items() if n != "ours" and s is not None]
-            ratio = f"{speed['ours'] / max(others):.2f}x" if others and speed["ours"] else "n/a"
-            rows.append(f"| {T} | {D} | {label} | " + " | ".join(_cell(s, args.smoke) for s in speed.values()) + f" | {ratio} |")
-    return rows
+            def measure():
+                speed = {name: None if c is None else _tflops(c, label, flops, q, k, v, dout, args.smoke)
+                         for name, c in contenders.items()}
+                others = [s for n, s in speed.items() if n != "ours" and s is not None]
+                ratio = f"{speed['ours'] / max(others):.2f}x" if others and speed["ours"] else "n/a"
+                return [_cell(s, args.smoke) for s in speed.values()] + [ratio]
+            yield case(args, [T, D, label], measure)
 
 
 def _tflops(contender, label, flops, q, k, v, dout, smoke):
@@ -238,27 +313,48 @@ def _cell(x, smoke) -> str:
     return "n/a" if x is None else f"{x:.3f}" if smoke else f"{x:.1f}"
 
 
-def section_rms_norm_speed(args, device) -> list[str]:
+def section_rms_norm_speed(args, device):
+    """RMSNorm speed, GB/s"""
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    # the residual stream of d12 and d20, and QK-norm (heads of 128), at 64K tokens (d12/d20's micro-batch)
-    shapes = [(64, 256), (256, 64)] if args.smoke else [(65536, 768), (65536, 1280), (655360, 128)]
-    eager = lambda x: F.rms_norm(x, (x.shape[-1],), eps=gpt.NORM_EPS)
-    fns = {"ours": lambda x: kernels.rms_norm(x, gpt.NORM_EPS), "eager F.rms_norm": eager}
+    # d12/d20's residual stream and QK-norm (heads of 128) at 64K tokens (their micro-batch),
+    # and a QK-norm at 8K tokens: the rows kernels/dispatch.py's rule rests on, and those it lacks
+    shapes = ([(64, 256), (256, 64)] if args.smoke else [(65536, 768), (655360, 128), (81920, 128)] if args.quick
+              else [(65536, 768), (65536, 1280), (655360, 128), (393216, 128), (81920, 128)])
+    eps = gpt.NORM_EPS
+    eager = lambda x: F.rms_norm(x, (x.shape[-1],), eps=eps)
+    # ours: kernels.rms_norm's eager path to our kernel, at every width (in the smoke run kernels.rms_norm
+    # itself, which is F.rms_norm there: the smoke run checks that the code runs, not the interpreter's speed)
+    fns = {"ours": kernels.rms_norm if args.smoke else lambda x: rmsnorm._EagerRMSNorm.apply(x, eps),
+           "ours (custom op)": lambda x: kernels.rms_norm_op(x, eps)[0],
+           "eager F.rms_norm": eager}
     if not args.smoke:
+        fns["ours compiled"] = torch.compile(lambda x: kernels.rms_norm_op(x, eps)[0])
         fns["compiled F.rms_norm"] = torch.compile(eager)
-    rows = ["Forward+backward; bytes: x read twice, y written, dy read, dx written = 5 x numel x element size.", "",
-            "| rows x width | " + " | ".join(f"{n} GB/s" for n in fns) + " | ours / best other |",
-            "|---|" + "---:|" * (len(fns) + 1)]
+    yield ("Bytes: forward reads x and writes y (2 x numel x element size); forward+backward also reads x "
+           "and dy and writes dx (5 x). \"ours\" is what kernels.rms_norm runs where it picks our kernel.")
+    yield ""
+    yield "| rows x width | pass | " + " | ".join(f"{n} GB/s" for n in fns) + " | ours / best PyTorch |"
+    yield "|---|---|" + "---:|" * (len(fns) + 1)
     for M, N in shapes:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(M, N, device=device, dtype=dtype, generator=g).requires_grad_()
         dy = torch.randn(M, N, device=device, dtype=dtype, generator=g)
-        nbytes = 5 * x.numel() * x.element_size()
-        gbs = {name: nbytes / timeit(lambda f=f: torch.autograd.grad(f(x), x, dy), args.smoke) / 1e9
-               for name, f in fns.items()}
-        best_other = max(v for n, v in gbs.items() if n != "ours")
-        rows.append(f"| {M} x {N} | " + " | ".join(f"{v:.1f}" for v in gbs.values()) + f" | {gbs['ours'] / best_other:.2f}x |")
-    return rows
+        for label, nbytes in (("fwd+bwd", 5 * x.numel() * x.element_size()), ("fwd", 2 * x.numel() * x.element_size())):
+            def measure():
+                def run(f):
+                    if label == "fwd":
+                        with torch.no_grad():
+                            return f(x)
+                    return torch.autograd.grad(f(x), x, dy)
+                gbs = {name: nbytes / timeit(lambda f=f: run(f), args.smoke) / 1e9 for name, f in fns.items()}
+                best = max(v for n, v in gbs.items() if "F.rms_norm" in n)
+                return [f"{v:.1f}" for v in gbs.values()] + [f"{gbs['ours'] / best:.2f}x"]
+            yield case(args, [f"{M} x {N}", label], measure)
+
+
+def section_launch(args, device):
+    """Launch overhead, microseconds per call"""
+    yield from launch_overhead(device, args.smoke)
 
 
 # ----------------------------------------------------------------------------
@@ -340,141 +436,142 @@ def measure_training(preset: str, variant: str, args, device) -> dict:
     return result
 
 
-def section_train(args, device) -> list[str]:
-    presets = ["nano"] if args.smoke else args.train_presets.split(",")
-    variants = ["ours", "pytorch"]
-    rows = [f"{args.train_steps} steps after {args.warmup} warm-up steps, one micro-batch per step, "
-            f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
-            "Baseline: torch's SDPA + F.rms_norm.", "",
-            "| model | T x batch | kernels | tokens/s | MFU | peak memory GiB | ours / baseline |",
-            "|---|---|---|---:|---:|---:|---:|"]
+def section_train(args, device):
+    """Training throughput, one GPU"""
+    presets = ["nano"] if args.smoke else ["d12"] if args.quick else args.train_presets.split(",")
+    yield (f"{args.train_steps} steps after {args.warmup} warm-up steps, one micro-batch per step, "
+           f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
+           "ours: our attention, and RMSNorm as kernels.rms_norm picks it (F.rms_norm under torch.compile). "
+           "Baseline: torch's SDPA + F.rms_norm.")
+    yield ""
+    yield "| model | kernels | T x batch | tokens/s | MFU | peak memory GiB | ours / baseline |"
+    yield "|---|---|---|---:|---:|---:|---:|"
     for preset in presets:
         results = {}
-        for variant in variants:
-            try:
-                results[variant] = measure_training(preset, variant, args, device)
-            except Exception as e:  # e.g. out of memory: report it, keep the other rows
-                rows.append(f"| {preset} | | {variant} | FAILED: {_one_line(e)} | | | |")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        for variant, r in results.items():
+
+        def measure(variant):
+            r = results[variant] = measure_training(preset, variant, args, device)
             ratio = (f"{results['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x"
                      if variant != "ours" and "ours" in results else "")
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            rows.append(f"| {preset} | {r['seq_len']} x {r['batch']} | {variant} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | {ratio} |")
-    return rows
+            return [f"{r['seq_len']} x {r['batch']}", f"{r['tokens_per_s']:,.0f}", mfu, peak, ratio]
+
+        for variant in ("ours", "pytorch"):
+            yield case(args, [preset, variant], lambda: measure(variant))
 
 
-def section_run(args, device) -> list[str]:
-    """A short real run: loss must fall on counting sequences."""
+def section_run(args, device):
+    """A short real run"""
     cfg, build_optimizers, train_step, _ = train_api()
     preset, seq_len, batch, steps = ("nano", 64, 4, 30) if args.smoke else ("d12", 512, 16, args.run_steps)
-    model = build(preset, seq_len, device)
-    optimizers = build_optimizers(model, cfg)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    t = time.perf_counter()
-    for step in range(steps):
-        lr_mult = min(1.0, 2 * (steps - step) / steps)  # flat, then a linear warmdown over the second half
-        batches = [counting_batch(batch, seq_len, device, model.config.vocab_size, g)]
-        losses.append(train_step(model, optimizers, batches, lr_mult, device))
-    seconds = time.perf_counter() - t
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    falls = last < 0.5 * first
-    rows = [f"{preset}, {steps} steps of {batch} x {seq_len} counting-sequence tokens "
-            f"(period {min(1024, model.config.vocab_size)}), eager, our kernels, "
-            f"{seconds:.0f} s. Loss starts at ln(vocab) = {math.log(model.config.vocab_size):.2f} "
-            "(zero-initialised lm_head); it must fall below half of that.", "",
-            "| steps 1-5 mean loss | last 5 mean loss | losses every 10% | falls |", "|---:|---:|---|---|",
-            f"| {first:.3f} | {last:.3f} | {' '.join(f'{l:.2f}' for l in losses[::max(1, steps // 10)])} | {_ok(falls)} |"]
-    return rows
+    yield (f"{preset}, {steps} steps of {batch} x {seq_len} counting-sequence tokens (period 1024 or the vocabulary), "
+           "eager, our kernels. Loss starts at ln(vocab) (zero-initialised lm_head); it must fall below half of that.")
+    yield ""
+    yield "| model | seconds | steps 1-5 mean loss | last 5 mean loss | losses every 10% | falls |"
+    yield "|---|---:|---:|---:|---|---|"
+
+    def measure():
+        model = build(preset, seq_len, device)
+        optimizers = build_optimizers(model, cfg)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        t = time.perf_counter()
+        for step in range(steps):
+            lr_mult = min(1.0, 2 * (steps - step) / steps)  # flat, then a linear warmdown over the second half
+            batches = [counting_batch(batch, seq_len, device, model.config.vocab_size, g)]
+            losses.append(train_step(model, optimizers, batches, lr_mult, device))
+        seconds = time.perf_counter() - t
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        falls = last < 0.5 * math.log(model.config.vocab_size)
+        return [f"{seconds:.0f}", f"{first:.3f}", f"{last:.3f}",
+                " ".join(f"{l:.2f}" for l in losses[::max(1, steps // 10)]), _ok(falls)]
+
+    yield case(args, [preset], measure)
 
 
-def section_decode(args, device) -> list[str]:
+def section_decode(args, device):
+    """KV-cache decode"""
     preset, prompt_len, new = ("nano", 8, 16) if args.smoke else ("d12", 16, 256)
-    model = build(preset, 2048, device).eval()
-    with torch.no_grad():  # random weights instead of init_weights' zero lm_head, so the tokens vary
-        model.lm_head.weight.normal_(0, 0.02)
-    prompt = list(range(1, prompt_len + 1))
-    rows = ["| model | prompt | new tokens | decode tokens/s (after prefill) |", "|---|---:|---:|---:|"]
-    for _ in model.generate(prompt, 4, temperature=0.0):  # warm-up
-        pass
-    stream = model.generate(prompt, new, temperature=0.0)
-    next(stream)  # prefill and the first token
-    sync(device)
-    t = time.perf_counter()
-    n = sum(1 for _ in stream)
-    sync(device)
-    rows.append(f"| {preset} | {prompt_len} | {n} | {n / (time.perf_counter() - t):,.0f} |")
-    return rows
+    yield "Greedy, batch 1, random weights; tokens/s after the prefill and the first token."
+    yield ""
+    yield "| model | prompt | new tokens | decode tokens/s (after prefill) |"
+    yield "|---|---:|---:|---:|"
+
+    def measure():
+        model = build(preset, 2048, device).eval()
+        with torch.no_grad():  # random weights instead of init_weights' zero lm_head, so the tokens vary
+            model.lm_head.weight.normal_(0, 0.02)
+        prompt = list(range(1, prompt_len + 1))
+        for _ in model.generate(prompt, 4, temperature=0.0):  # warm-up
+            pass
+        stream = model.generate(prompt, new, temperature=0.0)
+        next(stream)  # prefill and the first token
+        sync(device)
+        t = time.perf_counter()
+        n = sum(1 for _ in stream)
+        sync(device)
+        return [prompt_len, n, f"{n / (time.perf_counter() - t):,.0f}"]
+
+    yield case(args, [preset], measure)
 
 
-# ----------------------------------------------------------------------------
-# the report
+def section_hang(args, device):
+    """Test hook: a section that hangs"""
+    yield "| this row was printed before the section hung |"
+    threading.Event().wait()  # forever: the runner must end it at its limit
 
 
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-
-
-def run_section(title: str, fn, args, device) -> list[str]:
-    """The section's markdown; on failure, the error instead, so the other sections still report."""
-    started = time.time()
-    try:
-        body = fn(args, device)
-    except Exception as e:
-        traceback.print_exc()
-        body = [f"**FAILED**: `{_one_line(e)}` (traceback on stderr)"]
-    return [f"### {title}", "", *body, "", f"({time.time() - started:.0f} s)", ""]
+def default_out(smoke: bool):
+    if os.environ.get("OUT"):
+        return str(Path(os.environ["OUT"]) / "gpu_report.md")
+    return None if smoke else str(ROOT / "bench" / "RESULTS.md")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--smoke", action="store_true", help="CPU smoke run at toy sizes (seconds)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    names = [name for name, *_ in SECTIONS]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="CPU smoke run at toy sizes")
+    mode.add_argument("--quick", action="store_true", help="every section at reduced sizes (estimated < 5 min on an H100/H200)")
+    parser.add_argument("--sections", default=",".join(names), help=f"comma-separated subset of {names}")
+    parser.add_argument("--out", default=None, help="append the report here as it comes (default: $OUT/gpu_report.md "
+                        "if $OUT is set, else bench/RESULTS.md; none with --smoke)")
     parser.add_argument("--train-presets", default="d12,d20")
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="train steps before timing (the first compiles)")
     parser.add_argument("--run-steps", type=int, default=300, help="steps of the short real d12 run")
-    parser.add_argument("--append", action=argparse.BooleanOptionalAction, default=None,
-                        help="append the report to bench/RESULTS.md (default: yes, except with --smoke)")
-    parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    parser.add_argument("--test-fail-case", default=None, help=argparse.SUPPRESS)  # tests: fail this case
+    parser.add_argument("--test-hang", action="store_true", help=argparse.SUPPRESS)  # tests: add a hanging section
     args = parser.parse_args(argv)
     if args.smoke:
         args.train_steps, args.warmup = min(args.train_steps, 2), min(args.warmup, 1)
-    elif not torch.cuda.is_available():
+    elif args.quick:
+        args.train_steps, args.warmup = min(args.train_steps, 10), min(args.warmup, 2)
+    if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke for the CPU smoke run")
-    device = torch.device("cpu" if args.smoke else "cuda")
     wanted = args.sections.split(",")
-    unknown = set(wanted) - set(SECTIONS)
+    unknown = set(wanted) - set(names)
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {names}")
+    # the smoke run gets the full limits: it runs on loaded CI machines, and only a hang should reach them
+    sections = [(name, quick if args.quick else full) for name, full, quick in SECTIONS if name in wanted]
+    if args.test_hang:
+        sections.insert(1, ("hang", TEST_HANG_LIMIT))
+    out = args.out or default_out(args.smoke)
 
+    report = Report(out)
     started = time.time()
     command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = [f"## GPU check (`{command.strip()}`){' — CPU smoke run' if args.smoke else ''}", "",
-              f"Device: {machine()}. Our ops run: {path_name(device, args.smoke)} in the correctness section, "
-              f"{path_name(device, False)} elsewhere. {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    sections = {"correctness": ("Correctness on the device", section_correctness),
-                "speed": ("Attention speed, TFLOP/s", section_attention_speed),
-                "train": ("Training throughput, one GPU", section_train),
-                "run": ("A short real run", section_run),
-                "decode": ("KV-cache decode", section_decode)}
-    for key in SECTIONS:
-        if key in wanted:
-            title, fn = sections[key]
-            report += run_section(title, fn, args, device)
-            if key == "speed":
-                report += run_section("RMSNorm speed, GB/s", section_rms_norm_speed, args, device)
-    report.append(f"Total {time.time() - started:.0f} s.")
-    text = "\n".join(report)
-    print(text)
-    if args.append if args.append is not None else not args.smoke:
-        with open(args.results, "a") as f:
-            f.write("\n" + text + "\n")
-        print(f"\n(appended to {args.results})")
+    report(f"## GPU check (`{command.strip()}`){' — CPU smoke run' if args.smoke else ''}, {time.strftime('%Y-%m-%d %H:%M')}")
+    report()
+    run_sections([(globals()[f"section_{name}"], limit) for name, limit in sections], args, report, PRELOAD, ROOT)
+    report(f"Total {time.time() - started:.0f} s; {report.bad} failed, wrong or timed-out rows.")
+    if out:
+        print(f"\n(appended to {out})")
+    return 1 if report.bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

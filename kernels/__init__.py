@@ -7,16 +7,18 @@ nanoschnack's fused kernels: causal flash attention and RMSNorm, in Triton.
 
 Both are torch.library custom ops (nanoschnack::flash_attn, nanoschnack::rms_norm
 and their *_backward ops) with autograd registered, so torch.compile traces them
-without a graph break. flash_attn and rms_norm launch Triton on CUDA tensors and
-call torch's own ops (SDPA, F.rms_norm) everywhere else; NANOSCHNACK_REFERENCE_KERNELS=1
-does that on the GPU too, for A/B runs (see kernels/dispatch.py).
+without a graph break. flash_attn launches Triton on CUDA tensors; rms_norm only
+where ours measured faster than PyTorch's own on the GPU (use_triton_rms_norm);
+both call torch's own ops (SDPA, F.rms_norm) everywhere else, and
+NANOSCHNACK_REFERENCE_KERNELS=1 does that on the GPU too, for A/B runs (see
+kernels/dispatch.py).
 """
 from kernels.attention import flash_attn, flash_attn_backward_op, flash_attn_op
-from kernels.dispatch import REFERENCE_ENV, triton_on_cpu, use_triton
+from kernels.dispatch import RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, triton_on_cpu, use_triton, use_triton_rms_norm
 from kernels.rmsnorm import rms_norm, rms_norm_backward_op, rms_norm_op
 
 __all__ = [
     "flash_attn", "flash_attn_op", "flash_attn_backward_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
-    "use_triton", "triton_on_cpu", "REFERENCE_ENV",
+    "use_triton", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu", "REFERENCE_ENV",
 ]

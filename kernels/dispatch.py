@@ -1,7 +1,7 @@
 """
 When do flash_attn and rms_norm launch Triton, and when do they use torch's own ops?
 
-    CUDA tensor                                  -> Triton
+    CUDA tensor                                  -> Triton (rms_norm: only where ours measured faster, below)
     CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> torch's ops (for A/B comparisons)
     CPU tensor                                   -> torch's ops
     CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
@@ -24,6 +24,22 @@ REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
 
 _triton_on_cpu = False
 
+# RMSNorm widths at which our Triton kernel beat PyTorch's own RMSNorm, forward+backward,
+# measured by bench/gpu.py on one H200 (torch 2.11.0+cu130, triton 3.6.0, bf16, GB/s):
+#
+#     rows x width     ours    eager F.rms_norm   compiled F.rms_norm
+#     65536 x 768       583         2,693               1,059      ours 0.22x: PyTorch's
+#     65536 x 1280      837         3,467               1,506      ours 0.24x: PyTorch's
+#     655360 x 128    1,193         1,036               1,102      ours 1.08x: ours
+#
+# So ours runs only at width 128 (QK-norm over d12/d20's heads of 128), in eager mode,
+# with autograd recording (what was measured: forward+backward). Everywhere else
+# F.rms_norm: wider rows; forward only and other widths (not measured); and under
+# torch.compile, where Inductor fuses F.rms_norm with the pointwise work around it
+# (RoPE before the QK-norm, the residual add), which an opaque custom op prevents.
+# Move a width in or out of this set only with a bench/gpu.py measurement.
+RMS_NORM_TRITON_WIDTHS = frozenset({128})
+
 
 def use_triton(x: torch.Tensor) -> bool:
     """True if an op called on tensor `x` should launch its Triton kernel."""
@@ -32,6 +48,15 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     return _triton_on_cpu and x.device.type == "cpu"
+
+
+def use_triton_rms_norm(x: torch.Tensor) -> bool:
+    """True if kernels.rms_norm(x) should run our Triton kernel rather than F.rms_norm (see above)."""
+    if torch.compiler.is_compiling() or not use_triton(x):
+        return False
+    if x.device.type != "cuda":  # triton_on_cpu(): the tests run our kernel at every width
+        return True
+    return x.shape[-1] in RMS_NORM_TRITON_WIDTHS and x.requires_grad and torch.is_grad_enabled()
 
 
 @contextlib.contextmanager

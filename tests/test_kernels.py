@@ -330,3 +330,93 @@ def test_rms_norm_opcheck_triton():
                               test_utils=("test_schema", "test_autograd_registration"))
         y, rstd = kernels.rms_norm_op(x, 1e-6)
         torch.library.opcheck(kernels.rms_norm_backward_op, (torch.randn_like(x), x, rstd), test_utils=("test_schema",))
+
+
+def test_rms_norm_rejects_bad_input():
+    with run_triton():
+        with pytest.raises(ValueError, match="last dim of at least 1"):
+            kernels.rms_norm(torch.zeros(3, 0, device=DEVICE))
+        with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+            kernels.rms_norm(torch.zeros(3, 8, dtype=torch.float64, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------
+# RMSNorm: which path runs, and how it launches
+
+
+def test_rms_norm_dispatch_follows_the_gpu_measurements(monkeypatch):
+    """On CUDA, kernels.rms_norm takes our kernel only where it measured faster (kernels/dispatch.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their metadata is read
+        qk = torch.empty(64, 128, device="cuda", requires_grad=True)
+        residual = torch.empty(64, 768, device="cuda", requires_grad=True)
+        assert kernels.use_triton_rms_norm(qk)  # 655360 x 128 fwd+bwd: ours 1,193 GB/s vs 1,036 / 1,102
+        assert not kernels.use_triton_rms_norm(residual)  # 65536 x 768: ours 583 GB/s vs eager 2,693
+        assert not kernels.use_triton_rms_norm(torch.empty(64, 1280, device="cuda", requires_grad=True))
+        assert not kernels.use_triton_rms_norm(qk.detach())  # forward only: not measured
+        with torch.no_grad():
+            assert not kernels.use_triton_rms_norm(qk)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not kernels.use_triton_rms_norm(qk)  # under torch.compile Inductor fuses F.rms_norm
+        monkeypatch.undo()
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+        assert not kernels.use_triton_rms_norm(qk)
+    assert not kernels.use_triton_rms_norm(torch.zeros(4, 128, requires_grad=True))  # CPU: torch's own
+    with triton_on_cpu():
+        monkeypatch.delenv(REFERENCE_ENV)
+        assert kernels.use_triton_rms_norm(torch.zeros(4, 768))  # the interpreter (tests): every width
+
+
+def test_rms_norm_under_compile_is_torchs_own(monkeypatch):
+    """kernels.rms_norm traced by torch.compile becomes F.rms_norm (fusable), even where Triton could run."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with run_triton():
+        x = torch.randn(4, 128, device=DEVICE, requires_grad=True)
+        torch.compile(lambda t: kernels.rms_norm(t, 1e-6), backend=capture, fullgraph=True)(x)
+    code = graphs[0].code
+    assert "rms_norm" in code and "nanoschnack" not in code, code
+
+
+def test_rms_norm_launch_config_is_concrete_under_symbolic_shapes(monkeypatch):
+    """Every launch configuration is a Python int, also when rows and width are symbols (as under torch.compile)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    launches, sizes = [], {}
+
+    class Record:  # stands in for wrap_triton: records kernel[grid](*args, **kwargs)
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel.__name__, grid, kwargs))
+
+    def fwd_bwd(x):
+        sizes["x"] = x.shape
+        y, rstd = rmsnorm._triton_fwd(x, 1e-6)
+        return rmsnorm._triton_bwd(torch.empty_like(y), x, rstd)
+
+    monkeypatch.setattr(rmsnorm, "wrap_triton", Record)
+    gm = make_fx(fwd_bwd, tracing_mode="symbolic")(torch.empty(6, 5, 100))  # every size a symbol
+    rows = set().union(*(s.node.expr.free_symbols for s in sizes["x"][:-1]))  # the row count's symbols
+    assert [name for name, *_ in launches] == ["_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"]
+    for name, grid, kwargs in launches:
+        assert kwargs["N_COLS"] == 100 and kwargs["BLOCK_COLS"] == 128
+        assert all(type(v) is int for v in kwargs.values()), (name, kwargs)  # no SymInt reached the launch
+        assert isinstance(grid[0], torch.SymInt) and grid[0].node.expr.free_symbols == rows, (name, grid)
+    # the width was specialised to 100 with a guard (a new width compiles anew); the row counts stay symbols
+    assert sizes["x"][-1] == 100 and any("100" in str(g.expr) for g in gm.shape_env.guards)
+    assert rows and not rows & set(gm.shape_env.replacements)
+
+
+def test_rms_norm_launch_config_is_cached():
+    assert rmsnorm._launch_config(768, "cuda") is rmsnorm._launch_config(768, "cuda")
+    assert rmsnorm._launch_config(768, "cuda") == dict(N_COLS=768, BLOCK_ROWS=4, BLOCK_COLS=1024, num_warps=8)
+    assert rmsnorm._launch_config(128, "cuda") == dict(N_COLS=128, BLOCK_ROWS=32, BLOCK_COLS=128, num_warps=8)
+    assert rmsnorm._launch_config(1, "cuda")["BLOCK_COLS"] == 1

@@ -1,26 +1,54 @@
-"""bench/gpu.py's CPU smoke run, so the GPU check cannot rot between the rare runs on a GPU."""
+"""bench/gpu.py's CPU smoke run, so the GPU check cannot rot between the rare runs on a GPU.
+
+One run of every section, with both test hooks on: --test-fail-case fails one case
+of the correctness table (it must be one row, with the error's first line, and the
+section must go on), and --test-hang adds a section that prints a row and then
+blocks forever (the runner must kill it at its 3 s limit, keep its row, and go on
+with the next section). The test waits for the bench process to end; no sleeps.
+"""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTION_TITLES = ["Correctness on the device", "Attention speed", "RMSNorm speed", "Training throughput",
-                  "A short real run", "KV-cache decode"]
+SECTION_TITLES = ["Device", "Test hook: a section that hangs", "Correctness on the device", "Attention speed",
+                  "RMSNorm speed", "Launch overhead", "Training throughput", "A short real run", "KV-cache decode"]
+FAIL_CASE = "rms_norm_op 7x64 eager"
 
 
-def test_gpu_bench_smoke_run(tmp_path):
+def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(tmp_path):
     results = REPO_ROOT / "bench" / "RESULTS.md"
     before = results.read_text()
-    report = tmp_path / "RESULTS.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}  # Triton's interpreter for the kernels
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--smoke", "--append",
-                          "--results", str(report)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    for title in SECTION_TITLES:
-        assert f"### {title}" in run.stdout, title
-    assert "FAILED" not in run.stdout, run.stdout + run.stderr
-    assert "**NO**" not in run.stdout, run.stdout  # a wrong kernel or a loss that did not fall
-    assert "Our ops run: Triton in the correctness section" in run.stdout  # the interpreter really ran our kernels
-    assert report.read_text().strip().endswith(run.stdout.split("\n(appended")[0].strip().splitlines()[-1])
+    report = tmp_path / "report.md"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")  # Triton's interpreter for the kernels
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(report),
+                          "--test-hang", "--test-fail-case", FAIL_CASE],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = run.stdout
+    assert run.returncode == 1, out + run.stderr  # 1: the deliberate failure and the hang are reported as such
+
+    titles = re.findall(r"^### (.*)$", out, re.M)
+    assert [t for t in SECTION_TITLES if any(x.startswith(t) for x in titles)] == SECTION_TITLES, titles
+    assert len(titles) == len(SECTION_TITLES)
+
+    # the failing case: one row, its error's first line only; the section went on past it
+    failed = [line for line in out.splitlines() if "**FAILED**" in line]
+    assert failed == ["| rms_norm_op | 7x64 | eager | **FAILED**: `RuntimeError: deliberate failure (--test-fail-case)` |"], failed
+    assert "| rms_norm_op | 3x5x100 | eager |" in out.split(failed[0])[1]
+    assert "this second line" not in out and "this second line" in run.stderr  # the traceback: on stderr
+
+    # the hung section: its row survived, a timeout row says why it ended, and the next section ran
+    hang = out.split("### Test hook: a section that hangs")[1].split("### ")[0]
+    assert "| this row was printed before the section hung |" in hang
+    assert "**TIMED OUT**: killed at its time limit, 3 s after its first line" in hang
+    assert out.count("**TIMED OUT**") == 1
+
+    assert "**NO**" not in out  # a wrong kernel or a loss that did not fall
+    assert "Our ops run: Triton in the correctness section" in out  # the interpreter really ran our kernels
+    assert re.search(r"\| rms_norm_op \| 3x5x100 \| eager \| [\d.e/ +-]+ \| yes \|", out)
+    assert out.rstrip().endswith(f"(appended to {report})")
+    assert report.read_text().strip() == out.split("\n(appended")[0].strip()  # the file got every line
     assert results.read_text() == before, "the smoke run must not touch bench/RESULTS.md"

@@ -1,0 +1,296 @@
+"""
+The kernels under torch.compile with dynamic shapes and recompiles, through Inductor's
+own code generation, on a CPU.
+
+Why the kernels do not run here. Inductor cannot trace Triton's interpreter
+(torch.library.wrap_triton hands an interpreted kernel back unwrapped, which then
+runs on fake tensors: "Cannot access data pointer of Tensor"), and it cannot build a
+Triton kernel for a CPU (no triton-cpu backend). So this file runs itself as a
+subprocess without TRITON_INTERPRET, in which
+  * Triton is told its current target is sm_90 (a stand-in driver; Inductor reads the
+    target to lower the user kernels to TTIR for its mutation analysis; nothing runs);
+  * Inductor's kernel build (AsyncCompile.triton) is replaced by a recorder, so the
+    generated wrapper code runs for real on CPU tensors and records every launch it
+    makes: kernel, grid, scalar arguments, constexprs, num_warps and num_stages;
+  * the generated wrapper code is captured (torch's "output_code" log).
+Each compiled call is compared with the launches the eager launchers make for the same
+inputs (wrap_triton swapped for a recorder, as kernels/aot.py does). What the kernels
+compute is not checked here: the same kernel with the same launch is what
+tests/test_kernels.py checks numerically, in the interpreter.
+
+The same subprocess compiles RMSNorm's kernels to PTX for sm_90 as Inductor binds
+them under dynamic shapes (no divisibility hint on a size), to check that their
+memory accesses stay 16 bytes wide.
+
+The bug this guards: rms_norm's launch configuration was computed from the width
+with triton.next_power_of_2; under dynamic shapes the width is a symbol, and Inductor
+emitted next_power_of_2's bit-twiddling into the launch grid (on CUDA a NameError,
+`BitwiseFn_bitwise_or`, in the generated code; H200, torch 2.11). The launchers must
+compute every launch configuration from concrete Python ints.
+
+Time: about a minute on the 2-core CI box (each compile is a few seconds).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EPS = 1e-6
+
+# Every dimension that can vary, one change at a time: rows (2-D and 3-D inputs), then the width.
+NORM_SIZES = [(7, 64), (9, 64), (9, 100), (2, 3, 100), (5, 3, 100), (5, 3, 128)]
+# B, H, H_kv, T, D: batch and sequence length vary (heads and head dim are the model's).
+ATTN_SIZES = [(1, 2, 1, 33, 64), (2, 2, 1, 33, 64), (2, 2, 1, 70, 64), (3, 2, 1, 17, 64)]
+MODES = {"dynamic=True": True, "automatic dynamic (recompiles)": None}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    out = folder / "launches.json"
+    run = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("op", ["rms_norm_op", "flash_attn_op"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_compiled_launches_equal_eager_launches(compiled, op, mode):
+    calls = compiled[op][mode]
+    assert len(calls) == len(NORM_SIZES if op == "rms_norm_op" else ATTN_SIZES)
+    for call in calls:
+        assert call["error"] is None, f"{op} {call['shape']}: {call['error']}"
+        assert call["compiled"], f"{op} {call['shape']}: the compiled graph launched no kernel"
+        assert call["compiled"] == call["eager"], f"{op} {call['shape']}"
+
+
+@pytest.mark.parametrize("op", ["rms_norm_op", "flash_attn_op"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generated_launches_hold_no_bit_twiddling(compiled, op, mode):
+    """The launch lines of the generated code: sizes, ceiling divisions of sizes, no next_power_of_2 of a symbol."""
+    lines = [line for call in compiled[op][mode] for line in call["launch_lines"]]
+    assert lines
+    bad = [line for line in lines if re.search(r"\||&|\^|<<|>>|Bitwise", line)]
+    assert not bad, "\n".join(line[:300] for line in bad)
+
+
+def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
+    """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
+    768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
+    does it: with the width a runtime argument they were 2-byte scalar accesses (ld.global.b16)."""
+    for kernel, accesses in compiled["ptx_global_accesses"].items():
+        assert "ld.global.v4.b32" in accesses, (kernel, accesses)
+        assert not any(a.endswith(".b16") for a in accesses), (kernel, accesses)
+
+
+def test_rows_stay_dynamic_and_widths_recompile(compiled):
+    """dynamic=True: a new row count reuses the graph, a new width compiles one (the width is specialised)."""
+    graphs = [call["graphs"] for call in compiled["rms_norm_op"]["dynamic=True"]]
+    widths = [shape[-1] for shape in NORM_SIZES]
+    for i in range(1, len(NORM_SIZES)):
+        new_graph = graphs[i] > graphs[i - 1]
+        same_rank = len(NORM_SIZES[i]) == len(NORM_SIZES[i - 1])
+        if same_rank:
+            assert new_graph == (widths[i] != widths[i - 1]), (NORM_SIZES[i - 1], NORM_SIZES[i], graphs)
+    # and the symbolic row count really reached the launch: a grid that is an expression of it
+    assert any("s" in line for call in compiled["rms_norm_op"]["dynamic=True"] for line in call["launch_lines"])
+
+
+# ----------------------------------------------------------------------------
+# The subprocess
+
+
+def _stand_in_sm90_driver():
+    """Make Triton's active driver report an sm_90 target without a GPU."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+
+    class StandIn(CudaDriver):
+        def __init__(self):  # CudaDriver's would load libcuda
+            pass
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_current_device(self):
+            return 0
+
+    triton.runtime.driver.set_active(StandIn())
+
+
+class _Recorded:
+    """Stands in for the kernel Inductor would build: records each launch of the generated code."""
+
+    def __init__(self, name, source, launches):
+        self.name, self.launches = name, launches
+        constants = re.search(r"'constants': (\{[^}]*\})", source).group(1)
+        configs = re.search(r"configs=(\[[^\]]*\])", source).group(1)
+        declared = re.search(r"'declared_constexpr_names': (\[[^\]]*\])", source).group(1)
+        import ast
+        # 'constants' also lists arguments equal to 1 (Inductor specialises them); keep the declared constexprs
+        self.constexprs = {k: v for k, v in ast.literal_eval(constants).items() if k in ast.literal_eval(declared)}
+        self.options = (ast.literal_eval(configs) or [{}])[0]
+
+    def run(self, *args, stream=None, **kwargs):
+        *args, g0, g1, g2 = args
+        self.launches.append(_launch_record(self.name, (g0, g1, g2), args, self.constexprs, self.options))
+
+
+def _launch_record(name, grid, args, constexprs, options) -> dict:
+    import torch
+    from triton.backends.nvidia.compiler import CUDAOptions  # what a launch that names no num_warps/num_stages gets
+    options = {k: options.get(k, getattr(CUDAOptions, k)) for k in ("num_warps", "num_stages")}
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    scalars = [a for a in args if not isinstance(a, torch.Tensor)]
+    tensors = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    return dict(kernel=name.strip("_"), grid=list(grid), scalars=scalars, tensors=tensors,
+                constexprs={k: constexprs[k] for k in sorted(constexprs)}, options=options)
+
+
+def _eager_launches(module, launcher, *args) -> list:
+    """The launches `launcher(*args)` makes eagerly, recorded instead of run."""
+    launches = []
+
+    class Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                constexprs = {k: v for k, v in kw.items() if not k.startswith("num_")}
+                options = {k: v for k, v in kw.items() if k.startswith("num_")}
+                launches.append(_launch_record(self.kernel.__name__, grid, a, constexprs, options))
+            return launch
+
+    saved = module.wrap_triton
+    module.wrap_triton = Launch
+    try:
+        launcher(*args)
+    finally:
+        module.wrap_triton = saved
+    return launches
+
+
+def _global_accesses_with_dynamic_sizes() -> dict:
+    """PTX global loads/stores of RMSNorm's kernels, bf16, width 768, sm_90, bound as Inductor binds
+    dynamic sizes: pointers 16-byte aligned, no divisibility hint on any int argument."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from kernels import aot
+
+    found = {}
+    for launch in aot.record_launches():
+        name = launch.kernel.__name__
+        if name.startswith("_rms_norm") and launch.dtype == torch.bfloat16 and launch.case.endswith("N768"):
+            job = aot.bind(launch, 90, "fp32")
+            pointers = {i for i, ty in enumerate(job.signature.values()) if ty.startswith("*")}
+            attrs = {k: v for k, v in job.attrs.items() if k[0] in pointers}
+            source = triton.compiler.ASTSource(launch.kernel, job.signature, job.constexprs, attrs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=job.options).asm["ptx"]
+            found[name] = sorted(set(re.findall(r"(?:ld|st)\.global(?:\.\w+)*", ptx)))
+    return found
+
+
+def child(out_path: str) -> None:
+    import logging
+
+    import torch
+
+    _stand_in_sm90_driver()
+    from torch._inductor import async_compile
+    from torch._inductor.codecache import output_code_log
+
+    from kernels import attention, dispatch, rmsnorm
+
+    dispatch._triton_on_cpu = True  # the custom ops take their Triton path on CPU tensors
+    gpu_config = rmsnorm._launch_config
+    rmsnorm._launch_config = lambda n_cols, device_type: gpu_config(n_cols, "cuda")  # the CUDA configuration
+
+    launches, graphs, wrappers = [], [0], []
+    def build(self, kernel_name, source_code, device_str="cuda"):
+        graphs[0] += kernel_name.startswith("_rms_norm_fwd") or kernel_name.startswith("_attn_fwd")
+        return _Recorded(kernel_name, source_code, launches)
+    async_compile.AsyncCompile.triton = build
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Output code:"):
+                wrappers.append(message)
+    torch._logging.set_logs(output_code=True)
+    output_code_log.addHandler(Capture())
+    output_code_log.propagate = False  # keep the code off stderr
+
+    def call(op, shape, fn, eager):
+        g = torch.Generator().manual_seed(0)
+        start, start_wrappers = len(launches), len(wrappers)
+        result = dict(shape=list(shape), error=None, compiled=[], eager=[], launch_lines=[], graphs=0)
+        try:
+            fn(g)
+        except Exception as e:  # reported per call, with the first lines of the error
+            result["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        result["compiled"] = launches[start:]
+        result["eager"] = eager()
+        result["graphs"] = graphs[0]
+        result["launch_lines"] = [line.strip() for code in wrappers[start_wrappers:] for line in code.splitlines()
+                                  if re.search(r"_(rms_norm|attn)\w*_kernel\w*\.run\(", line)]
+        return result
+
+    results = {"rms_norm_op": {}, "flash_attn_op": {}}
+    for mode, dynamic in MODES.items():
+        torch._dynamo.reset()
+        graphs[0] = 0
+        norm = torch.compile(lambda x: rmsnorm.rms_norm_op(x, EPS)[0], fullgraph=True, dynamic=dynamic)
+        rows = []
+        for shape in NORM_SIZES:
+            x = torch.randn(shape).requires_grad_()
+            dy = torch.randn(shape)
+            fwd_bwd = lambda g, x=x, dy=dy: norm(x).backward(dy)
+            def eager(x=x, dy=dy):
+                y, rstd = rmsnorm._reference_fwd(x.detach(), EPS)
+                return (_eager_launches(rmsnorm, rmsnorm._triton_fwd, x.detach(), EPS)
+                        + _eager_launches(rmsnorm, rmsnorm._triton_bwd, dy, x.detach(), rstd))
+            rows.append(call("rms_norm_op", shape, fwd_bwd, eager))
+        results["rms_norm_op"][mode] = rows
+
+        torch._dynamo.reset()
+        graphs[0] = 0
+        attn = torch.compile(lambda q, k, v: attention.flash_attn_op(q, k, v)[0], fullgraph=True, dynamic=dynamic)
+        rows = []
+        for B, H, H_kv, T, D in ATTN_SIZES:
+            q = torch.randn(B, H, T, D).requires_grad_()
+            k, v = (torch.randn(B, H_kv, T, D).requires_grad_() for _ in "kv")
+            dout = torch.randn(B, H, T, D)
+            fwd_bwd = lambda g, q=q, k=k, v=v, dout=dout: attn(q, k, v).backward(dout)
+            def eager(q=q, k=k, v=v, dout=dout):
+                q_, k_, v_ = q.detach(), k.detach(), v.detach()
+                out, lse = attention._reference_fwd(q_, k_, v_)
+                return (_eager_launches(attention, attention._triton_fwd, q_, k_, v_)
+                        + _eager_launches(attention, attention._triton_bwd, dout, q_, k_, v_, out.contiguous(), lse))
+            rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
+        results["flash_attn_op"][mode] = rows
+    results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
+    Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET: the kernels must be real @triton.jit functions for Inductor")
+    sys.path.insert(0, str(REPO_ROOT))
+    child(sys.argv[1])
