@@ -33,7 +33,6 @@ import engine
 import engine_process
 import gpt
 import serve
-from access import timed_protocol
 from conftest import REPO_ROOT, make_checkpoint
 from session import MIN_TEMPERATURE, Sampling, load_session
 
@@ -531,8 +530,7 @@ class LiveServer:
         self.engine = self.app.state.engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                http=timed_protocol(READ_TIMEOUT, READ_TIMEOUT))
+        config = serve.uvicorn_config(self.app, "127.0.0.1", self.port, "warning", READ_TIMEOUT, READ_TIMEOUT)
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
