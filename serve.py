@@ -307,7 +307,7 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        headers = {"Retry-After": str(e.retry_after)} if e.status == 429 else None
+        headers = {"Retry-After": str(e.retry_after)} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
