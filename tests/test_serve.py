@@ -777,6 +777,23 @@ def test_a_seed_gives_the_same_answer_in_a_batch(live, hold, monkeypatch):
     assert result["answer"]["choices"][0]["message"]["content"] == alone
 
 
+def test_a_bug_is_a_500_that_is_counted_and_carries_the_headers(live, monkeypatch):
+    """A bug's 500 was answered by Starlette's outermost middleware, past the Guard: uncounted in
+    /metrics and without nosniff. Now the Guard answers it, and logs the traceback (it is a bug)."""
+    def responses(status):
+        text = request(live.url, "GET", "/metrics")[2]
+        return float(next((line.split()[-1] for line in text.splitlines()
+                           if line.startswith(f'nanoschnack_responses_total{{status="{status}"}}')), 0))
+    before = responses(500)
+
+    def broken_submit(job):
+        raise ValueError("kaputt")
+    monkeypatch.setattr(live.engine, "submit", broken_submit)
+    status, head, answer = request(live.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
+    assert status == 500 and answer["error"]["type"] == "server_error" and "ValueError" in answer["error"]["message"]
+    assert head["X-Content-Type-Options"] == "nosniff" and responses(500) == before + 1
+
+
 def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
     """usage.completion_tokens and /health's completion_tokens both count the stop token that
     ends an answer (they used to disagree). The model's tokens are scripted: two, then a stop."""
