@@ -10,7 +10,8 @@ Endpoints:
     POST /v1/chat/completions  OpenAI's chat API: messages, temperature, top_p, max_tokens, seed, stream
     POST /v1/completions       OpenAI's plain-text API: continue `prompt` (what a base model can do)
     GET  /v1/models            the one model served
-    GET  /health               liveness, queue length and counters
+    GET  /health               status (200 "ok"; 503 "stalled" or "stopping"), queue length and counters
+    GET  /metrics              Prometheus' text format (with --api-key: needs a key)
 
 How requests share the model: engine.py (a queue of jobs, one worker thread that owns
 the model; one answer at a time with --max-batch 1, else continuous batching), run in an
