@@ -20,12 +20,18 @@ API (keys, page sessions) and how much (rate limits; issue 18).
   only application/json (no CORS preflight is ever granted).
 - Whose cache: a request may only reuse KV cache rows of its own identity (its API key,
   or its page session), so a prompt_cache_key never crosses keys.
+- /metrics needs a key too when keys are set (a page session is not enough): its figures
+  are nobody's secret, but traffic and queue are the operator's business.
 - Rate limits (--rate-limit-requests, --rate-limit-tokens, per minute): a token bucket per
   client, that is per API key, else per address. The address is the TCP peer's, or the
   X-Forwarded-For address the nearest trusted proxy (--trusted-proxy) saw: the header is
-  believed only from those, else anyone could claim any address. Generated tokens are
-  charged when an answer ends, so a client may overdraw once; then it waits until the
-  bucket is positive again. Over a limit: 429 with Retry-After (whole seconds).
+  believed only from those, else anyone could claim any address (serve.py's Guard applies
+  it, with uvicorn's own proxy-header handling off). Tokens: a request reserves the most its
+  answer can generate (max_tokens, or what the context leaves) when it is admitted, and gets
+  back what the answer did not use when it ends (Reservation). A reservation needs a bucket
+  above zero and may take it below, so a client overdraws by at most one answer's worth,
+  however many answers it runs at once; then it waits until the bucket is positive again.
+  Over a limit: 429 with Retry-After (whole seconds).
 """
 import hashlib
 import hmac
@@ -160,7 +166,7 @@ def digest(text: str) -> bytes:
 
 
 class Bucket:
-    """`per_minute` units, refilled continuously; may go negative (tokens charged after the fact)."""
+    """`per_minute` units, refilled continuously; may go negative (tokens reserved beyond what is left)."""
 
     def __init__(self, per_minute: int, now: float):
         self.per_minute, self.level, self.at = per_minute, float(per_minute), now
@@ -220,8 +226,9 @@ class Access:
             return nonce
         return None
 
-    def identify(self, address: str, authorization: str | None, cookie: str | None) -> Client:
-        """Who a /v1/* request is; Denied without a valid key or page session (when keys are set)."""
+    def identify(self, address: str, authorization: str | None, cookie: str | None, page: bool = True) -> Client:
+        """Who a /v1/* request is; Denied without a valid key or page session (when keys are set).
+        page=False (/metrics): only a key will do."""
         if not self.keys:
             return Client(None, f"addr:{address}")
         scheme, _, token = (authorization or "").partition(" ")
@@ -234,11 +241,11 @@ class Access:
                 name = "key:" + given.hex()[:16]
                 return Client(name, name)
             raise Denied("Incorrect API key provided")
-        session = self.session_of(cookie)
+        session = self.session_of(cookie) if page else None
         if session is not None:
             return Client(f"page:{session}", f"addr:{address}")
         raise Denied("Missing API key: send it as 'Authorization: Bearer KEY' (this server was started with "
-                     "--api-key), or use the chat page")
+                     "--api-key)" + (", or use the chat page" if page else ""))
 
     # -- how much ---------------------------------------------------------------
 
@@ -252,14 +259,12 @@ class Access:
         return bucket
 
     def admit(self, client: Client) -> None:
-        """Take one request from the client's bucket; RateLimited when it is empty or in token debt."""
+        """Take one request from the client's bucket; RateLimited when it is empty or in token debt
+        (checked again, and tokens taken, by reserve() once the request says how many it wants)."""
         with self.lock:
             now = self.clock()
-            if self.tokens_per_minute:
-                tokens = self._bucket("tokens", client.rate_key, self.tokens_per_minute, now)
-                if tokens.level <= 0:
-                    raise RateLimited(f"rate limit reached: {self.tokens_per_minute} generated tokens per minute "
-                                      f"(--rate-limit-tokens)", tokens.seconds_until(1))
+            if self.tokens_per_minute and (debt := self.token_debt(client, now)) is not None:
+                raise debt
             if self.requests_per_minute:
                 requests = self._bucket("requests", client.rate_key, self.requests_per_minute, now)
                 if requests.level < 1:
@@ -267,8 +272,42 @@ class Access:
                                       f"(--rate-limit-requests)", requests.seconds_until(1))
                 requests.level -= 1
 
-    def charge(self, client: Client, tokens: int) -> None:
-        """Count an answer's generated tokens against the client (called when it ends)."""
-        if self.tokens_per_minute:
+    def token_debt(self, client: Client, now: float) -> RateLimited | None:
+        tokens = self._bucket("tokens", client.rate_key, self.tokens_per_minute, now)
+        if tokens.level <= 0:
+            return RateLimited(f"rate limit reached: {self.tokens_per_minute} generated tokens per minute "
+                               f"(--rate-limit-tokens)", tokens.seconds_until(1))
+        return None
+
+    def reserve(self, client: Client, tokens: int) -> "Reservation":
+        """Take the most an answer can generate from the client's token bucket, if it is above zero
+        (RateLimited otherwise); the Reservation gives back what the answer leaves unused."""
+        with self.lock:
+            if self.tokens_per_minute:
+                debt = self.token_debt(client, self.clock())
+                if debt is not None:
+                    raise debt
+                self.buckets["tokens", client.rate_key].level -= tokens
+        return Reservation(self, client, tokens if self.tokens_per_minute else 0)
+
+    def give_back(self, client: Client, tokens: int) -> None:
+        if self.tokens_per_minute and tokens:
             with self.lock:
-                self._bucket("tokens", client.rate_key, self.tokens_per_minute, self.clock()).level -= tokens
+                bucket = self._bucket("tokens", client.rate_key, self.tokens_per_minute, self.clock())
+                bucket.level = min(bucket.per_minute, bucket.level + tokens)
+
+
+class Reservation:
+    """Tokens taken from a client's bucket for one answer. settle(used) gives back the rest, once: the
+    first call counts (the engine's on_finish with the tokens generated, else the job's last event with 0)."""
+
+    def __init__(self, access: Access, client: Client, tokens: int):
+        self.access, self.client, self.tokens = access, client, tokens
+        self.settled = False
+
+    def settle(self, used: int = 0) -> None:
+        with self.access.lock:  # the engine's thread and the event loop may both settle
+            if self.settled:
+                return
+            self.settled = True
+        self.access.give_back(self.client, self.tokens - used)

@@ -15,8 +15,14 @@ import argparse
 import os
 import sys
 
-from session import SEED_RANGE, ChatSession, Sampling, load_session
-from tok import ConversationError, render_prompt
+INTERRUPTED = 130  # the exit code of a program stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+try:  # importing torch takes seconds: a Ctrl-C then is one line too, as during loading (main)
+    from session import SEED_RANGE, ChatSession, Sampling, load_session
+    from tok import ConversationError, render_prompt
+except KeyboardInterrupt:
+    print("chat.py: interrupted", file=sys.stderr)
+    raise SystemExit(INTERRUPTED)
 
 HELP = """\
 Befehle:
@@ -165,17 +171,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """run() with the ways it can end early each one line on stderr: the reader of the output gone,
+    the output failing (a full disk, /dev/full), Ctrl-C before the chat began (loading the model)."""
     try:
         run(argv)
     except BrokenPipeError:
         # Whoever reads our output has gone (e.g. `python chat.py ... | head -c 1`): stop
-        # with a note, as Unix tools stop. stdout now points at /dev/null, so that Python's
-        # last flush at exit does not fail a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        try:
-            print("chat.py: the output was closed; stopping", file=sys.stderr, flush=True)
-        except (BrokenPipeError, ValueError, AttributeError):  # stderr went with it
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        # with a note, as Unix tools stop.
+        say_last("chat.py: the output was closed; stopping")
+    except OSError as e:  # run() turns every error reading its input into SystemExit: this is the output's
+        say_last(f"error: cannot write the answer to stdout ({e}); stopping")
+        raise SystemExit(1)
+    except KeyboardInterrupt:  # the REPL and --prompt handle their own; this is before them
+        say_last("chat.py: interrupted")
+        raise SystemExit(INTERRUPTED)
+
+
+def say_last(text: str) -> None:
+    """The last line chat.py writes. stdout is pointed at /dev/null first, so that Python's final flush
+    of what it still holds does not fail a second time (with an "Exception ignored" message)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):  # stderr went with it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def run(argv=None) -> None:
@@ -191,6 +210,9 @@ def run(argv=None) -> None:
         raise SystemExit(f"error: --seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {preview(str(args.seed), 40)}")
     if sys.stdin is None and (args.prompt is None or args.prompt == "-"):  # started with stdin closed (0<&-)
         raise SystemExit("error: stdin is closed, there is nothing to read; pass the message with --prompt TEXT")
+    if sys.stdout is None:  # started with stdout closed (>&-): Python has no sys.stdout then
+        raise SystemExit("error: stdout is closed, there is nowhere to write the answers; redirect it instead "
+                         "(> answers.txt, or > /dev/null)")
     session = load_session(args.checkpoint, args.device, sampling, args.system, args.seed)
     if session.kind == "chat":
         try:
@@ -223,7 +245,7 @@ def run(argv=None) -> None:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            raise SystemExit(130)
+            raise SystemExit(INTERRUPTED)
         sys.stdout.write("\n")
         sys.stdout.flush()
     elif sys.stdin.isatty():
@@ -235,7 +257,16 @@ def run(argv=None) -> None:
             log("Chat-Modus. /help zeigt die Befehle, Ctrl-D oder /quit beendet.")
         repl(session, interactive=True)
     else:
-        repl(session, interactive=False)
+        repl(session, read=read_line, interactive=False)
+
+
+def read_line(prompt: str) -> str:
+    """input() for a pipe: without input()'s flush of stdout, so that an output that fails (e.g.
+    /dev/full) is reported as the output, not as stdin."""
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n")
 
 
 if __name__ == "__main__":

@@ -525,17 +525,3 @@ def make_engine(session: ChatSession, max_batch: int, max_queue: float):
     if max_batch > 1:
         return BatchEngine(session.model, session.tokenizer, session.context_len, max_batch, max_queue)
     return Engine(session, max_queue)
-
-
-async def job_events(job: Job, idle_seconds: float):
-    """The job's events as they come; ("idle", None) after idle_seconds without one."""
-    while True:
-        try:
-            async with asyncio.timeout(idle_seconds):  # a cancelled get() loses no event
-                kind, value = await job.events.get()
-        except TimeoutError:
-            yield "idle", None
-            continue
-        yield kind, value
-        if kind in FINAL:
-            return

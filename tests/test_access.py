@@ -1,6 +1,10 @@
 """Access control (issue 18): API keys on /v1/*, the page's session, cache reuse scoped by key,
 per-client rate limits with 429 + Retry-After, and X-Forwarded-For believed only from trusted
-proxies. The rate limiter's clock is frozen by the tests: nothing waits for a bucket to refill."""
+proxies. The rate limiter's clock is frozen by the tests: nothing waits for a bucket to refill.
+Issue 29, on a real `python serve.py` without --trusted-proxy: forged X-Forwarded-For headers
+neither get fresh rate-limit buckets nor reach the access log; /metrics needs the key; every
+response is counted and carries nosniff. And concurrent answers cannot overdraw the token limit."""
+import json
 import math
 
 import pytest
@@ -9,7 +13,7 @@ pytest.importorskip("fastapi", reason="the web extra is not installed: pip insta
 
 import access
 from conftest import make_checkpoint
-from test_serve import QUESTIONS, LiveServer, chat_body, request
+from test_serve import QUESTIONS, Hold, LiveServer, Server, Stream, chat_body, request, wait_for
 
 KEYS = ["sk-erster-schluessel", "sk-zweiter-schluessel"]
 
@@ -157,3 +161,86 @@ def test_key_file_and_flags(tmp_path):
     gate = access.Access(["sk-a"])
     assert gate.identify("1.2.3.4", "Bearer sk-a", None).identity == gate.identify("5.6.7.8", "bearer sk-a", None).identity
     assert "sk-a" not in gate.identify("1.2.3.4", "Bearer sk-a", None).identity  # the key itself is never kept
+
+
+def test_concurrent_answers_cannot_overdraw_the_token_limit(guarded, limits):
+    """A request reserves the most its answer can generate (max_tokens) when it is admitted, and gets
+    the unused part back when the answer ends. So while one answer runs, the client's next request
+    finds the bucket at or below zero: 429 (it was admitted, and 5 answers of 248 tokens could run
+    against 150 tokens/min). The first answer is held at its first piece: no race with the clock."""
+    limits(tokens=10)
+    rate_key = guarded.access.identify("-", f"Bearer {KEYS[0]}", None).rate_key
+    hold = Hold(guarded.engine, 1)
+    try:
+        first = Stream(guarded.url, chat_body(QUESTIONS[2], max_tokens=24, stream_options={"include_usage": True}),
+                       headers=bearer(KEYS[0]))
+        hold.wait()
+        assert guarded.access.buckets["tokens", rate_key].level == 10 - 24  # reserved: one answer's worth of debt
+        second = Stream(guarded.url, chat_body(QUESTIONS[2], max_tokens=2), headers=bearer(KEYS[0]))
+        answer = json.loads(second.response.read())
+        assert second.status == 429 and "10 generated tokens per minute" in answer["error"]["message"], answer
+        assert second.response.getheader("Retry-After") == str(math.ceil((1 - (10 - 24)) * 60 / 10))
+    finally:
+        hold.release.set()
+        guarded.engine.on_piece = None
+    events = list(first.events())
+    first.close()
+    used = events[-2]["usage"]["completion_tokens"]
+    assert events[-1] == "[DONE]" and 0 < used <= 24
+    assert guarded.access.buckets["tokens", rate_key].level == 10 - used  # what it did not use came back
+    # a request that never runs (refused by a full queue: none here; cancelled while waiting) gives back all
+    reservation = guarded.access.reserve(guarded.access.identify("-", f"Bearer {KEYS[1]}", None), 7)
+    reservation.settle(0)
+    reservation.settle(5)  # only the first settle counts
+    assert guarded.access.buckets["tokens", reservation.client.rate_key].level == 10
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, small_tokenizer):
+    """`python serve.py` with an API key, 1 request per minute per client, no --trusted-proxy, and uvicorn's
+    access log on (--log-level info). The rate limit's clock is real: 60 s per request is the test's margin."""
+    folder = tmp_path_factory.mktemp("serve_keyed")
+    server = Server(make_checkpoint(folder, small_tokenizer, kind="chat", sequence_len=128),
+                    ["--api-key", KEYS[0], "--rate-limit-requests", "1", "--max-batch", "1", "--log-level", "info"],
+                    folder)
+    yield server
+    server.stop()
+
+
+def test_forwarded_for_without_a_trusted_proxy_is_only_a_claim(keyed):
+    """uvicorn believed X-Forwarded-For from any loopback peer: a local client (or anything reaching the
+    port through an ssh -L forward) got a fresh bucket per forged address, and the access log showed it."""
+    session = request(keyed.url, "GET", "/")[1]["Set-Cookie"].split(";")[0]  # page sessions: limited per address
+    forged = [f"203.0.113.{i}" for i in range(1, 5)]
+    statuses = [request(keyed.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0], max_tokens=1),
+                        {"Cookie": session, "X-Forwarded-For": address})[0] for address in forged]
+    assert statuses == [200, 429, 429, 429]
+    posts = lambda: [line for line in keyed.output().splitlines() if '"POST /v1/chat/completions' in line]
+    wait_for(lambda: len(posts()) == len(forged), 60, "the access log's lines")
+    assert all("127.0.0.1:" in line for line in posts()), posts()
+    assert not any(address in keyed.output() for address in forged)
+
+
+def responses_counted(server) -> dict:
+    status, _, text = request(server.url, "GET", "/metrics", headers=bearer(KEYS[0]))
+    assert status == 200, text
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("nanoschnack_responses_total")}
+
+
+def test_metrics_need_the_key_and_every_response_is_counted_with_nosniff(keyed):
+    session = request(keyed.url, "GET", "/")[1]["Set-Cookie"].split(";")[0]
+    before = responses_counted(keyed)
+    answers = [request(keyed.url, "GET", "/metrics"),
+               request(keyed.url, "GET", "/metrics", headers={"Cookie": session}),  # a page session is not enough
+               request(keyed.url, "GET", "/metrics", headers=bearer("sk-falsch")),
+               request(keyed.url, "GET", "/v1/models"),
+               request(keyed.url, "GET", "/health", headers={"Host": "evil.example"}),
+               request(keyed.url, "GET", "/v1/nothing", headers=bearer(KEYS[0]))]
+    assert [status for status, _, _ in answers] == [401, 401, 401, 401, 400, 404]
+    assert all(head["X-Content-Type-Options"] == "nosniff" for _, head, _ in answers)
+    assert [answer["error"]["code"] for _, _, answer in answers[:5]] == ["invalid_api_key"] * 4 + ["invalid_host"]
+    assert "chat page" not in answers[1][2]["error"]["message"]  # /metrics: only a key will do
+    after = responses_counted(keyed)
+    counted = {code: n - before.get(code, 0) for code, n in after.items() if n != before.get(code, 0)}
+    assert counted == {"200": 1, "400": 1, "401": 4, "404": 1}  # the 200: the first /metrics itself

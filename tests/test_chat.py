@@ -3,6 +3,7 @@ import fcntl
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -382,3 +383,48 @@ def test_program_io_edges(chat_ckpt, session_factory):
                               stdin=None, preexec_fn=lambda: os.close(0))
         err = proc.stderr.decode()
         assert proc.returncode == 1 and "Traceback" not in err and "error: stdin is closed" in err, err
+
+
+# chat.main with loading held: common.load_model says so on stderr and then waits for a line on stdin,
+# so that the test's Ctrl-C (SIGINT) arrives while the model is loading, not before or after it
+HELD_LOADING = """
+import sys, common
+def held_load_model(*args, **kwargs):
+    print("loading held", file=sys.stderr, flush=True)
+    sys.stdin.readline()
+common.load_model = held_load_model
+import chat
+chat.main(sys.argv[1:])
+"""
+
+
+def one_line_error(err: bytes) -> str:
+    """The last line of a chat.py that failed cleanly: no traceback, nothing Python printed at exit."""
+    err = err.decode()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a stdout that is full")
+def test_output_failures_and_ctrl_c_while_loading_are_one_line(chat_ckpt):
+    """A full stdout (/dev/full: every write fails with ENOSPC), a closed one (>&-) and Ctrl-C while the
+    model loads each end chat.py with one line on stderr and a non-zero exit code (they were tracebacks)."""
+    args = ["--checkpoint", str(chat_ckpt), "--temperature", "0", "--max-new-tokens", "12"]
+    for mode, stdin in ((["--prompt", TURNS[1]], b""), ([], f"{TURNS[0]}\n{TURNS[1]}\n".encode())):  # --prompt, a pipe
+        with open("/dev/full", "wb") as full:
+            proc = subprocess.run(CHAT + args + mode, input=stdin, stdout=full, stderr=subprocess.PIPE, timeout=180,
+                                  env=ENV)
+        assert proc.returncode == 1 and one_line_error(proc.stderr) == (
+            "error: cannot write the answer to stdout ([Errno 28] No space left on device); stopping"), mode
+    proc = subprocess.run(CHAT + args + ["--prompt", TURNS[1]], stderr=subprocess.PIPE, timeout=180, env=ENV,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 1 and one_line_error(proc.stderr).startswith("error: stdout is closed, there is nowhere")
+    proc = subprocess.Popen([sys.executable, "-c", HELD_LOADING, *args, "--prompt", TURNS[1]], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO_ROOT)
+    try:
+        assert proc.stderr.readline().decode().strip() == "loading held"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == chat.INTERRUPTED and out == b"" and one_line_error(err) == "chat.py: interrupted"

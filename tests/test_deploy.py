@@ -157,3 +157,8 @@ def test_streams_piece_by_piece_through_nginx_and_needs_the_key(stack):
     _, response = call(port, "POST", "/v1/chat/completions", chat_body("Hallo", max_tokens=3),
                        {"Authorization": f"Bearer {KEY}"})
     assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] > 0
+    _, response = call(port, "GET", "/metrics")  # with API keys, /metrics needs one too
+    assert response.status == 401 and response.getheader("X-Content-Type-Options") == "nosniff"
+    response.read()
+    _, response = call(port, "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status == 200 and 'nanoschnack_responses_total{status="401"} 3' in response.read().decode()

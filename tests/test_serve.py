@@ -33,7 +33,6 @@ import engine
 import engine_process
 import gpt
 import serve
-from access import timed_protocol
 from conftest import REPO_ROOT, make_checkpoint
 from session import MIN_TEMPERATURE, Sampling, load_session
 
@@ -327,6 +326,17 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "stream": 1}, 422, "invalid_type", "stream must be true or false"),
     ({"messages": user("Hallo"), "max_tokens": 5, "max_completion_tokens": 6}, 400, "invalid_value", "disagree"),
     ({"messages": user("Hallo"), "prompt_cache_key": 7}, 422, "invalid_type", "prompt_cache_key"),
+    # issue 29: a lone surrogate (half of a UTF-16 pair, which JSON can escape) was a 500 where it was echoed
+    (b'{"messages": [{"role": "user", "content": "Hallo"}], "temperature": "\\ud800"}', 400, "invalid_text",
+     "temperature is not valid text"),
+    (b'{"messages": [{"role": "user", "content": "Hallo \\udc00!"}]}', 400, "invalid_text",
+     "messages[0].content is not valid text"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83e"}]}]}', 400, "invalid_text",
+     "messages[0].content[0].text is not valid text"),
+    (b'{"messages": [{"role": "user", "content": "Hallo"}], "prompt_cache_key": "a\\udfff"}', 400, "invalid_text",
+     "prompt_cache_key is not valid text"),
+    (b'{"messages": [{"role": "user", "content": "Hallo"}], "\\ud800x": 1}', 400, "invalid_text",
+     "\\ud800x is not valid text"),
 ]
 
 
@@ -531,8 +541,7 @@ class LiveServer:
         self.engine = self.app.state.engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                http=timed_protocol(READ_TIMEOUT, READ_TIMEOUT))
+        config = serve.uvicorn_config(self.app, "127.0.0.1", self.port, "warning", READ_TIMEOUT, READ_TIMEOUT)
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
@@ -768,6 +777,23 @@ def test_a_seed_gives_the_same_answer_in_a_batch(live, hold, monkeypatch):
     assert result["answer"]["choices"][0]["message"]["content"] == alone
 
 
+def test_a_bug_is_a_500_that_is_counted_and_carries_the_headers(live, monkeypatch):
+    """A bug's 500 was answered by Starlette's outermost middleware, past the Guard: uncounted in
+    /metrics and without nosniff. Now the Guard answers it, and logs the traceback (it is a bug)."""
+    def responses(status):
+        text = request(live.url, "GET", "/metrics")[2]
+        return float(next((line.split()[-1] for line in text.splitlines()
+                           if line.startswith(f'nanoschnack_responses_total{{status="{status}"}}')), 0))
+    before = responses(500)
+
+    def broken_submit(job):
+        raise ValueError("kaputt")
+    monkeypatch.setattr(live.engine, "submit", broken_submit)
+    status, head, answer = request(live.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]))
+    assert status == 500 and answer["error"]["type"] == "server_error" and "ValueError" in answer["error"]["message"]
+    assert head["X-Content-Type-Options"] == "nosniff" and responses(500) == before + 1
+
+
 def test_completion_tokens_follow_one_rule(live, monkeypatch, small_tokenizer):
     """usage.completion_tokens and /health's completion_tokens both count the stop token that
     ends an answer (they used to disagree). The model's tokens are scripted: two, then a stop."""
@@ -854,11 +880,29 @@ def engine_process_of(pid: int) -> int:
     raise AssertionError(f"serve.py (pid {pid}) has no engine process")
 
 
+def metric(url, name: str) -> float:
+    text = request(url, "GET", "/metrics")[2]
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+
+def stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP): state T in /proc."""
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+STALL_REQUEST_TIMEOUT = 8  # --request-timeout of the stalled engine's server: an 8-token answer takes well under it
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
-def test_when_the_engine_process_dies_open_requests_fail_and_serve_py_stops(tmp_path, small_tokenizer):
+def test_a_stalled_or_dead_engine_process(tmp_path, small_tokenizer):
+    """Stopped (SIGSTOP): /health says "stalled" with 503 and /metrics says so; the open requests, one a
+    conversation longer than the command pipe holds, get their 504 and their SSE error at --request-timeout
+    while the engine process is still stopped (they waited until it resumed); resumed, it is "ok" again.
+    Killed: the open request fails, a request that arrives before serve.py has stopped gets a clean 503
+    (it was a 500), and serve.py exits with 1 for systemd to restart it."""
     server = Server(make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256),
-                    ["--max-batch", "1", "--rate-limit-tokens", "1", "--trusted-proxy", "127.0.0.1",
-                     "--log-level", "warning"], tmp_path)
+                    ["--max-batch", "1", "--rate-limit-tokens", "1", "--trusted-proxy", "127.0.0.1", "--request-timeout",
+                     str(STALL_REQUEST_TIMEOUT), "--stall-timeout", "3", "--log-level", "warning"], tmp_path)
     client = lambda n: {"X-Forwarded-For": f"10.0.0.{n}"}
     try:
         status, _, answer = request(server.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0], max_tokens=8),
@@ -868,15 +912,57 @@ def test_when_the_engine_process_dies_open_requests_fail_and_serve_py_stops(tmp_
         status, _, answer = request(server.url, "POST", "/v1/chat/completions", chat_body(QUESTIONS[0]), client(1))
         assert status == 429 and "--rate-limit-tokens" in answer["error"]["message"], answer
         engine_pid = engine_process_of(server.proc.pid)
+
+        os.kill(engine_pid, signal.SIGSTOP)
+        turns = [{"role": r, "content": "€" * n} for r, n in (("user", 8000), ("assistant", 8000), ("user", 8000),
+                                                                  ("assistant", 7000))]
+        long_chat = {**chat_body(""), "messages": turns + user("Hallo"), "max_tokens": 8}  # ~93 KB as a job
+        result = {}
+        whole = threading.Thread(target=lambda: result.update(
+            answer=request(server.url, "POST", "/v1/chat/completions", long_chat, client(2))))
+        whole.start()
+        stream = Stream(server.url, chat_body(QUESTIONS[1], max_tokens=8), headers=client(3))
+        h = health_when(server.url, lambda h: h["status"] == "stalled" and h["queued"] == 2, "/health to say stalled")
+        assert request(server.url, "GET", "/health")[0] == 503 and h["seconds_since_progress"] >= 3
+        assert metric(server.url, "nanoschnack_engine_stalled") == 1
+        events = list(stream.events())
+        stream.close()
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
+        whole.join(120)
+        status, _, answer = result["answer"]
+        assert status == 504 and answer["error"]["code"] == "request_timeout", answer
+        assert stopped(engine_pid), "the answers must come while the engine process is stopped"
+        os.kill(engine_pid, signal.SIGCONT)  # it drops both jobs, past their deadline, as timeouts
+        health_when(server.url, lambda h: h["status"] == "ok" and h["timeouts"] == 2 and h["queued"] == 0,
+                    "the engine process to recover")
+        assert metric(server.url, "nanoschnack_engine_stalled") == 0
+        assert "made no progress for" in server.output() and "makes progress again" in server.output()
+
         os.kill(engine_pid, signal.SIGSTOP)  # frozen: the next request is accepted, and then waits
-        stream = Stream(server.url, chat_body(QUESTIONS[1], max_tokens=8), headers=client(2))
+        stream = Stream(server.url, chat_body(QUESTIONS[1], max_tokens=8), headers=client(4))
         events = stream.events()
         assert stream.status == 200 and next(events)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        # a request under way when the engine process dies: 100 Continue says the app is reading its body
+        late = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        body = json.dumps(chat_body(QUESTIONS[2], max_tokens=8)).encode()
+        late.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nX-Forwarded-For: 10.0.0.5\r\n\r\n".encode())
+        assert late.recv(4096).startswith(b"HTTP/1.1 100 ")
         os.kill(engine_pid, signal.SIGKILL)
         rest = list(events)
         assert rest[-1] == "[DONE]" and "the engine process exited" in rest[-2]["error"]["message"], rest
+        assert rest[-2]["error"]["code"] == "engine_unavailable"
+        wait_for(lambda: "failing 1 open requests and stopping" in server.output(), 60, "serve.py to fail the request")
+        late.sendall(body)
+        response = http.client.HTTPResponse(late)
+        response.begin()
+        answer = json.loads(response.read())
+        late.close()
+        assert response.status == 503 and answer["error"]["code"] == "engine_unavailable", answer
+        assert response.getheader("X-Content-Type-Options") == "nosniff" and response.getheader("Retry-After")
         assert server.proc.wait(60) == 1  # systemd's Restart=on-failure starts it again
         assert "error: the engine process exited; serve.py stopped with it" in server.output()
+        assert "Traceback" not in server.output()
     finally:
         server.stop()
 
