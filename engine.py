@@ -1,7 +1,7 @@
 """
 engine.py: the model side of serve.py. A queue of generation jobs in front of one model,
 and a worker thread that runs them: one at a time (Engine) or continuously batched
-(BatchEngine, on a BatchCache), in serve.py's process or in one of its own (EngineProcess).
+(BatchEngine, on a gpt.KVCache of many rows), in serve.py's process or in one of its own (EngineProcess).
 serve.py is the HTTP side: it parses and checks requests, submits Jobs and turns their
 events into OpenAI's responses.
 
@@ -14,7 +14,7 @@ goes away is marked cancelled: the worker stops it before the next token (or ski
 while it still waits) and moves on.
 
 Continuous batching decodes many sequences at once on one model, each at its own position,
-on session.py's BatchCache (its docstring says how). BatchEngine admits newcomers into free rows,
+on a gpt.KVCache whose rows each have their own position (session.py's docstring says how). BatchEngine admits newcomers into free rows,
 prefills their prompts together, and decodes all running rows in one forward per step.
 
 In its own process: engine_process.py (EngineProcess, serve.py's default).
@@ -36,7 +36,7 @@ import time
 import torch
 
 import gpt
-from session import BatchCache, ChatSession, Reply, Sampling, common_prefix_len, decode, prefill
+from session import ChatSession, Reply, Sampling, batch_cache, common_prefix_len, decode, prefill
 
 
 def log(text: str) -> None:
@@ -321,11 +321,11 @@ class BatchEngine(Queue):
     def __init__(self, model, tokenizer, context_len: int, max_batch: int, max_queue: int):
         super().__init__(max_queue)
         self.model, self.tokenizer, self.context_len = model, tokenizer, context_len
-        self.cache = BatchCache(model, max_batch, context_len)
+        self.cache = batch_cache(model, max_batch, context_len)  # compiled at load where gpt.compile_wanted
         self.rows = [Row() for _ in range(max_batch)]
         self.n = 0  # running rows: self.rows[:n], cache rows 0..n-1
         self.admitting: list[Job] = []  # taken from the queue for this step's prefills (running, not yet in rows)
-        self.rng = torch.Generator(device=self.cache.k.device)  # for requests without a seed
+        self.rng = torch.Generator(device=self.cache.device)  # for requests without a seed
         self.rng.seed()
         self.steps = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
@@ -366,7 +366,7 @@ class BatchEngine(Queue):
                 self.counts["errors"] += 1
                 row.job.emit("error", e)
                 row.job, row.ids, row.owner = None, [], None
-                self.cache.lengths[self.rows.index(row)] = 0
+                self.cache.set_length(self.rows.index(row), 0)
                 self._swap(self.rows.index(row), self.n - 1)
                 self.n -= 1
 
@@ -396,7 +396,8 @@ class BatchEngine(Queue):
                 if isinstance(result, Exception):  # its row stays free
                     log(f"prefill failed: {type(result).__name__}: {result}")
                     self.counts["errors"] += 1
-                    self.cache.lengths[start + i], self.rows[start + i].owner = 0, None
+                    self.cache.set_length(start + i, 0)
+                    self.rows[start + i].owner = None
                     job.emit("error", result)
                 else:  # its row joins the running ones, rows 0..n-1 (past any failed one)
                     self._swap(start + i, self.n)
@@ -428,7 +429,7 @@ class BatchEngine(Queue):
         row.logits, row.ids = logits, list(job.prompt)
         job.reply = Reply(prompt_tokens=len(job.prompt), cached_tokens=keep, dropped_messages=job.dropped)
         if job.seed is not None:  # OpenAI's seed: the same request gives the same answer
-            row.rng = torch.Generator(device=self.cache.k.device)
+            row.rng = torch.Generator(device=self.cache.device)
             row.rng.manual_seed(job.seed)
         row.decoder = self.tokenizer.stream_decoder()
         row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(job.prompt))

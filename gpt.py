@@ -19,15 +19,19 @@ one token per forward attends to everything cached so far (plain PyTorch SDPA; a
 T=1 there is nothing for a fused kernel to win).
 """
 import math
+import os
 import re
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import flash_attn, rms_norm
+from kernels import decode_attn, flash_attn, rms_norm
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
@@ -102,58 +106,151 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return y.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, for generation.
+class KVCache(nn.Module):
+    """Keys and values of every layer for B sequences (rows), each at its own position: the one
+    cache of GPT.generate, session.ChatSession and engine.BatchEngine.
 
-    Holds (n_layer, B, n_kv_head, max_len, head_dim) tensors, allocated on the first
-    insert with that key's dtype and device. `pos` is the number of cached tokens,
-    the same for all B rows; GPT.forward advances it after all layers have inserted.
-    Prefill any number of tokens on top of what is cached (a whole prompt, or the
-    next chat turn), decode one at a time, and `truncate(n)` / `reset()` to roll back.
+    Static: k and v are (n_layer, B, n_kv_head, max_len + 1, head_dim), allocated once (on
+    the first forward, in the dtype of its keys, or by allocate()) and written in place.
+    Each row's length is kept twice: `lengths`, a list of ints for the host's decisions, and
+    `seq_lens`, a (B,) int64 buffer on the device that the decode step reads. So the decode
+    step (decode_step) touches device tensors only: its shapes, and its compiled graph, are
+    the same for every token (compile_decode). Every method here keeps the two equal.
 
-    GPT.forward asks a cache three things: positions(T) of the new tokens,
-    insert(layer, k, v) -> (keys, values, mask), and advance(T). engine.py's cache
-    answers them with a position per row, for a server's requests that arrived at
-    different times; the model code is the same for both.
+    A row's tokens sit in slots 0..length-1. Slot max_len is scratch: a compiled step feeds
+    a fixed number of rows, and a row fed only to fill that number (GPT.decode's `keep`)
+    writes its key at its own length, which is max_len when the row is full.
+
+    GPT.forward asks a cache check_room(B, T), positions(B, T) of the new tokens,
+    attend(layer, q, k, v, window) and advance(B, T); rows(start) is rows start, start+1, ...
+    as such a cache (a prefill into some rows of a server's batch).
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int):
-        self.shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.max_len = max_len
-        self.k = self.v = None
-        self.pos = 0
+    def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int, device=None):
+        super().__init__()
+        self.batch_size, self.max_len = batch_size, max_len
+        self.shape = (n_layer, batch_size, n_kv_head, max_len + 1, head_dim)
+        self.lengths = [0] * batch_size  # tokens cached per row, on the host
+        self.register_buffer("seq_lens", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("row_ids", torch.arange(batch_size, device=device), persistent=False)
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
+        self.compiled = False  # GPT.decode runs the compiled step (compile_decode sets it)
+        self.batch_sizes = None  # the row counts the compiled step was warmed up for
 
-    def positions(self, T: int, device=None) -> torch.Tensor:
-        """Positions of T new tokens after the cached ones, (1, T): every row is at the same place."""
-        return torch.arange(self.pos, self.pos + T, device=device)[None]
+    @property
+    def device(self) -> torch.device:
+        return self.seq_lens.device
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H_kv, T, D) after the cached tokens; return all keys and values so far and
-        the attention mask (T, Tk) of the new queries."""
+    def allocate(self, dtype: torch.dtype) -> "KVCache":
         if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        T, end = k.shape[2], self.pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} cached + {T} new > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        # New query i sits at position end - T + i: it sees the whole cache and the new
-        # tokens up to itself. (T == end is plain causal; T == 1 sees everything.)
-        mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=end - T)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+            self.k = torch.zeros(self.shape, dtype=dtype, device=self.seq_lens.device)
+            self.v = torch.zeros_like(self.k)
+        return self
 
-    def advance(self, T: int) -> None:
-        self.pos += T
+    # -- the device side: what a forward (and the compiled decode step) runs ----
+
+    def positions(self, B: int, T: int, start: int = 0) -> torch.Tensor:
+        """(B, T): rows start..start+B-1's new tokens follow their own cached ones."""
+        p = self.seq_lens[start:start + B, None]
+        return p if T == 1 else p + torch.arange(T, device=p.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Write the new k, v (B, H_kv, T, D) at each row's positions, then attend q (B, H, T, D) to each row's
+        own keys: key j is visible to a query at position p iff p - window <= j <= p (window None: j <= p)."""
+        B, _, T, _ = q.shape
+        self.allocate(k.dtype)
+        positions = self.positions(B, T, start)
+        kc, vc = self.k[layer, start:start + B], self.v[layer, start:start + B]
+        rows = self.row_ids[:B, None]
+        kc[rows, :, positions] = k.transpose(1, 2).to(kc.dtype)  # (B, T, H_kv, D) into each row's slots
+        vc[rows, :, positions] = v.transpose(1, 2).to(vc.dtype)
+        if T == 1:  # the decode step: the whole cache in, each row's keys read (kernels/decode.py)
+            return decode_attn(q, kc, vc, positions[:, 0], window)
+        lengths = self.lengths[start:start + B]
+        if window is None and not any(lengths):  # a prefill into empty rows: plain causal attention
+            return flash_attn(q, k, v)  # (a padded row's tail sits after its own tokens: none of them sees it)
+        end = max(lengths) + T
+        j = torch.arange(end, device=q.device)
+        seen = j <= positions[..., None]  # (B, T, end)
+        if window is not None:
+            seen &= j >= positions[..., None] - window
+        # not cuDNN: it plans anew for every length (issue 26), and prefill lengths always differ
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=seen[:, None],
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+
+    # -- the host side ------------------------------------------------------------
+
+    def check_room(self, B: int, T: int, rotary_len: int, start: int = 0) -> None:
+        end = max(self.lengths[start:start + B]) + T
+        if end > rotary_len:
+            raise ValueError(f"position {end} is past the rotary tables ({rotary_len})")
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end - T} cached + {T} new > max_len {self.max_len}")
+
+    def advance(self, B: int, T: int, start: int = 0) -> None:
+        for row in range(start, start + B):
+            self.lengths[row] += T
+        self.seq_lens[start:start + B] += T
+
+    def set_length(self, row: int, n: int) -> None:
+        """Row `row` keeps its first n tokens."""
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"a row holds 0 to {self.max_len} tokens, not {n}")
+        self.lengths[row] = n
+        self.seq_lens[row] = n
+
+    @property
+    def pos(self) -> int:
+        """The number of cached tokens, when every row holds the same number (generation's rows do)."""
+        if len(set(self.lengths)) != 1:
+            raise ValueError(f"the rows hold different numbers of tokens: {self.lengths}")
+        return self.lengths[0]
 
     def truncate(self, pos: int) -> None:
-        """Forget every token from position `pos` on."""
-        if not 0 <= pos <= self.pos:
-            raise ValueError(f"cannot truncate a cache of {self.pos} tokens to {pos}")
-        self.pos = pos
+        """Forget every token from position `pos` on, in every row."""
+        if not 0 <= pos <= min(self.lengths):
+            raise ValueError(f"cannot truncate a cache of {min(self.lengths)} tokens to {pos}")
+        self.lengths = [pos] * self.batch_size
+        self.seq_lens.fill_(pos)
 
     def reset(self) -> None:
-        self.pos = 0
+        self.truncate(0)
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
+        n = max(self.lengths[i], self.lengths[j])
+        if i != j and n and self.k is not None:
+            for t in (self.k, self.v):
+                row_i = t[:, i, :, :n].clone()
+                t[:, i, :, :n] = t[:, j, :, :n]
+                t[:, j, :, :n] = row_i
+        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
+        self.seq_lens[[i, j]] = self.seq_lens[[j, i]]
+
+    def rows(self, start: int) -> "CacheRows":
+        return CacheRows(self, start)
+
+
+class CacheRows:
+    """Rows start, start+1, ... of a KVCache as the cache of one GPT.forward (the rows of a prefill)."""
+
+    def __init__(self, cache: KVCache, start: int):
+        self.cache, self.start = cache, start
+
+    def check_room(self, B, T, rotary_len):
+        self.cache.check_room(B, T, rotary_len, self.start)
+
+    def positions(self, B, T):
+        return self.cache.positions(B, T, self.start)
+
+    def attend(self, layer, q, k, v, window=None):
+        return self.cache.attend(layer, q, k, v, window, self.start)
+
+    def advance(self, B, T):
+        self.cache.advance(B, T, self.start)
 
 
 class CausalSelfAttention(nn.Module):
@@ -176,9 +273,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views, no copy
         if kv_cache is None:
             y = flash_attn(q, k, v)
-        else:
-            k, v, mask = kv_cache.insert(self.layer_idx, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        else:  # the layer's sliding window, where the architecture gives it one
+            y = kv_cache.attend(self.layer_idx, q, k, v, window=getattr(self, "window", None))
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -251,32 +347,59 @@ class GPT(nn.Module):
         the cached ones, and the cache advances by T.
         """
         B, T = idx.shape
-        if kv_cache is None:  # training: positions 0..T-1
-            end, cos, sin = T, self.cos[:, :T], self.sin[:, :T]
-        else:  # each row's new tokens at their own positions: (1 or B, T, 1, head_dim/2)
-            positions = kv_cache.positions(T, idx.device)
-            end, cos, sin = int(positions[:, -1].max()) + 1, self.cos[0, positions], self.sin[0, positions]
-        if end > self.rotary_len:
-            raise ValueError(f"position {end} is past the rotary tables ({self.rotary_len})")
-
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
-        x = norm(x)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-
+        if kv_cache is not None:  # generation: the host's checks and bookkeeping around step()
+            kv_cache.check_room(B, T, self.rotary_len)
+            logits = self.step(idx, kv_cache)
+            kv_cache.advance(B, T)
+            return logits
+        if T > self.rotary_len:
+            raise ValueError(f"position {T} is past the rotary tables ({self.rotary_len})")
+        x = self.trunk(idx, self.cos[:, :T], self.sin[:, :T])
         if targets is None:
-            logits = self.lm_head(x)
-            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+            return SOFTCAP * torch.tanh(self.lm_head(x) / SOFTCAP)
         logits = self.lm_head(x).float()  # the loss wants fp32 logits even under bf16 autocast
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
+    def step(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) of idx after the cached tokens, their keys and values written to the cache.
+        Device work only: it neither reads nor changes the host's state (forward does, around it)."""
+        # each row's new tokens at their own positions: (B, T, 1, head_dim/2). The clamp only
+        # touches rows that GPT.decode feeds without keeping, which may sit past the end.
+        positions = kv_cache.positions(*idx.shape).clamp(max=self.rotary_len - 1)
+        x = self.trunk(idx, self.cos[0, positions], self.sin[0, positions], kv_cache)
+        return SOFTCAP * torch.tanh(self.lm_head(x) / SOFTCAP)
+
+    def trunk(self, idx, cos, sin, kv_cache=None) -> torch.Tensor:
+        """The hidden states before lm_head: embedding, norm, the blocks, norm."""
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        return norm(x)
+
+    def decode(self, tokens: torch.Tensor, kv_cache: KVCache, keep: int | None = None) -> torch.Tensor:
+        """One decode step: tokens (B, 1), one for each of the cache's rows 0..B-1 -> their next logits (B, vocab) fp32.
+
+        Rows keep..B-1 (default: none) are fed only to fill a batch size the compiled
+        step was warmed up for: computed, not kept. With kv_cache.compiled the step runs
+        compiled (on CUDA a CUDA graph, replayed); its logits are copied out of the
+        graph's memory, which the next step reuses.
+        """
+        keep = tokens.shape[0] if keep is None else keep
+        kv_cache.check_room(keep, 1, self.rotary_len)
+        if kv_cache.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            logits = compiled_decode_step(tokens.device)(self, kv_cache, tokens).clone()
+        else:
+            logits = decode_step(self, kv_cache, tokens)
+        kv_cache.advance(keep, 1)
+        return logits
+
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
-        return KVCache(batch_size, max_len or self.rotary_len, c.n_layer, c.n_kv_head, c.head_dim)
+        return KVCache(batch_size, max_len or self.rotary_len, c.n_layer, c.n_kv_head, c.head_dim,
+                       device=self.lm_head.weight.device)
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
@@ -306,7 +429,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
             with autocast(device):
-                logits = self.forward(next_id, kv_cache=kv_cache)[:, -1]
+                logits = self.decode(next_id, kv_cache)
             yield next_id.item()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -322,6 +445,78 @@ class GPT(nn.Module):
         """
         c = self.config
         return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+
+# ----------------------------------------------------------------------------
+# The decode step, compiled once
+
+
+COMPILE_ENV = "NANOSCHNACK_COMPILE_DECODE"  # 1: compile the decode step, 0: don't; unset: on CUDA only
+
+
+def decode_step(model: GPT, kv_cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B, 1) for rows 0..B-1 -> their next logits (B, vocab) fp32, keys and values written to the cache.
+
+    What GPT.decode runs, compiled or not. Device tensors in, device tensors out: the
+    positions come from kv_cache.seq_lens, attention takes the whole cache (kernels/decode.py),
+    so for a given cache and B the shapes are the same at every token and in every turn,
+    and the compiled graph is never traced again."""
+    return model.step(tokens, kv_cache)[:, -1].float()
+
+
+_compiled_steps = {}
+
+
+def compiled_decode_step(device: torch.device):
+    """decode_step under torch.compile, one per device type: on CUDA mode "reduce-overhead" (a CUDA graph
+    per shape, replayed: one launch for the whole step, gpt-fast's way), elsewhere Inductor's default."""
+    kind = torch.device(device).type
+    if kind not in _compiled_steps:
+        mode = "reduce-overhead" if kind == "cuda" else "default"
+        _compiled_steps[kind] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_steps[kind]
+
+
+def compile_wanted(device) -> bool:
+    """Whether to compile the decode step: NANOSCHNACK_COMPILE_DECODE=1 or 0, else on CUDA only (on the
+    CPU it did not pay: bench/RESULTS.md, issue 26)."""
+    wanted = os.environ.get(COMPILE_ENV, "")
+    if wanted not in ("", "0", "1"):
+        raise ValueError(f"{COMPILE_ENV} must be 0 or 1, got {wanted!r}")
+    return wanted == "1" if wanted else torch.device(device).type == "cuda"
+
+
+@torch.no_grad()
+def compile_decode(model: GPT, kv_cache: KVCache, batch_sizes: list[int] | None = None, log=None) -> float:
+    """Compile the decode step for this cache, at each of batch_sizes (default: all its rows), and warm it up;
+    from then on GPT.decode runs it compiled. Returns the seconds it took; `log` gets a line before and after.
+
+    Each shape runs three times: the first compiles (or finds Inductor's cache), and on CUDA
+    the second records the CUDA graph and the third replays it, so that no answer pays for
+    any of it. The warm-up writes keys at the rows' current lengths, where nothing is kept
+    yet, and advances nothing."""
+    device = model.lm_head.weight.device
+    batch_sizes = sorted(batch_sizes or [kv_cache.batch_size])
+    if batch_sizes[-1] > kv_cache.batch_size:
+        raise ValueError(f"batch size {batch_sizes[-1]} > the cache's {kv_cache.batch_size} rows")
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    log(f"compiling the decode step for {device} (batch sizes {', '.join(map(str, batch_sizes))}, "
+        f"{kv_cache.max_len} cached tokens a row) ...")
+    started = time.perf_counter()
+    step = compiled_decode_step(device)
+    with autocast(device):  # as GPT.generate and session.decode run it: the autocast state is part of the graph
+        kv_cache.allocate(cache_dtype(model))
+        for B in batch_sizes:
+            tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                step(model, kv_cache, tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    kv_cache.compiled, kv_cache.batch_sizes = True, batch_sizes
+    seconds = time.perf_counter() - started
+    log(f"compiling the decode step ... done in {seconds:.1f} s")
+    return seconds
 
 
 def compute_dtype(device, choice: str = "auto") -> torch.dtype:
@@ -341,6 +536,24 @@ def default_dtype(device) -> torch.dtype:
     """What runs without a choice (generation, evaluation): bf16 on CUDA, fp32 on the CPU, where
     generation is memory-bound and casting the weights each step costs more than it saves."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def cache_dtype(model: GPT) -> torch.dtype:
+    """The dtype of the keys and values generation caches: autocast's where autocast(device) casts, else the weights'."""
+    dtype = default_dtype(model.lm_head.weight.device)
+    return dtype if dtype != torch.float32 else model.lm_head.weight.dtype
+
+
+def serving_weights(model: GPT) -> GPT:
+    """Keep the matrices of the linear layers in default_dtype (bf16 on CUDA; nothing changes on the CPU), for a
+    model that only generates. autocast casts fp32 weights to bf16 for every product anyway, so the logits are
+    the same; a decode step, which reads every weight once per token, then reads half the bytes and launches no
+    casts. The embedding stays fp32: a step reads one row of it, and it starts the fp32 residual stream."""
+    dtype = default_dtype(model.lm_head.weight.device)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data = module.weight.data.to(dtype)
+    return model
 
 
 def autocast(device, dtype: torch.dtype | None = None):

@@ -8,7 +8,7 @@ serve.py's engines, sft.py and the benchmarks share.
   text (base models). All three return generators of text pieces; the caller stops
   an answer early by closing the generator (or just leaving the loop).
 - load_session(): a ChatSession on a checkpoint, with clear errors.
-- BatchCache, prefill(), decode(): many sequences decoded together, each at its own
+- prefill(), decode(): many sequences decoded together on one gpt.KVCache, each at its own
   position (serve.py's continuous batching, engine.BatchEngine).
 
 How the KV cache is kept across turns. The session keeps `cached_ids`, exactly
@@ -33,21 +33,21 @@ exchanges are dropped (the system message stays) until the prompt leaves room
 for max_new_tokens (at most half the context); the answer may then use all the
 room left.
 
-Continuous batching decodes many sequences at once on one model. gpt.py's KVCache holds B
-sequences that all sit at the same position, which is what training-style generation needs. A server's sequences do not: they arrive at different
-times with prompts of different lengths. So here:
+Continuous batching decodes many sequences at once on one model, on the same gpt.KVCache:
+its rows each sit at their own position. A server's sequences arrive at different times
+with prompts of different lengths; a row is a slot: a request takes a free one, fills it,
+and leaves it when it ends (its tokens stay, for reuse by the same client).
 
-- BatchCache: keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len,
-  head_dim), and each row's own length. A row is a slot: a request takes a free one,
-  fills it, and leaves it when it ends (its tokens stay, for reuse by the same client).
-- decode(): one new token for each of rows 0..n-1 in one forward, through the same
-  gpt.GPT.forward: BatchCache.rows(0, n) is a cache whose rows each have their own
-  position (rotary angle), write their key and value at their own length, and attend
-  to their own keys only (a per-row length mask for SDPA). gpt.py's KVCache documents
-  the three things GPT.forward asks of a cache.
+- decode(): one new token for each of rows 0..n-1 in one step (GPT.decode): each row's key
+  lands at its own length, its query sees its own keys only. A compiled cache's step takes a
+  fixed number of rows: n is rounded up to the next batch size it was compiled for, and the
+  rows past n are fed a dummy token and not kept.
 - prefill(): the prompts of newcomers, each after its own cached prefix, in one forward
   over their rows, right-padded to the longest (a padding token's key lands after its
   row's length, where no query of that row looks, and the next tokens overwrite it).
+
+The decode step is compiled once at load on CUDA (gpt.compile_decode, NANOSCHNACK_COMPILE_DECODE):
+load_session does it for the session's cache, engine.BatchEngine for its own.
 """
 import math
 import time
@@ -290,8 +290,13 @@ def find_checkpoint(path: str | None) -> Path:
 
 
 def load_session(checkpoint: str | None = None, device: str | None = None, sampling: Sampling | None = None,
-                 system: str | None = None, seed: int | None = None) -> ChatSession:
+                 system: str | None = None, seed: int | None = None, compile_decode: bool | None = None) -> ChatSession:
     """A ChatSession on a checkpoint file or a folder's newest one (None: out/chat, else out/base).
+
+    The model keeps its matrices in the compute dtype (gpt.serving_weights: bf16 on CUDA), and
+    the session's decode step is compiled and warmed up now (compile_decode; None:
+    gpt.compile_wanted, i.e. on CUDA unless NANOSCHNACK_COMPILE_DECODE=0), so that the first
+    answer pays for none of it.
 
     The session also gets `checkpoint` (the file), `step`, and `ckpt` (the dict,
     without weights). A missing or incompatible checkpoint raises SystemExit
@@ -306,10 +311,13 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
         raise SystemExit(f"error: device {device} asked for, but CUDA is not available here (use --device cpu)")
     path = find_checkpoint(checkpoint)
     model, tokenizer, ckpt = common.load_model(path, device, reader="this chat.py")
+    gpt.serving_weights(model)
     kind = ckpt.get("kind", "base")
     if kind not in ("base", "chat"):
         raise SystemExit(f"error: {ckpt['path']} has kind {kind!r}; chat.py runs 'chat' (sft.py) or 'base' (train.py)")
     session = ChatSession(model, tokenizer, kind=kind, sampling=sampling, system=system, seed=seed)
+    if gpt.compile_wanted(device) if compile_decode is None else compile_decode:
+        gpt.compile_decode(model, session.cache.allocate(gpt.cache_dtype(model)))
     session.checkpoint, session.step = ckpt["path"], ckpt.get("step")
     session.ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizers")}
     return session
@@ -317,96 +325,44 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
 
 
 # -----------------------------------------------------------------------------
-# The batch cache: many sequences, each at its own position, on one model
+# Many sequences, each at its own position, on one model and one cache
 
-class BatchCache:
-    """Keys and values of `rows` sequences, (n_layer, rows, n_kv_head, max_len, head_dim), each row its own length.
-
-    The sequences decoded together are always rows 0..n-1 (BatchEngine keeps them there with
-    swap()), so a decode step reads the cache through slices, never copies it by index."""
-
-    def __init__(self, model, rows: int, max_len: int):
-        c = model.config
-        p = model.lm_head.weight
-        dtype = gpt.default_dtype(p.device)  # what autocast (decode, prefill) makes of k and v
-        shape = (c.n_layer, rows, c.n_kv_head, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=p.device)
-        self.lengths = [0] * rows  # tokens cached per row
-        self.max_len = max_len
-
-    def swap(self, i: int, j: int) -> None:
-        """Exchange rows i and j (their cached tokens only: a copy of at most the longer one)."""
-        n = max(self.lengths[i], self.lengths[j])
-        if i != j and n:
-            for t in (self.k, self.v):
-                row_i = t[:, i, :, :n].clone()
-                t[:, i, :, :n] = t[:, j, :, :n]
-                t[:, j, :, :n] = row_i
-        self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
-
-    def rows(self, start: int, stop: int) -> "Rows":
-        return Rows(self, start, stop)
+def batch_sizes(max_batch: int) -> list[int]:
+    """The row counts a compiled batch step is made for: powers of two up to max_batch, and max_batch. A step
+    of n rows pads to the next one: at most twice the rows (the weights, read once per step whatever the
+    rows, cost the same), one CUDA graph per size, and a handful of compiles at load."""
+    return sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
 
 
-class Rows:
-    """Rows start..stop-1 of a BatchCache, each at its own position, as the cache of one GPT.forward."""
-
-    def __init__(self, cache: BatchCache, start: int, stop: int):
-        self.cache, self.start, self.stop, self.n = cache, start, stop, stop - start
-        device = cache.k.device
-        self.index = torch.arange(self.n, device=device)
-        self.lengths = torch.tensor(cache.lengths[start:stop], device=device)
-        self.longest = max(cache.lengths[start:stop])
-        self.mask = None  # the same for every layer: made by the first
-
-    def positions(self, T: int, device=None) -> torch.Tensor:
-        """(n, T): row i's new tokens follow its own cached ones."""
-        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write each row's new k, v (n, H_kv, T, D) at its own positions; return the rows' keys and values
-        up to the longest row (slices: no copy), and a mask (n, 1, T, Tk) that hides other rows' lengths
-        and the future."""
-        T = k.shape[2]
-        end = self.longest + T
-        if end > self.cache.max_len:
-            raise ValueError(f"a row of the batch cache is full ({self.cache.max_len} tokens)")
-        positions = self.positions(T)
-        ck, cv = self.cache.k[layer, self.start:self.stop], self.cache.v[layer, self.start:self.stop]
-        ck[self.index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)  # (n, T, H_kv, D) into place
-        cv[self.index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
-        if self.mask is None:  # key j is visible to a query at position p when j <= p
-            self.mask = (torch.arange(end, device=k.device)[None, None, :] <= positions[:, :, None])[:, None]
-        return ck[:, :, :end], cv[:, :, :end], self.mask
-
-    def advance(self, T: int) -> None:
-        for r in range(self.start, self.stop):
-            self.cache.lengths[r] += T
-        self.lengths += T
-        self.longest += T
-        self.mask = None
+def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
+    """A KV cache of `rows` sequences of up to max_len tokens, allocated now; its decode step compiled
+    (for batch_sizes(rows)) where gpt.compile_wanted says so."""
+    cache = model.new_kv_cache(rows, max_len).allocate(gpt.cache_dtype(model))
+    if gpt.compile_wanted(cache.device):
+        gpt.compile_decode(model, cache, batch_sizes(rows))
+    return cache
 
 
-@torch.inference_mode()
-def prefill(model, cache: BatchCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
+@torch.no_grad()
+def prefill(model, cache: gpt.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
     """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
     them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
-    stop, T = start + len(prompts), max(len(p) for p in prompts)
-    cache.lengths[start:stop] = keeps
-    x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=cache.k.device)
+    T = max(len(p) for p in prompts)
+    for i, keep in enumerate(keeps):
+        cache.set_length(start + i, keep)
+    x = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], dtype=torch.long, device=cache.device)
     with autocast(x.device):
-        logits = model(x, kv_cache=cache.rows(start, stop))
-    cache.lengths[start:stop] = [keep + len(p) for keep, p in zip(keeps, prompts)]  # the padding is not kept
+        logits = model(x, kv_cache=cache.rows(start))
+    for i, (keep, p) in enumerate(zip(keeps, prompts)):
+        cache.set_length(start + i, keep + len(p))  # the padding is not kept
     return logits[range(len(prompts)), [len(p) - 1 for p in prompts]].float()
 
 
-@torch.inference_mode()
-def decode(model, cache: BatchCache, tokens: list[int]) -> torch.Tensor:
-    """Feed tokens[i] to row i, all in one forward; the next logits, (len(tokens), vocab)."""
-    x = torch.tensor(tokens, dtype=torch.long, device=cache.k.device)[:, None]
+@torch.no_grad()
+def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
+    """Feed tokens[i] to row i, all in one step; the next logits (len(tokens), vocab)."""
+    n = len(tokens)
+    B = next(b for b in cache.batch_sizes if b >= n) if cache.compiled else n
+    x = torch.tensor(tokens + [0] * (B - n), dtype=torch.long, device=cache.device)[:, None]
     with autocast(x.device):
-        logits = model(x, kv_cache=cache.rows(0, len(tokens)))[:, -1]
-    return logits.float()
-
-
+        return model.decode(x, cache, keep=n)[:n]

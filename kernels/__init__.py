@@ -4,6 +4,7 @@ nanoschnack's fused kernels: causal flash attention and RMSNorm, in Triton.
     from kernels import flash_attn, rms_norm
     y = flash_attn(q, k, v)      # q (B, H, T, D), k/v (B, H_kv, T, D), causal
     x = rms_norm(x, eps=1e-6)    # over the last dim, no weight
+    y = decode_attn(q, k_cache, v_cache, positions)   # one query per row over a static KV cache
 
 Both are torch.library custom ops (nanoschnack::flash_attn, nanoschnack::rms_norm
 and their *_backward ops) with autograd registered, so torch.compile traces them
@@ -14,11 +15,12 @@ NANOSCHNACK_REFERENCE_KERNELS=1 does that on the GPU too, for A/B runs (see
 kernels/dispatch.py).
 """
 from kernels.attention import flash_attn, flash_attn_backward_op, flash_attn_op
+from kernels.decode import decode_attn, decode_attn_op
 from kernels.dispatch import RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, triton_on_cpu, use_triton, use_triton_rms_norm
 from kernels.rmsnorm import rms_norm, rms_norm_backward_op, rms_norm_op
 
 __all__ = [
-    "flash_attn", "flash_attn_op", "flash_attn_backward_op",
+    "flash_attn", "flash_attn_op", "flash_attn_backward_op", "decode_attn", "decode_attn_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
     "use_triton", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu", "REFERENCE_ENV",
 ]

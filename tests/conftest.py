@@ -86,3 +86,26 @@ def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+
+
+@pytest.fixture
+def decode_compiled_on_cpu(monkeypatch):
+    """GPT.decode's step compiled on the CPU as it is on CUDA (torch.compile, fullgraph, static shapes), through
+    TorchDynamo and AOTAutograd but without Inductor's code generation, which would take minutes here.
+    Yields the list of graphs compiled, one entry (the shapes of the graph's tensor inputs) per compile:
+    a recompile appends one more."""
+    import torch
+    from torch._dynamo.backends.registry import lookup_backend
+    import gpt
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    step = torch.compile(gpt.decode_step, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setitem(gpt._compiled_steps, "cpu", step)
+    monkeypatch.setenv(gpt.COMPILE_ENV, "1")
+    yield graphs
+    torch._dynamo.reset()

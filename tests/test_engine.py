@@ -1,4 +1,4 @@
-"""engine.py's batch cache: rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
+"""engine.py's batch cache (a gpt.KVCache of many rows): rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
 the same greedy tokens, logits equal up to float rounding."""
 import random
 
@@ -30,7 +30,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
         return out, logits_seen
 
     expected = [alone(p) for p in prompts]
-    cache = session.BatchCache(model, 8, 256)
+    cache = session.batch_cache(model, 8, 256)
     # as BatchEngine keeps them: the running sequences in rows 0..n-1, joining one per step at
     # row n, and a leaving one swapping places with the last (so its cache row moves)
     slot, out, seen, logits, active = {}, [[] for _ in prompts], [[] for _ in prompts], {}, []
@@ -79,7 +79,7 @@ def test_prefill_of_several_rows_equals_each_alone(tmp_path, small_tokenizer):
                 logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)[:, -1]
         return first, out
 
-    cache = session.BatchCache(model, 6, 256)
+    cache = session.batch_cache(model, 6, 256)
     session.prefill(model, cache, 2, [0], [full[2][:7] + [1, 2, 3]])  # the earlier turn, then other tokens
     logits = session.prefill(model, cache, 0, keeps, [seq[keep:] for seq, keep in zip(full, keeps)])
     assert cache.lengths[:4] == [len(seq) for seq in full]
