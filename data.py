@@ -17,7 +17,10 @@ Several sources are separated by whitespace (which therefore never occurs
 unescaped in a spec) or given as repeated flags. Options:
 
     text=COLUMN   the column holding the document (default: text)
-    weight=W      relative sampling weight when mixing sources (default: 1)
+    weight=W      relative sampling weight when mixing sources (default: 1: every source
+                  gives the same number of tokens); weight=size (local files only): the
+                  source's size in bytes of text, so every source is read about as many
+                  times over as the others (see "Mixing by size" below)
     split=NAME    hf: the split to read (default: train); a parquet folder:
                   train (default) or val (see "Folders" below)
     name=CONFIG   hf only: the dataset config, e.g. deu_Latn
@@ -44,6 +47,16 @@ documents from MIX_STREAMS random files. The order is a pure function of (seed,
 epoch, shards), and the state records which shards are open and how far each has
 been read, so a resumed run continues exactly (no shuffle buffer, whose content
 could not be restored).
+
+Mixing by size. Equal weights give every source the same tokens, so a 1 MB source is
+read dozens of times over while a 100 MB one is barely started, and the model learns the
+small one by heart. weight=size weights a local source by its bytes of text (a parquet
+file's text column, read once at the start: 1.5 s of CPU for the 390 MB of the sample data;
+a JSONL or text file's bytes): the mix then
+reads like the data, every source about equally far into its epochs (train.py logs
+how many epochs each source went through). Sources with weight=size and sources with
+numbers can be mixed: the numbers then count bytes too, so write numbers everywhere or
+size everywhere.
 
 Everything is streamed through HF `datasets` (streaming=True), so no corpus is
 ever loaded whole into memory. prepare.py turns any spec into such a folder of
@@ -114,6 +127,7 @@ class Source:
     seed: int = DEFAULT_SEED
     files: list[str] = field(default_factory=list)  # resolved local files
     num_docs: int | None = None    # number of documents, where it is known without reading them
+    weight_by_size: bool = False   # weight=size: the weight becomes the bytes of text (text_bytes)
 
     @property
     def shuffled(self) -> bool:
@@ -142,13 +156,18 @@ def parse_spec(spec: str) -> Source:
         if key not in OPTIONS[kind]:
             raise DataError(f"bad dataset spec {spec!r}: option {key!r} does not apply to {kind}:// "
                             f"(allowed: {', '.join(sorted(OPTIONS[kind]))})")
-        if key == "weight":
+        if key == "weight" and value == "size":
+            if kind == "hf":
+                raise DataError(f"bad dataset spec {spec!r}: weight=size needs local files (parquet, jsonl, txt); "
+                                f"give the hub source a number, e.g. weight=0.5")
+            source.weight_by_size = True
+        elif key == "weight":
             try:
                 source.weight = float(value)
             except ValueError:
                 source.weight = -1.0
             if not source.weight > 0:
-                raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number")
+                raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number or 'size'")
         elif key == "per" and value not in ("file", "line"):
             raise DataError(f"bad dataset spec {spec!r}: per={value!r} must be 'file' or 'line'")
         elif key == "shuffle":
@@ -176,7 +195,34 @@ def parse_specs(specs) -> list[Source]:
     sources = [parse_spec(s) for text in specs for s in text.split()]
     if not sources:
         raise DataError("no dataset spec given: pass e.g. --data 'parquet://DIR/*.parquet'")
+    for source in sources:
+        if source.weight_by_size:
+            source.weight = float(text_bytes(source))
     return sources
+
+
+def text_bytes(source: Source) -> int:
+    """A local source's size in bytes of text (weight=size): the UTF-8 bytes of a parquet file's text
+    column, one row group at a time (the metadata's sizes count dictionary pages and encodings too);
+    a JSONL or text file's size."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in resolve_files(source):
+        if source.kind != "parquet":
+            total += os.path.getsize(path)
+            continue
+        file = pq.ParquetFile(path)
+        if source.text not in file.schema_arrow.names:
+            raise DataError(f"{source.spec}: {path} has no column {source.text!r} (columns: "
+                            f"{', '.join(file.schema_arrow.names)}); name it with ?text=COLUMN")
+        for group in range(file.num_row_groups):
+            column = file.read_row_group(group, columns=[source.text]).column(0)
+            total += pc.sum(pc.binary_length(column)).as_py() or 0
+    if not total:
+        raise DataError(f"{source.spec}: weight=size, but its files hold no text; give it a number")
+    return total
 
 
 # -----------------------------------------------------------------------------

@@ -29,16 +29,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLIN
 PY=.venv/bin/python
 spec() { local p=${1//%/%25}; echo "${p// /%20}"; }  # a path as a dataset spec location
 
-# One spec per source, so the tokenizer and the model see every kind of German text.
+# One spec per source, so the tokenizer and the model see every kind of German text, each
+# weighted by its size (weight=size): the mix reads like the data, and no small source is read
+# many times over while a large one is barely started (README, "Dataset specs").
 PRETRAIN="" VAL=""
 for dir in "$DATA"/pretrain/*/; do
-    PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet"
+    PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet?weight=size"
     [ -f "$dir/val.parquet" ] && VAL="$VAL parquet://$(spec "$dir")val.parquet"
 done
 SFT="jsonl://$(spec "$DATA")/sft/[!v]*.jsonl"  # every conversation file but the held-out val.jsonl
 SFT_VAL="jsonl://$(spec "$DATA")/sft/val.jsonl"
-BPB="$VAL"
-[ -f "$DATA/eval/ud_gsd_dev.txt" ] && BPB="txt://$(spec "$DATA")/eval/ud_gsd_dev.txt?per=line"
+BPB="$VAL"  # held-out German: every source's validation file, and UD German-GSD's sentences
+[ -f "$DATA/eval/ud_gsd_dev.txt" ] && BPB="txt://$(spec "$DATA")/eval/ud_gsd_dev.txt?per=line $VAL"
 
 if [ "$SCALE" = micro ]; then
     TOK=(--vocab-size 512 --max-chars 300k)

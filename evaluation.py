@@ -442,7 +442,11 @@ def results_markdown(results: list[dict]) -> str:
     bpb = [r for r in results if "bpb" in r]
     mc = [r for r in results if "acc" in r]
     parts = []
-    if bpb:
+    if bpb and all("base_bpb" in r for r in bpb):  # a chat model, next to the base it was fine-tuned from
+        parts.append(markdown_table(["text", "documents", "bytes", "bits per byte", "base model", "change"],
+                                    [[f"`{r['data']}`", r["documents"], r["bytes"], r["bpb"], r["base_bpb"],
+                                      f"{r['bpb'] - r['base_bpb']:+.4f}"] for r in bpb]))
+    elif bpb:
         parts.append(markdown_table(["text", "documents", "bytes", "bits per byte"],
                                     [[f"`{r['data']}`", r["documents"], r["bytes"], r["bpb"]] for r in bpb]))
     if mc:
@@ -453,6 +457,19 @@ def results_markdown(results: list[dict]) -> str:
 
 # -----------------------------------------------------------------------------
 # python evaluation.py
+
+
+def chat_base(ckpt: dict, device, log):
+    """The base model a chat checkpoint was fine-tuned from (sft.py records its path), or None if it is gone."""
+    path = ckpt.get("base")
+    if not path or not Path(path).is_file():
+        log(f"note: the base checkpoint {path} is not there: no base -> chat change of bits per byte")
+        return None
+    model, _, base = common.load_model(path, device)
+    if base.get("tokenizer_json") != ckpt.get("tokenizer_json"):
+        log(f"note: {path} has another tokenizer than {ckpt['path']}: no base -> chat change of bits per byte")
+        return None
+    return model
 
 
 def main(argv=None):
@@ -473,6 +490,8 @@ def main(argv=None):
     parser.add_argument("--device", default="", help="default: cuda if available, else cpu")
     parser.add_argument("--report", default="", help="report card to update (default: report.md next to the "
                                                       "checkpoint's folder)")
+    parser.add_argument("--no-base", action="store_true", help="for a chat checkpoint, don't also measure the "
+                                                                "bits per byte of the base model it was fine-tuned from")
     parser.add_argument("--no-report", action="store_true", help="don't touch the report card")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -508,16 +527,22 @@ def main(argv=None):
     kind = ckpt.get("kind", "base")
     log(f"{ckpt['path']}: {kind} model, step {ckpt.get('step', '?')}, {model.num_params():,} parameters, "
         f"context {model.config.sequence_len}; {world_size} process(es) on {device}")
+    base_model = chat_base(ckpt, device, log) if texts and kind == "chat" and not args.no_base else None
     results = []
     for source, docs in texts:
         start = time.time()
         progress = common.Progress(f"bpb {source.spec}", args.limit or None) if master else None
         try:
             r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress)
+            if base_model is not None:  # the same documents again: how much of its German SFT cost the model
+                docs = data.iter_texts(source, data.open_source(source))
+                r["base_bpb"] = text_bpb(base_model, tokenizer, docs, device, args.batch_size, args.limit, rank,
+                                         world_size)["bpb"]
         except DataError as e:
             sys.exit(f"error: {e}")
         results.append(dict(task="bpb", data=source.spec, **r))
-        log(f"bpb  {r['bpb']:.4f} bits per byte on {r['documents']:,} documents ({r['bytes']:,} bytes) "
+        base = f" (base model {r['base_bpb']:.4f}, change {r['bpb'] - r['base_bpb']:+.4f})" if "base_bpb" in r else ""
+        log(f"bpb  {r['bpb']:.4f} bits per byte{base} on {r['documents']:,} documents ({r['bytes']:,} bytes) "
             f"of {source.spec} in {time.time() - start:.0f}s")
     for task, exs in examples:
         start = time.time()

@@ -27,6 +27,14 @@ chat.py loads.
   its slice (m*W + r)*B ... Resume is exact and only needs (epoch, step).
 - A small set of identity conversations (assets/identity.jsonl: who nanoschnack
   is, what it can and cannot do) is mixed into every epoch.
+- Plain text keeps the German (--text-data, --text-frac): a share of each epoch's
+  rows are pretraining-style documents, <|bos|> + text trained on every token, as
+  nanochat's mid-training mixes pretraining data into its chat stage. A model
+  fine-tuned on conversations alone loses some of its general German (bits per
+  byte on held-out text rise); the text rows hold it (README, "The demo").
+- At the end: the stop rate (held-out answers that end with <|assistant_end|>)
+  and the identity rate (sampled answers to "Wer bist du?" and two paraphrases that
+  name nanoschnack), both on the report card.
 """
 import dataclasses
 import functools
@@ -46,6 +54,7 @@ import common
 import data
 import report
 from gpt import autocast
+from session import Sampling
 from tok import ConversationError, check_conversation, render_conversation, render_prompt
 
 IDENTITY_FILE = Path(__file__).parent / "assets" / "identity.jsonl"
@@ -66,6 +75,8 @@ class SFTConfig:
     data: str = DEFAULT_SFT_SPEC
     val_data: str = ""               # held-out conversations; empty: hold out the first val_conversations of --data
     identity_repeat: int = 4         # copies of each identity conversation per epoch (0: none)
+    text_data: str = ""              # plain text mixed in (e.g. the pretraining spec); empty: none
+    text_frac: float = 0.0           # share of the training rows that are text documents (0 <= f < 1)
     out: str = "out/chat"
     device_batch_size: int = 4       # conversations per device per micro-step (4 x 8 GPUs = 32)
     examples_per_step: int = 32      # conversations per optimizer step, all devices together
@@ -82,6 +93,7 @@ class SFTConfig:
     val_conversations: int = 256     # validation conversations (0: all of --val-data)
     stop_rate_conversations: int = 50  # at the end: how many of these (the first validation ones) get a greedy
                                        # answer to their first question that ends with <|assistant_end|>
+    identity_samples: int = 10       # at the end: sampled answers per identity question (0: skip)
     sample_every: int = 0            # 0: only at the end
     save_every: int = 200
     keep_last: int = 2
@@ -159,6 +171,9 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
     rendered, rejected, seen, truncated = [], Rejections(), 0, 0
     end_id = tokenizer.special["<|assistant_end|>"]
     for source in sources:
+        if source.weight_by_size:
+            raise data.DataError(f"{source.spec}: weight=size mixes pretraining text by its size; here a weight "
+                                 f"repeats a source's conversations (weight=2: twice), so give a number")
         mine = []
         for where, row in data.iter_rows(source):
             if limit and len(rendered) + len(mine) >= limit:
@@ -187,6 +202,24 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
         raise data.DataError(f"no usable conversations in {' '.join(s.spec for s in sources)} "
                              f"({seen:,} read, {rejected.total:,} rejected)")
     return rendered
+
+
+def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count: int) -> list[tuple[list[int], list[int]]]:
+    """`count` rows of plain text, (ids, mask) like a conversation's, every token trained: each document
+    is <|bos|> + its tokens, cut into rows of at most max_tokens, documents taken in the sources' mix."""
+    rows = []
+    for text in data.interleave_documents(sources):
+        ids = [tokenizer.bos_id] + tokenizer.encode(text)
+        for start in range(0, len(ids) - 1, max_tokens):  # a row needs two tokens: one input, one target
+            row = ids[start:start + max_tokens]
+            if len(row) > 1:
+                rows.append((row, [1] * len(row)))
+            if len(rows) == count:
+                return rows
+    if len(rows) < count:
+        raise data.DataError(f"--text-data {' '.join(s.spec for s in sources)} gave {len(rows):,} rows of text, "
+                             f"{count:,} were asked for; add text or lower --text-frac")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -281,10 +314,35 @@ def stop_rate(model, tokenizer, conversations) -> tuple[int, int]:
     return ended, len(conversations)
 
 
+# Who the model says it is: the first question is in assets/identity.jsonl, the other two are not.
+IDENTITY_QUESTIONS = ["Wer bist du?", "Wie heißt du eigentlich?", "Mit wem spreche ich gerade?"]
+
+
+def identity_rate(model, tokenizer, samples: int, seed: int, max_new_tokens: int = 48) -> dict[str, int]:
+    """For each identity question: how many of `samples` answers, sampled as chat.py samples them (its
+    default temperature and top-k), name nanoschnack."""
+    sampling = Sampling()
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    stops, named = set(tokenizer.special.values()), {}
+    for question in IDENTITY_QUESTIONS:
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
+        named[question] = 0
+        for _ in range(samples):
+            ids = []
+            for token in model.generate(prompt, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                                        generator=gen):
+                if token in stops:
+                    break
+                ids.append(token)
+            named[question] += "nanoschnack" in tokenizer.decode(ids).lower()
+    return named
+
+
 def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_tokens, seconds, last, log):
     """The SFT and chat-sample sections of the report card (report.py) next to the checkpoints."""
     rows = [["base checkpoint", f"`{base['path']}`"], ["parameters", model.num_params()],
-            ["conversations", f"{n_train:,} for training (identity included), {n_val:,} for validation"],
+            ["conversations", f"{n_train:,} rows for training (identity and {data_stats.get('text_rows', 0):,} "
+                              f"rows of text included), {n_val:,} for validation"],
             ["read / rejected / cut", f"{data_stats.get('read', 0):,} / {data_stats.get('rejected', 0):,} / "
                                       f"{data_stats.get('cut', 0):,} (cut: shortened at a turn boundary)"],
             ["steps", f"{steps:,} of {cfg.examples_per_step} conversations"], ["trained tokens", trained_tokens],
@@ -295,6 +353,9 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
         rows.insert(-1, ["answers that end", f"{ended} of {asked} ({ended / asked:.0%}): greedy answers to the first "
                                              f"question of held-out conversations that end with <|assistant_end|> "
                                              f"before the context is full"])
+    if "identity" in last:
+        rows.insert(-1, ["names itself", ", ".join(f"{q!r} {n} of {cfg.identity_samples}" for q, n in last["identity"].items())
+                         + ": sampled answers (chat.py's default sampling) that name nanoschnack"])
     path = report.report_path(cfg.out)
     report.update_report(path, "SFT", report.markdown_table(["", ""], rows))
     if "samples" in last:
@@ -315,11 +376,19 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     if cfg.identity_repeat:
         identity = data.parse_spec(f"jsonl://{quote(str(IDENTITY_FILE))}?weight={cfg.identity_repeat}")
         conversations += load_conversations([identity], tokenizer, max_tokens, log)
+    if cfg.text_data and cfg.text_frac:
+        count = round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac))
+        conversations += load_text_rows(data.parse_specs(cfg.text_data), tokenizer, max_tokens, count)
+        log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows)")
+        if stats is not None:
+            stats["text_rows"] = count
     return conversations, val[:cfg.val_conversations or None]
 
 
 def main(argv=None):
     cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
+    if not 0 <= cfg.text_frac < 1:
+        sys.exit(f"error: --text-frac {cfg.text_frac} must be at least 0 and below 1 (a share of the training rows)")
     if cfg.examples_per_step % cfg.device_batch_size:
         sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
                  f"--device-batch-size {cfg.device_batch_size}")
@@ -441,6 +510,12 @@ def main(argv=None):
             record["stop_rate"] = stop_rate(raw_model, tokenizer, val[:cfg.stop_rate_conversations])
             raw_model.train()
             log(f"answers that end with <|assistant_end|>: {record['stop_rate'][0]} of {record['stop_rate'][1]}")
+        if master and last and cfg.identity_samples:
+            raw_model.eval()
+            record["identity"] = identity_rate(raw_model, tokenizer, cfg.identity_samples, cfg.seed)
+            raw_model.train()
+            log("answers that name nanoschnack: " + ", ".join(f"{q!r} {n} of {cfg.identity_samples}"
+                                                              for q, n in record["identity"].items()))
         if master:
             common.append_log(log_file, record)
 

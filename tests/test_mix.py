@@ -1,0 +1,132 @@
+"""The demo's mix and chat recipe: weight=size, plain text in SFT, the identity rate, base -> chat bits per byte."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import common
+import data
+import evaluation as ev
+import sft
+from conftest import make_checkpoint
+
+
+def write_parquet(path, texts, row_group_size=2):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": texts, "source": ["x"] * len(texts)}), path, row_group_size=row_group_size)
+    return path
+
+
+def test_weight_size_is_the_bytes_of_text_of_each_source(tmp_path):
+    """Parquet: the text column's UTF-8 bytes (not the file size, which compression and other columns
+    change); JSONL and text: the files' bytes."""
+    big = [("Ein langer deutscher Satz über die Nordsee. " * 40) + str(i) for i in range(30)]
+    small = ["Kurz.", "Auch kurz."]
+    write_parquet(tmp_path / "big" / "a.parquet", big[:20])
+    write_parquet(tmp_path / "big" / "b.parquet", big[20:])
+    write_parquet(tmp_path / "small" / "a.parquet", small)
+    lines = tmp_path / "t.jsonl"
+    lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in small), encoding="utf-8")
+    sources = data.parse_specs(f"parquet://{tmp_path}/big/*.parquet?weight=size "
+                               f"parquet://{tmp_path}/small/*.parquet?weight=size jsonl://{lines}?weight=size")
+    text_bytes = [sum(len(t.encode()) for t in texts) for texts in (big, small)]
+    assert [s.weight for s in sources[:2]] == text_bytes
+    assert sources[2].weight == lines.stat().st_size
+    assert data.parse_specs(f"parquet://{tmp_path}/small/*.parquet")[0].weight == 1.0  # the default stays equal tokens
+
+
+def test_weight_size_mixes_by_size_in_the_loader(tmp_path, small_tokenizer):
+    """With weight=size, each source's share of the pretraining tokens follows its bytes of text."""
+    from dataloader import PretrainBatches
+    line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
+    write_parquet(tmp_path / "a" / "a.parquet", [line * 8] * 24)
+    write_parquet(tmp_path / "b" / "b.parquet", [line * 8] * 8)
+    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet?weight=size parquet://{tmp_path}/b/*.parquet?weight=size")
+    loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32)
+    batches = iter(loader)
+    for _ in range(12):
+        next(batches)
+    counts = list(loader.token_counts().values())
+    assert counts[0] / counts[1] == pytest.approx(3.0, rel=0.1)  # 3x the text, 3x the tokens (to within a row)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf://x/y?weight=size", "weight=size needs local files"),
+    ("parquet:///x?weight=big", "must be a positive number or 'size'"),
+])
+def test_weight_size_errors_are_clear(spec, message):
+    with pytest.raises(data.DataError, match=message):
+        data.parse_specs(spec)
+
+
+def test_weight_size_is_refused_where_weights_repeat_conversations(tmp_path, small_tokenizer):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hallo"},
+                                             {"role": "assistant", "content": "Hi"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match="give a number"):
+        sft.load_conversations(data.parse_specs(f"jsonl://{path}?weight=size"), small_tokenizer, 64, log=lambda *a: None)
+
+
+def test_text_rows_are_documents_trained_on_every_token(tmp_path, small_tokenizer):
+    texts = ["Erster Text über Hamburg. " * 6, "Zweiter Text.", "Dritter Text über Bremen und Kiel. " * 3]
+    write_parquet(tmp_path / "p" / "a.parquet", texts)
+    rows = sft.load_text_rows(data.parse_specs(f"parquet://{tmp_path}/p/*.parquet"), small_tokenizer, 16, 5)
+    assert len(rows) == 5 and all(len(ids) <= 16 and mask == [1] * len(ids) for ids, mask in rows)
+    first = [small_tokenizer.bos_id] + small_tokenizer.encode(texts[0])
+    assert [ids for ids, _ in rows[:len(first) // 16 + 1]] == [first[i:i + 16] for i in range(0, len(first), 16)][:5]
+    with pytest.raises(data.DataError, match="lower --text-frac"):
+        sft.load_text_rows(data.parse_specs(f"parquet://{tmp_path}/p/*.parquet"), small_tokenizer, 16, 1000)
+
+
+def test_sft_mixes_text_rows_into_training(tmp_path, small_tokenizer):
+    from test_sft import args_for, fixture_conversations, write_jsonl
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=64, n_embd=32)
+    write_jsonl(tmp_path / "train.jsonl", fixture_conversations(40))
+    write_jsonl(tmp_path / "val.jsonl", fixture_conversations(8))
+    write_parquet(tmp_path / "p" / "a.parquet", ["Ein Text über das Meer. " * 30] * 10)
+    cfg = common.parse_config(sft.SFTConfig, sft.PRESETS, args_for(tmp_path, "chat", "--text-data",
+                                                                   f"parquet://{tmp_path}/p/*.parquet",
+                                                                   "--text-frac", "0.25"))
+    stats = {}
+    train, _ = sft.load_sft_data(cfg, small_tokenizer, 65, lambda *a: None, stats)
+    text = [row for row in train if all(row[1])]  # every token trained: only text rows (a chat masks its prompt)
+    assert stats["text_rows"] == len(text) == round((len(train) - len(text)) * 0.25 / 0.75)
+    with pytest.raises(SystemExit, match="--text-frac 1.0 must be"):
+        sft.main(args_for(tmp_path, "chat", "--text-frac", "1.0"))
+
+
+def test_identity_rate_counts_answers_that_name_nanoschnack(tmp_path, small_tokenizer, monkeypatch):
+    """Scripted: the model says 'nanoschnack' in every other sampled answer."""
+    import gpt
+    model, tokenizer, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer))
+    name = tokenizer.encode(" nanoschnack")
+    end = tokenizer.special["<|assistant_end|>"]
+    answers = iter(range(1000))
+
+    def generate(self, prompt, *args, **kwargs):
+        yield from (name if next(answers) % 2 else tokenizer.encode(" Hallo")) + [end]
+    monkeypatch.setattr(gpt.GPT, "generate", generate)
+    assert sft.identity_rate(model, tokenizer, samples=4, seed=0) == {q: 2 for q in sft.IDENTITY_QUESTIONS}
+
+
+def test_evaluation_of_a_chat_model_shows_its_base(tmp_path, small_tokenizer):
+    """A chat checkpoint's bits per byte come with its base model's on the same documents, and the change."""
+    base = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=16, seed=1)
+    chat = make_checkpoint(tmp_path / "chat", small_tokenizer, kind="chat", sequence_len=16, seed=2)
+    state = torch.load(chat, weights_only=True)
+    state["base"] = str(base)
+    torch.save(state, chat)
+    text = tmp_path / "dev.txt"
+    lines = ["Das ist ein Satz.", "Noch ein Satz über Berlin.", "Und ein dritter."]
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["--checkpoint", str(chat), "--tasks", "bpb", "--bpb-data", f"txt://{text}?per=line", "--device", "cpu"]
+    [result] = ev.main(args)
+    models = [common.load_model(path)[0] for path in (chat, base)]
+    want = [ev.text_bpb(m, small_tokenizer, iter(lines), "cpu")["bpb"] for m in models]
+    assert (result["bpb"], result["base_bpb"]) == pytest.approx(want) and want[0] != want[1]
+    card = (tmp_path / "report.md").read_text()
+    assert "| base model | change |" in card and f"{want[0] - want[1]:+.4f}" in card
+    [alone] = ev.main(args + ["--no-base", "--no-report"])
+    assert "base_bpb" not in alone
