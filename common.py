@@ -410,7 +410,9 @@ MUON_KINDS = ("nanochat", "torch")
 
 def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
     """Muon for the blocks' matrices; AdamW for the embeddings, the lm_head and the recipe's scalars
-    (nanochat's setup_optimizer, gpt.py L418-452: the same groups, learning rates and betas).
+    (nanochat's setup_optimizer, gpt.py L419-452: for the recipe's parameters its groups, learning rates, betas
+    and weight decays; the embedding and lm_head keep betas (0.8, 0.95) and no decay, where nanochat now has
+    (0.8, 0.995) / (0.8, 0.96) and 0.001 / 0.01).
 
     cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay; scalar_lr and muon if it has them
     (else nanochat's 0.5 and NorMuon). muon: "nanochat" (NorMuon above) or "torch" (torch.optim.Muon,

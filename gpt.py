@@ -89,7 +89,7 @@ class GPTConfig:
         """Each layer's attention window: None for full context, else w (a query at position i sees
         keys i-w..i, FlashAttention's window_size=(w, 0)). nanochat's _compute_window_sizes: the
         pattern tiled over the layers, the last layer full, short = a quarter of the context rounded
-        up to FA3's tile of 128 (so half of a 256 context, 512 of 2048)."""
+        up to FA3's tile of 128 (so half of a 256 context, 512 of 2048; gpt.py L298-314)."""
         short = -(-self.sequence_len // 4 // 128) * 128
         pattern = self.window_pattern.upper()
         windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
@@ -196,12 +196,12 @@ class KVCache:
         mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=end - T)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
 
-    def previous_tokens(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """Record the new tokens idx (B, T) at their positions; the token before them (B, 1), None at position 0."""
+    def previous_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens idx (B, T) at their positions; the token before them (B, 1), -1 at position 0."""
         if self.ids is None:
-            self.ids = torch.zeros(self.shape[1], self.max_len, dtype=torch.long, device=idx.device)
+            self.ids = torch.full((self.shape[1], self.max_len), -1, dtype=torch.long, device=idx.device)
         self.ids[:, self.pos:self.pos + idx.shape[1]] = idx[:, :self.max_len - self.pos]  # insert() reports a full cache
-        return self.ids[:, self.pos - 1:self.pos] if self.pos else None
+        return self.ids[:, self.pos - 1:self.pos] if self.pos else torch.full_like(idx[:, :1], -1)
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -247,7 +247,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value residual: the gate, in (0, 3) per kv head, reads the input (nanochat L93-96)
+        if ve is not None:  # value residual: the gate, in (0, 3) per kv head, reads the input (nanochat L93-97)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -298,7 +298,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # nanochat's recipe (gpt.py L175-192); the values here are placeholders, init_weights sets them
+        # nanochat's recipe (gpt.py L178-192); the values here are placeholders, init_weights sets them
         if config.value_embeds:
             self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
                                                for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
@@ -362,15 +362,15 @@ class GPT(nn.Module):
 
     def smear(self, x: torch.Tensor, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """x_t + smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}: a cheap look at the previous token
-        (nanochat gpt.py L476-492). The first token of a row has none, unless a cache holds it."""
+        (nanochat gpt.py L475-492). The first token of a row has none, unless a cache holds it: where nanochat's
+        prefill on a cache leaves the first new token alone, this uses the cached one, as the full forward does."""
         before = torch.zeros_like(x[:, :1])
         if kv_cache is not None:
             if not hasattr(kv_cache, "previous_tokens"):
                 raise NotImplementedError(f"{type(kv_cache).__name__} does not keep the previous token that the "
                                           f"smear needs; use gpt.KVCache, or a model trained with --no-smear")
-            prev = kv_cache.previous_tokens(idx)
-            if prev is not None:
-                before = norm(self.transformer.wte(prev)).to(x.dtype)
+            prev = kv_cache.previous_tokens(idx)  # (B, 1), -1 for a row at position 0
+            before = norm(self.transformer.wte(prev.clamp(min=0))).to(x.dtype) * (prev >= 0)[..., None]
         before = torch.cat([before, x[:, :-1]], dim=1)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * before
