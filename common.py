@@ -5,7 +5,7 @@ common.py: the plumbing every stage shares.
     configuration   parse_config: a config dataclass -> command-line flags, with presets
     checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model,
                     load_hf_folder (a folder export.py wrote)
-    training        build_optimizers (Muon + AdamW), set_lr, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
+    training        build_optimizers (Muon or NorMuon + AdamW), set_lr, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
                     TimeBudget (--time-budget), SmoothedLoss, fit_device_batch (halve the batch on out-of-memory)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
     batches         pad (lists of token ids -> one padded tensor)
@@ -182,7 +182,7 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
     try:
-        config = gpt.GPTConfig(**ckpt["model_config"])
+        config = gpt.GPTConfig.from_saved(ckpt["model_config"])
     except (TypeError, ValueError) as e:  # e.g. a config from another code version
         raise SystemExit(f"error: {file} is not a checkpoint {reader} can use ({type(e).__name__}: {e})")
     try:
@@ -251,7 +251,7 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
     if differ:
         raise SystemExit(f"error: {path}/config.json has settings gpt.py does not have: {differ} (theirs, ours)")
     model_config = {ours_name: config[hf_name] for ours_name, hf_name in HF_CONFIG_FIELDS.items()}
-    model = gpt.GPT(gpt.GPTConfig(**model_config)).to(device)
+    model = gpt.GPT(gpt.GPTConfig(**model_config, **gpt.PLAIN)).to(device)  # transformers' NanoChat is the plain GPT
     to_ours = {hf_weight_name(k): k for k in model.state_dict()}
     try:
         weights = load_file(str(path / "model.safetensors"))
@@ -264,7 +264,7 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
 
 
 def check_same_model(saved: dict, config: gpt.GPTConfig, path):
-    mine = dataclasses.asdict(config)
+    mine, saved = dataclasses.asdict(config), {**gpt.PLAIN, **saved}  # saved before the recipe switches: plain
     if saved != mine:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         raise SystemExit(f"error: checkpoint {path} is from another model config {diff} (saved, asked); "
@@ -323,25 +323,133 @@ def training_dtype(device, choice: str, log) -> torch.dtype:
     return dtype
 
 
-def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
-    """Muon for the blocks' matrices; AdamW for embedding and lm_head (nanochat's recipe).
+# Polar Express (arXiv:2505.16932): the coefficients (a, b, c) of each step x <- a x + (b A + c A^2) x,
+# A = x x^T, computed for 5 steps, safety factor 2e-2, cushion 2 (nanochat/optim.py, polar_express_coeffs)
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
-    cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay. Muon orthogonalises
-    in the compute dtype (default: gpt.default_dtype): bf16 as torch does, or fp32 (FP32Muon)."""
-    width_scale = (model.config.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
-    matrices = [p for p in model.transformer.h.parameters()]
+
+def polar_express(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """About the orthogonal factor U V^T of g = U S V^T, for each matrix of g (..., m, n): every singular value
+    is pushed towards 1 by odd polynomials whose coefficients change per step, converging in fewer steps than
+    Muon's fixed Newton-Schulz quintic. In g's dtype. nanochat/optim.py muon_step_fused, "Polar Express"."""
+    wide = g.size(-2) <= g.size(-1)
+    x = g if wide else g.mT  # iterate on the wide side, so A is the smaller square
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # every singular value below 1
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+class NorMuon(torch.optim.Optimizer):
+    """Muon as nanochat trains with it (nanochat/optim.py, muon_step_fused), for 2-D matrices:
+
+    1. Nesterov momentum on the gradient;
+    2. MuonEq: every row scaled to the mean row norm, so the matrix going in is better conditioned;
+    3. Polar Express orthogonalisation (polar_express above), in `ortho_dtype` (bf16 where the hardware
+       multiplies bf16 natively, as nanochat and torch do; fp32 elsewhere, see FP32Muon);
+    4. Muon+: the result scaled to the Frobenius norm of an exactly orthogonal matrix, sqrt(min(m, n));
+    5. NorMuon (arXiv:2510.05491): a running mean (beta2) of each neuron's squared update, the rows of a
+       tall or square matrix, the columns of a wide one; the update is divided by its square root, so
+       every neuron moves about as much, then rescaled to its norm before this step;
+    6. cautious weight decay: only weights whose update would also shrink them decay.
+    The step is lr * sqrt(max(1, rows/cols)), as torch's "original" lr adjustment and nanochat do.
+
+    Give each param group matrices of one shape (build_optimizers does): they are stacked, so each
+    step of the iteration is one batched product; the group's state lives with its first matrix."""
+
+    def __init__(self, param_groups, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5,
+                 ortho_dtype=torch.bfloat16):
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
+                                            ns_steps=ns_steps, ortho_dtype=ortho_dtype))
+        for group in self.param_groups:
+            if len({p.shape for p in group["params"]}) != 1 or group["params"][0].ndim != 2:
+                raise ValueError("NorMuon wants each param group to hold 2-D matrices of one shape")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "NorMuon takes no closure"
+        for group in self.param_groups:
+            params = group["params"]
+            rows, cols = params[0].shape
+            state = self.state[params[0]]
+            neuron_dim = -1 if rows >= cols else -2  # the mean of each row (tall, square) or column (wide)
+            if not state:
+                state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype,
+                                                       device=params[0].device)
+                state["second_momentum_buffer"] = torch.zeros_like(state["momentum_buffer"].mean(neuron_dim, True))
+            grads = torch.stack([p.grad for p in params])
+            weights = torch.stack(params)
+            buf, second = state["momentum_buffer"], state["second_momentum_buffer"]
+
+            buf.lerp_(grads, 1 - group["momentum"])  # 1. Nesterov
+            g = grads.lerp(buf, group["momentum"])
+            x = g.to(group["ortho_dtype"])  # 2. MuonEq
+            row_norms = x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            x = x * (x.float().norm(dim=(-2, -1), keepdim=True) / rows ** 0.5 / row_norms).to(x.dtype)
+            g = polar_express(x, group["ns_steps"]).to(weights.dtype)  # 3.
+            g = g * (min(rows, cols) ** 0.5 / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))  # 4. Muon+
+            norm_before = g.norm(dim=(-2, -1), keepdim=True)  # 5. NorMuon
+            second.lerp_(g.square().mean(neuron_dim, keepdim=True), 1 - group["beta2"])
+            g = g * second.clamp_min(1e-10).rsqrt()
+            g = g * (norm_before / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+            lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # 6. cautious weight decay, then the step
+            decay = (g * weights >= 0) * weights
+            weights.sub_(lr * g + lr * group["weight_decay"] * decay)
+            torch._foreach_copy_(params, list(weights.unbind(0)))
+
+
+MUON_KINDS = ("nanochat", "torch")
+
+
+def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+    """Muon for the blocks' matrices; AdamW for the embeddings, the lm_head and the recipe's scalars
+    (nanochat's setup_optimizer, gpt.py L419-452: for the recipe's parameters its groups, learning rates, betas
+    and weight decays; the embedding and lm_head keep betas (0.8, 0.95) and no decay, where nanochat now has
+    (0.8, 0.995) / (0.8, 0.96) and 0.001 / 0.01).
+
+    cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay; scalar_lr and muon if it has them
+    (else nanochat's 0.5 and NorMuon). muon: "nanochat" (NorMuon above) or "torch" (torch.optim.Muon,
+    or FP32Muon in fp32). Muon orthogonalises in the compute dtype (default: gpt.default_dtype)."""
+    c = model.config
+    width_scale = (c.n_embd / 768) ** -0.5  # nanochat's LRs are tuned at width 768
+    matrices = [p for p in model.transformer.h.parameters()]  # the value-embedding gates too, as nanochat
     if any(p.ndim != 2 for p in matrices):
         raise ValueError("Muon expects only 2-D matrices in the blocks")
+    scalar_lr, kind = getattr(cfg, "scalar_lr", 0.5), getattr(cfg, "muon", "nanochat")
+    if kind not in MUON_KINDS:
+        raise ValueError(f"unknown muon {kind!r}: use one of {', '.join(MUON_KINDS)}")
+    groups = [dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
+              dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale)]
+    if c.value_embeds:
+        groups.append(dict(params=list(model.value_embeds.parameters()), lr=cfg.embedding_lr * width_scale * 0.5,
+                           betas=(0.8, 0.995), weight_decay=0.01))
+    if c.layer_lambdas:
+        groups += [dict(params=[model.resid_lambdas], lr=scalar_lr * 0.01, weight_decay=0.05),
+                   dict(params=[model.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95))]
+    gates = ([model.smear_gate.weight, model.smear_lambda] if c.smear else []) + \
+        ([model.backout_lambda] if c.backout else [])
+    if gates:
+        groups.append(dict(params=gates, lr=0.2))  # nanochat: 0.2, not scaled
+    if len(matrices) + sum(len(g["params"]) for g in groups) != len(list(model.parameters())):
+        raise ValueError("build_optimizers does not know every parameter of the model")
     device = model.lm_head.weight.device
-    on_cuda = device.type == "cuda"
-    adamw = torch.optim.AdamW([
-        dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
-        dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale),
-    ], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=on_cuda)
-    # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
+    adamw = torch.optim.AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=device.type == "cuda")
     bf16 = (dtype or gpt.default_dtype(device)) == torch.bfloat16
-    muon = (torch.optim.Muon if bf16 else FP32Muon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
-                                                    weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    if kind == "nanochat":
+        shapes = sorted({tuple(p.shape) for p in matrices})
+        muon = NorMuon([dict(params=[p for p in matrices if tuple(p.shape) == s]) for s in shapes],
+                       lr=cfg.matrix_lr, momentum=0.95, beta2=0.9, weight_decay=cfg.weight_decay,
+                       ortho_dtype=torch.bfloat16 if bf16 else torch.float32)
+    else:  # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
+        muon = (torch.optim.Muon if bf16 else FP32Muon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                                                        weight_decay=cfg.weight_decay, adjust_lr_fn="original")
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

@@ -17,6 +17,9 @@ German model card (README.md).
 
 The exporter refuses (one `error:` line, nothing written) rather than writing a
 model that silently differs:
+- the model uses a part of gpt.py's recipe that transformers' NanoChat lacks (value
+  embeddings, layer scalars, smear, backout, sliding windows, q/k gain): the error
+  names each and the train.py flag that turns it off (RECIPE_FEATURES);
 - gpt.GPTConfig has a field export.py does not map, or the checkpoint holds a
   weight it does not map (gpt.py grew a feature transformers' nanochat lacks);
 - a weight has the wrong shape;
@@ -101,13 +104,40 @@ def special_ids(tokenizer: Tokenizer) -> dict:
     return dict(bos_token_id=s["<|bos|>"], eos_token_id=s["<|assistant_end|>"], pad_token_id=s["<|bos|>"])
 
 
+# gpt.py's recipe switches, none of which transformers' NanoChat (5.24.0) has: its config has no value
+# embeddings, layer scalars, smear, backout or q/k gain, and its attention drops sliding_window and
+# layer_type (modular_nanochat.py, NanoChatAttention), so every layer attends to the whole context.
+# A model with any of them on is refused, naming the train.py flag that turns it off.
+RECIPE_FEATURES = {
+    "value_embeds": ("value embeddings", "--no-value-embeds"),
+    "layer_lambdas": ("per-layer residual and x0 scalars", "--no-layer-lambdas"),
+    "smear": ("the smear gate", "--no-smear"),
+    "backout": ("the backout", "--no-backout"),
+    "window_pattern": ("sliding-window attention", "--window-pattern L"),
+    "qk_gain": ("a q/k gain", "--qk-gain 1"),
+}
+
+
+def check_plain(model_config: dict) -> None:
+    """Refuse a model that uses a recipe feature transformers' NanoChat cannot compute."""
+    cfg = gpt.GPTConfig.from_saved(model_config)
+    used = [k for k in RECIPE_FEATURES if getattr(cfg, k) != gpt.PLAIN[k]
+            and (k != "window_pattern" or any(cfg.windows()))]  # "LL" is "L": no window anywhere
+    if used:
+        raise ExportError(f"the model uses {', '.join(f'{RECIPE_FEATURES[k][0]} ({k}={getattr(cfg, k)!r})' for k in used)}, "
+                          f"which transformers' NanoChatForCausalLM cannot compute; a model trained with "
+                          f"{' '.join(RECIPE_FEATURES[k][1] for k in used)} can be exported")
+
+
 def hf_config(model_config: dict, tokenizer: Tokenizer, dtype: str, meta: dict) -> dict:
     """config.json for NanoChatForCausalLM: every field that makes it compute what gpt.py computes."""
-    unknown = set(model_config) - set(common.HF_CONFIG_FIELDS)
+    unknown = set(model_config) - set(common.HF_CONFIG_FIELDS) - set(gpt.PLAIN)
     if unknown:
         raise ExportError(f"the model config has {sorted(unknown)}, which export.py does not map to transformers' "
                           f"NanoChatConfig; refusing to write a model that would differ")
-    cfg = gpt.GPTConfig(**model_config)
+    check_plain(model_config)
+    model_config = {k: v for k, v in model_config.items() if k not in gpt.PLAIN}
+    cfg = gpt.GPTConfig.from_saved(model_config)
     return dict(
         architectures=["NanoChatForCausalLM"], model_type="nanochat",
         **{common.HF_CONFIG_FIELDS[k]: v for k, v in model_config.items()},
@@ -362,6 +392,7 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder (it is created if missing)")
     model, tokenizer, ckpt = common.load_model(checkpoint, "cpu")
+    check_plain(dataclasses.asdict(model.config))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -13,11 +13,24 @@ Design choices (all from nanochat):
 - Output projections (attention c_proj, MLP c_proj) and lm_head start at zero:
   every block starts as the identity and the first loss is exactly log(vocab).
 
+nanochat's current recipe (karpathy/nanochat 92d63d4, nanochat/gpt.py), each part
+a GPTConfig switch (off: the plain GPT above, which is what transformers' NanoChat
+computes and what checkpoints from before the switches hold):
+- value_embeds: a second embedding table on alternating layers (the last always),
+  added to v through a small input-dependent gate per kv head (ResFormer's value residual);
+- layer_lambdas: before each block x = resid_lambdas[i] * x + x0_lambdas[i] * x0,
+  x0 the normalised embedding (from modded-nanogpt);
+- smear: each token's embedding takes in a gated share of the previous token's;
+- backout: a learned share of the middle layer's residual is subtracted before the head;
+- window_pattern: sliding-window attention per layer, e.g. "SSSL" (the last layer is full);
+- qk_gain: q and k scaled after QK-norm (nanochat: 1.2 each, sharper attention).
+
 Training calls the fused kernels in kernels/ (Triton on CUDA, PyTorch reference
 on CPU). Generation uses a KV cache: the prompt is prefilled in one forward, then
 one token per forward attends to everything cached so far (plain PyTorch SDPA; at
 T=1 there is nothing for a fused kernel to win).
 """
+import inspect
 import math
 import os
 import re
@@ -46,6 +59,14 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads; n_head must be a multiple (GQA when smaller)
     n_embd: int = 768
+    # nanochat's recipe, each a switch (PLAIN below turns them all off)
+    value_embeds: bool = False   # value embeddings on alternating layers, gated into v
+    layer_lambdas: bool = False  # per-layer scalars on the residual stream and on the embedding x0
+    smear: bool = False          # a gated share of the previous token's embedding in each token's
+    backout: bool = False        # subtract a learned share of the middle layer's residual before the head
+    window_pattern: str = "L"    # per layer, tiled: L full context, S a short window; the last layer is always L
+    qk_gain: float = 1.0         # q and k times this after QK-norm (nanochat: 1.2)
+
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -54,10 +75,31 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.head_dim}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"window_pattern={self.window_pattern!r}: use the letters S (short window) and L (full)")
+        if self.n_embd < SMEAR_CHANNELS and self.smear or self.n_embd < VE_GATE_CHANNELS and self.value_embeds:
+            raise ValueError(f"n_embd={self.n_embd} is too narrow for the smear/value-embedding gates, which read "
+                             f"the first {SMEAR_CHANNELS}/{VE_GATE_CHANNELS} channels; turn them off")
+
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "GPTConfig":
+        """The config a checkpoint saved; one from before the recipe switches is the plain GPT."""
+        return cls(**{**PLAIN, **saved})
+
+    def windows(self) -> list[int | None]:
+        """Each layer's attention window: None for full context, else w (a query at position i sees
+        keys i-w..i, FlashAttention's window_size=(w, 0)). nanochat's _compute_window_sizes: the
+        pattern tiled over the layers, the last layer full, short = a quarter of the context rounded
+        up to FA3's tile of 128 (so half of a 256 context, 512 of 2048; gpt.py L298-314)."""
+        short = -(-self.sequence_len // 4 // 128) * 128
+        pattern = self.window_pattern.upper()
+        windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        return windows[:-1] + [None]
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128, n_kv_head: int | None = None):
@@ -68,6 +110,17 @@ class GPTConfig:
         n_head = n_embd // head_dim
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                    n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=n_embd)
+
+
+# The recipe switches all off: the plain GPT, what transformers' NanoChat computes (export.py)
+PLAIN = dict(value_embeds=False, layer_lambdas=False, smear=False, backout=False, window_pattern="L", qk_gain=1.0)
+SMEAR_CHANNELS = 24     # nanochat: smear_gate = Linear(24, 1) reads the first 24 channels of the embedding
+VE_GATE_CHANNELS = 12   # nanochat: ve_gate = Linear(12, n_kv_head) reads the first 12 channels of the block input
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """nanochat's has_ve: alternating layers, the last always among them."""
+    return layer % 2 == (n_layer - 1) % 2
 
 
 # Small models that train on a CPU. Anything named "d<depth>" (d12, d20, d26, ...)
@@ -122,8 +175,10 @@ class KVCache(nn.Module):
     writes its key at its own length, which is max_len when the row is full.
 
     GPT.forward asks a cache check_room(B, T), positions(B, T) of the new tokens,
-    attend(layer, q, k, v, window) and advance(B, T); rows(start) is rows start, start+1, ...
-    as such a cache (a prefill into some rows of a server's batch).
+    attend(layer, q, k, v, window) and advance(B, T), and a model with the smear
+    previous_tokens(idx): the token before the new ones (the cache keeps every row's token
+    ids for it); rows(start) is rows start, start+1, ... as such a cache (a prefill into
+    some rows of a server's batch).
     """
 
     def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int, device=None):
@@ -135,6 +190,7 @@ class KVCache(nn.Module):
         self.register_buffer("row_ids", torch.arange(batch_size, device=device), persistent=False)
         self.register_buffer("k", None, persistent=False)
         self.register_buffer("v", None, persistent=False)
+        self.register_buffer("ids", None, persistent=False)  # (B, max_len + 1) token ids, -1 unwritten: the smear's
         self.compiled = False  # GPT.decode runs the compiled step (compile_decode sets it)
         self.batch_sizes = None  # the row counts the compiled step was warmed up for
 
@@ -146,6 +202,8 @@ class KVCache(nn.Module):
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=dtype, device=self.seq_lens.device)
             self.v = torch.zeros_like(self.k)
+        if self.ids is None:
+            self.ids = torch.full(self.shape[1:2] + self.shape[3:4], -1, dtype=torch.long, device=self.seq_lens.device)
         return self
 
     # -- the device side: what a forward (and the compiled decode step) runs ----
@@ -180,6 +238,18 @@ class KVCache(nn.Module):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=seen[:, None],
                                                   enable_gqa=q.shape[1] != k.shape[1])
+
+    def previous_tokens(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Record the new tokens idx (B, T) at their rows' positions; the token before them (B, 1), -1 for a row
+        at position 0. Device work only, so the compiled decode step runs it too."""
+        B, T = idx.shape
+        if self.ids is None:
+            self.allocate(torch.get_default_dtype())
+        ids = self.ids[start:start + B]
+        positions = self.positions(B, T, start)
+        ids[self.row_ids[:B, None], positions] = idx
+        before = positions[:, :1] - 1
+        return torch.where(before >= 0, ids.gather(1, before.clamp(min=0)), -1)
 
     # -- the host side ------------------------------------------------------------
 
@@ -227,6 +297,7 @@ class KVCache(nn.Module):
                 row_i = t[:, i, :, :n].clone()
                 t[:, i, :, :n] = t[:, j, :, :n]
                 t[:, j, :, :n] = row_i
+            self.ids[[i, j], :n] = self.ids[[j, i], :n]
         self.lengths[i], self.lengths[j] = self.lengths[j], self.lengths[i]
         self.seq_lens[[i, j]] = self.seq_lens[[j, i]]
 
@@ -249,8 +320,24 @@ class CacheRows:
     def attend(self, layer, q, k, v, window=None):
         return self.cache.attend(layer, q, k, v, window, self.start)
 
+    def previous_tokens(self, idx):
+        return self.cache.previous_tokens(idx, self.start)
+
     def advance(self, B, T):
         self.cache.advance(B, T, self.start)
+
+
+def attend(q, k, v, window: int | None) -> torch.Tensor:
+    """Causal attention through the kernel, within a sliding window when one is given."""
+    if window is None:
+        return flash_attn(q, k, v)
+    if not FLASH_ATTN_HAS_WINDOW:
+        raise NotImplementedError(f"window_pattern asks for a {window}-token window, but kernels.flash_attn has no "
+                                  f"window argument yet; train with --window-pattern L")
+    return flash_attn(q, k, v, window=window)
+
+
+FLASH_ATTN_HAS_WINDOW = "window" in inspect.signature(flash_attn).parameters
 
 
 class CausalSelfAttention(nn.Module):
@@ -258,23 +345,31 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.window, self.qk_gain = config.windows()[layer_idx], config.qk_gain
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.value_embeds and has_value_embed(layer_idx, config.n_layer):  # nanochat gpt.py L81-82
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, ve, cos, sin, kv_cache=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: the gate, in (0, 3) per kv head, reads the input (nanochat L93-97)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm: attention logits stay bounded by sqrt(head_dim)
+        if self.qk_gain != 1.0:
+            q, k = q * self.qk_gain, k * self.qk_gain
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views, no copy
         if kv_cache is None:
-            y = flash_attn(q, k, v)
+            y = attend(q, k, v, self.window)
         else:  # the layer's sliding window, where the architecture gives it one
-            y = kv_cache.attend(self.layer_idx, q, k, v, window=getattr(self, "window", None))
+            y = kv_cache.attend(self.layer_idx, q, k, v, window=self.window)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -295,8 +390,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, ve, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
 
@@ -310,6 +405,18 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # nanochat's recipe (gpt.py L178-192); the values here are placeholders, init_weights sets them
+        if config.value_embeds:
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+                                               for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.rotary_len = 10 * config.sequence_len  # room for generating past the training length
         cos, sin = rotary_tables(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)  # recomputed, never saved in checkpoints
@@ -337,7 +444,40 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
+        self._init_recipe(gen)
         self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
+
+    def _init_recipe(self, gen) -> None:
+        """nanochat's init_weights (gpt.py L234-256) for the recipe's parameters."""
+        c = self.config
+        if c.value_embeds:
+            s = math.sqrt(3) / math.sqrt(c.n_embd)  # uniform with c_v's std, 1/sqrt(n_embd)
+            for table in self.value_embeds.values():
+                table.weight.uniform_(-s, s, generator=gen)
+            for block in self.transformer.h:
+                if hasattr(block.attn, "ve_gate"):  # small and positive: the gates start just above 1.5
+                    block.attn.ve_gate.weight.uniform_(0.0, 0.02, generator=gen)
+        if c.layer_lambdas:  # a stronger residual and more of x0 in early layers, less in deep ones
+            depth = torch.arange(c.n_layer, dtype=torch.float32) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        if c.smear:
+            self.smear_gate.weight.uniform_(0.0, 0.02, generator=gen)
+            self.smear_lambda.zero_()  # starts off: no smear until it learns one
+        if c.backout:
+            self.backout_lambda.fill_(0.2)
+
+    def smear(self, x: torch.Tensor, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """x_t + smear_lambda * sigmoid(smear_gate(x_t[:24])) * x_{t-1}: a cheap look at the previous token
+        (nanochat gpt.py L475-492). The first token of a row has none, unless a cache holds it: where nanochat's
+        prefill on a cache leaves the first new token alone, this uses the cached one, as the full forward does."""
+        before = torch.zeros_like(x[:, :1])
+        if kv_cache is not None:
+            prev = kv_cache.previous_tokens(idx)  # (B, 1), -1 for a row at position 0
+            before = norm(self.transformer.wte(prev.clamp(min=0))).to(x.dtype) * (prev >= 0)[..., None]
+        before = torch.cat([before, x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate * before
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean") -> torch.Tensor:
@@ -373,9 +513,20 @@ class GPT(nn.Module):
 
     def trunk(self, idx, cos, sin, kv_cache=None) -> torch.Tensor:
         """The hidden states before lm_head: embedding, norm, the blocks, norm."""
+        c = self.config
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if c.smear:
+            x = self.smear(x, idx, kv_cache)
+        x0, x_mid = x, None
+        for i, block in enumerate(self.transformer.h):  # nanochat gpt.py L494-507
+            if c.layer_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if c.value_embeds and str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, kv_cache)
+            if c.backout and i == c.n_layer // 2:
+                x_mid = x
+        if c.backout:  # take the middle layer's low-level features back out before the head
+            x = x - self.backout_lambda * x_mid
         return norm(x)
 
     def decode(self, tokens: torch.Tensor, kv_cache: KVCache, keep: int | None = None) -> torch.Tensor:
@@ -433,18 +584,30 @@ class GPT(nn.Module):
             yield next_id.item()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """All parameters, or without the lookup tables (the embedding and the value embeddings)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+        if exclude_embedding:
+            tables = [m for m in self.modules() if isinstance(m, nn.Embedding)]
+            n -= sum(m.weight.numel() for m in tables)
+        return n
+
+    def num_scaling_params(self) -> int:
+        """What nanochat's data:param ratio counts (base_train.py get_scaling_params): the blocks' matrices
+        and the lm_head, without the embeddings and the scalars."""
+        return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), nanochat's estimate for MFU.
 
-        6 per parameter (2 forward, 4 backward) except the embedding lookup, plus
-        the attention matmuls: 12 * n_layer * n_head * head_dim * sequence_len
-        (counted at full T x T, as nanochat and PaLM do, ignoring the causal half).
+        6 per weight of a matrix product (2 forward, 4 backward): the lookups and the
+        scalars are not counted. Plus the attention matmuls, 12 * n_head * head_dim * T
+        per layer, T the context or the layer's window if shorter (counted at full
+        T x T, as nanochat and PaLM do, ignoring the causal half).
         """
         c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = sum(12 * c.n_head * c.head_dim * min(w or c.sequence_len, c.sequence_len) for w in c.windows())
+        return 6 * matmul_weights + attention
 
 
 # ----------------------------------------------------------------------------

@@ -8,8 +8,11 @@ One process per GPU under torchrun (DDP; NCCL on GPU, gloo on CPU, multi-node
 with torchrun's usual --nnodes/--rdzv flags), or a single process on one GPU or
 the CPU. Rank 0 logs and saves.
 
-- Optimizers as in nanochat: Muon (torch.optim.Muon) for the 2-D matrices of the
-  blocks, AdamW for the embedding and the lm_head, learning rates scaled by width.
+- Optimizers as in nanochat: Muon for the 2-D matrices of the blocks (--muon nanochat:
+  Polar Express, NorMuon, cautious weight decay; --muon torch: torch.optim.Muon), AdamW
+  for the embeddings, the lm_head and the model's scalars, learning rates scaled by width.
+- The model recipe's switches (gpt.py: --value-embeds, --layer-lambdas, --smear, --backout,
+  --window-pattern, --qk-gain) default to gpt.GPTConfig's.
 - The learning rate follows the tokens seen: warmup, flat, linear warmdown.
 - The global batch is counted in tokens; gradient accumulation makes up the
   difference between it and device_batch_size x seq_len x world size.
@@ -52,7 +55,8 @@ class TrainConfig:
     seq_len: int = 2048
     device_batch_size: int = 32      # sequences per device per micro-step
     total_batch_size: int = 524288   # tokens per optimizer step, all devices together
-    tokens_per_param: float = 20.0   # training length (nanochat: 20:1) unless tokens/steps are given
+    tokens_per_param: float = 12.0   # training length unless tokens/steps are given: tokens per parameter of the
+                                     # blocks and the lm_head (nanochat's base_train --target-param-data-ratio 12)
     max_tokens: int = 0
     max_steps: int = 0
     time_budget: float = 0.0         # minutes of wall time: the schedule follows it, the run ends on time
@@ -61,6 +65,15 @@ class TrainConfig:
     embedding_lr: float = 0.2        # AdamW, scaled by (width/768)^-0.5 like the next one
     unembedding_lr: float = 0.004
     weight_decay: float = 0.0
+    scalar_lr: float = 0.5           # AdamW, the per-layer lambdas (nanochat's; resid_lambdas get 0.01x)
+    muon: str = "nanochat"           # nanochat (Polar Express + NorMuon + cautious weight decay) or torch (Muon)
+    # the model recipe (gpt.py), defaults gpt.GPTConfig's
+    value_embeds: bool = gpt.GPTConfig.value_embeds
+    layer_lambdas: bool = gpt.GPTConfig.layer_lambdas
+    smear: bool = gpt.GPTConfig.smear
+    backout: bool = gpt.GPTConfig.backout
+    window_pattern: str = gpt.GPTConfig.window_pattern
+    qk_gain: float = gpt.GPTConfig.qk_gain
     warmup_ratio: float = 0.0        # fractions of the training tokens
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
@@ -109,7 +122,11 @@ def parse_config(argv=None) -> TrainConfig:
 # Model, schedule, one step
 
 def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
-    config = gpt.preset(cfg.model or cfg.preset, vocab_size=vocab_size, sequence_len=cfg.seq_len)
+    config = dataclasses.replace(gpt.preset(cfg.model or cfg.preset, vocab_size=vocab_size, sequence_len=cfg.seq_len),
+                                 **{k: getattr(cfg, k) for k in gpt.PLAIN})
+    if any(config.windows()) and not gpt.FLASH_ATTN_HAS_WINDOW:
+        raise ValueError(f"--window-pattern {cfg.window_pattern} asks for sliding windows, but kernels.flash_attn "
+                         f"has no window argument yet; train with --window-pattern L")
     with torch.device("meta"):
         model = gpt.GPT(config)
     model.to_empty(device=device)
@@ -179,14 +196,14 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
         sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
                  f"x world size = {tokens_per_micro}")
     accum = cfg.total_batch_size // tokens_per_micro
-    n_params = model.num_params()
-    total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_params)
+    n_params, n_scaling = model.num_params(), model.num_scaling_params()
+    total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_scaling)
     steps = sys.maxsize if cfg.time_budget else max(1, total_tokens // cfg.total_batch_size)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     log(f"model {model.config} | {n_params:,} parameters | {model.flops_per_token():.3g} FLOPs/token")
     length = (f"{cfg.time_budget:g} minutes (time budget)" if cfg.time_budget else
               f"{steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "
-              f"({steps * cfg.total_batch_size / n_params:.1f} per parameter)")
+              f"({steps * cfg.total_batch_size / n_scaling:.1f} per parameter of the blocks and lm_head)")
     log(f"plan: {length}; {world_size} process(es) on {device}, {cfg.device_batch_size}x{cfg.seq_len} per "
         f"micro-step, {accum} micro-steps per step of {cfg.total_batch_size:,} tokens")
     if peak and not cfg.time_budget:
@@ -282,9 +299,12 @@ def main(argv=None):
                       for t in evaluation.parse_task_list(cfg.eval_tasks)]
     except (FileNotFoundError, ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    raw_model = build_model(cfg, tokenizer.vocab_size, device)
     dtype = common.training_dtype(device, cfg.dtype, log)
-    optimizers = common.build_optimizers(raw_model, cfg, dtype)
+    try:
+        raw_model = build_model(cfg, tokenizer.vocab_size, device)
+        optimizers = common.build_optimizers(raw_model, cfg, dtype)
+    except ValueError as e:  # e.g. a bad --window-pattern or --muon
+        sys.exit(f"error: {e}")
     model = torch.compile(raw_model) if cfg.compile else raw_model
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
         functools.partial(common.probe_batch, model, seq_len=cfg.seq_len, device=device, dtype=dtype),

@@ -215,6 +215,30 @@ def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exp
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["base"]
 
 
+@pytest.mark.parametrize("feature, value, flag", [
+    ("value_embeds", True, "--no-value-embeds"), ("layer_lambdas", True, "--no-layer-lambdas"),
+    ("smear", True, "--no-smear"), ("backout", True, "--no-backout"),
+    ("window_pattern", "SSSL", "--window-pattern L"), ("qk_gain", 1.2, "--qk-gain 1")])
+def test_refuses_each_recipe_feature_naming_its_flag(tmp_path, small_tokenizer, feature, value, flag):
+    """transformers' NanoChat has none of gpt.py's recipe features: a model with one is refused, nothing written."""
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", **{feature: value})
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
+    message = str(e.value.code)
+    assert message.startswith("error: the model uses ") and f"({feature}={value!r})" in message, message
+    assert "NanoChatForCausalLM cannot compute" in message and message.endswith(f"trained with {flag} can be exported")
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]
+
+
+def test_recipe_switches_that_change_nothing_export():
+    """A pattern without an S window anywhere (one layer: the last is always full) is the plain GPT."""
+    plain = dict(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=1, n_embd=64, **gpt.PLAIN)
+    export.check_plain({**plain, "window_pattern": "S"})
+    export.check_plain({**plain, "n_layer": 2, "window_pattern": "LL"})
+    with pytest.raises(export.ExportError, match="sliding-window attention"):
+        export.check_plain({**plain, "n_layer": 2, "window_pattern": "SL"})
+
+
 def test_bad_input_is_one_error_line(tmp_path, small_tokenizer):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": 1}, tmp_path / "other.pt")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt
 from gpt import GPT, GPTConfig, KVCache, PRESETS, preset, sample_next_token
 import kernels
 from kernels import triton_on_cpu
@@ -167,7 +168,7 @@ def inductor_cache_dir(tmp_path_factory, monkeypatch):
 
 @pytest.mark.slow
 def test_compile_fullgraph_matches_eager(inductor_cache_dir):
-    model = random_model()
+    model = random_model(**RECIPE)  # the recipe's features too: one graph, the same numbers
     idx, targets = random_tokens(model, 2, 32), random_tokens(model, 2, 32, seed=1)
     targets[1, :4] = -1
 
@@ -310,3 +311,196 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
     assert first == pytest.approx(math.log(64), abs=1e-4)
     assert loss.item() < 0.05, f"loss {first:.3f} -> {loss.item():.3f}"
+
+
+# ----------------------------------------------------------------------------
+# nanochat's recipe: value embeddings, layer lambdas, smear, backout, windows, q/k gain
+
+RECIPE = dict(value_embeds=True, layer_lambdas=True, smear=True, backout=True, qk_gain=1.2)  # all but windows
+WINDOWED = dict(sequence_len=512, window_pattern="SSSL")  # short windows of 128: longer sequences feel them
+
+
+def windowed_reference_attention(q, k, v, window=None):
+    """Causal attention with an explicit mask, keys i-window..i for query i: the oracle for windows."""
+    i = torch.arange(q.shape[2])
+    mask = i[None, :] <= i[:, None]
+    if window is not None:
+        mask &= i[None, :] >= i[:, None] - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def test_window_pattern_follows_nanochat():
+    c = GPTConfig(sequence_len=256, vocab_size=10, n_layer=6, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
+    assert c.windows() == [128, 128, 128, None, 128, None]  # tiled, the last layer always full
+    assert GPTConfig(sequence_len=2048, n_layer=2, window_pattern="S").windows() == [512, None]  # a quarter, to 128
+    assert GPTConfig(n_layer=3, window_pattern="sl").windows() == [256, None, None]
+    assert GPTConfig(n_layer=3).windows() == [None] * 3
+    for bad in ["", "SXL"]:
+        with pytest.raises(ValueError, match="use the letters S .* and L"):
+            GPTConfig(window_pattern=bad)
+    with pytest.raises(ValueError, match="too narrow for the smear"):
+        GPTConfig(n_embd=16, n_head=2, n_kv_head=2, smear=True)
+
+
+def test_recipe_parameters_and_init_follow_nanochat():
+    c = GPTConfig(sequence_len=16, vocab_size=50, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, **RECIPE)
+    model = GPT(c)
+    model.init_weights(seed=0)
+    assert sorted(model.value_embeds) == ["1", "3"]  # alternating, the last layer among them
+    assert sorted(GPT(GPTConfig(**{**c.__dict__, "n_layer": 3})).value_embeds) == ["0", "2"]
+    for i, block in enumerate(model.transformer.h):
+        assert hasattr(block.attn, "ve_gate") == (i in (1, 3))
+    gate = model.transformer.h[1].attn.ve_gate.weight
+    assert gate.shape == (2, 12) and 0 <= gate.min() and gate.max() <= 0.02
+    bound = math.sqrt(3 / 64)  # uniform with std 1/sqrt(n_embd), as c_v
+    table = model.value_embeds["1"].weight
+    assert table.shape == (50, 2 * 16) and table.abs().max() <= bound and table.std().item() == pytest.approx(64 ** -0.5, rel=0.1)
+    torch.testing.assert_close(model.resid_lambdas.detach(), torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas.detach(), torch.tensor([0.2, 0.15, 0.1, 0.05]))
+    assert model.smear_gate.weight.shape == (1, 24) and 0 <= model.smear_gate.weight.min() <= 0.02
+    assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
+    idx = torch.randint(0, 50, (2, 16))
+    assert model(idx, idx).item() == pytest.approx(math.log(50), abs=1e-6)  # still a zero lm_head
+    with torch.device("meta"):
+        meta = GPT(c)
+    meta.to_empty(device="cpu")
+    meta.init_weights(seed=0)
+    for (name, a), b in zip(meta.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_recipe_off_is_the_plain_gpt():
+    """Checkpoints from before the switches hold the plain GPT, and from_saved reads them as that."""
+    plain = dict(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    config = GPTConfig.from_saved(plain)
+    assert all(getattr(config, k) == v for k, v in gpt.PLAIN.items())
+    assert set(GPT(config).state_dict()) == {"transformer.wte.weight", "lm_head.weight"} | {
+        f"transformer.h.{i}.{m}.weight" for i in range(2)
+        for m in ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]}
+
+
+@pytest.mark.parametrize("feature", ["value_embeds", "layer_lambdas", "smear", "backout", "qk_gain"])
+def test_each_recipe_feature_at_its_neutral_value_is_the_plain_gpt(feature):
+    """With its parameters at their neutral values a feature computes the plain GPT exactly; away from them,
+    something else, and every parameter gets a gradient."""
+    plain = random_model(seed=1, n_layer=3)
+    model = GPT(GPTConfig(**{**plain.config.__dict__, feature: RECIPE[feature]}))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    neutral = dict(value_embeds=["value_embeds.0.weight", "value_embeds.2.weight"], layer_lambdas=[],
+                   smear=["smear_lambda"], backout=["backout_lambda"], qk_gain=[])[feature]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in neutral:
+                p.zero_()
+        if feature == "layer_lambdas":
+            model.resid_lambdas.fill_(1.0)
+            model.x0_lambdas.zero_()
+    idx = random_tokens(model, 2, 20)
+    if feature != "qk_gain":  # the gain has no parameter: gain 1 is the plain GPT
+        torch.testing.assert_close(model(idx), plain(idx), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in neutral or name.endswith("lambdas"):
+                p.normal_(0.5, 0.1)
+    assert (model(idx) - plain(idx)).abs().max() > 1e-3
+    model(idx, random_tokens(model, 2, 20, seed=1)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0 and p.grad.isfinite().all(), name
+
+
+def test_recipe_attention_is_causal():
+    """The smear looks one token back, never ahead; a later token changes no earlier logit."""
+    model = random_model(**RECIPE)
+    idx = random_tokens(model, 1, 24)
+    changed = idx.clone()
+    changed[0, 15] = (idx[0, 15] + 1) % 96
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :15], b[:, :15], atol=1e-6, rtol=0)
+    assert (a[:, 15:] - b[:, 15:]).abs().max() > 1e-3
+
+
+def cached_pieces(model, idx, cuts):
+    """Logits of idx fed through a KV cache in chunks ending at cuts, then one token at a time."""
+    cache = model.new_kv_cache(idx.shape[0], max_len=idx.shape[1])
+    pieces, start = [], 0
+    for end in cuts + list(range(cuts[-1] + 1, idx.shape[1] + 1)):
+        pieces.append(model(idx[:, start:end], kv_cache=cache))
+        start = end
+    return torch.cat(pieces, dim=1), cache
+
+
+def test_kv_cache_matches_full_forward_with_the_recipe():
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 20)
+    full = model(idx)
+    step, cache = cached_pieces(model, idx, [7, 11])
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    cache.truncate(9)  # the smear's previous token after a rollback is the cached one at position 8
+    torch.testing.assert_close(model(idx[:, 9:], kv_cache=cache), full[:, 9:], atol=1e-5, rtol=1e-5)
+    out = list(model.generate(idx[0, :5].tolist(), 6, temperature=0))
+    seq = idx[0, :5].tolist()
+    for _ in range(6):
+        seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    assert out == seq[5:]
+
+
+def test_kv_cache_honours_the_windows(monkeypatch):
+    """Cached decode masks keys older than position - window, as the reference windowed attention does
+    in the full forward; the windows change the logits, so the comparison is not vacuous."""
+    monkeypatch.setattr(gpt, "flash_attn", windowed_reference_attention)
+    monkeypatch.setattr(gpt, "FLASH_ATTN_HAS_WINDOW", True)
+    model = random_model(n_layer=4, **RECIPE, **WINDOWED)
+    idx = random_tokens(model, 2, 150)
+    full = model(idx)
+    step, _ = cached_pieces(model, idx, [100, 140])
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    unwindowed = GPT(GPTConfig(**{**model.config.__dict__, "window_pattern": "L"}))
+    unwindowed.load_state_dict(model.state_dict())
+    assert (unwindowed(idx)[:, 130:] - full[:, 130:]).abs().max() > 1e-3
+    torch.testing.assert_close(unwindowed(idx)[:, :129], full[:, :129], atol=1e-6, rtol=0)  # within the window
+
+
+@pytest.mark.skipif(not gpt.FLASH_ATTN_HAS_WINDOW, reason="kernels.flash_attn has no window argument yet")
+def test_kv_cache_matches_the_windowed_kernel(monkeypatch):
+    """Training's windowed attention (the kernel) = cached decode = the reference windowed attention."""
+    model = random_model(n_layer=4, **RECIPE, **WINDOWED)
+    idx = random_tokens(model, 2, 150)
+    full = model(idx)
+    step, _ = cached_pieces(model, idx, [100, 140])
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(gpt, "flash_attn", windowed_reference_attention)
+    torch.testing.assert_close(model(idx), full, atol=1e-5, rtol=1e-5)
+
+
+def test_window_without_kernel_support_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(gpt, "FLASH_ATTN_HAS_WINDOW", False)
+    model = random_model(**WINDOWED)
+    with pytest.raises(NotImplementedError, match="flash_attn has no window argument yet; train with --window-pattern L"):
+        model(random_tokens(model, 1, 8))
+
+
+def test_rows_at_their_own_positions_match_the_full_forward_with_the_recipe():
+    """The server's case: rows prefilled at different times to different lengths, then decoded together in
+    one fixed-shape step; each row's smear reads its own previous token, its window its own positions."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 14)
+    lengths = [5, 9]
+    cache = model.new_kv_cache(2, max_len=16)
+    for row, n in enumerate(lengths):  # each row alone, into its own slot
+        model(idx[row:row + 1, :n], kv_cache=cache.rows(row))
+    logits = model.decode(idx[range(2), lengths][:, None], cache)
+    for row, n in enumerate(lengths):
+        want = model(idx[row:row + 1, :n + 1])[0, -1].float()
+        torch.testing.assert_close(logits[row], want, atol=1e-5, rtol=1e-5)
+
+
+def test_sizes_with_the_recipe():
+    c = GPTConfig(sequence_len=256, vocab_size=100, n_layer=4, n_head=4, n_kv_head=4, n_embd=64,
+                  value_embeds=True, layer_lambdas=True, smear=True, backout=True, window_pattern="SSSL")
+    model = GPT(c)
+    blocks = 4 * 12 * 64 * 64 + 2 * 4 * 12  # + the value-embedding gates of layers 1 and 3
+    assert model.num_scaling_params() == blocks + 100 * 64
+    assert model.num_params() == blocks + 100 * 64 * 2 + 2 * 100 * 64 + 2 * 4 + 24 + 1 + 1
+    assert model.num_params(exclude_embedding=True) == blocks + 100 * 64 + 2 * 4 + 24 + 2
+    attention = 12 * 4 * 16 * (3 * 128 + 256)  # three layers see 128 keys, the last 256
+    assert model.flops_per_token() == 6 * (blocks + 100 * 64 + 24) + attention

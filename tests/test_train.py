@@ -310,11 +310,167 @@ def test_dtype_choice():
     with pytest.raises(ValueError, match="use auto, float32 or bfloat16"):
         gpt.compute_dtype("cpu", "float16")
     model = gpt.GPT(gpt.preset("nano", 64, 16))
-    cfg = train.TrainConfig()
+    cfg = train.TrainConfig(muon="torch")
     assert isinstance(common.build_optimizers(model, cfg, torch.float32)[1], common.FP32Muon)
     assert type(common.build_optimizers(model, cfg, torch.bfloat16)[1]) is torch.optim.Muon
+    cfg = train.TrainConfig(muon="nanochat")
+    assert common.build_optimizers(model, cfg, torch.float32)[1].defaults["ortho_dtype"] == torch.float32
+    assert common.build_optimizers(model, cfg, torch.bfloat16)[1].defaults["ortho_dtype"] == torch.bfloat16
 
 
 def test_bad_dtype_is_a_clear_error(setup, tmp_path):
     proc = run_script(args_for(setup, tmp_path, "--dtype", "float16"), check=False)
     assert proc.returncode != 0 and "error: --dtype: unknown dtype 'float16'" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# nanochat's Muon (Polar Express, NorMuon, cautious weight decay), the optimizer groups, the token ratio
+
+def nanochat_muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer, momentum, lr, wd,
+                       beta2, ns_steps, red_dim):
+    """nanochat/optim.py muon_step_fused at 92d63d4, line for line in fp32 (no compile, plain floats for its
+    0-D tensors): the oracle for common.NorMuon."""
+    momentum_buffer.lerp_(stacked_grads, 1 - momentum)
+    g = stacked_grads.lerp_(momentum_buffer, momentum)
+    X = g
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (target / row_norm).to(X.dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    if g.size(-2) > g.size(-1):
+        for a, b, c in common.POLAR_EXPRESS_COEFFS[:ns_steps]:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in common.POLAR_EXPRESS_COEFFS[:ns_steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    g = X.to(stacked_params.dtype)
+    target_norm = min(g.size(-2), g.size(-1)) ** 0.5
+    current_norm = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    g = g * (target_norm / current_norm).to(g.dtype)
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    red_dim_size = g.size(red_dim)
+    v_norm_sq = v_mean.sum(dim=(-2, -1), keepdim=True) * red_dim_size
+    v_norm = v_norm_sq.sqrt()
+    second_momentum_buffer.lerp_(v_mean.to(dtype=second_momentum_buffer.dtype), 1 - beta2)
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    scaled_sq_sum = (v_mean * red_dim_size) * step_size.float().square()
+    v_norm_new = scaled_sq_sum.sum(dim=(-2, -1), keepdim=True).sqrt()
+    final_scale = step_size * (v_norm / v_norm_new.clamp_min(1e-10))
+    g = g * final_scale.to(g.dtype)
+    mask = (g * stacked_params) >= 0
+    stacked_params.sub_(lr * g + lr * wd * stacked_params * mask)
+
+
+def run_normuon(weights, grads, **settings):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    shapes = sorted({tuple(w.shape) for w in weights})
+    opt = common.NorMuon([dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes],
+                         ortho_dtype=torch.float32, **settings)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_polar_express_is_about_orthogonal(shape):
+    """A matrix with singular values from 1 down to 0.01 comes out with all of them near 1 (0.86..1.14
+    measured), nearer than Muon's Newton-Schulz quintic gets in as many steps (0.68..1.20)."""
+    torch.manual_seed(0)
+    u, _, v = torch.linalg.svd(torch.randn(shape), full_matrices=False)
+    g = u @ torch.diag(torch.logspace(0, -2, min(shape))) @ v
+    assert common.polar_express(g).shape == shape
+    polar = torch.linalg.svdvals(common.polar_express(g))
+    newton = torch.linalg.svdvals(common.newton_schulz_fp32(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+    assert (polar - 1).abs().max() < 0.15, polar
+    assert (polar - 1).abs().max() < (newton - 1).abs().max()
+
+
+def test_normuon_is_nanochats_muon_step():
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 80), torch.randn(48, 80), torch.randn(80, 48)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    settings = dict(lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.2, ns_steps=5)
+    ours, opt = run_normuon(weights, grads, **settings)
+    for shape, members in [((48, 80), [0, 1]), ((80, 48), [2])]:
+        stacked = torch.stack([weights[i] for i in members])
+        buf = torch.zeros_like(stacked)
+        red_dim = -1 if shape[0] >= shape[1] else -2
+        second = torch.zeros_like(stacked.mean(red_dim, keepdim=True))
+        for step_grads in grads:
+            nanochat_muon_step(torch.stack([step_grads[i] for i in members]), stacked, buf, second, 0.95,
+                               0.02 * max(1, shape[0] / shape[1]) ** 0.5, 0.2, 0.9, 5, red_dim)
+        for k, i in enumerate(members):
+            torch.testing.assert_close(ours[i].detach(), stacked[k], atol=1e-6, rtol=1e-5)
+    state = opt.state_dict()  # a checkpoint holds the group's buffers with its first matrix
+    assert [sorted(v) for v in state["state"].values()] == [["momentum_buffer", "second_momentum_buffer"]] * 2
+
+
+def test_normuon_moves_every_neuron_alike_and_decays_cautiously():
+    """NorMuon's first update has equal norms per neuron (rows of a tall matrix, columns of a wide one) and the
+    Frobenius norm of an orthogonal matrix; the weight decay only touches weights the update also shrinks."""
+    torch.manual_seed(1)
+    weights = [torch.randn(80, 48), torch.randn(48, 80)]
+    grads = [[torch.randn_like(w) for w in weights]]
+    plain, _ = run_normuon(weights, grads, lr=0.01, weight_decay=0.0)
+    decayed, _ = run_normuon(weights, grads, lr=0.01, weight_decay=0.5)
+    for w, p, d, neuron_dim in zip(weights, plain, decayed, [-1, -2]):
+        lr = 0.01 * max(1, w.shape[0] / w.shape[1]) ** 0.5
+        update = (w - p.detach()) / lr
+        norms = update.norm(dim=neuron_dim)
+        torch.testing.assert_close(norms, norms.mean().expand_as(norms), atol=0, rtol=1e-4)
+        assert update.norm().item() == pytest.approx(48 ** 0.5, rel=1e-4)
+        shrinks = update * w >= 0  # the update moves these weights towards zero: they also decay
+        assert 0.3 < shrinks.float().mean() < 0.7
+        torch.testing.assert_close(d.detach(), p.detach() - lr * 0.5 * w * shrinks, atol=1e-6, rtol=0)
+
+
+def test_optimizer_groups_follow_nanochat():
+    model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                                  value_embeds=True, layer_lambdas=True, smear=True, backout=True))
+    cfg = train.TrainConfig(embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, matrix_lr=0.02)
+    adamw, muon = common.build_optimizers(model, cfg)
+    scale = (64 / 768) ** -0.5
+    groups = {tuple(sorted(n for n, p in model.named_parameters() if any(p is q for q in g["params"]))):
+              (pytest.approx(g["lr"]), g["betas"], g["weight_decay"]) for g in adamw.param_groups}
+    assert groups == {
+        ("transformer.wte.weight",): (pytest.approx(0.3 * scale), (0.8, 0.95), 0.0),
+        ("lm_head.weight",): (pytest.approx(0.008 * scale), (0.8, 0.95), 0.0),
+        ("value_embeds.1.weight",): (pytest.approx(0.3 * scale * 0.5), (0.8, 0.995), 0.01),
+        ("resid_lambdas",): (pytest.approx(0.005), (0.8, 0.95), 0.05),
+        ("x0_lambdas",): (pytest.approx(0.5), (0.96, 0.95), 0.0),
+        ("backout_lambda", "smear_gate.weight", "smear_lambda"): (pytest.approx(0.2), (0.8, 0.95), 0.0)}
+    in_muon = [p for g in muon.param_groups for p in g["params"]]
+    assert {n for n, p in model.named_parameters() if any(p is q for q in in_muon)} == \
+        {n for n, _ in model.transformer.h.named_parameters(prefix="transformer.h")}  # the ve gates too
+    assert all(len({p.shape for p in g["params"]}) == 1 for g in muon.param_groups)
+    with pytest.raises(ValueError, match="unknown muon 'adam'"):
+        common.build_optimizers(model, train.TrainConfig(muon="adam"))
+
+
+def test_training_length_follows_nanochats_token_ratio():
+    model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                                  value_embeds=True))
+    cfg = train.TrainConfig(max_steps=0, max_tokens=0, total_batch_size=512, device_batch_size=4, seq_len=16)
+    assert cfg.tokens_per_param == 12  # nanochat's base_train --target-param-data-ratio
+    steps, _, _ = train.plan_run(cfg, model, 1, torch.device("cpu"), lambda *a: None)
+    assert steps == int(12 * (2 * 12 * 64 * 64 + 2 * 12 + 64 * 64)) // 512  # blocks (and a ve gate), lm_head
+
+
+def test_recipe_flags_reach_the_model_and_its_checkpoint(setup, tmp_path, capsys):
+    flags = ["--value-embeds", "--layer-lambdas", "--smear", "--backout", "--qk-gain", "1.2", "--muon", "nanochat"]
+    train.main(args_for(setup, tmp_path / "run", "--max-steps", "2", "--eval-every", "2", *flags))
+    model, _, ckpt = common.load_model(tmp_path / "run")
+    c = model.config
+    assert (c.value_embeds, c.layer_lambdas, c.smear, c.backout, c.qk_gain) == (True, True, True, True, 1.2)
+    assert "validation bits per byte" in capsys.readouterr().out
+    if not gpt.FLASH_ATTN_HAS_WINDOW:
+        with pytest.raises(SystemExit, match="error: .*flash_attn has no window argument yet"):
+            train.main(args_for(setup, tmp_path / "w", "--window-pattern", "SL"))
+    with pytest.raises(SystemExit, match="error: window_pattern='SX'"):
+        train.main(args_for(setup, tmp_path / "w", "--window-pattern", "SX"))
