@@ -25,6 +25,7 @@ torch/_inductor/codegen/triton_utils.py). The kernels must be fp32 either way.
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -46,6 +47,10 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 # length (not a multiple of 16: no divisibility hint on seq_len and the strides).
 # B, H, H_kv, T, D; the model's (B, T, H, D) layout, viewed as (B, H, T, D).
 ATTENTION_CASES = [(2, 6, 6, 2048, 64), (1, 4, 2, 1000, 64), (2, 10, 10, 2048, 128), (1, 4, 2, 1000, 128)]
+# Each case runs without a window and with one of half the sequence (nanochat's first short
+# window): the WINDOWED kernels take it as a runtime int, which the JIT specialises like any int,
+# divisible by 16 (1024) or not (500); a window of exactly 1 would be a third, unrecorded variant.
+ATTENTION_WINDOWS = [None, "T/2"]
 # RMSNorm widths of gpt.py's presets: residual stream n_embd, QK-norm head_dim
 # (nano 64/32, tiny 256/64, d12 768/128, d20 1280/128), over a ragged row count.
 NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
@@ -94,13 +99,14 @@ def record_launches() -> list[Launch]:
     try:
         with FakeTensorMode():
             for dtype in DTYPES:
-                for B, H, H_kv, T, D in ATTENTION_CASES:
-                    case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}"
+                for (B, H, H_kv, T, D), window in itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
+                    window = -1 if window is None else T // 2
+                    case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
                     q = torch.empty(B, T, H, D, device="cuda", dtype=dtype).transpose(1, 2)
                     k, v = (torch.empty(B, T, H_kv, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in "kv")
                     start = len(launches)
-                    out, lse = attention._triton_fwd(q, k, v)
-                    attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse)
+                    out, lse = attention._triton_fwd(q, k, v, window)
+                    attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse, window)
                     _label(launches[start:], case, dtype)
                 for width in NORM_WIDTHS:
                     x = torch.empty(999, width, device="cuda", dtype=dtype)

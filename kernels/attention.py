@@ -5,12 +5,23 @@ Layout. q is (B, H, T, D); k and v are (B, H_kv, T, D) with H a multiple of H_kv
 (grouped-query attention: query head h reads key/value head h // (H // H_kv)).
 Any strides work as long as the last dim is contiguous, so the model can pass
 `x.view(B, T, H, D).transpose(1, 2)` without a copy; outputs take q's strides.
-The Triton path takes D = 16, 32, 64 or 128 (64 and 128 are tested); the reference any D.
+The Triton path takes D = 16, 32, 64 or 128 (32, 64 and 128 are tested); the reference any D.
 Attention is always causal with scale 1/sqrt(D).
 
+Sliding window. With a window w >= 0, query i attends keys i - w .. i only
+(FlashAttention's window_size=(w, 0), what nanochat's short "S" layers use);
+w >= T - 1 is the same as no window. The kernels get w as a plain int and a
+constexpr WINDOWED = (w >= 0): two compiled variants, not one per window. Key
+tiles wholly left of a query tile's window are never loaded (and the query
+tiles below a key tile's window never visited in dK/dV), so a layer with a
+window of T/2 does about 3/4 of a causal layer's work, and a short window's
+cost grows with T, not T^2. Tiles crossing the window's edge are masked; the
+ones wholly inside it, like those left of the diagonal, are not.
+
 Forward. Each program owns BLOCK_M query rows and streams the key/value tiles
-left of (and on) the diagonal through SRAM, keeping a running max m and running
-sum l of the softmax ("online softmax"), so the T x T score matrix never exists.
+left of (and on) the diagonal and inside the window through SRAM, keeping a
+running max m and running sum l of the softmax ("online softmax"), so the
+T x T score matrix never exists.
 Exponentials are taken in base 2 (exp2 is a single instruction). Besides the
 output it stores the per-row log-sum-exp LSE = log(sum_j exp(s_ij)): with it
 the backward recomputes any probability tile directly as p = exp(s - LSE)
@@ -19,9 +30,9 @@ instead of saving the T x T probabilities.
 Backward. delta_i = rowsum(dO_i * O_i) first (a tiny kernel), then two kernels
 that need no atomics:
   * dK/dV: one program per key tile; loops over the query tiles at or below the
-    diagonal, for every query head of its group (so GQA's sum over the group
-    happens in registers).
-  * dQ: one program per query tile; loops over the key tiles left of the diagonal.
+    diagonal (and inside the window), for every query head of its group (so
+    GQA's sum over the group happens in registers).
+  * dQ: one program per query tile; loops over the key tiles the forward visits.
 Both use dS = P * (dP - delta), dP = dO V^T.
 
 Precision. bf16/fp16 inputs feed the tensor cores and accumulate in fp32; fp32
@@ -32,16 +43,18 @@ constexpr (SM_SCALE, one value per HEAD_DIM, so no extra compiles). A Python flo
 argument is typed fp32 by an eager Triton launch but fp64 by torch.compile's
 Inductor (torch 2.13), which would turn the scores into fp64 and break the fp32
 accumulating dot. kernels/aot.py compiles every launch both ways to keep it so.
+The window is an int argument, like the sequence length.
 
-Custom ops. `nanoschnack::flash_attn(q, k, v) -> (out, lse)` and
-`nanoschnack::flash_attn_backward(dout, q, k, v, out, lse) -> (dq, dk, dv)` are
+Custom ops. `nanoschnack::flash_attn(q, k, v, window=-1) -> (out, lse)` and
+`nanoschnack::flash_attn_backward(dout, q, k, v, out, lse, window=-1) -> (dq, dk, dv)` are
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
 through them. Which path runs is decided in kernels/dispatch.py: on CUDA the
 model's flash_attn() launches Triton; elsewhere (or with NANOSCHNACK_REFERENCE_KERNELS=1)
 it calls torch's SDPA, whose CPU flash kernel is about twice as fast as the
-reference below. The ops themselves, off the Triton path, run that reference: the
-textbook math in fp32 (fp64 for fp64 inputs) with T x T scores, the exact oracle
-the kernel tests compare Triton against.
+reference below (for a window shorter than the sequence it gets the boolean
+mask `visible_keys`). The ops themselves, off the Triton path, run that
+reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
+the exact oracle the kernel tests compare Triton against.
 """
 import math
 
@@ -57,27 +70,58 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
 # ----------------------------------------------------------------------------
 # Triton kernels
+#
+# Masks. A tile of scores needs masking only where it crosses the causal diagonal
+# (CAUSAL_MASK) or the window's edge (WINDOW_MASK); the loops are split so that
+# every other tile takes the plain path, with no compare or select per score.
+
+
+@triton.jit
+def _keep(rows, cols, window, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """Which (query row, key column) pairs a masked tile keeps: col <= row (causal) and/or
+    row - col <= window (sliding window). rows and cols come broadcast to the tile's shape."""
+    if CAUSAL_MASK and WINDOW_MASK:
+        return (cols <= rows) & (cols >= rows - window)  # rows - window: on the row vector, before broadcasting
+    elif CAUSAL_MASK:
+        return cols <= rows
+    else:
+        return cols >= rows - window
+
+
+@triton.jit
+def _key_bounds(start_m, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile [start_m, start_m + BLOCK_M) of a windowed kernel: the first key tile that
+    holds a key of some row's window, and the first one inside every row's window (the last row's
+    window starts latest). Key tiles left of the first are skipped; between the two they are masked."""
+    first = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
+    full = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 - window, 0), BLOCK_N) * BLOCK_N
+    return first, tl.minimum(tl.maximum(full, first), start_m)
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-               offs_m, offs_n, lo, hi, seq_len,
-               QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               offs_m, offs_n, lo, hi, seq_len, window,
+               QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate key/value tiles [lo, hi) into the running softmax of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if ON_DIAGONAL:  # the tile may cross the diagonal and the end of the sequence
+        if CAUSAL_MASK:  # the diagonal tiles, which may also cross the end of the sequence
             k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
-        else:  # strictly left of the diagonal: every key is valid, no masks needed
+        else:  # strictly left of the diagonal: every key exists, no load masks
             k = tl.load(k_ptrs + start_n * stride_kt)
             v = tl.load(v_ptrs + start_n * stride_vt)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE  # scores, in log2 units
-        if ON_DIAGONAL:
-            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        if CAUSAL_MASK or WINDOW_MASK:
+            s = tl.where(_keep(offs_m[:, None], cols[None, :], window, CAUSAL_MASK, WINDOW_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        if WINDOW_MASK:  # a row may have no key in its window yet: subtract 0, not -inf (-inf - -inf is NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # causal only: every row has seen key 0 after the first tile
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -103,9 +147,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt,
                      stride_ob, stride_oh, stride_ot,
-                     n_heads, group_size, seq_len,
+                     n_heads, group_size, seq_len, window,
                      SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -115,15 +159,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Two passes: the unmasked tiles left of the diagonal, then the diagonal tiles.
-    # Every row sees key 0, so m_i is finite after the first tile (no exp(-inf - -inf)).
+    # Up to three passes: the tiles crossing the window's left edge (masked), the tiles wholly
+    # inside every row's window and left of the diagonal (unmasked), the diagonal tiles (masked).
+    full = 0
+    if WINDOWED:
+        first, full = _key_bounds(start_m, window, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                                   offs_m, offs_n, first, full, seq_len, window,
+                                   SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               offs_m, offs_n, 0, start_m, seq_len,
-                               SM_SCALE * LOG2E, False, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_n, full, start_m, seq_len, window,
+                               SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                               offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len,
-                               SM_SCALE * LOG2E, True, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, window,
+                               SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION)
 
+    if WINDOWED:  # rows past the end of the sequence may have no key in their window: l = 0, not stored
+        l_i = tl.where(offs_m < seq_len, l_i, 1.0)
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_len)
@@ -152,9 +204,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                    offs_n, offs_m, lo, hi, seq_len,
-                    QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    offs_n, offs_m, lo, hi, seq_len, window,
+                    QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK and dV of one key tile over the query tiles [lo, hi).
 
     Works on transposed tiles (keys x queries) so that dK and dV come out as
@@ -170,8 +222,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if ON_DIAGONAL:
-            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        if CAUSAL_MASK or WINDOW_MASK:
+            p_t = tl.where(_keep(rows[None, :], offs_n[:, None], window, CAUSAL_MASK, WINDOW_MASK), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -187,9 +239,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt,
                           stride_dvb, stride_dvh, stride_dvt,
-                          n_kv_heads, group_size, seq_len,
+                          n_kv_heads, group_size, seq_len, window,
                           SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
     b = (bh_kv // n_kv_heads).to(tl.int64)
@@ -205,20 +257,34 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
+    # The query tiles that read this key tile: the diagonal ones (masked), those below the
+    # diagonal inside every key's window (unmasked, up to `full`), then, with a window, the ones
+    # crossing its edge (masked, up to `last`; the window of key j ends at query j + window).
+    below = start_n + BLOCK_N
+    if WINDOWED:
+        full = tl.minimum(tl.maximum((start_n + window + 1) // BLOCK_M * BLOCK_M, below), seq_len)
+        last = tl.minimum(below + window, seq_len)
+    else:
+        full = seq_len
+        last = seq_len
     for g in range(group_size):  # every query head that reads this key/value head
         h = h_kv * group_size + g
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
         row_base = (b * n_heads + h) * seq_len
-        # Query tiles crossing the diagonal of this key tile (masked), then the ones below it.
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
-                                 start_n, tl.minimum(start_n + BLOCK_N, seq_len), seq_len,
-                                 SM_SCALE * LOG2E, True, BLOCK_M, DOT_PRECISION)
+                                 start_n, tl.minimum(below, seq_len), seq_len, window,
+                                 SM_SCALE * LOG2E, True, WINDOWED, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
-                                 start_n + BLOCK_N, seq_len, seq_len,
-                                 SM_SCALE * LOG2E, False, BLOCK_M, DOT_PRECISION)
+                                 below, full, seq_len, window,
+                                 SM_SCALE * LOG2E, False, False, BLOCK_M, DOT_PRECISION)
+        if WINDOWED:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                     stride_qt, stride_dot, offs_n, offs_m,
+                                     full, last, seq_len, window,
+                                     SM_SCALE * LOG2E, False, True, BLOCK_M, DOT_PRECISION)
 
     dk = dk * SM_SCALE  # s = sm_scale * q.k, so dK carries the scale once
     tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -229,13 +295,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                  offs_m, offs_n, lo, hi, seq_len,
-                  QK_SCALE: tl.constexpr, ON_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  offs_m, offs_n, lo, hi, seq_len, window,
+                  QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if ON_DIAGONAL:
+        if CAUSAL_MASK:
             k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
         else:
@@ -243,8 +309,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
             v = tl.load(v_ptrs + start_n * stride_vt)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
         p = tl.math.exp2(s - lse[:, None])
-        if ON_DIAGONAL:
-            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        if CAUSAL_MASK or WINDOW_MASK:
+            p = tl.where(_keep(offs_m[:, None], cols[None, :], window, CAUSAL_MASK, WINDOW_MASK), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -258,9 +324,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_vb, stride_vh, stride_vt,
                         stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        n_heads, group_size, seq_len,
+                        n_heads, group_size, seq_len, window,
                         SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     row_ok = offs_m < seq_len
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -272,12 +338,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # The forward's passes: window edge (masked), inside the window (unmasked), diagonal (masked).
+    full = 0
+    if WINDOWED:
+        first, full = _key_bounds(start_m, window, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                           offs_m, offs_n, first, full, seq_len, window,
+                           SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                       offs_m, offs_n, 0, start_m, seq_len,
-                       SM_SCALE * LOG2E, False, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, full, start_m, seq_len, window,
+                       SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
-                       offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len,
-                       SM_SCALE * LOG2E, True, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, window,
+                       SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION)
     dq = dq * SM_SCALE
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -292,25 +365,31 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # of the triton wheel; tests/test_kernels_aot.py recompiles them all, see
 # kernels/aot.py): 8 warps wherever a 128-row tile at D = 128, or the dK/dV
 # kernel's accumulators, would not fit 4 warps' registers, and dK/dV streams 16
-# queries at a time (32 spilled on sm_80). fp32 (exact math, for tests) spills
-# in the D = 128 forward with GQA on sm_90 (1.2 KB per thread) and a little in
-# dK/dV at D = 64 with GQA on sm_90 (32 bytes). None
-# of them were timed on a GPU here: bench/gpu.py does that. The interpreter gets
-# small tiles so that tests at T ~ 100 still cross several tiles and a ragged end.
+# queries at a time (32 spilled on sm_80). The windowed dK/dV at D = 128 runs a
+# third loop (the window's edge) inside the GQA loop: with 128 keys a program it
+# spills 20 bytes on sm_80 (255 registers), with 64 none on either target.
+# fp32 (exact math, for tests) uses 8 warps in the D = 128 forward, where 4
+# spilled 1.2 KB per thread on sm_90 with GQA (2.1 KB with a window), and
+# 32-row tiles on 8 warps in the windowed D = 128 dQ (64 rows on 4 or 8 warps
+# spilled 0.8-1.7 KB on sm_90); it spills a little elsewhere in the backward
+# (see tests/test_kernels_aot.py). None of them
+# were timed on a GPU here: bench/gpu.py does that. The interpreter gets small
+# tiles so that tests at T ~ 100 still cross several tiles and a ragged end.
 
-def _configs(x: torch.Tensor) -> dict:
+def _configs(x: torch.Tensor, windowed: bool = False) -> dict:
     if x.device.type != "cuda":  # Triton interpreter
         return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
                     dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32))
     D = x.shape[-1]
     if x.dtype == torch.float32:  # exact dots on the FMA units keep whole tiles in registers: small tiles
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4, num_stages=2),
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2),
                     dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-                    dq=dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if windowed and D > 64
+                    else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
                     delta=dict(BLOCK_M=64))
     stages = 5 if D <= 64 else 3  # shared memory: D = 128 tiles are twice as big
     return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dkdv=dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=stages),
+                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and D > 64 else 128, num_warps=8, num_stages=stages),
                 dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if D <= 64 else 8, num_stages=stages),
                 delta=dict(BLOCK_M=64))
 
@@ -324,22 +403,23 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> None:
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "flash_attn wants (B, H, T, D) tensors")
     torch._check(k.shape == v.shape, lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     torch._check(q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:], lambda: f"q {tuple(q.shape)} does not match k {tuple(k.shape)}")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     torch._check(q.dtype == k.dtype == v.dtype, lambda: f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(window >= -1, lambda: f"window must be >= 0, or -1 for none, got {window}")
 
 
-def _triton_fwd(q, k, v):
+def _triton_fwd(q, k, v, window=-1):
     B, H, T, D = q.shape
     torch._check(D in (16, 32, 64, 128), lambda: f"the Triton kernel supports head dims 16, 32, 64 and 128, got {D}")
     torch._check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)  # keeps q's strides: the model's transposed view comes back ready to reshape
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    cfg = _configs(q)["fwd"]
+    cfg = _configs(q, window >= 0)["fwd"]
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
     wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, out, lse,
@@ -347,16 +427,16 @@ def _triton_fwd(q, k, v):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, H // k.shape[1], T,
-        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg)
+        H, H // k.shape[1], T, window,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
     return out, lse
 
 
-def _triton_bwd(dout, q, k, v, out, lse):
+def _triton_bwd(dout, q, k, v, out, lse, window=-1):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
-    cfg = _configs(q)
+    cfg = _configs(q, window >= 0)
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(T, cfg["delta"]["BLOCK_M"]), B * H)
@@ -376,8 +456,8 @@ def _triton_bwd(dout, q, k, v, out, lse):
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H_kv, H // H_kv, T,
-        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
+        H_kv, H // H_kv, T, window,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
 
     dq = torch.empty_like(q)
     grid = (triton.cdiv(T, cfg["dq"]["BLOCK_M"]), B * H)
@@ -388,40 +468,45 @@ def _triton_bwd(dout, q, k, v, out, lse):
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // H_kv, T,
-        SM_SCALE=_sm_scale(D), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
+        H, H // H_kv, T, window,
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------
 # PyTorch reference: the same math, written out, on the whole T x T matrix.
 
-def _reference_probs(q, k, lse=None):
-    """Causal softmax probabilities P (B, H, T, T) in fp32 (fp64 for fp64 inputs), and the LSE."""
+def visible_keys(T: int, window: int, device) -> torch.Tensor:
+    """(T, T) bool: query i sees key j iff j <= i and, with a window (>= 0), i - j <= window."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (i - j <= window) if window >= 0 else j <= i
+
+
+def _reference_probs(q, k, lse=None, window=-1):
+    """Softmax probabilities P (B, H, T, T) in fp32 (fp64 for fp64 inputs), and the LSE."""
     group = q.shape[1] // k.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
     k = k.repeat_interleave(group, dim=1).to(compute)
     s = (q.to(compute) @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    s = s.masked_fill(~causal, float("-inf"))
+    s = s.masked_fill(~visible_keys(q.shape[2], window, q.device), float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
     return torch.exp(s - lse.to(compute).unsqueeze(-1)), lse
 
 
-def _reference_fwd(q, k, v):
-    p, lse = _reference_probs(q, k)
+def _reference_fwd(q, k, v, window=-1):
+    p, lse = _reference_probs(q, k, window=window)
     v = v.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(p.dtype)
     out = (p @ v).to(q.dtype)
     return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse
 
 
-def _reference_bwd(dout, q, k, v, out, lse):
+def _reference_bwd(dout, q, k, v, out, lse, window=-1):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     group = H // H_kv
-    p, _ = _reference_probs(q, k, lse)
+    p, _ = _reference_probs(q, k, lse, window)
     compute = p.dtype
     dout32, q32 = dout.to(compute), q.to(compute)
     k32 = k.repeat_interleave(group, dim=1).to(compute)
@@ -439,47 +524,59 @@ def _reference_bwd(dout, q, k, v, out, lse):
 
 
 # ----------------------------------------------------------------------------
-# Custom ops
+# Custom ops. The window is a plain int, -1 for none: an op schema has no
+# Optional[int] that torch.compile would carry as cheaply, and the kernels take
+# it as a runtime int (WINDOWED, a constexpr, tells the two kernels apart).
 
 
 @triton_op("nanoschnack::flash_attn", mutates_args=())
-def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention. q (B, H, T, D), k/v (B, H_kv, T, D) -> out (B, H, T, D), lse (B, H, T) fp32."""
-    _check(q, k, v)
+def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention, query i seeing keys i - window .. i (all keys up to i for window -1).
+    q (B, H, T, D), k/v (B, H_kv, T, D) -> out (B, H, T, D), lse (B, H, T) fp32."""
+    _check(q, k, v, window)
     if use_triton(q):
-        return _triton_fwd(q, k, v)
-    return _reference_fwd(q, k, v)
+        return _triton_fwd(q, k, v, window)
+    return _reference_fwd(q, k, v, window)
 
 
 @triton_op("nanoschnack::flash_attn_backward", mutates_args=())
 def flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of flash_attn, given its inputs, output and LSE."""
+                           out: torch.Tensor, lse: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of flash_attn, given its inputs, output, LSE and window."""
     if use_triton(q):
-        return _triton_bwd(dout, q, k, v, out, lse)
-    return _reference_bwd(dout, q, k, v, out, lse)
+        return _triton_bwd(dout, q, k, v, out, lse, window)
+    return _reference_bwd(dout, q, k, v, out, lse, window)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v = inputs
+    q, k, v, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.window = window
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    return flash_attn_backward_op(dout, q, k, v, out, lse)
+    return *flash_attn_backward_op(dout, q, k, v, out, lse, ctx.window), None
 
 
 flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention, differentiable: q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D)."""
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal self-attention, differentiable: q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D).
+
+    window: query i attends keys i - window .. i (FlashAttention's window_size=(window, 0));
+    None attends every key up to i."""
+    if window is not None and (not isinstance(window, int) or window < 0):
+        raise ValueError(f"window must be None or an int >= 0 (keys a query sees to its left), got {window!r}")
     if not use_triton(q):  # torch's own fused attention and its backward (kernels/dispatch.py)
         if q.shape[1] % k.shape[1]:  # SDPA checks the rest itself
             raise RuntimeError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    out, _ = flash_attn_op(q, k, v)
+        gqa = q.shape[1] != k.shape[1]
+        if window is None or window >= q.shape[2] - 1:  # the window holds the whole causal row
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible_keys(q.shape[2], window, q.device), enable_gqa=gqa)
+    out, _ = flash_attn_op(q, k, v, -1 if window is None else window)
     return out

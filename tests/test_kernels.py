@@ -88,14 +88,20 @@ def attention_inputs(B, H, H_kv, T, D, dtype, layout="bhtd", seed=0):
     return make(H), make(H_kv), make(H_kv), make(H)
 
 
-def attention_oracle(q, k, v, dout):
+def oracle_mask(T, window=None):
+    """(T, T) bool, True where query i sees key j: the lower triangle, less the one below the window's band."""
+    ones = torch.ones(T, T, dtype=torch.bool)
+    return ones.tril() if window is None else ones.tril() & ~ones.tril(-window - 1)
+
+
+def attention_oracle(q, k, v, dout, window=None):
     """out, lse, dq, dk, dv in float64 from PyTorch's SDPA and autograd, on the CPU."""
     q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out.backward(dout.cpu().double())
     T, D = q.shape[2], q.shape[3]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=oracle_mask(T, window), enable_gqa=True)
+    out.backward(dout.cpu().double())
     s = q.detach() @ k.detach().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1) / math.sqrt(D)
-    lse = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).logsumexp(-1)
+    lse = s.masked_fill(~oracle_mask(T, window), float("-inf")).logsumexp(-1)
     return out.detach(), lse, q.grad, k.grad, v.grad
 
 
@@ -108,12 +114,13 @@ ATTN_SHAPES = [  # B, H, H_kv, T, D
 ]
 
 
-def check_attention_kernels(shape, dtype, layout="bhtd"):
+def check_attention_kernels(shape, dtype, layout="bhtd", window=None):
     q, k, v, dout = attention_inputs(*shape, dtype, layout)
+    w = -1 if window is None else window
     with run_triton():
-        out, lse = attention._triton_fwd(q, k, v)
-        dq, dk, dv = attention._triton_bwd(dout, q, k, v, out, lse)
-    ref = attention_oracle(q, k, v, dout)
+        out, lse = attention._triton_fwd(q, k, v, w)
+        dq, dk, dv = attention._triton_bwd(dout, q, k, v, out, lse, w)
+    ref = attention_oracle(q, k, v, dout, window)
     tol = ATTN_TOL[dtype]
     assert out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and lse.dtype == torch.float32
     assert out.stride() == q.stride(), "out should take q's layout"
@@ -139,6 +146,71 @@ def test_attention_kernels_bf16(shape, bf16_dot):
     check_attention_kernels(shape, torch.bfloat16)
 
 
+# Sliding windows against the interpreter's tiles (forward BLOCK_M 32 / BLOCK_N 16, dK/dV 16 / 32,
+# dQ 32 / 16): a window of 0 (only the diagonal), smaller than a tile, a whole tile, not a multiple
+# of one, crossing several tiles with a ragged end, and wider than the sequence.
+WINDOW_CASES = [  # (B, H, H_kv, T, D), window
+    ((1, 2, 2, 40, 32), 0),
+    ((1, 4, 2, 100, 32), 5),  # GQA
+    ((2, 2, 1, 64, 32), 16),  # MQA, whole tiles
+    ((1, 2, 2, 97, 32), 33),
+    ((1, 4, 2, 70, 64), 40),  # GQA
+    ((1, 2, 2, 30, 32), 500),
+]
+
+
+@pytest.mark.parametrize("shape,window", WINDOW_CASES, ids=lambda c: str(c))
+def test_attention_kernels_sliding_window(shape, window):
+    check_attention_kernels(shape, torch.float32, window=window)
+
+
+def test_attention_kernels_sliding_window_16bit(bf16_dot):
+    check_attention_kernels((1, 4, 2, 50, 64), torch.float16, layout="bthd", window=20)
+    check_attention_kernels((1, 2, 1, 45, 32), torch.bfloat16, window=7)
+
+
+def test_attention_kernels_skip_tiles_outside_the_window(monkeypatch):
+    """Key/value tiles wholly outside every row's window are never computed: count the dots.
+
+    Expected: a query tile of the forward / dQ kernels touches the key tiles overlapping
+    [first query - window, last query], a key tile of dK/dV the query tiles overlapping
+    [first key, last key + window] (queries and keys cut at T); 2 dots per tile in the
+    forward, 4 in dK/dV (per query head of the group), 3 in dQ."""
+    if DEVICE == "cuda":
+        pytest.skip("counts the interpreter's dots")
+    from triton.runtime import interpreter
+    dots = []
+    original = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, *a: dots.append(1) or original(self, *a))
+
+    def tiles(lo, hi, size):  # tiles of `size` overlapping the positions [lo, hi]
+        return hi // size - max(lo, 0) // size + 1
+
+    B, H, H_kv, T, D, window = 1, 2, 1, 150, 16, 20
+    q, k, v, dout = attention_inputs(B, H, H_kv, T, D, torch.float32)
+    cfg = attention._configs(q)
+    counts = {}
+    with run_triton():
+        for w in (window, -1):
+            dots.clear()
+            out, lse = attention._triton_fwd(q, k, v, w)
+            counts["fwd", w] = len(dots)
+            dots.clear()
+            attention._triton_bwd(dout, q, k, v, out, lse, w)
+            counts["bwd", w] = len(dots)
+    for w in (window, -1):
+        reach = w if w >= 0 else T  # no window: every key up to the query
+        fm, fn = cfg["fwd"]["BLOCK_M"], cfg["fwd"]["BLOCK_N"]
+        km, kn = cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"]
+        qm, qn = cfg["dq"]["BLOCK_M"], cfg["dq"]["BLOCK_N"]
+        fwd = sum(tiles(m - reach, min(m + fm, T) - 1, fn) for m in range(0, T, fm))
+        dkdv = sum(tiles(n, min(n + kn - 1 + reach, T - 1), km) for n in range(0, T, kn))
+        dq = sum(tiles(m - reach, min(m + qm, T) - 1, qn) for m in range(0, T, qm))
+        assert counts["fwd", w] == 2 * B * H * fwd, (w, counts)
+        assert counts["bwd", w] == B * H * (4 * dkdv + 3 * dq), (w, counts)
+    assert counts["fwd", window] < counts["fwd", -1] and counts["bwd", window] < counts["bwd", -1]
+
+
 def test_bf16_dot_patch_is_exact(bf16_dot):
     """The patched interpreter dot must give the true bf16 product (else the bf16 tests prove nothing)."""
     a = torch.randn(16, 16).bfloat16()
@@ -160,36 +232,52 @@ def test_bf16_dot_patch_is_exact(bf16_dot):
     torch.testing.assert_close(c.double().cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_op_launches_triton_and_backprops(monkeypatch):
+@pytest.mark.parametrize("window", [None, 9])
+def test_attention_op_launches_triton_and_backprops(window, monkeypatch):
     """Through the custom op and autograd, inside triton_on_cpu(), the Triton path runs and is right."""
     calls = []
     for name in ("_triton_fwd", "_triton_bwd"):
         fn = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
-    q, k, v, dout = attention_inputs(1, 4, 2, 40, 64, torch.float32, layout="bthd")
+        monkeypatch.setattr(attention, name, lambda *a, _fn=fn, _name=name: calls.append((_name, a[-1])) or _fn(*a))
+    q, k, v, dout = attention_inputs(1, 4, 2, 40, 32, torch.float32, layout="bthd")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     with run_triton():
-        kernels.flash_attn(q, k, v).backward(dout)
-    assert calls == ["_triton_fwd", "_triton_bwd"]
-    ref = attention_oracle(q, k, v, dout)
+        kernels.flash_attn(q, k, v, window=window).backward(dout)
+    w = -1 if window is None else window
+    assert calls == [("_triton_fwd", w), ("_triton_bwd", w)]  # the window reaches both kernels
+    ref = attention_oracle(q, k, v, dout, window)
     tol = ATTN_TOL[torch.float32]
     for name, t, want in zip("qkv", (q, k, v), ref[2:]):
         assert_close(t.grad, want, tol, f"d{name}")
 
 
+@pytest.mark.parametrize("window", [None, 0, 6, 36])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_attention_reference_path_matches_sdpa(dtype, monkeypatch):
+def test_attention_reference_path_matches_sdpa(dtype, window, monkeypatch):
     """On a CPU, outside triton_on_cpu(), the op takes the PyTorch reference path."""
     monkeypatch.setattr(attention, "_triton_fwd", None)  # would raise if called
     monkeypatch.setattr(attention, "_triton_bwd", None)
     q, k, v, dout = attention_inputs(2, 4, 2, 37, 32, dtype)
     q, k, v = (t.detach().cpu().requires_grad_() for t in (q, k, v))
-    out, lse = kernels.flash_attn_op(q, k, v)
+    out, lse = kernels.flash_attn_op(q, k, v, -1 if window is None else window)
     out.backward(dout.cpu())
-    ref = attention_oracle(q, k, v, dout)
+    ref = attention_oracle(q, k, v, dout, window)
     tol = (1e-12, 1e-10) if dtype == torch.float64 else ATTN_TOL[torch.float32]
     assert_close(out, ref[0], tol, "out")
     assert_close(lse, ref[1], tol, "lse")
+    for name, t, want in zip("qkv", (q, k, v), ref[2:]):
+        assert_close(t.grad, want, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("window", [None, 0, 5, 16, 40, 41])
+def test_flash_attn_off_triton_path_matches_sdpa(window, monkeypatch):
+    """On a CPU flash_attn calls torch's SDPA (an explicit mask for a window shorter than the sequence)."""
+    monkeypatch.setattr(attention, "flash_attn_op", None)  # would raise if called
+    q, k, v, dout = attention_inputs(2, 4, 2, 41, 32, torch.float32, layout="bthd")
+    q, k, v = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    kernels.flash_attn(q, k, v, window=window).backward(dout.cpu())
+    ref = attention_oracle(q, k, v, dout, window)
+    tol = ATTN_TOL[torch.float32]
     for name, t, want in zip("qkv", (q, k, v), ref[2:]):
         assert_close(t.grad, want, tol, f"d{name}")
 
@@ -205,37 +293,46 @@ def test_dispatch_rule(monkeypatch):
     assert not kernels.use_triton(torch.zeros(1, device="meta"))
 
 
-def test_attention_gradcheck_reference_float64():
+@pytest.mark.parametrize("window", [None, 2])
+def test_attention_gradcheck_reference_float64(window):
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 4, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(kernels.flash_attn, (q, k, v))
+    w = -1 if window is None else window
+    assert torch.autograd.gradcheck(lambda q, k, v: kernels.flash_attn_op(q, k, v, w)[0], (q, k, v))
 
 
 def test_attention_opcheck_reference():
+    window = 3  # an int argument like any other for the op machinery (no window is -1)
     q, k, v, dout = attention_inputs(1, 4, 2, 9, 16, torch.float32)
     q, k, v, dout = (t.detach().cpu() for t in (q, k, v, dout))
-    torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()))
-    out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach())
-    torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse))
+    torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), window))
+    out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach(), window)
+    torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, window))
 
 
 def test_attention_opcheck_triton():
     """Schema (no input mutated) and autograd registration, with the Triton path launched."""
-    q, k, v, dout = attention_inputs(1, 2, 1, 20, 64, torch.float32)
+    q, k, v, dout = attention_inputs(1, 2, 1, 20, 16, torch.float32)
     with run_triton():
-        torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()),
+        torch.library.opcheck(kernels.flash_attn_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 4),
                               test_utils=("test_schema", "test_autograd_registration"))
-        out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach())
-        torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse),
+        out, lse = kernels.flash_attn_op(q.detach(), k.detach(), v.detach(), 4)
+        torch.library.opcheck(kernels.flash_attn_backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, 4),
                               test_utils=("test_schema",))
 
 
-def test_attention_rejects_bad_shapes():
+def test_attention_rejects_bad_shapes_and_windows():
     q = torch.zeros(1, 3, 4, 8)
     with pytest.raises(RuntimeError, match="not a multiple"):
         kernels.flash_attn(q, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    q = torch.zeros(1, 2, 4, 8)
+    for window in (-1, 2.5):
+        with pytest.raises(ValueError, match="window must be None or an int >= 0"):
+            kernels.flash_attn(q, q, q, window=window)
+    with pytest.raises(RuntimeError, match="window must be >= 0, or -1 for none"):
+        kernels.flash_attn_op(q, q, q, -2)
     with pytest.raises(RuntimeError, match="head dims"), run_triton():
         kernels.flash_attn(torch.zeros(1, 2, 4, 24, device=DEVICE), torch.zeros(1, 2, 4, 24, device=DEVICE),
                            torch.zeros(1, 2, 4, 24, device=DEVICE))
