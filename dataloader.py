@@ -40,13 +40,14 @@ The trade-off: best-fit starts every row at a document start (no token sees an
 unrelated document as context) but throws away tokens; concatenation keeps every
 token and makes exact resume a matter of remembering one buffer per source.
 
-Mixing, row by row (either packing): the next row always comes from the
-source that has given the fewest tokens relative to its weight ("least tokens consumed"), so the
-token shares follow the weights to within a row, deterministically, with no RNG
-to save, however long a source's documents are (one novel can be 1M tokens).
-A source that runs out starts over (a new epoch) when looping. Tokens count as
-given when they are in a row: a source's cropped tokens do not count towards its
-share (they are not trained on); it reads more documents to fill its share.
+Mixing, row by row (either packing; a row holds one source's tokens): the next
+row always comes from the source that has given the fewest tokens relative to
+its weight ("least tokens consumed"), so the token shares follow the weights to
+within a row, deterministically, with no RNG to save, however long a source's
+documents are (one novel can be 1M tokens). A source that runs out starts over
+(a new epoch) when looping. Tokens count as given when they are in a row: a
+source's cropped tokens do not count towards its share (they are not trained
+on); it reads more documents to keep its share.
 """
 import bisect
 import copy
