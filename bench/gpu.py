@@ -103,7 +103,7 @@ NORM_TOL = {torch.bfloat16: (8e-3, 1.6e-2), torch.float32: (1e-5, 1e-5)}
 
 
 # ----------------------------------------------------------------------------
-# Where we run, and the rows
+# Where we run
 
 
 def machine() -> str:
