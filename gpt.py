@@ -14,9 +14,13 @@ Design choices (all from nanochat):
   every block starts as the identity and the first loss is exactly log(vocab).
 
 Training calls the fused kernels in kernels/ (Triton on CUDA, PyTorch reference
-on CPU). Generation uses a KV cache: the prompt is prefilled in one forward, then
-one token per forward attends to everything cached so far (plain PyTorch SDPA; at
-T=1 there is nothing for a fused kernel to win).
+on CPU). Generation uses a static KV cache (KVCache: preallocated, each row at its
+own position, kept on the device): the prompt is prefilled in one forward, then
+one token per decode step (GPT.decode). The decode step's tensor shapes never
+change from token to token: it takes the whole cache and the rows' positions, and
+kernels/decode.py's attention reads only each row's own keys. So on CUDA it is
+compiled once when a model is loaded for chat or serving and replayed as one CUDA
+graph per token (compile_decode), as gpt-fast does.
 """
 import math
 import os
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attn, flash_attn, rms_norm
+from kernels.decode import slice_plan
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
@@ -138,6 +143,7 @@ class KVCache(nn.Module):
         self.compiled = False  # GPT.decode runs the compiled step (compile_decode sets it)
         self.batch_sizes = None  # the row counts the compiled step was warmed up for
         self.compile_seconds = None  # how long compiling and warming them up took
+        self._plan = None  # the eager decode step's attention plan (_slice_plan)
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +190,9 @@ class KVCache(nn.Module):
                 kc[self.row_ids[:B, None], :, positions] = k.transpose(1, 2)
                 vc[self.row_ids[:B, None], :, positions] = v.transpose(1, 2)
         if T == 1:  # a decode step: the whole cache in, each row's keys read (kernels/decode.py)
-            span = None if lengths is None else (min(lengths), max(lengths))
-            return decode_attn(q, kc, vc, self._rows(self.seq_lens, start, B), window, span)
+            positions = self._rows(self.seq_lens, start, B)
+            plan = None if lengths is None else self._slice_plan(positions, lengths, window)
+            return decode_attn(q, kc, vc, positions, window, plan)
         if window is None and not any(lengths):  # a prefill into empty rows: plain causal attention
             return flash_attn(q, k, v)  # (a padded row's tail sits after its own tokens: none of them sees it)
         end = max(lengths) + T
@@ -198,6 +205,14 @@ class KVCache(nn.Module):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=seen[:, None],
                                                   enable_gqa=q.shape[1] != k.shape[1])
+
+    def _slice_plan(self, positions: torch.Tensor, lengths: list[int], window: int | None) -> tuple:
+        """kernels/decode.py's slice_plan from the host's lengths, made once a step and window for all layers
+        (the lengths are its key: whatever changed them, a new plan)."""
+        key = (tuple(lengths), window)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, slice_plan(positions, window, (min(lengths), max(lengths)))
+        return self._plan[1]
 
     # -- the host side ------------------------------------------------------------
 

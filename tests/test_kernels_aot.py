@@ -77,6 +77,11 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
             for D in (64, 128):
                 for target in ("sm_90", "sm_80"):
                     assert (kernel, dtype, D, target) in seen, (kernel, dtype, D, target)
+    for kernel in ("decode_split_kernel", "decode_merge_kernel"):  # the decode step's attention (kernels/decode.py)
+        for dtype in ("bfloat16", "float16", "float32"):
+            for D in (64, 128):
+                for target in ("sm_90", "sm_80"):
+                    assert (kernel, dtype, D, target) in seen, (kernel, dtype, D, target)
     norm = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["kernel"].startswith("rms_norm")}
     assert len(norm) == 2 * 3 * 2  # fwd and bwd, 3 dtypes, 2 targets
     # the Inductor typing is really exercised: RMSNorm's eps is a float scalar
