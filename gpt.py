@@ -26,9 +26,13 @@ computes and what checkpoints from before the switches hold):
 - qk_gain: q and k scaled after QK-norm (nanochat: 1.2 each, sharper attention).
 
 Training calls the fused kernels in kernels/ (Triton on CUDA, PyTorch reference
-on CPU). Generation uses a KV cache: the prompt is prefilled in one forward, then
-one token per forward attends to everything cached so far (plain PyTorch SDPA; at
-T=1 there is nothing for a fused kernel to win).
+on CPU). Generation uses a static KV cache (KVCache: preallocated, each row at its
+own position, kept on the device): the prompt is prefilled in one forward, then
+one token per decode step (GPT.decode). The decode step's tensor shapes never
+change from token to token: it takes the whole cache and the rows' positions, and
+kernels/decode.py's attention reads only each row's own keys. So on CUDA it is
+compiled once when a model is loaded for chat or serving and replayed as one CUDA
+graph per token (compile_decode), as gpt-fast does.
 """
 import inspect
 import math
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attn, flash_attn, rms_norm
+from kernels.decode import slice_plan
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
@@ -193,6 +198,8 @@ class KVCache(nn.Module):
         self.register_buffer("ids", None, persistent=False)  # (B, max_len + 1) token ids, -1 unwritten: the smear's
         self.compiled = False  # GPT.decode runs the compiled step (compile_decode sets it)
         self.batch_sizes = None  # the row counts the compiled step was warmed up for
+        self.compile_seconds = None  # how long compiling and warming them up took
+        self._plan = None  # the eager decode step's attention plan (_slice_plan)
 
     @property
     def device(self) -> torch.device:
@@ -208,9 +215,13 @@ class KVCache(nn.Module):
 
     # -- the device side: what a forward (and the compiled decode step) runs ----
 
+    def _rows(self, t: torch.Tensor, start: int, B: int) -> torch.Tensor:
+        """Rows start..start+B-1 of t (its first dim): t itself when they are all (an op less per layer and token)."""
+        return t if start == 0 and B == self.batch_size else t[start:start + B]
+
     def positions(self, B: int, T: int, start: int = 0) -> torch.Tensor:
         """(B, T): rows start..start+B-1's new tokens follow their own cached ones."""
-        p = self.seq_lens[start:start + B, None]
+        p = self._rows(self.seq_lens, start, B)[:, None]
         return p if T == 1 else p + torch.arange(T, device=p.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
@@ -219,17 +230,31 @@ class KVCache(nn.Module):
         own keys: key j is visible to a query at position p iff p - window <= j <= p (window None: j <= p)."""
         B, _, T, _ = q.shape
         self.allocate(k.dtype)
-        positions = self.positions(B, T, start)
-        kc, vc = self.k[layer, start:start + B], self.v[layer, start:start + B]
-        rows = self.row_ids[:B, None]
-        kc[rows, :, positions] = k.transpose(1, 2).to(kc.dtype)  # (B, T, H_kv, D) into each row's slots
-        vc[rows, :, positions] = v.transpose(1, 2).to(vc.dtype)
-        if T == 1:  # the decode step: the whole cache in, each row's keys read (kernels/decode.py)
-            return decode_attn(q, kc, vc, positions[:, 0], window)
-        lengths = self.lengths[start:start + B]
+        kc, vc = self._rows(self.k[layer], start, B), self._rows(self.v[layer], start, B)
+        if k.dtype != kc.dtype:
+            k, v = k.to(kc.dtype), v.to(vc.dtype)
+        if torch.compiler.is_compiling():  # the compiled decode step: the positions on the device, nothing else
+            lengths = None
+            positions = self.positions(B, T, start)
+            kc[self.row_ids[:B, None], :, positions] = k.transpose(1, 2)  # (B, T, H_kv, D) into each row's slots
+            vc[self.row_ids[:B, None], :, positions] = v.transpose(1, 2)
+        else:  # eager: the host knows the lengths, and a copy into a slice is cheaper than a scatter
+            lengths = self.lengths[start:start + B]
+            if min(lengths) == max(lengths):
+                kc[:, :, lengths[0]:lengths[0] + T] = k
+                vc[:, :, lengths[0]:lengths[0] + T] = v
+            else:
+                positions = self.positions(B, T, start)
+                kc[self.row_ids[:B, None], :, positions] = k.transpose(1, 2)
+                vc[self.row_ids[:B, None], :, positions] = v.transpose(1, 2)
+        if T == 1:  # a decode step: the whole cache in, each row's keys read (kernels/decode.py)
+            positions = self._rows(self.seq_lens, start, B)
+            plan = None if lengths is None else self._slice_plan(positions, lengths, window)
+            return decode_attn(q, kc, vc, positions, window, plan)
         if window is None and not any(lengths):  # a prefill into empty rows: plain causal attention
             return flash_attn(q, k, v)  # (a padded row's tail sits after its own tokens: none of them sees it)
         end = max(lengths) + T
+        positions = self.positions(B, T, start)
         j = torch.arange(end, device=q.device)
         seen = j <= positions[..., None]  # (B, T, end)
         if window is not None:
@@ -251,6 +276,14 @@ class KVCache(nn.Module):
         before = positions[:, :1] - 1
         return torch.where(before >= 0, ids.gather(1, before.clamp(min=0)), -1)
 
+    def _slice_plan(self, positions: torch.Tensor, lengths: list[int], window: int | None) -> tuple:
+        """kernels/decode.py's slice_plan from the host's lengths, made once a step and window for all layers
+        (the lengths are its key: whatever changed them, a new plan)."""
+        key = (tuple(lengths), window)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, slice_plan(positions, window, (min(lengths), max(lengths)))
+        return self._plan[1]
+
     # -- the host side ------------------------------------------------------------
 
     def check_room(self, B: int, T: int, rotary_len: int, start: int = 0) -> None:
@@ -263,7 +296,7 @@ class KVCache(nn.Module):
     def advance(self, B: int, T: int, start: int = 0) -> None:
         for row in range(start, start + B):
             self.lengths[row] += T
-        self.seq_lens[start:start + B] += T
+        self._rows(self.seq_lens, start, B).add_(T)
 
     def set_length(self, row: int, n: int) -> None:
         """Row `row` keeps its first n tokens."""
@@ -505,9 +538,7 @@ class GPT(nn.Module):
     def step(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Logits (B, T, vocab) of idx after the cached tokens, their keys and values written to the cache.
         Device work only: it neither reads nor changes the host's state (forward does, around it)."""
-        # each row's new tokens at their own positions: (B, T, 1, head_dim/2). The clamp only
-        # touches rows that GPT.decode feeds without keeping, which may sit past the end.
-        positions = kv_cache.positions(*idx.shape).clamp(max=self.rotary_len - 1)
+        positions = kv_cache.positions(*idx.shape)  # each row's own: (B, T, 1, head_dim/2) angles
         x = self.trunk(idx, self.cos[0, positions], self.sin[0, positions], kv_cache)
         return SOFTCAP * torch.tanh(self.lm_head(x) / SOFTCAP)
 
@@ -548,9 +579,12 @@ class GPT(nn.Module):
         return logits
 
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """A cache of batch_size rows of up to max_len tokens (default: as many as the rotary tables allow)."""
+        max_len = max_len or self.rotary_len - 1
+        if max_len >= self.rotary_len:  # a fed-but-not-kept row of a full cache sits at position max_len
+            raise ValueError(f"a KV cache of {max_len} tokens a row is past the rotary tables ({self.rotary_len})")
         c = self.config
-        return KVCache(batch_size, max_len or self.rotary_len, c.n_layer, c.n_kv_head, c.head_dim,
-                       device=self.lm_head.weight.device)
+        return KVCache(batch_size, max_len, c.n_layer, c.n_kv_head, c.head_dim, device=self.lm_head.weight.device)
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
@@ -570,7 +604,7 @@ class GPT(nn.Module):
             raise ValueError("generate needs at least one prompt token")
         device = self.lm_head.weight.device
         if kv_cache is None:
-            kv_cache = self.new_kv_cache(1, len(tokens) + max_new_tokens)
+            kv_cache = self.new_kv_cache(1, min(len(tokens) + max_new_tokens, self.rotary_len - 1))
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
@@ -628,6 +662,7 @@ def decode_step(model: GPT, kv_cache: KVCache, tokens: torch.Tensor) -> torch.Te
 
 
 _compiled_steps = {}
+_graphs_wanted = set()  # (model, cache shape, batch size) of every compile_decode of this process
 
 
 def compiled_decode_step(device: torch.device):
@@ -667,6 +702,9 @@ def compile_decode(model: GPT, kv_cache: KVCache, batch_sizes: list[int] | None 
         f"{kv_cache.max_len} cached tokens a row) ...")
     started = time.perf_counter()
     step = compiled_decode_step(device)
+    # one graph per model, cache and batch size, all of one function: let torch.compile keep them all
+    _graphs_wanted.update((id(model), kv_cache.shape, B) for B in batch_sizes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(_graphs_wanted))
     with autocast(device):  # as GPT.generate and session.decode run it: the autocast state is part of the graph
         kv_cache.allocate(cache_dtype(model))
         for B in batch_sizes:
@@ -676,8 +714,8 @@ def compile_decode(model: GPT, kv_cache: KVCache, batch_sizes: list[int] | None 
                 step(model, kv_cache, tokens)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    kv_cache.compiled, kv_cache.batch_sizes = True, batch_sizes
     seconds = time.perf_counter() - started
+    kv_cache.compiled, kv_cache.batch_sizes, kv_cache.compile_seconds = True, batch_sizes, seconds
     log(f"compiling the decode step ... done in {seconds:.1f} s")
     return seconds
 
@@ -707,12 +745,12 @@ def cache_dtype(model: GPT) -> torch.dtype:
     return dtype if dtype != torch.float32 else model.lm_head.weight.dtype
 
 
-def serving_weights(model: GPT) -> GPT:
-    """Keep the matrices of the linear layers in default_dtype (bf16 on CUDA; nothing changes on the CPU), for a
+def serving_weights(model: GPT, dtype: torch.dtype | None = None) -> GPT:
+    """Keep the matrices of the linear layers in `dtype`, default_dtype by default (bf16 on CUDA; nothing changes on the CPU), for a
     model that only generates. autocast casts fp32 weights to bf16 for every product anyway, so the logits are
     the same; a decode step, which reads every weight once per token, then reads half the bytes and launches no
     casts. The embedding stays fp32: a step reads one row of it, and it starts the fp32 residual stream."""
-    dtype = default_dtype(model.lm_head.weight.device)
+    dtype = dtype or default_dtype(model.lm_head.weight.device)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.weight.data = module.weight.data.to(dtype)

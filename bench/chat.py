@@ -7,8 +7,9 @@ context for every new token, and the time to the first token.
 
 At each context length L (128, 512, 2048) the model holds L random tokens and
 decodes greedily one token at a time:
-- cache: L tokens prefilled once (not timed), then one forward of one token per
-  step on top of the KV cache, as chat.py decodes;
+- cache: L tokens prefilled once (not timed), then one decode step (GPT.decode) per
+  token on top of the KV cache, as chat.py decodes: compiled where chat.py compiles it
+  (gpt.compile_wanted: on CUDA, or with NANOSCHNACK_COMPILE_DECODE=1), else eager;
 - recompute: one forward over all L + i tokens per step, logits of the last
   position taken (generation without a cache). GPT.forward puts every position
   through lm_head;
@@ -91,13 +92,15 @@ def bench_context(model, L: int, device, args) -> dict:
     rates = {"cache": [], "recompute": [], "recompute_last": []}
     with torch.inference_mode(), autocast:
         cache = model.new_kv_cache(1, max_len=L + 256)
+        if gpt.compile_wanted(device):
+            gpt.compile_decode(model, cache)
         state = {}
 
         def cached_step():  # one token on top of the cache
             if cache.pos == cache.max_len:  # roll back: the context stays between L and L + 256
                 cache.truncate(L)
             next_id = state["logits"].argmax(dim=-1, keepdim=True)
-            state["logits"] = model(next_id, kv_cache=cache)[:, -1]
+            state["logits"] = model.decode(next_id, cache)
 
         def full_step(forward):  # the whole context for every token
             next_id = forward(state["ids"]).argmax(dim=-1, keepdim=True)
@@ -158,6 +161,7 @@ def main():
         model = make_model(args.preset, args.vocab_size, max(max(args.contexts), args.ttft_prompt), device)
         c = model.config
         where = torch.cuda.get_device_name(device) + ", bf16 autocast" if device.type == "cuda" else "CPU, fp32"
+        where += ", decode step compiled" if gpt.compile_wanted(device) else ", decode step eager"
         print(f"\n### {name}: {where}; preset {args.preset} ({c.n_layer} layers, width {c.n_embd}, "
               f"{c.n_head} heads), vocab {c.vocab_size}, {model.num_params() / 1e6:.1f}M parameters\n")
         print("| context | tok/s with KV cache | tok/s recompute (forward as is) "

@@ -42,15 +42,24 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   run          a short real d12 run whose loss must fall: counting sequences
                (token t+1 = token t + 1 mod 1024, a fresh random start per row and
                step), so there is something to learn and no data files are needed.
-  decode       KV-cache generation tokens/s (gpt.GPT.generate), d12, bf16 autocast.
+  decode       chat and serving (bench/gpu_serving.py): d12 and d20 loaded as chat.py
+               and serve.py load them (the decode step compiled and captured at load):
+               load time, first token, batch-1 greedy tokens/s compiled and eager,
+               compiled = eager greedy tokens, the batched engine at 32 streams
+               against one at a time, and its answers against one-at-a-time ones.
+  pipeline     the stage scripts on local data as a user runs them (torchrun train.py
+               d12 -> sft.py -> evaluation.py -> chat.py -> serve.py with 4 streams),
+               one row per stage with its wall time and result (bench/gpu_serving.py).
 
 --quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
 3 RMSNorm shapes in 3 modes (about 15 compiles of a few seconds each), speed
 T 2048 only, RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
-about a minute each), run and decode as in the full run (seconds each), plus
-one start-up of about 10 s (the imports) and a CUDA initialisation per section.
-The quick time limits (SECTIONS) add up to 5 minutes, so even a hung section
-cannot stretch the run much past that.
+about a minute each), run as in the full run (seconds), decode d12 only (a
+compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
+of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
+per section. The quick time limits (SECTIONS) add up to 11 minutes, so even a
+hung section cannot stretch the run much past that; where one command may run
+at most 10 minutes, run `--sections pipeline --quick` as a second command.
 
 In --smoke the same code runs on the CPU at toy sizes: the nano model, fp32, no
 torch.compile (Inductor cannot trace Triton's interpreter), SDPA backends and
@@ -61,6 +70,7 @@ import argparse
 import math
 import os
 import platform
+import queue
 import sys
 import threading
 import time
@@ -77,7 +87,7 @@ import common
 import gpt
 import kernels
 import train
-from bench.gpu_runner import Report, case, run_sections
+from bench.gpu_runner import Report, _one_line, case, run_sections
 from bench.kernels import launch_overhead
 from kernels import attention, rmsnorm
 
@@ -93,7 +103,8 @@ SECTIONS = [
     ("launch", 120, 10),
     ("train", 1500, 110),
     ("run", 600, 25),
-    ("decode", 300, 15),
+    ("decode", 900, 120),
+    ("pipeline", 1800, 240),
 ]
 PRELOAD = ["torch", "torch.nn.functional", "triton", "common", "gpt", "kernels", "train", "bench.kernels",
            "bench.gpu_runner"]  # what every section's process starts with, imported once
@@ -490,30 +501,44 @@ def section_run(args, device):
     yield case(args, [preset], measure)
 
 
+def _rows_of(fn, *fn_args):
+    """Run one of bench/gpu_serving.py's sections (which report through gpu_serving.emit) in a thread and yield its
+    lines as they come; an exception outside its cases is raised here, so the runner reports it as a row."""
+    from bench import gpu_serving
+    lines, done, failure = queue.Queue(), object(), []
+    gpu_serving.emit = lines.put
+
+    def run():
+        try:
+            fn(*fn_args)
+        except BaseException as e:  # SystemExit too: gpu_serving says "no CUDA device" that way
+            failure.append(e)
+        finally:
+            lines.put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (line := lines.get()) is not done:
+        yield line
+    if failure:
+        raise RuntimeError(_one_line(failure[0])) from failure[0]
+
+
 def section_decode(args, device):
-    """KV-cache decode"""
-    preset, prompt_len, new = ("nano", 8, 16) if args.smoke else ("d12", 16, 256)
-    yield "Greedy, batch 1, random weights; tokens/s after the prefill and the first token."
+    """Chat and serving decode"""
+    yield ("Loaded as chat.py and serve.py load a model (session.load_session: the decode step compiled and "
+           "captured at load on CUDA); random weights, vocabulary 65,536, context 2,048 (bench/gpu_serving.py).")
     yield ""
-    yield "| model | prompt | new tokens | decode tokens/s (after prefill) |"
-    yield "|---|---:|---:|---:|"
+    from bench import gpu_serving
+    yield from _rows_of(gpu_serving.decode_section, args.quick, args.smoke)
 
-    def measure():
-        model = build(preset, 2048, device).eval()
-        with torch.no_grad():  # random weights instead of init_weights' zero lm_head, so the tokens vary
-            model.lm_head.weight.normal_(0, 0.02)
-        prompt = list(range(1, prompt_len + 1))
-        for _ in model.generate(prompt, 4, temperature=0.0):  # warm-up
-            pass
-        stream = model.generate(prompt, new, temperature=0.0)
-        next(stream)  # prefill and the first token
-        sync(device)
-        t = time.perf_counter()
-        n = sum(1 for _ in stream)
-        sync(device)
-        return [prompt_len, n, f"{n / (time.perf_counter() - t):,.0f}"]
 
-    yield case(args, [preset], measure)
+def section_pipeline(args, device):
+    """The pipeline on local data"""
+    yield ("The stage scripts as a user runs them, on $NANOSCHNACK_DATA (default ../shared/data; the GPU machine "
+           "needs datasets, fastapi and uvicorn besides torch and triton: bench/gpu_serving.py's docstring).")
+    yield ""
+    from bench import gpu_serving
+    yield from _rows_of(gpu_serving.pipeline_section, args.quick, args.smoke)
 
 
 def section_hang(args, device):

@@ -54,6 +54,10 @@ ATTENTION_WINDOWS = [None, "T/2"]
 # RMSNorm widths of gpt.py's presets: residual stream n_embd, QK-norm head_dim
 # (nano 64/32, tiny 256/64, d12 768/128, d20 1280/128), over a ragged row count.
 NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
+# The decode step's attention (kernels/decode.py) over caches as the engines make them: d20's chat
+# session (one row, 2,048 + 2 slots), d12's batch engine (32 rows), a grouped-query D = 64 cache;
+# with and without a sliding window (an int argument the JIT specialises differently). B, H, H_kv, S, D.
+DECODE_CASES = [(1, 10, 10, 2050, 128), (32, 6, 6, 2049, 128), (4, 4, 2, 1000, 64)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -87,15 +91,15 @@ def record_launches() -> list[Launch]:
     """Run the real launchers on fake CUDA tensors and capture every kernel launch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels import attention, rmsnorm
+    from kernels import attention, decode, rmsnorm
 
     launches = []
 
     def fake_wrap_triton(kernel):  # stands in for torch.library.wrap_triton: kernel[grid](*args, **kwargs)
         return _Indexable(lambda grid: lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, kwargs)))
 
-    saved = attention.wrap_triton, rmsnorm.wrap_triton
-    attention.wrap_triton = rmsnorm.wrap_triton = fake_wrap_triton
+    saved = attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton
+    attention.wrap_triton = rmsnorm.wrap_triton = decode.wrap_triton = fake_wrap_triton
     try:
         with FakeTensorMode():
             for dtype in DTYPES:
@@ -108,6 +112,14 @@ def record_launches() -> list[Launch]:
                     out, lse = attention._triton_fwd(q, k, v, window)
                     attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse, window)
                     _label(launches[start:], case, dtype)
+                for B, H, H_kv, S, D in DECODE_CASES:
+                    q = torch.empty(B, 1, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+                    k, v = (torch.empty(B, H_kv, S, D, device="cuda", dtype=dtype) for _ in "kv")  # a layer of the cache
+                    positions = torch.empty(B, device="cuda", dtype=torch.long)
+                    for window in (None, 256):
+                        start = len(launches)
+                        decode._triton_decode(q, k, v, positions, window)
+                        _label(launches[start:], f"B{B} H{H} Hkv{H_kv} S{S} D{D} window {window}", dtype)
                 for width in NORM_WIDTHS:
                     x = torch.empty(999, width, device="cuda", dtype=dtype)
                     start = len(launches)
@@ -115,7 +127,7 @@ def record_launches() -> list[Launch]:
                     rmsnorm._triton_bwd(torch.empty_like(y), x, rstd)
                     _label(launches[start:], f"rows 999 N{width}", dtype)
     finally:
-        attention.wrap_triton, rmsnorm.wrap_triton = saved
+        attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton = saved
     return launches
 
 

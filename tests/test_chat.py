@@ -71,6 +71,31 @@ def test_kv_cache_across_turns_equals_recompute(session_factory):
     assert [m["content"] for m in session.history[::2]] == TURNS
 
 
+def test_compiled_decode_step_across_turns(session_factory, decode_compiled_on_cpu):
+    """The session's decode step compiled at load as on CUDA (conftest: torch.compile without Inductor), and
+    never again: not over hundreds of tokens, five turns, an answer stopped early and the rollback after it,
+    and the oldest turns dropped to fit the context. Every answer is the recomputation's."""
+    graphs = decode_compiled_on_cpu
+    sampling = Sampling(temperature=0, top_k=None, max_new_tokens=100)
+    session = session_factory(sampling=sampling, system="Du bist ein hilfsbereiter Assistent.", compile_decode=True)
+    assert session.cache.compiled and len(graphs) == 1
+    decoded = dropped = 0
+    for i, text in enumerate(TURNS + ["Noch eine Frage?"]):
+        if i == 2:  # stopped after three pieces: the next prompt rolls the cache back to what it agrees with
+            stream = session.send("Erzähl mir etwas.")
+            [next(stream) for _ in range(3)]
+            stream.close()
+        room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)  # older turns dropped
+        _, prompt = fit_to_context(session.tokenizer, session.messages + [{"role": "user", "content": text}], room)
+        list(session.send(text))
+        budget = min(sampling.max_new_tokens, session.context_len - len(prompt))
+        assert session.last.ids == recompute(session.model, prompt, budget, session.chat_stop_ids)
+        assert session.cache.pos == len(session.cached_ids)
+        decoded, dropped = decoded + len(session.last.ids), dropped + session.last.dropped_messages
+    assert decoded >= 200 and dropped, (decoded, dropped)
+    assert len(graphs) == 1
+
+
 def test_stopped_answer_keeps_history_and_cache_consistent(session_factory):
     session = session_factory(sampling=Sampling(temperature=1.0, top_k=None, max_new_tokens=40))
     stream = session.send(TURNS[0])

@@ -11,8 +11,12 @@ import session
 from conftest import make_checkpoint
 
 
-@pytest.mark.parametrize("n_kv_head", [1, 2])  # grouped-query attention and plain
-def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_head):
+@pytest.mark.parametrize("n_kv_head, compiled", [(1, False), (2, False), (1, True)],
+                         ids=["gqa", "mha", "gqa-compiled"])  # grouped-query attention and plain
+def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_head, compiled, request):
+    """compiled: the step compiled as on CUDA (conftest: without Inductor) for batch sizes 1, 2, 4 and 8, so
+    that a step of 3 or 5 rows feeds rows that are not kept; compiled at the start, never again."""
+    graphs = request.getfixturevalue("decode_compiled_on_cpu") if compiled else None
     model, _, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer, n_kv_head=n_kv_head,
                                                    sequence_len=256), torch.device("cpu"))
     rng = random.Random(n_kv_head)
@@ -31,6 +35,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
 
     expected = [alone(p) for p in prompts]
     cache = session.batch_cache(model, 8, 256)
+    assert cache.compiled == compiled and (not compiled or (cache.batch_sizes == [1, 2, 4, 8] and len(graphs) == 4))
     # as BatchEngine keeps them: the running sequences in rows 0..n-1, joining one per step at
     # row n, and a leaving one swapping places with the last (so its cache row moves)
     slot, out, seen, logits, active = {}, [[] for _ in prompts], [[] for _ in prompts], {}, []
@@ -53,6 +58,7 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
             new = session.decode(model, cache, [out[i][-1] for i in feed])
             for j, i in enumerate(feed):
                 logits[i] = new[j:j + 1]
+    assert not compiled or len(graphs) == 4
     for i, (tokens, logits_alone) in enumerate(expected):
         assert out[i] == tokens
         diff = max(float((a - b).abs().max()) for a, b in zip(seen[i], logits_alone))

@@ -270,6 +270,101 @@ def test_generate_is_seeded_and_streams():
     assert cont == list(model.generate(prompt + first + turn, 5, temperature=0))
 
 
+def recompute_greedy(model, ids, n):
+    """n greedy tokens the slow way: the whole sequence through the model for every token."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(model(torch.tensor([ids]))[0, -1].argmax().item())
+            ids.append(out[-1])
+    return out
+
+
+def test_decode_step_keeps_its_shapes_over_hundreds_of_tokens_and_turns(monkeypatch):
+    """Every tensor entering and leaving the decode step has the same shape at every token of a
+    conversation (three turns, a rollback, 240 tokens in all): a compiled step never needs a second
+    graph. And the tokens are the full recomputation's."""
+    model = random_model(sequence_len=32)  # rotary tables for 320 positions
+    seen = set()
+    step = gpt.decode_step
+
+    def recording(model, kv_cache, tokens):
+        logits = step(model, kv_cache, tokens)
+        seen.add(tuple(tuple(t.shape) for t in (tokens, kv_cache.k, kv_cache.v, kv_cache.seq_lens, logits)))
+        return logits
+
+    monkeypatch.setattr(gpt, "decode_step", recording)
+    cache = model.new_kv_cache(1, max_len=300)
+    history = [3, 14, 15]
+    for turn, n in enumerate((100, 80, 60)):
+        new = [turn + 1, 92, 65]  # the next "user message"
+        answer = list(model.generate(new if turn else history, n, temperature=0, kv_cache=cache))
+        history = history + (new if turn else []) + answer
+        assert answer == recompute_greedy(model, history[:-n], n)
+        assert cache.pos == len(history)
+        if turn == 1:
+            cache.truncate(cache.pos - 10)  # a rolled-back answer, as a chat session does after Ctrl-C
+            history = history[:-10]
+    assert len(seen) == 1, seen
+    assert next(iter(seen))[0] == (1, 1)
+
+
+def test_windowed_layers_decode_as_they_prefill():
+    """A layer with a sliding window (key j visible at position p iff p - window <= j <= p): one token at a
+    time through the cache gives the logits of prefilling everything at once, which honours the window too;
+    a window as long as the sequence changes nothing, a short one changes the logits."""
+    model = random_model()
+    idx = random_tokens(model, 2, 24)
+
+    def logits(windows, one_at_a_time):
+        for block, window in zip(model.transformer.h, windows):
+            block.attn.window = window
+        cache = model.new_kv_cache(2, max_len=24)
+        with torch.no_grad():
+            if not one_at_a_time:
+                return model(idx, kv_cache=cache)
+            out = [model(idx[:, :5], kv_cache=cache)]
+            out += [model.decode(idx[:, t:t + 1], cache)[:, None] for t in range(5, 24)]
+        return torch.cat(out, dim=1)
+
+    full = logits((None, None), False)
+    for windows in ((3, None), (0, 7), (None, None)):
+        torch.testing.assert_close(logits(windows, True), logits(windows, False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits((24, 30), True), full, atol=1e-5, rtol=1e-5)
+    assert (logits((3, None), True) - full).abs().max() > 1e-3
+
+
+def test_cache_rows_keep_their_own_lengths():
+    model = random_model()
+    cache = model.new_kv_cache(3, max_len=16)
+    ids = random_tokens(model, 3, 6)
+    model(ids[:2, :4], kv_cache=cache.rows(1))  # rows 1 and 2
+    cache.set_length(2, 2)
+    assert cache.lengths == [0, 4, 2] and cache.seq_lens.tolist() == [0, 4, 2]
+    with pytest.raises(ValueError, match="different numbers"):
+        cache.pos
+    cache.swap(0, 1)
+    assert cache.lengths == [4, 0, 2] and cache.seq_lens.tolist() == [4, 0, 2]
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.truncate(1)  # row 1 holds nothing
+    cache.truncate(0)
+    assert cache.pos == 0 and cache.seq_lens.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="holds 0 to 16"):
+        cache.set_length(0, 17)
+
+
+def test_serving_weights_give_the_same_logits():
+    """Linear weights kept in bf16 for generation: the same logits as casting fp32 weights under autocast."""
+    model = random_model()
+    idx = random_tokens(model, 2, 12)
+    with torch.no_grad(), gpt.autocast("cpu", torch.bfloat16):
+        want = model(idx)
+        gpt.serving_weights(model, torch.bfloat16)
+        got = model(idx)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
 def test_sample_next_token_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)

@@ -76,6 +76,9 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
         windows = (None,) if kernel == "attn_bwd_delta_kernel" else (False, True)  # with and without a sliding window
         for dtype, D, target, windowed in itertools.product(("bfloat16", "float16", "float32"), (64, 128), ("sm_90", "sm_80"), windows):
             assert (kernel, dtype, D, target, windowed) in seen, (kernel, dtype, D, target, windowed)
+    for kernel in ("decode_split_kernel", "decode_merge_kernel"):  # the decode step's attention (kernels/decode.py)
+        for dtype, D, target in itertools.product(("bfloat16", "float16", "float32"), (64, 128), ("sm_90", "sm_80")):
+            assert (kernel, dtype, D, target, None) in seen, (kernel, dtype, D, target)
     norm = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["kernel"].startswith("rms_norm")}
     assert len(norm) == 2 * 3 * 2  # fwd and bwd, 3 dtypes, 2 targets
     # the Inductor typing is really exercised: RMSNorm's eps is a float scalar

@@ -14,8 +14,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLES = ["Device", "Test hook: a section that hangs", "Correctness on the device", "Attention speed",
-                  "RMSNorm speed", "Launch overhead", "Training throughput", "A short real run", "KV-cache decode"]
+                  "RMSNorm speed", "Launch overhead", "Training throughput", "A short real run", "Chat and serving decode",
+                  "The pipeline on local data"]
 FAIL_CASE = "rms_norm_op 7x64 eager"
+# bench/gpu_serving.py's rows, through bench/gpu.py's decode and pipeline sections
+DECODE_CASES = ["load_session", "first token after load", "batch 1, greedy (second answer)",
+                "batch 1, greedy, eager step", "greedy tokens: compiled = eager", "engine, 4 streams at once",
+                "engine, one at a time", "engine: batched answers = one at a time"]
+PIPELINE_STAGES = ["tokenizer", "pretraining", "SFT", "evaluation (bits per byte)", "chat (one answer)",
+                   "serve (4 concurrent streams)"]
 
 
 def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(tmp_path):
@@ -45,6 +52,19 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
     assert "| this row was printed before the section hung |" in hang
     assert "**TIMED OUT**: killed at its time limit, 3 s after its first line" in hang
     assert out.count("**TIMED OUT**") == 1
+
+    # chat and serving, and the pipeline: every row came out (nothing is measured on the CPU)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    decode = {r[1]: r for r in rows if r[0] == "nano" and len(r) == 5}
+    assert list(decode) == DECODE_CASES, out
+    assert decode["greedy tokens: compiled = eager"][2] == "equal (24 tokens)"  # both eager on the CPU: the check runs
+    assert decode["engine: batched answers = one at a time"][2] == "4 of 4 equal"
+    pipeline = {r[0]: r for r in rows if r[0] in PIPELINE_STAGES}
+    assert list(pipeline) == PIPELINE_STAGES, out
+    assert "validation bits per byte" in pipeline["pretraining"][2]
+    assert "bits per byte" in pipeline["evaluation (bits per byte)"][2]
+    assert "answer: '" in pipeline["chat (one answer)"][2]
+    assert "4 streams" in pipeline["serve (4 concurrent streams)"][2]
 
     assert "**NO**" not in out  # a wrong kernel or a loss that did not fall
     assert "Our ops run: Triton in the correctness section" in out  # the interpreter really ran our kernels
