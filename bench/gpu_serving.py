@@ -286,15 +286,17 @@ def decode_section(quick: bool, smoke: bool = False) -> None:
 
 
 def tiny_data_folder(root: Path) -> Path:
-    """The sample data's layout with a few German sentences (as tests/test_pipeline.py writes it), for --smoke."""
+    """The sample data's layout with a few German sentences, for --smoke and tests/test_pipeline.py:
+    pretrain/<source>/{train-*,val}.parquet, sft/*.jsonl, eval/*.txt."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
     docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 5
     for source in ("lexikon", "reden"):
         (root / "pretrain" / source).mkdir(parents=True)
-        pq.write_table(pa.table({"text": docs}), root / "pretrain" / source / "train-00000.parquet", row_group_size=32)
-        pq.write_table(pa.table({"text": docs[:4]}), root / "pretrain" / source / "val.parquet")
+        pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),
+                       root / "pretrain" / source / "train-00000.parquet", row_group_size=32)
+        pq.write_table(pa.table({"text": docs[:4], "source": [source] * 4}), root / "pretrain" / source / "val.parquet")
     (root / "sft").mkdir()
     conversations = [{"messages": [{"role": "user", "content": f"Satz {i}?"},
                                    {"role": "assistant", "content": lines[i % len(lines)][:60]}]} for i in range(40)]

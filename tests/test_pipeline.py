@@ -1,35 +1,13 @@
 """The CI smoke test: demo.sh end to end at micro scale (seconds per stage), on a data folder made here."""
-import json
 import os
 import subprocess
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from conftest import FIXTURE_TEXT
+from bench.gpu_serving import tiny_data_folder  # the sample data's layout, as bench/gpu.py's smoke run writes it
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_data_folder(root: Path) -> Path:
-    """The layout of the sample data: pretrain/<source>/{train-*,val}.parquet, sft/*.jsonl, eval/*.txt."""
-    lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
-    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 5
-    for source in ("lexikon", "reden"):
-        (root / "pretrain" / source).mkdir(parents=True)
-        pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),
-                       root / "pretrain" / source / "train-00000.parquet", row_group_size=32)
-        pq.write_table(pa.table({"text": docs[:4], "source": [source] * 4}), root / "pretrain" / source / "val.parquet")
-    (root / "sft").mkdir()
-    conversations = [{"messages": [{"role": "user", "content": f"Satz {i}?"},
-                                   {"role": "assistant", "content": lines[i % len(lines)][:60]}]} for i in range(40)]
-    for name, rows in (("chat.jsonl", conversations[:32]), ("val.jsonl", conversations[32:])):
-        (root / "sft" / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (root / "eval").mkdir()
-    (root / "eval" / "ud_gsd_dev.txt").write_text("\n".join(lines[:10]) + "\n", encoding="utf-8")
-    return root
 
 
 def run_demo(env_extra, *args, timeout=900):
@@ -40,7 +18,7 @@ def run_demo(env_extra, *args, timeout=900):
 
 
 def test_demo_runs_every_stage_at_micro_scale(tmp_path):
-    data = make_data_folder(tmp_path / "data")
+    data = tiny_data_folder(tmp_path / "data")
     out = tmp_path / "out"
     proc = run_demo(dict(NANOSCHNACK_DATA=str(data), NANOSCHNACK_OUT=str(out), NANOSCHNACK_DEMO_SCALE="micro"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
