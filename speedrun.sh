@@ -5,12 +5,13 @@
 #   bash speedrun.sh                 # or: NPROC=4 OUT=/scratch/run1 bash speedrun.sh
 #
 # Real German hub data (FineWeb-2 deu_Latn + German Wikipedia + German Commons),
-# the d20 model (477M parameters with the 32768-token vocabulary), the 20:1
-# token ratio (9.5B tokens), SFT on the German hub chat mix, evaluations and
-# report card: the same stage scripts as the CPU demo, other flags.
+# the d20 model (477M parameters with the 32768-token vocabulary), nanochat's
+# 12:1 token ratio over the blocks' and lm_head's 435M parameters (5.2B tokens),
+# SFT on the German hub chat mix, evaluations and report card: the same stage
+# scripts as the CPU demo, other flags.
 # Expected time on 8xH100, an ESTIMATE until measured (README, "The speedrun"):
-# pretraining 9.5B tokens x 3.2 GFLOP/token = 3.1e19 FLOP, at 40-50% MFU of
-# 8 x 989 TFLOP/s: 2.2-2.7 h; data preparation, tokenizer, SFT and evals about
+# pretraining 5.2B tokens x 3.24 GFLOP/token = 1.7e19 FLOP, at 40-50% MFU of
+# 8 x 989 TFLOP/s: 1.2-1.5 h; data preparation, tokenizer, SFT and evals about
 # 1 h more.
 # Every stage resumes: run the script again after an interruption.
 set -euo pipefail
@@ -23,14 +24,14 @@ RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 echo "== 0. data: the hub mix as local parquet shards, so a long run does not depend on the hub"
-# 200 shards of 250M characters = 50B characters, about 10B tokens: the d20 budget.
+# 200 shards of 250M characters = 50B characters, about 10B tokens: the d20 budget twice over.
 PRETRAIN=$($PY -c 'import data; print(data.DEFAULT_PRETRAIN_SPEC)')
 $PY prepare.py --data $PRETRAIN --out "$OUT/data/base" --max-shards 200
 
 echo "== 1. tokenizer: 32768 tokens on 2B characters"
 $PY tok.py --data "parquet://$OUT/data/base" --max-chars 2B --out "$OUT/tokenizer"
 
-echo "== 2. pretraining: d20, 20 tokens per parameter"
+echo "== 2. pretraining: d20, 12 tokens per parameter (train.py's default)"
 $RUN train.py --preset d20 --data "parquet://$OUT/data/base" --val-data "parquet://$OUT/data/base?split=val" \
     --tokenizer "$OUT/tokenizer" --out "$OUT/base" --resume
 

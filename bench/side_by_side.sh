@@ -56,6 +56,15 @@
 # Tokens differ between the two tokenizers; bytes/token of each on those documents is
 # shown so tokens/s can be read as bytes/s too.
 #
+# Two more kinds of nanoschnack run, for issue 27's questions (what does each change of the recipe
+# buy, and who learns more in the same minutes):
+#   EQUAL_TIME=1  after each nanochat run, nanoschnack again (run nst<r>) for as long as that nanochat
+#                 run took from start to exit, compile included: train.py --time-budget (its schedule
+#                 follows the clock; its own start-up before the first step is not counted)
+#   VARIANTS      "name: flags; name: flags; ...": one nanoschnack run per entry (run ns-<name>), with
+#                 NS_ARGS and then the entry's flags, after the pairs; REPEATS=0 runs only these. They get
+#                 their own table: tokens/s, held-out bpb and its change against the first entry.
+#
 # MINUTES sets the length through STEPS, at a nominal NOMINAL_TOK_S: both runs take the same
 # number of steps, so on a slower or busier machine each run simply takes longer than MINUTES
 # (plus nanochat's compile, ~1-2 min cold; the inductor cache is kept in WORK/inductor_cache).
@@ -65,7 +74,7 @@
 # Settings (environment): NANOCHAT_DIR (required), NANOSCHNACK_DATA (default ../shared/data),
 # MINUTES (8), NOMINAL_TOK_S (3500; STEPS = MINUTES x 60 x NOMINAL_TOK_S / 4096), STEPS,
 # REPEATS (1), THREADS (2), VOCAB (8192), WARMUP (10), EVAL_DOCS (200), NC_DEVICE_BATCH (16),
-# NS_ARGS, NC_ARGS (extra flags), WORK (out/side_by_side), NS_PYTHON (.venv/bin/python),
+# NS_ARGS, NC_ARGS (extra flags), EQUAL_TIME, VARIANTS, WORK (out/side_by_side), NS_PYTHON (.venv/bin/python),
 # NANOCHAT_PYTHON, NANOSCHNACK_DIR (default: this script's repository), RUN_TIMEOUT (seconds
 # per run, default 4 x MINUTES + 15 min). The result table goes to stdout and
 # WORK/runs/<time>/side_by_side.md; the full logs are next to it.
@@ -87,6 +96,8 @@ EVAL_DOCS=${EVAL_DOCS:-200}
 NC_DEVICE_BATCH=${NC_DEVICE_BATCH:-16}
 NS_ARGS=${NS_ARGS:-}
 NC_ARGS=${NC_ARGS:-}
+EQUAL_TIME=${EQUAL_TIME:-0}
+VARIANTS=${VARIANTS:-}
 WORK=${WORK:-$REPO/out/side_by_side}
 NS_PYTHON=${NS_PYTHON:-$REPO/.venv/bin/python}
 RUN_TIMEOUT=${RUN_TIMEOUT:-$(( MINUTES * 240 + 900 ))}
@@ -98,6 +109,7 @@ say() { echo "side_by_side: $*" >&2; }
 [ -x "$NS_PYTHON" ] || die "no nanoschnack Python at $NS_PYTHON (run setup.sh, or set NS_PYTHON)"
 compgen -G "$DATA/pretrain/*/train-*.parquet" > /dev/null || die "no $DATA/pretrain/*/train-*.parquet (set NANOSCHNACK_DATA)"
 command -v g++ > /dev/null || command -v cc > /dev/null || die "torch.compile on the CPU needs a C++ compiler (g++)"
+[ "$REPEATS" -gt 0 ] || [ -n "$VARIANTS" ] || die "REPEATS=0 and no VARIANTS: nothing to run"
 [ "$STEPS" -gt $(( WARMUP + 1 )) ] || die "STEPS=$STEPS must exceed WARMUP=$WARMUP + 1"
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -231,27 +243,42 @@ run_nanochat() {  # $1: run name
     fi
 }
 
-run_nanoschnack() {  # $1: run name
-    local log=$RUNS/$1.log out=$RUNS/$1.out rc=0
-    begin_run "$1"
+run_nanoschnack() {  # $1: run name, then extra train.py flags (after NS_ARGS)
+    local name=$1 log=$RUNS/$1.log out=$RUNS/$1.out rc=0
+    shift
+    echo "$NS_ARGS $*" > "$RUNS/$name.args"
+    begin_run "$name"
     # shellcheck disable=SC2086
     (cd "$REPO" && timeout -k 30 "$RUN_TIMEOUT" "$NS_PYTHON" train.py --preset tiny --tokenizer "$NS_TOK" \
         --data "parquet://$SHARDS" --val-data "parquet://$SHARDS?split=val" --max-steps "$STEPS" \
-        --eval-every "$STEPS" --save-every "$STEPS" --sample-every 0 --log-every 1 --out "$out" $NS_ARGS 2>&1) \
+        --eval-every "$STEPS" --save-every "$STEPS" --sample-every 0 --log-every 1 --out "$out" $NS_ARGS "$@" 2>&1) \
         | "$NS_PYTHON" "$BIN/stamp.py" > "$log" || rc=$?
-    end_run "$1" "$rc"
-    say "$1: nanoschnack exit $rc ($(grep -c $'\tstep ' "$log" || true) step lines)"
+    end_run "$name" "$rc"
+    say "$name: nanoschnack exit $rc ($(grep -c $'\tstep ' "$log" || true) step lines)"
     if compgen -G "$out/ckpt_*.pt" > /dev/null; then
         (cd "$REPO" && "$NS_PYTHON" "$BIN/heldout_bpb.py" --kind nanoschnack --checkpoint "$out" \
-            --val "$VAL_SHARD" --docs "$EVAL_DOCS" 2> "$RUNS/$1.bpb.err" | tail -1 > "$RUNS/$1.bpb.json") || say "$1: held-out eval failed"
+            --val "$VAL_SHARD" --docs "$EVAL_DOCS" 2> "$RUNS/$name.bpb.err" | tail -1 > "$RUNS/$name.bpb.json") || say "$name: held-out eval failed"
         rm -f "$out"/ckpt_*.pt   # ~90 MB each; the log stays
     fi
 }
 
 say "STEPS=$STEPS x $TOKENS_PER_STEP tokens, REPEATS=$REPEATS, OMP_NUM_THREADS=$THREADS; logs in $RUNS"
+run_equal_time() {  # $1: r; nanoschnack for as long as run nc$1 took
+    local minutes
+    minutes=$(awk '{ print $1 }' "$RUNS/nc$1.start" "$RUNS/nc$1.end" | paste -sd' ' | awk '{ printf "%.3f", ($2 - $1) / 60 }')
+    run_nanoschnack "nst$1" --time-budget "$minutes"
+}
 for r in $(seq 1 "$REPEATS"); do
     if [ $(( r % 2 )) -eq 1 ]; then run_nanochat "nc$r"; run_nanoschnack "ns$r"
     else run_nanoschnack "ns$r"; run_nanochat "nc$r"; fi
+    if [ "$EQUAL_TIME" = 1 ]; then run_equal_time "$r"; fi
+done
+IFS=';' read -ra VARIANT_LIST <<< "$VARIANTS"
+for entry in "${VARIANT_LIST[@]}"; do
+    [ -n "${entry// /}" ] || continue
+    vname=$(echo "${entry%%:*}" | tr -d ' ')
+    # shellcheck disable=SC2086
+    run_nanoschnack "ns-$vname" ${entry#*:}
 done
 
 # --- the table
@@ -260,7 +287,7 @@ git_state() { local d=$1; if git -C "$d" rev-parse HEAD > /dev/null 2>&1; then
     else echo "unknown (not a git checkout)"; fi; }
 {
     echo "cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-    echo "cpus=$(nproc) of $(lscpu | sed -n 's/^CPU(s): *//p' | head -1), threads per core $(lscpu | sed -n 's/^Thread(s) per core: *//p')"
+    echo "cpus=$(env -u OMP_NUM_THREADS nproc) of $(lscpu | sed -n 's/^CPU(s): *//p' | head -1), threads per core $(lscpu | sed -n 's/^Thread(s) per core: *//p')"
     echo "ns_torch=$("$NS_PYTHON" -c 'import torch; print(torch.__version__)')"
     echo "nc_torch=$NC_TORCH"
     echo "nanochat=$(git_state "$NANOCHAT_DIR")"
@@ -327,8 +354,8 @@ names = sorted({p.name.split(".")[0] for p in runs.glob("n[cs]*.log")},
                key=lambda n: float((runs / f"{n}.start").read_text().split()[0]))  # in the order they ran
 res = {n: parse(n) for n in names}
 
-def med(kind, key):
-    vals = [r[key] for r in res.values() if r["kind"] == kind and r.get(key) is not None]
+def med(kind, key, pattern=r"n[cs]\d+"):  # the pairs; nst<r>: the equal-time runs; ns-<name>: the variants
+    vals = [r[key] for n, r in res.items() if r["kind"] == kind and r.get(key) is not None and re.fullmatch(pattern, n)]
     return statistics.median(vals) if vals else None
 
 def fmt(v, spec):
@@ -357,25 +384,43 @@ rows = [
     ("load average during the run (mean of 5 s samples)", "mean_load", ".2f", False),
 ]
 n_rep = len([r for r in res.values() if r["kind"] == "nanochat"])
-print(f"| {'median of ' + str(n_rep) + ' runs' if n_rep > 1 else 'metric'} | nanochat base_train (compiled) "
-      f"| nanoschnack train.py --preset tiny {info['ns_args']} | nanoschnack / nanochat |")
-print("|---|---:|---:|---:|")
-for label, key, spec, ratio in rows:
-    a, b = med("nanochat", key), med("nanoschnack", key)
-    if key in ("steps", "params") and a is not None: a = int(a)
-    if key in ("steps", "params") and b is not None: b = int(b)
-    q = f"{b / a:.2f}x" if ratio and a and b else ""
-    print(f"| {label} | {fmt(a, spec)} | {fmt(b, spec)} | {q} |")
-a, b = med("nanochat", "tok_s"), med("nanochat", "heldout_bytes_per_token")
-c, d = med("nanoschnack", "tok_s"), med("nanoschnack", "heldout_bytes_per_token")
-if None not in (a, b, c, d):
-    print(f"| bytes/s (mean tokens/s x bytes/token) | {a * b:,.0f} | {c * d:,.0f} | {c * d / (a * b):.2f}x |")
+if n_rep:
+    print(f"| {'median of ' + str(n_rep) + ' runs' if n_rep > 1 else 'metric'} | nanochat base_train (compiled) "
+          f"| nanoschnack train.py --preset tiny {info['ns_args']} | nanoschnack / nanochat |")
+    print("|---|---:|---:|---:|")
+    for label, key, spec, ratio in rows:
+        a, b = med("nanochat", key), med("nanoschnack", key)
+        if key in ("steps", "params") and a is not None: a = int(a)
+        if key in ("steps", "params") and b is not None: b = int(b)
+        q = f"{b / a:.2f}x" if ratio and a and b else ""
+        print(f"| {label} | {fmt(a, spec)} | {fmt(b, spec)} | {q} |")
+    a, b = med("nanochat", "tok_s"), med("nanochat", "heldout_bytes_per_token")
+    c, d = med("nanoschnack", "tok_s"), med("nanoschnack", "heldout_bytes_per_token")
+    if None not in (a, b, c, d):
+        print(f"| bytes/s (mean tokens/s x bytes/token) | {a * b:,.0f} | {c * d:,.0f} | {c * d / (a * b):.2f}x |")
 cpus = int(info["cpus"].split()[0])
 busy = [n for n, r in res.items() if r.get("mean_load") is not None and r["mean_load"] > cpus + 0.5]
 if busy:
     print(f"\n**Warning:** the load average exceeded {cpus + 0.5:g} ({cpus} CPUs) during {', '.join(busy)}: other "
           f"programs shared the CPUs, so tokens/s measure the contention as much as the code. Rerun on an idle "
           f"machine (or with REPEATS=3, which alternates the order) before drawing conclusions.")
+if any(re.fullmatch(r"nst\d+", n) for n in res):
+    a, b = med("nanochat", "heldout_bpb"), med("nanoschnack", "heldout_bpb", r"nst\d+")
+    steps_equal_time = med("nanoschnack", "steps", r"nst\d+")
+    print(f"\nEqual wall time: nanoschnack trained for as long as nanochat's run took, start-up and compile included "
+          f"(train.py --time-budget): held-out bpb {fmt(b, '.4f')} against nanochat's {fmt(a, '.4f')} "
+          f"({fmt(steps_equal_time, '.0f')} steps against {fmt(med('nanochat', 'steps'), '.0f')}).")
+variants = [n for n in res if n.startswith("ns-")]
+if variants:
+    first = res[variants[0]].get("heldout_bpb")
+    print(f"\nVariants ({info['steps']} steps each unless their flags say otherwise; flags after NS_ARGS):\n\n"
+          "| variant | flags | tokens/s (mean) | tokens/s (median step) | held-out bpb | change |")
+    print("|---|---|---:|---:|---:|---:|")
+    for n in variants:
+        r, bpb = res[n], res[n].get("heldout_bpb")
+        change = f"{bpb - first:+.4f}" if None not in (bpb, first) and n != variants[0] else ""
+        print(f"| {n[3:]} | `{(runs / f'{n}.args').read_text().strip() or '(none)'}` | {fmt(r.get('tok_s'), ',.0f')} "
+              f"| {fmt(r.get('median_tok_s'), ',.0f')} | {fmt(bpb, '.4f')} | {change} |")
 print("\nRuns (in order):\n\n| run | steps | tok/s mean | tok/s median | tok/s fastest quarter | held-out bpb "
       "| load avg before -> after (mean) | exit |")
 print("|---|---:|---:|---:|---:|---:|---|---:|")
