@@ -160,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy (default %(default)s)")
     p.add_argument("--top-k", type=int, default=Sampling.top_k, help="0 = off (default %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 1 = off (default %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=Sampling.frequency_penalty,
+                   help="-2 to 2: lowers a token's logit per time the answer has it already, against loops "
+                        "(OpenAI's; default %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=Sampling.presence_penalty,
+                   help="-2 to 2: lowers the logit of every token the answer has already (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens,
                    help="per answer; the context may leave fewer (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling (default: random)")
@@ -203,7 +208,8 @@ def run(argv=None) -> None:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.frequency_penalty,
+                            args.presence_penalty)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:

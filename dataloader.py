@@ -278,6 +278,11 @@ class PretrainBatches:
         """Tokens handed out so far from each source (for the log)."""
         return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
 
+    def epoch_counts(self) -> dict[str, int]:
+        """How many times each source was read to its end so far (0: not once through yet; on this rank's share
+        of it): with equal-token weights a small source repeats while a big one is barely read (README, mixing)."""
+        return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["epochs"])}
+
     def cropped_counts(self) -> dict[str, int]:
         """Tokens read from each source but never handed out: best-fit's cropped document tails, and the
         last partial row of a non-looping stream (either packing)."""

@@ -589,7 +589,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 kv_cache: KVCache | None = None, generator: torch.Generator | None = None):
+                 kv_cache: KVCache | None = None, generator: torch.Generator | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
         """Stream up to max_new_tokens sampled token ids (a Python generator of ints): the one decode loop.
 
         tokens are prefilled in one forward on top of kv_cache if one is given (e.g.
@@ -598,7 +599,8 @@ class GPT(nn.Module):
         `generator` (a caller's stream, e.g. a chat session's) or else a new one
         seeded with `seed`. Each token is fed to the model before it is yielded, so
         when the caller stops early the cache holds exactly the prompt and every
-        token it received, ready for the next turn.
+        token it received, ready for the next turn. frequency_penalty and
+        presence_penalty count the tokens generated here (penalize).
         """
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
@@ -611,8 +613,13 @@ class GPT(nn.Module):
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         with autocast(device):
             logits = self.forward(ids, kv_cache=kv_cache)[:, -1]
+        counts = None if not (frequency_penalty or presence_penalty) else torch.zeros_like(logits, dtype=torch.float32)
         for _ in range(max_new_tokens):
+            if counts is not None:
+                logits = penalize(logits, counts, frequency_penalty, presence_penalty)
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if counts is not None:
+                counts.scatter_add_(1, next_id, torch.ones_like(next_id, dtype=counts.dtype))
             with autocast(device):
                 logits = self.decode(next_id, kv_cache)
             yield next_id.item()
@@ -761,6 +768,23 @@ def autocast(device, dtype: torch.dtype | None = None):
     """The compute dtype, in one place: autocast to `dtype` (weights stay fp32), default_dtype by default."""
     dtype = dtype or default_dtype(device)
     return nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: logits (B, vocab) minus, per token, frequency x how often it was
+    generated so far (counts, (B, vocab)) and presence if it was at all. Positive values make an answer less
+    likely to repeat itself (a loop of one sentence, which small models fall into, greedy above all); 0 and 0
+    leave the logits as they are, so greedy decoding stays exactly argmax."""
+    return logits.float() - frequency * counts - presence * (counts > 0).float()
+
+
+def token_counts(answers: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """(B, vocab) float: how often each token stands in each answer (for penalize)."""
+    counts = torch.zeros(len(answers), vocab_size, device=device)
+    for row, ids in enumerate(answers):
+        if ids:
+            counts[row].index_add_(0, torch.tensor(ids, device=device), torch.ones(len(ids), device=device))
+    return counts
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

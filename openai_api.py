@@ -198,7 +198,9 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     if top_p == 0:  # the limit of nucleus sampling as top_p -> 0: only the most likely token
         temperature, top_p = 0.0, None
     sampling = Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
-                             max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True))
+                        max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True),
+                        frequency_penalty=float(number(data, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0)),
+                        presence_penalty=float(number(data, "presence_penalty", defaults.presence_penalty, -2.0, 2.0)))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
 
 

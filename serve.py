@@ -457,6 +457,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=d.temperature, help="when a request names none (%(default)s)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="when a request names none, 0 = off (%(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="when a request names none, 1 = off (%(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="when a request names none: -2 to 2, per time a token was already generated (%(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="when a request names none: -2 to 2, once for every token already generated (%(default)s)")
     L = Limits()
     p.add_argument("--max-tokens", type=int, default=L.max_tokens, help="cap on a request's max_tokens, and the "
                                                                         "default (%(default)s)")
@@ -501,7 +505,8 @@ def main(argv=None) -> None:
         if not 0 < getattr(args, name) < math.inf:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number of seconds")
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens, args.frequency_penalty,
+                            args.presence_penalty)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)

@@ -79,6 +79,8 @@ class Sampling:
     top_k: int | None = 50  # None or 0: off
     top_p: float | None = None  # None or 1.0: off
     max_new_tokens: int = 512  # per answer; the context may leave less
+    frequency_penalty: float = 0.0  # OpenAI's, -2 to 2 (gpt.penalize): per time a token was already generated
+    presence_penalty: float = 0.0  # OpenAI's, -2 to 2: once for every token already generated
 
     def __post_init__(self):
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -89,6 +91,9 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise ValueError(f"{name} must be a number from -2 to 2 (0 = off), got {getattr(self, name)}")
         if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
             self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
 
@@ -246,7 +251,9 @@ class ChatSession:
         self.cache.truncate(reply.cached_tokens)
         received = []  # every token generate() gave us, the stop token included
         tokens = self.model.generate(prompt[reply.cached_tokens:], budget, sampling.temperature,
-                                     sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng)
+                                     sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng,
+                                     frequency_penalty=sampling.frequency_penalty,
+                                     presence_penalty=sampling.presence_penalty)
         try:
             for token in tokens:
                 received.append(token)

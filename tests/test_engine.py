@@ -1,6 +1,7 @@
 """engine.py's batch cache (a gpt.KVCache of many rows): rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
 the same greedy tokens, logits equal up to float rounding."""
 import random
+import threading
 
 import pytest
 import torch
@@ -99,3 +100,29 @@ def test_prefill_of_several_rows_equals_each_alone(tmp_path, small_tokenizer):
         first, tokens = alone(seq)
         diff = float((first[0] - prefilled[i]).abs().max())
         assert diff < 1e-4 and out[i] == tokens, f"row {i}: logit difference {diff}, {out[i]} vs {tokens}"
+
+
+def test_penalties_are_applied_alike_batched_and_alone(tmp_path, small_tokenizer):
+    """Frequency and presence penalties count each answer's own tokens: the batched engine (rows next to each
+    other, each its own counts) gives the answers of the one-at-a-time engine (GPT.generate's counts)."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=256)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    texts = ["Die Sonne scheint", "Berlin ist", "Im Wattenmeer leben", "Ein Satz über"]
+
+    def answers(eng, sampling):
+        done, jobs = threading.Semaphore(0), []
+        for text in texts:
+            jobs.append(engine.Job([tok.bos_id] + tok.encode(text), sampling, stop_ids={tok.bos_id}, text=text,
+                                   deliver=lambda event: event[0] in engine.FINAL and done.release()))
+            eng.submit(jobs[-1])
+        for _ in jobs:
+            assert done.acquire(timeout=600), "the engine did not finish"
+        return [job.reply.ids for job in jobs]
+
+    penalised = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24, frequency_penalty=1.0,
+                                 presence_penalty=0.5)
+    batched = answers(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), penalised)
+    alone = answers(engine.Engine(chat, 16), penalised)
+    assert batched == alone
+    assert alone != answers(engine.Engine(chat, 16), session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24))

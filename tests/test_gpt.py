@@ -590,3 +590,25 @@ def test_sizes_with_the_recipe():
     assert model.num_params(exclude_embedding=True) == blocks + 100 * 64 + 2 * 4 + 24 + 2
     attention = 12 * 4 * 16 * (3 * 128 + 256)  # three layers see 128 keys, the last 256
     assert model.flops_per_token() == 6 * (blocks + 100 * 64 + 24) + attention
+
+
+def test_penalties_follow_openai_and_off_keeps_greedy_exact():
+    """OpenAI's frequency and presence penalties in GPT.generate, against the formula written out on full
+    forwards: logit - frequency x count - presence x (count > 0), the counts over the tokens generated so far.
+    At 0 and 0 the greedy tokens are those of plain argmax."""
+    model = random_model()
+    prompt = [5, 17, 3]
+
+    def written_out(frequency, presence, n=20):
+        ids, counts = list(prompt), torch.zeros(model.config.vocab_size, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(n):
+                logits = model(torch.tensor([ids]))[0, -1].double() - frequency * counts - presence * (counts > 0)
+                ids.append(int(logits.argmax()))
+                counts[ids[-1]] += 1
+        return ids[len(prompt):]
+
+    for frequency, presence in [(0.0, 0.0), (0.8, 0.0), (0.0, 1.5), (1.0, 0.5), (-0.5, 0.0)]:
+        got = list(model.generate(prompt, 20, temperature=0.0, frequency_penalty=frequency, presence_penalty=presence))
+        assert got == written_out(frequency, presence), (frequency, presence)
+    assert written_out(0.0, 0.0) != written_out(1.0, 0.5)  # the penalties change this model's greedy answer

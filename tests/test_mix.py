@@ -52,6 +52,29 @@ def test_weight_size_mixes_by_size_in_the_loader(tmp_path, small_tokenizer):
     assert counts[0] / counts[1] == pytest.approx(3.0, rel=0.1)  # 3x the text, 3x the tokens (to within a row)
 
 
+def test_the_loader_counts_how_often_each_source_was_read_through(tmp_path, small_tokenizer):
+    """Equal tokens per source read a small source many times while a big one is not read through once; weights
+    by size read both at the same pace. train.py logs these counts at the end of a run."""
+    from dataloader import PretrainBatches
+    line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
+    big, small = [line * 8 + str(i) for i in range(24)], [line * 8 + str(i) for i in range(4)]
+    write_parquet(tmp_path / "big" / "a.parquet", big)
+    write_parquet(tmp_path / "small" / "a.parquet", small)
+    per_pass = [sum(len(ids) + 1 for ids in small_tokenizer.encode_batch(texts)) for texts in (big, small)]  # + BOS
+
+    def epochs(weights: str, tokens: int) -> list[int]:
+        sources = data.parse_specs(f"parquet://{tmp_path}/big/*.parquet{weights} parquet://{tmp_path}/small/*.parquet{weights}")
+        loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32)
+        batches = iter(loader)
+        while sum(loader.token_counts().values()) < tokens:
+            next(batches)
+        return list(loader.epoch_counts().values())
+
+    tokens = per_pass[0]  # as much as the big source holds
+    assert epochs("", tokens) == [0, tokens // 2 // per_pass[1]]  # the small one: its half, many times over
+    assert epochs("?weight=size", 2 * tokens) in ([1, 1], [1, 2], [2, 1])  # each about twice its own size, read once
+
+
 @pytest.mark.parametrize("spec, message", [
     ("hf://x/y?weight=size", "weight=size needs local files"),
     ("parquet:///x?weight=big", "must be a positive number or 'size'"),

@@ -314,6 +314,8 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     (b'{"messages": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "invalid_json", "deeper than 32"),
     ({"messages": user("Hallo"), "seed": 10**300}, 400, "invalid_value", "seed must be between"),
     ({"messages": user("Hallo"), "top_k": -10**300}, 400, "invalid_value", "top_k must be between"),
+    ({"messages": user("Hallo"), "frequency_penalty": 2.5}, 400, "invalid_value", "frequency_penalty must be between -2"),
+    ({"messages": user("Hallo"), "presence_penalty": "viel"}, 422, "invalid_type", "presence_penalty must be a number"),
     ({"messages": user("Hallo"), "max_tokens": -10**300}, 400, "invalid_value", "max_tokens must be between"),
     ({"messages": user("Hallo"), "max_tokens": 10**300}, 400, "max_tokens_too_large", "limit is"),
     (b'{"messages": [{"role": "user", "content": "Hallo"}], "temperature": NaN}', 400, "invalid_json", "NaN"),
