@@ -1,7 +1,7 @@
 """
 engine.py: the model side of serve.py. A queue of generation jobs in front of one model,
 and a worker thread that runs them: one at a time (Engine) or continuously batched
-(BatchEngine, on a gpt.KVCache of many rows), in serve.py's process or in one of its own (EngineProcess).
+(BatchEngine, on a kvcache.KVCache of many rows), in serve.py's process or in one of its own (EngineProcess).
 serve.py is the HTTP side: it parses and checks requests, submits Jobs and turns their
 events into OpenAI's responses.
 
@@ -14,7 +14,7 @@ goes away is marked cancelled: the worker stops it before the next token (or ski
 while it still waits) and moves on.
 
 Continuous batching decodes many sequences at once on one model, each at its own position,
-on a gpt.KVCache whose rows each have their own position (session.py's docstring says how). BatchEngine admits newcomers into free rows,
+on a kvcache.KVCache whose rows each have their own position (session.py's docstring says how). BatchEngine admits newcomers into free rows,
 prefills their prompts together, and decodes all running rows in one forward per step.
 
 In its own process: engine_process.py (EngineProcess, serve.py's default).

@@ -8,7 +8,7 @@ serve.py's engines, sft.py and the benchmarks share.
   text (base models). All three return generators of text pieces; the caller stops
   an answer early by closing the generator (or just leaving the loop).
 - load_session(): a ChatSession on a checkpoint, with clear errors.
-- prefill(), decode(): many sequences decoded together on one gpt.KVCache, each at its own
+- prefill(), decode(): many sequences decoded together on one kvcache.KVCache, each at its own
   position (serve.py's continuous batching, engine.BatchEngine).
 
 How the KV cache is kept across turns. The session keeps `cached_ids`, exactly
@@ -33,7 +33,7 @@ exchanges are dropped (the system message stays) until the prompt leaves room
 for max_new_tokens (at most half the context); the answer may then use all the
 room left.
 
-Continuous batching decodes many sequences at once on one model, on the same gpt.KVCache:
+Continuous batching decodes many sequences at once on one model, on the same kvcache.KVCache:
 its rows each sit at their own position. A server's sequences arrive at different times
 with prompts of different lengths; a row is a slot: a request takes a free one, fills it,
 and leaves it when it ends (its tokens stay, for reuse by the same client).
@@ -341,7 +341,7 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
 
 
-def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
+def batch_cache(model, rows: int, max_len: int) -> kvcache.KVCache:
     """A KV cache of `rows` sequences of up to max_len tokens, allocated now; its decode step compiled
     (for batch_sizes(rows)) where gpt.compile_wanted says so."""
     cache = model.new_kv_cache(rows, max_len).allocate(gpt.cache_dtype(model))
@@ -351,7 +351,7 @@ def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
 
 
 @torch.no_grad()
-def prefill(model, cache: gpt.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
+def prefill(model, cache: kvcache.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
     """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
     them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
     T = max(len(p) for p in prompts)
@@ -366,7 +366,7 @@ def prefill(model, cache: gpt.KVCache, start: int, keeps: list[int], prompts: li
 
 
 @torch.no_grad()
-def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
+def decode(model, cache: kvcache.KVCache, tokens: list[int]) -> torch.Tensor:
     """Feed tokens[i] to row i, all in one step; the next logits (len(tokens), vocab)."""
     n = len(tokens)
     B = next(b for b in cache.batch_sizes if b >= n) if cache.compiled else n

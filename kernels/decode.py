@@ -7,7 +7,7 @@ Attention of one new token per row over a static KV cache: the decode step's att
     #   already written at slot positions[b]
     # row b's query sees the keys j with  positions[b] - window <= j <= positions[b]  (window None: 0 <= j)
 
-Why an op of its own. The decode step (gpt.KVCache, GPT.decode) must keep the same tensor
+Why an op of its own. The decode step (kvcache.KVCache, GPT.decode) must keep the same tensor
 shapes from token to token, so that it is compiled once and, on CUDA, captured as one
 CUDA graph: its inputs are always the whole cache (S slots) and the positions, on the
 device. What each row really needs is only its first positions[b] + 1 keys. This op
@@ -231,7 +231,7 @@ def decode_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: to
                 window: int | None = None, plan: tuple | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) at `positions` (B,) over the cache slots k, v (B, H_kv, S, D) (module docstring).
 
-    plan: slice_plan(...) where an eager caller made it from what the host knows (gpt.KVCache does, once a
+    plan: slice_plan(...) where an eager caller made it from what the host knows (kvcache.KVCache does, once a
     step for all layers): on the CPU that saves reading the positions back from the tensor and rebuilding
     the mask in every layer (three ops and four, each as long as a tenth of a 512-token attention, tiny
     preset). Never given inside a compiled graph, where it would be a constant."""

@@ -20,7 +20,7 @@ def written_out(q, k, v, positions, window):
 
 
 def cache_and_query(B, H, H_kv, S, D, positions, seed=0):
-    """A layer of a cache, sliced out of a bigger buffer as gpt.KVCache does, and queries in the model's
+    """A layer of a cache, sliced out of a bigger buffer as kvcache.KVCache does, and queries in the model's
     transposed layout. Slots past each row's position hold large stale values: they must not count."""
     g = torch.Generator().manual_seed(seed)
     buffer = torch.randn(2, 2, B + 1, H_kv, S, D, generator=g)

@@ -1,4 +1,4 @@
-"""engine.py's batch cache (a gpt.KVCache of many rows): rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
+"""engine.py's batch cache (a kvcache.KVCache of many rows): rows decoded together give what each gives alone (fp32 CPU), whatever the others are:
 the same greedy tokens, logits equal up to float rounding."""
 import random
 import threading
