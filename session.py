@@ -341,7 +341,7 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
 
 
-def batch_cache(model, rows: int, max_len: int) -> kvcache.KVCache:
+def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
     """A KV cache of `rows` sequences of up to max_len tokens, allocated now; its decode step compiled
     (for batch_sizes(rows)) where gpt.compile_wanted says so."""
     cache = model.new_kv_cache(rows, max_len).allocate(gpt.cache_dtype(model))
@@ -351,7 +351,7 @@ def batch_cache(model, rows: int, max_len: int) -> kvcache.KVCache:
 
 
 @torch.no_grad()
-def prefill(model, cache: kvcache.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
+def prefill(model, cache: gpt.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
     """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
     them, all in one forward; the logits (len(prompts), vocab) after each prompt's last token."""
     T = max(len(p) for p in prompts)
@@ -366,7 +366,7 @@ def prefill(model, cache: kvcache.KVCache, start: int, keeps: list[int], prompts
 
 
 @torch.no_grad()
-def decode(model, cache: kvcache.KVCache, tokens: list[int]) -> torch.Tensor:
+def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
     """Feed tokens[i] to row i, all in one step; the next logits (len(tokens), vocab)."""
     n = len(tokens)
     B = next(b for b in cache.batch_sizes if b >= n) if cache.compiled else n
