@@ -94,8 +94,9 @@ class TrainConfig:
     resume: bool = False
     stop_after_steps: int = 0        # save and leave after this many steps (for jobs with a time limit)
     prefetch: int = 4
-    packing: str = "concat"          # rows of the training batches: concat (split the document stream) or bestfit
-                                     # (nanochat's: each row starts at a document, some tokens cropped; dataloader.py)
+    packing: str = "bestfit"         # rows of the training batches: bestfit (nanochat's: each row starts at a
+                                     # document, some tokens cropped) or concat (split the document stream); the CPU
+                                     # presets keep concat (README, "Packing": the demo's long documents)
 
 
 PRESETS = {
@@ -103,10 +104,10 @@ PRESETS = {
     # CPU too (fused elementwise work, fewer allocations); its warm-up is seconds, and cached.
     "tiny": dict(model="tiny", seq_len=256, device_batch_size=8, total_batch_size=4096, max_steps=400,
                  eval_every=100, eval_batches=4, sample_every=200, save_every=100, log_every=20, compile=True,
-                 prefetch=2),
+                 prefetch=2, packing="concat"),
     "nano": dict(model="nano", seq_len=64, device_batch_size=4, total_batch_size=512, max_steps=20,
                  eval_every=10, eval_batches=2, sample_every=0, save_every=10, log_every=1, compile=False,
-                 prefetch=0),
+                 prefetch=0, packing="concat"),
     "d12": dict(model="d12"),
     "d20": dict(model="d20"),
 }
