@@ -87,7 +87,7 @@ import common
 import gpt
 import kernels
 import train
-from bench.gpu_runner import Report, _one_line, case, run_sections
+from bench.gpu_runner import Report, case, one_line, run_sections
 from bench.kernels import launch_overhead
 from kernels import attention, rmsnorm
 
@@ -520,7 +520,7 @@ def _rows_of(fn, *fn_args):
     while (line := lines.get()) is not done:
         yield line
     if failure:
-        raise RuntimeError(_one_line(failure[0])) from failure[0]
+        raise RuntimeError(one_line(failure[0])) from failure[0]
 
 
 def section_decode(args, device):

@@ -28,7 +28,7 @@ START_LIMIT = 120
 BAD_MARKS = ("**FAILED**", "**NO**", "**TIMED OUT**")  # rows that make the exit status 1
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300].replace("|", "/")
 
 
@@ -48,7 +48,7 @@ def case(args, cells: list, measure) -> str:
         traceback.print_exc()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        rest = [f"**FAILED**: `{_one_line(e)}`"]
+        rest = [f"**FAILED**: `{one_line(e)}`"]
     return "| " + " | ".join(map(str, [*cells, *rest])) + " |"
 
 
@@ -76,7 +76,7 @@ def _section_process(section, args, conn) -> None:
             conn.send(line)
     except Exception as e:  # what no case caught: the section ends here, with a row saying why
         traceback.print_exc()
-        conn.send(f"**FAILED**: `{_one_line(e)}` (the section ended here; traceback on stderr)")
+        conn.send(f"**FAILED**: `{one_line(e)}` (the section ended here; traceback on stderr)")
     conn.close()
 
 

@@ -20,12 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def pytest_collection_modifyitems(items):
-    """The ahead-of-time compile of tests/test_kernels_aot.py (minutes, on processes of its own) goes first: on
-    the suite's two xdist processes it then overlaps the other files instead of ending the run alone."""
-    items.sort(key=lambda item: item.path.name != "test_kernels_aot.py")  # a stable sort: the rest keep their order
-
-
 def sample_data_dir() -> Path:
     """Where the German sample data lives: $NANOSCHNACK_DATA or ../shared/data."""
     return Path(os.environ.get("NANOSCHNACK_DATA", REPO_ROOT.parent / "shared" / "data"))
