@@ -64,17 +64,15 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the repo root holds gpt.py
 
 import torch
 
+from bench.gpu_runner import one_line  # an error as one line of a table cell
+
 SECTIONS = ["decode", "pipeline"]
+FIXTURE_TEXT = ROOT / "tests" / "fixtures" / "german.txt"
 
 
 def emit(line: str) -> None:
     """Where the rows go: stdout; bench/gpu.py's sections replace it to collect them."""
     print(line, flush=True)
-FIXTURE_TEXT = ROOT / "tests" / "fixtures" / "german.txt"
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 def _row(*cells) -> None:
@@ -89,7 +87,7 @@ def _case(name: str, fn, *cells_before, width: int = 3) -> object:
         cells, value = fn()
     except Exception as e:
         traceback.print_exc()
-        _row(*cells_before, name, f"**FAILED**: `{_one_line(e)}`", *[""] * (width - 1))
+        _row(*cells_before, name, f"**FAILED**: `{one_line(e)}`", *[""] * (width - 1))
         return None
     _row(*cells_before, name, *cells)
     return value
@@ -430,7 +428,7 @@ def pipeline_section(quick: bool, smoke: bool = False, data: str | None = None) 
             folder = Path(data or os.environ.get("NANOSCHNACK_DATA", "") or ROOT.parent / "shared" / "data")
         specs = data_specs(folder)
     except Exception as e:
-        _row("data", "", f"**FAILED**: `{_one_line(e)}`: pass --data DIR or set NANOSCHNACK_DATA")
+        _row("data", "", f"**FAILED**: `{one_line(e)}`: pass --data DIR or set NANOSCHNACK_DATA")
         return
     py, log = sys.executable, lambda name: work / f"{name}.log"
     if smoke:  # seconds each: what is checked is that every stage runs and says what it did

@@ -177,7 +177,7 @@ def test_attention_kernels_skip_tiles_outside_the_window(monkeypatch):
     [first key, last key + window] (queries and keys cut at T); 2 dots per tile in the
     forward, 4 in dK/dV (per query head of the group), 3 in dQ."""
     if DEVICE == "cuda":
-        pytest.skip("counts the interpreter's dots")
+        pytest.skip("counts tl.dot calls in Triton's interpreter, which runs on the CPU only")
     from triton.runtime import interpreter
     dots = []
     original = interpreter.InterpreterBuilder.create_dot
