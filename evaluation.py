@@ -111,16 +111,31 @@ def padded_batches(rows, batch_size: int):
 
 
 @torch.no_grad()
+def first_bytes(texts, max_bytes: int):
+    """Documents until `max_bytes` bytes of UTF-8 text (0 = all); the last one cut to fit, at a character
+    boundary. A fixed sample of every source, however long its documents are (one novel can be 200 KB)."""
+    left = max_bytes
+    for text in texts:
+        if max_bytes:
+            encoded = text.encode("utf-8")
+            if len(encoded) >= left:
+                yield encoded[:left].decode("utf-8", errors="ignore")
+                return
+            left -= len(encoded)
+        yield text
+
+
 def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int = 0, rank: int = 0,
-             world_size: int = 1, progress: "common.Progress | None" = None) -> dict:
-    """Bits per byte of the model on an iterable of documents (the first `limit` of them, 0 = all).
+             world_size: int = 1, progress: "common.Progress | None" = None, max_bytes: int = 0) -> dict:
+    """Bits per byte of the model on an iterable of documents (the first `limit` of them, 0 = all; at most
+    `max_bytes` of their text, 0 = all).
 
     Under DDP rank r takes documents r, r+W, ...; the result is the same on every rank:
     {"bpb", "documents", "bytes", "tokens"}."""
     token_bytes = torch.tensor(tokenizer.token_bytes, device=device)
     nats = n_bytes = 0.0
     docs = tokens = 0
-    texts = itertools.islice(texts, limit or None)
+    texts = first_bytes(itertools.islice(texts, limit or None), max_bytes)
     mine = (t for i, t in enumerate(texts) if i % world_size == rank)
     while chunk := list(itertools.islice(mine, 64)):
         rows = sorted(document_windows(tokenizer, chunk, model.config.sequence_len), key=lambda r: len(r[0]))
@@ -485,6 +500,9 @@ def main(argv=None):
                         help="dataset spec(s) for bits per byte, one result each (default: FineWeb-2 deu_Latn test)")
     parser.add_argument("--limit", type=int, default=0,
                         help="examples per task (a fixed random sample) and documents for bpb (the first); 0 = all")
+    parser.add_argument("--max-bytes", type=int, default=0,
+                        help="bpb: at most this many bytes of text per dataset (the first documents, the last one "
+                             "cut to fit); 0 = all")
     parser.add_argument("--local-only", action="store_true", help="skip everything that lives on the hub")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     parser.add_argument("--device", default="", help="default: cuda if available, else cpu")
@@ -533,11 +551,12 @@ def main(argv=None):
         start = time.time()
         progress = common.Progress(f"bpb {source.spec}", args.limit or None) if master else None
         try:
-            r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress)
+            r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress,
+                         args.max_bytes)
             if base_model is not None:  # the same documents again: how much of its German SFT cost the model
                 docs = data.iter_texts(source, data.open_source(source))
                 r["base_bpb"] = text_bpb(base_model, tokenizer, docs, device, args.batch_size, args.limit, rank,
-                                         world_size)["bpb"]
+                                         world_size, max_bytes=args.max_bytes)["bpb"]
         except DataError as e:
             sys.exit(f"error: {e}")
         results.append(dict(task="bpb", data=source.spec, **r))
@@ -565,6 +584,7 @@ def main(argv=None):
         if not args.no_report:
             path = Path(args.report) if args.report else report_path(Path(ckpt["path"]).parent)
             limit = f", at most {args.limit:,} examples (documents) per task" if args.limit else ""
+            limit += f", at most {args.max_bytes:,} bytes of text per bpb dataset" if args.max_bytes else ""
             legend = (" acc: the likeliest choice; acc_norm: the likeliest per character; random: guessing; "
                       "lambada: greedy last word." if any("acc" in r for r in results) else "")
             body = f"`{ckpt['path']}` ({kind}, step {ckpt.get('step', '?')}){limit}.{legend}\n\n{table}"

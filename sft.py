@@ -77,6 +77,7 @@ class SFTConfig:
     identity_repeat: int = 4         # copies of each identity conversation per epoch (0: none)
     text_data: str = ""              # plain text mixed in (e.g. the pretraining spec); empty: none
     text_frac: float = 0.0           # share of the training rows that are text documents (0 <= f < 1)
+    answer_chars: int = 0            # training answers longer than this are cut to their first sentences (0: off)
     out: str = "out/chat"
     device_batch_size: int = 4       # conversations per device per micro-step (4 x 8 GPUs = 32)
     examples_per_step: int = 32      # conversations per optimizer step, all devices together
@@ -161,14 +162,31 @@ class Rejections:
                 log(f"  {n:>7,} x {reason} (e.g. {where})")
 
 
+# A sentence ends at . ! ? or … (and any closing quotes) before a space and a capital letter or an opening
+# quote, not after a digit ("am 1. Januar"), a one-letter word ("z. B. Kiel") or a capitalised two-letter one
+# ("Dr. Müller", "Nr. 5"); "ging er." does end one.
+SENTENCE_ENDS = re.compile(r"(?<!\d)(?<!\b\w)(?<!\b[A-ZÄÖÜ][a-zäöüß])[.!?…][\"'“”»«)]*(?=\s+[A-ZÄÖÜ„\"»(])")
+
+
+def first_sentences(text: str, limit: int) -> str:
+    """`text` cut after its last sentence end within `limit` characters (whole if it is not longer, or if no
+    sentence ends that early: a cut in mid-sentence would teach the model to stop in mid-sentence)."""
+    if len(text) <= limit:
+        return text
+    ends = [m.end() for m in SENTENCE_ENDS.finditer(text) if m.end() <= limit]
+    return text[:ends[-1]] if ends else text
+
+
 def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, log=print,
-                       limit: int = 0, stats: dict | None = None) -> list[tuple[list[int], list[int]]]:
+                       limit: int = 0, stats: dict | None = None,
+                       answer_chars: int = 0) -> list[tuple[list[int], list[int]]]:
     """Every valid conversation of the sources (the first `limit` if given), rendered as (ids, mask), in order.
 
     A source's weight w repeats its conversations: the integer part whole, the
     fraction as a deterministic prefix (weight 0.5 keeps the first half).
+    answer_chars: assistant turns longer than this are cut to their first sentences (first_sentences; 0: off).
     """
-    rendered, rejected, seen, truncated = [], Rejections(), 0, 0
+    rendered, rejected, seen, truncated, shortened = [], Rejections(), 0, 0, 0
     end_id = tokenizer.special["<|assistant_end|>"]
     for source in sources:
         if source.weight_by_size:
@@ -185,6 +203,11 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
                 if not isinstance(row, dict):
                     raise ConversationError(f"a row must be a JSON object, not {type(row).__name__}")
                 messages = check_conversation(to_messages(row))
+                if answer_chars:
+                    cut = [dict(m, content=first_sentences(m["content"], answer_chars)) if m["role"] == "assistant"
+                           else m for m in messages]
+                    shortened += cut != messages
+                    messages = cut
                 ids, mask = render_conversation(tokenizer, messages, max_tokens)
             except ConversationError as e:
                 rejected.add(where, e)
@@ -196,6 +219,9 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
     rejected.report(log, seen)
     if stats is not None:
         stats.update(read=seen, rejected=rejected.total, cut=truncated)
+    if shortened:
+        log(f"shortened the answers of {shortened:,} conversations to their first sentences (--answer-chars "
+            f"{answer_chars})")
     if truncated:
         log(f"cut {truncated:,} conversations at a turn boundary to fit {max_tokens} tokens")
     if not rendered:
@@ -304,14 +330,19 @@ def sample_answers(model, tokenizer, questions, max_new_tokens=48) -> list[str]:
                                            max_new_tokens)[0]) for q in questions]
 
 
-def stop_rate(model, tokenizer, conversations) -> tuple[int, int]:
-    """(answers that ended, questions asked): greedy answers to the first user turn of each held-out
-    conversation, with the whole rest of the context as the limit (as chat.py and serve.py allow).
-    A chat model that never emits <|assistant_end|> talks until the limit in every answer."""
+def stop_rate(model, tokenizer, conversations) -> tuple[int, int, int]:
+    """(answers that ended, questions asked, answers that name nanoschnack): greedy answers to the first user
+    turn of each held-out conversation, with the whole rest of the context as the limit (as chat.py and
+    serve.py allow). A chat model that never emits <|assistant_end|> talks until the limit in every answer;
+    one that answers everything with its identity ends every answer, which the last count shows (none of
+    these questions asks who the model is)."""
     start = tokenizer.special["<|assistant_start|>"]
-    ended = sum(greedy_answer(model, tokenizer, ids[:ids.index(start) + 1], model.config.sequence_len)[1]
-                for ids, _ in conversations)
-    return ended, len(conversations)
+    ended = named = 0
+    for ids, _ in conversations:
+        answer, stopped = greedy_answer(model, tokenizer, ids[:ids.index(start) + 1], model.config.sequence_len)
+        ended += stopped
+        named += "nanoschnack" in tokenizer.decode(answer).lower()
+    return ended, len(conversations), named
 
 
 # Who the model says it is: the first question is in assets/identity.jsonl, the other two are not.
@@ -349,10 +380,11 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
             ["wall time", f"{seconds / 60:.1f} min (this run)"], ["final train loss", last.get("loss")],
             ["final validation loss", last.get("val_loss")], ["data", f"`{cfg.data}`"]]
     if "stop_rate" in last:
-        ended, asked = last["stop_rate"]
+        ended, asked, named = last["stop_rate"]
         rows.insert(-1, ["answers that end", f"{ended} of {asked} ({ended / asked:.0%}): greedy answers to the first "
                                              f"question of held-out conversations that end with <|assistant_end|> "
-                                             f"before the context is full"])
+                                             f"before the context is full; {named} of the {asked} name nanoschnack "
+                                             f"unasked"])
     if "identity" in last:
         rows.insert(-1, ["names itself", ", ".join(f"{q!r} {n} of {cfg.identity_samples}" for q, n in last["identity"].items())
                          + ": sampled answers (chat.py's default sampling) that name nanoschnack"])
@@ -367,7 +399,8 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
 
 def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict | None = None):
     """(train conversations, validation conversations), identity conversations mixed into train."""
-    conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log, stats=stats)
+    conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log, stats=stats,
+                                       answer_chars=cfg.answer_chars)
     if cfg.val_data:
         val = load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log,
                                  limit=cfg.val_conversations)
@@ -509,7 +542,8 @@ def main(argv=None):
             raw_model.eval()
             record["stop_rate"] = stop_rate(raw_model, tokenizer, val[:cfg.stop_rate_conversations])
             raw_model.train()
-            log(f"answers that end with <|assistant_end|>: {record['stop_rate'][0]} of {record['stop_rate'][1]}")
+            log("answers that end with <|assistant_end|>: {} of {}; answers that name nanoschnack unasked: {}"
+                .format(*record["stop_rate"]))
         if master and last and cfg.identity_samples:
             raw_model.eval()
             record["identity"] = identity_rate(raw_model, tokenizer, cfg.identity_samples, cfg.seed)

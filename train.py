@@ -413,7 +413,7 @@ def main(argv=None):
         + (f" ({tokens_seen - first_tokens:,} in this session's share of the {cfg.time_budget:g}-minute budget)"
            if budget else "")
         + f"; counts per source: {json.dumps(loader.token_counts(), ensure_ascii=False)}"
-        + f"; times read through per source: {json.dumps(loader.epoch_counts(), ensure_ascii=False)}"
+        + f"; times read through per source: {json.dumps(loader.passes_read(), ensure_ascii=False)}"
         + (f"; cropped per source: {json.dumps(loader.cropped_counts(), ensure_ascii=False)}"
            if cfg.packing == "bestfit" else ""))
     if master:

@@ -73,6 +73,16 @@ def test_bpb_equals_hand_computation(small_tokenizer):
     assert ev.text_bpb(model, tk, iter(texts), "cpu", limit=2)["documents"] == 2
 
 
+def test_max_bytes_takes_the_first_documents_and_cuts_the_last_at_a_character(small_tokenizer):
+    texts = ["Straße", "Grüße aus Köln", "noch einer"]  # 7, 17 and 10 bytes of UTF-8
+    assert list(ev.first_bytes(iter(texts), 0)) == texts
+    assert list(ev.first_bytes(iter(texts), 24)) == ["Straße", "Grüße aus Köln"]
+    assert list(ev.first_bytes(iter(texts), 10)) == ["Straße", "Gr"]  # "ü" would need bytes 10 and 11
+    model = random_gpt(small_tokenizer, seq_len=8)
+    result = ev.text_bpb(model, small_tokenizer, iter(texts), "cpu", max_bytes=12)
+    assert result["documents"] == 2 and result["bytes"] == len("Straße".encode()) + len("Grü".encode())
+
+
 def test_evaluate_bpb_excludes_special_tokens_and_padding(small_tokenizer):
     tk = small_tokenizer
     model = random_gpt(tk, seq_len=16)

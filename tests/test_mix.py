@@ -11,6 +11,7 @@ import data
 import evaluation as ev
 import sft
 from conftest import make_checkpoint
+from tok import render_conversation
 
 
 def write_parquet(path, texts, row_group_size=2):
@@ -53,8 +54,9 @@ def test_weight_size_mixes_by_size_in_the_loader(tmp_path, small_tokenizer):
 
 
 def test_the_loader_counts_how_often_each_source_was_read_through(tmp_path, small_tokenizer):
-    """Equal tokens per source read a small source many times while a big one is not read through once; weights
-    by size read both at the same pace. train.py logs these counts at the end of a run."""
+    """Equal tokens per source read a small source many times while a big one is half read; weights by size
+    read both at the same pace. Passes count whole ones and the part of the current one (bytes of text read
+    against the source's size). train.py logs them at the end of a run."""
     from dataloader import PretrainBatches
     line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
     big, small = [line * 8 + str(i) for i in range(24)], [line * 8 + str(i) for i in range(4)]
@@ -62,17 +64,20 @@ def test_the_loader_counts_how_often_each_source_was_read_through(tmp_path, smal
     write_parquet(tmp_path / "small" / "a.parquet", small)
     per_pass = [sum(len(ids) + 1 for ids in small_tokenizer.encode_batch(texts)) for texts in (big, small)]  # + BOS
 
-    def epochs(weights: str, tokens: int) -> list[int]:
+    def passes(weights: str, tokens: int) -> list[float]:
         sources = data.parse_specs(f"parquet://{tmp_path}/big/*.parquet{weights} parquet://{tmp_path}/small/*.parquet{weights}")
-        loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32)
+        loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32, docs_per_read=1)
         batches = iter(loader)
         while sum(loader.token_counts().values()) < tokens:
             next(batches)
-        return list(loader.epoch_counts().values())
+        return list(loader.passes_read().values())
 
     tokens = per_pass[0]  # as much as the big source holds
-    assert epochs("", tokens) == [0, tokens // 2 // per_pass[1]]  # the small one: its half, many times over
-    assert epochs("?weight=size", 2 * tokens) in ([1, 1], [1, 2], [2, 1])  # each about twice its own size, read once
+    big_read, small_read = passes("", tokens)  # the small one: its half, many times over; the big one half read
+    assert big_read == pytest.approx(0.5, abs=1 / 24 + 0.01)  # read ahead by at most a document
+    assert int(small_read) == tokens // 2 // per_pass[1]
+    assert small_read == pytest.approx(tokens / 2 / per_pass[1], abs=1 / 4 + 0.01)
+    assert passes("?weight=size", 2 * tokens) == pytest.approx([2, 2], abs=1 / 4 + 0.01)  # each twice through
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -153,3 +158,25 @@ def test_evaluation_of_a_chat_model_shows_its_base(tmp_path, small_tokenizer):
     assert "| base model | change |" in card and f"{want[0] - want[1]:+.4f}" in card
     [alone] = ev.main(args + ["--no-base", "--no-report"])
     assert "base_bpb" not in alone
+
+
+def test_answers_are_cut_to_their_first_sentences(tmp_path, small_tokenizer):
+    """--answer-chars: a long answer keeps its sentences that fit, never half a sentence; abbreviations and
+    ordinals are not sentence ends; questions and short answers stay as they are."""
+    text = "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel. Dann „ging er.“ Ende gut! alles gut"
+    assert sft.first_sentences(text, 1000) == text
+    assert sft.first_sentences(text, 60) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel."
+    assert sft.first_sentences(text, 70) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel. Dann „ging er.“"
+    assert sft.first_sentences(text, 30) == text  # no sentence ends that early: whole, not cut mid-sentence
+    long_answer = {"messages": [{"role": "user", "content": "Erzähl. Bitte ausführlich. " * 3},
+                                {"role": "assistant", "content": text}]}
+    short = {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi."}]}
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (long_answer, short)) + "\n", encoding="utf-8")
+    logged = []
+    got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, logged.append,
+                                 answer_chars=60)
+    cut = dict(long_answer, messages=[long_answer["messages"][0],
+                                      {"role": "assistant", "content": sft.first_sentences(text, 60)}])
+    assert got == [render_conversation(small_tokenizer, c["messages"]) for c in (cut, short)]
+    assert any("shortened the answers of 1 conversations" in line for line in logged)

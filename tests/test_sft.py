@@ -127,6 +127,8 @@ def test_identity_conversations_are_valid_and_about_nanoschnack():
         check_conversation(row["messages"])
     answers = [" ".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
     assert sum("nanoschnack" in a for a in answers) >= len(rows) // 2
+    questions = {row["messages"][0]["content"].lower() for row in rows}  # the identity rate's paraphrases stay held out
+    assert sft.IDENTITY_QUESTIONS[0].lower() in questions and not {q.lower() for q in sft.IDENTITY_QUESTIONS[1:]} & questions
 
 
 def test_loss_falls_and_samples_are_logged(setup):
@@ -141,7 +143,7 @@ def test_loss_falls_and_samples_are_logged(setup):
     report = (setup / "report.md").read_text(encoding="utf-8")
     assert "## SFT" in report and "## Chat samples" in report and "**Wer bist du?**" in report
     assert f"{records[-1]['val_loss']:.4f}" in report
-    ended, asked = records[-1]["stop_rate"]  # the first questions of the 8 held-out conversations
+    ended, asked, named = records[-1]["stop_rate"]  # the first questions of the 8 held-out conversations
     assert asked == 8
     assert f"| answers that end | {ended} of {asked}" in report
 
@@ -243,10 +245,25 @@ def test_stop_rate_counts_answers_that_end_their_turn(tmp_path, small_tokenizer,
     original = gpt.GPT.generate
     monkeypatch.setattr(gpt.GPT, "generate", generate)
     monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: True))
-    assert sft.stop_rate(model, tokenizer, conversations) == (6, 6)
+    assert sft.stop_rate(model, tokenizer, conversations) == (6, 6, 0)
     start = tokenizer.special["<|assistant_start|>"]
     assert all(p[-1] == start and p.count(start) == 1 for p in prompts)  # the first question only
     monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: False))
-    assert sft.stop_rate(model, tokenizer, conversations) == (0, 6)
+    assert sft.stop_rate(model, tokenizer, conversations) == (0, 6, 0)
     monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: n % 2 == 0))
-    assert sft.stop_rate(model, tokenizer, conversations) == (3, 6)
+    assert sft.stop_rate(model, tokenizer, conversations) == (3, 6, 0)
+
+
+def test_stop_rate_shows_a_model_that_answers_everything_with_its_name(tmp_path, small_tokenizer, monkeypatch):
+    """Identity answers end, so a model that gives one to every question would pass the stop rate alone: the
+    third count, answers that name nanoschnack though no question asked, shows it."""
+    import gpt
+    model, tokenizer, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer))
+    conversations = [render_conversation(tokenizer, c["messages"]) for c in fixture_conversations(6)]
+    name, other = tokenizer.encode(" Ich bin nanoschnack."), tokenizer.encode(" Hallo")
+    answers = iter(range(1000))
+
+    def generate(self, prompt, *args, **kwargs):
+        yield from (name if next(answers) % 3 == 0 else other) + [tokenizer.special["<|assistant_end|>"]]
+    monkeypatch.setattr(gpt.GPT, "generate", generate)
+    assert sft.stop_rate(model, tokenizer, conversations) == (6, 6, 2)
