@@ -20,7 +20,8 @@ unescaped in a spec) or given as repeated flags. Options:
     weight=W      relative sampling weight when mixing sources (default: 1: every source
                   gives the same number of tokens); weight=size (local files only): the
                   source's size in bytes of text, so every source is read about as many
-                  times over as the others (see "Mixing by size" below)
+                  times over as the others; weight=size^P: the size to the power P
+                  (size^0.5: its square root; see "Mixing by size" below)
     split=NAME    hf: the split to read (default: train); a parquet folder:
                   train (default) or val (see "Folders" below)
     name=CONFIG   hf only: the dataset config, e.g. deu_Latn
@@ -56,7 +57,10 @@ a JSONL or text file's bytes): the mix then
 reads like the data, every source about equally far into its epochs (train.py logs
 how many epochs each source went through). Sources with weight=size and sources with
 numbers can be mixed: the numbers then count bytes too, so write numbers everywhere or
-size everywhere.
+size everywhere. weight=size^P (0 < P <= 1) is the middle way multilingual models take for
+their languages: size^0.5 gives a 1 MB source a tenth of a 100 MB one's tokens instead of a
+hundredth, so small sources are read faster than big ones but not many times over (the
+demo's mix, README "Dataset specs").
 
 Everything is streamed through HF `datasets` (streaming=True), so no corpus is
 ever loaded whole into memory. prepare.py turns any spec into such a folder of
@@ -127,7 +131,9 @@ class Source:
     seed: int = DEFAULT_SEED
     files: list[str] = field(default_factory=list)  # resolved local files
     num_docs: int | None = None    # number of documents, where it is known without reading them
-    weight_by_size: bool = False   # weight=size: the weight becomes the bytes of text (text_bytes)
+    weight_by_size: bool = False   # weight=size or size^P: the weight becomes (bytes of text) ** size_power
+    size_power: float = 1.0
+    size_bytes: int = 0            # with weight_by_size: the bytes of text (text_bytes)
 
     @property
     def shuffled(self) -> bool:
@@ -156,10 +162,18 @@ def parse_spec(spec: str) -> Source:
         if key not in OPTIONS[kind]:
             raise DataError(f"bad dataset spec {spec!r}: option {key!r} does not apply to {kind}:// "
                             f"(allowed: {', '.join(sorted(OPTIONS[kind]))})")
-        if key == "weight" and value == "size":
+        if key == "weight" and value.startswith("size"):
             if kind == "hf":
                 raise DataError(f"bad dataset spec {spec!r}: weight=size needs local files (parquet, jsonl, txt); "
                                 f"give the hub source a number, e.g. weight=0.5")
+            power = value[len("size^"):] if value.startswith("size^") else "1" if value == "size" else ""
+            try:
+                source.size_power = float(power)
+            except ValueError:
+                source.size_power = -1.0
+            if not 0 < source.size_power <= 1:
+                raise DataError(f"bad dataset spec {spec!r}: weight={value!r}: write size, or size^P with P "
+                                f"above 0 and at most 1 (size^0.5: the square root of the size)")
             source.weight_by_size = True
         elif key == "weight":
             try:
@@ -167,7 +181,8 @@ def parse_spec(spec: str) -> Source:
             except ValueError:
                 source.weight = -1.0
             if not source.weight > 0:
-                raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number or 'size'")
+                raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number, 'size' "
+                                f"or 'size^P'")
         elif key == "per" and value not in ("file", "line"):
             raise DataError(f"bad dataset spec {spec!r}: per={value!r} must be 'file' or 'line'")
         elif key == "shuffle":
@@ -197,7 +212,8 @@ def parse_specs(specs) -> list[Source]:
         raise DataError("no dataset spec given: pass e.g. --data 'parquet://DIR/*.parquet'")
     for source in sources:
         if source.weight_by_size:
-            source.weight = float(text_bytes(source))
+            source.size_bytes = text_bytes(source)
+            source.weight = float(source.size_bytes) ** source.size_power
     return sources
 
 

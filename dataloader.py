@@ -78,15 +78,16 @@ class PretrainBatches:
         if packing not in PACKINGS:
             raise DataError(f"unknown packing {packing!r}: use one of {', '.join(PACKINGS)}")
         self.sources, self.tokenizer = sources, tokenizer
+        self.token_bytes = np.asarray(tokenizer.token_bytes)  # UTF-8 bytes per token id (passes_read)
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.loop, self.docs_per_read, self.prefetch = loop, docs_per_read, prefetch
         self.packing, self.buffer_docs = packing, buffer_docs  # buffer_docs: bestfit's choice (nanochat: 1000)
         self.datasets = [open_rank_shard(s, rank, world_size) for s in sources]
         self.readers = [None] * len(sources)
         n = len(sources)
-        # pass_bytes: UTF-8 bytes of text read in the source's current pass (for passes_read)
+        # bytes: UTF-8 bytes of the text handed out, per source (passes_read)
         self.progress = {"states": [None] * n, "epochs": [0] * n, "tokens": [0] * n, "docs": [0] * n,
-                         "exhausted": [False] * n, "cropped": [0] * n, "pass_bytes": [0] * n}
+                         "exhausted": [False] * n, "cropped": [0] * n, "bytes": [0] * n}
         # per source: tokens read but not yet handed out. concat: one array (never written in place, so
         # views are snapshots); bestfit: a BestFitBuffer of documents (copied for snapshots)
         self.pending = [self._empty_pending() for _ in sources]
@@ -111,7 +112,7 @@ class PretrainBatches:
             if not self.loop or not start_over:
                 return None
             self.progress["epochs"][i] += 1  # start the source over
-            self.progress["states"][i], self.progress["pass_bytes"][i] = None, 0
+            self.progress["states"][i] = None
             self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
                                                epoch=self.progress["epochs"][i])  # shuffled: a new shard order
             self.readers[i] = None
@@ -127,7 +128,6 @@ class PretrainBatches:
             return False
         bos = self.tokenizer.bos_id
         self.progress["docs"][i] += len(docs)
-        self.progress["pass_bytes"][i] += sum(len(d.encode("utf-8")) for d in docs)
         if self.packing == "bestfit":
             for ids in self.tokenizer.encode_batch(docs):
                 self.pending[i].add(bos, ids)
@@ -148,6 +148,7 @@ class PretrainBatches:
             tokens = self._concat_row(i) if self.packing == "concat" else self._bestfit_row(i)
             if tokens is not None:
                 self.progress["tokens"][i] += len(tokens)
+                self.progress["bytes"][i] += int(self.token_bytes[tokens].sum())
                 return tokens
             # else source i is exhausted (not looping) and has given its last row
 
@@ -264,7 +265,7 @@ class PretrainBatches:
             raise DataError(f"data loader state is from another setup (sources, rank, world size, packing) "
                             f"{theirs}, not {mine}; resume with the same --data, --packing and number of processes")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
-        for key in ("cropped", "pass_bytes"):  # older states: not counted
+        for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))
         for i, ds_state in enumerate(self.progress["states"]):
             self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
@@ -283,11 +284,11 @@ class PretrainBatches:
         return {s.spec: n for s, n in zip(self.sources, self.handed_out["progress"]["tokens"])}
 
     def passes_read(self) -> dict[str, float]:
-        """How many times each source was read through so far, on this rank's share of it: whole passes plus
-        the part of the current one, as bytes of text read against the source's size (local files; an hf://
-        source's size is unknown, so it counts whole passes only). With equal-token weights a small source
-        repeats while a big one is barely started (README, mixing). JSONL sizes count the JSON around the text
-        too, so their part of a pass reads a little low."""
+        """How many times each source was read through so far, on this rank's share of it: the bytes of text
+        handed out against the source's size (local files; an hf:// source's size is unknown, so it counts
+        whole passes only). With equal-token weights a small source repeats while a big one is barely started
+        (README, mixing). A JSONL file's size counts the JSON around the text too, and best-fit's cropped
+        tokens are never handed out, so either reads a little low."""
         progress = self.handed_out["progress"]
         passes = {}
         for i, source in enumerate(self.sources):
@@ -295,10 +296,9 @@ class PretrainBatches:
                 passes[source.spec] = float(progress["epochs"][i])
                 continue
             if i not in self._share_bytes:  # read once, on the first call (1.5 s for the sample data's 390 MB)
-                size = source.weight if source.weight_by_size else text_bytes(source)
+                size = source.size_bytes if source.weight_by_size else text_bytes(source)
                 self._share_bytes[i] = size / self.world_size
-            part = min(progress["pass_bytes"][i] / self._share_bytes[i], 0.999)  # a pass ends when its reader does
-            passes[source.spec] = round(progress["epochs"][i] + part, 3)
+            passes[source.spec] = round(progress["bytes"][i] / self._share_bytes[i], 3)
         return passes
 
     def cropped_counts(self) -> dict[str, int]:

@@ -30,11 +30,11 @@ PY=.venv/bin/python
 spec() { local p=${1//%/%25}; echo "${p// /%20}"; }  # a path as a dataset spec location
 
 # One spec per source, so the tokenizer and the model see every kind of German text, each
-# weighted by its size (weight=size): the mix reads like the data, and no small source is read
-# many times over while a large one is barely started (README, "Dataset specs").
+# weighted by the square root of its size (weight=size^0.5): no small source is read many times
+# over while a large one is barely started, and the small ones still count (README, "Dataset specs").
 PRETRAIN="" VAL=""
 for dir in "$DATA"/pretrain/*/; do
-    PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet?weight=size"
+    PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet?weight=size^0.5"
     [ -f "$dir/val.parquet" ] && VAL="$VAL parquet://$(spec "$dir")val.parquet"
 done
 SFT="jsonl://$(spec "$DATA")/sft/[!v]*.jsonl"  # every conversation file but the held-out val.jsonl
@@ -69,7 +69,9 @@ $PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OU
 stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
-$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --out "$OUT/chat"
+# A fifth of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
+$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.2 \
+    --out "$OUT/chat"
 stage_done "SFT"
 
 echo "== 4. evaluation: bits per byte on held-out German text, report card"

@@ -142,8 +142,8 @@ def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int =
         n, b = bpb_sums(model, padded_batches(rows, batch_size), token_bytes, device)
         nats, n_bytes = nats + n.item(), n_bytes + b.item()
         docs, tokens = docs + len(chunk), tokens + sum(len(y) for _, y in rows)
-        if progress:
-            progress.update(docs * world_size)
+        if progress:  # with max_bytes: how far along in bytes (this rank's share of them)
+            progress.update(docs * world_size, fraction=n_bytes * world_size / max_bytes if max_bytes else None)
     nats, n_bytes, docs, tokens = all_reduce_sum([nats, n_bytes, docs, tokens], device)
     return dict(bpb=nats / (math.log(2) * max(n_bytes, 1)), documents=int(docs), bytes=int(n_bytes), tokens=int(tokens))
 
@@ -549,7 +549,8 @@ def main(argv=None):
     results = []
     for source, docs in texts:
         start = time.time()
-        progress = common.Progress(f"bpb {source.spec}", args.limit or None) if master else None
+        total = None if args.max_bytes else args.limit or None  # with --max-bytes the documents' count is unknown
+        progress = common.Progress(f"bpb {source.spec}", total) if master else None
         try:
             r = text_bpb(model, tokenizer, docs, device, args.batch_size, args.limit, rank, world_size, progress,
                          args.max_bytes)

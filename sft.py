@@ -110,9 +110,13 @@ PRESETS = {
     "full": {},
     # CPU demo. A tiny model needs a higher learning rate than nanochat's 0.02 to learn to end its
     # answers within minutes: on a demo base model, 200 steps at 0.02 gave 0 of 50 held-out answers that
-    # end; 4 minutes (about 210 steps) at 0.3 gave 41 and at 0.5 gave 42 (README, "The demo").
+    # end; 4 minutes (about 210 steps) at 0.3 gave 41 and at 0.5 gave 42. At 1.0 it learns faster but
+    # loses 0.08-0.16 bits per byte of its German (bench/RESULTS.md, "The demo's chat recipe"). Answers
+    # cut to their first sentences (200 characters), because a tiny model that imitates paragraph-long
+    # answers repeats itself until the context is full; identity 20x (3% of the rows: at 8% the model
+    # answered half of the unrelated questions with its name).
     "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
-                 save_every=100, log_every=10, identity_repeat=4, init_lr_frac=0.4),
+                 save_every=100, log_every=10, identity_repeat=20, init_lr_frac=0.4, answer_chars=200),
 }
 
 
