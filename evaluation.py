@@ -110,7 +110,6 @@ def padded_batches(rows, batch_size: int):
         yield common.pad([x for x, _ in chunk], 0), common.pad([y for _, y in chunk], -1)
 
 
-@torch.no_grad()
 def first_bytes(texts, max_bytes: int):
     """Documents until `max_bytes` bytes of UTF-8 text (0 = all); the last one cut to fit, at a character
     boundary. A fixed sample of every source, however long its documents are (one novel can be 200 KB)."""
@@ -125,6 +124,7 @@ def first_bytes(texts, max_bytes: int):
         yield text
 
 
+@torch.no_grad()
 def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int = 0, rank: int = 0,
              world_size: int = 1, progress: "common.Progress | None" = None, max_bytes: int = 0) -> dict:
     """Bits per byte of the model on an iterable of documents (the first `limit` of them, 0 = all; at most

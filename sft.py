@@ -111,7 +111,7 @@ PRESETS = {
     # CPU demo. A tiny model needs a higher learning rate than nanochat's 0.02 to learn to end its
     # answers within minutes: on a demo base model, 200 steps at 0.02 gave 0 of 50 held-out answers that
     # end; 4 minutes (about 210 steps) at 0.3 gave 41 and at 0.5 gave 42. At 1.0 it learns faster but
-    # loses 0.08-0.16 bits per byte of its German (bench/RESULTS.md, "The demo's chat recipe"). Answers
+    # loses 0.08-0.16 bits per byte of its German (bench/RESULTS.md, "The demo's mix and chat recipe on a slow CPU"). Answers
     # cut to their first sentences (200 characters), because a tiny model that imitates paragraph-long
     # answers repeats itself until the context is full; identity 20x (3% of the rows: at 8% the model
     # answered half of the unrelated questions with its name).
