@@ -38,26 +38,21 @@ def test_weight_size_is_the_bytes_of_text_of_each_source(tmp_path):
     assert data.parse_specs(f"parquet://{tmp_path}/small/*.parquet")[0].weight == 1.0  # the default stays equal tokens
 
 
-def test_weight_size_mixes_by_size_in_the_loader(tmp_path, small_tokenizer):
-    """With weight=size, each source's share of the pretraining tokens follows its bytes of text."""
+@pytest.mark.parametrize("weight, ratio", [("size", 3.0), ("size^0.5", 3.0 ** 0.5)])
+def test_weight_size_mixes_by_size_in_the_loader(tmp_path, small_tokenizer, weight, ratio):
+    """With weight=size, each source's share of the pretraining tokens follows its bytes of text (3x the text,
+    3x the tokens, to within a row); with size^0.5, their square root."""
     from dataloader import PretrainBatches
     line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
     write_parquet(tmp_path / "a" / "a.parquet", [line * 8] * 24)
     write_parquet(tmp_path / "b" / "b.parquet", [line * 8] * 8)
-    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet?weight=size parquet://{tmp_path}/b/*.parquet?weight=size")
+    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet?weight={weight} parquet://{tmp_path}/b/*.parquet?weight={weight}")
     loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32)
     batches = iter(loader)
     for _ in range(12):
         next(batches)
     counts = list(loader.token_counts().values())
-    assert counts[0] / counts[1] == pytest.approx(3.0, rel=0.1)  # 3x the text, 3x the tokens (to within a row)
-    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet?weight=size^0.5 parquet://{tmp_path}/b/*.parquet?weight=size^0.5")
-    loader = PretrainBatches(sources, small_tokenizer, batch_size=4, seq_len=32)
-    batches = iter(loader)
-    for _ in range(12):
-        next(batches)
-    counts = list(loader.token_counts().values())
-    assert counts[0] / counts[1] == pytest.approx(3.0 ** 0.5, rel=0.1)  # the square root of 3x the text
+    assert counts[0] / counts[1] == pytest.approx(ratio, rel=0.1)
 
 
 def test_the_loader_counts_how_often_each_source_was_read_through(tmp_path, small_tokenizer):
