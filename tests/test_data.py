@@ -1,6 +1,7 @@
 """Tests for data.py: dataset specs and reading sources."""
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -131,6 +132,7 @@ def test_interleave_follows_weights(tmp_path):
 class CharTokenizer:
     """One token per character (id = code point + 1), so streams can be read back exactly."""
     bos_id = 0
+    token_bytes = np.array([0] + [len(chr(c).encode("utf-8")) for c in range(0x3000)])  # <|bos|>: no text
 
     def encode_batch(self, texts):
         return [[ord(c) + 1 for c in t] for t in texts]
