@@ -19,7 +19,8 @@ chat.py loads.
   the context are cut at a turn boundary; malformed ones are counted and
   reported with an example, never dropped silently.
 - One row per conversation, padded to the longest in the micro-batch (targets
-  -1 on padding and on everything that is not trained). The loss is the mean
+  -1 on padding and on everything that is not trained); a step's rows go into
+  its micro-batches shortest first, so rows of like length share one. The loss is the mean
   over all trained tokens of the whole optimizer step, on every rank together,
   so a batch of long answers weighs as much per token as one of short answers.
 - Order: a seeded permutation per epoch; step s trains examples
@@ -272,6 +273,10 @@ def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, worl
     """This rank's micro-batches for one step, and the trained-token count of the whole step (all ranks)."""
     E, B = cfg.examples_per_step, cfg.device_batch_size
     chosen = [conversations[i] for i in order[step_in_epoch * E:(step_in_epoch + 1) * E]]
+    # Shortest first, so each micro-batch holds rows of like length: a row is padded to the longest of its
+    # micro-batch, and one text row (the whole context) among short answers made the micro-batch all
+    # padding. The loss is a sum over the whole step, so the order does not change the gradient.
+    chosen.sort(key=lambda conversation: len(conversation[0]))
     n_trained = sum(sum(mask[1:]) for _, mask in chosen)
     micro = []
     for m in range(E // (B * world_size)):
@@ -305,7 +310,7 @@ def validation_loss(model, conversations, batch_size, rank, world_size, pad_id, 
     """Mean loss per trained token over the validation conversations (all ranks together)."""
     nats = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    mine = conversations[rank::world_size]
+    mine = sorted(conversations[rank::world_size], key=lambda conversation: len(conversation[0]))  # less padding
     for start in range(0, len(mine), batch_size):
         inputs, targets = collate(mine[start:start + batch_size], pad_id)
         inputs, targets = inputs.to(device), targets.to(device)

@@ -162,6 +162,7 @@ def _launches_skipped():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
+    kernels.register_ops()  # the Triton path calls the custom ops, which a CPU-only torch makes on first use
     saved = rmsnorm.wrap_triton, attention.wrap_triton, dispatch._triton_on_cpu
     rmsnorm.wrap_triton = attention.wrap_triton = Skip
     dispatch._triton_on_cpu = True

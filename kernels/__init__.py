@@ -14,13 +14,30 @@ both call torch's own ops (SDPA, F.rms_norm) everywhere else, and
 NANOSCHNACK_REFERENCE_KERNELS=1 does that on the GPU too, for A/B runs (see
 kernels/dispatch.py).
 """
-from kernels.attention import flash_attn, flash_attn_backward_op, flash_attn_op
+from kernels import attention, rmsnorm
+from kernels.attention import flash_attn
 from kernels.decode import decode_attn, decode_attn_op
 from kernels.dispatch import RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, triton_on_cpu, use_triton, use_triton_rms_norm
-from kernels.rmsnorm import rms_norm, rms_norm_backward_op, rms_norm_op
+from kernels.rmsnorm import rms_norm
+
+
+def register_ops() -> None:
+    """Make the attention and RMSNorm custom ops now; a CPU-only torch makes them on first use
+    (kernels/attention.py, register_ops, says why)."""
+    attention.register_ops()
+    rmsnorm.register_ops()
+
+
+def __getattr__(name: str):  # the ops, made on first use on a CPU-only torch
+    if name in ("flash_attn_op", "flash_attn_backward_op"):
+        return getattr(attention, name)
+    if name in ("rms_norm_op", "rms_norm_backward_op"):
+        return getattr(rmsnorm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "flash_attn", "flash_attn_op", "flash_attn_backward_op", "decode_attn", "decode_attn_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
-    "use_triton", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu", "REFERENCE_ENV",
+    "register_ops", "use_triton", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu", "REFERENCE_ENV",
 ]

@@ -48,7 +48,8 @@ The window is an int argument, like the sequence length.
 Custom ops. `nanoschnack::flash_attn(q, k, v, window=-1) -> (out, lse)` and
 `nanoschnack::flash_attn_backward(dout, q, k, v, out, lse, window=-1) -> (dq, dk, dv)` are
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
-through them. Which path runs is decided in kernels/dispatch.py: on CUDA the
+through them (made at import on a CUDA build, on first use on a CPU-only one:
+register_ops says why). Which path runs is decided in kernels/dispatch.py: on CUDA the
 model's flash_attn() launches Triton; elsewhere (or with NANOSCHNACK_REFERENCE_KERNELS=1)
 it calls torch's SDPA, whose CPU flash kernel is about twice as fast as the
 reference below (for a window shorter than the sequence it gets the boolean
@@ -529,8 +530,7 @@ def _reference_bwd(dout, q, k, v, out, lse, window=-1):
 # it as a runtime int (WINDOWED, a constexpr, tells the two kernels apart).
 
 
-@triton_op("nanoschnack::flash_attn", mutates_args=())
-def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention, query i seeing keys i - window .. i (all keys up to i for window -1).
     q (B, H, T, D), k/v (B, H_kv, T, D) -> out (B, H, T, D), lse (B, H, T) fp32."""
     _check(q, k, v, window)
@@ -539,9 +539,8 @@ def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     return _reference_fwd(q, k, v, window)
 
 
-@triton_op("nanoschnack::flash_attn_backward", mutates_args=())
-def flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_attn, given its inputs, output, LSE and window."""
     if use_triton(q):
         return _triton_bwd(dout, q, k, v, out, lse, window)
@@ -561,7 +560,29 @@ def _backward(ctx, dout, dlse):
     return *flash_attn_backward_op(dout, q, k, v, out, lse, ctx.window), None
 
 
-flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
+def register_ops() -> None:
+    """Make flash_attn_op and flash_attn_backward_op (once). triton_op reads the op's source for the
+    Triton kernels it launches and imports torch._inductor to do it: 3 s of CPU (2-core development box),
+    which doubled the start of every script. A CPU-only torch never takes the Triton path (dispatch.py)
+    outside the tests' triton_on_cpu(), so there the ops are made on first use: kernels.flash_attn_op and
+    triton_on_cpu() call this. A CUDA or ROCm build makes them at import, before any torch.compile."""
+    global flash_attn_op, flash_attn_backward_op
+    if "flash_attn_op" in globals():
+        return
+    flash_attn_op = triton_op("nanoschnack::flash_attn", _flash_attn, mutates_args=())
+    flash_attn_backward_op = triton_op("nanoschnack::flash_attn_backward", _flash_attn_backward, mutates_args=())
+    flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def __getattr__(name: str):  # module attributes that are not there yet: the ops, made on first use
+    if name in ("flash_attn_op", "flash_attn_backward_op"):
+        register_ops()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if torch.version.cuda or torch.version.hip:
+    register_ops()
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -69,6 +69,8 @@ def triton_on_cpu():
     """
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 set before `kernels` is imported")
+    import kernels  # the Triton path calls the custom ops, which a CPU-only torch makes on first use
+    kernels.register_ops()
     global _triton_on_cpu
     previous, _triton_on_cpu = _triton_on_cpu, True
     try:

@@ -16,7 +16,8 @@ Math is fp32 whatever the input dtype; outputs take the input dtype.
 Custom ops `nanoschnack::rms_norm(x, eps) -> (y, rstd)` and
 `nanoschnack::rms_norm_backward(dy, x, rstd) -> dx` dispatch like the attention
 ops (kernels/dispatch.py): Triton on CUDA, the PyTorch reference (the tests'
-oracle) elsewhere; torch.compile traces them as one opaque node each. The model's
+oracle) elsewhere; torch.compile traces them as one opaque node each. Like those,
+they are made at import on a CUDA build and on first use on a CPU-only one. The model's
 rms_norm() is pickier: it runs our kernel only where it measured faster than
 PyTorch's own RMSNorm on the GPU (dispatch.py, use_triton_rms_norm), through a
 plain autograd.Function (cheaper to launch eagerly than the custom op), and
@@ -150,8 +151,7 @@ def _reference_bwd(dy, x, rstd):
     return (rstd.unsqueeze(-1) * (dy32 - x_hat * c)).to(x.dtype)
 
 
-@triton_op("nanoschnack::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, no weight: x (..., N) -> y (..., N), rstd (...) in fp32."""
     if use_triton(x):
         torch._check(x.dtype in DTYPES, lambda: f"the Triton kernel takes fp16, bf16 or fp32, got {x.dtype}")
@@ -159,8 +159,7 @@ def rms_norm_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return _reference_fwd(x, eps)
 
 
-@triton_op("nanoschnack::rms_norm_backward", mutates_args=())
-def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """Gradient dx of rms_norm, given dy, its input x and the saved rstd."""
     if use_triton(x):
         return _triton_bwd(dy, x, rstd)
@@ -179,7 +178,26 @@ def _backward(ctx, dy, drstd):
     return rms_norm_backward_op(dy, x, rstd), None
 
 
-rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+def register_ops() -> None:
+    """Make rms_norm_op and rms_norm_backward_op (once): at import on a CUDA or ROCm build, on first use
+    on a CPU-only one, as kernels/attention.py's register_ops explains."""
+    global rms_norm_op, rms_norm_backward_op
+    if "rms_norm_op" in globals():
+        return
+    rms_norm_op = triton_op("nanoschnack::rms_norm", _rms_norm, mutates_args=())
+    rms_norm_backward_op = triton_op("nanoschnack::rms_norm_backward", _rms_norm_backward, mutates_args=())
+    rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def __getattr__(name: str):  # module attributes that are not there yet: the ops, made on first use
+    if name in ("rms_norm_op", "rms_norm_backward_op"):
+        register_ops()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if torch.version.cuda or torch.version.hip:
+    register_ops()
 
 
 class _EagerRMSNorm(torch.autograd.Function):

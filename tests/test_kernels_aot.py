@@ -30,7 +30,8 @@ bytes of stores and as many loads (dK/dV at D = 64 with GQA on sm_90, the most),
 ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
-kernels). Time: about 5 minutes of two cores (276 compiles, 10 CPU-minutes).
+kernels). Time: 208 compiles, about 4 minutes of two cores on the development box; fp16 is
+not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
 import json
@@ -74,13 +75,13 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
     seen = {(r["kernel"], r["dtype"], r["config"].get("HEAD_DIM"), r["target"], r["config"].get("WINDOWED")) for r in compiled}
     for kernel in ("attn_fwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
         windows = (None,) if kernel == "attn_bwd_delta_kernel" else (False, True)  # with and without a sliding window
-        for dtype, D, target, windowed in itertools.product(("bfloat16", "float16", "float32"), (64, 128), ("sm_90", "sm_80"), windows):
+        for dtype, D, target, windowed in itertools.product(("bfloat16", "float32"), (64, 128), ("sm_90", "sm_80"), windows):
             assert (kernel, dtype, D, target, windowed) in seen, (kernel, dtype, D, target, windowed)
     for kernel in ("decode_split_kernel", "decode_merge_kernel"):  # the decode step's attention (kernels/decode.py)
-        for dtype, D, target in itertools.product(("bfloat16", "float16", "float32"), (64, 128), ("sm_90", "sm_80")):
+        for dtype, D, target in itertools.product(("bfloat16", "float32"), (64, 128), ("sm_90", "sm_80")):
             assert (kernel, dtype, D, target, None) in seen, (kernel, dtype, D, target)
     norm = {(r["kernel"], r["dtype"], r["target"]) for r in compiled if r["kernel"].startswith("rms_norm")}
-    assert len(norm) == 2 * 3 * 2  # fwd and bwd, 3 dtypes, 2 targets
+    assert len(norm) == 2 * 2 * 2  # fwd and bwd, 2 dtypes, 2 targets
     # the Inductor typing is really exercised: RMSNorm's eps is a float scalar
     assert {r["float_type"] for r in compiled if r["kernel"] == "rms_norm_fwd_kernel"} == {"fp32", "fp64"}
 

@@ -216,8 +216,9 @@ def child(out_path: str) -> None:
     from torch._inductor import async_compile
     from torch._inductor.codecache import output_code_log
 
-    from kernels import attention, dispatch, rmsnorm
+    from kernels import attention, dispatch, register_ops, rmsnorm
 
+    register_ops()  # a CPU-only torch makes them on first use
     dispatch._triton_on_cpu = True  # the custom ops take their Triton path on CPU tensors
     gpu_config = rmsnorm._launch_config
     rmsnorm._launch_config = lambda n_cols, device_type: gpu_config(n_cols, "cuda")  # the CUDA configuration

@@ -118,6 +118,9 @@ def test_ranks_share_each_step_disjointly_and_completely(small_tokenizer):
         rows = lambda batches: sorted(tuple(row.tolist()) for inputs, _ in batches for row in inputs)
         assert rows(one) == rows(per_rank[0][0] + per_rank[1][0])
         assert not set(rows(per_rank[0][0])) & set(rows(per_rank[1][0]))
+        # rows of like length share a micro-batch: as little padding as B rows per micro-batch allow
+        lengths = sorted(len(convs[i][0]) - 1 for i in order[step * 8:(step + 1) * 8])
+        assert sum(inputs.numel() for inputs, _ in one) == sum(2 * lengths[i + 1] for i in range(0, 8, 2))
 
 
 def test_identity_conversations_are_valid_and_about_nanoschnack():

@@ -85,6 +85,20 @@ def test_chat_and_serve_load_no_training_or_data_code():
     assert not set(out) & {"train", "sft", "data", "prepare", "evaluation"}, out
 
 
+@pytest.mark.skipif(bool(torch.version.cuda or torch.version.hip),
+                    reason="a CUDA or ROCm torch makes the Triton ops at import, by design (kernels/attention.py)")
+def test_scripts_start_without_torch_compile_machinery_on_a_cpu_only_torch():
+    """Making a triton_op imports torch._inductor (3 s of CPU here, as long as torch itself): a CPU-only torch
+    never takes the Triton path outside the tests, so no script pays it at start; the ops still work."""
+    probe = ("import sys, train, sft, evaluation, chat, serve, export, kernels; "
+             "print('torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules); "
+             "import torch; q = torch.randn(1, 2, 8, 16); out, lse = kernels.flash_attn_op(q, q, q); "
+             "print('torch._inductor' in sys.modules, torch.allclose(out, kernels.flash_attn(q, q, q), atol=1e-5))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True"], out
+
+
 def test_sft_rejects_model_presets_clearly(capsys):
     """`sft.py --preset d20` used to crash with a TypeError (the shared parser built SFTConfig(model=...))."""
     with pytest.raises(SystemExit) as e:
