@@ -23,7 +23,7 @@ from kernels.rmsnorm import rms_norm
 
 def register_ops() -> None:
     """Make the attention and RMSNorm custom ops now; a CPU-only torch makes them on first use
-    (kernels/attention.py, register_ops, says why)."""
+    (kernels/dispatch.py, ops_on_first_use, says why)."""
     attention.register_ops()
     rmsnorm.register_ops()
 

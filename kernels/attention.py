@@ -49,8 +49,8 @@ Custom ops. `nanoschnack::flash_attn(q, k, v, window=-1) -> (out, lse)` and
 `nanoschnack::flash_attn_backward(dout, q, k, v, out, lse, window=-1) -> (dq, dk, dv)` are
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
 through them (made at import on a CUDA build, on first use on a CPU-only one:
-register_ops says why). Which path runs is decided in kernels/dispatch.py: on CUDA the
-model's flash_attn() launches Triton; elsewhere (or with NANOSCHNACK_REFERENCE_KERNELS=1)
+dispatch.ops_on_first_use says why). Which path runs is decided in
+kernels/dispatch.py: on CUDA the model's flash_attn() launches Triton; elsewhere (or with NANOSCHNACK_REFERENCE_KERNELS=1)
 it calls torch's SDPA, whose CPU flash kernel is about twice as fast as the
 reference below (for a window shorter than the sequence it gets the boolean
 mask `visible_keys`). The ops themselves, off the Triton path, run that
@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import ops_on_first_use, use_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -560,29 +560,15 @@ def _backward(ctx, dout, dlse):
     return *flash_attn_backward_op(dout, q, k, v, out, lse, ctx.window), None
 
 
-def register_ops() -> None:
-    """Make flash_attn_op and flash_attn_backward_op (once). triton_op reads the op's source for the
-    Triton kernels it launches and imports torch._inductor to do it: 3 s of CPU (2-core development box),
-    which doubled the start of every script. A CPU-only torch never takes the Triton path (dispatch.py)
-    outside the tests' triton_on_cpu(), so there the ops are made on first use: kernels.flash_attn_op and
-    triton_on_cpu() call this. A CUDA or ROCm build makes them at import, before any torch.compile."""
-    global flash_attn_op, flash_attn_backward_op
-    if "flash_attn_op" in globals():
-        return
-    flash_attn_op = triton_op("nanoschnack::flash_attn", _flash_attn, mutates_args=())
-    flash_attn_backward_op = triton_op("nanoschnack::flash_attn_backward", _flash_attn_backward, mutates_args=())
-    flash_attn_op.register_autograd(_backward, setup_context=_setup_context)
+def _make_ops() -> dict:
+    fwd = triton_op("nanoschnack::flash_attn", _flash_attn, mutates_args=())
+    bwd = triton_op("nanoschnack::flash_attn_backward", _flash_attn_backward, mutates_args=())
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    return {"flash_attn_op": fwd, "flash_attn_backward_op": bwd}
 
 
-def __getattr__(name: str):  # module attributes that are not there yet: the ops, made on first use
-    if name in ("flash_attn_op", "flash_attn_backward_op"):
-        register_ops()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if torch.version.cuda or torch.version.hip:
-    register_ops()
+# flash_attn_op and flash_attn_backward_op: made at import on a CUDA build, on first use on a CPU-only one
+register_ops, __getattr__ = ops_on_first_use(globals(), ("flash_attn_op", "flash_attn_backward_op"), _make_ops)
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:

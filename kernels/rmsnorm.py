@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels.dispatch import use_triton, use_triton_rms_norm
+from kernels.dispatch import ops_on_first_use, use_triton, use_triton_rms_norm
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -178,26 +178,15 @@ def _backward(ctx, dy, drstd):
     return rms_norm_backward_op(dy, x, rstd), None
 
 
-def register_ops() -> None:
-    """Make rms_norm_op and rms_norm_backward_op (once): at import on a CUDA or ROCm build, on first use
-    on a CPU-only one, as kernels/attention.py's register_ops explains."""
-    global rms_norm_op, rms_norm_backward_op
-    if "rms_norm_op" in globals():
-        return
-    rms_norm_op = triton_op("nanoschnack::rms_norm", _rms_norm, mutates_args=())
-    rms_norm_backward_op = triton_op("nanoschnack::rms_norm_backward", _rms_norm_backward, mutates_args=())
-    rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+def _make_ops() -> dict:
+    fwd = triton_op("nanoschnack::rms_norm", _rms_norm, mutates_args=())
+    bwd = triton_op("nanoschnack::rms_norm_backward", _rms_norm_backward, mutates_args=())
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    return {"rms_norm_op": fwd, "rms_norm_backward_op": bwd}
 
 
-def __getattr__(name: str):  # module attributes that are not there yet: the ops, made on first use
-    if name in ("rms_norm_op", "rms_norm_backward_op"):
-        register_ops()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if torch.version.cuda or torch.version.hip:
-    register_ops()
+# rms_norm_op and rms_norm_backward_op: made at import on a CUDA build, on first use on a CPU-only one
+register_ops, __getattr__ = ops_on_first_use(globals(), ("rms_norm_op", "rms_norm_backward_op"), _make_ops)
 
 
 class _EagerRMSNorm(torch.autograd.Function):

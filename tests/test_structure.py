@@ -97,6 +97,13 @@ def test_scripts_start_without_torch_compile_machinery_on_a_cpu_only_torch():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
     assert out == ["False", "False", "True", "True"], out
+    # a CUDA build (its version string faked here) makes them at import, before any torch.compile sees the model
+    probe = ("import torch; torch.version.cuda = '13.0'; import sys, kernels.attention as a, kernels.rmsnorm as r; "
+             "print('torch._inductor' in sys.modules, *(n in vars(m) for m, n in ((a, 'flash_attn_op'), "
+             "(a, 'flash_attn_backward_op'), (r, 'rms_norm_op'), (r, 'rms_norm_backward_op'))))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
+    assert out == ["True"] * 5, out
 
 
 def test_sft_rejects_model_presets_clearly(capsys):
