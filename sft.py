@@ -20,9 +20,10 @@ chat.py loads.
   reported with an example, never dropped silently.
 - One row per conversation, padded to the longest in the micro-batch (targets
   -1 on padding and on everything that is not trained); a step's rows go into
-  its micro-batches shortest first, so rows of like length share one. The loss is the mean
-  over all trained tokens of the whole optimizer step, on every rank together,
-  so a batch of long answers weighs as much per token as one of short answers.
+  its micro-batches shortest first, so rows of like length share one. The loss
+  is the mean over all trained tokens of the whole optimizer step, on every rank
+  together, so a batch of long answers weighs as much per token as one of short
+  answers.
 - Order: a seeded permutation per epoch; step s trains examples
   [s*E, (s+1)*E) of it (E = examples per step), rank r micro-step m takes
   its slice (m*W + r)*B ... Resume is exact and only needs (epoch, step).

@@ -60,8 +60,9 @@ NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
 DECODE_CASES = [(1, 10, 10, 2050, 128), (32, 6, 6, 2049, 128), (4, 4, 2, 1000, 64)]
 # The dtypes the project runs on CUDA: bf16 (every training and serving path, gpt.default_dtype) and
 # fp32 (the exact path of tests and debugging, its own small-tile configs). The launchers also take
-# fp16, but it gets bf16's configs and code and differs only in the dot's element type, so its 104
-# compiles checked nothing bf16's do not, at a third of this run's time on a CI machine.
+# fp16, but it gets bf16's configs and code and differs only in the dot's element type (its register
+# and spill counts matched bf16's: bench/RESULTS.md), so its 104 of 312 compiles checked nothing new
+# and cost about a minute of two cores (bf16 attention jobs compile in 1.6-3.1 s each here).
 DTYPES = [torch.bfloat16, torch.float32]
 
 

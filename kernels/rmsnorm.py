@@ -17,8 +17,8 @@ Custom ops `nanoschnack::rms_norm(x, eps) -> (y, rstd)` and
 `nanoschnack::rms_norm_backward(dy, x, rstd) -> dx` dispatch like the attention
 ops (kernels/dispatch.py): Triton on CUDA, the PyTorch reference (the tests'
 oracle) elsewhere; torch.compile traces them as one opaque node each. Like those,
-they are made at import on a CUDA build and on first use on a CPU-only one. The model's
-rms_norm() is pickier: it runs our kernel only where it measured faster than
+they are made at import on a CUDA build and on first use on a CPU-only one. The
+model's rms_norm() is pickier: it runs our kernel only where it measured faster than
 PyTorch's own RMSNorm on the GPU (dispatch.py, use_triton_rms_norm), through a
 plain autograd.Function (cheaper to launch eagerly than the custom op), and
 F.rms_norm everywhere else, including under torch.compile.

@@ -30,8 +30,8 @@ bytes of stores and as many loads (dK/dV at D = 64 with GQA on sm_90, the most),
 ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
-kernels). Time: 208 compiles, about 4 minutes of two cores on the development box; fp16 is
-not compiled (kernels/aot.py, DTYPES, says why).
+kernels). Time: 208 compiles, 325 s of two cores in a full run on the 2-core
+development box; fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
 import json
