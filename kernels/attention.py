@@ -52,8 +52,8 @@ through them (made at import on a CUDA build, on first use on a CPU-only one:
 dispatch.ops_on_first_use says why). Which path runs is decided in
 kernels/dispatch.py: on CUDA the model's flash_attn() launches Triton; elsewhere
 (or with NANOSCHNACK_REFERENCE_KERNELS=1) it calls torch's SDPA, whose CPU flash
-kernel is about twice as fast as the reference below (for a window shorter than the sequence it gets the boolean
-mask `visible_keys`). The ops themselves, off the Triton path, run that
+kernel is about twice as fast as the reference below (for a window shorter than
+the sequence it gets the boolean mask `visible_keys`). The ops themselves, off the Triton path, run that
 reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
 the exact oracle the kernel tests compare Triton against.
 """
