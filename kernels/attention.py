@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from kernels.dispatch import ops_on_first_use, use_triton
 
@@ -560,15 +560,9 @@ def _backward(ctx, dout, dlse):
     return *flash_attn_backward_op(dout, q, k, v, out, lse, ctx.window), None
 
 
-def _make_ops() -> dict:
-    fwd = triton_op("nanoschnack::flash_attn", _flash_attn, mutates_args=())
-    bwd = triton_op("nanoschnack::flash_attn_backward", _flash_attn_backward, mutates_args=())
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    return {"flash_attn_op": fwd, "flash_attn_backward_op": bwd}
-
-
 # flash_attn_op and flash_attn_backward_op: made at import on a CUDA build, on first use on a CPU-only one
-register_ops, __getattr__ = ops_on_first_use(globals(), ("flash_attn_op", "flash_attn_backward_op"), _make_ops)
+register_ops, __getattr__ = ops_on_first_use(
+    globals(), {"flash_attn_op": _flash_attn, "flash_attn_backward_op": _flash_attn_backward}, _backward, _setup_context)
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:

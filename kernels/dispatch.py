@@ -19,6 +19,7 @@ import contextlib
 import os
 
 import torch
+from torch.library import triton_op
 
 REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
 
@@ -59,19 +60,24 @@ def use_triton_rms_norm(x: torch.Tensor) -> bool:
     return x.shape[-1] in RMS_NORM_TRITON_WIDTHS and x.requires_grad and torch.is_grad_enabled()
 
 
-def ops_on_first_use(module_globals: dict, names: tuple[str, ...], make):
-    """(register_ops, __getattr__) for a kernel module whose custom ops `names` are made by `make()`
-    (a dict of them). torch.library.triton_op reads an op's source for the Triton kernels it launches
-    and imports torch._inductor to do it: 3 s of CPU on the 2-core development box, as long as
-    importing torch, at the start of every script. A CPU-only torch never takes the Triton path
-    outside the tests' triton_on_cpu(), so there the ops are made on first use (the module attribute,
-    or triton_on_cpu()); a CUDA or ROCm build makes them at import, before any torch.compile."""
+def ops_on_first_use(module_globals: dict, ops: dict, backward, setup_context):
+    """(register_ops, __getattr__) for a kernel module with two custom ops, {attribute name: body} of the
+    forward and then its backward; `nanoschnack::<name without _op>` each, the forward's autograd from
+    backward and setup_context. torch.library.triton_op reads an op's source for the Triton kernels it
+    launches and imports torch._inductor to do it: 3 s of CPU on the 2-core development box, as long as
+    importing torch, at the start of every script. A CPU-only torch never takes the Triton path outside
+    the tests' triton_on_cpu(), so there the ops are made on first use (the module attribute, or
+    triton_on_cpu()); a CUDA or ROCm build makes them at import, before any torch.compile."""
     def register_ops() -> None:
-        if names[0] not in module_globals:
-            module_globals.update(make())
+        if all(name in module_globals for name in ops):
+            return
+        made = {name: triton_op(f"nanoschnack::{name.removesuffix('_op')}", body, mutates_args=())
+                for name, body in ops.items()}
+        next(iter(made.values())).register_autograd(backward, setup_context=setup_context)
+        module_globals.update(made)
 
     def module_getattr(name: str):  # PEP 562: asked for an attribute the module does not have yet
-        if name in names:
+        if name in ops:
             register_ops()
             return module_globals[name]
         raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from kernels.dispatch import ops_on_first_use, use_triton, use_triton_rms_norm
 
@@ -178,15 +178,9 @@ def _backward(ctx, dy, drstd):
     return rms_norm_backward_op(dy, x, rstd), None
 
 
-def _make_ops() -> dict:
-    fwd = triton_op("nanoschnack::rms_norm", _rms_norm, mutates_args=())
-    bwd = triton_op("nanoschnack::rms_norm_backward", _rms_norm_backward, mutates_args=())
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    return {"rms_norm_op": fwd, "rms_norm_backward_op": bwd}
-
-
 # rms_norm_op and rms_norm_backward_op: made at import on a CUDA build, on first use on a CPU-only one
-register_ops, __getattr__ = ops_on_first_use(globals(), ("rms_norm_op", "rms_norm_backward_op"), _make_ops)
+register_ops, __getattr__ = ops_on_first_use(
+    globals(), {"rms_norm_op": _rms_norm, "rms_norm_backward_op": _rms_norm_backward}, _backward, _setup_context)
 
 
 class _EagerRMSNorm(torch.autograd.Function):
