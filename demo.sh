@@ -49,7 +49,7 @@ if [ "$SCALE" = micro ]; then
     EVAL=(--limit 16)
 else
     TOK=(--vocab-size 8192 --max-chars 20M)
-    TRAIN=(--preset tiny --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-12}")
+    TRAIN=(--preset tiny --model demo --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-12}")  # gpt.py: why width 128
     TUNE=(--preset tiny --time-budget "${NANOSCHNACK_SFT_MINUTES:-4}")
     EVAL=(--limit 200 --max-bytes 100000)  # 100 KB of each: a minute on a slow 2-core CPU, all of it 9 minutes
 fi
@@ -69,8 +69,8 @@ $PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OU
 stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
-# A fifth of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
-$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.2 \
+# 30% of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
+$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.3 \
     --out "$OUT/chat"
 stage_done "SFT"
 

@@ -132,11 +132,17 @@ def has_value_embed(layer: int, n_layer: int) -> bool:
 PRESETS = {
     "nano": dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64),  # tests, seconds on a laptop
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256),  # head_dim 64
+    # demo.sh's model: the width that learns most in 12 CPU minutes. On a slow 2-core EPYC (fp32, one
+    # thread, 12 minutes, the demo's mix) validation bits per byte went 2.2614 / 2.2269 / 2.2007 / 2.1740
+    # at width 256 / 192 / 128 / 64: a smaller model reads more tokens, and at a few million tokens the
+    # tokens count for more than the width. 128 rather than 64, because a CPU with bf16 units trains
+    # several times the tokens in the same minutes, which moves the best width up (bench/RESULTS.md).
+    "demo": dict(n_layer=4, n_head=2, n_kv_head=2, n_embd=128),  # head_dim 64
 }
 
 
 def preset(name: str, vocab_size: int, sequence_len: int) -> GPTConfig:
-    """A config by name: 'nano', 'tiny', or 'd<depth>' such as 'd12' or 'd20'."""
+    """A config by name: 'nano', 'demo', 'tiny', or 'd<depth>' such as 'd12' or 'd20'."""
     if name in PRESETS:
         return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, **PRESETS[name])
     if re.fullmatch(r"d\d+", name):

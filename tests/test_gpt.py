@@ -57,7 +57,9 @@ def test_presets():
     tiny = preset("tiny", vocab_size=4096, sequence_len=256)
     assert (tiny.n_layer, tiny.n_embd, tiny.head_dim, tiny.vocab_size, tiny.sequence_len) == (4, 256, 64, 4096, 256)
     assert preset("d20", 4096, 2048) == GPTConfig.from_depth(20, 4096, 2048)
-    assert set(PRESETS) >= {"nano", "tiny"}
+    demo = preset("demo", vocab_size=4096, sequence_len=256)  # demo.sh's model (gpt.py: why this width)
+    assert (demo.n_layer, demo.n_embd, demo.head_dim) == (4, 128, 64)
+    assert set(PRESETS) >= {"nano", "demo", "tiny"}
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge", 4096, 256)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):

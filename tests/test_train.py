@@ -462,6 +462,14 @@ def test_training_length_follows_nanochats_token_ratio():
     assert steps == int(12 * (2 * 12 * 64 * 64 + 2 * 12 + 64 * 64)) // 512  # blocks (and a ve gate), lm_head
 
 
+def test_model_flag_picks_the_model_of_another_preset(setup, tmp_path):
+    """demo.sh trains `--preset tiny --model demo`: the run's settings from one preset, the model from another."""
+    train.main(args_for(setup, tmp_path / "run", "--model", "demo", "--max-steps", "1", "--eval-every", "0"))
+    model, _, ckpt = common.load_model(tmp_path / "run")
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head) == (4, 128, 2)
+    assert ckpt["train_config"]["seq_len"] == 64  # the run preset's (nano), not the model's
+
+
 def test_recipe_flags_reach_the_model_and_its_checkpoint(setup, tmp_path, capsys):
     flags = ["--value-embeds", "--layer-lambdas", "--smear", "--backout", "--qk-gain", "1.2", "--muon", "nanochat"]
     train.main(args_for(setup, tmp_path / "run", "--max-steps", "2", "--eval-every", "2", *flags))
