@@ -295,6 +295,7 @@ def test_repl_through_a_terminal(chat_ckpt):
 
     def controlling_terminal():  # so that Ctrl-C typed into the terminal becomes SIGINT for chat.py
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        sigint_as_in_a_shell()
 
     proc = subprocess.Popen(CHAT + ["--checkpoint", str(chat_ckpt), "--max-new-tokens", "10", "--seed", "1"],
                             stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "dumb"},
@@ -419,6 +420,13 @@ def test_program_io_edges(chat_ckpt, session_factory):
 
 # chat.main with loading held: common.load_model says so on stderr and then waits for a line on stdin,
 # so that the test's Ctrl-C (SIGINT) arrives while the model is loading, not before or after it
+def sigint_as_in_a_shell():
+    """A child's SIGINT as a shell starts it: a test process may ignore or block SIGINT (the suite's
+    workers sometimes do), and children inherit both, so chat.py would never see Ctrl-C."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 HELD_LOADING = """
 import sys, threading, common
 def held_load_model(*args, **kwargs):
@@ -452,7 +460,8 @@ def test_output_failures_and_ctrl_c_while_loading_are_one_line(chat_ckpt):
                           preexec_fn=lambda: os.close(1))
     assert proc.returncode == 1 and one_line_error(proc.stderr).startswith("error: stdout is closed, there is nowhere")
     proc = subprocess.Popen([sys.executable, "-c", HELD_LOADING, *args, "--prompt", TURNS[1]], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO_ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO_ROOT,
+                            preexec_fn=sigint_as_in_a_shell)
     try:
         assert proc.stderr.readline().decode().strip() == "loading held"
         proc.send_signal(signal.SIGINT)
