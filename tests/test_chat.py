@@ -418,8 +418,6 @@ def test_program_io_edges(chat_ckpt, session_factory):
         assert proc.returncode == 1 and "Traceback" not in err and "error: stdin is closed" in err, err
 
 
-# chat.main with loading held: common.load_model says so on stderr and then waits for a line on stdin,
-# so that the test's Ctrl-C (SIGINT) arrives while the model is loading, not before or after it
 def sigint_as_in_a_shell():
     """A child's SIGINT as a shell starts it: a test process may ignore or block SIGINT (the suite's
     workers sometimes do), and children inherit both, so chat.py would never see Ctrl-C."""
@@ -427,6 +425,8 @@ def sigint_as_in_a_shell():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# chat.main with loading held: common.load_model says so on stderr and then waits until interrupted,
+# so that the test's Ctrl-C (SIGINT) arrives while the model is loading, not before or after it
 HELD_LOADING = """
 import sys, threading, common
 def held_load_model(*args, **kwargs):
