@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import signal
 import sys
 from pathlib import Path
 
@@ -75,7 +76,6 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
 
 def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout: float = 120):
     """Run a stage script and kill -9 it as soon as `path` exists (or when it exits or time runs out)."""
-    import signal
     import subprocess
     import time
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -86,6 +86,14 @@ def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+
+
+def sigint_as_in_a_shell():
+    """A child's SIGINT as a shell starts it (give it as Popen's preexec_fn): a test process may ignore or
+    block SIGINT (the suite's workers sometimes do), and children inherit both, so the child would never
+    see Ctrl-C."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 import chat
 import gpt
 from session import Sampling, fit_to_context, load_session
-from conftest import REPO_ROOT, make_checkpoint
+from conftest import REPO_ROOT, make_checkpoint, sigint_as_in_a_shell
 from tok import ConversationError, render_prompt
 
 GREEDY = Sampling(temperature=0, top_k=None, max_new_tokens=12)
@@ -416,13 +416,6 @@ def test_program_io_edges(chat_ckpt, session_factory):
                               stdin=None, preexec_fn=lambda: os.close(0))
         err = proc.stderr.decode()
         assert proc.returncode == 1 and "Traceback" not in err and "error: stdin is closed" in err, err
-
-
-def sigint_as_in_a_shell():
-    """A child's SIGINT as a shell starts it: a test process may ignore or block SIGINT (the suite's
-    workers sometimes do), and children inherit both, so chat.py would never see Ctrl-C."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # chat.main with loading held: common.load_model says so on stderr and then waits until interrupted,

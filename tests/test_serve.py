@@ -33,7 +33,7 @@ import engine
 import engine_process
 import gpt
 import serve
-from conftest import REPO_ROOT, make_checkpoint
+from conftest import REPO_ROOT, make_checkpoint, sigint_as_in_a_shell
 from session import MIN_TEMPERATURE, Sampling, load_session
 
 LONG = 1500  # max_tokens of a request that must still be running while the test acts
@@ -980,7 +980,7 @@ def test_ctrl_c_and_systemd_stop_end_both_processes_cleanly(tmp_path, small_toke
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--device",
                              "cpu", "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
                             cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+                            preexec_fn=sigint_as_in_a_shell)
 
     def up():
         try:
