@@ -37,7 +37,14 @@ for dir in "$DATA"/pretrain/*/; do
     PRETRAIN="$PRETRAIN parquet://$(spec "$dir")train-*.parquet?weight=size^0.5"
     [ -f "$dir/val.parquet" ] && VAL="$VAL parquet://$(spec "$dir")val.parquet"
 done
-SFT="jsonl://$(spec "$DATA")/sft/[!v]*.jsonl"  # every conversation file but the held-out val.jsonl
+# Every conversation file but the held-out val.jsonl and the plays: in plays.jsonl the "assistant" is a
+# character of a play (asked "Wer sind Sie?" it answers "Ich bin die Witwe ..."), which teaches a small
+# model to be someone else rather than nanoschnack; without them as many answers end (README, "SFT")
+SFT=""
+for file in "$DATA"/sft/*.jsonl; do
+    case $(basename "$file") in val.jsonl | plays.jsonl) continue ;; esac
+    SFT="$SFT jsonl://$(spec "$file")"
+done
 SFT_VAL="jsonl://$(spec "$DATA")/sft/val.jsonl"
 BPB="$VAL"  # held-out German: every source's validation file, and UD German-GSD's sentences
 [ -f "$DATA/eval/ud_gsd_dev.txt" ] && BPB="txt://$(spec "$DATA")/eval/ud_gsd_dev.txt?per=line $VAL"
@@ -69,8 +76,8 @@ $PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OU
 stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
-# 30% of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
-$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.3 \
+# 45% of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
+$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.45 \
     --out "$OUT/chat"
 stage_done "SFT"
 

@@ -113,13 +113,14 @@ PRESETS = {
     # CPU demo (bench/RESULTS.md, "The demo's mix and chat recipe on a slow CPU"). A small model needs a
     # higher learning rate than nanochat's 0.02 to learn to end its answers within minutes: on a demo base
     # model, 200 steps at 0.02 gave 0 of 50 held-out answers that end. On the demo's width-128 model (447
-    # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 (37 at half and at twice the steps) and 0.4
-    # 47, but 0.4 cost more German (the Bundestag speeches +0.075 bits per byte against +0.044). Answers
-    # cut to their first sentences (200 characters), because a small model that imitates paragraph-long
-    # answers repeats itself until the context is full. Identity 8x (1.2% of the rows): at 20x (with 0.4
-    # and a fifth of text rows) the width-128 model answered 33 of 50 unrelated questions with its name.
+    # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 and 0.4 47, but 0.4 cost about twice the
+    # German. Answers cut to their first sentences (200 characters), because a small model that imitates
+    # paragraph-long answers repeats itself until the context is full. Identity 24x (64 conversations,
+    # about 4% of the rows beside the demo's data): the share decides between a model that never names
+    # itself (8x-16x: at most 3 of 30 samples) and one that answers unrelated questions with its name (32x:
+    # 16 of 30 samples, but 12 of 50 unrelated answers).
     "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
-                 save_every=100, log_every=10, identity_repeat=8, init_lr_frac=0.2, answer_chars=200),
+                 save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
 }
 
 
