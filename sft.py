@@ -116,9 +116,10 @@ PRESETS = {
     # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 and 0.4 47, but 0.4 cost about twice the
     # German. Answers cut to their first sentences (200 characters), because a small model that imitates
     # paragraph-long answers repeats itself until the context is full. Identity 24x (64 conversations,
-    # about 4% of the rows beside the demo's data): the share decides between a model that never names
-    # itself (8x-16x: at most 3 of 30 samples) and one that answers unrelated questions with its name (32x:
-    # 16 of 30 samples, but 12 of 50 unrelated answers).
+    # 4% of the rows beside the demo's data): the share trades a model that never names itself (8x-16x: at
+    # most 3 of 30 samples) against one that answers unrelated questions with its name (32x: 16 of 30
+    # samples, and 12 of 50 unrelated answers); 24x gave 1, 7 and 18 of 30 and 0, 3 and 14 unrelated at
+    # 0.5x, 1x and 2x the steps. Neither end is right yet on this model (bench/RESULTS.md, "Second pass").
     "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
                  save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
 }
