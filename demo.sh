@@ -56,7 +56,7 @@ if [ "$SCALE" = micro ]; then
     EVAL=(--limit 16)
 else
     TOK=(--vocab-size 8192 --max-chars 20M)
-    TRAIN=(--preset tiny --model demo --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-12}")  # gpt.py: why width 128
+    TRAIN=(--preset tiny --model demo --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-11}")  # gpt.py: why width 128
     TUNE=(--preset tiny --time-budget "${NANOSCHNACK_SFT_MINUTES:-4}")
     EVAL=(--limit 200 --max-bytes 100000)  # 100 KB of each: a minute on a slow 2-core CPU, all of it 9 minutes
 fi

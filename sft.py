@@ -93,9 +93,9 @@ class SFTConfig:
     weight_decay: float = 0.0
     init_lr_frac: float = 0.02       # ... times this, decaying linearly to 0 (nanochat's SFT recipe)
     eval_every: int = 100
-    val_conversations: int = 256     # validation conversations (0: all of --val-data)
-    stop_rate_conversations: int = 50  # at the end: how many of these (the first validation ones) get a greedy
-                                       # answer to their first question that ends with <|assistant_end|>
+    val_conversations: int = 256     # validation conversations, spread over --val-data (0: all of it)
+    stop_rate_conversations: int = 50  # at the end: how many of these (spread over the validation ones) get a
+                                       # greedy answer to their first question that ends with <|assistant_end|>
     identity_samples: int = 10       # at the end: sampled answers per identity question (0: skip)
     sample_every: int = 0            # 0: only at the end
     save_every: int = 200
@@ -119,7 +119,8 @@ PRESETS = {
     # 4% of the rows beside the demo's data): the share trades a model that never names itself (8x-16x: at
     # most 3 of 30 samples) against one that answers unrelated questions with its name (32x: 16 of 30
     # samples, and 12 of 50 unrelated answers); 24x gave 1, 7 and 18 of 30 and 0, 3 and 14 unrelated at
-    # 0.5x, 1x and 2x the steps. Neither end is right yet on this model (bench/RESULTS.md, "Second pass").
+    # 0.5x, 1x and 2x the steps (of the first 50 held-out questions: mostly lines of plays; spread over the
+    # file, 0, 1 and 5). Neither end is right yet on this model (bench/RESULTS.md, "Second pass", "Third pass").
     "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
                  save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
 }
@@ -410,13 +411,19 @@ def write_report(cfg, base, model, data_stats, n_train, n_val, steps, trained_to
 
 # -----------------------------------------------------------------------------
 
+def evenly_spaced(items: list, n: int) -> list:
+    """n of the items (all if n is 0 or there are fewer), spread evenly from the first to near the last,
+    in order: where the first n of a validation file grouped by source would be one or two sources."""
+    return items if not n or n >= len(items) else [items[i * len(items) // n] for i in range(n)]
+
+
 def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict | None = None):
     """(train conversations, validation conversations), identity conversations mixed into train."""
     conversations = load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log, stats=stats,
                                        answer_chars=cfg.answer_chars)
-    if cfg.val_data:
-        val = load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log,
-                                 limit=cfg.val_conversations)
+    if cfg.val_data:  # all of it, then N spread over it: a file grouped by source gives each source its share
+        val = evenly_spaced(load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log),
+                            cfg.val_conversations)
     else:  # the hub sets have no held-out split: keep the first ones out of training
         val, conversations = conversations[:cfg.val_conversations], conversations[cfg.val_conversations:]
     if cfg.identity_repeat:
@@ -553,7 +560,7 @@ def main(argv=None):
                 log(f"  {question} -> {answer!r}")
         if master and last and cfg.stop_rate_conversations and val:
             raw_model.eval()
-            record["stop_rate"] = stop_rate(raw_model, tokenizer, val[:cfg.stop_rate_conversations])
+            record["stop_rate"] = stop_rate(raw_model, tokenizer, evenly_spaced(val, cfg.stop_rate_conversations))
             raw_model.train()
             log("answers that end with <|assistant_end|>: {} of {}; answers that name nanoschnack unasked: {}"
                 .format(*record["stop_rate"]))

@@ -13,7 +13,7 @@ import data
 import sft
 import train
 from conftest import FIXTURE_TEXT, make_checkpoint, sigkill_when_file_appears
-from tok import check_conversation, render_conversation
+from tok import check_conversation, parse_conversation, render_conversation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,6 +207,19 @@ def test_without_val_data_the_first_conversations_are_held_out(setup, small_toke
     with_identity, _ = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
     n_identity = len(sft.IDENTITY_FILE.read_text(encoding="utf-8").splitlines())
     assert len(with_identity) == len(train_convs) + 2 * n_identity
+
+
+def test_validation_conversations_spread_over_a_file_grouped_by_source(setup, small_tokenizer):
+    """A validation file in blocks by source (the demo's sft/val.jsonl): its first N would all be one source."""
+    blocks = [[{"messages": [{"role": "user", "content": f"Frage {s}{i}?"}, {"role": "assistant", "content": "Ja."}]}
+               for i in range(10)] for s in "abc"]
+    write_jsonl(setup / "grouped.jsonl", [c for block in blocks for c in block])
+    cfg = sft.SFTConfig(data=f"jsonl://{setup}/train.jsonl", val_data=f"jsonl://{setup}/grouped.jsonl",
+                        val_conversations=6, identity_repeat=0)
+    _, val = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
+    asked = [parse_conversation(small_tokenizer, ids)[0]["content"] for ids, _ in val]
+    assert asked == ["Frage a0?", "Frage a5?", "Frage b0?", "Frage b5?", "Frage c0?", "Frage c5?"]
+    assert sft.evenly_spaced(val, 3) == val[::2] and sft.evenly_spaced(val, 0) == sft.evenly_spaced(val, 9) == val
 
 
 def test_resume_after_sigkill_equals_uninterrupted(setup):
