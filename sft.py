@@ -188,9 +188,8 @@ def first_sentences(text: str, limit: int) -> str:
 
 
 def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, log=print,
-                       limit: int = 0, stats: dict | None = None,
-                       answer_chars: int = 0) -> list[tuple[list[int], list[int]]]:
-    """Every valid conversation of the sources (the first `limit` if given), rendered as (ids, mask), in order.
+                       stats: dict | None = None, answer_chars: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Every valid conversation of the sources, rendered as (ids, mask), in order.
 
     A source's weight w repeats its conversations: the integer part whole, the
     fraction as a deterministic prefix (weight 0.5 keeps the first half).
@@ -204,8 +203,6 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
                                  f"repeats a source's conversations (weight=2: twice), so give a number")
         mine = []
         for where, row in data.iter_rows(source):
-            if limit and len(rendered) + len(mine) >= limit:
-                break
             seen += 1
             try:
                 if isinstance(row, Exception):
@@ -435,7 +432,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
         log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows)")
         if stats is not None:
             stats["text_rows"] = count
-    return conversations, val[:cfg.val_conversations or None]
+    return conversations, val
 
 
 def main(argv=None):

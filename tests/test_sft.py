@@ -234,13 +234,6 @@ def test_resume_after_sigkill_equals_uninterrupted(setup):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-def test_limit_counts_usable_conversations(tmp_path, small_tokenizer):
-    bad = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}
-    path = write_jsonl(tmp_path / "v.jsonl", [bad, bad] + fixture_conversations(5))
-    got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lambda *a: None, limit=3)
-    assert got == [render_conversation(small_tokenizer, c["messages"]) for c in fixture_conversations(3)]
-
-
 def test_stop_rate_counts_answers_that_end_their_turn(tmp_path, small_tokenizer, monkeypatch):
     """Scripted models: one that ends every answer after two tokens, one that never does, one that
     ends only the answers to odd questions; the prompt is each conversation's first question."""
