@@ -121,7 +121,12 @@ PRESETS = {
     # samples, and 12 of 50 unrelated answers); 24x gave 1, 7 and 18 of 30 and 0, 3 and 14 unrelated at
     # 0.5x, 1x and 2x the steps (of the first 50 held-out questions: mostly lines of plays; spread over the
     # file, 0, 1 and 5). Neither end is right yet on this model (bench/RESULTS.md, "Second pass", "Third pass").
-    "tiny": dict(device_batch_size=4, examples_per_step=8, max_steps=200, eval_every=50, val_conversations=64,
+    # 16 conversations a step, not 8: Muon moves the weights by the learning rate whatever the batch, so a
+    # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is mostly noise, and on a
+    # CPU with bf16 units (the demo's 4 minutes: 1,363 steps of 8 on a base model that read 11.7M tokens) it
+    # cost the manuals' text +0.11 bits per byte; 680 steps of 16 (the same rows) +0.02, with as many
+    # answers that end (bench/RESULTS.md, "Fourth pass").
+    "tiny": dict(device_batch_size=4, examples_per_step=16, max_steps=200, eval_every=50, val_conversations=64,
                  save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
 }
 
