@@ -88,7 +88,7 @@ stage_done "evaluation"
 echo "== 5. a German chat answer"
 echo "> Wer bist du?"
 # greedy, each repeated token penalised (OpenAI's frequency_penalty): a tiny model otherwise loops
-$PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --frequency-penalty 0.5 --max-new-tokens 64
+$PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --frequency-penalty 1.0 --max-new-tokens 64
 stage_done "chat"
 
 echo

@@ -125,7 +125,8 @@ PRESETS = {
     # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is mostly noise, and on a
     # CPU with bf16 units (the demo's 4 minutes: 1,363 steps of 8 on a base model that read 11.7M tokens) it
     # cost the manuals' text +0.11 bits per byte; 680 steps of 16 (the same rows) +0.02, with as many
-    # answers that end (bench/RESULTS.md, "Fourth pass").
+    # answers that end. The price is on a slow CPU's weak base model: 65 steps of 16 (half its 4 minutes)
+    # ended 42 and 30 of 50 answers in two orders, 129 of 8 47 and 42 (bench/RESULTS.md, "Fourth pass").
     "tiny": dict(device_batch_size=4, examples_per_step=16, max_steps=200, eval_every=50, val_conversations=64,
                  save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
 }
