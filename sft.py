@@ -122,7 +122,7 @@ PRESETS = {
     # 0.5x, 1x and 2x the steps (of the first 50 held-out questions: mostly lines of plays; spread over the
     # file, 0, 1 and 5). Neither end is right yet on this model (bench/RESULTS.md, "Second pass", "Third pass").
     # 16 conversations a step, not 8: Muon moves the weights by the learning rate whatever the batch, so a
-    # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is mostly noise, and on a
+    # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is a noisy one, and on a
     # CPU with bf16 units (the demo's 4 minutes: 1,363 steps of 8 on a base model that read 11.7M tokens) it
     # cost the manuals' text +0.11 bits per byte; 680 steps of 16 (the same rows) +0.02, with as many
     # answers that end. The price is on a slow CPU's weak base model: 65 steps of 16 (half its 4 minutes)
