@@ -130,7 +130,8 @@ def test_identity_conversations_are_valid_and_about_nanoschnack():
         check_conversation(row["messages"])
     answers = [" ".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
     assert sum("nanoschnack" in a for a in answers) >= len(rows) // 2
-    questions = {row["messages"][0]["content"].lower() for row in rows}  # the identity rate's paraphrases stay held out
+    # the identity rate's paraphrases stay held out, in any turn
+    questions = {m["content"].lower() for row in rows for m in row["messages"] if m["role"] == "user"}
     assert sft.IDENTITY_QUESTIONS[0].lower() in questions and not {q.lower() for q in sft.IDENTITY_QUESTIONS[1:]} & questions
 
 
