@@ -104,9 +104,12 @@ def test_batches_train_exactly_the_masked_tokens(small_tokenizer):
         assert inputs[row, :n].tolist() == ids[:-1]
         assert targets[row, :n].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
         assert (targets[row, n:] == -1).all()
+    longest = max(len(ids) - 1 for ids, _ in convs)  # a few shapes per run, not one per length
+    assert inputs.shape[1] % sft.PAD_MULTIPLE == 0 and 0 <= inputs.shape[1] - longest < sft.PAD_MULTIPLE
 
 
-def test_ranks_share_each_step_disjointly_and_completely(small_tokenizer):
+def test_ranks_share_each_step_disjointly_and_completely(small_tokenizer, monkeypatch):
+    monkeypatch.setattr(sft, "PAD_MULTIPLE", 1)  # the padding below is then exactly the grouping's
     convs = [render_conversation(small_tokenizer, c["messages"]) for c in fixture_conversations(24)]
     cfg = sft.SFTConfig(device_batch_size=2, examples_per_step=8)
     order = sft.epoch_order(len(convs), seed=1, epoch=0)
