@@ -165,6 +165,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(OpenAI's; default %(default)s)")
     p.add_argument("--presence-penalty", type=float, default=Sampling.presence_penalty,
                    help="-2 to 2: lowers the logit of every token the answer has already (default %(default)s)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=Sampling.no_repeat_ngram_size,
+                   help="n > 0: the answer never repeats n tokens in a row that it has had already, so never a "
+                        "sentence (transformers'; 0 = off, default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens,
                    help="per answer; the context may leave fewer (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="for reproducible sampling (default: random)")
@@ -209,7 +212,7 @@ def run(argv=None) -> None:
             stream.reconfigure(errors="replace")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.frequency_penalty,
-                            args.presence_penalty)
+                            args.presence_penalty, args.no_repeat_ngram_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:

@@ -87,8 +87,10 @@ stage_done "evaluation"
 
 echo "== 5. a German chat answer"
 echo "> Wer bist du?"
-# greedy, each repeated token penalised (OpenAI's frequency_penalty): a tiny model otherwise loops
-$PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --frequency-penalty 1.0 --max-new-tokens 64
+# greedy, each repeated token penalised (OpenAI's frequency_penalty) and no 4 tokens said twice
+# (transformers' no_repeat_ngram_size): a tiny model otherwise loops
+$PY chat.py --checkpoint "$OUT/chat" --prompt "Wer bist du?" --temperature 0 --frequency-penalty 1.0 \
+    --no-repeat-ngram-size 4 --max-new-tokens 64
 stage_done "chat"
 
 echo

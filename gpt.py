@@ -399,7 +399,7 @@ class GPT(nn.Module):
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  kv_cache: KVCache | None = None, generator: torch.Generator | None = None,
-                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0):
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, no_repeat_ngram_size: int = 0):
         """Stream up to max_new_tokens sampled token ids (a Python generator of ints): the one decode loop.
 
         tokens are prefilled in one forward on top of kv_cache if one is given (e.g.
@@ -409,7 +409,8 @@ class GPT(nn.Module):
         seeded with `seed`. Each token is fed to the model before it is yielded, so
         when the caller stops early the cache holds exactly the prompt and every
         token it received, ready for the next turn. frequency_penalty and
-        presence_penalty count the tokens generated here (penalize).
+        presence_penalty count the tokens generated here (penalize); no_repeat_ngram_size n
+        forbids each token that would repeat an n-gram of them (ban_repeated_ngrams).
         """
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
@@ -423,15 +424,19 @@ class GPT(nn.Module):
         with autocast(device):
             logits = self.forward(ids, kv_cache=kv_cache)[:, -1]
         counts = None if not (frequency_penalty or presence_penalty) else torch.zeros_like(logits, dtype=torch.float32)
+        answer = []  # the tokens generated so far, for no_repeat_ngram_size
         for _ in range(max_new_tokens):
             if counts is not None:
                 logits = penalize(logits, counts, frequency_penalty, presence_penalty)
+            if no_repeat_ngram_size:
+                logits = ban_repeated_ngrams(logits, [answer], no_repeat_ngram_size)
             next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
             if counts is not None:
                 counts.scatter_add_(1, next_id, torch.ones_like(next_id, dtype=counts.dtype))
             with autocast(device):
                 logits = self.decode(next_id, kv_cache)
-            yield next_id.item()
+            answer.append(next_id.item())
+            yield answer[-1]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """All parameters, or without the lookup tables (the embedding and the value embeddings)."""
@@ -585,6 +590,27 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency: float, prese
     likely to repeat itself (a loop of one sentence, which small models fall into, greedy above all); 0 and 0
     leave the logits as they are, so greedy decoding stays exactly argmax."""
     return logits.float() - frequency * counts - presence * (counts > 0).float()
+
+
+def repeated_ngram_tokens(ids: list[int], n: int) -> list[int]:
+    """The tokens that would make ids end in an n-gram it already has: for each earlier n-gram whose first
+    n - 1 tokens equal the last n - 1 of ids, its last token (transformers' no_repeat_ngram_size; n = 1
+    forbids every token used before)."""
+    tail = ids[len(ids) - n + 1:] if n > 1 else []
+    return [ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i:i + n - 1] == tail]
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, answers: list[list[int]], n: int) -> torch.Tensor:
+    """logits (B, vocab) with -inf for every token that would repeat an n-gram of its row's answer so far.
+    Only the answer counts, not the prompt: an answer may quote the question. Unlike a penalty, this
+    stops a repeated sentence for certain (any repeat of n or more tokens has a repeated n-gram) and
+    leaves every other token's logit as it is."""
+    logits = logits.float().clone()
+    for row, ids in enumerate(answers):
+        banned = repeated_ngram_tokens(ids, n)
+        if banned:
+            logits[row, banned] = -math.inf
+    return logits
 
 
 def token_counts(answers: list[list[int]], vocab_size: int, device) -> torch.Tensor:

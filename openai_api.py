@@ -169,7 +169,8 @@ def strict(data: dict, name: str, kind, what: str):
 
 
 def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampling, int | None]:
-    """OpenAI's sampling fields (and vLLM's top_k) over the server's defaults; (sampling, seed).
+    """OpenAI's sampling fields (and vLLM's top_k, transformers' no_repeat_ngram_size) over the server's
+    defaults; (sampling, seed).
 
     Temperatures below MIN_TEMPERATURE (and top_p below MIN_TOP_P) are greedy:
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
@@ -200,7 +201,9 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     sampling = Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                         max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True),
                         frequency_penalty=float(number(data, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0)),
-                        presence_penalty=float(number(data, "presence_penalty", defaults.presence_penalty, -2.0, 2.0)))
+                        presence_penalty=float(number(data, "presence_penalty", defaults.presence_penalty, -2.0, 2.0)),
+                        no_repeat_ngram_size=number(data, "no_repeat_ngram_size", defaults.no_repeat_ngram_size, 0,
+                                                    limits.max_tokens, integer=True))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
 
 

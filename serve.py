@@ -461,6 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="when a request names none: -2 to 2, per time a token was already generated (%(default)s)")
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
                    help="when a request names none: -2 to 2, once for every token already generated (%(default)s)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
+                   help="when a request names none: n > 0 forbids repeating n tokens of the answer (%(default)s)")
     L = Limits()
     p.add_argument("--max-tokens", type=int, default=L.max_tokens, help="cap on a request's max_tokens, and the "
                                                                         "default (%(default)s)")
@@ -506,7 +508,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive number of seconds")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.max_tokens, args.frequency_penalty,
-                            args.presence_penalty)
+                            args.presence_penalty, args.no_repeat_ngram_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     allowed = args.allowed_hosts.split(",") if args.allowed_hosts else default_allowed_hosts(args.host)

@@ -81,6 +81,7 @@ class Sampling:
     max_new_tokens: int = 512  # per answer; the context may leave less
     frequency_penalty: float = 0.0  # OpenAI's, -2 to 2 (gpt.penalize): per time a token was already generated
     presence_penalty: float = 0.0  # OpenAI's, -2 to 2: once for every token already generated
+    no_repeat_ngram_size: int = 0  # transformers': n > 0 forbids repeating any n tokens of the answer (0 = off)
 
     def __post_init__(self):
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -94,6 +95,8 @@ class Sampling:
         for name in ("frequency_penalty", "presence_penalty"):
             if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise ValueError(f"{name} must be a number from -2 to 2 (0 = off), got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
         if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
             self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
 
@@ -253,7 +256,8 @@ class ChatSession:
         tokens = self.model.generate(prompt[reply.cached_tokens:], budget, sampling.temperature,
                                      sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng,
                                      frequency_penalty=sampling.frequency_penalty,
-                                     presence_penalty=sampling.presence_penalty)
+                                     presence_penalty=sampling.presence_penalty,
+                                     no_repeat_ngram_size=sampling.no_repeat_ngram_size)
         try:
             for token in tokens:
                 received.append(token)

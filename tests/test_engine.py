@@ -125,4 +125,8 @@ def test_penalties_are_applied_alike_batched_and_alone(tmp_path, small_tokenizer
     batched = answers(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), penalised)
     alone = answers(engine.Engine(chat, 16), penalised)
     assert batched == alone
+    no_repeats = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24, no_repeat_ngram_size=2)
+    batched = answers(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), no_repeats)
+    assert batched == answers(engine.Engine(chat, 16), no_repeats)
+    assert all(len(set(zip(ids, ids[1:]))) == len(ids) - 1 for ids in batched)
     assert alone != answers(engine.Engine(chat, 16), session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24))

@@ -614,3 +614,44 @@ def test_penalties_follow_openai_and_off_keeps_greedy_exact():
         got = list(model.generate(prompt, 20, temperature=0.0, frequency_penalty=frequency, presence_penalty=presence))
         assert got == written_out(frequency, presence), (frequency, presence)
     assert written_out(0.0, 0.0) != written_out(1.0, 0.5)  # the penalties change this model's greedy answer
+
+
+def test_repeated_ngram_tokens_are_those_that_would_complete_an_earlier_ngram():
+    ids = [7, 8, 9, 7, 8]
+    assert gpt.repeated_ngram_tokens(ids, 3) == [9]  # 7 8 -> 9 was said
+    assert gpt.repeated_ngram_tokens(ids, 2) == [9]  # 8 -> 9 was said
+    assert sorted(gpt.repeated_ngram_tokens(ids, 1)) == [7, 7, 8, 8, 9]  # every token used before
+    assert gpt.repeated_ngram_tokens(ids, 4) == []  # no earlier 4-gram starts with 9 7 8
+    assert gpt.repeated_ngram_tokens([1, 2, 1, 2, 1, 2], 3) == [1, 1]
+    assert gpt.repeated_ngram_tokens([1, 2], 3) == [] and gpt.repeated_ngram_tokens([], 2) == []
+
+
+def test_no_repeat_ngram_size_never_repeats_an_ngram_of_the_answer():
+    """With no_repeat_ngram_size n, greedy decoding takes at each step the best token that does not
+    complete an n-gram the answer already has (written out on full forwards), so no n-gram of the answer
+    occurs twice, while this random model's plain greedy answer loops. The prompt does not count."""
+    model = random_model()
+    prompt = [5, 17, 3, 5, 17]
+
+    def written_out(n, steps=40):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = model(torch.tensor([ids]))[0, -1].double()
+                answer = ids[len(prompt):]
+                for i in range(len(answer) - n + 1):
+                    if n == 1 or answer[i:i + n - 1] == answer[len(answer) - n + 1:]:
+                        logits[answer[i + n - 1]] = -math.inf
+                ids.append(int(logits.argmax()))
+        return ids[len(prompt):]
+
+    def ngrams(ids, n):
+        return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+
+    plain = list(model.generate(prompt, 40, temperature=0.0))
+    assert len(set(ngrams(plain, 3))) < len(ngrams(plain, 3))  # the model loops without the ban
+    for n in (1, 2, 3, 4):
+        got = list(model.generate(prompt, 40, temperature=0.0, no_repeat_ngram_size=n))
+        assert got == written_out(n), n
+        assert len(set(ngrams(got, n))) == len(ngrams(got, n)), n
+    assert list(model.generate(prompt, 40, temperature=0.0, no_repeat_ngram_size=0)) == plain

@@ -316,6 +316,8 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "top_k": -10**300}, 400, "invalid_value", "top_k must be between"),
     ({"messages": user("Hallo"), "frequency_penalty": 2.5}, 400, "invalid_value", "frequency_penalty must be between -2"),
     ({"messages": user("Hallo"), "presence_penalty": "viel"}, 422, "invalid_type", "presence_penalty must be a number"),
+    ({"messages": user("Hallo"), "no_repeat_ngram_size": -1}, 400, "invalid_value", "no_repeat_ngram_size must be"),
+    ({"messages": user("Hallo"), "no_repeat_ngram_size": 2.5}, 422, "invalid_type", "integer"),
     ({"messages": user("Hallo"), "max_tokens": -10**300}, 400, "invalid_value", "max_tokens must be between"),
     ({"messages": user("Hallo"), "max_tokens": 10**300}, 400, "max_tokens_too_large", "limit is"),
     (b'{"messages": [{"role": "user", "content": "Hallo"}], "temperature": NaN}', 400, "invalid_json", "NaN"),
