@@ -115,12 +115,14 @@ PRESETS = {
     # model, 200 steps at 0.02 gave 0 of 50 held-out answers that end. On the demo's width-128 model (447
     # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 and 0.4 47, but 0.4 cost about twice the
     # German. Answers cut to their first sentences (200 characters), because a small model that imitates
-    # paragraph-long answers repeats itself until the context is full. Identity 24x (64 conversations,
-    # 4% of the rows beside the demo's data): the share trades a model that never names itself (8x-16x: at
-    # most 3 of 30 samples) against one that answers unrelated questions with its name (32x: 16 of 30
-    # samples, and 12 of 50 unrelated answers); 24x gave 1, 7 and 18 of 30 and 0, 3 and 14 unrelated at
-    # 0.5x, 1x and 2x the steps (of the first 50 held-out questions: mostly lines of plays; spread over the
-    # file, 0, 1 and 5). Neither end is right yet on this model (bench/RESULTS.md, "Second pass", "Third pass").
+    # paragraph-long answers repeats itself until the context is full. Identity 20x (175 conversations, 8%
+    # of the rows beside the demo's data): the share trades a model that never names itself against one
+    # that answers unrelated questions with its name, and more steps move the trade. On the fast CPU's
+    # demo (965 steps of 16 on a base model that read 12.2M tokens) 20x named it for "Wer bist du?" and
+    # both held-out paraphrases 9-9-9 and 10-10-8 of 10 in two orders, with 3 and 4 of 50 unrelated
+    # answers naming it; the 64 conversations of before at 24x 8-5-5 and 8-5-2 with 3 and 6. On a slow
+    # CPU's weak base model (129 steps) no share teaches the name (at most 4 of 10) and 20x names it in 6
+    # and 0 unrelated answers, 24x in 13 and 12 (bench/RESULTS.md, "Fifth pass", "Sixth pass").
     # 16 conversations a step, not 8: Muon moves the weights by the learning rate whatever the batch, so a
     # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is a noisy one, and on a
     # CPU with bf16 units (the demo's 4 minutes: 1,363 steps of 8 on a base model that read 11.7M tokens) it
@@ -128,7 +130,7 @@ PRESETS = {
     # answers that end. The price is on a slow CPU's weak base model: 65 steps of 16 (half its 4 minutes)
     # ended 42 and 30 of 50 answers in two orders, 129 of 8 47 and 42 (bench/RESULTS.md, "Fourth pass").
     "tiny": dict(device_batch_size=4, examples_per_step=16, max_steps=200, eval_every=50, val_conversations=64,
-                 save_every=100, log_every=10, identity_repeat=24, init_lr_frac=0.2, answer_chars=200),
+                 save_every=100, log_every=10, identity_repeat=20, init_lr_frac=0.2, answer_chars=200),
 }
 
 
