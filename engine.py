@@ -446,19 +446,19 @@ class BatchEngine(Queue):
         for i, row in enumerate(rows):
             if not row.job.cancelled.is_set():
                 s = row.job.sampling
-                penalties = s.frequency_penalty, s.presence_penalty, s.no_repeat_ngram_size
-                groups.setdefault(((s.temperature, s.top_k, s.top_p) if s.temperature else "greedy", penalties),
+                repeats = s.frequency_penalty, s.presence_penalty, s.no_repeat_ngram_size
+                groups.setdefault(((s.temperature, s.top_k, s.top_p) if s.temperature else "greedy", repeats),
                                   []).append(i)
         tokens = [None] * len(rows)
         for members in groups.values():
             s = rows[members[0]].job.sampling
             logits = torch.cat([rows[i].logits for i in members])
-            if s.frequency_penalty or s.presence_penalty:  # on each row's answer so far, as GPT.generate counts it
-                counts = gpt.token_counts([rows[i].job.reply.ids for i in members], logits.shape[-1], logits.device)
-                logits = gpt.penalize(logits, counts, s.frequency_penalty, s.presence_penalty)
+            answers = [rows[i].job.reply.ids for i in members]  # each row's answer so far, as GPT.generate counts it
+            if s.frequency_penalty or s.presence_penalty:
+                logits = gpt.penalize(logits, gpt.token_counts(answers, logits.shape[-1], logits.device),
+                                      s.frequency_penalty, s.presence_penalty)
             if s.no_repeat_ngram_size:
-                logits = gpt.ban_repeated_ngrams(logits, [rows[i].job.reply.ids for i in members],
-                                                 s.no_repeat_ngram_size)
+                logits = gpt.ban_repeated_ngrams(logits, answers, s.no_repeat_ngram_size)
             uniform = None if not s.temperature else torch.cat([torch.rand(
                 1, 1, generator=self.rng if rows[i].job.seed is None else rows[i].rng, dtype=torch.float64,
                 device=logits.device) for i in members])
