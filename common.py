@@ -457,6 +457,16 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
     return optimizers
 
 
+def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """Warmup, flat, linear warmdown to final_lr_frac; progress runs from 0 to 1 over the run."""
+    if progress < warmup_ratio:
+        return (progress + 1e-9) / warmup_ratio
+    if progress <= 1 - warmdown_ratio:
+        return 1.0
+    left = (1 - progress) / warmdown_ratio
+    return left + (1 - left) * final_lr_frac
+
+
 def set_lr(optimizers, lr_mult: float):
     for opt in optimizers:
         for group in opt.param_groups:

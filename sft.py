@@ -91,7 +91,9 @@ class SFTConfig:
     embedding_lr: float = 0.2
     unembedding_lr: float = 0.004
     weight_decay: float = 0.0
-    init_lr_frac: float = 0.02       # ... times this, decaying linearly to 0 (nanochat's SFT recipe)
+    init_lr_frac: float = 0.02       # ... times this (nanochat's earlier chat_sft.py), flat, then linearly to 0
+    warmdown_ratio: float = 0.5      # over this last share of the run, as nanochat's chat_sft.py now does
+                                     # (1: from the first step, as it did before)
     eval_every: int = 100
     val_conversations: int = 256     # validation conversations, spread over --val-data (0: all of it)
     stop_rate_conversations: int = 50  # at the end: how many of these (spread over the validation ones) get a
@@ -129,6 +131,11 @@ PRESETS = {
     # cost the manuals' text +0.11 bits per byte; 680 steps of 16 (the same rows) +0.02, with as many
     # answers that end. The price is on a slow CPU's weak base model: 65 steps of 16 (half its 4 minutes)
     # ended 42 and 30 of 50 answers in two orders, 129 of 8 47 and 42 (bench/RESULTS.md, "Fourth pass").
+    # The learning rate flat for the first half (the default warmdown_ratio): at half the demo's steps the
+    # model learns more before it decays. At 482 steps on the fast CPU's base model 46 and 48 of 50 answers
+    # ended in the two orders that gave 41 and 48 with a decay from the first step, and on the slow CPU's
+    # weak base model (65 steps) 37 and 49 against 31 and 37; the manuals' text lost about 0.006 more bits
+    # per byte (bench/RESULTS.md, "Seventh pass").
     "tiny": dict(device_batch_size=4, examples_per_step=16, max_steps=200, eval_every=50, val_conversations=64,
                  save_every=100, log_every=10, identity_repeat=20, init_lr_frac=0.2, answer_chars=200),
 }
@@ -546,7 +553,7 @@ def main(argv=None):
         if step == first_step or step_in_epoch == 0:
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
-        lr_mult = 1.0 - (budget.fraction() if budget else step / steps)
+        lr_mult = common.lr_multiplier(budget.fraction() if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
         loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device, dtype)
         step += 1
         trained_tokens += n_trained

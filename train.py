@@ -135,16 +135,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     return model
 
 
-def lr_multiplier(progress: float, cfg: TrainConfig) -> float:
-    """Warmup, flat, linear warmdown to final_lr_frac; progress = tokens seen / training tokens."""
-    if progress < cfg.warmup_ratio:
-        return (progress + 1e-9) / cfg.warmup_ratio
-    if progress <= 1 - cfg.warmdown_ratio:
-        return 1.0
-    left = (1 - progress) / cfg.warmdown_ratio
-    return left + (1 - left) * cfg.final_lr_frac
-
-
 def train_step(model, optimizers, micro_batches, lr_mult: float, device, dtype: torch.dtype | None = None) -> float:
     """One optimizer step over the micro-batches; returns the mean loss of this rank."""
     common.set_lr(optimizers, lr_mult)
@@ -356,7 +346,7 @@ def main(argv=None):
     last = step >= steps
     while not last:
         progress = budget.fraction() if budget else tokens_seen / (steps * cfg.total_batch_size)
-        lr_mult = lr_multiplier(progress, cfg)
+        lr_mult = common.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         loss = train_step(model, optimizers, next_batches(accum), lr_mult, device, dtype)
         step += 1
         tokens_seen += cfg.total_batch_size

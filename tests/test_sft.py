@@ -140,8 +140,10 @@ def test_identity_conversations_are_valid_and_about_nanoschnack():
 
 def test_loss_falls_and_samples_are_logged(setup):
     sft.main(args_for(setup, "chat", "--max-steps", "30", "--eval-every", "30", "--init-lr-frac", "0.5",
-                      "--save-every", "0"))
+                      "--save-every", "0", "--warmdown-ratio", "0.5"))
     records = [json.loads(l) for l in (setup / "chat" / "log.jsonl").read_text().splitlines()]
+    # flat for the first half of the run, then linear to 0 (nanochat's chat_sft.py schedule)
+    assert [r["lr_mult"] for r in records] == [1.0] * 16 + [pytest.approx((14 - i) / 15) for i in range(14)]
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 1.0, (first, last)
     assert "val_loss" in records[-1] and set(records[-1]["samples"]) == set(sft.SAMPLE_QUESTIONS)

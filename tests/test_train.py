@@ -104,7 +104,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     loaders = [iter(dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
                                          cfg.seq_len, rank, 2)) for rank in range(2)]
     for step in range(3):
-        lr = train.lr_multiplier(step / 3, cfg)
+        lr = common.lr_multiplier(step / 3, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])], lr, torch.device("cpu"))
     for name, param in model.state_dict().items():
         torch.testing.assert_close(param, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -160,11 +160,12 @@ def test_refuses_checkpoint_of_another_model(setup, tmp_path):
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
-    assert train.lr_multiplier(0.05, cfg) == pytest.approx(0.5)
-    assert train.lr_multiplier(0.5, cfg) == 1.0
-    assert train.lr_multiplier(0.9, cfg) == pytest.approx(0.55)
-    assert train.lr_multiplier(1.0, cfg) == pytest.approx(0.1)
+    def lr(progress):
+        return common.lr_multiplier(progress, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    assert lr(0.05) == pytest.approx(0.5)
+    assert lr(0.5) == 1.0
+    assert lr(0.9) == pytest.approx(0.55)
+    assert lr(1.0) == pytest.approx(0.1)
 
 
 def test_bad_input_gives_clear_errors(setup, tmp_path):
@@ -285,8 +286,8 @@ def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeyp
     records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(records) > 2  # --max-steps is ignored: the budget decides
     fractions = [min(1.0, 7.0 * (1 + 2 * i) / 60) for i in range(len(records))]  # fraction() then used_up() per step
-    assert [r["lr_mult"] for r in records] == [pytest.approx(train.lr_multiplier(f, train.TrainConfig(
-        warmdown_ratio=0.5))) for f in fractions]
+    assert [r["lr_mult"] for r in records] == [pytest.approx(common.lr_multiplier(f, 0.0, 0.5, 0.0))
+                                                  for f in fractions]
     assert records[-1]["lr_mult"] < 0.2  # the warmdown is done when the budget ends
     out = capsys.readouterr().out
     assert "plan: 1 minutes (time budget)" in out and "1-minute budget" in out.split("done:")[1]
