@@ -5,7 +5,8 @@ common.py: the plumbing every stage shares.
     configuration   parse_config: a config dataclass -> command-line flags, with presets
     checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model,
                     load_hf_folder (a folder export.py wrote)
-    training        build_optimizers (Muon or NorMuon + AdamW), set_lr, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
+    training        build_optimizers (Muon or NorMuon + AdamW), schedule_error, lr_multiplier, muon_momentum,
+                    set_schedule, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
                     TimeBudget (--time-budget), SmoothedLoss, fit_device_batch (halve the batch on out-of-memory)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
     batches         pad (lists of token ids -> one padded tensor)
@@ -410,9 +411,7 @@ MUON_KINDS = ("nanochat", "torch")
 
 def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
     """Muon for the blocks' matrices; AdamW for the embeddings, the lm_head and the recipe's scalars
-    (nanochat's setup_optimizer, gpt.py L419-452: for the recipe's parameters its groups, learning rates, betas
-    and weight decays; the embedding and lm_head keep betas (0.8, 0.95) and no decay, where nanochat now has
-    (0.8, 0.995) / (0.8, 0.96) and 0.001 / 0.01).
+    (nanochat's setup_optimizer, gpt.py L419-452: its groups, learning rates, betas and weight decays).
 
     cfg gives matrix_lr, embedding_lr, unembedding_lr and weight_decay; scalar_lr and muon if it has them
     (else nanochat's 0.5 and NorMuon). muon: "nanochat" (NorMuon above) or "torch" (torch.optim.Muon,
@@ -425,8 +424,10 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
     scalar_lr, kind = getattr(cfg, "scalar_lr", 0.5), getattr(cfg, "muon", "nanochat")
     if kind not in MUON_KINDS:
         raise ValueError(f"unknown muon {kind!r}: use one of {', '.join(MUON_KINDS)}")
-    groups = [dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale),
-              dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale)]
+    groups = [dict(params=[model.transformer.wte.weight], lr=cfg.embedding_lr * width_scale, betas=(0.8, 0.995),
+                   weight_decay=0.001),
+              dict(params=[model.lm_head.weight], lr=cfg.unembedding_lr * width_scale, betas=(0.8, 0.96),
+                   weight_decay=0.01)]
     if c.value_embeds:
         groups.append(dict(params=list(model.value_embeds.parameters()), lr=cfg.embedding_lr * width_scale * 0.5,
                            betas=(0.8, 0.995), weight_decay=0.01))
@@ -453,8 +454,20 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+            group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
     return optimizers
+
+
+def schedule_error(warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float = 0.0) -> str | None:
+    """Why these learning-rate schedule flags give no schedule (an error line to print), or None if they do."""
+    for flag, value in (("--warmup-ratio", warmup_ratio), ("--warmdown-ratio", warmdown_ratio),
+                        ("--final-lr-frac", final_lr_frac)):
+        if not 0 <= value <= 1:
+            return f"error: {flag} {value:g} must be between 0 and 1 (a share of the run, or of the learning rate)"
+    if warmup_ratio + warmdown_ratio > 1:
+        return (f"error: --warmup-ratio {warmup_ratio:g} and --warmdown-ratio {warmdown_ratio:g} add up to more than "
+                f"1: the warmup and the warmdown would overlap; make them sum to at most 1")
+    return None
 
 
 def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
@@ -467,10 +480,29 @@ def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, f
     return left + (1 - left) * final_lr_frac
 
 
-def set_lr(optimizers, lr_mult: float):
+def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
+    """nanochat's base_train get_muon_momentum (92d63d4): 0.85 -> 0.97 over the first 400 steps, when the
+    gradients of a fresh model turn fast and old ones mislead, then 0.97 -> 0.90 over the LR's warmdown."""
+    if step < 400:
+        return 0.85 + (0.97 - 0.85) * step / 400
+    if warmdown_ratio and progress >= 1 - warmdown_ratio:
+        into = (progress - (1 - warmdown_ratio)) / warmdown_ratio
+        return 0.97 + (0.90 - 0.97) * min(into, 1.0)
+    return 0.97
+
+
+def set_schedule(optimizers, lr_mult: float, muon_momentum: float | None = None, weight_decay_mult: float = 1.0):
+    """This step's learning rates (initial x lr_mult); for Muon's groups (the ones with a momentum) also the
+    momentum (None: keep it) and the weight decay (initial x weight_decay_mult)."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
+            if "momentum" in group:
+                # a checkpoint from before the weight-decay schedule had a constant one: its initial value
+                initial = group.setdefault("initial_weight_decay", group["weight_decay"])
+                group["weight_decay"] = initial * weight_decay_mult
+                if muon_momentum is not None:
+                    group["momentum"] = muon_momentum
 
 
 def agree(flag: bool, device) -> bool:

@@ -316,7 +316,7 @@ def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, worl
 def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device,
              dtype: torch.dtype | None = None) -> float:
     """One optimizer step; the loss is the mean over the step's trained tokens on all ranks."""
-    common.set_lr(optimizers, lr_mult)
+    common.set_schedule(optimizers, lr_mult)
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(device), targets.to(device)
@@ -465,6 +465,8 @@ def main(argv=None):
     cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
     if not 0 <= cfg.text_frac < 1:
         sys.exit(f"error: --text-frac {cfg.text_frac} must be at least 0 and below 1 (a share of the training rows)")
+    if error := common.schedule_error(0.0, cfg.warmdown_ratio):
+        sys.exit(error)
     if cfg.examples_per_step % cfg.device_batch_size:
         sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
                  f"--device-batch-size {cfg.device_batch_size}")

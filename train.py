@@ -13,7 +13,8 @@ the CPU. Rank 0 logs and saves.
   for the embeddings, the lm_head and the model's scalars, learning rates scaled by width.
 - The model recipe's switches (gpt.py: --value-embeds, --layer-lambdas, --smear, --backout,
   --window-pattern, --qk-gain) default to gpt.GPTConfig's.
-- The learning rate follows the tokens seen: warmup, flat, linear warmdown.
+- nanochat's schedules over the tokens seen: the learning rate (warmup, flat, linear warmdown), Muon's
+  momentum and its weight decay (scaled to the run's length and batch, then a cosine to 0).
 - The global batch is counted in tokens; gradient accumulation makes up the
   difference between it and device_batch_size x seq_len x world size.
 - Checkpoints hold everything needed to continue bit for bit: model, optimizers,
@@ -24,6 +25,7 @@ the CPU. Rank 0 logs and saves.
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -61,10 +63,14 @@ class TrainConfig:
     max_steps: int = 0
     time_budget: float = 0.0         # minutes of wall time: the schedule follows it, the run ends on time
                                      # with its warmdown done (then tokens/steps above are ignored)
+    # the optimizer and its schedules: nanochat's base_train.py and setup_optimizer (92d63d4)
     matrix_lr: float = 0.02          # Muon
-    embedding_lr: float = 0.2        # AdamW, scaled by (width/768)^-0.5 like the next one
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.0
+    embedding_lr: float = 0.3        # AdamW, scaled by (width/768)^-0.5 like the next one
+    unembedding_lr: float = 0.008
+    weight_decay: float = 0.28       # Muon's cautious weight decay as tuned for d12, scaled to the run
+                                     # (scaled_weight_decay), then a cosine from there to 0 over the run
+    momentum_schedule: bool = True   # Muon's momentum 0.85 -> 0.97 over 400 steps, -> 0.90 over the warmdown;
+                                     # off: 0.95 throughout
     scalar_lr: float = 0.5           # AdamW, the per-layer lambdas (nanochat's; resid_lambdas get 0.01x)
     muon: str = "nanochat"           # nanochat (Polar Express + NorMuon + cautious weight decay) or torch (Muon)
     # the model recipe (gpt.py), defaults gpt.GPTConfig's
@@ -75,8 +81,8 @@ class TrainConfig:
     window_pattern: str = gpt.GPTConfig.window_pattern
     qk_gain: float = gpt.GPTConfig.qk_gain
     warmup_ratio: float = 0.0        # fractions of the training tokens
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
     eval_every: int = 250
     eval_batches: int = 20
     eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (evaluation.py), e.g.
@@ -99,15 +105,21 @@ class TrainConfig:
                                      # presets keep concat (README, "Packing": the demo's long documents)
 
 
+# The CPU presets' optimizer, measured on the demo's model (width 128, 1,572 steps of 4,096 tokens, 3.5 tokens per
+# parameter; bench/RESULTS.md, "nanochat's current schedules"): nanochat's AdamW learning rates 0.3 / 0.008 changed
+# validation bits per byte by +0.000 against 0.2 / 0.004 and its weight decay 0.28 by +0.007; Muon's learning rate
+# 0.02 / 0.01 / 0.005 gave 1.7944 / 1.7830 / 1.7894 (0.0025: 0.045 behind 0.01 at step 1,000), at a batch of 1/128
+# of nanochat's 2^19 tokens. nanochat's values were tuned on GPUs for d12 and up at 12 tokens per parameter.
+SMALL_RUN = dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0)
 PRESETS = {
     # CPU demo: a 4-layer model, 1.6M tokens (demo.sh: a time budget instead). torch.compile pays on the
     # CPU too (fused elementwise work, fewer allocations); its warm-up is seconds, and cached.
     "tiny": dict(model="tiny", seq_len=256, device_batch_size=8, total_batch_size=4096, max_steps=400,
                  eval_every=100, eval_batches=4, sample_every=200, save_every=100, log_every=20, compile=True,
-                 prefetch=2, packing="concat"),
+                 prefetch=2, packing="concat", **SMALL_RUN),
     "nano": dict(model="nano", seq_len=64, device_batch_size=4, total_batch_size=512, max_steps=20,
                  eval_every=10, eval_batches=2, sample_every=0, save_every=10, log_every=1, compile=False,
-                 prefetch=0, packing="concat"),
+                 prefetch=0, packing="concat", **SMALL_RUN),
     "d12": dict(model="d12"),
     "d20": dict(model="d20"),
 }
@@ -135,9 +147,17 @@ def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     return model
 
 
-def train_step(model, optimizers, micro_batches, lr_mult: float, device, dtype: torch.dtype | None = None) -> float:
-    """One optimizer step over the micro-batches; returns the mean loss of this rank."""
-    common.set_lr(optimizers, lr_mult)
+def schedule(cfg: TrainConfig, step: int, progress: float) -> dict:
+    """The optimizer's settings for this step (common.set_schedule's arguments), nanochat's base_train schedules;
+    progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget)."""
+    momentum = common.muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
+    return dict(lr_mult=common.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
+                muon_momentum=momentum, weight_decay_mult=0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_step(model, optimizers, micro_batches, settings: dict, device, dtype: torch.dtype | None = None) -> float:
+    """One optimizer step over the micro-batches with this step's schedule(); returns the mean loss of this rank."""
+    common.set_schedule(optimizers, **settings)
     total = 0.0
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(device, non_blocking=True)
@@ -182,6 +202,8 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
     """(optimizer steps, micro-steps per step, the device's peak FLOP/s or None); logs the plan.
 
     With --time-budget the clock decides when the run ends; steps is then only an upper bound."""
+    if error := common.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
+        sys.exit(error)
     tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
     if cfg.total_batch_size % tokens_per_micro:
         sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
@@ -201,6 +223,26 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
         est = steps * cfg.total_batch_size * model.flops_per_token() / (0.4 * peak * world_size)
         log(f"estimated time at 40% MFU on {torch.cuda.get_device_name()}: {est / 3600:.2f} h")
     return steps, accum, peak
+
+
+B_REF = 2**19  # nanochat's reference batch in tokens, the best one it measured for d12
+
+
+def scaled_weight_decay(cfg: TrainConfig, config: gpt.GPTConfig, steps: int, log) -> float:
+    """Muon's weight decay for this run, as nanochat's base_train (92d63d4, step 4) scales it: --weight-decay is
+    the value tuned for d12 trained on --tokens-per-param tokens at B_REF tokens a step; a run of D tokens at B
+    tokens a step gets weight_decay * sqrt(B / B_REF) * (D_ref / D), which keeps AdamW's T_epoch = B / (lr *
+    decay * D) of the reference run (arXiv 2405.13698; nanochat assumes the same holds for Muon). d20 with
+    the defaults: 0.28 -> 0.079. With --time-budget D is not known in advance: unscaled."""
+    if not cfg.weight_decay or cfg.time_budget:
+        return cfg.weight_decay
+    with torch.device("meta"):
+        d12 = gpt.GPT(gpt.preset("d12", vocab_size=config.vocab_size, sequence_len=config.sequence_len))
+    reference_tokens, tokens = cfg.tokens_per_param * d12.num_scaling_params(), steps * cfg.total_batch_size
+    scaled = cfg.weight_decay * (cfg.total_batch_size / B_REF) ** 0.5 * reference_tokens / tokens
+    log(f"Muon's weight decay {cfg.weight_decay:g} (d12's) scaled to this run's {tokens:,} tokens "
+        f"of {cfg.total_batch_size:,} a step: {scaled:.4g}")
+    return scaled
 
 
 def resume(cfg: TrainConfig, model, optimizers, loader, rank: int, world_size: int, log) -> dict:
@@ -293,8 +335,7 @@ def main(argv=None):
     dtype = common.training_dtype(device, cfg.dtype, log)
     try:
         raw_model = build_model(cfg, tokenizer.vocab_size, device)
-        optimizers = common.build_optimizers(raw_model, cfg, dtype)
-    except ValueError as e:  # e.g. a bad --window-pattern or --muon
+    except ValueError as e:  # e.g. a bad --window-pattern
         sys.exit(f"error: {e}")
     model = torch.compile(raw_model) if cfg.compile else raw_model
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
@@ -302,6 +343,11 @@ def main(argv=None):
         cfg.device_batch_size,
         lambda b: cfg.total_batch_size % (b * cfg.seq_len * world_size) == 0, log, device)
     steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
+    try:
+        weight_decay = scaled_weight_decay(cfg, raw_model.config, steps, log)
+        optimizers = common.build_optimizers(raw_model, dataclasses.replace(cfg, weight_decay=weight_decay), dtype)
+    except ValueError as e:  # e.g. a bad --muon
+        sys.exit(f"error: {e}")
     try:
         loader = dataloader.PretrainBatches(sources, tokenizer, cfg.device_batch_size, cfg.seq_len, rank, world_size,
                                       prefetch=cfg.prefetch, packing=cfg.packing)
@@ -346,8 +392,9 @@ def main(argv=None):
     last = step >= steps
     while not last:
         progress = budget.fraction() if budget else tokens_seen / (steps * cfg.total_batch_size)
-        lr_mult = common.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        loss = train_step(model, optimizers, next_batches(accum), lr_mult, device, dtype)
+        settings = schedule(cfg, step, progress)
+        lr_mult = settings["lr_mult"]
+        loss = train_step(model, optimizers, next_batches(accum), settings, device, dtype)
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size

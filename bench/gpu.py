@@ -372,6 +372,9 @@ def section_launch(args, device):
 # training
 
 
+FLAT = dict(lr_mult=1.0)  # train.train_step's settings for a step at the full learning rate
+
+
 def train_api():
     """train.py's configuration and step, common.py's optimizer recipe."""
     return train.TrainConfig(), common.build_optimizers, train.train_step, train.PEAK_FLOPS
@@ -426,14 +429,14 @@ def measure_training(preset: str, variant: str, args, device) -> dict:
     g = torch.Generator().manual_seed(0)
     with variant_context(variant):
         for _ in range(args.warmup):
-            train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)], 1.0, device)
+            train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)], FLAT, device)
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for _ in range(args.train_steps):
             loss = train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)],
-                              1.0, device)
+                              FLAT, device)
         sync(device)
         seconds = time.perf_counter() - t
     tokens_per_s = args.train_steps * batch * seq_len / seconds
@@ -491,7 +494,7 @@ def section_run(args, device):
         for step in range(steps):
             lr_mult = min(1.0, 2 * (steps - step) / steps)  # flat, then a linear warmdown over the second half
             batches = [counting_batch(batch, seq_len, device, model.config.vocab_size, g)]
-            losses.append(train_step(model, optimizers, batches, lr_mult, device))
+            losses.append(train_step(model, optimizers, batches, dict(lr_mult=lr_mult), device))
         seconds = time.perf_counter() - t
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         falls = last < 0.5 * math.log(model.config.vocab_size)

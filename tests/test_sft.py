@@ -197,6 +197,7 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path):
           "--identity-repeat", "0"], "no usable conversations"),
         (["--data", "hf://OpenAssistant/OASST-DE"], "error:"),
         (["--examples-per-step", "5"], "not a multiple"),
+        (["--warmdown-ratio", "1.5"], "--warmdown-ratio 1.5 must be between 0 and 1"),
     ]
     for extra, message in cases:
         proc = run_sft(args_for(setup, "err", *extra))

@@ -1,4 +1,5 @@
 """Tests for train.py: learning, DDP equivalence, exact resume, atomic checkpoints."""
+import dataclasses
 import json
 import math
 import os
@@ -92,20 +93,24 @@ def test_loss_falls_on_german_sample(data_dir, tmp_path):
 def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     out = tmp_path / "ddp"
     # fp32: equal up to the order of float sums (bf16 products would round differently per split)
-    proc = run_script(args_for(setup, out, "--max-steps", "3", "--eval-every", "0", "--dtype", "float32"), nproc=2)
+    # with nanochat's schedules of Muon's momentum and weight decay, which the replay below must follow too
+    flags = ("--max-steps", "3", "--dtype", "float32", "--weight-decay", "0.5")
+    proc = run_script(args_for(setup, out, *flags, "--eval-every", "0"), nproc=2)
     assert "parameters identical on all 2 ranks: True" in proc.stdout
     ddp_params = final_state(out)["model"]
 
     # the same global batch in one process: rank 0's and rank 1's micro-batches, accumulated
-    cfg = train.parse_config(args_for(setup, out, "--max-steps", "3", "--dtype", "float32"))
+    cfg = train.parse_config(args_for(setup, out, *flags))
     tokenizer = Tokenizer.load(setup / "tok")
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
-    optimizers = common.build_optimizers(model, cfg)
+    decay = train.scaled_weight_decay(cfg, model.config, 3, log=lambda *a: None)
+    assert f"weight decay 0.5 (d12's) scaled to this run's 1,536 tokens of 512 a step: {decay:.4g}" in proc.stdout
+    optimizers = common.build_optimizers(model, dataclasses.replace(cfg, weight_decay=decay))
     loaders = [iter(dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
                                          cfg.seq_len, rank, 2)) for rank in range(2)]
     for step in range(3):
-        lr = common.lr_multiplier(step / 3, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])], lr, torch.device("cpu"))
+        train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])], train.schedule(cfg, step, step / 3),
+                         torch.device("cpu"))
     for name, param in model.state_dict().items():
         torch.testing.assert_close(param, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -168,6 +173,41 @@ def test_lr_schedule():
     assert lr(1.0) == pytest.approx(0.1)
 
 
+def test_muon_momentum_and_weight_decay_follow_nanochats_schedules():
+    """nanochat's base_train: Muon's momentum 0.85 -> 0.97 over 400 steps, 0.97 -> 0.90 over the warmdown; its
+    weight decay a cosine from the configured value to 0. AdamW's groups keep their momentum and weight decay."""
+    cfg = train.TrainConfig(warmdown_ratio=0.5, weight_decay=0.2, momentum_schedule=True)
+    model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    adamw, muon = optimizers = common.build_optimizers(model, cfg)
+    adamw_before = [(g["betas"], g["weight_decay"]) for g in adamw.param_groups]
+    cosine = [0.2 * 0.5 * (1 + math.cos(p * math.pi)) for p in (0.1, 0.75)]
+    for step, progress, momentum, decay in [(0, 0.0, 0.85, 0.2), (200, 0.1, 0.91, cosine[0]), (1000, 0.5, 0.97, 0.1),
+                                            (2000, 0.75, 0.935, cosine[1]), (3000, 1.0, 0.90, 0.0)]:
+        settings = train.schedule(cfg, step, progress)
+        common.set_schedule(optimizers, **settings)
+        assert all(g["momentum"] == pytest.approx(momentum) for g in muon.param_groups), step
+        assert all(g["weight_decay"] == pytest.approx(decay, abs=1e-12) for g in muon.param_groups), step
+        assert [(g["betas"], g["weight_decay"]) for g in adamw.param_groups] == adamw_before
+    assert train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 0, 0.0)["muon_momentum"] is None
+    common.set_schedule(optimizers, **train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 10, 0.9))
+    assert all(g["momentum"] == pytest.approx(0.90) for g in muon.param_groups)  # kept where it was
+
+
+def test_weight_decay_is_scaled_to_the_run_as_nanochat_does():
+    """T_epoch held: decay x sqrt(B / 2^19) x (d12's tokens / the run's tokens); d20 at its defaults 0.28 -> 0.079."""
+    cfg = train.parse_config(["--preset", "d20"])
+    config = gpt.preset("d20", vocab_size=65536, sequence_len=2048)
+    with torch.device("meta"):
+        d12, d20 = (gpt.GPT(gpt.preset(name, vocab_size=65536, sequence_len=2048)).num_scaling_params()
+                    for name in ("d12", "d20"))
+    steps = int(12 * d20) // 2**19
+    assert train.scaled_weight_decay(cfg, config, steps, print) == pytest.approx(0.28 * d12 / d20, rel=1e-3)
+    quarter = dataclasses.replace(cfg, total_batch_size=2**17)  # a quarter of the batch, four times the steps
+    assert train.scaled_weight_decay(quarter, config, 4 * steps, print) == pytest.approx(0.28 * d12 / d20 / 2, rel=1e-3)
+    assert train.scaled_weight_decay(dataclasses.replace(cfg, time_budget=60.0), config, steps, print) == 0.28
+    assert train.parse_config(["--preset", "tiny"]).weight_decay == 0.0
+
+
 def test_bad_input_gives_clear_errors(setup, tmp_path):
     proc = run_script(args_for(setup, tmp_path, "--data", f"parquet://{tmp_path}/nothing.parquet"), check=False)
     assert proc.returncode != 0 and "error:" in proc.stderr and "file not found" in proc.stderr
@@ -175,6 +215,8 @@ def test_bad_input_gives_clear_errors(setup, tmp_path):
     assert proc.returncode != 0 and "no tokenizer at" in proc.stderr
     proc = run_script(args_for(setup, tmp_path, "--total-batch-size", "100"), check=False)
     assert proc.returncode != 0 and "not a multiple" in proc.stderr
+    proc = run_script(args_for(setup, tmp_path, "--warmup-ratio", "0.5", "--warmdown-ratio", "0.6"), check=False)
+    assert proc.returncode != 0 and "add up to more than 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_loads_as_a_model_without_its_tokenizer_folder(setup, tmp_path):
@@ -286,7 +328,7 @@ def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeyp
     records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(records) > 2  # --max-steps is ignored: the budget decides
     fractions = [min(1.0, 7.0 * (1 + 2 * i) / 60) for i in range(len(records))]  # fraction() then used_up() per step
-    assert [r["lr_mult"] for r in records] == [pytest.approx(common.lr_multiplier(f, 0.0, 0.5, 0.0))
+    assert [r["lr_mult"] for r in records] == [pytest.approx(common.lr_multiplier(f, 0.0, 0.5, 0.05))
                                                   for f in fractions]
     assert records[-1]["lr_mult"] < 0.2  # the warmdown is done when the budget ends
     out = capsys.readouterr().out
@@ -440,8 +482,8 @@ def test_optimizer_groups_follow_nanochat():
     groups = {tuple(sorted(n for n, p in model.named_parameters() if any(p is q for q in g["params"]))):
               (pytest.approx(g["lr"]), g["betas"], g["weight_decay"]) for g in adamw.param_groups}
     assert groups == {
-        ("transformer.wte.weight",): (pytest.approx(0.3 * scale), (0.8, 0.95), 0.0),
-        ("lm_head.weight",): (pytest.approx(0.008 * scale), (0.8, 0.95), 0.0),
+        ("transformer.wte.weight",): (pytest.approx(0.3 * scale), (0.8, 0.995), 0.001),
+        ("lm_head.weight",): (pytest.approx(0.008 * scale), (0.8, 0.96), 0.01),
         ("value_embeds.1.weight",): (pytest.approx(0.3 * scale * 0.5), (0.8, 0.995), 0.01),
         ("resid_lambdas",): (pytest.approx(0.005), (0.8, 0.95), 0.05),
         ("x0_lambdas",): (pytest.approx(0.5), (0.96, 0.95), 0.0),
