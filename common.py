@@ -5,8 +5,8 @@ common.py: the plumbing every stage shares.
     configuration   parse_config: a config dataclass -> command-line flags, with presets
     checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model,
                     load_hf_folder (a folder export.py wrote)
-    training        build_optimizers (Muon or NorMuon + AdamW), schedule_error, lr_multiplier, muon_momentum,
-                    set_schedule, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
+    training        build_optimizers (Muon or NorMuon + AdamW), schedule_error, lr_multiplier, set_schedule,
+                    StopSignal (SIGINT/SIGTERM, agreed by all ranks),
                     TimeBudget (--time-budget), SmoothedLoss, fit_device_batch (halve the batch on out-of-memory)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
     batches         pad (lists of token ids -> one padded tensor)
@@ -478,17 +478,6 @@ def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, f
         return 1.0
     left = (1 - progress) / warmdown_ratio
     return left + (1 - left) * final_lr_frac
-
-
-def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
-    """nanochat's base_train get_muon_momentum (92d63d4): 0.85 -> 0.97 over the first 400 steps, when the
-    gradients of a fresh model turn fast and old ones mislead, then 0.97 -> 0.90 over the LR's warmdown."""
-    if step < 400:
-        return 0.85 + (0.97 - 0.85) * step / 400
-    if warmdown_ratio and progress >= 1 - warmdown_ratio:
-        into = (progress - (1 - warmdown_ratio)) / warmdown_ratio
-        return 0.97 + (0.90 - 0.97) * min(into, 1.0)
-    return 0.97
 
 
 def set_schedule(optimizers, lr_mult: float, muon_momentum: float | None = None, weight_decay_mult: float = 1.0):

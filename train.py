@@ -147,10 +147,21 @@ def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     return model
 
 
+def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
+    """nanochat's base_train get_muon_momentum (92d63d4): 0.85 -> 0.97 over the first 400 steps, when the
+    gradients of a fresh model turn fast and old ones mislead, then 0.97 -> 0.90 over the LR's warmdown."""
+    if step < 400:
+        return 0.85 + (0.97 - 0.85) * step / 400
+    if warmdown_ratio and progress >= 1 - warmdown_ratio:
+        into = (progress - (1 - warmdown_ratio)) / warmdown_ratio
+        return 0.97 + (0.90 - 0.97) * min(into, 1.0)
+    return 0.97
+
+
 def schedule(cfg: TrainConfig, step: int, progress: float) -> dict:
     """The optimizer's settings for this step (common.set_schedule's arguments), nanochat's base_train schedules;
     progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget)."""
-    momentum = common.muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
+    momentum = muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
     return dict(lr_mult=common.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
                 muon_momentum=momentum, weight_decay_mult=0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -202,8 +213,6 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
     """(optimizer steps, micro-steps per step, the device's peak FLOP/s or None); logs the plan.
 
     With --time-budget the clock decides when the run ends; steps is then only an upper bound."""
-    if error := common.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
-        sys.exit(error)
     tokens_per_micro = cfg.device_batch_size * cfg.seq_len * world_size
     if cfg.total_batch_size % tokens_per_micro:
         sys.exit(f"error: --total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len "
@@ -319,6 +328,8 @@ def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if error := common.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
+        sys.exit(error)  # before any process group, model or data is set up
     rank, world_size, device = common.setup_distributed(cfg.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
