@@ -1166,7 +1166,7 @@ def test_page_stop_ends_the_generation(live, hold, browser, monkeypatch):
     now the generation waits at its 5th piece until the server has registered the disconnect.
     The page samples (its temperature is not 0), and a random model's sample can be any special
     token, each of which ends a chat answer: with no stop tokens the answer surely reaches its 5th
-    piece (it failed so about once in 20 runs)."""
+    piece (it failed so once, in a clean-clone CI run)."""
     monkeypatch.setattr(live.session, "chat_stop_ids", set())
     browser.go(live.url + "/")
     wait_for(lambda: "Schritt 1" in browser.js("return document.getElementById('modell').textContent"),
