@@ -63,6 +63,10 @@ from data import DataError, ShuffledShards, Source, iter_text_batches, open_sour
 
 PACKINGS = ("concat", "bestfit")
 
+# Documents read from a source at a time. A source's saved position (its `datasets` state) counts batches of
+# this size, so a stream is resumed only by a loader that reads batches of the same size.
+DOCS_PER_READ = 64
+
 
 class PretrainBatches:
     """(inputs, targets) batches of shape (B, T) for one rank, from a weighted mix of sources.
@@ -73,7 +77,7 @@ class PretrainBatches:
     """
 
     def __init__(self, sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, loop: bool = True, docs_per_read: int = 64, prefetch: int = 0,
+                 world_size: int = 1, loop: bool = True, docs_per_read: int = DOCS_PER_READ, prefetch: int = 0,
                  packing: str = "concat", buffer_docs: int = 1000):
         if packing not in PACKINGS:
             raise DataError(f"unknown packing {packing!r}: use one of {', '.join(PACKINGS)}")
@@ -251,7 +255,7 @@ class PretrainBatches:
         """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
         state = copy.deepcopy(self.handed_out["progress"])
         state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
-                     packing=self.packing)
+                     packing=self.packing, docs_per_read=self.docs_per_read)
         if self.packing == "concat":
             state["pending"] = [torch.from_numpy(p.copy()) for p in self.handed_out["pending"]]
         else:
@@ -259,11 +263,13 @@ class PretrainBatches:
         return state
 
     def load_state_dict(self, state: dict):
-        mine = ([s.spec for s in self.sources], self.rank, self.world_size, self.packing)
-        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"), state.get("packing", "concat"))
+        mine = ([s.spec for s in self.sources], self.rank, self.world_size, self.packing, self.docs_per_read)
+        theirs = (state.get("sources"), state.get("rank"), state.get("world_size"), state.get("packing", "concat"),
+                  state.get("docs_per_read", DOCS_PER_READ))
         if mine != theirs:
-            raise DataError(f"data loader state is from another setup (sources, rank, world size, packing) "
-                            f"{theirs}, not {mine}; resume with the same --data, --packing and number of processes")
+            raise DataError(f"data loader state is from another setup (sources, rank, world size, packing, documents "
+                            f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "
+                            f"processes")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))

@@ -76,8 +76,9 @@ $PY train.py "${TRAIN[@]}" --data "$PRETRAIN" --val-data "$VAL" --tokenizer "$OU
 stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
-# 45% of the rows are pretraining text, so the chat model keeps its German (README, "SFT")
-$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data "$PRETRAIN" --text-frac 0.45 \
+# 45% of the rows are pretraining text, so the chat model keeps its German: the base model's own mix,
+# continued where its pretraining stopped (--text-data base; README, "SFT")
+$PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data base --text-frac 0.45 \
     --out "$OUT/chat"
 stage_done "SFT"
 

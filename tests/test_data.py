@@ -290,9 +290,10 @@ def test_resume_refuses_another_setup(tmp_path):
     write_docs(tmp_path, 2, 10)
     spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
     state = dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8).state_dict()
-    other = dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=0, world_size=2)
-    with pytest.raises(DataError, match="another setup"):
-        other.load_state_dict(state)
+    for other in (dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, rank=0, world_size=2),
+                  dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, docs_per_read=32)):  # positions count reads
+        with pytest.raises(DataError, match="another setup"):
+            other.load_state_dict(state)
 
 
 def test_validation_batches_are_fixed(tmp_path):

@@ -1,4 +1,5 @@
 """The demo's mix and chat recipe: weight=size, plain text in SFT, the identity rate, base -> chat bits per byte."""
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import data
 import evaluation as ev
 import sft
 from conftest import make_checkpoint
+from dataloader import DOCS_PER_READ
 from tok import render_conversation
 
 
@@ -101,15 +103,59 @@ def test_weight_size_is_refused_where_weights_repeat_conversations(tmp_path, sma
         sft.load_conversations(data.parse_specs(f"jsonl://{path}?weight=size"), small_tokenizer, 64, log=lambda *a: None)
 
 
-def test_text_rows_are_documents_trained_on_every_token(tmp_path, small_tokenizer):
-    texts = ["Erster Text über Hamburg. " * 6, "Zweiter Text.", "Dritter Text über Bremen und Kiel. " * 3]
-    write_parquet(tmp_path / "p" / "a.parquet", texts)
-    rows = sft.load_text_rows(data.parse_specs(f"parquet://{tmp_path}/p/*.parquet"), small_tokenizer, 16, 5)
-    assert len(rows) == 5 and all(len(ids) <= 16 and mask == [1] * len(ids) for ids, mask in rows)
-    first = [small_tokenizer.bos_id] + small_tokenizer.encode(texts[0])
-    assert [ids for ids, _ in rows[:len(first) // 16 + 1]] == [first[i:i + 16] for i in range(0, len(first), 16)][:5]
-    with pytest.raises(data.DataError, match="lower --text-frac"):
-        sft.load_text_rows(data.parse_specs(f"parquet://{tmp_path}/p/*.parquet"), small_tokenizer, 16, 1000)
+def pretraining_rows(sources, tokenizer, seq_len, skip_batches, n_batches, batch_size=2):
+    """Rows of seq_len + 1 tokens that an uninterrupted pretraining loader hands out after `skip_batches`
+    batches, and its state at that point (what a base checkpoint stores)."""
+    from dataloader import PretrainBatches
+    batches = iter(loader := PretrainBatches(sources, tokenizer, batch_size, seq_len))
+    for _ in range(skip_batches):
+        next(batches)
+    state = loader.state_dict()
+    rows = [ids for _ in range(n_batches) for x, y in [next(batches)] for ids in torch.cat([x, y[:, -1:]], 1).tolist()]
+    return rows, state
+
+
+def test_text_rows_continue_the_base_models_pretraining(tmp_path, small_tokenizer):
+    """Given the base checkpoint's loader state for the same mix, the text rows are exactly the rows its
+    pretraining would have read next (past several reads of the source), every token trained; for another
+    mix (or no state) the text starts at its beginning. Too little text left is a clear error."""
+    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i} über Hamburg und die Elbe. " * 2 for i in range(600)],
+                  row_group_size=1000)
+    write_parquet(tmp_path / "b" / "b.parquet", [f"Satz {i} über Bremen. " * 2 for i in range(300)])
+    mix = f"parquet://{tmp_path}/a/*.parquet parquet://{tmp_path}/b/*.parquet?weight="
+    sources = data.parse_specs(f"{mix}2")
+    after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=3, batch_size=16)
+    assert state["docs"][0] >= 2 * DOCS_PER_READ  # several reads into the source: its position counts them
+    rows, continued = sft.load_text_rows(sources, small_tokenizer, 65, 40, base={"loader": [state]})
+    assert continued and [ids for ids, _ in rows] == after[:40] and all(mask == [1] * 65 for _, mask in rows)
+    for spec, base in ((f"{mix}2", None), (f"{mix}3", {"loader": [state]})):  # no base state; another mix's state
+        start, _ = pretraining_rows(data.parse_specs(spec), small_tokenizer, 64, skip_batches=0, n_batches=3,
+                                    batch_size=16)
+        rows, continued = sft.load_text_rows(data.parse_specs(spec), small_tokenizer, 65, 40, base)
+        assert not continued and [ids for ids, _ in rows] == start[:40]
+    with pytest.raises(data.DataError, match="after what the base model read.*lower --text-frac"):
+        sft.load_text_rows(sources, small_tokenizer, 65, 10_000, base={"loader": [state]})
+
+
+def test_text_data_base_continues_the_base_checkpoints_own_mix(tmp_path, small_tokenizer):
+    """--text-data base: the spec is the one the base model was pretrained on, continued where it stopped; a
+    checkpoint that names no pretraining mix (a chat model, an export) is a clear error."""
+    from test_sft import args_for, fixture_conversations, write_jsonl
+    write_jsonl(tmp_path / "train.jsonl", fixture_conversations(8))
+    write_jsonl(tmp_path / "val.jsonl", fixture_conversations(4))
+    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i} über Hamburg und die Elbe. " * 3 for i in range(60)])
+    mix = f"parquet://{tmp_path}/a/*.parquet"
+    after, state = pretraining_rows(data.parse_specs(mix), small_tokenizer, 64, skip_batches=3, n_batches=8)
+    cfg = common.parse_config(sft.SFTConfig, sft.PRESETS, args_for(tmp_path, "chat", "--text-data", "base",
+                                                                   "--text-frac", "0.05"))
+    base = {"kind": "base", "path": "out/base/ckpt.pt", "train_config": {"data": mix}, "loader": [state]}
+    train, _ = sft.load_sft_data(cfg, small_tokenizer, 65, lambda *a: None, base=base)
+    text = [ids for ids, mask in train if all(mask)]  # every token trained: only text rows (a chat masks its prompt)
+    assert 0 < len(text) <= len(after) and text == after[:len(text)]
+    for other in ({"kind": "chat", "path": "out/chat/ckpt.pt", "train_config": {"data": "jsonl://c.jsonl"}},
+                  {"path": "export/"}):
+        with pytest.raises(data.DataError, match=f"--text-data base: {other['path']} is not a train.py checkpoint"):
+            sft.load_sft_data(dataclasses.replace(cfg, text_frac=0.5), small_tokenizer, 65, lambda *a: None, base=other)
 
 
 def test_sft_mixes_text_rows_into_training(tmp_path, small_tokenizer):
