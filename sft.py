@@ -121,27 +121,27 @@ PRESETS = {
     # model, 200 steps at 0.02 gave 0 of 50 held-out answers that end. On the demo's width-128 model (447
     # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 and 0.4 47, but 0.4 cost about twice the
     # German. Answers cut to their first sentences (200 characters), because a small model that imitates
-    # paragraph-long answers repeats itself until the context is full. Identity 20x (175 conversations, 8%
-    # of the rows beside the demo's data): the share trades a model that never names itself against one
-    # that answers unrelated questions with its name, and more steps move the trade. On the fast CPU's
-    # demo (965 steps of 16 on a base model that read 12.2M tokens) 20x named it for "Wer bist du?" and
-    # both held-out paraphrases 9-9-9 and 10-10-8 of 10 in two orders, with 3 and 4 of 50 unrelated
-    # answers naming it; the 64 conversations of before at 24x 8-5-5 and 8-5-2 with 3 and 6. On a slow
-    # CPU's weak base model (129 steps) no share teaches the name (at most 4 of 10) and 20x names it in 6
-    # and 0 unrelated answers, 24x in 13 and 12 (bench/RESULTS.md, "Fifth pass", "Sixth pass").
-    # 16 conversations a step, not 8: Muon moves the weights by the learning rate whatever the batch, so a
-    # step of 8 rows (about 1,000 trained tokens, a quarter of a pretraining step) is a noisy one, and on a
-    # CPU with bf16 units (the demo's 4 minutes: 1,363 steps of 8 on a base model that read 11.7M tokens) it
-    # cost the manuals' text +0.11 bits per byte; 680 steps of 16 (the same rows) +0.02, with as many
-    # answers that end. The price is on a slow CPU's weak base model: 65 steps of 16 (half its 4 minutes)
-    # ended 42 and 30 of 50 answers in two orders, 129 of 8 47 and 42 (bench/RESULTS.md, "Fourth pass").
+    # paragraph-long answers repeats itself until the context is full. Identity 40x (175 conversations, 14% of
+    # the rows beside the demo's data and text): the share trades a model that never names itself against one
+    # that answers unrelated questions with its name. On an EPYC's demo base model (7.6M tokens) at the demo's
+    # 360 steps of 32, 40x named it for "Wer bist du?" and both held-out paraphrases 10-10-10 of 10 with 7 of 50
+    # unrelated answers naming it, 20x 10-6-9 with 6; at 721 steps of 16 40x 10-9-9, 30x 10-7-10
+    # (bench/RESULTS.md, "Thirty-two conversations a step"). On a slow CPU's weak base model (129 steps) no
+    # share teaches the name (at most 4 of 10; "Fifth pass", "Sixth pass").
+    # 32 conversations a step (the default, nanochat's earlier chat_sft.py's): Muon moves the weights by the
+    # learning rate whatever the batch, so many small steps walk away from the base model. On that EPYC 721
+    # steps of 16 cost the manuals' text +0.060 bits per byte, 360 of 32 (the same rows, the same minutes)
+    # +0.012 and at most +0.014 on any text (UD German-GSD's sentences), and 49 of 50 answers ended against 46;
+    # steps of 8 had cost a fast CPU's manuals +0.11 ("Fourth pass"). The price is on a slow CPU, which gets few
+    # steps: its weak base model ended 42 and 30 of 50 answers in 65 steps of 16, 47 and 42 in 129 of 8 ("Fourth
+    # pass"); at 32 a step it gets about 32 (not measured).
     # The learning rate flat for the first half (the default warmdown_ratio): at half the demo's steps the
     # model learns more before it decays. At 482 steps on the fast CPU's base model 46 and 48 of 50 answers
     # ended in the two orders that gave 41 and 48 with a decay from the first step, and on the slow CPU's
     # weak base model (65 steps) 37 and 49 against 31 and 37; the manuals' text lost about 0.006 more bits
     # per byte (bench/RESULTS.md, "Seventh pass").
-    "tiny": dict(device_batch_size=4, examples_per_step=16, max_steps=200, eval_every=50, val_conversations=64,
-                 save_every=100, log_every=10, identity_repeat=20, init_lr_frac=0.2, answer_chars=200),
+    "tiny": dict(device_batch_size=4, max_steps=200, eval_every=50, val_conversations=64, save_every=100,
+                 log_every=10, identity_repeat=40, init_lr_frac=0.2, answer_chars=200),
 }
 
 

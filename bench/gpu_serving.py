@@ -289,9 +289,9 @@ def tiny_data_folder(root: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
-    # 10 copies: the demo's SFT mixes in text rows at 45% of its rows, the identity conversations (175 x 20)
-    # included, about 2,700 at micro scale; 5 copies gave 2,100
-    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 10
+    # 16 copies: the demo's SFT mixes in text rows at 45% of its rows, the identity conversations (175 x 40)
+    # included, about 5,500 at micro scale; 10 copies gave 3,750
+    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 16
     for source in ("lexikon", "reden"):
         (root / "pretrain" / source).mkdir(parents=True)
         pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),
