@@ -209,6 +209,13 @@ class PretrainBatches:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets
 
+    def rows(self):
+        """The stream as rows of T + 1 tokens (numpy), in the order __iter__ batches them, unprefetched: for
+        whoever wants the rows themselves, not training batches (sft.py's text rows)."""
+        while (item := self._next_block())[0] is not None:
+            self.handed_out = item[1]
+            yield from item[0]
+
     # --- iteration, with optional background prefetching ---
 
     def __iter__(self):

@@ -271,16 +271,16 @@ def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count
     price is on UD German-GSD's single sentences: +0.005, +0.034, +0.026."""
     state = ((base or {}).get("loader") or [None])[0]
     continued = isinstance(state, dict) and state.get("sources") == [s.spec for s in sources]
-    loader = dataloader.PretrainBatches(sources, tokenizer, batch_size=64, seq_len=max_tokens - 1,
-                                        world_size=state["world_size"] if continued else 1, loop=False,
-                                        packing=state.get("packing", "concat") if continued else "concat")
+    setup = dict(world_size=state["world_size"], packing=state.get("packing", "concat")) if continued else {}
+    loader = dataloader.PretrainBatches(sources, tokenizer, batch_size=64, seq_len=max_tokens - 1, loop=False,
+                                        **setup)
     if continued:
         loader.load_state_dict(state)
     rows = []
-    for inputs, targets in loader:
-        rows += [(ids, [1] * len(ids)) for ids in torch.cat([inputs, targets[:, -1:]], dim=1).tolist()]
-        if len(rows) >= count:
-            return rows[:count], continued
+    for row in loader.rows():
+        rows.append((row.tolist(), [1] * len(row)))
+        if len(rows) == count:
+            return rows, continued
     raise data.DataError(f"--text-data {' '.join(s.spec for s in sources)} gave {len(rows):,} rows of text"
                          f"{' after what the base model read' if continued else ''}, {count:,} were asked for; "
                          f"add text or lower --text-frac")

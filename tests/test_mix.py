@@ -12,7 +12,7 @@ import data
 import evaluation as ev
 import sft
 from conftest import make_checkpoint
-from dataloader import DOCS_PER_READ
+from dataloader import DOCS_PER_READ, PretrainBatches
 from tok import render_conversation
 
 
@@ -106,7 +106,6 @@ def test_weight_size_is_refused_where_weights_repeat_conversations(tmp_path, sma
 def pretraining_rows(sources, tokenizer, seq_len, skip_batches, n_batches, batch_size=2):
     """Rows of seq_len + 1 tokens that an uninterrupted pretraining loader hands out after `skip_batches`
     batches, and its state at that point (what a base checkpoint stores)."""
-    from dataloader import PretrainBatches
     batches = iter(loader := PretrainBatches(sources, tokenizer, batch_size, seq_len))
     for _ in range(skip_batches):
         next(batches)
