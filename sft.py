@@ -121,7 +121,7 @@ PRESETS = {
     # model, 200 steps at 0.02 gave 0 of 50 held-out answers that end. On the demo's width-128 model (447
     # steps, its 4 minutes on a slow CPU) 0.2 ended 46 of 50 and 0.4 47, but 0.4 cost about twice the
     # German. Answers cut to their first sentences (200 characters), because a small model that imitates
-    # paragraph-long answers repeats itself until the context is full. Identity 40x (175 conversations, 14% of
+    # paragraph-long answers repeats itself until the context is full. Identity 40x (199 conversations, 15% of
     # the rows beside the demo's data and text): the share trades a model that never names itself against one
     # that answers unrelated questions with its name. On an EPYC's demo base model (7.6M tokens) at the demo's
     # 360 steps of 32, 40x named it for "Wer bist du?" and both held-out paraphrases 10-10-10 of 10 with 7 of 50
