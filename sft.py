@@ -124,10 +124,12 @@ PRESETS = {
     # paragraph-long answers repeats itself until the context is full. Identity 40x (199 conversations, 15% of
     # the rows beside the demo's data and text): the share trades a model that never names itself against one
     # that answers unrelated questions with its name. On an EPYC's demo base model (7.6M tokens) at the demo's
-    # 360 steps of 32, 40x named it for "Wer bist du?" and both held-out paraphrases 10-10-10 of 10 with 7 of 50
-    # unrelated answers naming it, 20x 10-6-9 with 6; at 721 steps of 16 40x 10-9-9, 30x 10-7-10
-    # (bench/RESULTS.md, "Thirty-two conversations a step"). On a slow CPU's weak base model (129 steps) no
-    # share teaches the name (at most 4 of 10; "Fifth pass", "Sixth pass").
+    # 360 steps of 32, 40x of the 175 conversations before named it for "Wer bist du?" and both held-out
+    # paraphrases 10-10-10 of 10 with 7 of 50 unrelated answers naming it, 20x 10-6-9 with 6 (bench/RESULTS.md,
+    # "Thirty-two conversations a step"); on other base models 10-10-2 and 10-6-10, which the answers' one
+    # first word lifted to 10-10-7 and 10-10-10, and 60x was no help (10-10-7, UD German-GSD +0.029; "One first
+    # word for who it is"). On a slow CPU's weak base model (129 steps) no share teaches the name (at most 4
+    # of 10; "Fifth pass", "Sixth pass").
     # 32 conversations a step (the default, nanochat's earlier chat_sft.py's): Muon moves the weights by the
     # learning rate whatever the batch, so many small steps walk away from the base model. On that EPYC 721
     # steps of 16 cost the manuals' text +0.060 bits per byte, 360 of 32 (the same rows, the same minutes)

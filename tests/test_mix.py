@@ -162,7 +162,7 @@ def test_sft_mixes_text_rows_into_training(tmp_path, small_tokenizer):
     make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=64, n_embd=32)
     write_jsonl(tmp_path / "train.jsonl", fixture_conversations(40))
     write_jsonl(tmp_path / "val.jsonl", fixture_conversations(8))
-    write_parquet(tmp_path / "p" / "a.parquet", ["Ein Text über das Meer. " * 30] * 10)
+    write_parquet(tmp_path / "p" / "a.parquet", ["Ein Text über das Meer. " * 30] * 20)  # text for a quarter of the rows
     cfg = common.parse_config(sft.SFTConfig, sft.PRESETS, args_for(tmp_path, "chat", "--text-data",
                                                                    f"parquet://{tmp_path}/p/*.parquet",
                                                                    "--text-frac", "0.25"))

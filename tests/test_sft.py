@@ -1,6 +1,7 @@
 """Tests for sft.py: conversation reading, masks in batches, sharding, learning, exact resume, errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,11 @@ def test_identity_conversations_are_valid_and_about_nanoschnack():
     # the identity rate's paraphrases stay held out, in any turn
     questions = {m["content"].lower() for row in rows for m in row["messages"] if m["role"] == "user"}
     assert sft.IDENTITY_QUESTIONS[0].lower() in questions and not {q.lower() for q in sft.IDENTITY_QUESTIONS[1:]} & questions
+    # ... nor one of them with a word swapped ("Mit wem rede ich gerade?" would make the rate a recall test)
+    words = lambda text: re.findall(r"\w+", text.lower())
+    for held_out in map(words, sft.IDENTITY_QUESTIONS[1:]):
+        for question in map(words, questions):
+            assert not (len(question) == len(held_out) and sum(a != b for a, b in zip(question, held_out)) == 1), question
 
 
 def test_loss_falls_and_samples_are_logged(setup):
