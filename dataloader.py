@@ -209,20 +209,23 @@ class PretrainBatches:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets
 
+    def _blocks(self):
+        """The (rows, T+1) blocks in this thread, each one counted as handed out when it is yielded."""
+        while (item := self._next_block())[0] is not None:
+            self.handed_out = item[1]
+            yield item[0]
+
     def rows(self):
         """The stream as rows of T + 1 tokens (numpy), in the order __iter__ batches them, unprefetched: for
         whoever wants the rows themselves, not training batches (sft.py's text rows)."""
-        while (item := self._next_block())[0] is not None:
-            self.handed_out = item[1]
-            yield from item[0]
+        for block in self._blocks():
+            yield from block
 
     # --- iteration, with optional background prefetching ---
 
     def __iter__(self):
         if self.prefetch <= 0:
-            while (item := self._next_block())[0] is not None:
-                self.handed_out = item[1]
-                yield self._to_batch(item[0])
+            yield from map(self._to_batch, self._blocks())
             return
         # A background thread reads and tokenizes ahead (both release the GIL);
         # each block travels with the state after it, so state_dict() stays exact.

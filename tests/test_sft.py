@@ -134,14 +134,14 @@ def test_identity_conversations_are_valid_and_about_nanoschnack():
         check_conversation(row["messages"])
     answers = [" ".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
     assert sum("nanoschnack" in a for a in answers) >= len(rows) // 2
-    # the identity rate's paraphrases stay held out, in any turn
+    # the identity rate's paraphrases stay held out, in any turn, and so does each of them with a word swapped
+    # ("Mit wem rede ich gerade?" would make the rate a recall test)
     questions = {m["content"].lower() for row in rows for m in row["messages"] if m["role"] == "user"}
-    assert sft.IDENTITY_QUESTIONS[0].lower() in questions and not {q.lower() for q in sft.IDENTITY_QUESTIONS[1:]} & questions
-    # ... nor one of them with a word swapped ("Mit wem rede ich gerade?" would make the rate a recall test)
+    assert sft.IDENTITY_QUESTIONS[0].lower() in questions
     words = lambda text: re.findall(r"\w+", text.lower())
     for held_out in map(words, sft.IDENTITY_QUESTIONS[1:]):
         for question in map(words, questions):
-            assert not (len(question) == len(held_out) and sum(a != b for a, b in zip(question, held_out)) == 1), question
+            assert not (len(question) == len(held_out) and sum(a != b for a, b in zip(question, held_out)) <= 1), question
 
 
 def test_loss_falls_and_samples_are_logged(setup):
