@@ -192,11 +192,10 @@ class PretrainBatches:
         return np.empty(0, dtype=np.int32) if self.packing == "concat" else BestFitBuffer(self.seq_len + 1)
 
     def _next_block(self):
-        """The next (rows, T+1) block of tokens and the loader state right after it."""
+        """The next (rows, T+1) block of tokens and the loader state right after it; at the end of a
+        non-looping stream (None, the final state: its counters hold the tails dropped at the end)."""
         rows = [r for r in (self._next_row() for _ in range(self.batch_size)) if r is not None]
-        if not rows:  # rows run out only at the end of a non-looping stream
-            return None, None
-        return np.stack(rows), self._snapshot()
+        return np.stack(rows) if rows else None, self._snapshot()
 
     def _snapshot(self) -> dict:
         pending = list(self.pending) if self.packing == "concat" else [b.copy() for b in self.pending]
@@ -211,9 +210,11 @@ class PretrainBatches:
 
     def _blocks(self):
         """The (rows, T+1) blocks in this thread, each one counted as handed out when it is yielded."""
-        while (item := self._next_block())[0] is not None:
-            self.handed_out = item[1]
-            yield item[0]
+        while True:
+            block, self.handed_out = self._next_block()
+            if block is None:
+                return
+            yield block
 
     def rows(self):
         """The stream as rows of T + 1 tokens (numpy), in the order __iter__ batches them, unprefetched: for
@@ -234,15 +235,15 @@ class PretrainBatches:
         def produce():
             try:
                 while not stop.is_set():
-                    item = self._next_block()
-                    item = (self._to_batch(item[0]), item[1]) if item[0] is not None else None
+                    block, state = self._next_block()
+                    item = (None if block is None else self._to_batch(block), state)
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
                             break
                         except queue.Full:
                             pass
-                    if item is None:
+                    if block is None:
                         return
             except BaseException as e:  # hand errors to the consumer
                 ready.put(e)
@@ -250,11 +251,14 @@ class PretrainBatches:
         thread = threading.Thread(target=produce, daemon=True, name="data-prefetch")
         thread.start()
         try:
-            while (item := ready.get()) is not None:
+            while True:
+                item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                self.handed_out = item[1]
-                yield item[0]
+                batch, self.handed_out = item
+                if batch is None:
+                    return
+                yield batch
         finally:
             stop.set()
             thread.join()
@@ -294,6 +298,40 @@ class PretrainBatches:
         else:
             self.pending = [BestFitBuffer.from_state(b, self.seq_len + 1) for b in state["buffers"]]
         self.handed_out = self._snapshot()
+
+    def continue_reading(self, state: dict):
+        """load_state_dict for a state saved by a loader with either packing: the same documents come next,
+        and the tokens it had read but not handed out are repacked into this loader's buffers, so the reading
+        position carries over from one packing to the other (sft.py's text rows, half of each). concat ->
+        bestfit: the whole documents of its buffer go into the best-fit buffer, and the tail of the document
+        it was cutting rows from (before its first <|bos|>) counts as cropped; bestfit -> concat: the buffered
+        documents are concatenated, shortest first, their tails beyond a row (never kept) counted as cropped."""
+        theirs = state.get("packing", "concat")
+        if theirs == self.packing:
+            return self.load_state_dict(state)
+        if theirs not in PACKINGS:
+            raise DataError(f"data loader state has an unknown packing {theirs!r}")
+        state, bos = dict(state, packing=self.packing), self.tokenizer.bos_id
+        cropped = list(state.get("cropped", [0] * len(self.sources)))
+        if self.packing == "bestfit":
+            state["buffers"] = []
+            for i, pending in enumerate(state.pop("pending")):
+                tokens, buffer = pending.numpy(), BestFitBuffer(self.seq_len + 1)
+                starts = np.flatnonzero(tokens == bos)
+                cropped[i] += int(starts[0]) if len(starts) else len(tokens)
+                for doc in np.split(tokens, starts)[1:]:
+                    buffer.add(bos, doc[1:].tolist())
+                state["buffers"].append(buffer.state_dict())
+        else:
+            state["pending"] = []
+            for i, saved in enumerate(state.pop("buffers")):
+                buffer = BestFitBuffer.from_state(saved, saved["row"])
+                cropped[i] += sum(max(n - buffer.row, 0) for n in buffer.lengths)
+                state["pending"].append(torch.from_numpy(np.concatenate([np.empty(0, np.int32)] + buffer.docs)))
+            # a drained source with documents left in its buffer: concat reads on until its stream ends
+            state["exhausted"] = [gone and not len(p) for gone, p in zip(state["exhausted"], state["pending"])]
+        state["cropped"] = cropped
+        self.load_state_dict(state)
 
     def token_counts(self) -> dict[str, int]:
         """Tokens handed out so far from each source (for the log)."""

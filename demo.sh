@@ -77,9 +77,10 @@ stage_done "pretraining"
 
 echo "== 3. SFT: German conversations + nanoschnack's identity"
 # 45% of the rows are pretraining text, so the chat model keeps its German: the base model's own mix,
-# continued where its pretraining stopped (--text-data base; README, "SFT")
+# continued where its pretraining stopped (--text-data base), half of them rows that each begin a document
+# (--text-bestfit 0.5), so it keeps how a text begins too (README, "SFT")
 $PY sft.py "${TUNE[@]}" --base "$OUT/base" --data "$SFT" --val-data "$SFT_VAL" --text-data base --text-frac 0.45 \
-    --out "$OUT/chat"
+    --text-bestfit 0.5 --out "$OUT/chat"
 stage_done "SFT"
 
 echo "== 4. evaluation: bits per byte on held-out German text, report card"

@@ -35,13 +35,16 @@ chat.py loads.
   alone loses some of its general German (bits per byte on held-out text rise);
   the text rows hold it (README, "The demo"). Given the base model's own
   pretraining mix, they continue its data stream where pretraining stopped, so
-  they are text the base model has not read.
+  they are text the base model has not read. --text-bestfit F: a share F of them
+  each begin at a document's start (best-fit packing), so the chat model keeps
+  how a text begins, not only how it goes on.
 - At the end: the stop rate (held-out answers that end with <|assistant_end|>)
   and the identity rate (sampled answers to "Wer bist du?" and two paraphrases that
   name nanoschnack), both on the report card.
 """
 import dataclasses
 import functools
+import itertools
 import re
 import sys
 import time
@@ -83,6 +86,8 @@ class SFTConfig:
     text_data: str = ""              # plain text mixed in: a spec, or "base" (the base model's pretraining mix,
                                      # continued where it stopped); empty: none
     text_frac: float = 0.0           # share of the training rows that are text documents (0 <= f < 1)
+    text_bestfit: float = 0.0        # share of those rows packed best-fit, each from a document's start (the
+                                     # rest: documents concatenated and cut, as the demo's pretraining packs)
     answer_chars: int = 0            # training answers longer than this are cut to their first sentences (0: off)
     out: str = "out/chat"
     device_batch_size: int = 4       # conversations per device per micro-step (4 x 8 GPUs = 32)
@@ -259,10 +264,12 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
 
 
 def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count: int,
-                   base: dict | None = None) -> tuple[list[tuple[list[int], list[int]]], bool]:
+                   base: dict | None = None, bestfit: float = 0.0) -> tuple[list[tuple[list[int], list[int]]], bool]:
     """(`count` rows of plain text, whether they continue the base model's pretraining): rows of max_tokens
     tokens packed as train.py packs them (dataloader.PretrainBatches), (ids, mask) like a conversation's
-    with every token trained.
+    with every token trained. The first rows are concatenated documents (packing "concat"), the last share
+    `bestfit` of them best-fit rows (packing "bestfit": each begins at a document's start), read on from
+    where the concatenated ones stopped.
 
     If `sources` are the base model's own pretraining mix (the same specs), the rows continue the data
     stream of its checkpoint (its first process's share) where pretraining stopped: text the base model
@@ -270,19 +277,27 @@ def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count
     second time. Other text is read from its start. On the demo's base model (bench/RESULTS.md, "Text
     rows as pretraining's"), chat - base bits per byte on the manuals' held-out pages: +0.071 with one
     document a row (as before), +0.031 with packed rows from the mix's start, +0.007 continued; the
-    price is on UD German-GSD's single sentences: +0.005, +0.034, +0.026."""
+    price is on UD German-GSD's single sentences: +0.005, +0.034, +0.026. Which packing decides how the
+    chat model begins a text ("Half the text rows best-fit"): concatenated rows hold about 0.3 document
+    beginnings a row, so alone they let the conversations teach it to begin every text as a question."""
     state = ((base or {}).get("loader") or [None])[0]
     continued = isinstance(state, dict) and state.get("sources") == [s.spec for s in sources]
-    setup = dict(world_size=state["world_size"], packing=state.get("packing", "concat")) if continued else {}
-    loader = dataloader.PretrainBatches(sources, tokenizer, batch_size=64, seq_len=max_tokens - 1, loop=False,
-                                        **setup)
-    if continued:
-        loader.load_state_dict(state)
-    rows = []
-    for row in loader.rows():
-        rows.append((row.tolist(), [1] * len(row)))
-        if len(rows) == count:
-            return rows, continued
+    state = state if continued else None
+    world_size = state["world_size"] if continued else 1
+    rows, bestfit_rows = [], round(count * bestfit)
+    for packing, wanted in (("concat", count - bestfit_rows), ("bestfit", count)):
+        # concat: a row a block, so the state after its last row taken is where the best-fit rows read on;
+        # best-fit's blocks of 64 rows, because each block's state copies its buffers (1,000 documents a source)
+        loader = dataloader.PretrainBatches(sources, tokenizer, batch_size=1 if packing == "concat" else 64,
+                                            seq_len=max_tokens - 1, loop=False, world_size=world_size, packing=packing)
+        if state is not None:
+            loader.continue_reading(state)
+        rows += [(row.tolist(), [1] * len(row)) for row in itertools.islice(loader.rows(), wanted - len(rows))]
+        if len(rows) < wanted:
+            break
+        state = loader.state_dict()
+    else:
+        return rows, continued
     raise data.DataError(f"--text-data {' '.join(s.spec for s in sources)} gave {len(rows):,} rows of text"
                          f"{' after what the base model read' if continued else ''}, {count:,} were asked for; "
                          f"add text or lower --text-frac")
@@ -483,9 +498,10 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     if cfg.text_data and cfg.text_frac:
         count = round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac))
         spec = pretraining_mix(base) if cfg.text_data == "base" else cfg.text_data
-        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base)
+        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base, cfg.text_bestfit)
         conversations += rows
-        log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows), "
+        log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows, "
+            f"{cfg.text_bestfit:.0%} of them best-fit), "
             + ("continuing the base model's pretraining where it stopped" if continued else
                "from the start of --text-data (not the base checkpoint's pretraining mix)"))
         if stats is not None:
@@ -497,6 +513,8 @@ def main(argv=None):
     cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
     if not 0 <= cfg.text_frac < 1:
         sys.exit(f"error: --text-frac {cfg.text_frac} must be at least 0 and below 1 (a share of the training rows)")
+    if not 0 <= cfg.text_bestfit <= 1:
+        sys.exit(f"error: --text-bestfit {cfg.text_bestfit} must be from 0 to 1 (a share of the text rows)")
     if error := common.schedule_error(0.0, cfg.warmdown_ratio):
         sys.exit(error)
     if cfg.examples_per_step % cfg.device_batch_size:

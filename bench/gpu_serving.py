@@ -289,9 +289,11 @@ def tiny_data_folder(root: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
-    # 20 copies: the demo's SFT mixes in text rows at 45% of its rows, the identity conversations (199 x 40)
-    # included, about 6,250 at micro scale, after what the base model read; 16 copies gave 6,014
-    docs = [" ".join(lines[i:] + lines[:i]) for i in range(len(lines))] * 20
+    # Documents of three sentences (a row of the micro demo's 129 tokens holds about two, so best-fit rows do
+    # not throw most of each away), 200 copies: the demo's SFT mixes in text rows at 45% of its rows, the
+    # identity conversations (199 x 40) included, about 6,250 at micro scale after what the base model read,
+    # half of them best-fit, a document or two each; 100 copies gave 3,658
+    docs = [" ".join((lines + lines)[i:i + 3]) for i in range(len(lines))] * 200
     for source in ("lexikon", "reden"):
         (root / "pretrain" / source).mkdir(parents=True)
         pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),

@@ -1,5 +1,6 @@
 """The demo's mix and chat recipe: weight=size, plain text in SFT, the identity rate, base -> chat bits per byte."""
 import dataclasses
+import itertools
 import json
 
 import pyarrow as pa
@@ -136,6 +137,22 @@ def test_text_rows_continue_the_base_models_pretraining(tmp_path, small_tokenize
         sft.load_text_rows(sources, small_tokenizer, 65, 10_000, base={"loader": [state]})
 
 
+def test_text_rows_half_best_fit_read_on_where_the_concatenated_ones_stop(tmp_path, small_tokenizer):
+    """--text-bestfit 0.5: the first half of the rows are the concatenated rows pretraining would have read
+    next, the second half best-fit rows (each from a document's start) of the documents after them."""
+    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i} über Hamburg und die Elbe. " * (1 + i % 5)
+                                                 for i in range(600)], row_group_size=1000)
+    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet")
+    after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=1, batch_size=16)
+    _, state_after = pretraining_rows(sources, small_tokenizer, 64, skip_batches=13, n_batches=0, batch_size=16)
+    bestfit = PretrainBatches(sources, small_tokenizer, 16, 64, loop=False, packing="bestfit")
+    bestfit.continue_reading(state_after)
+    rows, continued = sft.load_text_rows(sources, small_tokenizer, 65, 32, {"loader": [state]}, bestfit=0.5)
+    rows = [ids for ids, _ in rows]
+    assert continued and rows[:16] == after and rows[16:] == [row.tolist() for row in itertools.islice(bestfit.rows(), 16)]
+    assert all(row[0] == small_tokenizer.bos_id for row in rows[16:])
+
+
 def test_text_data_base_continues_the_base_checkpoints_own_mix(tmp_path, small_tokenizer):
     """--text-data base: the spec is the one the base model was pretrained on, continued where it stopped; a
     checkpoint that names no pretraining mix (a chat model, an export) is a clear error."""
@@ -172,6 +189,8 @@ def test_sft_mixes_text_rows_into_training(tmp_path, small_tokenizer):
     assert stats["text_rows"] == len(text) == round((len(train) - len(text)) * 0.25 / 0.75)
     with pytest.raises(SystemExit, match="--text-frac 1.0 must be"):
         sft.main(args_for(tmp_path, "chat", "--text-frac", "1.0"))
+    with pytest.raises(SystemExit, match="--text-bestfit 1.5 must be from 0 to 1"):
+        sft.main(args_for(tmp_path, "chat", "--text-bestfit", "1.5"))
 
 
 def test_identity_rate_counts_answers_that_name_nanoschnack(tmp_path, small_tokenizer, monkeypatch):

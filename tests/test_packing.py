@@ -289,3 +289,51 @@ def test_concat_state_from_before_the_packing_option_still_loads(tmp_path):
     fresh = dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, docs_per_read=3)
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip([next(it) for _ in range(4)], itertools.islice(fresh, 4)))
+
+
+def test_a_reading_position_carries_over_from_concat_to_bestfit(tmp_path):
+    """sft.py's text rows: concatenated rows, then best-fit rows read on from where they stopped. The best-fit
+    rows are exactly a best-fit loader's over the documents after the last one the concatenated rows began;
+    the tail of the document the last concatenated row cut counts as cropped, so no token is lost silently."""
+    lengths = random_lengths(120, 30, seed=3)
+    write_sized_docs(tmp_path / "all", lengths, base=0x100)
+    spec = f"parquet://{tmp_path}/all/*.parquet"
+    concat = dataloader.PretrainBatches(parse_specs(spec), CharTokenizer(), 1, 16, loop=False, docs_per_read=8)
+    starts = np.cumsum([0] + [n + 1 for n in lengths]).tolist()  # where each document begins in the stream
+    n_rows = next(n for n in range(9, 60) if n * 17 not in starts)  # past the first read of 8, inside a document
+    batches = iter(concat)
+    head = rows_of([next(batches) for _ in range(n_rows)])
+    read = n_rows * 17
+    j = next(k for k, s in enumerate(starts) if s > read)  # the first document the concatenated rows did not begin
+    write_sized_docs(tmp_path / "rest", lengths[j:], base=0x100 + j)  # documents j, j+1, ... with their own names
+    # a buffer bigger than the source: both loaders hold every remaining document before their first row
+    fresh = bestfit(f"parquet://{tmp_path}/rest/*.parquet", 1, 16, loop=False, buffer_docs=1000)
+    expected = rows_of(read_all(fresh))
+    carried = bestfit(spec, 1, 16, loop=False, buffer_docs=1000, docs_per_read=8)
+    carried.continue_reading(concat.state_dict())
+    tail = rows_of(read_all(carried))
+    assert tail == expected and all(row[0] == 0 for row in tail)
+    cropped = carried.cropped_counts()[spec]
+    assert cropped == starts[j] - read + fresh.cropped_counts()[f"parquet://{tmp_path}/rest/*.parquet"]
+    assert (len(head) + len(tail)) * 17 + cropped == starts[-1]
+    assert carried.token_counts()[spec] == (len(head) + len(tail)) * 17  # the counters go on too
+
+
+def test_a_reading_position_carries_over_from_bestfit_to_concat(tmp_path):
+    """The other way: the documents waiting in the best-fit buffer are concatenated, shortest first (as the
+    buffer orders them; a long one only its first row's worth, the rest counted as cropped), then the
+    documents not read yet."""
+    lengths = random_lengths(120, 30, seed=4)
+    docs = write_sized_docs(tmp_path, lengths, base=0x100)
+    spec = f"parquet://{tmp_path}/*.parquet"
+    loader = bestfit(spec, 1, 16, loop=False, buffer_docs=1000, docs_per_read=8)  # holds every document
+    batches = iter(loader)
+    head = rows_of([next(batches) for _ in range(3)])
+    taken = {doc_of(piece, docs, 0x100) for row in head for piece in pieces(row)}
+    left = sorted((i for i in range(len(docs)) if i not in taken), key=lambda i: (lengths[i], i))
+    stream = [t for i in left for t in ([0] + [ord(c) + 1 for c in docs[i]])[:17]]
+    carried = dataloader.PretrainBatches(parse_specs(spec), CharTokenizer(), 1, 16, loop=False, docs_per_read=8)
+    carried.continue_reading(loader.state_dict())
+    tail = rows_of(read_all(carried))
+    assert tail == [stream[k:k + 17] for k in range(0, len(stream) - 16, 17)]
+    assert (len(head) + len(tail)) * 17 + carried.cropped_counts()[spec] == sum(n + 1 for n in lengths)
