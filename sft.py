@@ -86,8 +86,9 @@ class SFTConfig:
     text_data: str = ""              # plain text mixed in: a spec, or "base" (the base model's pretraining mix,
                                      # continued where it stopped); empty: none
     text_frac: float = 0.0           # share of the training rows that are text documents (0 <= f < 1)
-    text_bestfit: float = 0.0        # share of those rows packed best-fit, each from a document's start (the
-                                     # rest: documents concatenated and cut, as the demo's pretraining packs)
+    text_bestfit: float = -1.0       # share of those rows packed best-fit, each from a document's start, the
+                                     # rest documents concatenated and cut; -1: as the base model's pretraining
+                                     # packed its rows (--packing: all best-fit, or all concatenated)
     answer_chars: int = 0            # training answers longer than this are cut to their first sentences (0: off)
     out: str = "out/chat"
     device_batch_size: int = 4       # conversations per device per micro-step (4 x 8 GPUs = 32)
@@ -264,12 +265,12 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
 
 
 def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count: int,
-                   base: dict | None = None, bestfit: float = 0.0) -> tuple[list[tuple[list[int], list[int]]], bool]:
+                   base: dict | None = None, bestfit: float | None = None) -> tuple[list[tuple[list[int], list[int]]], bool]:
     """(`count` rows of plain text, whether they continue the base model's pretraining): rows of max_tokens
-    tokens packed as train.py packs them (dataloader.PretrainBatches), (ids, mask) like a conversation's
+    tokens packed as train.py packs its rows (dataloader.PretrainBatches), (ids, mask) like a conversation's
     with every token trained. The first rows are concatenated documents (packing "concat"), the last share
     `bestfit` of them best-fit rows (packing "bestfit": each begins at a document's start), read on from
-    where the concatenated ones stopped.
+    where the concatenated ones stopped; `bestfit` None: the base model's packing for all of them.
 
     If `sources` are the base model's own pretraining mix (the same specs), the rows continue the data
     stream of its checkpoint (its first process's share) where pretraining stopped: text the base model
@@ -284,8 +285,12 @@ def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count
     continued = isinstance(state, dict) and state.get("sources") == [s.spec for s in sources]
     state = state if continued else None
     world_size = state["world_size"] if continued else 1
+    if bestfit is None:
+        bestfit = float((state or {}).get("packing") == "bestfit")
     rows, bestfit_rows = [], round(count * bestfit)
     for packing, wanted in (("concat", count - bestfit_rows), ("bestfit", count)):
+        if len(rows) == wanted:  # none of this packing
+            continue
         # concat: a row a block, so the state after its last row taken is where the best-fit rows read on;
         # best-fit's blocks of 64 rows, because each block's state copies its buffers (1,000 documents a source)
         loader = dataloader.PretrainBatches(sources, tokenizer, batch_size=1 if packing == "concat" else 64,
@@ -498,10 +503,12 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     if cfg.text_data and cfg.text_frac:
         count = round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac))
         spec = pretraining_mix(base) if cfg.text_data == "base" else cfg.text_data
-        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base, cfg.text_bestfit)
+        bestfit = None if cfg.text_bestfit == -1 else cfg.text_bestfit
+        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base, bestfit)
         conversations += rows
-        log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows, "
-            f"{cfg.text_bestfit:.0%} of them best-fit), "
+        share = sum(ids[0] == tokenizer.bos_id for ids, _ in rows) / count  # best-fit rows, and the rest by chance
+        log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows; "
+            f"{share:.0%} of them begin a document), "
             + ("continuing the base model's pretraining where it stopped" if continued else
                "from the start of --text-data (not the base checkpoint's pretraining mix)"))
         if stats is not None:
@@ -513,8 +520,9 @@ def main(argv=None):
     cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
     if not 0 <= cfg.text_frac < 1:
         sys.exit(f"error: --text-frac {cfg.text_frac} must be at least 0 and below 1 (a share of the training rows)")
-    if not 0 <= cfg.text_bestfit <= 1:
-        sys.exit(f"error: --text-bestfit {cfg.text_bestfit} must be from 0 to 1 (a share of the text rows)")
+    if not (0 <= cfg.text_bestfit <= 1 or cfg.text_bestfit == -1):
+        sys.exit(f"error: --text-bestfit {cfg.text_bestfit} must be from 0 to 1 (a share of the text rows), "
+                 f"or -1 (as the base model's pretraining packed its rows)")
     if error := common.schedule_error(0.0, cfg.warmdown_ratio):
         sys.exit(error)
     if cfg.examples_per_step % cfg.device_batch_size:

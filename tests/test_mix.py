@@ -104,10 +104,10 @@ def test_weight_size_is_refused_where_weights_repeat_conversations(tmp_path, sma
         sft.load_conversations(data.parse_specs(f"jsonl://{path}?weight=size"), small_tokenizer, 64, log=lambda *a: None)
 
 
-def pretraining_rows(sources, tokenizer, seq_len, skip_batches, n_batches, batch_size=2):
+def pretraining_rows(sources, tokenizer, seq_len, skip_batches, n_batches, batch_size=2, packing="concat"):
     """Rows of seq_len + 1 tokens that an uninterrupted pretraining loader hands out after `skip_batches`
     batches, and its state at that point (what a base checkpoint stores)."""
-    batches = iter(loader := PretrainBatches(sources, tokenizer, batch_size, seq_len))
+    batches = iter(loader := PretrainBatches(sources, tokenizer, batch_size, seq_len, packing=packing))
     for _ in range(skip_batches):
         next(batches)
     state = loader.state_dict()
@@ -139,9 +139,12 @@ def test_text_rows_continue_the_base_models_pretraining(tmp_path, small_tokenize
 
 def test_text_rows_half_best_fit_read_on_where_the_concatenated_ones_stop(tmp_path, small_tokenizer):
     """--text-bestfit 0.5: the first half of the rows are the concatenated rows pretraining would have read
-    next, the second half best-fit rows (each from a document's start) of the documents after them."""
-    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i} über Hamburg und die Elbe. " * (1 + i % 5)
-                                                 for i in range(600)], row_group_size=1000)
+    next, the second half best-fit rows (each from a document's start) of the documents after them. Without
+    it, the rows are packed as the base model's pretraining packed them."""
+    # documents of 1 to 4 like sentences, shorter than a row (so the packings differ), each length in turn:
+    # best-fit takes the oldest of the longest that fits, so where it starts reading shows in its first row
+    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i:04d} über die Elbe. " * (1 + i % 4) for i in range(1200)],
+                  row_group_size=2000)
     sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet")
     after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=1, batch_size=16)
     _, state_after = pretraining_rows(sources, small_tokenizer, 64, skip_batches=13, n_batches=0, batch_size=16)
@@ -151,6 +154,11 @@ def test_text_rows_half_best_fit_read_on_where_the_concatenated_ones_stop(tmp_pa
     rows = [ids for ids, _ in rows]
     assert continued and rows[:16] == after and rows[16:] == [row.tolist() for row in itertools.islice(bestfit.rows(), 16)]
     assert all(row[0] == small_tokenizer.bos_id for row in rows[16:])
+    # by default, packed as the base model's pretraining was: a best-fit base model gets its next best-fit rows
+    after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=1, batch_size=16,
+                                    packing="bestfit")
+    rows, _ = sft.load_text_rows(sources, small_tokenizer, 65, 16, {"loader": [state]})
+    assert [ids for ids, _ in rows] == after
 
 
 def test_text_data_base_continues_the_base_checkpoints_own_mix(tmp_path, small_tokenizer):
