@@ -506,7 +506,8 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
         bestfit = None if cfg.text_bestfit == -1 else cfg.text_bestfit
         rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base, bestfit)
         conversations += rows
-        share = sum(ids[0] == tokenizer.bos_id for ids, _ in rows) / count  # best-fit rows, and the rest by chance
+        # every best-fit row begins a document; a concatenated one only where a document happens to begin it
+        share = sum(ids[0] == tokenizer.bos_id for ids, _ in rows) / count
         log(f"text: {count:,} rows of plain text mixed in ({cfg.text_frac:.0%} of the training rows; "
             f"{share:.0%} of them begin a document), "
             + ("continuing the base model's pretraining where it stopped" if continued else
