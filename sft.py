@@ -265,12 +265,13 @@ def load_conversations(sources: list[data.Source], tokenizer, max_tokens: int, l
 
 
 def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count: int,
-                   base: dict | None = None, bestfit: float | None = None) -> tuple[list[tuple[list[int], list[int]]], bool]:
+                   base: dict | None = None, bestfit: float = -1.0) -> tuple[list[tuple[list[int], list[int]]], bool]:
     """(`count` rows of plain text, whether they continue the base model's pretraining): rows of max_tokens
     tokens packed as train.py packs its rows (dataloader.PretrainBatches), (ids, mask) like a conversation's
     with every token trained. The first rows are concatenated documents (packing "concat"), the last share
     `bestfit` of them best-fit rows (packing "bestfit": each begins at a document's start), read on from
-    where the concatenated ones stopped; `bestfit` None: the base model's packing for all of them.
+    where the concatenated ones stopped; `bestfit` -1 (--text-bestfit's default): the base model's packing
+    for all of them.
 
     If `sources` are the base model's own pretraining mix (the same specs), the rows continue the data
     stream of its checkpoint (its first process's share) where pretraining stopped: text the base model
@@ -284,9 +285,9 @@ def load_text_rows(sources: list[data.Source], tokenizer, max_tokens: int, count
     state = ((base or {}).get("loader") or [None])[0]
     continued = isinstance(state, dict) and state.get("sources") == [s.spec for s in sources]
     state = state if continued else None
-    world_size = state["world_size"] if continued else 1
-    if bestfit is None:
-        bestfit = float((state or {}).get("packing") == "bestfit")
+    world_size = state["world_size"] if state else 1
+    if bestfit == -1:
+        bestfit = float(bool(state) and state.get("packing") == "bestfit")
     rows, bestfit_rows = [], round(count * bestfit)
     for packing, wanted in (("concat", count - bestfit_rows), ("bestfit", count)):
         if len(rows) == wanted:  # none of this packing
@@ -503,8 +504,8 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     if cfg.text_data and cfg.text_frac:
         count = round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac))
         spec = pretraining_mix(base) if cfg.text_data == "base" else cfg.text_data
-        bestfit = None if cfg.text_bestfit == -1 else cfg.text_bestfit
-        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base, bestfit)
+        rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base,
+                                         cfg.text_bestfit)
         conversations += rows
         # every best-fit row begins a document; a concatenated one only where a document happens to begin it
         share = sum(ids[0] == tokenizer.bos_id for ids, _ in rows) / count
