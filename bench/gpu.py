@@ -21,24 +21,27 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
 
   device       the GPU, the versions, which path our ops take.
   correctness  every op on the GPU against the fp32 PyTorch reference, bf16:
-               flash_attn (D 64/128, MHA/GQA, ragged T), kernels.rms_norm (the
-               model's call: ours or F.rms_norm per kernels/dispatch.py) and
-               rms_norm_op (our kernel at every width); eager, torch.compile
+               kernels.flash_attn and kernels.rms_norm (the model's calls: ours or
+               torch's per kernels/dispatch.py), flash_attn_op and rms_norm_op (our
+               kernels at every shape); D 64/128, MHA/GQA, ragged T; eager, torch.compile
                (fullgraph) and torch.compile(dynamic=True), over shapes that vary
                batch, sequence, rows and width, so the compiled ones recompile or
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
   speed        attention forward and forward+backward TFLOP/s, causal, bf16, D 128,
-               T 2048 and 4096, against every SDPA backend that runs (flash, cuDNN,
-               efficient) and the flash_attn package if installed.
+               T 2048 and 4096: our Triton kernel and the model's call (ours or SDPA,
+               kernels/dispatch.py) against every SDPA backend that runs (flash,
+               cuDNN, efficient) and the flash_attn package if installed.
   rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
                (eager, and as the custom op inside torch.compile) against eager
                and compiled F.rms_norm, at the model's widths.
   launch       host time per call of each op's eager path (bench/kernels.py).
   train        d12 and d20 at train.py's defaults (T 2048, 32 sequences a device),
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
-               steps after warm-up, with our kernels and with PyTorch's own
-               (F.scaled_dot_product_attention + F.rms_norm, both fused by
-               torch.compile: what NANOSCHNACK_REFERENCE_KERNELS=1 selects).
+               steps after warm-up, with the kernels kernels/dispatch.py picks, with
+               our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1;
+               not in --quick) and with PyTorch's own (F.scaled_dot_product_attention
+               + F.rms_norm, both fused by torch.compile: what
+               NANOSCHNACK_REFERENCE_KERNELS=1 selects).
   run          a short real d12 run whose loss must fall: counting sequences
                (token t+1 = token t + 1 mod 1024, a fresh random start per row and
                step), so there is something to learn and no data files are needed.
@@ -52,12 +55,12 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                one row per stage with its wall time and result (bench/gpu_serving.py).
 
 --quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
-3 RMSNorm shapes in 3 modes (about 15 compiles of a few seconds each), speed
+3 RMSNorm shapes in 3 modes (about 18 compiles of a few seconds each), speed
 T 2048 only, RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
 about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
-per section. The quick time limits (SECTIONS) add up to 11 minutes, so even a
+per section. The quick time limits (SECTIONS) add up to 11.5 minutes, so even a
 hung section cannot stretch the run much past that; where one command may run
 at most 10 minutes, run `--sections pipeline --quick` as a second command.
 
@@ -97,7 +100,7 @@ from kernels import attention, rmsnorm
 # first line a description, its title the docstring's first line), and add a line here.
 SECTIONS = [
     ("device", 60, 10),
-    ("correctness", 900, 80),
+    ("correctness", 900, 110),
     ("speed", 300, 25),
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
@@ -174,6 +177,13 @@ def section_device(args, device):
     yield f"{machine()}. Our ops run: {path_name(device, args.smoke)} in the correctness section, {path_name(device, False)} elsewhere."
     yield (f"kernels.rms_norm takes our kernel at widths {sorted(kernels.RMS_NORM_TRITON_WIDTHS)} in eager training, "
            "F.rms_norm everywhere else (kernels/dispatch.py).")
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+        q = torch.empty(1, 1, 128, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+        picked = SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, True)).name.lower()
+        yield (f"kernels.flash_attn in training (causal, MHA, D 128, bf16) runs "
+               f"{'our Triton kernel' if kernels.use_triton_attention(q, q, None) else 'SDPA'}; "
+               f"SDPA would pick {picked} (kernels/dispatch.py).")
 
 
 def max_err(got, want, tol) -> tuple[float, bool]:
@@ -225,13 +235,14 @@ def section_correctness(args, device):
     if args.smoke:
         attn_shapes, norm_shapes = [(1, 2, 2, 33, 64), (1, 4, 2, 40, 128)], [(7, 64), (3, 5, 100)]
     elif args.quick:
-        attn_shapes = [(2, 8, 2, 1000, 128), (1, 8, 2, 2048, 128)]
+        attn_shapes = [(2, 8, 8, 1000, 128), (1, 8, 2, 2048, 128)]  # MHA (SDPA on a Hopper in training), GQA (ours)
         norm_shapes = [(4096, 768), (2, 512, 10, 128), (999, 128)]
     else:
         attn_shapes = [(2, 8, 8, 1000, 64), (2, 8, 2, 1000, 64), (1, 8, 2, 1500, 64), (2, 10, 10, 2048, 128),
                        (1, 8, 2, 4093, 128)]
         norm_shapes = [(4096, 768), (4096, 1280), (2, 2048, 10, 128), (3000, 128), (999, 64)]
-    ops = {"flash_attn": lambda q, k, v: kernels.flash_attn(q, k, v),
+    ops = {"flash_attn": lambda q, k, v: kernels.flash_attn(q, k, v),  # the model's call: ours or SDPA
+           "flash_attn_op": lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0],  # our kernel at every shape
            "rms_norm": lambda x: kernels.rms_norm(x, gpt.NORM_EPS),  # the model's call: ours or F.rms_norm
            "rms_norm_op": lambda x: kernels.rms_norm_op(x, gpt.NORM_EPS)[0]}  # our kernel at every width
     modes = {"eager": lambda fn: fn}
@@ -249,7 +260,7 @@ def section_correctness(args, device):
             for op, fn in ops.items():
                 torch._dynamo.reset()
                 compiled = wrap(fn)  # one compiled function per op and mode, across the shapes
-                if op == "flash_attn":
+                if op.startswith("flash_attn"):
                     for shape in attn_shapes:
                         label = "B{} H{} Hkv{} T{} D{}".format(*shape)
                         yield case(args, [op, label, mode], lambda: _errors_cells(attention_errors(compiled, *shape, dtype, device)))
@@ -267,7 +278,8 @@ def attention_contenders(smoke: bool) -> dict:
     """name -> (context, fn(q, k, v)) for every implementation to time; some may not run here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    contenders = {"ours": (nullcontext, kernels.flash_attn)}
+    contenders = {"ours": (nullcontext, lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]),  # our Triton kernel
+                  "model's call": (nullcontext, kernels.flash_attn)}  # ours or SDPA (kernels/dispatch.py)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
                           ("SDPA efficient", SDPBackend.EFFICIENT_ATTENTION)):
         contenders[name] = (lambda b=backend: sdpa_kernel(b), sdpa)
@@ -301,7 +313,7 @@ def section_speed(args, device):
             def measure():
                 speed = {name: None if c is None else _tflops(c, label, flops, q, k, v, dout, args.smoke)
                          for name, c in contenders.items()}
-                others = [s for n, s in speed.items() if n != "ours" and s is not None]
+                others = [s for n, s in speed.items() if n not in ("ours", "model's call") and s is not None]
                 ratio = f"{speed['ours'] / max(others):.2f}x" if others and speed["ours"] else "n/a"
                 return [_cell(s, args.smoke) for s in speed.values()] + [ratio]
             yield case(args, [T, D, label], measure)
@@ -398,9 +410,16 @@ def counting_batch(B: int, T: int, device, vocab_size: int, generator=None):
     return seq[:, :-1].to(device), seq[:, 1:].to(device)
 
 
+TRAIN_VARIANTS = {  # name -> the environment kernels/dispatch.py reads
+    "pytorch": {kernels.REFERENCE_ENV: "1"},  # torch's SDPA + F.rms_norm, the baseline
+    "ours": {},  # what the model runs: our kernels where they measured faster (or were not measured)
+    "triton attention": {kernels.TRITON_ATTENTION_ENV: "1"},  # our attention wherever it can run
+}
+
+
 def variant_context(variant: str):
-    """ours: Triton; pytorch: gpt.py's flash_attn/rms_norm call torch's SDPA and F.rms_norm (kernels/dispatch.py)."""
-    return nullcontext() if variant == "ours" else _env(kernels.REFERENCE_ENV, "1")
+    env = TRAIN_VARIANTS[variant]
+    return _env(*next(iter(env.items()))) if env else nullcontext()
 
 
 class _env:
@@ -455,23 +474,25 @@ def section_train(args, device):
     presets = ["nano"] if args.smoke else ["d12"] if args.quick else args.train_presets.split(",")
     yield (f"{args.train_steps} steps after {args.warmup} warm-up steps, one micro-batch per step, "
            f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
-           "ours: our attention, and RMSNorm as kernels.rms_norm picks it (F.rms_norm under torch.compile). "
-           "Baseline: torch's SDPA + F.rms_norm.")
+           "pytorch: torch's SDPA + F.rms_norm. ours: attention and RMSNorm as kernels/dispatch.py picks them "
+           "(F.rms_norm under torch.compile; SDPA for MHA at D 128 on a Hopper where SDPA picks cuDNN). "
+           "triton attention: our attention kernel wherever it can run (not in --quick).")
     yield ""
-    yield "| model | kernels | T x batch | tokens/s | MFU | peak memory GiB | ours / baseline |"
+    yield "| model | kernels | T x batch | tokens/s | MFU | peak memory GiB | / pytorch |"
     yield "|---|---|---|---:|---:|---:|---:|"
+    variants = [v for v in TRAIN_VARIANTS if not (args.quick and v == "triton attention")]
     for preset in presets:
         results = {}
 
         def measure(variant):
             r = results[variant] = measure_training(preset, variant, args, device)
-            ratio = (f"{results['ours']['tokens_per_s'] / r['tokens_per_s']:.2f}x"
-                     if variant != "ours" and "ours" in results else "")
+            ratio = (f"{r['tokens_per_s'] / results['pytorch']['tokens_per_s']:.2f}x"
+                     if variant != "pytorch" and "pytorch" in results else "")
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             return [f"{r['seq_len']} x {r['batch']}", f"{r['tokens_per_s']:,.0f}", mfu, peak, ratio]
 
-        for variant in ("ours", "pytorch"):
+        for variant in variants:
             yield case(args, [preset, variant], lambda: measure(variant))
 
 

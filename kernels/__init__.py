@@ -8,16 +8,18 @@ nanoschnack's fused kernels: causal flash attention and RMSNorm, in Triton.
 
 Both are torch.library custom ops (nanoschnack::flash_attn, nanoschnack::rms_norm
 and their *_backward ops) with autograd registered, so torch.compile traces them
-without a graph break. flash_attn launches Triton on CUDA tensors; rms_norm only
-where ours measured faster than PyTorch's own on the GPU (use_triton_rms_norm);
-both call torch's own ops (SDPA, F.rms_norm) everywhere else, and
-NANOSCHNACK_REFERENCE_KERNELS=1 does that on the GPU too, for A/B runs (see
-kernels/dispatch.py).
+without a graph break. On CUDA tensors flash_attn launches Triton except where
+torch's SDPA measured faster (use_triton_attention), rms_norm only where ours
+measured faster (use_triton_rms_norm); both call torch's own ops (SDPA, F.rms_norm)
+everywhere else. For A/B runs NANOSCHNACK_REFERENCE_KERNELS=1 calls torch's ops on
+the GPU too, and NANOSCHNACK_TRITON_ATTENTION=1 runs our attention wherever it can
+(see kernels/dispatch.py).
 """
 from kernels import attention, rmsnorm
 from kernels.attention import flash_attn
 from kernels.decode import decode_attn, decode_attn_op
-from kernels.dispatch import RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, triton_on_cpu, use_triton, use_triton_rms_norm
+from kernels.dispatch import (RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, TRITON_ATTENTION_ENV, triton_on_cpu, use_triton,
+                              use_triton_attention, use_triton_rms_norm)
 from kernels.rmsnorm import rms_norm
 
 
@@ -39,5 +41,6 @@ def __getattr__(name: str):  # the ops, made on first use on a CPU-only torch
 __all__ = [
     "flash_attn", "flash_attn_op", "flash_attn_backward_op", "decode_attn", "decode_attn_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
-    "register_ops", "use_triton", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu", "REFERENCE_ENV",
+    "register_ops", "use_triton", "use_triton_attention", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu",
+    "REFERENCE_ENV", "TRITON_ATTENTION_ENV",
 ]

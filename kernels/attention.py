@@ -50,8 +50,10 @@ Custom ops. `nanoschnack::flash_attn(q, k, v, window=-1) -> (out, lse)` and
 `torch.library.triton_op`s, so torch.compile(fullgraph=True) sees straight
 through them (made at import on a CUDA build, on first use on a CPU-only one:
 dispatch.ops_on_first_use says why). Which path runs is decided in
-kernels/dispatch.py: on CUDA the model's flash_attn() launches Triton; elsewhere
-(or with NANOSCHNACK_REFERENCE_KERNELS=1) it calls torch's SDPA, whose CPU flash
+kernels/dispatch.py: on CUDA the model's flash_attn() launches Triton, except where
+torch's SDPA measured faster (training's full causal attention on a Hopper, where
+SDPA picks cuDNN: use_triton_attention); elsewhere (or with
+NANOSCHNACK_REFERENCE_KERNELS=1) it calls torch's SDPA, whose CPU flash
 kernel is about twice as fast as the reference below (for a window shorter than
 the sequence it gets the boolean mask `visible_keys`). The ops themselves, off the Triton path, run that
 reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
@@ -65,7 +67,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kernels.dispatch import ops_on_first_use, use_triton
+from kernels.dispatch import ops_on_first_use, use_triton, use_triton_attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -572,7 +574,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | 
     None attends every key up to i."""
     if window is not None and (not isinstance(window, int) or window < 0):
         raise ValueError(f"window must be None or an int >= 0 (keys a query sees to its left), got {window!r}")
-    if not use_triton(q):  # torch's own fused attention and its backward (kernels/dispatch.py)
+    if not use_triton_attention(q, k, window):  # torch's own fused attention and its backward (kernels/dispatch.py)
         if q.shape[1] % k.shape[1]:  # SDPA checks the rest itself
             raise RuntimeError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
         gqa = q.shape[1] != k.shape[1]

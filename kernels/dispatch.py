@@ -1,8 +1,9 @@
 """
 When do flash_attn and rms_norm launch Triton, and when do they use torch's own ops?
 
-    CUDA tensor                                  -> Triton (rms_norm: only where ours measured faster, below)
+    CUDA tensor                                  -> Triton, where ours measured faster (below)
     CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> torch's ops (for A/B comparisons)
+    CUDA tensor, NANOSCHNACK_TRITON_ATTENTION=1  -> flash_attn: Triton wherever it can run (A/B)
     CPU tensor                                   -> torch's ops
     CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
 
@@ -22,6 +23,7 @@ import torch
 from torch.library import triton_op
 
 REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
+TRITON_ATTENTION_ENV = "NANOSCHNACK_TRITON_ATTENTION"
 
 _triton_on_cpu = False
 
@@ -58,6 +60,73 @@ def use_triton_rms_norm(x: torch.Tensor) -> bool:
     if x.device.type != "cuda":  # triton_on_cpu(): the tests run our kernel at every width
         return True
     return x.shape[-1] in RMS_NORM_TRITON_WIDTHS and x.requires_grad and torch.is_grad_enabled()
+
+
+# Causal attention at which torch's SDPA beat our Triton kernel, measured by bench/gpu.py on one
+# H200 (torch 2.11.0+cu130, triton 3.6.0; bf16, MHA, head dim 128, B*T = 16384; TFLOP/s):
+#
+#     T     pass      ours   SDPA cuDNN   SDPA flash
+#     2048  fwd        374       493          286
+#     4096  fwd        423       527          305
+#     2048  fwd+bwd    256       422          236
+#     4096  fwd+bwd    282       471          269
+#
+# and d20 training, compiled: 123,134 tokens/s with ours, 135,060 with SDPA + F.rms_norm.
+# SDPA's own choice there is cuDNN: torch 2.11 and later put it first on sm_90 and sm_100
+# (with the cuDNN their wheels bring), flash first elsewhere. So on a Hopper GPU, where SDPA
+# picks cuDNN, causal attention with autograd recording (training, what was measured
+# forward+backward), MHA, head dim 128, 16-bit and no window calls SDPA. Ours keeps the rest:
+# sliding windows (SDPA would take a T x T mask); GQA, other head dims and other GPUs (not
+# measured); forward-only calls (serving's prefill, whose length changes with every request:
+# cuDNN builds a plan for each new length, 4.8 ms of host time a call in issue 26's H200
+# decode profile); and wherever SDPA would pick flash, which ours beat. Move a case across
+# only with a bench/gpu.py measurement.
+SDPA_WINS_HEAD_DIM = 128
+SDPA_WINS_CAPABILITY_MAJOR = 9
+
+
+def sdpa_measured_faster(q: torch.Tensor, k: torch.Tensor, window: int | None, device_wins) -> bool:
+    """The rule above for q (B, H, T, D), k (B, H_kv, T, D); device_wins() says whether the GPU is one
+    where SDPA won (asked last: the first time, it runs a probe on the GPU)."""
+    return ((window is None or window >= q.shape[2] - 1)
+            and q.shape[1] == k.shape[1]
+            and q.shape[-1] == SDPA_WINS_HEAD_DIM
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and q.requires_grad and torch.is_grad_enabled()
+            and device_wins())
+
+
+_SDPA_WINS: dict = {}  # (device index, dtype, head dim) -> sdpa_wins_on's answer
+
+
+def sdpa_wins_on(device_index: int, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether GPU `device_index` is a Hopper on which torch's SDPA runs causal attention of this dtype
+    and head dim with autograd on cuDNN, as it did where it was measured. SDPA's choice depends on the
+    GPU, the cuDNN torch loaded and TORCH_CUDNN_SDPA_*, so it is asked of torch itself."""
+    key = (device_index, dtype, head_dim)
+    if key not in _SDPA_WINS:
+        from torch.nn.attention import SDPBackend
+        device = torch.device("cuda", device_index)
+        probe = torch.zeros(1, 1, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+        picked = torch._fused_sdp_choice(probe, probe, probe, None, 0.0, True)
+        _SDPA_WINS[key] = (torch.cuda.get_device_properties(device).major == SDPA_WINS_CAPABILITY_MAJOR
+                           and picked == int(SDPBackend.CUDNN_ATTENTION))
+    return _SDPA_WINS[key]
+
+
+if torch.version.cuda or torch.version.hip:
+    # Under torch.compile: run once at trace time, its answer a constant of the graph. Marking it
+    # imports torch._dynamo, which only a GPU build loads at start (ops_on_first_use says why).
+    torch.compiler.assume_constant_result(sdpa_wins_on)
+
+
+def use_triton_attention(q: torch.Tensor, k: torch.Tensor, window: int | None) -> bool:
+    """True if kernels.flash_attn should launch our Triton kernel rather than torch's SDPA (see above)."""
+    if not use_triton(q):
+        return False
+    if q.device.type != "cuda" or os.environ.get(TRITON_ATTENTION_ENV) == "1":
+        return True
+    return not sdpa_measured_faster(q, k, window, lambda: sdpa_wins_on(q.device.index, q.dtype, SDPA_WINS_HEAD_DIM))
 
 
 def ops_on_first_use(module_globals: dict, ops: dict, backward, setup_context):

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import attention, rmsnorm
-from kernels.dispatch import REFERENCE_ENV, triton_on_cpu
+from kernels import dispatch
+from kernels.dispatch import REFERENCE_ENV, TRITON_ATTENTION_ENV, triton_on_cpu, use_triton_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -291,6 +292,78 @@ def test_dispatch_rule(monkeypatch):
         monkeypatch.setenv(REFERENCE_ENV, "1")  # forces the reference path, even where Triton could run
         assert not kernels.use_triton(cpu)
     assert not kernels.use_triton(torch.zeros(1, device="meta"))
+
+
+def test_attention_dispatch_follows_the_gpu_measurements(monkeypatch):
+    """On a Hopper GPU where SDPA picks cuDNN, training's causal MHA attention at head dim 128 calls SDPA,
+    which measured faster there (kernels/dispatch.py); ours keeps every case that was not measured."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(TRITON_ATTENTION_ENV, raising=False)
+    asked = []  # the probe runs on a GPU: here it answers "a Hopper, SDPA picks cuDNN" and records the question
+    monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: asked.append(question) or True)
+
+    def q_k(H=8, H_kv=8, T=256, D=128, dtype=torch.bfloat16, grad=True):
+        return (torch.empty(2, H, T, D, device="cuda:1", dtype=dtype, requires_grad=grad),
+                torch.empty(2, H_kv, T, D, device="cuda:1", dtype=dtype))
+
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their metadata is read
+        q, k = q_k()
+        assert not use_triton_attention(q, k, None)  # fwd+bwd at T 2048: SDPA's cuDNN 422 TFLOP/s, ours 256
+        assert asked == [(1, torch.bfloat16, 128)]
+        assert not use_triton_attention(q, k, 255)  # a window that holds the whole row is no window
+        assert not use_triton_attention(*q_k(dtype=torch.float16), None)
+        assert use_triton_attention(q, k, 254)  # sliding windows: SDPA would need a T x T mask
+        assert use_triton_attention(*q_k(H_kv=2), None)  # GQA: not measured
+        assert use_triton_attention(*q_k(D=64), None)  # head dim 64: not measured
+        assert use_triton_attention(*q_k(dtype=torch.float32), None)
+        assert use_triton_attention(*q_k(grad=False), None)  # forward only (prefill): not measured
+        with torch.no_grad():
+            assert use_triton_attention(q, k, None)
+        monkeypatch.setenv(TRITON_ATTENTION_ENV, "1")  # ours wherever it can run, for A/B runs
+        assert use_triton_attention(q, k, None)
+        monkeypatch.delenv(TRITON_ATTENTION_ENV)
+        monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: False)  # not a Hopper, or SDPA would pick flash
+        assert use_triton_attention(q, k, None)
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+        assert not use_triton_attention(*q_k(D=64), 100)
+    monkeypatch.delenv(REFERENCE_ENV)
+    cpu_q, cpu_k = torch.zeros(1, 2, 8, 128, requires_grad=True), torch.zeros(1, 2, 8, 128)
+    assert not use_triton_attention(cpu_q, cpu_k, None)  # CPU: torch's own
+    with triton_on_cpu():
+        assert use_triton_attention(cpu_q, cpu_k, None)  # the interpreter (tests): every case
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_attention_dispatch_rule_compiles_into_one_graph(monkeypatch, dynamic):
+    """Under torch.compile(fullgraph=True) the rule is decided at trace time, with static or symbolic
+    sizes: the GPU probe's answer (cached here, as after its first run) is a constant of the graph."""
+    monkeypatch.setitem(dispatch._SDPA_WINS, (0, torch.bfloat16, 128), True)
+
+    def scale(q, k):
+        wins = dispatch.sdpa_measured_faster(q, k, None, lambda: dispatch.sdpa_wins_on(0, q.dtype, 128))
+        return q * 2 if wins else q * 3
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scale, fullgraph=True, dynamic=dynamic, backend="eager")
+    for (H_kv, D), factor in (((4, 128), 2), ((4, 64), 3), ((2, 128), 3), ((4, 128), 2)):
+        q = torch.ones(1, 4, 8, D, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.ones(1, H_kv, 8, D, dtype=torch.bfloat16)
+        assert torch.equal(compiled(q, k), torch.full_like(q, factor)), (H_kv, D)
+
+
+def test_flash_attn_asks_the_dispatch_rule(monkeypatch):
+    """kernels.flash_attn calls SDPA wherever use_triton_attention says so, even where Triton could run."""
+    asked = []
+    monkeypatch.setattr(attention, "use_triton_attention", lambda q, k, window: asked.append((k.shape, window)) and False)
+    monkeypatch.setattr(attention, "flash_attn_op", None)  # would raise if called
+    q, k, v, _ = attention_inputs(1, 4, 2, 19, 32, torch.float32)
+    q, k, v = (t.detach().cpu() for t in (q, k, v))
+    with triton_on_cpu():
+        out = kernels.flash_attn(q, k, v, window=7)
+    assert asked == [(k.shape, 7)]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.visible_keys(19, 7, "cpu"), enable_gqa=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("window", [None, 2])
