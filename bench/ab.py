@@ -128,13 +128,22 @@ def decode_ab(base: Path, rounds: int) -> None:
         print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
+def checkpoint_of(base: Path, folder: Path) -> Path:
+    """bench/serve.py's checkpoint, written by the base checkout's code: a newer checkout reads an older
+    model config (fields it added take their defaults), an older one cannot read a newer config."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, '.'); from bench.serve import make_checkpoint; "
+            "print(make_checkpoint(Path(sys.argv[1]), 'tiny', sequence_len=512))")
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=base, capture_output=True, text=True, check=True)
+    return Path(run.stdout.split()[-1])
+
+
 def serve_ab(base: Path, rounds: int, clients: int, tokens: int, engines: list[int]) -> None:
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
     bench_serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_serve)
     folder = Path(tempfile.mkdtemp(prefix="ab_serve_"))
-    checkpoint = bench_serve.make_checkpoint(folder, "tiny", sequence_len=512)
+    checkpoint = checkpoint_of(base, folder)
     servers = {}
     try:
         for name, tree in (("base", base), ("new", ROOT)):
