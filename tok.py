@@ -22,6 +22,7 @@ Design:
 """
 import argparse
 import codecs
+import gc
 import json
 import os
 import sys
@@ -370,6 +371,15 @@ class TrainingText:
             if self.chars >= self.max_chars:
                 return
 
+    def close(self) -> None:
+        """Stop reading the documents now, and collect what read them. A datasets stream left half read
+        until the interpreter's teardown can abort the process there, after the work is done ("terminate
+        called without an active exception"; apache/arrow#34314, huggingface/datasets#7566): pyarrow's
+        readers must go while Arrow is still alive."""
+        if hasattr(self.documents, "close"):
+            self.documents.close()
+        gc.collect()
+
 
 def parse_count(text: str) -> int:
     """'2B', '50M', '10k', '1e6' or '1_000' to an int."""
@@ -397,6 +407,7 @@ def main(argv=None):
     parser.add_argument("--max-doc-chars", type=parse_count, default=10_000, help="cap on each document's length (default: 10k)")
     parser.add_argument("--out", default="out/tokenizer", help="output folder (default: out/tokenizer)")
     args = parser.parse_args(argv)
+    text = None
     try:
         check_vocab_size(args.vocab_size)
         sources = data.parse_specs(args.data)
@@ -407,6 +418,9 @@ def main(argv=None):
         seconds = time.time() - start
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if text is not None:
+            text.close()
     if text.chars == 0:
         sys.exit(f"error: no text found in {' '.join(args.data)} (empty dataset?)")
     # Fewer than 100 documents leave nothing held out: then compression is not measured.

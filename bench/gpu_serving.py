@@ -294,9 +294,9 @@ def tiny_data_folder(root: Path) -> Path:
     # identity conversations (199 x 40) included, about 6,250 at micro scale after what the base model read,
     # half of them best-fit, a document or two each; 100 copies gave 3,658
     docs = [" ".join((lines + lines)[i:i + 3]) for i in range(len(lines))] * 200
-    # Row groups of 1,024: tok.py's --max-chars 50k (the smoke run's) then stops inside the first one. In row
-    # groups of 32 it stopped in the fifth, and 6 of 78 runs aborted at exit ("terminate called without an
-    # active exception", no Python frame: pyarrow's or torch's C++ teardown, not found); 0 of 40 in 1,024
+    # Row groups of 1,024: tok.py's --max-chars 50k (the smoke run's) stops inside the first one. In row
+    # groups of 32 it stopped in the fifth, and before tok.py closed its half-read stream itself
+    # (TrainingText.close) some runs aborted at exit ("terminate called without an active exception")
     for source in ("lexikon", "reden"):
         (root / "pretrain" / source).mkdir(parents=True)
         pq.write_table(pa.table({"text": docs, "source": [source] * len(docs)}),

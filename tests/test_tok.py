@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tokenizers import Regex, pre_tokenizers
 
+import data
 import tok
 from tok import SPECIAL_TOKENS, Tokenizer
 
@@ -191,6 +192,25 @@ def test_cli_caps_characters(tmp_path):
               "--max-chars", "4k", "--max-doc-chars", "3000"])
     meta = json.loads((out / "tokenizer_meta.json").read_text())
     assert meta["chars"] == 4000 and meta["documents"] == 2
+
+
+def test_cli_closes_the_half_read_documents(tmp_path, monkeypatch):
+    """tok.py stops reading at --max-chars, then closes the document stream itself, in the main thread and
+    before the interpreter's teardown, where a half-read pyarrow stream can abort the process."""
+    events = []
+
+    def documents(sources):
+        try:
+            for i in range(10_000):
+                yield f"Dokument {i}: " + "Größe und Maß " * 20
+        finally:
+            events.append("closed")  # GeneratorExit: closed with its frame, not left to the garbage collector
+
+    monkeypatch.setattr(data, "interleave_documents", documents)
+    monkeypatch.setattr(tok.gc, "collect", lambda: events.append("collected"))
+    tokenizer = tok.main(["--data", f"txt://{FIXTURE}", "--vocab-size", "320", "--out", str(tmp_path / "o"),
+                          "--max-chars", "20k"])
+    assert tokenizer.vocab_size == 320 and events == ["closed", "collected"]
 
 
 @pytest.mark.parametrize("setup, message", [
