@@ -60,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import data
 import dataloader
+import kernels
 import report
 from gpt import autocast
 from session import Sampling
@@ -556,6 +557,7 @@ def main(argv=None):
                  f"--examples-per-step {cfg.examples_per_step}")
     steps = sys.maxsize if cfg.time_budget else cfg.max_steps or steps_per_epoch * cfg.epochs
     dtype = common.training_dtype(device, cfg.dtype, log)
+    log(kernels.attention_in_training(model.config, device, dtype))
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
         functools.partial(common.probe_batch, model, seq_len=model.config.sequence_len, device=device, dtype=dtype),
         cfg.device_batch_size, lambda b: cfg.examples_per_step % (b * world_size) == 0, log, device)

@@ -41,6 +41,7 @@ import data
 import dataloader
 import evaluation
 import gpt
+import kernels
 import report
 from data import DEFAULT_PRETRAIN_SPEC, DEFAULT_VAL_SPEC
 from tok import Tokenizer
@@ -348,6 +349,7 @@ def main(argv=None):
         raw_model = build_model(cfg, tokenizer.vocab_size, device)
     except ValueError as e:  # e.g. a bad --window-pattern
         sys.exit(f"error: {e}")
+    log(kernels.attention_in_training(raw_model.config, device, dtype))
     model = torch.compile(raw_model) if cfg.compile else raw_model
     cfg.device_batch_size = common.fit_device_batch(  # out of memory at the first step: halve it, accumulate more
         functools.partial(common.probe_batch, model, seq_len=cfg.seq_len, device=device, dtype=dtype),

@@ -18,8 +18,8 @@ the GPU too, and NANOSCHNACK_TRITON_ATTENTION=1 runs our attention wherever it c
 from kernels import attention, rmsnorm
 from kernels.attention import flash_attn
 from kernels.decode import decode_attn, decode_attn_op
-from kernels.dispatch import (RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, TRITON_ATTENTION_ENV, triton_on_cpu, use_triton,
-                              use_triton_attention, use_triton_rms_norm)
+from kernels.dispatch import (RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, TRITON_ATTENTION_ENV, attention_in_training,
+                              triton_on_cpu, use_triton, use_triton_attention, use_triton_rms_norm)
 from kernels.rmsnorm import rms_norm
 
 
@@ -42,5 +42,5 @@ __all__ = [
     "flash_attn", "flash_attn_op", "flash_attn_backward_op", "decode_attn", "decode_attn_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
     "register_ops", "use_triton", "use_triton_attention", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu",
-    "REFERENCE_ENV", "TRITON_ATTENTION_ENV",
+    "REFERENCE_ENV", "TRITON_ATTENTION_ENV", "attention_in_training",
 ]

@@ -129,6 +129,22 @@ def use_triton_attention(q: torch.Tensor, k: torch.Tensor, window: int | None) -
     return not sdpa_measured_faster(q, k, window, lambda: sdpa_wins_on(q.device.index, q.dtype, SDPA_WINS_HEAD_DIM))
 
 
+def attention_in_training(config, device, dtype: torch.dtype) -> str:
+    """Which attention training runs for a gpt.GPTConfig on `device` in `dtype`, in words (train.py and sft.py
+    log it): the rule above, asked with a probe of the model's head shapes."""
+    device = torch.device(device)
+    if not use_triton(torch.empty(0, device=device)):
+        return "attention: torch's SDPA" + (f" ({REFERENCE_ENV}=1)" if device.type == "cuda" else "")
+    q = torch.empty(1, config.n_head, config.sequence_len, config.head_dim, device=device, dtype=dtype,
+                    requires_grad=True)
+    k = torch.empty(1, config.n_kv_head, config.sequence_len, config.head_dim, device=device, dtype=dtype)
+    with torch.enable_grad():
+        full = ("our Triton kernel" if use_triton_attention(q, k, None) else
+                "torch's SDPA, which measured faster than ours on this GPU (kernels/dispatch.py)")
+    windowed = any(w is not None and w < config.sequence_len - 1 for w in config.windows())
+    return f"attention: {full}" + ("; sliding-window layers: our Triton kernel" if windowed else "")
+
+
 def ops_on_first_use(module_globals: dict, ops: dict, backward, setup_context):
     """(register_ops, __getattr__) for a kernel module with two custom ops, {attribute name: body} of the
     forward and then its backward; `nanoschnack::<name without _op>` each, the forward's autograd from

@@ -23,6 +23,7 @@ patch the interpreter's dot to widen bf16 to fp32 first (exactly, by a shift);
 every other bf16 operation (loads, casts, stores) runs unpatched.
 """
 import contextlib
+import dataclasses
 import math
 import os
 
@@ -350,6 +351,27 @@ def test_attention_dispatch_rule_compiles_into_one_graph(monkeypatch, dynamic):
         q = torch.ones(1, 4, 8, D, dtype=torch.bfloat16, requires_grad=True)
         k = torch.ones(1, H_kv, 8, D, dtype=torch.bfloat16)
         assert torch.equal(compiled(q, k), torch.full_like(q, factor)), (H_kv, D)
+
+
+def test_training_logs_which_attention_runs(monkeypatch):
+    """train.py and sft.py log the rule's answer for the model's own head shapes (kernels.attention_in_training)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import gpt
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(TRITON_ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: True)
+    d12 = gpt.preset("d12", 1024, 2048)  # MHA, heads of 128
+    windows = dataclasses.replace(d12, window_pattern="SSSL")
+    assert kernels.attention_in_training(d12, "cpu", torch.float32) == "attention: torch's SDPA"
+    with FakeTensorMode():
+        said = kernels.attention_in_training(d12, "cuda", torch.bfloat16)
+        assert said.startswith("attention: torch's SDPA, which measured faster") and "window" not in said
+        said = kernels.attention_in_training(windows, "cuda", torch.bfloat16)
+        assert said.endswith("; sliding-window layers: our Triton kernel")
+        monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: False)
+        assert kernels.attention_in_training(d12, "cuda", torch.bfloat16) == "attention: our Triton kernel"
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+        assert kernels.attention_in_training(d12, "cuda", torch.bfloat16).endswith(f"({REFERENCE_ENV}=1)")
 
 
 def test_flash_attn_asks_the_dispatch_rule(monkeypatch):
