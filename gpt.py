@@ -395,7 +395,9 @@ class GPT(nn.Module):
         c = self.config
         return KVCache(batch_size, max_len, c.n_layer, c.n_kv_head, c.head_dim, device=self.lm_head.weight.device)
 
-    @torch.no_grad()
+    # Inference mode, not no_grad: no autograd bookkeeping on a step's many small tensors (0.90-0.97x the time
+    # per token of chat.py's CPU path, paired A/B, bench/RESULTS.md); compile_decode warms up in this mode too.
+    @torch.inference_mode()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  kv_cache: KVCache | None = None, generator: torch.Generator | None = None,
@@ -505,7 +507,7 @@ def compile_wanted(device) -> bool:
     return wanted == "1" if wanted else torch.device(device).type == "cuda"
 
 
-@torch.no_grad()
+@torch.inference_mode()  # the mode GPT.generate and session.decode run the step in: torch.compile guards on it
 def compile_decode(model: GPT, kv_cache: KVCache, batch_sizes: list[int] | None = None, log=None) -> float:
     """Compile the decode step for this cache, at each of batch_sizes (default: all its rows), and warm it up;
     from then on GPT.decode runs it compiled. Returns the seconds it took; `log` gets a line before and after.

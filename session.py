@@ -351,13 +351,13 @@ def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
     # allocated here, outside inference mode: the engine swaps its rows in place between steps
     cache = model.new_kv_cache(rows, max_len).allocate(gpt.cache_dtype(model))
     if gpt.compile_wanted(cache.device):
-        with torch.inference_mode():  # as prefill and decode run it: torch.compile guards on the mode
-            gpt.compile_decode(model, cache, batch_sizes(rows))
+        gpt.compile_decode(model, cache, batch_sizes(rows))
     return cache
 
 
-# Inference mode, not no_grad: no version counters or autograd metadata on the many small tensors of a
-# step; a batched CPU step of 8 rows took 1.08-1.11x as long under no_grad (bench/ab.py, paired rounds).
+# Inference mode, not no_grad, as GPT.generate and compile_decode: no version counters or autograd metadata
+# on the many small tensors of a step; a batched CPU step of 8 rows took 1.08-1.11x as long under no_grad
+# (bench/ab.py, paired rounds).
 @torch.inference_mode()
 def prefill(model, cache: gpt.KVCache, start: int, keeps: list[int], prompts: list[list[int]]) -> torch.Tensor:
     """Rows start, start+1, ...: keep row i's first keeps[i] tokens and compute prompts[i] after
