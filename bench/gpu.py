@@ -27,8 +27,10 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                (fullgraph) and torch.compile(dynamic=True), over shapes that vary
                batch, sequence, rows and width, so the compiled ones recompile or
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
-  speed        attention forward and forward+backward TFLOP/s, causal, bf16, D 128,
-               T 2048 and 4096: our Triton kernel and the model's call (ours or SDPA,
+  speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
+               T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
+               2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel and
+               the model's call (ours or SDPA,
                kernels/dispatch.py) against every SDPA backend that runs (flash,
                cuDNN, efficient) and the flash_attn package if installed.
   rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
@@ -56,7 +58,7 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
 
 --quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
 3 RMSNorm shapes in 3 modes (about 18 compiles of a few seconds each), speed
-T 2048 only, RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
+T 2048 only (MHA and GQA), RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
 about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
@@ -101,7 +103,7 @@ from kernels import attention, rmsnorm
 SECTIONS = [
     ("device", 60, 10),
     ("correctness", 900, 110),
-    ("speed", 300, 25),
+    ("speed", 300, 35),
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),
@@ -277,7 +279,7 @@ def section_correctness(args, device):
 def attention_contenders(smoke: bool) -> dict:
     """name -> (context, fn(q, k, v)) for every implementation to time; some may not run here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     contenders = {"ours": (nullcontext, lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]),  # our Triton kernel
                   "model's call": (nullcontext, kernels.flash_attn)}  # ours or SDPA (kernels/dispatch.py)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
@@ -295,18 +297,22 @@ def attention_contenders(smoke: bool) -> dict:
 def section_speed(args, device):
     """Attention speed, TFLOP/s"""
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    shapes = [(64, 64)] if args.smoke else [(2048, 128)] if args.quick else [(2048, 128), (4096, 128)]
+    # (T, D, query heads per key/value head): MHA at D 128, what d12/d20 train and kernels/dispatch.py's rule
+    # is measured on; in the full run also D 64 (the tiny preset) and GQA, where the rule keeps ours unmeasured
+    shapes = ([(64, 64, 1)] if args.smoke else [(2048, 128, 1), (2048, 128, 4)] if args.quick
+              else [(2048, 128, 1), (4096, 128, 1), (2048, 64, 1), (2048, 128, 4)])
     tokens, width = (64, 128) if args.smoke else (16384, 2048)  # B*T tokens, H*D width (as bench/kernels.py)
     contenders = attention_contenders(args.smoke)
-    yield (f"Causal, {str(dtype)[6:]}, B*T = {tokens} tokens, H = {width} / D heads. FLOPs: forward "
-           "4*B*H*T^2*D / 2 (the causal half), backward 2.5x that.")
+    yield (f"Causal, {str(dtype)[6:]}, B*T = {tokens} tokens, H = {width} / D query heads, H / group key/value "
+           "heads. FLOPs: forward 4*B*H*T^2*D / 2 (the causal half), backward 2.5x that.")
     yield ""
-    yield "| T | D | pass | " + " | ".join(contenders) + " | ours / best other |"
-    yield "|---|---|---|" + "---:|" * (len(contenders) + 1)
-    for T, D in shapes:
+    yield "| T | D | group | pass | " + " | ".join(contenders) + " | ours / best other |"
+    yield "|---|---|---|---|" + "---:|" * (len(contenders) + 1)
+    for T, D, group in shapes:
         B, H = max(1, tokens // T), width // D
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v, dout = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(4))
+        q, dout = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        k, v = (torch.randn(B, H // group, T, D, device=device, dtype=dtype, generator=g) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         flops_fwd = 4 * B * H * T * T * D / 2
         for label, flops in (("fwd", flops_fwd), ("fwd+bwd", 3.5 * flops_fwd)):
@@ -316,7 +322,7 @@ def section_speed(args, device):
                 others = [s for n, s in speed.items() if n not in ("ours", "model's call") and s is not None]
                 ratio = f"{speed['ours'] / max(others):.2f}x" if others and speed["ours"] else "n/a"
                 return [_cell(s, args.smoke) for s in speed.values()] + [ratio]
-            yield case(args, [T, D, label], measure)
+            yield case(args, [T, D, group, label], measure)
 
 
 def _tflops(contender, label, flops, q, k, v, dout, smoke):
