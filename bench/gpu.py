@@ -94,7 +94,7 @@ import kernels
 import train
 from bench.gpu_runner import Report, case, one_line, run_sections
 from bench.kernels import launch_overhead
-from kernels import attention, rmsnorm
+from kernels import attention, dispatch, rmsnorm
 
 # (name, seconds in a full run, seconds in a --quick run): section_<name> runs in its own
 # process and is killed at its limit, counted from its first line (bench/gpu_runner.py).
@@ -180,12 +180,10 @@ def section_device(args, device):
     yield (f"kernels.rms_norm takes our kernel at widths {sorted(kernels.RMS_NORM_TRITON_WIDTHS)} in eager training, "
            "F.rms_norm everywhere else (kernels/dispatch.py).")
     if device.type == "cuda":
-        from torch.nn.attention import SDPBackend
         q = torch.empty(1, 1, 128, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-        picked = SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, True)).name.lower()
         yield (f"kernels.flash_attn in training (causal, MHA, D 128, bf16) runs "
                f"{'our Triton kernel' if kernels.use_triton_attention(q, q, None) else 'SDPA'}; "
-               f"SDPA would pick {picked} (kernels/dispatch.py).")
+               f"SDPA would pick {dispatch.sdpa_choice(q, q, q).name.lower()} (kernels/dispatch.py).")
 
 
 def max_err(got, want, tol) -> tuple[float, bool]:
@@ -416,16 +414,16 @@ def counting_batch(B: int, T: int, device, vocab_size: int, generator=None):
     return seq[:, :-1].to(device), seq[:, 1:].to(device)
 
 
-TRAIN_VARIANTS = {  # name -> the environment kernels/dispatch.py reads
-    "pytorch": {kernels.REFERENCE_ENV: "1"},  # torch's SDPA + F.rms_norm, the baseline
-    "ours": {},  # what the model runs: our kernels where they measured faster (or were not measured)
-    "triton attention": {kernels.TRITON_ATTENTION_ENV: "1"},  # our attention wherever it can run
+TRAIN_VARIANTS = {  # name -> the environment variable kernels/dispatch.py reads, set to 1 (or none)
+    "pytorch": kernels.REFERENCE_ENV,  # torch's SDPA + F.rms_norm, the baseline
+    "ours": None,  # what the model runs: our kernels where they measured faster (or were not measured)
+    "triton attention": kernels.TRITON_ATTENTION_ENV,  # our attention wherever it can run
 }
 
 
 def variant_context(variant: str):
-    env = TRAIN_VARIANTS[variant]
-    return _env(*next(iter(env.items()))) if env else nullcontext()
+    name = TRAIN_VARIANTS[variant]
+    return _env(name, "1") if name else nullcontext()
 
 
 class _env:

@@ -98,7 +98,7 @@ def bench_attention(smoke: bool, device: str) -> list[str]:
             t.requires_grad_()
         ours = lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]  # our kernel, where kernels.flash_attn may pick SDPA
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        picked = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True)).name.lower()
+        picked = dispatch.sdpa_choice(q, k, v).name.lower()
         with torch.no_grad():
             diff = (ours(q, k, v).float() - sdpa(q, k, v).float()).abs().max().item()
 

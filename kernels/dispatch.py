@@ -96,6 +96,12 @@ def sdpa_measured_faster(q: torch.Tensor, k: torch.Tensor, window: int | None, d
             and device_wins())
 
 
+def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The backend (torch.nn.attention.SDPBackend) torch's SDPA picks for causal attention on these inputs."""
+    from torch.nn.attention import SDPBackend
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True, enable_gqa=q.shape[1] != k.shape[1]))
+
+
 _SDPA_WINS: dict = {}  # (device index, dtype, head dim) -> sdpa_wins_on's answer
 
 
@@ -108,9 +114,8 @@ def sdpa_wins_on(device_index: int, dtype: torch.dtype, head_dim: int) -> bool:
         from torch.nn.attention import SDPBackend
         device = torch.device("cuda", device_index)
         probe = torch.zeros(1, 1, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
-        picked = torch._fused_sdp_choice(probe, probe, probe, None, 0.0, True)
         _SDPA_WINS[key] = (torch.cuda.get_device_properties(device).major == SDPA_WINS_CAPABILITY_MAJOR
-                           and picked == int(SDPBackend.CUDNN_ATTENTION))
+                           and sdpa_choice(probe, probe, probe) == SDPBackend.CUDNN_ATTENTION)
     return _SDPA_WINS[key]
 
 
