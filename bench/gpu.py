@@ -29,8 +29,9 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
   speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
                T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
-               2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel and
-               the model's call (ours or SDPA,
+               2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel (on a
+               Hopper with the tiles triton.autotune picks, and with the hand-picked
+               ones; the picks are listed), and the model's call (ours or SDPA,
                kernels/dispatch.py) against every SDPA backend that runs (flash,
                cuDNN, efficient) and the flash_attn package if installed.
   rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
@@ -62,9 +63,12 @@ T 2048 only (MHA and GQA), RMSNorm 3 shapes, train d12 only for 10 steps (two co
 about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
-per section. The quick time limits (SECTIONS) add up to 11.5 minutes, so even a
+per section. On a Hopper the attention kernels autotune at the first call of each
+shape (about 23 candidates to compile and time), which the correctness and speed
+limits allow for. The quick time limits (SECTIONS) add up to 14.8 minutes, so even a
 hung section cannot stretch the run much past that; where one command may run
-at most 10 minutes, run `--sections pipeline --quick` as a second command.
+at most 10 minutes, run `--sections device,correctness,speed --quick` first and the
+other sections as a second command.
 
 In --smoke the same code runs on the CPU at toy sizes: the nano model, fp32, no
 torch.compile (Inductor cannot trace Triton's interpreter), SDPA backends and
@@ -102,8 +106,8 @@ from kernels import attention, dispatch, rmsnorm
 # first line a description, its title the docstring's first line), and add a line here.
 SECTIONS = [
     ("device", 60, 10),
-    ("correctness", 900, 110),
-    ("speed", 300, 35),
+    ("correctness", 900, 200),  # on a Hopper the first call of each attention shape autotunes: compiles and times
+    ("speed", 600, 150),  # about 23 candidates (kernels/attention.py), once per shape (an estimate, not yet timed)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),
@@ -184,6 +188,8 @@ def section_device(args, device):
         yield (f"kernels.flash_attn in training (causal, MHA, D 128, bf16) runs "
                f"{'our Triton kernel' if kernels.use_triton_attention(q, q, None) else 'SDPA'}; "
                f"SDPA would pick {dispatch.sdpa_choice(q, q, q).name.lower()} (kernels/dispatch.py).")
+        yield (f"Our attention kernels {'let triton.autotune pick their tiles' if dispatch.autotune_attention(q) else 'run their hand-picked tiles'} "
+               f"on this GPU in bf16 (kernels/attention.py; {kernels.AUTOTUNE_ENV}=0 keeps the hand-picked ones).")
 
 
 def max_err(got, want, tol) -> tuple[float, bool]:
@@ -278,7 +284,9 @@ def attention_contenders(smoke: bool) -> dict:
     """name -> (context, fn(q, k, v)) for every implementation to time; some may not run here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-    contenders = {"ours": (nullcontext, lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]),  # our Triton kernel
+    ours = lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]  # our Triton kernel
+    contenders = {"ours": (nullcontext, ours),  # on a Hopper with the tiles triton.autotune picked there
+                  "ours, hand-picked tiles": (lambda: _env(kernels.AUTOTUNE_ENV, "0"), ours),  # as on other GPUs
                   "model's call": (nullcontext, kernels.flash_attn)}  # ours or SDPA (kernels/dispatch.py)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
                           ("SDPA efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -290,6 +298,9 @@ def attention_contenders(smoke: bool) -> dict:
     except ImportError:
         contenders["flash_attn (not installed)"] = None
     return contenders
+
+
+OURS = ("ours", "ours, hand-picked tiles", "model's call")  # the columns "ours / best other" does not count as others
 
 
 def section_speed(args, device):
@@ -317,10 +328,15 @@ def section_speed(args, device):
             def measure():
                 speed = {name: None if c is None else _tflops(c, label, flops, q, k, v, dout, args.smoke)
                          for name, c in contenders.items()}
-                others = [s for n, s in speed.items() if n not in ("ours", "model's call") and s is not None]
+                others = [s for n, s in speed.items() if n not in OURS and s is not None]
                 ratio = f"{speed['ours'] / max(others):.2f}x" if others and speed["ours"] else "n/a"
                 return [_cell(s, args.smoke) for s in speed.values()] + [ratio]
             yield case(args, [T, D, group, label], measure)
+    picks = attention.autotune_picks()
+    yield ""
+    yield ("triton.autotune's picks for \"ours\" (kernels/attention.py, HOPPER_SPACES; the first candidate of each "
+           "is the hand-picked one):" if picks else "Our attention ran its hand-picked tiles (no autotuning on this device).")
+    yield from (f"- {pick}" for pick in picks)
 
 
 def _tflops(contender, label, flops, q, k, v, dout, smoke):

@@ -74,6 +74,7 @@ class Launch:
     kwargs: dict
     case: str = ""
     dtype: torch.dtype = None
+    archs: tuple = tuple(TARGETS.values())  # the targets it is compiled for
 
 
 @dataclass
@@ -101,22 +102,29 @@ def record_launches() -> list[Launch]:
     launches = []
 
     def fake_wrap_triton(kernel):  # stands in for torch.library.wrap_triton: kernel[grid](*args, **kwargs)
-        return _Indexable(lambda grid: lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, kwargs)))
+        return _Indexable(lambda grid: lambda *args, **kwargs: launches.extend(_each_config(kernel, grid, args, kwargs)))
 
-    saved = attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton
+    def attention_launches(dtype, hopper: bool):
+        """Every attention case; with hopper, as launched on a Hopper: each candidate of triton.autotune
+        (kernels/attention.py, HOPPER_SPACES), compiled for sm_90 only."""
+        attention.autotune_attention = lambda x: hopper
+        for (B, H, H_kv, T, D), window in itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
+            window = -1 if window is None else T // 2
+            case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
+            q = torch.empty(B, T, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+            k, v = (torch.empty(B, T, H_kv, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in "kv")
+            start = len(launches)
+            out, lse = attention._triton_fwd(q, k, v, window)
+            attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse, window)
+            _label(launches[start:], case, dtype, (TARGETS["sm_90"],) if hopper else None)
+
+    saved = attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, attention.autotune_attention
     attention.wrap_triton = rmsnorm.wrap_triton = decode.wrap_triton = fake_wrap_triton
     try:
         with FakeTensorMode():
+            attention_launches(torch.bfloat16, hopper=True)
             for dtype in DTYPES:
-                for (B, H, H_kv, T, D), window in itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
-                    window = -1 if window is None else T // 2
-                    case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
-                    q = torch.empty(B, T, H, D, device="cuda", dtype=dtype).transpose(1, 2)
-                    k, v = (torch.empty(B, T, H_kv, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in "kv")
-                    start = len(launches)
-                    out, lse = attention._triton_fwd(q, k, v, window)
-                    attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse, window)
-                    _label(launches[start:], case, dtype)
+                attention_launches(dtype, hopper=False)
                 for B, H, H_kv, S, D in DECODE_CASES:
                     q = torch.empty(B, 1, H, D, device="cuda", dtype=dtype).transpose(1, 2)
                     k, v = (torch.empty(B, H_kv, S, D, device="cuda", dtype=dtype) for _ in "kv")  # a layer of the cache
@@ -132,8 +140,17 @@ def record_launches() -> list[Launch]:
                     rmsnorm._triton_bwd(torch.empty_like(y), x, rstd)
                     _label(launches[start:], f"rows 999 N{width}", dtype)
     finally:
-        attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton = saved
+        attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, attention.autotune_attention = saved
     return launches
+
+
+def _each_config(kernel, grid, args, kwargs) -> list[Launch]:
+    """The launch, or for a triton.autotune object one launch per config it can pick."""
+    configs = getattr(kernel, "configs", None)
+    if configs is None:
+        return [Launch(kernel, grid, args, kwargs)]
+    return [Launch(kernel.fn, grid, args, dict(kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+            for c in configs]
 
 
 class _Indexable:
@@ -144,9 +161,10 @@ class _Indexable:
         return self.fn(grid)
 
 
-def _label(launches, case, dtype):
+def _label(launches, case, dtype, archs=None):
     for launch in launches:
         launch.case, launch.dtype = case, dtype
+        launch.archs = archs or launch.archs
 
 
 # ----------------------------------------------------------------------------
@@ -180,7 +198,7 @@ def jobs(launches: list[Launch]) -> list[Job]:
     """One job per launch, target and float typing; launches that bind identically are compiled once."""
     out, seen = [], set()
     for launch in launches:
-        for arch in TARGETS.values():
+        for arch in launch.archs:
             eager = bind(launch, arch, "fp32")
             for job in [eager, bind(launch, arch, "fp64")] if eager.float_args else [eager]:
                 key = (launch.kernel.__name__, arch, repr(job.signature), repr(job.constexprs),

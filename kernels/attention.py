@@ -43,6 +43,12 @@ Both use dS = P * (dP - delta), dP = dO V^T.
 Precision. bf16/fp16 inputs feed the tensor cores and accumulate in fp32; fp32
 inputs use full-precision ("ieee") dots, not tf32. LSE is always fp32.
 
+Tiles. On a Hopper (16-bit, outside inference mode: dispatch.autotune_attention)
+triton.autotune picks each kernel's tiles among HOPPER_SPACES on the user's GPU;
+everywhere else the launchers pass hand-picked ones (_configs). The kernels'
+`tune_len` argument is only the autotuner's key: the sequence length rounded up to
+a power of two, so that nearby lengths share one tuning.
+
 Scalars. The kernels take no float arguments: the softmax scale 1/sqrt(D) is a
 constexpr (SM_SCALE, one value per HEAD_DIM, so no extra compiles). A Python float
 argument is typed fp32 by an eager Triton launch but fp64 by torch.compile's
@@ -72,7 +78,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kernels.dispatch import ops_on_first_use, use_triton, use_triton_attention
+from kernels.dispatch import autotune_attention, ops_on_first_use, use_triton, use_triton_attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -157,7 +163,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt,
                      stride_ob, stride_oh, stride_ot,
-                     n_heads, group_size, seq_len, window,
+                     n_heads, group_size, seq_len, window, tune_len,
                      SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -249,7 +255,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt,
                           stride_dvb, stride_dvh, stride_dvt,
-                          n_kv_heads, group_size, seq_len, window,
+                          n_kv_heads, group_size, seq_len, window, tune_len,
                           SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -334,7 +340,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_vb, stride_vh, stride_vt,
                         stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        n_heads, group_size, seq_len, window,
+                        n_heads, group_size, seq_len, window, tune_len,
                         SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -397,11 +403,79 @@ def _configs(x: torch.Tensor, windowed: bool = False) -> dict:
                     dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if windowed and D > 64
                     else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
                     delta=dict(BLOCK_M=64))
-    stages = 5 if D <= 64 else 3  # shared memory: D = 128 tiles are twice as big
+    return dict(_tiles_16bit(D, windowed), delta=dict(BLOCK_M=64))
+
+
+def _tiles_16bit(head_dim: int, windowed: bool) -> dict:
+    """The hand-picked 16-bit tiles of the forward, dK/dV and dQ kernels on CUDA (see above)."""
+    stages = 5 if head_dim <= 64 else 3  # shared memory: D = 128 tiles are twice as big
     return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and D > 64 else 128, num_warps=8, num_stages=stages),
-                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if D <= 64 else 8, num_stages=stages),
-                delta=dict(BLOCK_M=64))
+                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages),
+                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages))
+
+
+# Autotuning on a Hopper (training and evaluation; see dispatch.autotune_attention for where not). There
+# triton.autotune times every candidate below on the user's GPU, at the first
+# launch of each key (tune_len: the sequence length rounded up to a power of two; group size; dtype; one
+# autotuner per kernel, head dim and windowing), and launches the fastest from then on; the timings are
+# kept in Triton's cache directory (cache_results), so a later run starts without re-timing. The first of
+# each space is the hand-picked config above, so the pick never timed slower than it.
+# The spaces (BLOCK_M, BLOCK_N, num_warps, num_stages) span what a Hopper rewards: 128-row tiles on two
+# warpgroups (wgmma works a warpgroup of 4 warps at a time on 64 rows), 64-row tiles on one, key tiles of
+# 32 to 128, and 2 to 4 stages of cp.async pipelining, up to the 227 KB of shared memory a block may use
+# (D = 128, 128 x 128 tiles: 224 KB at 3 stages, 288 at 4). Every candidate compiled for sm_90 without a
+# register spill at D = 64 and 128, MHA and GQA, with and without a window (kernels/aot.py;
+# tests/test_kernels_aot.py keeps it so), which is what ruled out, e.g., the forward's 128 x 64 and
+# 128 x 128 tiles on 4 warps (1.2-5.7 KB spilled a thread at D = 128) and dK/dV's 64 x 128 tiles (92-208 B
+# on 8 warps at D = 128).
+# dK/dV's BLOCK_M is its query tile, the K of two of its three dots: 16 is one wgmma step, 32 and 64
+# are two and four, the tutorial's choice being 32 with 128 keys. None of these were timed here: which
+# wins on an H100/H200 is the autotuner's measurement (bench/gpu.py reports its picks). Other GPUs keep
+# the hand-picked tiles, the only ones kernels/aot.py checks on sm_80. Not among the candidates: the
+# tutorial's host-side tensor descriptors (TMA loads), which need a per-config pre_hook to set their
+# block shape, and torch.compile rejects pre_hooks on user kernels (pytorch issue #139059).
+HOPPER_SPACES = {
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+            (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+    "dkdv": [(16, 128, 8, 3), (16, 128, 8, 4), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 3),
+             (32, 64, 4, 3), (64, 64, 8, 2), (16, 64, 4, 3)],
+    # dK/dV at D = 128 holds two 128-wide fp32 accumulators a key: with GQA (its loop over the group) the
+    # tiles above spilled 12-292 B a thread, except 16 x 128 up to 3 stages and 16 x 64, 32 x 64 on 8 warps
+    "dkdv D128": [(16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 4),
+                  (32, 64, 8, 2), (32, 64, 8, 3)],
+    "dq": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 16, 8, 3),
+           (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+def hopper_space(which: str, head_dim: int, windowed: bool) -> list[dict]:
+    """The candidate tiles of kernel `which` on a Hopper, as config dicts: the hand-picked one first."""
+    first = _tiles_16bit(head_dim, windowed)[which]
+    tiles = HOPPER_SPACES["dkdv D128" if which == "dkdv" and head_dim > 64 else which]
+    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return [first] + [c for c in space if c != first]
+
+
+_AUTOTUNERS: dict = {}  # (which, head dim, windowed) -> its triton.autotune object
+
+
+def _autotuned(which: str, head_dim: int, windowed: bool):
+    """triton.autotune over hopper_space(which, head_dim, windowed), made on first use."""
+    key = (which, head_dim, windowed)
+    if key not in _AUTOTUNERS:
+        configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"]), num_warps=c["num_warps"],
+                                 num_stages=c["num_stages"]) for c in hopper_space(which, head_dim, windowed)]
+        _AUTOTUNERS[key] = triton.autotune(configs, key=["tune_len", "group_size"], cache_results=True)(_KERNELS[which])
+    return _AUTOTUNERS[key]
+
+
+def autotune_picks() -> list[str]:
+    """What the autotuners picked so far in this process, a line each (bench/gpu.py reports them)."""
+    return [f"{which}, D {head_dim}{', windowed' if windowed else ''}, tune_len {key[0]}, group {key[1]}, "
+            f"{key[2].removeprefix('torch.')}: BLOCK_M {c.kwargs['BLOCK_M']}, BLOCK_N {c.kwargs['BLOCK_N']}, "
+            f"{c.num_warps} warps, {c.num_stages} stages"
+            for (which, head_dim, windowed), tuner in _AUTOTUNERS.items() for key, c in tuner.cache.items()]
 
 
 def _sm_scale(head_dim: int) -> float:
@@ -422,6 +496,29 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> No
     torch._check(window >= -1, lambda: f"window must be >= 0, or -1 for none, got {window}")
 
 
+def _tune_len(T) -> int:
+    """The autotuner's key for sequence length T: T rounded up to a power of two (at least 128), so that the
+    lengths of serving's prefills share a handful of tunings rather than one each. Under torch.compile T may
+    be a symbolic size; Inductor then autotunes the kernel once itself and ignores Triton's key, so T goes
+    through unrounded (rounding a symbol is the bit-twiddling tests/test_kernels_compile.py guards against)."""
+    return max(128, 1 << (T - 1).bit_length()) if isinstance(T, int) else T
+
+
+def _kernel(which: str, x: torch.Tensor, windowed: bool):
+    """The kernel to launch for pass `which` ("fwd", "dkdv" or "dq") on inputs like x, and the tiles to pass
+    it: triton.autotune's pick among HOPPER_SPACES where dispatch.autotune_attention says so (the tiles are
+    then its to choose), else _configs()'s hand-picked ones."""
+    if autotune_attention(x):  # int(): under torch.compile(dynamic=True) the head dim is a symbol; a constexpr anyway
+        return _autotuned(which, int(x.shape[-1]), windowed), {}
+    return _KERNELS[which], _configs(x, windowed)[which]
+
+
+def _rows_grid(T, n_programs, rows: str):
+    """A launch grid of one program per `rows` tile of the sequence (BLOCK_M or BLOCK_N, read from the
+    config the launch ends up with: the autotuner's or the hand-picked one) and per batch x head."""
+    return lambda meta: ((T + meta[rows] - 1) // meta[rows], n_programs)
+
+
 def _triton_fwd(q, k, v, window=-1):
     B, H, T, D = q.shape
     torch._check(D in (16, 32, 64, 128), lambda: f"the Triton kernel supports head dims 16, 32, 64 and 128, got {D}")
@@ -429,15 +526,14 @@ def _triton_fwd(q, k, v, window=-1):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)  # keeps q's strides: the model's transposed view comes back ready to reshape
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    cfg = _configs(q, window >= 0)["fwd"]
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    kernel, cfg = _kernel("fwd", q, window >= 0)
+    wrap_triton(kernel)[_rows_grid(T, B * H, "BLOCK_M")](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, H // k.shape[1], T, window,
+        H, H // k.shape[1], T, window, _tune_len(T),
         SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
     return out, lse
 
@@ -446,19 +542,18 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
-    cfg = _configs(q, window >= 0)
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(T, cfg["delta"]["BLOCK_M"]), B * H)
-    wrap_triton(_attn_bwd_delta_kernel)[grid](
+    delta_rows = _configs(q, window >= 0)["delta"]["BLOCK_M"]
+    wrap_triton(_attn_bwd_delta_kernel)[((T + delta_rows - 1) // delta_rows, B * H)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        H, T, HEAD_DIM=D, **cfg["delta"])
+        H, T, HEAD_DIM=D, BLOCK_M=delta_rows)
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    grid = (triton.cdiv(T, cfg["dkdv"]["BLOCK_N"]), B * H_kv)
-    wrap_triton(_attn_bwd_dkdv_kernel)[grid](
+    kernel, cfg = _kernel("dkdv", q, window >= 0)
+    wrap_triton(kernel)[_rows_grid(T, B * H_kv, "BLOCK_N")](
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -466,20 +561,20 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H_kv, H // H_kv, T, window,
-        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg["dkdv"])
+        H_kv, H // H_kv, T, window, _tune_len(T),
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
 
     dq = torch.empty_like(q)
-    grid = (triton.cdiv(T, cfg["dq"]["BLOCK_M"]), B * H)
-    wrap_triton(_attn_bwd_dq_kernel)[grid](
+    kernel, cfg = _kernel("dq", q, window >= 0)
+    wrap_triton(kernel)[_rows_grid(T, B * H, "BLOCK_M")](
         q, k, v, dout, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // H_kv, T, window,
-        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg["dq"])
+        H, H // H_kv, T, window, _tune_len(T),
+        SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
     return dq, dk, dv
 
 

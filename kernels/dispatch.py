@@ -4,6 +4,9 @@ When do flash_attn and rms_norm launch Triton, and when do they use torch's own 
     CUDA tensor                                  -> Triton, where ours measured faster (below)
     CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> torch's ops (for A/B comparisons)
     CUDA tensor, NANOSCHNACK_TRITON_ATTENTION=1  -> flash_attn: Triton wherever it can run (A/B)
+    CUDA tensor, NANOSCHNACK_ATTENTION_AUTOTUNE=0 -> our attention keeps its hand-picked tiles on a
+                                                    Hopper too (A/B against triton.autotune's pick;
+                                                    see autotune_attention)
     CPU tensor                                   -> torch's ops
     CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
 
@@ -17,6 +20,7 @@ variable without re-importing anything. Under torch.compile the op's body is tra
 once per compiled graph, so the choice is baked into that graph.
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -24,6 +28,7 @@ from torch.library import triton_op
 
 REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
 TRITON_ATTENTION_ENV = "NANOSCHNACK_TRITON_ATTENTION"
+AUTOTUNE_ENV = "NANOSCHNACK_ATTENTION_AUTOTUNE"
 
 _triton_on_cpu = False
 
@@ -132,6 +137,24 @@ def use_triton_attention(q: torch.Tensor, k: torch.Tensor, window: int | None) -
     if q.device.type != "cuda" or os.environ.get(TRITON_ATTENTION_ENV) == "1":
         return True
     return not sdpa_measured_faster(q, k, window, lambda: sdpa_wins_on(q.device.index, q.dtype, SDPA_WINS_HEAD_DIM))
+
+
+def autotune_attention(x: torch.Tensor) -> bool:
+    """True if our attention kernels, launched on tensor x, let triton.autotune pick their tiles on this GPU
+    (kernels/attention.py, HOPPER_SPACES), rather than take the hand-picked ones (_configs): 16-bit on a
+    Hopper, the one GPU family whose every candidate kernels/aot.py compiles and checks, outside inference
+    mode, unless NANOSCHNACK_ATTENTION_AUTOTUNE=0. Inference mode is where chat and serving prefill (gpt.py,
+    session.py): there a prompt whose rounded length is new would wait for a tuning run (compiling and
+    timing every candidate: seconds, the first time on a machine) before its first token."""
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_inference_mode_enabled()
+            and os.environ.get(AUTOTUNE_ENV) != "0" and capability_major(x.device) == 9)
+
+
+@functools.cache
+def capability_major(device: torch.device) -> int:
+    """The major compute capability of a CUDA device (9 for an H100/H200)."""
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def attention_in_training(config, device, dtype: torch.dtype) -> str:

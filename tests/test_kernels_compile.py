@@ -18,6 +18,10 @@ inputs (wrap_triton swapped for a recorder, as kernels/aot.py does). What the ke
 compute is not checked here: the same kernel with the same launch is what
 tests/test_kernels.py checks numerically, in the interpreter.
 
+It also compiles attention as on a Hopper, where the kernels are triton.autotune objects
+(kernels/attention.py): every candidate must reach the generated code, each with its own
+launch grid.
+
 The same subprocess compiles RMSNorm's kernels to PTX for sm_90 as Inductor binds
 them under dynamic shapes (no divisibility hint on a size), to check that their
 memory accesses stay 16 bytes wide.
@@ -83,6 +87,24 @@ def test_generated_launches_hold_no_bit_twiddling(compiled, op, mode):
     assert not bad, "\n".join(line[:300] for line in bad)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_autotuned_attention_compiles_with_every_candidate(compiled, mode):
+    """As on a Hopper, where the kernels are triton.autotune objects: Inductor carries every candidate of
+    kernels/attention.py's spaces into the generated kernel (it times them on the GPU itself), in order, each
+    with a launch grid that is a ceiling division of the sequence length (no bit-twiddling)."""
+    from kernels import attention
+    found = compiled["autotuned"][mode]
+    assert found["errors"] == [None] * len(ATTN_SIZES), found["errors"]
+    for which in ("fwd", "dkdv", "dq"):
+        name = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}[which]
+        builds = found["kernels"][name]
+        assert builds, name
+        for build in builds:
+            assert build["configs"] == attention.hopper_space(which, 64, False), name
+            assert len(build["grids"]) == len(build["configs"]), name
+            assert not [g for g in build["grids"] if re.search(r"\||&|\^|<<|>>|Bitwise", g)], build["grids"]
+
+
 def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
     """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
     768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
@@ -143,18 +165,31 @@ class _Recorded:
         import ast
         # 'constants' also lists arguments equal to 1 (Inductor specialises them); keep the declared constexprs
         self.constexprs = {k: v for k, v in ast.literal_eval(constants).items() if k in ast.literal_eval(declared)}
-        self.options = (ast.literal_eval(configs) or [{}])[0]
+        configs = ast.literal_eval(configs) or [{}]
+        self.options = configs[0]
+        # an autotuned kernel's launch takes the symbols of its per-config grids, not a grid: its candidates and
+        # grids are read from the source instead (_autotuned_kernels)
+        self.autotuned = len(configs) > 1
+        signature = ast.literal_eval(re.search(r"'signature': (\{[^}]*\})", source).group(1))
+        self.arg_names = [k for k in signature if k not in ast.literal_eval(declared)]  # what .run() passes
 
     def run(self, *args, stream=None, **kwargs):
+        if self.autotuned:
+            return
         *args, g0, g1, g2 = args
-        self.launches.append(_launch_record(self.name, (g0, g1, g2), args, self.constexprs, self.options))
+        self.launches.append(_launch_record(self.name, (g0, g1, g2), args, self.constexprs, self.options, self.arg_names))
 
 
-def _launch_record(name, grid, args, constexprs, options) -> dict:
+def _launch_record(name, grid, args, constexprs, options, arg_names) -> dict:
+    """The launch as compared: the attention kernels' tune_len left out, the autotuner's key, which the eager
+    launchers round up to a power of two and compiled code passes as the sequence length itself when that is
+    a symbol (kernels/attention.py, _tune_len): Inductor ignores the key and tunes once itself."""
     import torch
     from triton.backends.nvidia.compiler import CUDAOptions  # what a launch that names no num_warps/num_stages gets
     options = {k: options.get(k, getattr(CUDAOptions, k)) for k in ("num_warps", "num_stages")}
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    assert len(arg_names) == len(args), (name, arg_names, len(args))
+    args = [a for a, arg_name in zip(args, arg_names) if arg_name != "tune_len"]
     scalars = [a for a in args if not isinstance(a, torch.Tensor)]
     tensors = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
     return dict(kernel=name.strip("_"), grid=list(grid), scalars=scalars, tensors=tensors,
@@ -173,7 +208,9 @@ def _eager_launches(module, launcher, *args) -> list:
             def launch(*a, **kw):
                 constexprs = {k: v for k, v in kw.items() if not k.startswith("num_")}
                 options = {k: v for k, v in kw.items() if k.startswith("num_")}
-                launches.append(_launch_record(self.kernel.__name__, grid, a, constexprs, options))
+                at = grid(kw) if callable(grid) else grid  # a grid of the config's tiles, as Triton calls it
+                arg_names = [n for n in self.kernel.arg_names if n not in kw]  # the rest go by position
+                launches.append(_launch_record(self.kernel.__name__, at, a, constexprs, options, arg_names))
             return launch
 
     saved = module.wrap_triton
@@ -207,6 +244,36 @@ def _global_accesses_with_dynamic_sizes() -> dict:
     return found
 
 
+def _autotuned_kernels(attention, sources) -> dict:
+    """As on a Hopper (kernels/attention.py autotunes there): per mode, each call's error and, per kernel
+    Inductor built, the candidate configs and the launch grids (Python) it generated for them."""
+    import ast
+
+    import torch
+    attention.autotune_attention = lambda x: True
+    found = {}
+    for mode, dynamic in MODES.items():
+        torch._dynamo.reset()
+        start = len(sources)
+        attn = torch.compile(lambda q, k, v: attention.flash_attn_op(q, k, v)[0], fullgraph=True, dynamic=dynamic)
+        errors = []
+        for B, H, H_kv, T, D in ATTN_SIZES:
+            q = torch.randn(B, H, T, D, dtype=torch.bfloat16).requires_grad_()
+            k, v = (torch.randn(B, H_kv, T, D, dtype=torch.bfloat16).requires_grad_() for _ in "kv")
+            try:
+                attn(q, k, v).backward(torch.randn_like(q))
+                errors.append(None)
+            except Exception as e:  # reported per call
+                errors.append(f"{type(e).__name__}: {str(e)[:1500]}")
+        kernels = {}
+        for name, source in sources[start:]:
+            configs = ast.literal_eval(re.search(r"configs=(\[[^\]]*\])", source).group(1))
+            grids = re.findall(r"'python': (\[[^\]]*\])", source)
+            kernels.setdefault(re.sub(r"_\d+$", "", name), []).append(dict(configs=configs, grids=grids))
+        found[mode] = dict(errors=errors, kernels=kernels)
+    return found
+
+
 def child(out_path: str) -> None:
     import logging
 
@@ -223,9 +290,10 @@ def child(out_path: str) -> None:
     gpu_config = rmsnorm._launch_config
     rmsnorm._launch_config = lambda n_cols, device_type: gpu_config(n_cols, "cuda")  # the CUDA configuration
 
-    launches, graphs, wrappers = [], [0], []
+    launches, graphs, wrappers, sources = [], [0], [], []
     def build(self, kernel_name, source_code, device_str="cuda"):
         graphs[0] += kernel_name.startswith("_rms_norm_fwd") or kernel_name.startswith("_attn_fwd")
+        sources.append((kernel_name, source_code))
         return _Recorded(kernel_name, source_code, launches)
     async_compile.AsyncCompile.triton = build
 
@@ -286,6 +354,7 @@ def child(out_path: str) -> None:
                         + _eager_launches(attention, attention._triton_bwd, dout, q_, k_, v_, out.contiguous(), lse))
             rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
         results["flash_attn_op"][mode] = rows
+    results["autotuned"] = _autotuned_kernels(attention, sources)
     results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
     Path(out_path).write_text(json.dumps(results, indent=1, default=str))
 

@@ -1,0 +1,121 @@
+"""
+The attention kernels' autotuning on a Hopper (kernels/attention.py, HOPPER_SPACES), on a CPU.
+
+What the GPU would decide (which candidate is fastest) is not knowable here; what is checked:
+  * every candidate tile the autotuner can pick computes attention, forward and backward, with and
+    without a window, MHA and GQA, in Triton's interpreter against the float64 oracle;
+  * the autotuner itself, run in the interpreter with its timing replaced by made-up times: it times
+    every candidate of each kernel once per key, launches the one that timed fastest, keys on the
+    rounded sequence length (nearby lengths share a tuning), and autotune_picks() reports the pick;
+  * the rule of when to autotune (dispatch.autotune_attention), on fake CUDA tensors.
+kernels/aot.py compiles every candidate for sm_90 (tests/test_kernels_aot.py), and
+tests/test_kernels_compile.py follows the candidates through Inductor's code generation.
+"""
+import pytest
+import torch
+
+from kernels import attention, dispatch
+from kernels.dispatch import AUTOTUNE_ENV, triton_on_cpu
+from test_kernels import ATTN_TOL, assert_close, attention_inputs, attention_oracle
+
+WHICH = ("fwd", "dkdv", "dq")
+MOST_CANDIDATES = max(len(attention.hopper_space(w, D, win)) for w in WHICH for D in (64, 128) for win in (False, True))
+
+
+def attention_and_grads(q, k, v, dout, window):
+    """out, lse, dq, dk, dv from the Triton launchers (whatever _kernel hands them)."""
+    out, lse = attention._triton_fwd(q, k, v, window)
+    return (out, lse, *attention._triton_bwd(dout, q, k, v, out, lse, window))
+
+
+def check_against_oracle(got, q, k, v, dout, window, what):
+    want = attention_oracle(q, k, v, dout, None if window < 0 else window)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, ATTN_TOL[torch.float32], f"{what}: {name}")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("window", [-1, 45], ids=["causal", "window 45"])
+@pytest.mark.parametrize("index", range(MOST_CANDIDATES))
+def test_every_hopper_candidate_computes_attention(monkeypatch, D, window, index):
+    """Candidate `index` of each kernel's space (the last one where a space is shorter), fp32 in the interpreter:
+    the tiles are what differs between candidates, and a T of 200 crosses 128-row tiles and ends ragged."""
+    picked = {w: attention.hopper_space(w, D, window >= 0) for w in WHICH}
+    picked = {w: space[min(index, len(space) - 1)] for w, space in picked.items()}
+    tiles = {w: {k: c[k] for k in ("BLOCK_M", "BLOCK_N")} for w, c in picked.items()}  # the interpreter ignores warps/stages
+    monkeypatch.setattr(attention, "_kernel", lambda which, x, windowed: (attention._KERNELS[which], tiles[which]))
+    q, k, v, dout = attention_inputs(1, 4, 2, 200, D, torch.float32, layout="bthd")
+    with triton_on_cpu():
+        got = attention_and_grads(q, k, v, dout, window)
+    check_against_oracle(got, q, k, v, dout, window, f"candidates {picked}")
+
+
+def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(monkeypatch):
+    monkeypatch.setattr(attention, "_AUTOTUNERS", {})
+    monkeypatch.setattr(attention, "autotune_attention", lambda x: True)
+    timed = {w: [] for w in WHICH}
+    fastest = {"fwd": 3, "dkdv": 5, "dq": 0}  # made-up timings: candidate i of kernel w takes 1 ms, but this one 0.5
+
+    for which in WHICH:
+        tuner = attention._autotuned(which, 64, True)
+
+        def made_up_timing(kernel_call, quantiles, which=which):
+            kernel_call()  # the candidate really runs (in the interpreter)
+            i = len(timed[which]) % len(attention.hopper_space(which, 64, True))
+            timed[which].append(i)
+            ms = 0.5 if i == fastest[which] else 1.0
+            return [ms, ms, ms]
+        monkeypatch.setattr(tuner, "_do_bench", made_up_timing)
+
+    with triton_on_cpu():
+        for T in (150, 200, 300):  # 150 and 200 round to the same tune_len (256): one tuning for both
+            q, k, v, dout = attention_inputs(1, 2, 2, T, 64, torch.float32, layout="bthd", seed=T)
+            got = attention_and_grads(q, k, v, dout, 40)
+            check_against_oracle(got, q, k, v, dout, 40, f"T {T}")
+
+    for which in WHICH:
+        n = len(attention.hopper_space(which, 64, True))
+        assert timed[which] == list(range(n)) * 2, which  # every candidate once, for tune_len 256 and 512
+        tuner = attention._AUTOTUNERS[(which, 64, True)]
+        assert sorted(key[0] for key in tuner.cache) == [256, 512]
+        want = attention.hopper_space(which, 64, True)[fastest[which]]
+        for config in tuner.cache.values():
+            assert dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages) == want, which
+    picks = attention.autotune_picks()
+    assert len(picks) == 6
+    want = attention.hopper_space("fwd", 64, True)[fastest["fwd"]]
+    assert f"fwd, D 64, windowed, tune_len 256, group 1, float32: BLOCK_M {want['BLOCK_M']}, BLOCK_N {want['BLOCK_N']}" in picks[0]
+
+
+def test_hopper_spaces_start_with_the_hand_picked_tiles():
+    """So the autotuner's pick is never one that timed slower than the tiles every other GPU runs."""
+    for which in WHICH:
+        for D in (64, 128):
+            for windowed in (False, True):
+                space = attention.hopper_space(which, D, windowed)
+                assert space[0] == attention._tiles_16bit(D, windowed)[which]
+                assert len(space) == len({tuple(sorted(c.items())) for c in space}), "a candidate twice"
+
+
+def test_autotuning_rule(monkeypatch):
+    """bf16/fp16 on a compute capability 9 GPU autotune, outside inference mode, unless
+    NANOSCHNACK_ATTENTION_AUTOTUNE=0; fp32, other GPUs and CPU tensors keep the hand-picked tiles."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.delenv(AUTOTUNE_ENV, raising=False)
+    major = {"cuda:0": 9}
+    monkeypatch.setattr(dispatch, "capability_major", lambda device: major[str(device)])
+    with FakeTensorMode():
+        bf16, fp16, fp32 = (torch.empty(2, 4, 64, 128, device="cuda:0", dtype=t)
+                            for t in (torch.bfloat16, torch.float16, torch.float32))
+        assert dispatch.autotune_attention(bf16) and dispatch.autotune_attention(fp16)
+        assert not dispatch.autotune_attention(fp32)
+        with torch.no_grad():  # evaluation: autotunes
+            assert dispatch.autotune_attention(bf16)
+        with torch.inference_mode():  # chat's and serving's prefill: no tuning run before a first token
+            assert not dispatch.autotune_attention(bf16)
+        monkeypatch.setenv(AUTOTUNE_ENV, "0")
+        assert not dispatch.autotune_attention(bf16)
+        monkeypatch.delenv(AUTOTUNE_ENV)
+        major["cuda:0"] = 8  # an A100: only the hand-picked tiles are compiled and checked for sm_80
+        assert not dispatch.autotune_attention(bf16)
+    assert not dispatch.autotune_attention(torch.empty(1, dtype=torch.bfloat16))
