@@ -27,6 +27,9 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                (fullgraph) and torch.compile(dynamic=True), over shapes that vary
                batch, sequence, rows and width, so the compiled ones recompile or
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
+  candidates   on a Hopper, every tile the attention autotuner can pick, forced one
+               at a time, forward+backward against the fp32 reference: D 128 MHA,
+               and D 64 GQA with a sliding window (kernels/attention.py).
   speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
                T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
                2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel (on a
@@ -65,10 +68,10 @@ compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
 shape (about 23 candidates to compile and time), which the correctness and speed
-limits allow for. The quick time limits (SECTIONS) add up to 14.8 minutes, so even a
+limits allow for. The quick time limits (SECTIONS) add up to 19.8 minutes, so even a
 hung section cannot stretch the run much past that; where one command may run
-at most 10 minutes, run `--sections device,correctness,speed --quick` first and the
-other sections as a second command.
+at most 10 minutes, run `--sections device,correctness,candidates,speed --quick` first
+and the other sections as a second command.
 
 In --smoke the same code runs on the CPU at toy sizes: the nano model, fp32, no
 torch.compile (Inductor cannot trace Triton's interpreter), SDPA backends and
@@ -107,6 +110,7 @@ from kernels import attention, dispatch, rmsnorm
 SECTIONS = [
     ("device", 60, 10),
     ("correctness", 900, 200),  # on a Hopper the first call of each attention shape autotunes: compiles and times
+    ("candidates", 300, 300),  # about 50 compiles (an estimate, not yet timed)
     ("speed", 600, 150),  # about 23 candidates (kernels/attention.py), once per shape (an estimate, not yet timed)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
@@ -200,14 +204,15 @@ def max_err(got, want, tol) -> tuple[float, bool]:
     return diff.max().item(), bool((diff <= atol + rtol * want.abs()).all())
 
 
-def attention_errors(fn, B, H, H_kv, T, D, dtype, device):
-    """Max errors of out, dq, dk, dv of fn(q, k, v) against the fp32 reference, and whether all pass."""
+def attention_errors(fn, B, H, H_kv, T, D, dtype, device, window=-1):
+    """Max errors of out, dq, dk, dv of fn(q, k, v) against the fp32 reference (with this window), and whether
+    all pass."""
     g = torch.Generator().manual_seed(0)
     make = lambda h: torch.randn(B, T, h, D, generator=g).to(device, dtype).transpose(1, 2)  # the model's layout
     q, k, v, dout = make(H), make(H_kv), make(H_kv), make(H)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention._reference_fwd(q32, k32, v32)
-    ref = (ref_out, *attention._reference_bwd(dout.float(), q32, k32, v32, ref_out, ref_lse))
+    ref_out, ref_lse = attention._reference_fwd(q32, k32, v32, window)
+    ref = (ref_out, *attention._reference_bwd(dout.float(), q32, k32, v32, ref_out, ref_lse, window))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
     got = (out, *torch.autograd.grad(out, (q, k, v), dout))
@@ -274,6 +279,36 @@ def section_correctness(args, device):
                     for shape in norm_shapes:
                         label = "x".join(map(str, shape))
                         yield case(args, [op, label, mode], lambda: _errors_cells(norm_errors(compiled, shape, dtype, device)))
+
+
+def section_candidates(args, device):
+    """Every tile the Hopper autotuner can pick"""
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if not (args.smoke or dispatch.autotune_attention(torch.empty(0, device=device, dtype=dtype))):
+        yield "Our attention does not autotune on this device: it runs the hand-picked tiles the correctness section checked."
+        return
+    # B, H, H_kv, T, D, window: training's MHA at D 128 (SDPA in a model on a Hopper, ours in the op), and GQA at
+    # D 64 with a sliding window; ragged lengths, so the last tiles are partial
+    shapes = [(1, 4, 2, 100, 64, 30)] if args.smoke else [(2, 8, 8, 1000, 128, -1), (2, 8, 2, 1000, 64, 300)]
+    yield (f"Our attention op, forward+backward, with each kernel's candidate i forced (kernels/attention.py, "
+           f"HOPPER_SPACES; the last one where a kernel has fewer), against the fp32 reference; {str(dtype)[6:]}, "
+           f"tolerances {ATTN_TOL[dtype]}.")
+    yield ""
+    yield "| shape | i | fwd / dK,dV / dQ tiles (BLOCK_M x BLOCK_N, warps, stages) | max abs err (out/dq/dk/dv) | ok |"
+    yield "|---|---|---|---|---|"
+    op = lambda window: lambda q, k, v: kernels.flash_attn_op(q, k, v, window)[0]
+    with our_path(args.smoke):
+        for B, H, H_kv, T, D, window in shapes:
+            spaces = {w: attention.hopper_space(w, D, window >= 0) for w in ("fwd", "dkdv", "dq")}
+            label = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
+            for i in range(max(map(len, spaces.values()))):
+                tiles = {w: space[min(i, len(space) - 1)] for w, space in spaces.items()}
+                named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}" for c in tiles.values())
+
+                def measure(tiles=tiles, shape=(B, H, H_kv, T, D)):
+                    with attention.forced_tiles(tiles):
+                        return _errors_cells(attention_errors(op(window), *shape, dtype, device, window))
+                yield case(args, [label, i, named], measure)
 
 
 # ----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ the sequence it gets the boolean mask `visible_keys`). The ops themselves, off t
 reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
 the exact oracle the kernel tests compare Triton against.
 """
+import contextlib
 import math
 
 import torch
@@ -425,9 +426,11 @@ def _tiles_16bit(head_dim: int, windowed: bool) -> dict:
 # 32 to 128, and 2 to 4 stages of cp.async pipelining, up to the 227 KB of shared memory a block may use
 # (D = 128, 128 x 128 tiles: 224 KB at 3 stages, 288 at 4). Every candidate compiled for sm_90 without a
 # register spill at D = 64 and 128, MHA and GQA, with and without a window (kernels/aot.py;
-# tests/test_kernels_aot.py keeps it so), which is what ruled out, e.g., the forward's 128 x 64 and
-# 128 x 128 tiles on 4 warps (1.2-5.7 KB spilled a thread at D = 128) and dK/dV's 64 x 128 tiles (92-208 B
-# on 8 warps at D = 128).
+# tests/test_kernels_aot.py keeps it so with triton 3.7.1, and it was so with 3.6.0, what the H200 image of
+# issue 25 ships), which is what ruled out, e.g., the forward's 128 x 64 and 128 x 128 tiles on 4 warps
+# (1.2-5.7 KB spilled a thread at D = 128), dK/dV's 64 x 128 tiles (92-208 B on 8 warps at D = 128) and, with
+# 3.6.0 and GQA, its 64 x 64 and 32 x 128 at 3 stages (24-232 B at D = 64). With 3.6.0 the hand-picked dK/dV
+# tiles themselves spill with GQA (D = 64 with a window: 248 B on sm_90, 364 on sm_80; D = 128: 112 on sm_80).
 # dK/dV's BLOCK_M is its query tile, the K of two of its three dots: 16 is one wgmma step, 32 and 64
 # are two and four, the tutorial's choice being 32 with 128 keys. None of these were timed here: which
 # wins on an H100/H200 is the autotuner's measurement (bench/gpu.py reports its picks). Other GPUs keep
@@ -437,12 +440,11 @@ def _tiles_16bit(head_dim: int, windowed: bool) -> dict:
 HOPPER_SPACES = {
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
             (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
-    "dkdv": [(16, 128, 8, 3), (16, 128, 8, 4), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 3),
-             (32, 64, 4, 3), (64, 64, 8, 2), (16, 64, 4, 3)],
+    "dkdv": [(16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)],
     # dK/dV at D = 128 holds two 128-wide fp32 accumulators a key: with GQA (its loop over the group) the
-    # tiles above spilled 12-292 B a thread, except 16 x 128 up to 3 stages and 16 x 64, 32 x 64 on 8 warps
-    "dkdv D128": [(16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 4),
-                  (32, 64, 8, 2), (32, 64, 8, 3)],
+    # tiles above spilled 12-292 B a thread, and so did 16 x 128 at 3 stages and 16 x 64 at 4, 32 x 64 at
+    # 2 or 3 with a window with triton 3.6.0
+    "dkdv D128": [(16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 8, 3)],
     "dq": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 16, 8, 3),
            (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
 }
@@ -455,6 +457,22 @@ def hopper_space(which: str, head_dim: int, windowed: bool) -> list[dict]:
     tiles = HOPPER_SPACES["dkdv D128" if which == "dkdv" and head_dim > 64 else which]
     space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in tiles]
     return [first] + [c for c in space if c != first]
+
+
+_FORCED_TILES = None  # {which: config} inside forced_tiles()
+
+
+@contextlib.contextmanager
+def forced_tiles(tiles: dict):
+    """Launch the forward, dK/dV and dQ kernels with these tiles ({"fwd": config, "dkdv": ..., "dq": ...}, configs
+    as hopper_space gives them) instead of the autotuner's pick or the hand-picked ones: to check each candidate
+    on its own (tests/test_kernels_autotune.py in the interpreter, bench/gpu.py's candidates section on a GPU)."""
+    global _FORCED_TILES
+    previous, _FORCED_TILES = _FORCED_TILES, tiles
+    try:
+        yield
+    finally:
+        _FORCED_TILES = previous
 
 
 _AUTOTUNERS: dict = {}  # (which, head dim, windowed) -> its triton.autotune object
@@ -507,7 +525,9 @@ def _tune_len(T) -> int:
 def _kernel(which: str, x: torch.Tensor, windowed: bool):
     """The kernel to launch for pass `which` ("fwd", "dkdv" or "dq") on inputs like x, and the tiles to pass
     it: triton.autotune's pick among HOPPER_SPACES where dispatch.autotune_attention says so (the tiles are
-    then its to choose), else _configs()'s hand-picked ones."""
+    then its to choose), else _configs()'s hand-picked ones; inside forced_tiles(), the tiles it was given."""
+    if _FORCED_TILES is not None:
+        return _KERNELS[which], _FORCED_TILES[which]
     if autotune_attention(x):  # int(): under torch.compile(dynamic=True) the head dim is a symbol; a constexpr anyway
         return _autotuned(which, int(x.shape[-1]), windowed), {}
     return _KERNELS[which], _configs(x, windowed)[which]
