@@ -29,7 +29,8 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
   candidates   on a Hopper, every tile the attention autotuner can pick, forced one
                at a time, forward+backward against the fp32 reference: D 128 MHA,
-               and D 64 GQA with a sliding window (kernels/attention.py).
+               and D 64 GQA with a sliding window (--quick: D 128 MHA only;
+               kernels/attention.py).
   speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
                T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
                2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel (on a
@@ -67,8 +68,10 @@ about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 23 candidates to compile and time), which the correctness and speed
-limits allow for. The quick time limits (SECTIONS) add up to 19.8 minutes, so even a
+shape (about 23 candidates to compile and time; kernels/aot.py compiles 386 kernels
+in about 150 s on the 2-core development CPU), in the speed section (the correctness section runs the hand-picked
+tiles in --quick; the candidates section checks the others). The quick time limits
+(SECTIONS) add up to 15.8 minutes, so even a
 hung section cannot stretch the run much past that; where one command may run
 at most 10 minutes, run `--sections device,correctness,candidates,speed --quick` first
 and the other sections as a second command.
@@ -109,9 +112,9 @@ from kernels import attention, dispatch, rmsnorm
 # first line a description, its title the docstring's first line), and add a line here.
 SECTIONS = [
     ("device", 60, 10),
-    ("correctness", 900, 200),  # on a Hopper the first call of each attention shape autotunes: compiles and times
-    ("candidates", 300, 300),  # about 50 compiles (an estimate, not yet timed)
-    ("speed", 600, 150),  # about 23 candidates (kernels/attention.py), once per shape (an estimate, not yet timed)
+    ("correctness", 900, 110),  # on a Hopper the first call of each attention shape autotunes (not in --quick)
+    ("candidates", 300, 150),  # about 50 compiles, 25 in --quick (estimates, not yet timed)
+    ("speed", 600, 150),  # tunings: about 23 candidates to compile and time a shape (kernels/attention.py)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),
@@ -260,13 +263,17 @@ def section_correctness(args, device):
     if not args.smoke:  # Inductor cannot trace the interpreter (tests/test_kernels_compile.py)
         modes["compiled"] = lambda fn: torch.compile(fn, fullgraph=True)
         modes["compiled dynamic"] = lambda fn: torch.compile(fn, fullgraph=True, dynamic=True)
+    # --quick: our attention with its hand-picked tiles, as on every GPU but a Hopper; there the candidates
+    # section checks each tile the autotuner can pick, without the compile and timing of a tuning run a shape
+    tiles = _env(kernels.AUTOTUNE_ENV, "0") if args.quick else nullcontext()
     yield (f"Against the fp32 PyTorch reference; {str(dtype)[6:]} inputs; tolerances (atol, rtol) "
            f"attention {ATTN_TOL[dtype]}, RMSNorm {NORM_TOL[dtype]}; {', '.join(modes)}"
-           f"{' (no torch.compile in the smoke run)' if args.smoke else ''}.")
+           f"{' (no torch.compile in the smoke run)' if args.smoke else ''}"
+           f"{'; attention with its hand-picked tiles (--quick)' if args.quick else ''}.")
     yield ""
     yield "| op | shape | mode | max abs err (out/dq/dk/dv; y/dx) | ok |"
     yield "|---|---|---|---|---|"
-    with our_path(args.smoke):
+    with our_path(args.smoke), tiles:
         for mode, wrap in modes.items():
             for op, fn in ops.items():
                 torch._dynamo.reset()
@@ -289,7 +296,8 @@ def section_candidates(args, device):
         return
     # B, H, H_kv, T, D, window: training's MHA at D 128 (SDPA in a model on a Hopper, ours in the op), and GQA at
     # D 64 with a sliding window; ragged lengths, so the last tiles are partial
-    shapes = [(1, 4, 2, 100, 64, 30)] if args.smoke else [(2, 8, 8, 1000, 128, -1), (2, 8, 2, 1000, 64, 300)]
+    shapes = ([(1, 4, 2, 100, 64, 30)] if args.smoke else [(2, 8, 8, 1000, 128, -1)] if args.quick
+              else [(2, 8, 8, 1000, 128, -1), (2, 8, 2, 1000, 64, 300)])
     yield (f"Our attention op, forward+backward, with each kernel's candidate i forced (kernels/attention.py, "
            f"HOPPER_SPACES; the last one where a kernel has fewer), against the fp32 reference; {str(dtype)[6:]}, "
            f"tolerances {ATTN_TOL[dtype]}.")

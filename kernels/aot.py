@@ -11,7 +11,8 @@ How. The launchers (`_triton_fwd` / `_triton_bwd` of kernels/attention.py and
 kernels/rmsnorm.py) run on fake CUDA tensors (FakeTensorMode: shapes, strides and
 dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
 they would make is captured as they make it: kernel, grid, arguments, constexprs,
-num_warps and num_stages. A change to a launcher or to `_configs()` is therefore
+num_warps and num_stages; a triton.autotune object, as launched on a Hopper, as
+one launch per config it can pick, compiled for sm_90 only. A change to a launcher or to `_configs()` is therefore
 compiled here too. Each launch is then bound exactly as Triton's JIT binds an
 eager launch (same code: pointer dtypes, i32/i64 ints, ints equal to 1 folded,
 16-byte divisibility hints; tensors count as 16-byte aligned, as PyTorch's
@@ -42,7 +43,9 @@ TARGETS = {"sm_90": 90, "sm_80": 80}
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
 # What the launchers are asked to do: everything _configs() can tell apart on CUDA
-# (dtype, head dim), multi-head and grouped-query attention (group size 1 is folded
+# (dtype, head dim), then, in bf16 for sm_90, every candidate of the Hopper autotuner
+# (kernels/attention.py, HOPPER_SPACES: record_launches expands a triton.autotune
+# object into one launch per config), multi-head and grouped-query attention (group size 1 is folded
 # to a constant by the JIT, so it compiles differently), and a ragged sequence
 # length (not a multiple of 16: no divisibility hint on seq_len and the strides).
 # B, H, H_kv, T, D; the model's (B, T, H, D) layout, viewed as (B, H, T, D).

@@ -16,6 +16,7 @@ Checked per compiled kernel:
   * no fp64 arithmetic in the PTX (only reading an fp64 scalar argument and
     narrowing it to fp32 once is allowed);
   * on sm_90, 16-bit dots run as wgmma (Hopper's tensor-core instruction);
+  * every candidate of the Hopper autotuner was compiled (test_every_hopper_candidate_is_compiled);
   * register spills, as ptxas -v reports them (bytes of spill stores + loads
     per thread), stay under SPILL_BOUND.
 
@@ -30,8 +31,10 @@ bytes of stores and as many loads (dK/dV at D = 64 with GQA on sm_90, the most),
 ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
-kernels). Time: 208 compiles, 325 s of two cores in a full run on the 2-core
-development box; fp16 is not compiled (kernels/aot.py, DTYPES, says why).
+kernels), and for sm_90 with every tile the Hopper autotuner can pick
+(kernels/attention.py, HOPPER_SPACES), so all of the above holds for each of them.
+Time: 386 compiles, this file in 153 s on the 2-core development box (idle);
+fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
 import json
@@ -84,6 +87,19 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
     assert len(norm) == 2 * 2 * 2  # fwd and bwd, 2 dtypes, 2 targets
     # the Inductor typing is really exercised: RMSNorm's eps is a float scalar
     assert {r["float_type"] for r in compiled if r["kernel"] == "rms_norm_fwd_kernel"} == {"fp32", "fp64"}
+
+
+def test_every_hopper_candidate_is_compiled(compiled):
+    """Each candidate tile of each attention kernel, at each head dim and windowing, for sm_90, MHA and GQA."""
+    from kernels import attention
+    names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
+    seen = {(names[r["kernel"]], r["config"]["HEAD_DIM"], r["config"]["WINDOWED"], "Hkv2" in r["case"],
+             *(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
+            for r in ok(compiled) if r["kernel"] in names and r["dtype"] == "bfloat16" and r["target"] == "sm_90"}
+    for which, D, windowed, gqa in itertools.product(names.values(), (64, 128), (False, True), (False, True)):
+        for c in attention.hopper_space(which, D, windowed):
+            assert (which, D, windowed, gqa, c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) in seen, \
+                (which, D, windowed, gqa, c)
 
 
 def test_attention_tiles_nest(compiled):
