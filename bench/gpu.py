@@ -30,7 +30,7 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   candidates   on a Hopper, every tile the attention autotuner can pick, forced one
                at a time, forward+backward against the fp32 reference: D 128 MHA,
                and D 64 GQA with a sliding window (--quick: D 128 MHA only;
-               kernels/attention.py).
+               kernels/tiles.py).
   speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
                T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
                2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel (on a
@@ -104,7 +104,7 @@ import kernels
 import train
 from bench.gpu_runner import Report, case, one_line, run_sections
 from bench.kernels import launch_overhead
-from kernels import attention, dispatch, rmsnorm
+from kernels import attention, dispatch, rmsnorm, tiles
 
 # (name, seconds in a full run, seconds in a --quick run): section_<name> runs in its own
 # process and is killed at its limit, counted from its first line (bench/gpu_runner.py).
@@ -114,7 +114,7 @@ SECTIONS = [
     ("device", 60, 10),
     ("correctness", 900, 110),  # on a Hopper the first call of each attention shape autotunes (not in --quick)
     ("candidates", 300, 150),  # about 50 compiles, 25 in --quick (estimates, not yet timed)
-    ("speed", 600, 150),  # tunings: about 23 candidates to compile and time a shape (kernels/attention.py)
+    ("speed", 600, 150),  # tunings: about 23 candidates to compile and time a shape (kernels/tiles.py)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),
@@ -196,7 +196,7 @@ def section_device(args, device):
                f"{'our Triton kernel' if kernels.use_triton_attention(q, q, None) else 'SDPA'}; "
                f"SDPA would pick {dispatch.sdpa_choice(q, q, q).name.lower()} (kernels/dispatch.py).")
         yield (f"Our attention kernels {'let triton.autotune pick their tiles' if dispatch.autotune_attention(q) else 'run their hand-picked tiles'} "
-               f"on this GPU in bf16 (kernels/attention.py; {kernels.AUTOTUNE_ENV}=0 keeps the hand-picked ones).")
+               f"on this GPU in bf16 (kernels/tiles.py; {kernels.AUTOTUNE_ENV}=0 keeps the hand-picked ones).")
 
 
 def max_err(got, want, tol) -> tuple[float, bool]:
@@ -265,7 +265,7 @@ def section_correctness(args, device):
         modes["compiled dynamic"] = lambda fn: torch.compile(fn, fullgraph=True, dynamic=True)
     # --quick: our attention with its hand-picked tiles, as on every GPU but a Hopper; there the candidates
     # section checks each tile the autotuner can pick, without the compile and timing of a tuning run a shape
-    tiles = _env(kernels.AUTOTUNE_ENV, "0") if args.quick else nullcontext()
+    hand_picked = _env(kernels.AUTOTUNE_ENV, "0") if args.quick else nullcontext()
     yield (f"Against the fp32 PyTorch reference; {str(dtype)[6:]} inputs; tolerances (atol, rtol) "
            f"attention {ATTN_TOL[dtype]}, RMSNorm {NORM_TOL[dtype]}; {', '.join(modes)}"
            f"{' (no torch.compile in the smoke run)' if args.smoke else ''}"
@@ -273,7 +273,7 @@ def section_correctness(args, device):
     yield ""
     yield "| op | shape | mode | max abs err (out/dq/dk/dv; y/dx) | ok |"
     yield "|---|---|---|---|---|"
-    with our_path(args.smoke), tiles:
+    with our_path(args.smoke), hand_picked:
         for mode, wrap in modes.items():
             for op, fn in ops.items():
                 torch._dynamo.reset()
@@ -298,7 +298,7 @@ def section_candidates(args, device):
     # D 64 with a sliding window; ragged lengths, so the last tiles are partial
     shapes = ([(1, 4, 2, 100, 64, 30)] if args.smoke else [(2, 8, 8, 1000, 128, -1)] if args.quick
               else [(2, 8, 8, 1000, 128, -1), (2, 8, 2, 1000, 64, 300)])
-    yield (f"Our attention op, forward+backward, with each kernel's candidate i forced (kernels/attention.py, "
+    yield (f"Our attention op, forward+backward, with each kernel's candidate i forced (kernels/tiles.py, "
            f"HOPPER_SPACES; the last one where a kernel has fewer), against the fp32 reference; {str(dtype)[6:]}, "
            f"tolerances {ATTN_TOL[dtype]}.")
     yield ""
@@ -307,14 +307,14 @@ def section_candidates(args, device):
     op = lambda window: lambda q, k, v: kernels.flash_attn_op(q, k, v, window)[0]
     with our_path(args.smoke):
         for B, H, H_kv, T, D, window in shapes:
-            spaces = {w: attention.hopper_space(w, D, window >= 0) for w in ("fwd", "dkdv", "dq")}
+            spaces = {w: tiles.hopper_space(w, D, window >= 0) for w in ("fwd", "dkdv", "dq")}
             label = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
             for i in range(max(map(len, spaces.values()))):
-                tiles = {w: space[min(i, len(space) - 1)] for w, space in spaces.items()}
-                named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}" for c in tiles.values())
+                picked = {w: space[min(i, len(space) - 1)] for w, space in spaces.items()}
+                named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}" for c in picked.values())
 
-                def measure(tiles=tiles, shape=(B, H, H_kv, T, D)):
-                    with attention.forced_tiles(tiles):
+                def measure(picked=picked, shape=(B, H, H_kv, T, D)):
+                    with tiles.forced_tiles(picked):
                         return _errors_cells(attention_errors(op(window), *shape, dtype, device, window))
                 yield case(args, [label, i, named], measure)
 
@@ -377,7 +377,7 @@ def section_speed(args, device):
             yield case(args, [T, D, group, label], measure)
     picks = attention.autotune_picks()
     yield ""
-    yield ("triton.autotune's picks for \"ours\" (kernels/attention.py, HOPPER_SPACES; the first candidate of each "
+    yield ("triton.autotune's picks for \"ours\" (kernels/tiles.py, HOPPER_SPACES; the first candidate of each "
            "is the hand-picked one):" if picks else "Our attention ran its hand-picked tiles (no autotuning on this device).")
     yield from (f"- {pick}" for pick in picks)
 

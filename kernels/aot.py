@@ -12,7 +12,7 @@ kernels/rmsnorm.py) run on fake CUDA tensors (FakeTensorMode: shapes, strides an
 dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
 they would make is captured as they make it: kernel, grid, arguments, constexprs,
 num_warps and num_stages; a triton.autotune object, as launched on a Hopper, as
-one launch per config it can pick, compiled for sm_90 only. A change to a launcher or to `_configs()` is therefore
+one launch per config it can pick, compiled for sm_90 only. A change to a launcher or to the tiles (kernels/tiles.py) is therefore
 compiled here too. Each launch is then bound exactly as Triton's JIT binds an
 eager launch (same code: pointer dtypes, i32/i64 ints, ints equal to 1 folded,
 16-byte divisibility hints; tensors count as 16-byte aligned, as PyTorch's
@@ -42,9 +42,9 @@ TARGETS = {"sm_90": 90, "sm_80": 80}
 # "Technical Specifications per Compute Capability"): 227 KB on 9.0, 163 KB on 8.0.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
-# What the launchers are asked to do: everything _configs() can tell apart on CUDA
+# What the launchers are asked to do: everything tiles.hand_picked() can tell apart on CUDA
 # (dtype, head dim), then, in bf16 for sm_90, every candidate of the Hopper autotuner
-# (kernels/attention.py, HOPPER_SPACES: record_launches expands a triton.autotune
+# (kernels/tiles.py, HOPPER_SPACES: record_launches expands a triton.autotune
 # object into one launch per config), multi-head and grouped-query attention (group size 1 is folded
 # to a constant by the JIT, so it compiles differently), and a ragged sequence
 # length (not a multiple of 16: no divisibility hint on seq_len and the strides).
@@ -109,7 +109,7 @@ def record_launches() -> list[Launch]:
 
     def attention_launches(dtype, hopper: bool):
         """Every attention case; with hopper, as launched on a Hopper: each candidate of triton.autotune
-        (kernels/attention.py, HOPPER_SPACES), compiled for sm_90 only."""
+        (kernels/tiles.py, HOPPER_SPACES), compiled for sm_90 only."""
         attention.autotune_attention = lambda x: hopper
         for (B, H, H_kv, T, D), window in itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
             window = -1 if window is None else T // 2

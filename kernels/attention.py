@@ -44,8 +44,8 @@ Precision. bf16/fp16 inputs feed the tensor cores and accumulate in fp32; fp32
 inputs use full-precision ("ieee") dots, not tf32. LSE is always fp32.
 
 Tiles. On a Hopper (16-bit, outside inference mode: dispatch.autotune_attention)
-triton.autotune picks each kernel's tiles among HOPPER_SPACES on the user's GPU;
-everywhere else the launchers pass hand-picked ones (_configs). The kernels'
+triton.autotune picks each kernel's tiles among tiles.HOPPER_SPACES on the user's
+GPU; everywhere else the launchers pass hand-picked ones (kernels/tiles.py). The kernels'
 `tune_len` argument is only the autotuner's key: the sequence length rounded up to
 a power of two, so that nearby lengths share one tuning.
 
@@ -70,7 +70,6 @@ the sequence it gets the boolean mask `visible_keys`). The ops themselves, off t
 reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
 the exact oracle the kernel tests compare Triton against.
 """
-import contextlib
 import math
 
 import torch
@@ -79,6 +78,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kernels import tiles
 from kernels.dispatch import autotune_attention, ops_on_first_use, use_triton, use_triton_attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -374,116 +374,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 # ----------------------------------------------------------------------------
-# Launch configurations.
-#
-# The big tile is a multiple of the small one in every kernel, so the diagonal
-# region splits into whole small tiles. The 16-bit configs (every preset trains
-# in bf16) compile without a single register spill on sm_90 and sm_80 (the ptxas
-# of the triton wheel; tests/test_kernels_aot.py recompiles them all, see
-# kernels/aot.py): 8 warps wherever a 128-row tile at D = 128, or the dK/dV
-# kernel's accumulators, would not fit 4 warps' registers, and dK/dV streams 16
-# queries at a time (32 spilled on sm_80). The windowed dK/dV at D = 128 runs a
-# third loop (the window's edge) inside the GQA loop: with 128 keys a program it
-# spills 20 bytes on sm_80 (255 registers), with 64 none on either target.
-# fp32 (exact math, for tests) uses 8 warps in the D = 128 forward, where 4
-# spilled 1.2 KB per thread on sm_90 with GQA (2.1 KB with a window), and
-# 32-row tiles on 8 warps in the windowed D = 128 dQ (64 rows on 4 or 8 warps
-# spilled 0.8-1.7 KB on sm_90); it spills a little elsewhere in the backward
-# (see tests/test_kernels_aot.py). None of them
-# were timed on a GPU here: bench/gpu.py does that. The interpreter gets small
-# tiles so that tests at T ~ 100 still cross several tiles and a ragged end.
+# Which tiles a launch takes: kernels/tiles.py holds the hand-picked ones and the Hopper autotuner's
+# candidates; the autotuners are made here, over the kernels above.
 
-def _configs(x: torch.Tensor, windowed: bool = False) -> dict:
-    if x.device.type != "cuda":  # Triton interpreter
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32))
-    D = x.shape[-1]
-    if x.dtype == torch.float32:  # exact dots on the FMA units keep whole tiles in registers: small tiles
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2),
-                    dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if windowed and D > 64
-                    else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
-                    delta=dict(BLOCK_M=64))
-    return dict(_tiles_16bit(D, windowed), delta=dict(BLOCK_M=64))
-
-
-def _tiles_16bit(head_dim: int, windowed: bool) -> dict:
-    """The hand-picked 16-bit tiles of the forward, dK/dV and dQ kernels on CUDA (see above)."""
-    stages = 5 if head_dim <= 64 else 3  # shared memory: D = 128 tiles are twice as big
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages),
-                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages))
-
-
-# Autotuning on a Hopper (training and evaluation; see dispatch.autotune_attention for where not). There
-# triton.autotune times every candidate below on the user's GPU, at the first
-# launch of each key (tune_len: the sequence length rounded up to a power of two; group size; dtype; one
-# autotuner per kernel, head dim and windowing), and launches the fastest from then on; the timings are
-# kept in Triton's cache directory (cache_results), so a later run starts without re-timing. The first of
-# each space is the hand-picked config above, so the pick never timed slower than it.
-# The spaces (BLOCK_M, BLOCK_N, num_warps, num_stages) span what a Hopper rewards: 128-row tiles on two
-# warpgroups (wgmma works a warpgroup of 4 warps at a time on 64 rows), 64-row tiles on one, key tiles of
-# 32 to 128, and 2 to 4 stages of cp.async pipelining, up to the 227 KB of shared memory a block may use
-# (D = 128, 128 x 128 tiles: 224 KB at 3 stages, 288 at 4). Every candidate compiled for sm_90 without a
-# register spill at D = 64 and 128, MHA and GQA, with and without a window (kernels/aot.py;
-# tests/test_kernels_aot.py keeps it so with triton 3.7.1, and it was so with 3.6.0, what the H200 image of
-# issue 25 ships), which is what ruled out, e.g., the forward's 128 x 64 and 128 x 128 tiles on 4 warps
-# (1.2-5.7 KB spilled a thread at D = 128), dK/dV's 64 x 128 tiles (92-208 B on 8 warps at D = 128) and, with
-# 3.6.0 and GQA, its 64 x 64 and 32 x 128 at 3 stages (24-232 B at D = 64). With 3.6.0 the hand-picked dK/dV
-# tiles themselves spill with GQA (D = 64 with a window: 248 B on sm_90, 364 on sm_80; D = 128: 112 on sm_80).
-# dK/dV's BLOCK_M is its query tile, the K of two of its three dots: 16 is one wgmma step, 32 and 64
-# are two and four, the tutorial's choice being 32 with 128 keys. None of these were timed here: which
-# wins on an H100/H200 is the autotuner's measurement (bench/gpu.py reports its picks). Other GPUs keep
-# the hand-picked tiles, the only ones kernels/aot.py checks on sm_80. Not among the candidates: the
-# tutorial's host-side tensor descriptors (TMA loads), which need a per-config pre_hook to set their
-# block shape, and torch.compile rejects pre_hooks on user kernels (pytorch issue #139059).
-HOPPER_SPACES = {
-    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-            (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
-    "dkdv": [(16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)],
-    # dK/dV at D = 128 holds two 128-wide fp32 accumulators a key: with GQA (its loop over the group) the
-    # tiles above spilled 12-292 B a thread, and so did 16 x 128 at 3 stages and 16 x 64 at 4, 32 x 64 at
-    # 2 or 3 with a window with triton 3.6.0
-    "dkdv D128": [(16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 8, 3)],
-    "dq": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 16, 8, 3),
-           (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
-}
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-
-
-def hopper_space(which: str, head_dim: int, windowed: bool) -> list[dict]:
-    """The candidate tiles of kernel `which` on a Hopper, as config dicts: the hand-picked one first."""
-    first = _tiles_16bit(head_dim, windowed)[which]
-    tiles = HOPPER_SPACES["dkdv D128" if which == "dkdv" and head_dim > 64 else which]
-    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    return [first] + [c for c in space if c != first]
-
-
-_FORCED_TILES = None  # {which: config} inside forced_tiles()
-
-
-@contextlib.contextmanager
-def forced_tiles(tiles: dict):
-    """Launch the forward, dK/dV and dQ kernels with these tiles ({"fwd": config, "dkdv": ..., "dq": ...}, configs
-    as hopper_space gives them) instead of the autotuner's pick or the hand-picked ones: to check each candidate
-    on its own (tests/test_kernels_autotune.py in the interpreter, bench/gpu.py's candidates section on a GPU)."""
-    global _FORCED_TILES
-    previous, _FORCED_TILES = _FORCED_TILES, tiles
-    try:
-        yield
-    finally:
-        _FORCED_TILES = previous
 
 
 _AUTOTUNERS: dict = {}  # (which, head dim, windowed) -> its triton.autotune object
 
 
 def _autotuned(which: str, head_dim: int, windowed: bool):
-    """triton.autotune over hopper_space(which, head_dim, windowed), made on first use."""
+    """triton.autotune over tiles.hopper_space(which, head_dim, windowed), made on first use."""
     key = (which, head_dim, windowed)
     if key not in _AUTOTUNERS:
         configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"]), num_warps=c["num_warps"],
-                                 num_stages=c["num_stages"]) for c in hopper_space(which, head_dim, windowed)]
+                                 num_stages=c["num_stages"]) for c in tiles.hopper_space(which, head_dim, windowed)]
         _AUTOTUNERS[key] = triton.autotune(configs, key=["tune_len", "group_size"], cache_results=True)(_KERNELS[which])
     return _AUTOTUNERS[key]
 
@@ -524,13 +429,13 @@ def _tune_len(T) -> int:
 
 def _kernel(which: str, x: torch.Tensor, windowed: bool):
     """The kernel to launch for pass `which` ("fwd", "dkdv" or "dq") on inputs like x, and the tiles to pass
-    it: triton.autotune's pick among HOPPER_SPACES where dispatch.autotune_attention says so (the tiles are
-    then its to choose), else _configs()'s hand-picked ones; inside forced_tiles(), the tiles it was given."""
-    if _FORCED_TILES is not None:
-        return _KERNELS[which], _FORCED_TILES[which]
+    it: triton.autotune's pick among tiles.HOPPER_SPACES where dispatch.autotune_attention says so (the tiles
+    are then its to choose), else the hand-picked ones; inside tiles.forced_tiles(), the tiles it was given."""
+    if tiles.forced() is not None:
+        return _KERNELS[which], tiles.forced()[which]
     if autotune_attention(x):  # int(): under torch.compile(dynamic=True) the head dim is a symbol; a constexpr anyway
         return _autotuned(which, int(x.shape[-1]), windowed), {}
-    return _KERNELS[which], _configs(x, windowed)[which]
+    return _KERNELS[which], tiles.hand_picked(x, windowed)[which]
 
 
 def _rows_grid(T, n_programs, rows: str):
@@ -564,7 +469,7 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    delta_rows = _configs(q, window >= 0)["delta"]["BLOCK_M"]
+    delta_rows = tiles.hand_picked(q, window >= 0)["delta"]["BLOCK_M"]
     wrap_triton(_attn_bwd_delta_kernel)[((T + delta_rows - 1) // delta_rows, B * H)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),

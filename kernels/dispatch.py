@@ -141,7 +141,7 @@ def use_triton_attention(q: torch.Tensor, k: torch.Tensor, window: int | None) -
 
 def autotune_attention(x: torch.Tensor) -> bool:
     """True if our attention kernels, launched on tensor x, let triton.autotune pick their tiles on this GPU
-    (kernels/attention.py, HOPPER_SPACES), rather than take the hand-picked ones (_configs): 16-bit on a
+    (kernels/tiles.py, HOPPER_SPACES), rather than take the hand-picked ones: 16-bit on a
     Hopper, the one GPU family whose every candidate kernels/aot.py compiles and checks, outside inference
     mode, unless NANOSCHNACK_ATTENTION_AUTOTUNE=0. Inference mode is where chat and serving prefill (gpt.py,
     session.py): there a prompt whose rounded length is new would wait for a tuning run (compiling and

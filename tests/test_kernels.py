@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import attention, rmsnorm
+from kernels import attention, rmsnorm, tiles
 from kernels import dispatch
 from kernels.dispatch import REFERENCE_ENV, TRITON_ATTENTION_ENV, triton_on_cpu, use_triton_attention
 
@@ -185,12 +185,12 @@ def test_attention_kernels_skip_tiles_outside_the_window(monkeypatch):
     original = interpreter.InterpreterBuilder.create_dot
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, *a: dots.append(1) or original(self, *a))
 
-    def tiles(lo, hi, size):  # tiles of `size` overlapping the positions [lo, hi]
+    def overlapping(lo, hi, size):  # tiles of `size` overlapping the positions [lo, hi]
         return hi // size - max(lo, 0) // size + 1
 
     B, H, H_kv, T, D, window = 1, 2, 1, 150, 16, 20
     q, k, v, dout = attention_inputs(B, H, H_kv, T, D, torch.float32)
-    cfg = attention._configs(q)
+    cfg = tiles.hand_picked(q)
     counts = {}
     with run_triton():
         for w in (window, -1):
@@ -205,9 +205,9 @@ def test_attention_kernels_skip_tiles_outside_the_window(monkeypatch):
         fm, fn = cfg["fwd"]["BLOCK_M"], cfg["fwd"]["BLOCK_N"]
         km, kn = cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"]
         qm, qn = cfg["dq"]["BLOCK_M"], cfg["dq"]["BLOCK_N"]
-        fwd = sum(tiles(m - reach, min(m + fm, T) - 1, fn) for m in range(0, T, fm))
-        dkdv = sum(tiles(n, min(n + kn - 1 + reach, T - 1), km) for n in range(0, T, kn))
-        dq = sum(tiles(m - reach, min(m + qm, T) - 1, qn) for m in range(0, T, qm))
+        fwd = sum(overlapping(m - reach, min(m + fm, T) - 1, fn) for m in range(0, T, fm))
+        dkdv = sum(overlapping(n, min(n + kn - 1 + reach, T - 1), km) for n in range(0, T, kn))
+        dq = sum(overlapping(m - reach, min(m + qm, T) - 1, qn) for m in range(0, T, qm))
         assert counts["fwd", w] == 2 * B * H * fwd, (w, counts)
         assert counts["bwd", w] == B * H * (4 * dkdv + 3 * dq), (w, counts)
     assert counts["fwd", window] < counts["fwd", -1] and counts["bwd", window] < counts["bwd", -1]

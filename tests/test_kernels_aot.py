@@ -32,7 +32,7 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
-(kernels/attention.py, HOPPER_SPACES), so all of the above holds for each of them.
+(kernels/tiles.py, HOPPER_SPACES), so all of the above holds for each of them.
 Time: 386 compiles, this file in 153 s on the 2-core development box (idle);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
@@ -91,13 +91,13 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
 
 def test_every_hopper_candidate_is_compiled(compiled):
     """Each candidate tile of each attention kernel, at each head dim and windowing, for sm_90, MHA and GQA."""
-    from kernels import attention
+    from kernels import tiles
     names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
     seen = {(names[r["kernel"]], r["config"]["HEAD_DIM"], r["config"]["WINDOWED"], "Hkv2" in r["case"],
              *(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
             for r in ok(compiled) if r["kernel"] in names and r["dtype"] == "bfloat16" and r["target"] == "sm_90"}
     for which, D, windowed, gqa in itertools.product(names.values(), (64, 128), (False, True), (False, True)):
-        for c in attention.hopper_space(which, D, windowed):
+        for c in tiles.hopper_space(which, D, windowed):
             assert (which, D, windowed, gqa, c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) in seen, \
                 (which, D, windowed, gqa, c)
 

@@ -1,5 +1,5 @@
 """
-The attention kernels' autotuning on a Hopper (kernels/attention.py, HOPPER_SPACES), on a CPU.
+The attention kernels' autotuning on a Hopper (kernels/tiles.py, HOPPER_SPACES; kernels/attention.py), on a CPU.
 
 What the GPU would decide (which candidate is fastest) is not knowable here; what is checked:
   * every candidate tile the autotuner can pick computes attention, forward and backward, with and
@@ -14,12 +14,12 @@ tests/test_kernels_compile.py follows the candidates through Inductor's code gen
 import pytest
 import torch
 
-from kernels import attention, dispatch
+from kernels import attention, dispatch, tiles
 from kernels.dispatch import AUTOTUNE_ENV, triton_on_cpu
 from test_kernels import ATTN_TOL, assert_close, attention_inputs, attention_oracle
 
 WHICH = ("fwd", "dkdv", "dq")
-MOST_CANDIDATES = max(len(attention.hopper_space(w, D, win)) for w in WHICH for D in (64, 128) for win in (False, True))
+MOST_CANDIDATES = max(len(tiles.hopper_space(w, D, win)) for w in WHICH for D in (64, 128) for win in (False, True))
 
 
 def attention_and_grads(q, k, v, dout, window):
@@ -40,10 +40,10 @@ def check_against_oracle(got, q, k, v, dout, window, what):
 def test_every_hopper_candidate_computes_attention(D, window, index):
     """Candidate `index` of each kernel's space (the last one where a space is shorter), fp32 in the interpreter:
     the tiles are what differs between candidates, and a T of 200 crosses 128-row tiles and ends ragged."""
-    picked = {w: attention.hopper_space(w, D, window >= 0) for w in WHICH}
+    picked = {w: tiles.hopper_space(w, D, window >= 0) for w in WHICH}
     picked = {w: space[min(index, len(space) - 1)] for w, space in picked.items()}
     q, k, v, dout = attention_inputs(1, 4, 2, 200, D, torch.float32, layout="bthd")
-    with triton_on_cpu(), attention.forced_tiles(picked):
+    with triton_on_cpu(), tiles.forced_tiles(picked):
         got = attention_and_grads(q, k, v, dout, window)
     check_against_oracle(got, q, k, v, dout, window, f"candidates {picked}")
 
@@ -59,7 +59,7 @@ def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(m
 
         def made_up_timing(kernel_call, quantiles, which=which):
             kernel_call()  # the candidate really runs (in the interpreter)
-            i = len(timed[which]) % len(attention.hopper_space(which, 64, True))
+            i = len(timed[which]) % len(tiles.hopper_space(which, 64, True))
             timed[which].append(i)
             ms = 0.5 if i == fastest[which] else 1.0
             return [ms, ms, ms]
@@ -72,16 +72,16 @@ def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(m
             check_against_oracle(got, q, k, v, dout, 40, f"T {T}")
 
     for which in WHICH:
-        n = len(attention.hopper_space(which, 64, True))
+        n = len(tiles.hopper_space(which, 64, True))
         assert timed[which] == list(range(n)) * 2, which  # every candidate once, for tune_len 256 and 512
         tuner = attention._AUTOTUNERS[(which, 64, True)]
         assert sorted(key[0] for key in tuner.cache) == [256, 512]
-        want = attention.hopper_space(which, 64, True)[fastest[which]]
+        want = tiles.hopper_space(which, 64, True)[fastest[which]]
         for config in tuner.cache.values():
             assert dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages) == want, which
     picks = attention.autotune_picks()
     assert len(picks) == 6
-    want = attention.hopper_space("fwd", 64, True)[fastest["fwd"]]
+    want = tiles.hopper_space("fwd", 64, True)[fastest["fwd"]]
     assert f"fwd, D 64, windowed, tune_len 256, group 1, float32: BLOCK_M {want['BLOCK_M']}, BLOCK_N {want['BLOCK_N']}" in picks[0]
 
 
@@ -90,8 +90,8 @@ def test_hopper_spaces_start_with_the_hand_picked_tiles():
     for which in WHICH:
         for D in (64, 128):
             for windowed in (False, True):
-                space = attention.hopper_space(which, D, windowed)
-                assert space[0] == attention._tiles_16bit(D, windowed)[which]
+                space = tiles.hopper_space(which, D, windowed)
+                assert space[0] == tiles.hand_picked_16bit(D, windowed)[which]
                 assert len(space) == len({tuple(sorted(c.items())) for c in space}), "a candidate twice"
 
 

@@ -90,9 +90,9 @@ def test_generated_launches_hold_no_bit_twiddling(compiled, op, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_autotuned_attention_compiles_with_every_candidate(compiled, mode):
     """As on a Hopper, where the kernels are triton.autotune objects: Inductor carries every candidate of
-    kernels/attention.py's spaces into the generated kernel (it times them on the GPU itself), in order, each
+    kernels/tiles.py's spaces into the generated kernel (it times them on the GPU itself), in order, each
     with a launch grid that is a ceiling division of the sequence length (no bit-twiddling)."""
-    from kernels import attention
+    from kernels import tiles
     found = compiled["autotuned"][mode]
     assert found["errors"] == [None] * len(ATTN_SIZES), found["errors"]
     for which in ("fwd", "dkdv", "dq"):
@@ -100,7 +100,7 @@ def test_autotuned_attention_compiles_with_every_candidate(compiled, mode):
         builds = found["kernels"][name]
         assert builds, name
         for build in builds:
-            assert build["configs"] == attention.hopper_space(which, 64, False), name
+            assert build["configs"] == tiles.hopper_space(which, 64, False), name
             assert len(build["grids"]) == len(build["configs"]), name
             assert not [g for g in build["grids"] if re.search(r"\||&|\^|<<|>>|Bitwise", g)], build["grids"]
 
