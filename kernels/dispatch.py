@@ -167,10 +167,13 @@ def attention_in_training(config, device, dtype: torch.dtype) -> str:
                     requires_grad=True)
     k = torch.empty(1, config.n_kv_head, config.sequence_len, config.head_dim, device=device, dtype=dtype)
     with torch.enable_grad():
-        full = ("our Triton kernel" if use_triton_attention(q, k, None) else
-                "torch's SDPA, which measured faster than ours on this GPU (kernels/dispatch.py)")
+        ours = use_triton_attention(q, k, None)
+        full = "our Triton kernel" if ours else "torch's SDPA, which measured faster than ours on this GPU (kernels/dispatch.py)"
     windowed = any(w is not None and w < config.sequence_len - 1 for w in config.windows())
-    return f"attention: {full}" + ("; sliding-window layers: our Triton kernel" if windowed else "")
+    tuned = (ours or windowed) and device.type == "cuda" and autotune_attention(q)
+    return (f"attention: {full}" + ("; sliding-window layers: our Triton kernel" if windowed else "")
+            + ("; our kernel's tiles: triton.autotune's pick on this GPU, timed at its first steps (kernels/tiles.py)"
+               if tuned else ""))
 
 
 def ops_on_first_use(module_globals: dict, ops: dict, backward, setup_context):

@@ -360,6 +360,7 @@ def test_training_logs_which_attention_runs(monkeypatch):
     monkeypatch.delenv(REFERENCE_ENV, raising=False)
     monkeypatch.delenv(TRITON_ATTENTION_ENV, raising=False)
     monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: True)
+    monkeypatch.setattr(dispatch, "capability_major", lambda device: 8)  # an A100: hand-picked tiles
     d12 = gpt.preset("d12", 1024, 2048)  # MHA, heads of 128
     windows = dataclasses.replace(d12, window_pattern="SSSL")
     assert kernels.attention_in_training(d12, "cpu", torch.float32) == "attention: torch's SDPA"
@@ -370,6 +371,12 @@ def test_training_logs_which_attention_runs(monkeypatch):
         assert said.endswith("; sliding-window layers: our Triton kernel")
         monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: False)
         assert kernels.attention_in_training(d12, "cuda", torch.bfloat16) == "attention: our Triton kernel"
+        monkeypatch.setattr(dispatch, "capability_major", lambda device: 9)  # a Hopper: autotuned tiles where ours runs
+        assert kernels.attention_in_training(d12, "cuda", torch.bfloat16).endswith("triton.autotune's pick on this GPU, timed at its first steps (kernels/tiles.py)")
+        assert kernels.attention_in_training(d12, "cuda", torch.float32) == "attention: our Triton kernel"
+        monkeypatch.setattr(dispatch, "sdpa_wins_on", lambda *question: True)
+        assert "autotune" not in kernels.attention_in_training(d12, "cuda", torch.bfloat16)  # SDPA everywhere
+        assert "autotune" in kernels.attention_in_training(windows, "cuda", torch.bfloat16)  # ours in the window layers
         monkeypatch.setenv(REFERENCE_ENV, "1")
         assert kernels.attention_in_training(d12, "cuda", torch.bfloat16).endswith(f"({REFERENCE_ENV}=1)")
 
