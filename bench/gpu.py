@@ -68,7 +68,7 @@ about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 23 candidates to compile and time; kernels/aot.py compiles 386 kernels
+shape (about 23 candidates to compile and time; kernels/aot.py compiles 350 kernels
 in about 150 s on the 2-core development CPU), in the speed section (the correctness section runs the hand-picked
 tiles in --quick; the candidates section checks the others). The quick time limits
 (SECTIONS) add up to 15.8 minutes, so even a

@@ -33,7 +33,7 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
 (kernels/tiles.py, HOPPER_SPACES), so all of the above holds for each of them.
-Time: 386 compiles, this file in 153 s on the 2-core development box (idle);
+Time: 350 compiles, this file in 150 s on the 2-core development box (idle);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
