@@ -105,6 +105,16 @@ def test_autotuned_attention_compiles_with_every_candidate(compiled, mode):
             assert not [g for g in build["grids"] if re.search(r"\||&|\^|<<|>>|Bitwise", g)], build["grids"]
 
 
+def test_autotuner_candidates_compile_ahead_on_threads(compiled):
+    """On a GPU, the first eager launch of an autotuner on a new tuning key compiles all of its candidates at
+    once, on worker threads (kernels/attention.py, _compile_ahead), so its timing of them compiles nothing;
+    a second launch of the same key compiles nothing either."""
+    found = compiled["compiled_ahead"]
+    assert sorted(c[1:] for c in found["first"]) == sorted(found["candidates"])
+    assert all(c[0] != "MainThread" for c in found["first"]), found["first"]
+    assert found["second"] == [] and found["after"] == [], found
+
+
 def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
     """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
     768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
@@ -149,6 +159,9 @@ def _stand_in_sm90_driver():
             return torch.device("cpu")
 
         def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):  # asked by a launch, even one that only compiles (warmup)
             return 0
 
     triton.runtime.driver.set_active(StandIn())
@@ -250,7 +263,7 @@ def _autotuned_kernels(attention, sources) -> dict:
     import ast
 
     import torch
-    attention.autotune_attention = lambda x: True
+    saved, attention.autotune_attention = attention.autotune_attention, lambda x: True
     found = {}
     for mode, dynamic in MODES.items():
         torch._dynamo.reset()
@@ -271,7 +284,50 @@ def _autotuned_kernels(attention, sources) -> dict:
             grids = re.findall(r"'python': (\[[^\]]*\])", source)
             kernels.setdefault(re.sub(r"_\d+$", "", name), []).append(dict(configs=configs, grids=grids))
         found[mode] = dict(errors=errors, kernels=kernels)
+    attention.autotune_attention = saved
     return found
+
+
+def _compiled_ahead(attention) -> dict:
+    """attention._compile_ahead as on a GPU, for the forward's autotuner at D 64 (CPU tensors stand in for a
+    GPU's: only compiling happens, for the faked sm_90): the compiles of a first launch (thread, warps,
+    stages), of a second launch of the same tuning key, and of the autotuner compiling each candidate after."""
+    import threading
+
+    import torch
+    saved = attention.autotune_attention, attention._compiles_ahead, attention.wrap_triton
+    attention.autotune_attention = lambda x: True
+    attention._compiles_ahead = lambda q: True
+    tuner = attention._autotuned("fwd", 64, False)
+    compiled, launched = [], []
+    tuner.fn.device_caches[0]  # the JIT sets up its compile function with the device's cache, on first use
+    original = tuner.fn.compile
+
+    def recording_compile(src, target=None, options=None, **kwargs):
+        compiled.append([threading.current_thread().name, options["num_warps"], options["num_stages"]])
+        return original(src, target=target, options=options, **kwargs)
+    tuner.fn.compile = recording_compile
+
+    class Launch:  # wrap_triton's stand-in: records the launch, runs nothing
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, args, kwargs))
+    attention.wrap_triton = Launch
+    try:
+        q, k, v = (torch.randn(1, 2, 200, 64, dtype=torch.bfloat16) for _ in "qkv")
+        attention._triton_fwd(q, k, v)
+        first = list(compiled)
+        attention._triton_fwd(q, k, v)
+        second = compiled[len(first):]
+        grid, args, kwargs = launched[0]
+        for config in tuner.configs:  # what the autotuner's first launch of each candidate compiles now
+            tuner.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+        after = compiled[len(first) + len(second):]
+    finally:
+        attention.autotune_attention, attention._compiles_ahead, attention.wrap_triton = saved
+    return dict(candidates=[[c.num_warps, c.num_stages] for c in tuner.configs], first=first, second=second, after=after)
 
 
 def child(out_path: str) -> None:
@@ -355,6 +411,7 @@ def child(out_path: str) -> None:
             rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
         results["flash_attn_op"][mode] = rows
     results["autotuned"] = _autotuned_kernels(attention, sources)
+    results["compiled_ahead"] = _compiled_ahead(attention)
     results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
     Path(out_path).write_text(json.dumps(results, indent=1, default=str))
 
