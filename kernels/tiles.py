@@ -52,8 +52,8 @@ def hand_picked_16bit(head_dim: int, windowed: bool) -> dict:
 
 
 # Autotuning on a Hopper (training and evaluation; see dispatch.autotune_attention for where not). There
-# triton.autotune times every candidate below on the user's GPU, at the first
-# launch of each key (tune_len: the sequence length rounded up to a power of two; group size; dtype; one
+# triton.autotune times every candidate below on the user's GPU (compiled at once, on threads, first:
+# attention._compile_ahead), at the first launch of each key (tune_len: the sequence length rounded up to a power of two; group size; dtype; one
 # autotuner per kernel, head dim and windowing), and launches the fastest from then on; the timings are
 # kept in Triton's cache directory (cache_results), so a later run starts without re-timing. The first of
 # each space is the hand-picked config above, so the pick never timed slower than it.
