@@ -68,11 +68,11 @@ about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 23 candidates to compile and time; kernels/aot.py compiles 350 kernels
-in about 150 s on the 2-core development CPU), in the speed section (the correctness section runs the hand-picked
-tiles in --quick; the candidates section checks the others). The quick time limits
-(SECTIONS) add up to 15.8 minutes, so even a
-hung section cannot stretch the run much past that; where one command may run
+shape (about 23 candidates to compile, at once on threads, and time; kernels/aot.py
+compiles 350 kernels in about 150 s on the 2-core development CPU), in the speed
+section (the correctness section runs the hand-picked tiles in --quick; the
+candidates section checks the others). The quick time limits (SECTIONS) add up to
+15.8 minutes, so even a hung section cannot stretch the run much past that; where one command may run
 at most 10 minutes, run `--sections device,correctness,candidates,speed --quick` first
 and the other sections as a second command.
 
@@ -313,7 +313,7 @@ def section_candidates(args, device):
                 picked = {w: space[min(i, len(space) - 1)] for w, space in spaces.items()}
                 named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}" for c in picked.values())
 
-                def measure(picked=picked, shape=(B, H, H_kv, T, D)):
+                def measure(picked=picked, shape=(B, H, H_kv, T, D), window=window):
                     with tiles.forced_tiles(picked):
                         return _errors_cells(attention_errors(op(window), *shape, dtype, device, window))
                 yield case(args, [label, i, named], measure)

@@ -14,7 +14,7 @@ measured faster (use_triton_rms_norm); both call torch's own ops (SDPA, F.rms_no
 everywhere else. For A/B runs NANOSCHNACK_REFERENCE_KERNELS=1 calls torch's ops on
 the GPU too, NANOSCHNACK_TRITON_ATTENTION=1 runs our attention wherever it can, and
 NANOSCHNACK_ATTENTION_AUTOTUNE=0 keeps its hand-picked tiles on a Hopper, where
-triton.autotune otherwise picks them (see kernels/dispatch.py, kernels/attention.py).
+triton.autotune otherwise picks them (see kernels/dispatch.py, kernels/tiles.py).
 """
 from kernels import attention, rmsnorm
 from kernels.attention import flash_attn
