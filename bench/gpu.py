@@ -68,7 +68,7 @@ about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 23 candidates to compile, at once on threads, and time; kernels/aot.py
+shape (about 20 candidates to compile, at once on threads, and time; kernels/aot.py
 compiles 350 kernels in about 150 s on the 2-core development CPU), in the speed
 section (the correctness section runs the hand-picked tiles in --quick; the
 candidates section checks the others). The quick time limits (SECTIONS) add up to
@@ -114,7 +114,7 @@ SECTIONS = [
     ("device", 60, 10),
     ("correctness", 900, 110),  # on a Hopper the first call of each attention shape autotunes (not in --quick)
     ("candidates", 300, 150),  # about 50 compiles, 25 in --quick (estimates, not yet timed)
-    ("speed", 600, 150),  # tunings: about 23 candidates to compile and time a shape (kernels/tiles.py)
+    ("speed", 600, 150),  # tunings: about 20 candidates to compile and time a shape (kernels/tiles.py)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),

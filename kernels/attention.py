@@ -466,7 +466,7 @@ def _compile_ahead(tuner, grid, args: tuple, kwargs: dict) -> None:
     their tuning key: it would compile them one after another as it times them. Triton's compile releases
     the GIL: 8 of the sm_90 forward candidates at D = 128 compiled in 5.7-7.2 s on one thread and 3.4-3.8 s
     on two, on the 2-core development CPU, so a GPU machine's cores cut the first call of a shape from about
-    25 compiles in a row to a few rounds. Not while torch.compile traces: Inductor compiles the candidates
+    20 compiles in a row to a few rounds. Not while torch.compile traces: Inductor compiles the candidates
     itself, in parallel. A failing candidate is left to the autotuner, which skips it when it times it."""
     q = args[0]
     if not _compiles_ahead(q):
