@@ -477,7 +477,10 @@ def _compile_ahead(tuner, grid, args: tuple, kwargs: dict) -> None:
         return
     _COMPILED_AHEAD.add(key)
     try:
-        from triton.runtime._async_compile import AsyncCompileMode  # Triton's own, as in triton 3.6 and 3.7
+        from triton.runtime._async_compile import AsyncCompileMode, FutureKernel  # Triton's own, in 3.6 and 3.7
+    except ImportError:  # another Triton: the autotuner compiles each candidate itself
+        return
+    try:
         with (ThreadPoolExecutor(min(len(tuner.configs), os.cpu_count() or 1)) as pool,
               AsyncCompileMode(pool, ignore_errors=True)):
             for config in tuner.configs:
@@ -485,6 +488,12 @@ def _compile_ahead(tuner, grid, args: tuple, kwargs: dict) -> None:
     except Exception as e:  # the autotuner compiles each candidate itself, as without this
         warnings.warn(f"compiling the attention autotuner's candidates ahead failed ({type(e).__name__}: {e}); "
                       "it compiles them one by one")
+    finally:
+        # A candidate whose compile failed stays in the JIT's cache as an unfinished future, which triton 3.6
+        # cannot launch: drop it, so the autotuner compiles it again itself and meets the error as it would have.
+        cache = tuner.fn.device_caches[triton.runtime.driver.active.get_current_device()][0]
+        for failed in [k for k, kernel in cache.items() if isinstance(kernel, FutureKernel) and kernel.kernel is None]:
+            del cache[failed]
 
 
 def _compiles_ahead(q: torch.Tensor) -> bool:
