@@ -12,8 +12,8 @@ kernels/rmsnorm.py) run on fake CUDA tensors (FakeTensorMode: shapes, strides an
 dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
 they would make is captured as they make it: kernel, grid, arguments, constexprs,
 num_warps and num_stages; a triton.autotune object, as launched on a Hopper, as
-one launch per config it can pick, compiled for sm_90 only. A change to a launcher or to the tiles (kernels/tiles.py) is therefore
-compiled here too. Each launch is then bound exactly as Triton's JIT binds an
+one launch per config it can pick, compiled for sm_90 only. A change to a launcher
+or to the tiles (kernels/tiles.py) is therefore compiled here too. Each launch is then bound exactly as Triton's JIT binds an
 eager launch (same code: pointer dtypes, i32/i64 ints, ints equal to 1 folded,
 16-byte divisibility hints; tensors count as 16-byte aligned, as PyTorch's
 allocations are) and run through triton.compile for sm_90 and sm_80, down to a
@@ -42,12 +42,12 @@ TARGETS = {"sm_90": 90, "sm_80": 80}
 # "Technical Specifications per Compute Capability"): 227 KB on 9.0, 163 KB on 8.0.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
-# What the launchers are asked to do: everything tiles.hand_picked() can tell apart on CUDA
-# (dtype, head dim), then, in bf16 for sm_90, every candidate of the Hopper autotuner
-# (kernels/tiles.py, HOPPER_SPACES: record_launches expands a triton.autotune
-# object into one launch per config), multi-head and grouped-query attention (group size 1 is folded
-# to a constant by the JIT, so it compiles differently), and a ragged sequence
-# length (not a multiple of 16: no divisibility hint on seq_len and the strides).
+# What the launchers are asked to do: everything tiles.hand_picked() can tell apart on
+# CUDA (dtype, head dim), then, in bf16 for sm_90, every candidate of the Hopper
+# autotuner (kernels/tiles.py, HOPPER_SPACES: record_launches expands a triton.autotune
+# object into one launch per config); multi-head and grouped-query attention (group
+# size 1 is folded to a constant by the JIT, so it compiles differently), and a ragged
+# sequence length (not a multiple of 16: no divisibility hint on seq_len and the strides).
 # B, H, H_kv, T, D; the model's (B, T, H, D) layout, viewed as (B, H, T, D).
 ATTENTION_CASES = [(2, 6, 6, 2048, 64), (1, 4, 2, 1000, 64), (2, 10, 10, 2048, 128), (1, 4, 2, 1000, 128)]
 # Each case runs without a window and with one of half the sequence (nanochat's first short
