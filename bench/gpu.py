@@ -45,8 +45,9 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   train        d12 and d20 at train.py's defaults (T 2048, 32 sequences a device),
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
                steps after warm-up, with the kernels kernels/dispatch.py picks, with
-               our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1;
-               not in --quick) and with PyTorch's own (F.scaled_dot_product_attention
+               our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1, with
+               the autotuner's tiles on a Hopper and with the hand-picked ones; not in
+               --quick) and with PyTorch's own (F.scaled_dot_product_attention
                + F.rms_norm, both fused by torch.compile: what
                NANOSCHNACK_REFERENCE_KERNELS=1 selects).
   run          a short real d12 run whose loss must fall: counting sequences
@@ -89,7 +90,7 @@ import queue
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,16 +474,19 @@ def counting_batch(B: int, T: int, device, vocab_size: int, generator=None):
     return seq[:, :-1].to(device), seq[:, 1:].to(device)
 
 
-TRAIN_VARIANTS = {  # name -> the environment variable kernels/dispatch.py reads, set to 1 (or none)
-    "pytorch": kernels.REFERENCE_ENV,  # torch's SDPA + F.rms_norm, the baseline
-    "ours": None,  # what the model runs: our kernels where they measured faster (or were not measured)
-    "triton attention": kernels.TRITON_ATTENTION_ENV,  # our attention wherever it can run
+TRAIN_VARIANTS = {  # name -> the environment variables kernels/dispatch.py reads
+    "pytorch": {kernels.REFERENCE_ENV: "1"},  # torch's SDPA + F.rms_norm, the baseline
+    "ours": {},  # what the model runs: our kernels where they measured faster (or were not measured)
+    "triton attention": {kernels.TRITON_ATTENTION_ENV: "1"},  # our attention wherever it can run
+    "triton attention, hand-picked tiles": {kernels.TRITON_ATTENTION_ENV: "1", kernels.AUTOTUNE_ENV: "0"},
 }
 
 
-def variant_context(variant: str):
-    name = TRAIN_VARIANTS[variant]
-    return _env(name, "1") if name else nullcontext()
+def variant_context(variant: str) -> ExitStack:
+    settings = ExitStack()
+    for key, value in TRAIN_VARIANTS[variant].items():
+        settings.enter_context(_env(key, value))
+    return settings
 
 
 class _env:
@@ -539,11 +543,13 @@ def section_train(args, device):
            f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
            "pytorch: torch's SDPA + F.rms_norm. ours: attention and RMSNorm as kernels/dispatch.py picks them "
            "(F.rms_norm under torch.compile; SDPA for MHA at D 128 on a Hopper where SDPA picks cuDNN). "
-           "triton attention: our attention kernel wherever it can run (not in --quick).")
+           "triton attention: our attention kernel wherever it can run, its tiles on a Hopper picked by the "
+           "autotuner (Inductor's, under torch.compile); the same with its hand-picked tiles "
+           f"({kernels.AUTOTUNE_ENV}=0). Neither in --quick.")
     yield ""
     yield "| model | kernels | T x batch | tokens/s | MFU | peak memory GiB | / pytorch |"
     yield "|---|---|---|---:|---:|---:|---:|"
-    variants = [v for v in TRAIN_VARIANTS if not (args.quick and v == "triton attention")]
+    variants = [v for v in TRAIN_VARIANTS if not (args.quick and v.startswith("triton attention"))]
     for preset in presets:
         results = {}
 
