@@ -181,6 +181,8 @@ def launch_overhead(device, smoke: bool) -> list[str]:
     dy = torch.randn_like(x)
     q = torch.randn(1, 2, 16, 64, device=device, requires_grad=True)
     dout = torch.randn_like(q)
+    q16 = q.detach().to(torch.bfloat16).requires_grad_()
+    dout16 = dout.to(torch.bfloat16)
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     paths = {  # name: (op, its input, the output's gradient)
         "F.rms_norm": (lambda t: F.rms_norm(t, (128,), eps=1e-6), x, dy),
@@ -188,6 +190,8 @@ def launch_overhead(device, smoke: bool) -> list[str]:
         "ours via kernels.rms_norm_op (custom op)": (lambda t: kernels.rms_norm_op(t, 1e-6)[0], x, dy),
         "F.scaled_dot_product_attention": (lambda t: sdpa(t, t, t), q, dout),
         "ours via kernels.flash_attn (custom op)": (lambda t: kernels.flash_attn(t, t, t), q, dout),
+        # bf16: on a Hopper the launches go through triton.autotune (its key looked up per launch)
+        "ours via kernels.flash_attn_op, bf16": (lambda t: kernels.flash_attn_op(t, t, t, -1)[0], q16, dout16),
     }
 
     def per_call(fn) -> float:
