@@ -436,8 +436,9 @@ def _kernel(which: str, x: torch.Tensor, windowed: bool):
     """The kernel to launch for pass `which` ("fwd", "dkdv" or "dq") on inputs like x, and the tiles to pass
     it: triton.autotune's pick among tiles.HOPPER_SPACES where dispatch.autotune_attention says so (the tiles
     are then its to choose), else the hand-picked ones; inside tiles.forced_tiles(), the tiles it was given."""
-    if tiles.forced() is not None:
-        return _KERNELS[which], tiles.forced()[which]
+    forced = tiles.forced()
+    if forced is not None:
+        return _KERNELS[which], forced[which]
     if autotune_attention(x):  # int(): under torch.compile(dynamic=True) the head dim is a symbol; a constexpr anyway
         return _autotuned(which, int(x.shape[-1]), windowed), {}
     return _KERNELS[which], tiles.hand_picked(x, windowed)[which]

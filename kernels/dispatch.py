@@ -107,6 +107,12 @@ def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True, enable_gqa=q.shape[1] != k.shape[1]))
 
 
+@functools.cache
+def capability_major(device: torch.device) -> int:
+    """The major compute capability of a CUDA device (9 for an H100/H200)."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 _SDPA_WINS: dict = {}  # (device index, dtype, head dim) -> sdpa_wins_on's answer
 
 
@@ -119,7 +125,7 @@ def sdpa_wins_on(device_index: int, dtype: torch.dtype, head_dim: int) -> bool:
         from torch.nn.attention import SDPBackend
         device = torch.device("cuda", device_index)
         probe = torch.zeros(1, 1, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
-        _SDPA_WINS[key] = (torch.cuda.get_device_properties(device).major == SDPA_WINS_CAPABILITY_MAJOR
+        _SDPA_WINS[key] = (capability_major(device) == SDPA_WINS_CAPABILITY_MAJOR
                            and sdpa_choice(probe, probe, probe) == SDPBackend.CUDNN_ATTENTION)
     return _SDPA_WINS[key]
 
@@ -151,12 +157,6 @@ def autotune_attention(x: torch.Tensor) -> bool:
             and os.environ.get(AUTOTUNE_ENV) != "0" and capability_major(x.device) == 9)
 
 
-@functools.cache
-def capability_major(device: torch.device) -> int:
-    """The major compute capability of a CUDA device (9 for an H100/H200)."""
-    return torch.cuda.get_device_capability(device)[0]
-
-
 def attention_in_training(config, device, dtype: torch.dtype) -> str:
     """Which attention training runs for a gpt.GPTConfig on `device` in `dtype`, in words (train.py and sft.py
     log it): the rule above, asked with a probe of the model's head shapes."""
@@ -170,7 +170,7 @@ def attention_in_training(config, device, dtype: torch.dtype) -> str:
         ours = use_triton_attention(q, k, None)
         full = "our Triton kernel" if ours else "torch's SDPA, which measured faster than ours on this GPU (kernels/dispatch.py)"
     windowed = any(w is not None and w < config.sequence_len - 1 for w in config.windows())
-    tuned = (ours or windowed) and device.type == "cuda" and autotune_attention(q)
+    tuned = (ours or windowed) and autotune_attention(q)
     return (f"attention: {full}" + ("; sliding-window layers: our Triton kernel" if windowed else "")
             + ("; our kernel's tiles: triton.autotune's pick on this GPU, timed at its first steps (kernels/tiles.py)"
                if tuned else ""))
