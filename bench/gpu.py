@@ -69,11 +69,12 @@ about a minute each), run as in the full run (seconds), decode d12 only (a
 compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 20 candidates to compile, at once on threads, and time; kernels/aot.py
-compiles 350 kernels in about 150 s on the 2-core development CPU), in the speed
+shape (about 35 candidates, half of them loading through TMA, to compile, at once on
+threads, and time; kernels/aot.py compiles 462 kernels in about 180 s on the 2-core
+development CPU), in the speed
 section (the correctness section runs the hand-picked tiles in --quick; the
 candidates section checks the others). The quick time limits (SECTIONS) add up to
-15.8 minutes, so even a hung section cannot stretch the run much past that; where one command may run
+16.7 minutes, so even a hung section cannot stretch the run much past that; where one command may run
 at most 10 minutes, run `--sections device,correctness,candidates,speed --quick` first
 and the other sections as a second command.
 
@@ -105,7 +106,7 @@ import kernels
 import train
 from bench.gpu_runner import Report, case, one_line, run_sections
 from bench.kernels import launch_overhead
-from kernels import attention, dispatch, rmsnorm, tiles
+from kernels import attention, attention_reference, dispatch, rmsnorm, tiles
 
 # (name, seconds in a full run, seconds in a --quick run): section_<name> runs in its own
 # process and is killed at its limit, counted from its first line (bench/gpu_runner.py).
@@ -114,8 +115,8 @@ from kernels import attention, dispatch, rmsnorm, tiles
 SECTIONS = [
     ("device", 60, 10),
     ("correctness", 900, 110),  # on a Hopper the first call of each attention shape autotunes (not in --quick)
-    ("candidates", 300, 150),  # about 50 compiles, 25 in --quick (estimates, not yet timed)
-    ("speed", 600, 150),  # tunings: about 20 candidates to compile and time a shape (kernels/tiles.py)
+    ("candidates", 400, 200),  # about 85 compiles, 40 in --quick, one after another (estimates, not yet timed)
+    ("speed", 600, 150),  # tunings: about 35 candidates to compile and time a shape (kernels/tiles.py)
     ("rms_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 1500, 110),
@@ -215,8 +216,8 @@ def attention_errors(fn, B, H, H_kv, T, D, dtype, device, window=-1):
     make = lambda h: torch.randn(B, T, h, D, generator=g).to(device, dtype).transpose(1, 2)  # the model's layout
     q, k, v, dout = make(H), make(H_kv), make(H_kv), make(H)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention._reference_fwd(q32, k32, v32, window)
-    ref = (ref_out, *attention._reference_bwd(dout.float(), q32, k32, v32, ref_out, ref_lse, window))
+    ref_out, ref_lse = attention_reference.reference_fwd(q32, k32, v32, window)
+    ref = (ref_out, *attention_reference.reference_bwd(dout.float(), q32, k32, v32, ref_out, ref_lse, window))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
     got = (out, *torch.autograd.grad(out, (q, k, v), dout))
@@ -303,16 +304,17 @@ def section_candidates(args, device):
            f"HOPPER_SPACES; the last one where a kernel has fewer), against the fp32 reference; {str(dtype)[6:]}, "
            f"tolerances {ATTN_TOL[dtype]}.")
     yield ""
-    yield "| shape | i | fwd / dK,dV / dQ tiles (BLOCK_M x BLOCK_N, warps, stages) | max abs err (out/dq/dk/dv) | ok |"
+    yield "| shape | i | fwd / dK,dV / dQ tiles (BLOCK_M x BLOCK_N, warps, stages, TMA loads) | max abs err (out/dq/dk/dv) | ok |"
     yield "|---|---|---|---|---|"
     op = lambda window: lambda q, k, v: kernels.flash_attn_op(q, k, v, window)[0]
     with our_path(args.smoke):
         for B, H, H_kv, T, D, window in shapes:
-            spaces = {w: tiles.hopper_space(w, D, window >= 0) for w in ("fwd", "dkdv", "dq")}
+            spaces = {w: tiles.hopper_space(w, D, window >= 0, tma=True) for w in ("fwd", "dkdv", "dq")}
             label = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
             for i in range(max(map(len, spaces.values()))):
                 picked = {w: space[min(i, len(space) - 1)] for w, space in spaces.items()}
-                named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}" for c in picked.values())
+                named = " / ".join(f"{c['BLOCK_M']}x{c['BLOCK_N']}, {c['num_warps']}, {c['num_stages']}{', TMA' * c['TMA']}"
+                                   for c in picked.values())
 
                 def measure(picked=picked, shape=(B, H, H_kv, T, D), window=window):
                     with tiles.forced_tiles(picked):
@@ -330,6 +332,7 @@ def attention_contenders(smoke: bool) -> dict:
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     ours = lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0]  # our Triton kernel
     contenders = {"ours": (nullcontext, ours),  # on a Hopper with the tiles triton.autotune picked there
+                  "ours, no TMA": (lambda: _env(kernels.TMA_ENV, "0"), ours),  # the autotuner's pick among pointer loads
                   "ours, hand-picked tiles": (lambda: _env(kernels.AUTOTUNE_ENV, "0"), ours),  # as on other GPUs
                   "model's call": (nullcontext, kernels.flash_attn)}  # ours or SDPA (kernels/dispatch.py)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
@@ -344,7 +347,7 @@ def attention_contenders(smoke: bool) -> dict:
     return contenders
 
 
-OURS = ("ours", "ours, hand-picked tiles", "model's call")  # the columns "ours / best other" does not count as others
+OURS = ("ours", "ours, no TMA", "ours, hand-picked tiles", "model's call")  # the columns "ours / best other" does not count as others
 
 
 def section_speed(args, device):
@@ -378,8 +381,8 @@ def section_speed(args, device):
             yield case(args, [T, D, group, label], measure)
     picks = attention.autotune_picks()
     yield ""
-    yield ("triton.autotune's picks for \"ours\" (kernels/tiles.py, HOPPER_SPACES; the first candidate of each "
-           "is the hand-picked one):" if picks else "Our attention ran its hand-picked tiles (no autotuning on this device).")
+    yield ("triton.autotune's picks for \"ours\" and \"ours, no TMA\" (kernels/tiles.py, HOPPER_SPACES and "
+           "HOPPER_TMA_SPACES; the first candidate of each is the hand-picked one):" if picks else "Our attention ran its hand-picked tiles (no autotuning on this device).")
     yield from (f"- {pick}" for pick in picks)
 
 

@@ -14,12 +14,13 @@ measured faster (use_triton_rms_norm); both call torch's own ops (SDPA, F.rms_no
 everywhere else. For A/B runs NANOSCHNACK_REFERENCE_KERNELS=1 calls torch's ops on
 the GPU too, NANOSCHNACK_TRITON_ATTENTION=1 runs our attention wherever it can, and
 NANOSCHNACK_ATTENTION_AUTOTUNE=0 keeps its hand-picked tiles on a Hopper, where
-triton.autotune otherwise picks them (see kernels/dispatch.py, kernels/tiles.py).
+triton.autotune otherwise picks them, and NANOSCHNACK_ATTENTION_TMA=0 leaves out the
+candidates that load through TMA (see kernels/dispatch.py, kernels/tiles.py).
 """
 from kernels import attention, rmsnorm
 from kernels.attention import flash_attn
 from kernels.decode import decode_attn, decode_attn_op
-from kernels.dispatch import (AUTOTUNE_ENV, RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, TRITON_ATTENTION_ENV, attention_in_training,
+from kernels.dispatch import (AUTOTUNE_ENV, RMS_NORM_TRITON_WIDTHS, REFERENCE_ENV, TMA_ENV, TRITON_ATTENTION_ENV, attention_in_training,
                               triton_on_cpu, use_triton, use_triton_attention, use_triton_rms_norm)
 from kernels.rmsnorm import rms_norm
 
@@ -43,5 +44,5 @@ __all__ = [
     "flash_attn", "flash_attn_op", "flash_attn_backward_op", "decode_attn", "decode_attn_op",
     "rms_norm", "rms_norm_op", "rms_norm_backward_op",
     "register_ops", "use_triton", "use_triton_attention", "use_triton_rms_norm", "RMS_NORM_TRITON_WIDTHS", "triton_on_cpu",
-    "REFERENCE_ENV", "TRITON_ATTENTION_ENV", "AUTOTUNE_ENV", "attention_in_training",
+    "REFERENCE_ENV", "TRITON_ATTENTION_ENV", "AUTOTUNE_ENV", "TMA_ENV", "attention_in_training",
 ]

@@ -19,6 +19,10 @@ eager launch (same code: pointer dtypes, i32/i64 ints, ints equal to 1 folded,
 allocations are) and run through triton.compile for sm_90 and sm_80, down to a
 cubin with the ptxas that ships in the triton wheel.
 
+For each compile it reports registers, spills, shared memory, fp64 instructions, and
+which Hopper instructions the PTX holds: wgmma for the dots, and cp.async.bulk.tensor
+(with the global scratch its descriptors are written to) for the TMA candidates.
+
 Float scalars are compiled twice: typed fp32, as an eager launch types a Python
 float, and fp64, as torch.compile's Inductor types it (torch 2.13,
 torch/_inductor/codegen/triton_utils.py). The kernels must be fp32 either way.
@@ -254,6 +258,7 @@ def compile_job(job: Job) -> dict:
         shared=compiled.metadata.shared, smem_limit=SMEM_LIMIT[job.arch],
         f64_instructions=f64[:5], n_f64=len(f64),
         wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, has_dot="tt.dot" in compiled.asm["ttir"],
+        tma_loads="cp.async.bulk.tensor" in ptx, global_scratch=compiled.metadata.global_scratch_size,
     )
 
 

@@ -49,6 +49,16 @@ GPU; everywhere else the launchers pass hand-picked ones (kernels/tiles.py). The
 `tune_len` argument is only the autotuner's key: the sequence length rounded up to
 a power of two, so that nearby lengths share one tuning.
 
+TMA. With the constexpr TMA (only among a Hopper's candidates, tiles.HOPPER_TMA_SPACES)
+a kernel loads the tiles it streams through tensor descriptors made in the kernel
+(tl.make_tensor_descriptor: _row_tiles), which the Hopper's tensor memory accelerator
+copies to shared memory whole: the pointer arithmetic of every row leaves the loop
+(registers of the D = 128 forward's 128 x 64 tile: 188 -> 147 a thread on sm_90). Made
+in the kernel, not on the host, so that no per-config pre_hook has to set their tile
+shape (torch.compile rejects pre_hooks on user kernels, pytorch issue #139059); each
+program writes its two descriptors to 256 bytes of global scratch that Triton asks its
+allocator for at launch (_tma_scratch; Inductor sets its own).
+
 Scalars. The kernels take no float arguments: the softmax scale 1/sqrt(D) is a
 constexpr (SM_SCALE, one value per HEAD_DIM, so no extra compiles). A Python float
 argument is typed fp32 by an eager Triton launch but fp64 by torch.compile's
@@ -65,10 +75,10 @@ kernels/dispatch.py: on CUDA the model's flash_attn() launches Triton, except wh
 torch's SDPA measured faster (training's full causal attention on a Hopper, where
 SDPA picks cuDNN: use_triton_attention); elsewhere (or with
 NANOSCHNACK_REFERENCE_KERNELS=1) it calls torch's SDPA, whose CPU flash
-kernel is about twice as fast as the reference below (for a window shorter than
-the sequence it gets the boolean mask `visible_keys`). The ops themselves, off the Triton path, run that
-reference: the textbook math in fp32 (fp64 for fp64 inputs) with T x T scores,
-the exact oracle the kernel tests compare Triton against.
+kernel is about twice as fast as the reference (for a window shorter than
+the sequence it gets the boolean mask `visible_keys`). The ops themselves, off the Triton path, run the
+reference of kernels/attention_reference.py: the textbook math in fp32 (fp64 for fp64 inputs)
+with T x T scores, the exact oracle the kernel tests compare Triton against.
 """
 import math
 import os
@@ -80,11 +90,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 
 from kernels import tiles
-from kernels.dispatch import autotune_attention, ops_on_first_use, use_triton, use_triton_attention
+from kernels.attention_reference import reference_bwd, reference_fwd, visible_keys
+from kernels.dispatch import autotune_attention, ops_on_first_use, tma_allowed, use_triton, use_triton_attention
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -119,19 +131,43 @@ def _key_bounds(start_m, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+def _row_tiles(X, b, h, stride_xb, stride_xh, stride_xt, seq_len, offs_rows, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Where the tiles of BLOCK rows of head h's (T, D) matrix in batch b are loaded from (_load_rows). With
+    TMA a tensor descriptor: the Hopper's tensor memory accelerator copies a whole tile into shared memory
+    from it, with no address arithmetic in registers, and reads rows past seq_len as zeros; it asks for 16-byte
+    aligned rows (the launcher checks: _tma_aligned). Else the pointers of the tile at row 0."""
+    base = X + b * stride_xb + h * stride_xh
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[seq_len, HEAD_DIM], strides=[stride_xt, 1],
+                                         block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return base + offs_rows[:, None] * stride_xt + offs_d[None, :]
+
+
+@triton.jit
+def _load_rows(row_tiles, start, stride_xt, rows_exist, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The BLOCK rows from row start on of a _row_tiles source. MASKED: some may lie past the end of the
+    sequence (not rows_exist) and read as zeros, which TMA's bounds do by themselves."""
+    if TMA:
+        return row_tiles.load([start, 0])
+    elif MASKED:
+        return tl.load(row_tiles + start * stride_xt, mask=rows_exist[:, None], other=0.0)
+    else:
+        return tl.load(row_tiles + start * stride_xt)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_tiles, v_tiles, stride_kt, stride_vt,
                offs_m, offs_n, lo, hi, seq_len, window,
                QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate key/value tiles [lo, hi) into the running softmax of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if CAUSAL_MASK:  # the diagonal tiles, which may also cross the end of the sequence
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
-        else:  # strictly left of the diagonal: every key exists, no load masks
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+        # Only the diagonal tiles may cross the end of the sequence; left of it every key exists: no load masks.
+        k = _load_rows(k_tiles, start_n, stride_kt, cols < seq_len, CAUSAL_MASK, TMA)
+        v = _load_rows(v_tiles, start_n, stride_vt, cols < seq_len, CAUSAL_MASK, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled scores
         if CAUSAL_MASK or WINDOW_MASK:
             qk = tl.where(_keep(offs_m[:, None], cols[None, :], window, CAUSAL_MASK, WINDOW_MASK), qk, float("-inf"))
@@ -171,11 +207,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_ob, stride_oh, stride_ot,
                      n_heads, group_size, seq_len, window, tune_len,
                      SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_tiles = _row_tiles(K, b, h_kv, stride_kb, stride_kh, stride_kt, seq_len, offs_n, offs_d, HEAD_DIM, BLOCK_N, TMA)
+    v_tiles = _row_tiles(V, b, h_kv, stride_vb, stride_vh, stride_vt, seq_len, offs_n, offs_d, HEAD_DIM, BLOCK_N, TMA)
     q = tl.load(q_ptrs, mask=offs_m[:, None] < seq_len, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -186,15 +222,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     full = 0
     if WINDOWED:
         first, full = _key_bounds(start_m, window, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_tiles, v_tiles, stride_kt, stride_vt,
                                    offs_m, offs_n, first, full, seq_len, window,
-                                   SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                                   SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_tiles, v_tiles, stride_kt, stride_vt,
                                offs_m, offs_n, full, start_m, seq_len, window,
-                               SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                               SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_tiles, v_tiles, stride_kt, stride_vt,
                                offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, window,
-                               SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION)
+                               SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION, TMA)
 
     if WINDOWED:  # rows past the end of the sequence may have no key in their window: l = 0, not stored
         l_i = tl.where(offs_m < seq_len, l_i, 1.0)
@@ -225,10 +261,10 @@ def _attn_bwd_delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
+def _bwd_dkdv_inner(dk, dv, k, v, q_tiles, do_tiles, lse_ptr, delta_ptr, stride_qt, stride_dot,
                     offs_n, offs_m, lo, hi, seq_len, window,
                     QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK and dV of one key tile over the query tiles [lo, hi).
 
     Works on transposed tiles (keys x queries) so that dK and dV come out as
@@ -238,8 +274,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seq_len
-        q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
+        q = _load_rows(q_tiles, start_m, stride_qt, row_ok, True, TMA)
+        do = _load_rows(do_tiles, start_m, stride_dot, row_ok, True, TMA)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * QK_SCALE
@@ -263,7 +299,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                           stride_dvb, stride_dvh, stride_dvt,
                           n_kv_heads, group_size, seq_len, window, tune_len,
                           SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
     b = (bh_kv // n_kv_heads).to(tl.int64)
@@ -291,22 +327,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         last = seq_len
     for g in range(group_size):  # every query head that reads this key/value head
         h = h_kv * group_size + g
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+        q_tiles = _row_tiles(Q, b, h, stride_qb, stride_qh, stride_qt, seq_len, offs_m, offs_d, HEAD_DIM, BLOCK_M, TMA)
+        do_tiles = _row_tiles(DO, b, h, stride_dob, stride_doh, stride_dot, seq_len, offs_m, offs_d, HEAD_DIM, BLOCK_M, TMA)
         row_base = (b * n_heads + h) * seq_len
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_tiles, do_tiles, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
                                  start_n, tl.minimum(below, seq_len), seq_len, window,
-                                 SM_SCALE * LOG2E, True, WINDOWED, BLOCK_M, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+                                 SM_SCALE * LOG2E, True, WINDOWED, BLOCK_M, DOT_PRECISION, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_tiles, do_tiles, LSE + row_base, DELTA + row_base,
                                  stride_qt, stride_dot, offs_n, offs_m,
                                  below, full, seq_len, window,
-                                 SM_SCALE * LOG2E, False, False, BLOCK_M, DOT_PRECISION)
+                                 SM_SCALE * LOG2E, False, False, BLOCK_M, DOT_PRECISION, TMA)
         if WINDOWED:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base,
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_tiles, do_tiles, LSE + row_base, DELTA + row_base,
                                      stride_qt, stride_dot, offs_n, offs_m,
                                      full, last, seq_len, window,
-                                     SM_SCALE * LOG2E, False, True, BLOCK_M, DOT_PRECISION)
+                                     SM_SCALE * LOG2E, False, True, BLOCK_M, DOT_PRECISION, TMA)
 
     dk = dk * SM_SCALE  # s = sm_scale * q.k, so dK carries the scale once
     tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -316,19 +352,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_tiles, v_tiles, stride_kt, stride_vt,
                   offs_m, offs_n, lo, hi, seq_len, window,
                   QK_SCALE: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if CAUSAL_MASK:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+        k = _load_rows(k_tiles, start_n, stride_kt, cols < seq_len, CAUSAL_MASK, TMA)
+        v = _load_rows(v_tiles, start_n, stride_vt, cols < seq_len, CAUSAL_MASK, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
         p = tl.math.exp2(s - lse[:, None])
         if CAUSAL_MASK or WINDOW_MASK:
@@ -348,7 +380,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                         stride_dqb, stride_dqh, stride_dqt,
                         n_heads, group_size, seq_len, window, tune_len,
                         SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     start_m, bh, b, h, h_kv, offs_m, offs_n, offs_d = _query_tile(n_heads, group_size, HEAD_DIM, BLOCK_M, BLOCK_N)
     row_ok = offs_m < seq_len
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -356,23 +388,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     row_base = bh.to(tl.int64) * seq_len
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_tiles = _row_tiles(K, b, h_kv, stride_kb, stride_kh, stride_kt, seq_len, offs_n, offs_d, HEAD_DIM, BLOCK_N, TMA)
+    v_tiles = _row_tiles(V, b, h_kv, stride_vb, stride_vh, stride_vt, seq_len, offs_n, offs_d, HEAD_DIM, BLOCK_N, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # The forward's passes: window edge (masked), inside the window (unmasked), diagonal (masked).
     full = 0
     if WINDOWED:
         first, full = _key_bounds(start_m, window, BLOCK_M, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_tiles, v_tiles, stride_kt, stride_vt,
                            offs_m, offs_n, first, full, seq_len, window,
-                           SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                           SM_SCALE * LOG2E, False, True, BLOCK_N, DOT_PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_tiles, v_tiles, stride_kt, stride_vt,
                        offs_m, offs_n, full, start_m, seq_len, window,
-                       SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
+                       SM_SCALE * LOG2E, False, False, BLOCK_N, DOT_PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_tiles, v_tiles, stride_kt, stride_vt,
                        offs_m, offs_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len), seq_len, window,
-                       SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION)
+                       SM_SCALE * LOG2E, True, WINDOWED, BLOCK_N, DOT_PRECISION, TMA)
     dq = dq * SM_SCALE
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -385,15 +417,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 
-_AUTOTUNERS: dict = {}  # (which, head dim, windowed) -> its triton.autotune object
+_AUTOTUNERS: dict = {}  # (which, head dim, windowed, tma) -> its triton.autotune object
 
 
-def _autotuned(which: str, head_dim: int, windowed: bool):
-    """triton.autotune over tiles.hopper_space(which, head_dim, windowed), made on first use."""
-    key = (which, head_dim, windowed)
+def _autotuned(which: str, head_dim: int, windowed: bool, tma: bool):
+    """triton.autotune over tiles.hopper_space(which, head_dim, windowed, tma), made on first use."""
+    key = (which, head_dim, windowed, tma)
     if key not in _AUTOTUNERS:
-        configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"]), num_warps=c["num_warps"],
-                                 num_stages=c["num_stages"]) for c in tiles.hopper_space(which, head_dim, windowed)]
+        configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], TMA=c["TMA"]),
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"])
+                   for c in tiles.hopper_space(which, head_dim, windowed, tma)]
         _AUTOTUNERS[key] = triton.autotune(configs, key=["tune_len", "group_size"], cache_results=True)(_KERNELS[which])
     return _AUTOTUNERS[key]
 
@@ -402,8 +435,8 @@ def autotune_picks() -> list[str]:
     """What the autotuners picked so far in this process, a line each (bench/gpu.py reports them)."""
     return [f"{which}, D {head_dim}{', windowed' if windowed else ''}, tune_len {key[0]}, group {key[1]}, "
             f"{key[2].removeprefix('torch.')}: BLOCK_M {c.kwargs['BLOCK_M']}, BLOCK_N {c.kwargs['BLOCK_N']}, "
-            f"{c.num_warps} warps, {c.num_stages} stages"
-            for (which, head_dim, windowed), tuner in _AUTOTUNERS.items() for key, c in tuner.cache.items()]
+            f"{c.num_warps} warps, {c.num_stages} stages{', TMA' if c.kwargs['TMA'] else ''}"
+            for (which, head_dim, windowed, _), tuner in _AUTOTUNERS.items() for key, c in tuner.cache.items()]
 
 
 def _sm_scale(head_dim: int) -> float:
@@ -432,16 +465,37 @@ def _tune_len(T) -> int:
     return max(128, 1 << (T - 1).bit_length()) if isinstance(T, int) else T
 
 
-def _kernel(which: str, x: torch.Tensor, windowed: bool):
+def _kernel(which: str, x: torch.Tensor, windowed: bool, streamed: tuple):
     """The kernel to launch for pass `which` ("fwd", "dkdv" or "dq") on inputs like x, and the tiles to pass
     it: triton.autotune's pick among tiles.HOPPER_SPACES where dispatch.autotune_attention says so (the tiles
-    are then its to choose), else the hand-picked ones; inside tiles.forced_tiles(), the tiles it was given."""
+    are then its to choose; TMA candidates among them if the `streamed` tensors allow, _tma_aligned, and
+    dispatch.tma_allowed), else the hand-picked ones; inside tiles.forced_tiles(), the tiles it was given."""
     forced = tiles.forced()
     if forced is not None:
+        torch._check(not forced[which]["TMA"] or _tma_aligned(*streamed), lambda: "TMA tiles forced on unaligned tensors")
         return _KERNELS[which], forced[which]
     if autotune_attention(x):  # int(): under torch.compile(dynamic=True) the head dim is a symbol; a constexpr anyway
-        return _autotuned(which, int(x.shape[-1]), windowed), {}
+        return _autotuned(which, int(x.shape[-1]), windowed, tma_allowed() and _tma_aligned(*streamed)), {}
     return _KERNELS[which], tiles.hand_picked(x, windowed)[which]
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether TMA may copy tiles of these (B, H, T, D) tensors: the tensor memory accelerator wants each
+    tile's first row 16-byte aligned and the row stride a multiple of 16 bytes, so the tensor's start and its
+    batch, head and row strides, in bytes, must be multiples of 16. The model's views of its (B, T, H, D)
+    activations are, at 16 bits and head dims of 8 or more. Decided without a guard under torch.compile:
+    a stride that is a symbol counts as aligned only if it provably is."""
+    offsets = [o * t.element_size() for t in tensors for o in (t.storage_offset(), *t.stride()[:3])]
+    if not all(statically_known_true(o % 16 == 0) for o in offsets):
+        return False
+    return not _launches_now(tensors[0]) or all(t.data_ptr() % 16 == 0 for t in tensors)  # storage starts too
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's allocator (triton.set_allocator) for the global memory a kernel asks for at launch: on a Hopper,
+    128 bytes a program for each TMA tensor descriptor it makes (_row_tiles), which it writes there before
+    using it. Inductor sets its own for the kernels it launches."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _rows_grid(T, n_programs, rows: str):
@@ -451,10 +505,15 @@ def _rows_grid(T, n_programs, rows: str):
 
 
 def _launch(kernel, grid):
-    """wrap_triton(kernel)[grid]; for an autotuner, first every candidate compiled at once (_compile_ahead)."""
+    """wrap_triton(kernel)[grid]; for an autotuner, first every candidate compiled at once (_compile_ahead).
+    Triton's allocator is set for each CUDA launch that may load through TMA: a ContextVar, which a thread
+    starts without. Also while torch.compile traces the op: it then stays set in this thread for the compiled
+    graph's launches, should an Inductor not set its own (torch 2.13's does, in CachingAutotuner.run)."""
     def launch(*args, **kwargs):
         if isinstance(kernel, Autotuner):
             _compile_ahead(kernel, grid, args, kwargs)
+        if (isinstance(kernel, Autotuner) or kwargs["TMA"]) and args[0].device.type == "cuda":
+            triton.set_allocator(_tma_scratch)
         wrap_triton(kernel)[grid](*args, **kwargs)
     return launch
 
@@ -470,7 +529,7 @@ def _compile_ahead(tuner, grid, args: tuple, kwargs: dict) -> None:
     20 compiles in a row to a few rounds. Not while torch.compile traces: Inductor compiles the candidates
     itself, in parallel. A failing candidate is left to the autotuner, which skips it when it times it."""
     q = args[0]
-    if not _compiles_ahead(q):
+    if not _launches_now(q):
         return
     named = dict(zip(tuner.fn.arg_names, args))
     key = (tuner, named["tune_len"], named["group_size"], q.dtype)
@@ -497,7 +556,7 @@ def _compile_ahead(tuner, grid, args: tuple, kwargs: dict) -> None:
             del cache[failed]
 
 
-def _compiles_ahead(q: torch.Tensor) -> bool:
+def _launches_now(q: torch.Tensor) -> bool:
     """Whether a launch on q is a real one on a GPU (not traced by torch.compile, not on fake tensors)."""
     return q.device.type == "cuda" and not torch.compiler.is_compiling() and not is_fake(q)
 
@@ -509,7 +568,7 @@ def _triton_fwd(q, k, v, window=-1):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)  # keeps q's strides: the model's transposed view comes back ready to reshape
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    kernel, cfg = _kernel("fwd", q, window >= 0)
+    kernel, cfg = _kernel("fwd", q, window >= 0, (k, v))
     _launch(kernel, _rows_grid(T, B * H, "BLOCK_M"))(
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -535,7 +594,7 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
         H, T, HEAD_DIM=D, BLOCK_M=delta_rows)
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    kernel, cfg = _kernel("dkdv", q, window >= 0)
+    kernel, cfg = _kernel("dkdv", q, window >= 0, (q, dout))
     _launch(kernel, _rows_grid(T, B * H_kv, "BLOCK_N"))(
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
@@ -548,7 +607,7 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
         SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
 
     dq = torch.empty_like(q)
-    kernel, cfg = _kernel("dq", q, window >= 0)
+    kernel, cfg = _kernel("dq", q, window >= 0, (k, v))
     _launch(kernel, _rows_grid(T, B * H, "BLOCK_M"))(
         q, k, v, dout, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
@@ -559,56 +618,6 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
         H, H // H_kv, T, window, _tune_len(T),
         SM_SCALE=_sm_scale(D), HEAD_DIM=D, WINDOWED=window >= 0, DOT_PRECISION=_dot_precision(q), **cfg)
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------
-# PyTorch reference: the same math, written out, on the whole T x T matrix.
-
-def visible_keys(T: int, window: int, device) -> torch.Tensor:
-    """(T, T) bool: query i sees key j iff j <= i and, with a window (>= 0), i - j <= window."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (i - j <= window) if window >= 0 else j <= i
-
-
-def _reference_probs(q, k, lse=None, window=-1):
-    """Softmax probabilities P (B, H, T, T) in fp32 (fp64 for fp64 inputs), and the LSE."""
-    group = q.shape[1] // k.shape[1]
-    compute = torch.promote_types(q.dtype, torch.float32)
-    k = k.repeat_interleave(group, dim=1).to(compute)
-    s = (q.to(compute) @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~visible_keys(q.shape[2], window, q.device), float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse.to(compute).unsqueeze(-1)), lse
-
-
-def _reference_fwd(q, k, v, window=-1):
-    p, lse = _reference_probs(q, k, window=window)
-    v = v.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(p.dtype)
-    out = (p @ v).to(q.dtype)
-    return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse
-
-
-def _reference_bwd(dout, q, k, v, out, lse, window=-1):
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    group = H // H_kv
-    p, _ = _reference_probs(q, k, lse, window)
-    compute = p.dtype
-    dout32, q32 = dout.to(compute), q.to(compute)
-    k32 = k.repeat_interleave(group, dim=1).to(compute)
-    v32 = v.repeat_interleave(group, dim=1).to(compute)
-    delta = (dout32 * out.to(compute)).sum(-1, keepdim=True)
-    dv = p.transpose(-2, -1) @ dout32
-    ds = p * (dout32 @ v32.transpose(-2, -1) - delta)
-    scale = 1.0 / math.sqrt(D)
-    dq = (ds @ k32) * scale
-    dk = (ds.transpose(-2, -1) @ q32) * scale
-    # GQA: a key/value head's gradient is the sum over the query heads that read it
-    dk = dk.view(B, H_kv, group, T, D).sum(2)
-    dv = dv.view(B, H_kv, group, T, D).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -623,7 +632,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int =
     _check(q, k, v, window)
     if use_triton(q):
         return _triton_fwd(q, k, v, window)
-    return _reference_fwd(q, k, v, window)
+    return reference_fwd(q, k, v, window)
 
 
 def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -631,7 +640,7 @@ def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     """Gradients (dq, dk, dv) of flash_attn, given its inputs, output, LSE and window."""
     if use_triton(q):
         return _triton_bwd(dout, q, k, v, out, lse, window)
-    return _reference_bwd(dout, q, k, v, out, lse, window)
+    return reference_bwd(dout, q, k, v, out, lse, window)
 
 
 def _setup_context(ctx, inputs, output):

@@ -7,6 +7,8 @@ When do flash_attn and rms_norm launch Triton, and when do they use torch's own 
     CUDA tensor, NANOSCHNACK_ATTENTION_AUTOTUNE=0 -> our attention keeps its hand-picked tiles on a
                                                     Hopper too (A/B against triton.autotune's pick;
                                                     see autotune_attention)
+    CUDA tensor, NANOSCHNACK_ATTENTION_TMA=0      -> the Hopper autotuner leaves out its TMA candidates
+                                                    (A/B of TMA loads against pointer loads; tma_allowed)
     CPU tensor                                   -> torch's ops
     CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
 
@@ -29,6 +31,7 @@ from torch.library import triton_op
 REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
 TRITON_ATTENTION_ENV = "NANOSCHNACK_TRITON_ATTENTION"
 AUTOTUNE_ENV = "NANOSCHNACK_ATTENTION_AUTOTUNE"
+TMA_ENV = "NANOSCHNACK_ATTENTION_TMA"
 
 _triton_on_cpu = False
 
@@ -155,6 +158,12 @@ def autotune_attention(x: torch.Tensor) -> bool:
     return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
             and not torch.is_inference_mode_enabled()
             and os.environ.get(AUTOTUNE_ENV) != "0" and capability_major(x.device) == 9)
+
+
+def tma_allowed() -> bool:
+    """Whether the Hopper autotuner may offer its TMA candidates (kernels/tiles.py, HOPPER_TMA_SPACES), where the
+    tensors allow them: unless NANOSCHNACK_ATTENTION_TMA=0."""
+    return os.environ.get(TMA_ENV) != "0"
 
 
 def attention_in_training(config, device, dtype: torch.dtype) -> str:

@@ -2,8 +2,9 @@
 The tiles the attention kernels (kernels/attention.py) launch with: BLOCK_M x BLOCK_N,
 num_warps and num_stages of the forward, dK/dV and dQ kernels (and the delta kernel's
 rows). Hand-picked ones, which every GPU but a Hopper runs, and on a Hopper the
-candidates triton.autotune chooses among on the user's GPU (HOPPER_SPACES), the
-hand-picked ones first. Plain data and functions: attention.py makes the autotuners.
+candidates triton.autotune chooses among on the user's GPU (HOPPER_SPACES, and
+HOPPER_TMA_SPACES: the same kernels loading through TMA), the hand-picked ones first.
+Plain data and functions: attention.py makes the autotuners.
 """
 import contextlib
 
@@ -31,14 +32,14 @@ import torch
 def hand_picked(x: torch.Tensor, windowed: bool = False) -> dict:
     """The hand-picked tiles of each attention kernel ("fwd", "dkdv", "dq", "delta") for inputs like x."""
     if x.device.type != "cuda":  # Triton interpreter
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32))
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16, TMA=False), dkdv=dict(BLOCK_M=16, BLOCK_N=32, TMA=False),
+                    dq=dict(BLOCK_M=32, BLOCK_N=16, TMA=False), delta=dict(BLOCK_M=32))
     D = x.shape[-1]
     if x.dtype == torch.float32:  # exact dots on the FMA units keep whole tiles in registers: small tiles
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2),
-                    dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if windowed and D > 64
-                    else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2, TMA=False),
+                    dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, TMA=False),
+                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2, TMA=False) if windowed and D > 64
+                    else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, TMA=False),
                     delta=dict(BLOCK_M=64))
     return dict(hand_picked_16bit(D, windowed), delta=dict(BLOCK_M=64))
 
@@ -46,9 +47,10 @@ def hand_picked(x: torch.Tensor, windowed: bool = False) -> dict:
 def hand_picked_16bit(head_dim: int, windowed: bool) -> dict:
     """The hand-picked 16-bit tiles of the forward, dK/dV and dQ kernels on CUDA (see above)."""
     stages = 5 if head_dim <= 64 else 3  # shared memory: D = 128 tiles are twice as big
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages),
-                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages))
+    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
+                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages,
+                          TMA=False),
+                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, TMA=False))
 
 
 # Autotuning on a Hopper (training and evaluation; see dispatch.autotune_attention for where not). There
@@ -70,9 +72,9 @@ def hand_picked_16bit(head_dim: int, windowed: bool) -> dict:
 # dK/dV's BLOCK_M is its query tile, the K of two of its three dots: 16 is one wgmma step, 32 and 64
 # are two and four, the tutorial's choice being 32 with 128 keys. None of these were timed here: which
 # wins on an H100/H200 is the autotuner's measurement (bench/gpu.py reports its picks). Other GPUs keep
-# the hand-picked tiles, the only ones kernels/aot.py checks on sm_80. Not among the candidates: the
-# tutorial's host-side tensor descriptors (TMA loads), which need a per-config pre_hook to set their
-# block shape, and torch.compile rejects pre_hooks on user kernels (pytorch issue #139059).
+# the hand-picked tiles, the only ones kernels/aot.py checks on sm_80. The tutorial's host-side tensor
+# descriptors are not used: they need a per-config pre_hook to set their block shape, and torch.compile
+# rejects pre_hooks on user kernels (pytorch issue #139059); the TMA candidates below make theirs in the kernel.
 HOPPER_SPACES = {
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
             (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
@@ -85,12 +87,34 @@ HOPPER_SPACES = {
            (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
 }
 
+# TMA candidates (tiles.hopper_space with tma: where the tensors allow it, attention._tma_aligned). These load
+# the tiles each program streams (the forward's and dQ's keys and values, dK/dV's queries and output gradients)
+# through tensor descriptors: the Hopper's tensor memory accelerator copies a whole tile into shared memory,
+# from one descriptor instead of a pointer a row, so the loop holds no address arithmetic (the Triton
+# tutorial's Hopper forward loads K and V so). Compiled for sm_90 (bf16, no window, MHA) this cut the
+# registers a thread, against the same tiles through pointers: forward 128 x 64 on 8 warps, 3 stages, from 188
+# to 147 at D = 128 and 125 to 112 at D = 64; dQ 128 x 64 at D = 128 from 210 to 176 (kernels/aot.py). The
+# lists are what a compile sweep of 58 tiles x 4 cases (D = 64 and 128, MHA and GQA, with and without a
+# window) left spill-free with triton 3.7.1 and then 3.6.0, drawn from the pointer spaces above: the forward's
+# 128 x 128 tiles (24 B spilled at D = 128 with a window), dK/dV's 16 x 128 at D = 128 (72-80 B with GQA) and
+# its 32 x 64 on 4 warps fell out with 3.7.1; with 3.6.0, GQA with a window, dK/dV's 32 x 128 at 3 stages
+# (D = 64: 120 B) and 32 x 64 (D = 128: 192 B).
+HOPPER_TMA_SPACES = {
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "dkdv": [(16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)],
+    "dkdv D128": [(16, 64, 8, 2), (16, 64, 8, 3)],
+    "dq": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+}
 
-def hopper_space(which: str, head_dim: int, windowed: bool) -> list[dict]:
-    """The candidate tiles of kernel `which` on a Hopper, as config dicts: the hand-picked one first."""
+
+def hopper_space(which: str, head_dim: int, windowed: bool, tma: bool) -> list[dict]:
+    """The candidate tiles of kernel `which` on a Hopper, as config dicts: the hand-picked one first; with
+    tma, then the candidates that load their streamed tiles through TMA tensor descriptors."""
     first = hand_picked_16bit(head_dim, windowed)[which]
-    tiles = HOPPER_SPACES["dkdv D128" if which == "dkdv" and head_dim > 64 else which]
-    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    key = "dkdv D128" if which == "dkdv" and head_dim > 64 else which
+    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=False) for m, n, w, s in HOPPER_SPACES[key]]
+    if tma:
+        space += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=True) for m, n, w, s in HOPPER_TMA_SPACES[key]]
     return [first] + [c for c in space if c != first]
 
 

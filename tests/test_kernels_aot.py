@@ -17,6 +17,9 @@ Checked per compiled kernel:
     narrowing it to fp32 once is allowed);
   * on sm_90, 16-bit dots run as wgmma (Hopper's tensor-core instruction);
   * every candidate of the Hopper autotuner was compiled (test_every_hopper_candidate_is_compiled);
+  * the candidates that load through TMA tensor descriptors (TMA=True) copy their tiles with the bulk
+    tensor copies of the Hopper's tensor memory accelerator (cp.async.bulk.tensor in the PTX) and
+    ask for the global scratch their descriptors are written to; no other launch does either;
   * register spills, as ptxas -v reports them (bytes of spill stores + loads
     per thread), stay under SPILL_BOUND.
 
@@ -33,7 +36,7 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
 (kernels/tiles.py, HOPPER_SPACES), so all of the above holds for each of them.
-Time: 350 compiles, this file in 150 s on the 2-core development box (idle);
+Time: 462 compiles (112 of them TMA candidates), this file in 180 s on the 2-core development box (idle);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
@@ -93,13 +96,24 @@ def test_every_hopper_candidate_is_compiled(compiled):
     """Each candidate tile of each attention kernel, at each head dim and windowing, for sm_90, MHA and GQA."""
     from kernels import tiles
     names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
+    tile = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")
     seen = {(names[r["kernel"]], r["config"]["HEAD_DIM"], r["config"]["WINDOWED"], "Hkv2" in r["case"],
-             *(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
+             *(r["config"][k] for k in tile))
             for r in ok(compiled) if r["kernel"] in names and r["dtype"] == "bfloat16" and r["target"] == "sm_90"}
     for which, D, windowed, gqa in itertools.product(names.values(), (64, 128), (False, True), (False, True)):
-        for c in tiles.hopper_space(which, D, windowed):
-            assert (which, D, windowed, gqa, c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) in seen, \
-                (which, D, windowed, gqa, c)
+        space = tiles.hopper_space(which, D, windowed, tma=True)
+        assert any(c["TMA"] for c in space), (which, D, windowed)
+        for c in space:
+            assert (which, D, windowed, gqa, *(c[k] for k in tile)) in seen, (which, D, windowed, gqa, c)
+
+
+def test_tma_candidates_copy_tiles_with_the_tensor_memory_accelerator(compiled):
+    """TMA=True launches (sm_90 only) hold bulk tensor copies and ask for descriptor scratch; nothing else does."""
+    tma = [r for r in ok(compiled) if r["config"].get("TMA")]
+    assert tma and {r["target"] for r in tma} == {"sm_90"}
+    assert all(r["tma_loads"] and r["global_scratch"] > 0 for r in tma), [name(r) for r in tma if not r["tma_loads"]]
+    rest = [name(r) for r in ok(compiled) if not r["config"].get("TMA") and (r["tma_loads"] or r["global_scratch"])]
+    assert not rest, rest
 
 
 def test_attention_tiles_nest(compiled):

@@ -3,7 +3,9 @@ The attention kernels' autotuning on a Hopper (kernels/tiles.py, HOPPER_SPACES; 
 
 What the GPU would decide (which candidate is fastest) is not knowable here; what is checked:
   * every candidate tile the autotuner can pick computes attention, forward and backward, with and
-    without a window, MHA and GQA, in Triton's interpreter against the float64 oracle;
+    without a window, MHA and GQA, in Triton's interpreter against the float64 oracle, the TMA
+    candidates too (the interpreter runs tensor descriptors: bounds and zero padding included);
+  * TMA candidates are offered only for 16-byte aligned tiles, and NANOSCHNACK_ATTENTION_TMA=0 drops them;
   * the autotuner itself, run in the interpreter with its timing replaced by made-up times: it times
     every candidate of each kernel once per key, launches the one that timed fastest, keys on the
     rounded sequence length (nearby lengths share a tuning), and autotune_picks() reports the pick;
@@ -15,11 +17,11 @@ import pytest
 import torch
 
 from kernels import attention, dispatch, tiles
-from kernels.dispatch import AUTOTUNE_ENV, triton_on_cpu
+from kernels.dispatch import AUTOTUNE_ENV, TMA_ENV, triton_on_cpu
 from test_kernels import ATTN_TOL, assert_close, attention_inputs, attention_oracle
 
 WHICH = ("fwd", "dkdv", "dq")
-MOST_CANDIDATES = max(len(tiles.hopper_space(w, D, win)) for w in WHICH for D in (64, 128) for win in (False, True))
+MOST_CANDIDATES = max(len(tiles.hopper_space(w, D, win, tma=True)) for w in WHICH for D in (64, 128) for win in (False, True))
 
 
 def attention_and_grads(q, k, v, dout, window):
@@ -40,7 +42,7 @@ def check_against_oracle(got, q, k, v, dout, window, what):
 def test_every_hopper_candidate_computes_attention(D, window, index):
     """Candidate `index` of each kernel's space (the last one where a space is shorter), fp32 in the interpreter:
     the tiles are what differs between candidates, and a T of 200 crosses 128-row tiles and ends ragged."""
-    picked = {w: tiles.hopper_space(w, D, window >= 0) for w in WHICH}
+    picked = {w: tiles.hopper_space(w, D, window >= 0, tma=True) for w in WHICH}
     picked = {w: space[min(index, len(space) - 1)] for w, space in picked.items()}
     q, k, v, dout = attention_inputs(1, 4, 2, 200, D, torch.float32, layout="bthd")
     with triton_on_cpu(), tiles.forced_tiles(picked):
@@ -55,11 +57,11 @@ def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(m
     fastest = {"fwd": 3, "dkdv": 2, "dq": 0}  # made-up timings: candidate i of kernel w takes 1 ms, but this one 0.5
 
     for which in WHICH:
-        tuner = attention._autotuned(which, 64, True)
+        tuner = attention._autotuned(which, 64, True, tma=True)  # the interpreter's tensors are aligned
 
         def made_up_timing(kernel_call, quantiles, which=which):
             kernel_call()  # the candidate really runs (in the interpreter)
-            i = len(timed[which]) % len(tiles.hopper_space(which, 64, True))
+            i = len(timed[which]) % len(tiles.hopper_space(which, 64, True, tma=True))
             timed[which].append(i)
             ms = 0.5 if i == fastest[which] else 1.0
             return [ms, ms, ms]
@@ -72,16 +74,16 @@ def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(m
             check_against_oracle(got, q, k, v, dout, 40, f"T {T}")
 
     for which in WHICH:
-        n = len(tiles.hopper_space(which, 64, True))
+        n = len(tiles.hopper_space(which, 64, True, tma=True))
         assert timed[which] == list(range(n)) * 2, which  # every candidate once, for tune_len 256 and 512
-        tuner = attention._AUTOTUNERS[(which, 64, True)]
+        tuner = attention._AUTOTUNERS[(which, 64, True, True)]
         assert sorted(key[0] for key in tuner.cache) == [256, 512]
-        want = tiles.hopper_space(which, 64, True)[fastest[which]]
+        want = tiles.hopper_space(which, 64, True, tma=True)[fastest[which]]
         for config in tuner.cache.values():
             assert dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages) == want, which
     picks = attention.autotune_picks()
     assert len(picks) == 6
-    want = tiles.hopper_space("fwd", 64, True)[fastest["fwd"]]
+    want = tiles.hopper_space("fwd", 64, True, tma=True)[fastest["fwd"]]
     assert f"fwd, D 64, windowed, tune_len 256, group 1, float32: BLOCK_M {want['BLOCK_M']}, BLOCK_N {want['BLOCK_N']}" in picks[0]
 
 
@@ -90,9 +92,10 @@ def test_hopper_spaces_start_with_the_hand_picked_tiles():
     for which in WHICH:
         for D in (64, 128):
             for windowed in (False, True):
-                space = tiles.hopper_space(which, D, windowed)
+                space = tiles.hopper_space(which, D, windowed, tma=True)
                 assert space[0] == tiles.hand_picked_16bit(D, windowed)[which]
                 assert len(space) == len({tuple(sorted(c.items())) for c in space}), "a candidate twice"
+                assert tiles.hopper_space(which, D, windowed, tma=False) == [c for c in space if not c["TMA"]]
 
 
 def test_autotuning_rule(monkeypatch):
@@ -117,3 +120,26 @@ def test_autotuning_rule(monkeypatch):
         major["cuda:0"] = 8  # an A100: only the hand-picked tiles are compiled and checked for sm_80
         assert not dispatch.autotune_attention(bf16)
     assert not dispatch.autotune_attention(torch.empty(1, dtype=torch.bfloat16))
+
+
+def test_tma_candidates_only_where_tiles_are_16_byte_aligned(monkeypatch):
+    """TMA copies tiles whose rows start 16-byte aligned: the model's (B, T, H, D) views qualify; a tensor that
+    starts mid-way through 16 bytes, or whose rows are 8 bytes apart, gets an autotuner without TMA candidates,
+    and forcing TMA tiles on it is an error, not a misaligned copy. NANOSCHNACK_ATTENTION_TMA=0 leaves them out."""
+    model_view = torch.empty(2, 100, 6, 64, dtype=torch.bfloat16).transpose(1, 2)
+    shifted = torch.empty(2 * 100 * 6 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 100, 6, 64).transpose(1, 2)
+    narrow = torch.empty(2, 100, 1, 4, dtype=torch.bfloat16).transpose(1, 2)
+    assert attention._tma_aligned(model_view, model_view)
+    assert not attention._tma_aligned(model_view, shifted) and not attention._tma_aligned(narrow)
+
+    monkeypatch.setattr(attention, "_AUTOTUNERS", {})
+    monkeypatch.setattr(attention, "autotune_attention", lambda x: True)
+    for streamed, tma, env in (((model_view, model_view), True, "1"), ((shifted, model_view), False, "1"),
+                               ((model_view, model_view), False, "0")):
+        monkeypatch.setenv(TMA_ENV, env)
+        tuner, _ = attention._kernel("fwd", model_view, False, streamed)
+        assert [c.kwargs["TMA"] for c in tuner.configs] == [c["TMA"] for c in tiles.hopper_space("fwd", 64, False, tma)]
+        assert any(c.kwargs["TMA"] for c in tuner.configs) == tma
+    forced = {w: next(c for c in tiles.hopper_space(w, 64, False, tma=True) if c["TMA"]) for w in WHICH}
+    with tiles.forced_tiles(forced), pytest.raises(RuntimeError, match="TMA tiles forced on unaligned tensors"):
+        attention._kernel("fwd", model_view, False, (shifted, shifted))

@@ -74,7 +74,7 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
     assert re.search(r"\| rms_norm_op \| 3x5x100 \| eager \| [\d.e/ +-]+ \| yes \|", out)
     candidates = out.split("### Every tile the Hopper autotuner can pick")[1].split("### ")[0]
     assert len(re.findall(r"^\| B1 H4 Hkv2 T100 D64 W30 \| \d+ \| .* \| yes \|$", candidates, re.M)) == max(
-        len(tiles.hopper_space(w, 64, True)) for w in ("fwd", "dkdv", "dq")), candidates
+        len(tiles.hopper_space(w, 64, True, tma=True)) for w in ("fwd", "dkdv", "dq")), candidates
     assert out.rstrip().endswith(f"(appended to {report})")
     assert report.read_text().strip() == out.split("\n(appended")[0].strip()  # the file got every line
     assert results.read_text() == before, "the smoke run must not touch bench/RESULTS.md"

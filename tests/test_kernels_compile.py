@@ -100,9 +100,19 @@ def test_autotuned_attention_compiles_with_every_candidate(compiled, mode):
         builds = found["kernels"][name]
         assert builds, name
         for build in builds:
-            assert build["configs"] == tiles.hopper_space(which, 64, False), name
+            # the TMA candidates too: the (B, H, T, D) inputs' strides, symbols under dynamic=True, are
+            # provably multiples of 16 bytes (attention._tma_aligned)
+            assert build["configs"] == tiles.hopper_space(which, 64, False, tma=True), name
             assert len(build["grids"]) == len(build["configs"]), name
             assert not [g for g in build["grids"] if re.search(r"\||&|\^|<<|>>|Bitwise", g)], build["grids"]
+
+
+def test_inductor_sees_which_tensors_each_kernel_writes(compiled):
+    """Inductor reads each user kernel's Triton IR to find the tensors it writes; where that analysis fails it
+    assumes every input is written and copies them all before each launch, silently. It must understand ours
+    (for an autotuner it reads the first candidate, the hand-picked pointer one: the TMA candidates write the
+    same outputs through the same pointer stores)."""
+    assert compiled["mutation_analysis_failures"] == []
 
 
 def test_autotuner_candidates_compile_ahead_on_threads(compiled):
@@ -298,10 +308,10 @@ def _compiled_ahead(attention) -> dict:
     import threading
 
     import torch
-    saved = attention.autotune_attention, attention._compiles_ahead, attention.wrap_triton
+    saved = attention.autotune_attention, attention._launches_now, attention.wrap_triton
     attention.autotune_attention = lambda x: True
-    attention._compiles_ahead = lambda q: True
-    tuner = attention._autotuned("fwd", 64, False)
+    attention._launches_now = lambda q: True
+    tuner = attention._autotuned("fwd", 64, False, tma=True)
     compiled, launched = [], []
     tuner.fn.device_caches[0]  # the JIT sets up its compile function with the device's cache, on first use
     original = tuner.fn.compile
@@ -330,7 +340,7 @@ def _compiled_ahead(attention) -> dict:
         after = compiled[len(first) + len(second):]
         # a candidate that cannot compile (a key tile of 48: not a power of two) beside one that can
         import triton
-        broken = triton.autotune([tuner.configs[0], triton.Config(dict(BLOCK_M=128, BLOCK_N=48), num_warps=8, num_stages=3)],
+        broken = triton.autotune([tuner.configs[0], triton.Config(dict(BLOCK_M=128, BLOCK_N=48, TMA=False), num_warps=8, num_stages=3)],
                                  key=["tune_len", "group_size"])(tuner.fn)
         start = len(compiled)
         attention._compile_ahead(broken, grid, args, kwargs)
@@ -338,7 +348,7 @@ def _compiled_ahead(attention) -> dict:
         from triton.runtime._async_compile import FutureKernel
         left_unfinished = sum(isinstance(kernel, FutureKernel) for kernel in tuner.fn.device_caches[0][0].values())
     finally:
-        attention.autotune_attention, attention._compiles_ahead, attention.wrap_triton = saved
+        attention.autotune_attention, attention._launches_now, attention.wrap_triton = saved
     return dict(candidates=[[c.num_warps, c.num_stages] for c in tuner.configs], first=first, second=second, after=after,
                 broken_tried=broken_tried, left_unfinished=left_unfinished)
 
@@ -352,7 +362,7 @@ def child(out_path: str) -> None:
     from torch._inductor import async_compile
     from torch._inductor.codecache import output_code_log
 
-    from kernels import attention, dispatch, register_ops, rmsnorm
+    from kernels import attention, attention_reference, dispatch, register_ops, rmsnorm
 
     register_ops()  # a CPU-only torch makes them on first use
     dispatch._triton_on_cpu = True  # the custom ops take their Triton path on CPU tensors
@@ -374,6 +384,14 @@ def child(out_path: str) -> None:
     torch._logging.set_logs(output_code=True)
     output_code_log.addHandler(Capture())
     output_code_log.propagate = False  # keep the code off stderr
+
+    mutation_analysis_failures = []  # Inductor's analysis of which tensors a user kernel writes, where it gave up
+
+    class AnalysisFailure(logging.Handler):
+        def emit(self, record):
+            if "assuming every input is mutated" in record.getMessage():
+                mutation_analysis_failures.append(record.getMessage())
+    logging.getLogger("torch._dynamo").addHandler(AnalysisFailure())
 
     def call(op, shape, fn, eager):
         g = torch.Generator().manual_seed(0)
@@ -418,12 +436,13 @@ def child(out_path: str) -> None:
             fwd_bwd = lambda g, q=q, k=k, v=v, dout=dout: attn(q, k, v).backward(dout)
             def eager(q=q, k=k, v=v, dout=dout):
                 q_, k_, v_ = q.detach(), k.detach(), v.detach()
-                out, lse = attention._reference_fwd(q_, k_, v_)
+                out, lse = attention_reference.reference_fwd(q_, k_, v_)
                 return (_eager_launches(attention, attention._triton_fwd, q_, k_, v_)
                         + _eager_launches(attention, attention._triton_bwd, dout, q_, k_, v_, out.contiguous(), lse))
             rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
         results["flash_attn_op"][mode] = rows
     results["autotuned"] = _autotuned_kernels(attention, sources)
+    results["mutation_analysis_failures"] = mutation_analysis_failures
     results["compiled_ahead"] = _compiled_ahead(attention)
     results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
     Path(out_path).write_text(json.dumps(results, indent=1, default=str))
