@@ -70,7 +70,7 @@ compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
 of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
 per section. On a Hopper the attention kernels autotune at the first call of each
 shape (about 35 candidates, half of them loading through TMA, to compile, at once on
-threads, and time; kernels/aot.py compiles 462 kernels in about 180 s on the 2-core
+threads, and time; kernels/aot.py compiles 462 kernels in about 4 minutes on the 2-core
 development CPU), in the speed
 section (the correctness section runs the hand-picked tiles in --quick; the
 candidates section checks the others). The quick time limits (SECTIONS) add up to

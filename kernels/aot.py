@@ -21,7 +21,10 @@ cubin with the ptxas that ships in the triton wheel.
 
 For each compile it reports registers, spills, shared memory, fp64 instructions, and
 which Hopper instructions the PTX holds: wgmma for the dots, and cp.async.bulk.tensor
-(with the global scratch its descriptors are written to) for the TMA candidates.
+(with the global scratch its descriptors are written to) for the TMA candidates; for
+the 16-bit sm_90 ones also what ptxas made of them, counted in the machine code
+(cuobjdump -sass, from the triton wheel): HGMMA (wgmma), UTMALDG (a TMA tile load)
+and LDGSTS (cp.async, a load through pointers into shared memory).
 
 Float scalars are compiled twice: typed fp32, as an eager launch types a Python
 float, and fp64, as torch.compile's Inductor types it (torch 2.13,
@@ -35,7 +38,9 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -220,6 +225,7 @@ def jobs(launches: list[Launch]) -> list[Job]:
 # 3. Compile and measure
 
 
+SASS_OPS = ("HGMMA", "UTMALDG", "LDGSTS")  # counted in the machine code of 16-bit sm_90 compiles (see above)
 PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS_LINE = re.compile(r"Used (\d+) registers")
 # fp64 arithmetic in PTX: any instruction on .f64 operands, except reading an fp64
@@ -259,7 +265,19 @@ def compile_job(job: Job) -> dict:
         f64_instructions=f64[:5], n_f64=len(f64),
         wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, has_dot="tt.dot" in compiled.asm["ttir"],
         tma_loads="cp.async.bulk.tensor" in ptx, global_scratch=compiled.metadata.global_scratch_size,
+        sass=_sass_counts(compiled.asm["cubin"]) if job.arch == 90 and launch.dtype != torch.float32 else None,
     )
+
+
+def _sass_counts(cubin: bytes) -> dict:
+    """How often each of SASS_OPS stands in a cubin's machine code."""
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
 
 
 _JOBS: list[Job] = []  # what the forked workers compile, by index
@@ -282,8 +300,8 @@ def compile_all(workers: int = 2) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| kernel | case | dtype | target | floats | config | regs | spill st/ld B | stack B | smem KB | fp64 ops | wgmma |",
-            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| kernel | case | dtype | target | floats | config | regs | spill st/ld B | stack B | smem KB | fp64 ops | wgmma | TMA loads |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         if r["error"]:
             rows.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['target']} | {r['float_type']} | "
@@ -293,7 +311,7 @@ def table(results: list[dict]) -> str:
                           if k not in ("HEAD_DIM", "DOT_PRECISION", "SM_SCALE"))
         rows.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['target']} | {r['float_type'] if r['float_args'] else '-'} "
                     f"| {config} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
-                    f"| {r['shared'] / 1024:.0f} | {r['n_f64']} | {'yes' if r['wgmma'] else '-'} |")
+                    f"| {r['shared'] / 1024:.0f} | {r['n_f64']} | {'yes' if r['wgmma'] else '-'} | {'yes' if r['tma_loads'] else '-'} |")
     return "\n".join(rows)
 
 

@@ -15,11 +15,13 @@ Checked per compiled kernel:
   * its shared memory fits the target's opt-in limit per block;
   * no fp64 arithmetic in the PTX (only reading an fp64 scalar argument and
     narrowing it to fp32 once is allowed);
-  * on sm_90, 16-bit dots run as wgmma (Hopper's tensor-core instruction);
+  * on sm_90, 16-bit dots run as wgmma (Hopper's tensor-core instruction): in the PTX, and as HGMMA
+    in the machine code ptxas made (cuobjdump -sass);
   * every candidate of the Hopper autotuner was compiled (test_every_hopper_candidate_is_compiled);
   * the candidates that load through TMA tensor descriptors (TMA=True) copy their tiles with the bulk
-    tensor copies of the Hopper's tensor memory accelerator (cp.async.bulk.tensor in the PTX) and
-    ask for the global scratch their descriptors are written to; no other launch does either;
+    tensor copies of the Hopper's tensor memory accelerator (cp.async.bulk.tensor in the PTX, UTMALDG
+    in the machine code) and ask for the global scratch their descriptors are written to; no other
+    launch does any of it;
   * register spills, as ptxas -v reports them (bytes of spill stores + loads
     per thread), stay under SPILL_BOUND.
 
@@ -35,8 +37,9 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
-(kernels/tiles.py, HOPPER_SPACES), so all of the above holds for each of them.
-Time: 462 compiles (112 of them TMA candidates), this file in 180 s on the 2-core development box (idle);
+(kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES), so all of the above holds for each of them.
+Time: 462 compiles (112 of them TMA candidates), this file in 240 s on the 2-core development box (idle;
+about 60 s of it disassembling the sm_90 cubins);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
@@ -111,8 +114,10 @@ def test_tma_candidates_copy_tiles_with_the_tensor_memory_accelerator(compiled):
     """TMA=True launches (sm_90 only) hold bulk tensor copies and ask for descriptor scratch; nothing else does."""
     tma = [r for r in ok(compiled) if r["config"].get("TMA")]
     assert tma and {r["target"] for r in tma} == {"sm_90"}
-    assert all(r["tma_loads"] and r["global_scratch"] > 0 for r in tma), [name(r) for r in tma if not r["tma_loads"]]
-    rest = [name(r) for r in ok(compiled) if not r["config"].get("TMA") and (r["tma_loads"] or r["global_scratch"])]
+    assert all(r["tma_loads"] and r["global_scratch"] > 0 and r["sass"]["UTMALDG"] for r in tma), \
+        [name(r) for r in tma if not (r["tma_loads"] and r["sass"]["UTMALDG"])]
+    rest = [name(r) for r in ok(compiled) if not r["config"].get("TMA")
+            and (r["tma_loads"] or r["global_scratch"] or (r["sass"] or {}).get("UTMALDG"))]
     assert not rest, rest
 
 
@@ -140,6 +145,7 @@ def test_16bit_dots_use_wgmma_on_hopper(compiled):
     dots = [r for r in ok(compiled) if r["has_dot"] and r["dtype"] != "float32" and r["target"] == "sm_90"]
     assert dots
     assert all(r["wgmma"] for r in dots), [name(r) for r in dots if not r["wgmma"]]
+    assert all(r["sass"]["HGMMA"] for r in dots), [name(r) for r in dots if not r["sass"]["HGMMA"]]
 
 
 def test_register_spills_under_bound(compiled):

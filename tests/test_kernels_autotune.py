@@ -143,3 +143,26 @@ def test_tma_candidates_only_where_tiles_are_16_byte_aligned(monkeypatch):
     forced = {w: next(c for c in tiles.hopper_space(w, 64, False, tma=True) if c["TMA"]) for w in WHICH}
     with tiles.forced_tiles(forced), pytest.raises(RuntimeError, match="TMA tiles forced on unaligned tensors"):
         attention._kernel("fwd", model_view, False, (shifted, shifted))
+
+
+def test_cuda_launches_that_may_load_through_tma_set_the_allocator(monkeypatch):
+    """At a launch Triton asks its allocator for the global scratch the TMA descriptors are written to, and raises
+    without one: a CUDA launch that may load through TMA (a TMA tile, or an autotuner) sets ours first, in this
+    thread (the allocator is a ContextVar); other launches leave it alone."""
+    from collections import defaultdict
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime import _allocation
+    launched = []
+    monkeypatch.setattr(attention, "wrap_triton", lambda kernel: defaultdict(lambda: lambda *a, **k: launched.append(k)))
+    token = _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+    try:
+        with FakeTensorMode():
+            x = torch.empty(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
+            attention._launch(attention._KERNELS["fwd"], None)(x, TMA=False)
+            assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+            attention._launch(attention._KERNELS["fwd"], None)(x, TMA=True)
+            assert _allocation._allocator.get() is attention._tma_scratch
+        assert len(launched) == 2
+    finally:
+        _allocation._allocator.reset(token)
