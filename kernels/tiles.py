@@ -87,7 +87,8 @@ HOPPER_SPACES = {
            (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
 }
 
-# TMA candidates (tiles.hopper_space with tma: where the tensors allow it, attention._tma_aligned). These load
+# TMA candidates (tiles.hopper_space with tma: where the tensors allow it, attention._tma_aligned, and unless
+# NANOSCHNACK_ATTENTION_TMA=0). These load
 # the tiles each program streams (the forward's and dQ's keys and values, dK/dV's queries and output gradients)
 # through tensor descriptors: the Hopper's tensor memory accelerator copies a whole tile into shared memory,
 # from one descriptor instead of a pointer a row, so the loop holds no address arithmetic (the Triton
@@ -98,7 +99,9 @@ HOPPER_SPACES = {
 # window) left spill-free with triton 3.7.1 and then 3.6.0, drawn from the pointer spaces above: the forward's
 # 128 x 128 tiles (24 B spilled at D = 128 with a window), dK/dV's 16 x 128 at D = 128 (72-80 B with GQA) and
 # its 32 x 64 on 4 warps fell out with 3.7.1; with 3.6.0, GQA with a window, dK/dV's 32 x 128 at 3 stages
-# (D = 64: 120 B) and 32 x 64 (D = 128: 192 B).
+# (D = 64: 120 B) and 32 x 64 (D = 128: 192 B). Not among them: the tutorial's warp specialisation, which
+# upstream Triton does on Blackwell only: the forward's key loop as tl.range(..., warp_specialize=True)
+# compiled for sm_90 to the very same PTX as without (3.7.1 and 3.6.0; bench/RESULTS.md).
 HOPPER_TMA_SPACES = {
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
     "dkdv": [(16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)],
