@@ -482,11 +482,14 @@ def _kernel(which: str, x: torch.Tensor, windowed: bool, streamed: tuple):
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
     """Whether TMA may copy tiles of these (B, H, T, D) tensors: the tensor memory accelerator wants each
     tile's first row 16-byte aligned and the row stride a multiple of 16 bytes, so the tensor's start and its
-    batch, head and row strides, in bytes, must be multiples of 16. The model's views of its (B, T, H, D)
-    activations are, at 16 bits and head dims of 8 or more. Decided without a guard under torch.compile:
-    a stride that is a symbol counts as aligned only if it provably is."""
+    batch, head and row strides, in bytes, must be multiples of 16; and rows that do not overlap (a gradient
+    expanded along T has a row stride of 0, which pointers read fine and a descriptor cannot describe). The
+    model's views of its (B, T, H, D) activations qualify, at 16 bits and head dims of 8 or more. Decided
+    without a guard under torch.compile: a stride that is a symbol counts only if it provably qualifies."""
     offsets = [o * t.element_size() for t in tensors for o in (t.storage_offset(), *t.stride()[:3])]
     if not all(statically_known_true(o % 16 == 0) for o in offsets):
+        return False
+    if not all(statically_known_true(t.stride(2) >= t.shape[3]) for t in tensors):
         return False
     return not _launches_now(tensors[0]) or all(t.data_ptr() % 16 == 0 for t in tensors)  # storage starts too
 
