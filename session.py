@@ -46,10 +46,12 @@ and leaves it when it ends (its tokens stay, for reuse by the same client).
   over their rows, right-padded to the longest (a padding token's key lands after its
   row's length, where no query of that row looks, and the next tokens overwrite it).
 
-The decode step is compiled once at load on CUDA (gpt.compile_decode, NANOSCHNACK_COMPILE_DECODE):
+The decode step is compiled once at load on CUDA (gpt.compile_decode, NANOSCHNACK_COMPILE_DECODE),
+and the prefill warmed up (warm_up_prefill: its attention kernel compiles at first use too):
 load_session does it for the session's cache, engine.BatchEngine for its own.
 """
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,9 +307,9 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
     """A ChatSession on a checkpoint file or a folder's newest one (None: out/chat, else out/base).
 
     The model keeps its matrices in the compute dtype (gpt.serving_weights: bf16 on CUDA), and
-    the session's decode step is compiled and warmed up now (compile_decode; None:
-    gpt.compile_wanted, i.e. on CUDA unless NANOSCHNACK_COMPILE_DECODE=0), so that the first
-    answer pays for none of it.
+    the session's decode step is compiled and warmed up now and its prefill warmed up (warm_up_prefill),
+    where compile_decode says so (None: gpt.compile_wanted, i.e. on CUDA unless
+    NANOSCHNACK_COMPILE_DECODE=0), so that the first answer pays for none of it.
 
     The session also gets `checkpoint` (the file), `step`, and `ckpt` (the dict,
     without weights). A missing or incompatible checkpoint raises SystemExit
@@ -329,6 +331,7 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
     session = ChatSession(model, tokenizer, kind=kind, sampling=sampling, system=system, seed=seed)
     if gpt.compile_wanted(device) if compile_decode is None else compile_decode:
         gpt.compile_decode(model, session.cache.allocate(gpt.cache_dtype(model)))
+        warm_up_prefill(model, session.cache)
     session.checkpoint, session.step = ckpt["path"], ckpt.get("step")
     session.ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "optimizers")}
     return session
@@ -347,11 +350,12 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 def batch_cache(model, rows: int, max_len: int) -> gpt.KVCache:
     """A KV cache of `rows` sequences of up to max_len tokens, allocated now; its decode step compiled
-    (for batch_sizes(rows)) where gpt.compile_wanted says so."""
+    (for batch_sizes(rows)) and its prefill warmed up (warm_up_prefill) where gpt.compile_wanted says so."""
     # allocated here, outside inference mode: the engine swaps its rows in place between steps
     cache = model.new_kv_cache(rows, max_len).allocate(gpt.cache_dtype(model))
     if gpt.compile_wanted(cache.device):
         gpt.compile_decode(model, cache, batch_sizes(rows))
+        warm_up_prefill(model, cache)
     return cache
 
 
@@ -381,3 +385,31 @@ def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
     x = torch.tensor(tokens + [0] * (B - n), dtype=torch.long, device=cache.device)[:, None]
     with autocast(x.device):
         return model.decode(x, cache, keep=n)[:n]
+
+
+# Triton specialises an int argument on whether it divides by 16, so prompts whose length does and prompts
+# whose length does not are two compiles of the prefill's attention kernel: one prompt of each at load.
+WARM_UP_PROMPT_LENGTHS = (16, 17)
+
+
+def warm_up_prefill(model, cache: gpt.KVCache, log=None) -> float:
+    """Run the prefill on row 0 once for each kind of prompt it meets, then forget it, so that the first
+    request compiles nothing. On CUDA the attention of a prompt into an empty row is our Triton kernel, which
+    compiles at its first launch of each specialisation (seconds a compile: issue 26 measured a first token
+    of 4.9 s with everything compiling at first use); a prompt after cached tokens (a later turn, a shared
+    prefix) takes SDPA with a mask. Returns the seconds it took; `log` gets a line before and after."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    log(f"warming up the prefill (prompts of {' and '.join(map(str, WARM_UP_PROMPT_LENGTHS))} tokens, "
+        "and one after cached tokens) ...")
+    started = time.perf_counter()
+    longest = max(WARM_UP_PROMPT_LENGTHS)
+    runs = [(0, n) for n in WARM_UP_PROMPT_LENGTHS] + [(longest, min(WARM_UP_PROMPT_LENGTHS))]  # (cached, new)
+    for cached, new in runs:
+        if cached + new <= cache.max_len:
+            prefill(model, cache, 0, [cached], [[0] * new])  # after the longest, row 0 holds `longest` tokens
+    cache.set_length(0, 0)
+    if cache.device.type == "cuda":
+        torch.cuda.synchronize(cache.device)
+    seconds = time.perf_counter() - started
+    log(f"warming up the prefill ... done in {seconds:.1f} s")
+    return seconds

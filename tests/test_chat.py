@@ -96,6 +96,29 @@ def test_compiled_decode_step_across_turns(session_factory, decode_compiled_on_c
     assert len(graphs) == 1
 
 
+def test_prefill_warmed_up_at_load(session_factory, decode_compiled_on_cpu, monkeypatch):
+    """Where the decode step is compiled at load (as on CUDA), the prefill runs there too, once for each kind of
+    prompt its attention meets: into an empty row at a length that divides by 16 and one that does not (on CUDA
+    our Triton kernel compiles once for each: Triton specialises the length on it) and after cached tokens
+    (SDPA with a mask); then it is forgotten. (test_compiled_decode_step_across_turns checks that every answer
+    after it is the recomputation's.)"""
+    import kvcache
+    attended = []
+    attend = kvcache.KVCache.attend
+
+    def spy(self, layer, q, k, v, window=None, start=0):
+        if layer == 0 and not torch.compiler.is_compiling():  # (q's length, the row's cached tokens) of a forward
+            attended.append((q.shape[2], self.lengths[start]))
+        return attend(self, layer, q, k, v, window, start)
+    monkeypatch.setattr(kvcache.KVCache, "attend", spy)
+    session = session_factory(compile_decode=True)
+    assert [a for a in attended if a[0] > 1] == [(16, 0), (17, 0), (16, 17)]
+    assert session.cache.lengths == [0] and session.cached_ids == []
+    attended.clear()
+    session_factory(compile_decode=False)  # the CPU's default: nothing compiled, nothing warmed up
+    assert attended == []
+
+
 def test_stopped_answer_keeps_history_and_cache_consistent(session_factory):
     session = session_factory(sampling=Sampling(temperature=1.0, top_k=None, max_new_tokens=40))
     stream = session.send(TURNS[0])
