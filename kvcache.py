@@ -53,6 +53,7 @@ class KVCache(nn.Module):
         self.compiled = False  # GPT.decode runs the compiled step (compile_decode sets it)
         self.batch_sizes = None  # the row counts the compiled step was warmed up for
         self.compile_seconds = None  # how long compiling and warming them up took
+        self.prefill_warm_up_seconds = None  # how long session.warm_up_prefill took on this cache
         self._plan = None  # the eager decode step's attention plan (_slice_plan)
 
     @property

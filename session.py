@@ -410,6 +410,6 @@ def warm_up_prefill(model, cache: gpt.KVCache, log=None) -> float:
     cache.set_length(0, 0)
     if cache.device.type == "cuda":
         torch.cuda.synchronize(cache.device)
-    seconds = time.perf_counter() - started
+    seconds = cache.prefill_warm_up_seconds = time.perf_counter() - started
     log(f"warming up the prefill ... done in {seconds:.1f} s")
     return seconds

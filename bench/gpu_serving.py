@@ -93,6 +93,12 @@ def _case(name: str, fn, *cells_before, width: int = 3) -> object:
     return value
 
 
+def _warm_up_note(cache) -> str:
+    """", prefill warmed up in X s" where session.warm_up_prefill ran on this cache (it runs where the step compiles)."""
+    seconds = cache.prefill_warm_up_seconds
+    return "" if seconds is None else f", prefill warmed up in {seconds:.1f} s"
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -198,7 +204,7 @@ def _engines(session, streams: int, new: int, preset: str) -> None:
         state["batched"], seconds = _run_jobs(engine, engine_module, prompts, sampling, {tok.bos_id}, 1800)
         state["rate"] = sum(len(j.reply.ids) for j in state["batched"]) / seconds
         compiled = (f"compiled for batch sizes {engine.cache.batch_sizes} in {engine.cache.compile_seconds:.1f} s"
-                    if engine.cache.compiled else "not compiled")
+                    f"{_warm_up_note(engine.cache)}" if engine.cache.compiled else "not compiled")
         return [f"{state['rate']:,.0f} tokens/s together", "", f"started in {load:.1f} s ({compiled}); "
                 f"{streams} requests x {new} tokens"], True
 
@@ -245,7 +251,8 @@ def decode_section(quick: bool, smoke: bool = False) -> None:
                 started = time.perf_counter()
                 state["session"] = s = load_session(str(checkpoint), device, Sampling(temperature=0, top_k=None))
                 seconds = time.perf_counter() - started
-                compiled = (f"decode step compiled in {s.cache.compile_seconds:.1f} s" if s.cache.compiled
+                compiled = (f"decode step compiled in {s.cache.compile_seconds:.1f} s{_warm_up_note(s.cache)}"
+                            if s.cache.compiled
                             else "decode step not compiled")
                 return [f"{seconds:.1f} s", "", f"{s.model.num_params() / 1e6:.0f}M parameters; {compiled}; "
                         f"weights {s.model.lm_head.weight.dtype}"], s

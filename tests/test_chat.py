@@ -114,6 +114,7 @@ def test_prefill_warmed_up_at_load(session_factory, decode_compiled_on_cpu, monk
     session = session_factory(compile_decode=True)
     assert [a for a in attended if a[0] > 1] == [(16, 0), (17, 0), (16, 17)]
     assert session.cache.lengths == [0] and session.cached_ids == []
+    assert session.cache.prefill_warm_up_seconds > 0  # what bench/gpu_serving.py reports
     attended.clear()
     session_factory(compile_decode=False)  # the CPU's default: nothing compiled, nothing warmed up
     assert attended == []
