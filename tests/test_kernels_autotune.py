@@ -50,6 +50,17 @@ def test_every_hopper_candidate_computes_attention(D, window, index):
     check_against_oracle(got, q, k, v, dout, window, f"candidates {picked}")
 
 
+@pytest.mark.parametrize("H_kv", [4, 2], ids=["MHA", "GQA"])
+def test_tma_tiles_find_every_batch_row_and_head(H_kv):
+    """The candidates above run one batch row; a TMA descriptor is made per batch row and head from the strides
+    (_row_tiles), so two rows of the model's transposed views, with a window, show a wrong base."""
+    picked = {w: next(c for c in tiles.hopper_space(w, 64, True, tma=True) if c["TMA"]) for w in WHICH}
+    q, k, v, dout = attention_inputs(2, 4, H_kv, 200, 64, torch.float32, layout="bthd", seed=1)
+    with triton_on_cpu(), tiles.forced_tiles(picked):
+        got = attention_and_grads(q, k, v, dout, 45)
+    check_against_oracle(got, q, k, v, dout, 45, f"TMA tiles {picked}")
+
+
 def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(monkeypatch):
     monkeypatch.setattr(attention, "_AUTOTUNERS", {})
     monkeypatch.setattr(attention, "autotune_attention", lambda x: True)
