@@ -421,7 +421,9 @@ _AUTOTUNERS: dict = {}  # (which, head dim, windowed, tma) -> its triton.autotun
 
 
 def _autotuned(which: str, head_dim: int, windowed: bool, tma: bool):
-    """triton.autotune over tiles.hopper_space(which, head_dim, windowed, tma), made on first use."""
+    """triton.autotune over tiles.hopper_space(which, head_dim, windowed, tma), made on first use. Its first
+    config is the hand-picked pointer one, and must stay a pointer one: Inductor reads the first config's IR to
+    learn which tensors the kernel writes, and torch 2.11's analysis (the H200 image's) knows no descriptor ops."""
     key = (which, head_dim, windowed, tma)
     if key not in _AUTOTUNERS:
         configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], TMA=c["TMA"]),
@@ -511,7 +513,7 @@ def _launch(kernel, grid):
     """wrap_triton(kernel)[grid]; for an autotuner, first every candidate compiled at once (_compile_ahead).
     Triton's allocator is set for each CUDA launch that may load through TMA: a ContextVar, which a thread
     starts without. Also while torch.compile traces the op: it then stays set in this thread for the compiled
-    graph's launches, should an Inductor not set its own (torch 2.13's does, in CachingAutotuner.run)."""
+    graph's launches, should an Inductor not set its own (2.11's and 2.13's do, in CachingAutotuner.run)."""
     def launch(*args, **kwargs):
         if isinstance(kernel, Autotuner):
             _compile_ahead(kernel, grid, args, kwargs)

@@ -99,12 +99,13 @@ def test_autotuner_times_every_candidate_once_per_key_and_launches_the_fastest(m
 
 
 def test_hopper_spaces_start_with_the_hand_picked_tiles():
-    """So the autotuner's pick is never one that timed slower than the tiles every other GPU runs."""
+    """So the autotuner's pick is never one that timed slower than the tiles every other GPU runs; and the first
+    config loads through pointers: Inductor analyses the first config's IR (attention._autotuned says why)."""
     for which in WHICH:
         for D in (64, 128):
             for windowed in (False, True):
                 space = tiles.hopper_space(which, D, windowed, tma=True)
-                assert space[0] == tiles.hand_picked_16bit(D, windowed)[which]
+                assert space[0] == tiles.hand_picked_16bit(D, windowed)[which] and not space[0]["TMA"]
                 assert len(space) == len({tuple(sorted(c.items())) for c in space}), "a candidate twice"
                 assert tiles.hopper_space(which, D, windowed, tma=False) == [c for c in space if not c["TMA"]]
 
