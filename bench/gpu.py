@@ -27,15 +27,16 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                (fullgraph) and torch.compile(dynamic=True), over shapes that vary
                batch, sequence, rows and width, so the compiled ones recompile or
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
-  candidates   on a Hopper, every tile the attention autotuner can pick, forced one
-               at a time, forward+backward against the fp32 reference: D 128 MHA,
-               and D 64 GQA with a sliding window (--quick: D 128 MHA only;
-               kernels/tiles.py).
+  candidates   on a Hopper, every tile the attention autotuner can pick (TMA ones
+               too), forced one at a time, forward+backward against the fp32
+               reference: D 128 MHA, and D 64 GQA with a sliding window (--quick:
+               D 128 MHA only; kernels/tiles.py).
   speed        attention forward and forward+backward TFLOP/s, causal, bf16: D 128 at
                T 2048 and 4096, D 64, and GQA (4 query heads a key/value head) at T
                2048 (--quick: T 2048 at D 128, MHA and GQA): our Triton kernel (on a
-               Hopper with the tiles triton.autotune picks, and with the hand-picked
-               ones; the picks are listed), and the model's call (ours or SDPA,
+               Hopper with the tiles triton.autotune picks, with and without its TMA
+               candidates, and with the hand-picked ones; the picks are listed), and
+               the model's call (ours or SDPA,
                kernels/dispatch.py) against every SDPA backend that runs (flash,
                cuDNN, efficient) and the flash_attn package if installed.
   rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
