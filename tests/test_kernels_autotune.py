@@ -137,8 +137,8 @@ def test_autotuning_rule(monkeypatch):
 def test_tma_candidates_only_where_tiles_are_16_byte_aligned(monkeypatch):
     """TMA copies tiles whose rows start 16-byte aligned: the model's (B, T, H, D) views qualify; a tensor that
     starts mid-way through 16 bytes, whose rows are 8 bytes apart, or whose rows overlap (a stride of 0 along
-    T), gets an autotuner without TMA candidates,
-    and forcing TMA tiles on it is an error, not a misaligned copy. NANOSCHNACK_ATTENTION_TMA=0 leaves them out."""
+    T) gets an autotuner without TMA candidates, and forcing TMA tiles on it is an error, not a misaligned
+    copy. NANOSCHNACK_ATTENTION_TMA=0 leaves them out."""
     model_view = torch.empty(2, 100, 6, 64, dtype=torch.bfloat16).transpose(1, 2)
     shifted = torch.empty(2 * 100 * 6 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 100, 6, 64).transpose(1, 2)
     narrow = torch.empty(2, 100, 1, 4, dtype=torch.bfloat16).transpose(1, 2)
