@@ -50,12 +50,14 @@ def test_every_hopper_candidate_computes_attention(D, window, index):
     check_against_oracle(got, q, k, v, dout, window, f"candidates {picked}")
 
 
+@pytest.mark.parametrize("T", [50, 200])
 @pytest.mark.parametrize("H_kv", [4, 2], ids=["MHA", "GQA"])
-def test_tma_tiles_find_every_batch_row_and_head(H_kv):
+def test_tma_tiles_find_every_batch_row_and_head(H_kv, T):
     """The candidates above run one batch row; a TMA descriptor is made per batch row and head from the strides
-    (_row_tiles), so two rows of the model's transposed views, with a window, show a wrong base."""
+    (_row_tiles), so two rows of the model's transposed views, with a window, show a wrong base. T = 50 is
+    shorter than every tile: the descriptor's bounds alone end the sequence."""
     picked = {w: next(c for c in tiles.hopper_space(w, 64, True, tma=True) if c["TMA"]) for w in WHICH}
-    q, k, v, dout = attention_inputs(2, 4, H_kv, 200, 64, torch.float32, layout="bthd", seed=1)
+    q, k, v, dout = attention_inputs(2, 4, H_kv, T, 64, torch.float32, layout="bthd", seed=1)
     with triton_on_cpu(), tiles.forced_tiles(picked):
         got = attention_and_grads(q, k, v, dout, 45)
     check_against_oracle(got, q, k, v, dout, 45, f"TMA tiles {picked}")
