@@ -394,7 +394,7 @@ WARM_UP_PROMPT_LENGTHS = (16, 17)
 
 def warm_up_prefill(model, cache: gpt.KVCache, log=None) -> float:
     """Run the prefill on row 0 once for each kind of prompt it meets, then forget it, so that the first
-    request compiles nothing. On CUDA the attention of a prompt into an empty row is our Triton kernel, which
+    request does not compile it. On CUDA the attention of a prompt into an empty row is our Triton kernel, which
     compiles at its first launch of each specialisation (seconds a compile: issue 26 measured a first token
     of 4.9 s with everything compiling at first use); a prompt after cached tokens (a later turn, a shared
     prefix) takes SDPA with a mask. Returns the seconds it took; `log` gets a line before and after."""
