@@ -389,6 +389,8 @@ def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
 
 # Triton specialises an int argument on whether it divides by 16, so prompts whose length does and prompts
 # whose length does not are two compiles of the prefill's attention kernel: one prompt of each at load.
+# tests/test_kernels_compile.py binds the launch of every prompt length from 2 to 299 tokens as Triton's
+# JIT would: these two lengths cover every compile key they need.
 WARM_UP_PROMPT_LENGTHS = (16, 17)
 
 

@@ -128,6 +128,15 @@ def test_autotuner_candidates_compile_ahead_on_threads(compiled):
     assert len(found["broken_tried"]) == 1 and found["left_unfinished"] == 0, found
 
 
+def test_prefill_warm_up_covers_every_compile_of_the_prefill_attention(compiled):
+    """session.warm_up_prefill runs prompts of WARM_UP_PROMPT_LENGTHS tokens at load so that no request waits for
+    the prefill's attention kernel to compile: every prompt length from 2 to 299 tokens binds to the compile key
+    of one of them (Triton specialises the length on whether it divides by 16, and nothing else varies)."""
+    import session
+    keys = compiled["prefill_compile_keys"]  # the key of a prompt of T tokens at keys[T - 2]
+    assert {keys[T - 2] for T in session.WARM_UP_PROMPT_LENGTHS} == set(keys), keys
+
+
 def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
     """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
     768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
@@ -246,6 +255,37 @@ def _eager_launches(module, launcher, *args) -> list:
     finally:
         module.wrap_triton = saved
     return launches
+
+
+def _prefill_compile_keys(attention) -> list[int]:
+    """For prompts of 2 to 299 tokens: which compile of the prefill's attention forward each one needs, as an
+    index into the distinct keys (signature, constexprs, specialisation attributes) Triton's JIT binds the
+    launch to on sm_90 (kernels/aot.py's bind). As chat and serving prefill: the model's layout, d20's heads,
+    bf16, inference mode's hand-picked tiles."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import aot
+
+    launches, keys, found = [], [], []
+    saved = attention.wrap_triton, attention.autotune_attention
+    attention.wrap_triton = lambda kernel: aot._Indexable(
+        lambda grid: lambda *args, **kwargs: launches.append(aot.Launch(kernel, grid, args, kwargs)))
+    attention.autotune_attention = lambda x: False  # inference mode
+    try:
+        with FakeTensorMode():
+            for T in range(2, 300):
+                q = torch.empty(1, T, 10, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                launches.clear()
+                attention._triton_fwd(q, q, q)
+                job = aot.bind(launches[0], 90, "fp32")
+                key = repr((job.signature, job.constexprs, job.attrs))
+                if key not in keys:
+                    keys.append(key)
+                found.append(keys.index(key))
+    finally:
+        attention.wrap_triton, attention.autotune_attention = saved
+    return found
 
 
 def _global_accesses_with_dynamic_sizes() -> dict:
@@ -445,6 +485,7 @@ def child(out_path: str) -> None:
     results["mutation_analysis_failures"] = mutation_analysis_failures
     results["compiled_ahead"] = _compiled_ahead(attention)
     results["ptx_global_accesses"] = _global_accesses_with_dynamic_sizes()
+    results["prefill_compile_keys"] = _prefill_compile_keys(attention)
     Path(out_path).write_text(json.dumps(results, indent=1, default=str))
 
 
