@@ -394,13 +394,13 @@ def decode(model, cache: gpt.KVCache, tokens: list[int]) -> torch.Tensor:
 WARM_UP_PROMPT_LENGTHS = (16, 17)
 
 
-def warm_up_prefill(model, cache: gpt.KVCache, log=None) -> float:
+def warm_up_prefill(model, cache: gpt.KVCache) -> float:
     """Run the prefill on row 0 once for each kind of prompt it meets, then forget it, so that the first
     request does not compile it. On CUDA the attention of a prompt into an empty row is our Triton kernel, which
     compiles at its first launch of each specialisation (seconds a compile: issue 26 measured a first token
     of 4.9 s with everything compiling at first use); a prompt after cached tokens (a later turn, a shared
-    prefix) takes SDPA with a mask. Returns the seconds it took; `log` gets a line before and after."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    prefix) takes SDPA with a mask. Returns the seconds it took; says so on stderr, as compile_decode does."""
+    log = lambda text: print(text, file=sys.stderr, flush=True)
     log(f"warming up the prefill (prompts of {' and '.join(map(str, WARM_UP_PROMPT_LENGTHS))} tokens, "
         "and one after cached tokens) ...")
     started = time.perf_counter()

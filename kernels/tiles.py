@@ -32,25 +32,32 @@ import torch
 def hand_picked(x: torch.Tensor, windowed: bool = False) -> dict:
     """The hand-picked tiles of each attention kernel ("fwd", "dkdv", "dq", "delta") for inputs like x."""
     if x.device.type != "cuda":  # Triton interpreter
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=16, TMA=False), dkdv=dict(BLOCK_M=16, BLOCK_N=32, TMA=False),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16, TMA=False), delta=dict(BLOCK_M=32))
+        return _through_pointers(dict(fwd=dict(BLOCK_M=32, BLOCK_N=16), dkdv=dict(BLOCK_M=16, BLOCK_N=32),
+                                      dq=dict(BLOCK_M=32, BLOCK_N=16), delta=dict(BLOCK_M=32)))
     D = x.shape[-1]
     if x.dtype == torch.float32:  # exact dots on the FMA units keep whole tiles in registers: small tiles
-        return dict(fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2, TMA=False),
-                    dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, TMA=False),
-                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2, TMA=False) if windowed and D > 64
-                    else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2, TMA=False),
-                    delta=dict(BLOCK_M=64))
+        return _through_pointers(dict(
+            fwd=dict(BLOCK_M=32, BLOCK_N=32 if D <= 64 else 16, num_warps=4 if D <= 64 else 8, num_stages=2),
+            dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+            dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if windowed and D > 64
+            else dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=2),
+            delta=dict(BLOCK_M=64)))
     return dict(hand_picked_16bit(D, windowed), delta=dict(BLOCK_M=64))
 
 
 def hand_picked_16bit(head_dim: int, windowed: bool) -> dict:
     """The hand-picked 16-bit tiles of the forward, dK/dV and dQ kernels on CUDA (see above)."""
     stages = 5 if head_dim <= 64 else 3  # shared memory: D = 128 tiles are twice as big
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=False),
-                dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages,
-                          TMA=False),
-                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, TMA=False))
+    return _through_pointers(dict(
+        fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dkdv=dict(BLOCK_M=16, BLOCK_N=64 if windowed and head_dim > 64 else 128, num_warps=8, num_stages=stages),
+        dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages)))
+
+
+def _through_pointers(tiles: dict) -> dict:
+    """The hand-picked tiles load through pointers: TMA=False in the forward's, dK/dV's and dQ's configs (the
+    delta kernel has no TMA variant)."""
+    return {which: config if which == "delta" else dict(config, TMA=False) for which, config in tiles.items()}
 
 
 # Autotuning on a Hopper (training and evaluation; see dispatch.autotune_attention for where not). There
@@ -115,9 +122,9 @@ def hopper_space(which: str, head_dim: int, windowed: bool, tma: bool) -> list[d
     tma, then the candidates that load their streamed tiles through TMA tensor descriptors."""
     first = hand_picked_16bit(head_dim, windowed)[which]
     key = "dkdv D128" if which == "dkdv" and head_dim > 64 else which
-    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=False) for m, n, w, s in HOPPER_SPACES[key]]
-    if tma:
-        space += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=True) for m, n, w, s in HOPPER_TMA_SPACES[key]]
+    tables = [(HOPPER_SPACES, False)] + [(HOPPER_TMA_SPACES, True)] * tma
+    space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, TMA=loads_through_tma)
+             for table, loads_through_tma in tables for m, n, w, s in table[key]]
     return [first] + [c for c in space if c != first]
 
 
