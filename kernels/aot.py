@@ -249,23 +249,31 @@ def compile_job(job: Job) -> dict:
     knobs.nvidia.dump_ptxas_log = True  # triton prints ptxas -v's report; catch it
     knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
     try:
-        with contextlib.redirect_stdout(log):
+        # A throwaway cache for each compile: always_compile skips reading Triton's cache,
+        # not writing it, and the whole set would leave 384 MB there (0.8 MB a launch),
+        # more than a nearly full disk has room for; everything used below is in memory.
+        with tempfile.TemporaryDirectory(prefix="nanoschnack-aot-") as cache, contextlib.redirect_stdout(log):
+            knobs.cache.dir = cache
             compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
-    except Exception as e:  # reported, and failed, by the caller
+        return dict(result, error=None, **_metrics(job, compiled, log.getvalue()))
+    except Exception as e:  # one failed launch is one failed row, reported (and failed) by the caller
         return dict(result, error=f"{type(e).__name__}: {e}"[:2000])
+
+
+def _metrics(job: Job, compiled, report: str) -> dict:
+    """What a compiled launch costs: ptxas's report, and what its PTX and machine code contain."""
     ptx = compiled.asm["ptx"]
-    report = log.getvalue()
     stack, spill_stores, spill_loads = map(int, PTXAS_LINE.search(report).groups())
     f64 = [line.strip() for line in ptx.splitlines()
            if re.search(r"\.f64\b", line) and not line.lstrip().startswith(("//", ".param", ".visible", ".entry"))
            and not F64_ALLOWED.match(line)]
     return dict(
-        result, error=None, regs=int(REGS_LINE.search(report).group(1)), stack=stack, spill_stores=spill_stores, spill_loads=spill_loads,
+        regs=int(REGS_LINE.search(report).group(1)), stack=stack, spill_stores=spill_stores, spill_loads=spill_loads,
         shared=compiled.metadata.shared, smem_limit=SMEM_LIMIT[job.arch],
         f64_instructions=f64[:5], n_f64=len(f64),
         wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, has_dot="tt.dot" in compiled.asm["ttir"],
         tma_loads="cp.async.bulk.tensor" in ptx, global_scratch=compiled.metadata.global_scratch_size,
-        sass=_sass_counts(compiled.asm["cubin"]) if job.arch == 90 and launch.dtype != torch.float32 else None,
+        sass=_sass_counts(compiled.asm["cubin"]) if job.arch == 90 and job.launch.dtype != torch.float32 else None,
     )
 
 
@@ -275,9 +283,10 @@ def _sass_counts(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
+        dump = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True)
+    if dump.returncode:
+        raise RuntimeError(f"{knobs.nvidia.cuobjdump.path} -sass failed ({dump.returncode}): {dump.stderr.strip()[-500:]}")
+    return {op: len(re.findall(rf"\b{op}\b", dump.stdout)) for op in SASS_OPS}
 
 
 _JOBS: list[Job] = []  # what the forked workers compile, by index
