@@ -46,11 +46,10 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   train        d12 and d20 at train.py's defaults (T 2048, 32 sequences a device),
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
                steps after warm-up, with the kernels kernels/dispatch.py picks, with
-               our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1, with
-               the autotuner's tiles on a Hopper and with the hand-picked ones; not in
-               --quick) and with PyTorch's own (F.scaled_dot_product_attention
-               + F.rms_norm, both fused by torch.compile: what
-               NANOSCHNACK_REFERENCE_KERNELS=1 selects).
+               our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1,
+               autotuned and hand-picked tiles; not in --quick) and with PyTorch's own
+               (SDPA + F.rms_norm: NANOSCHNACK_REFERENCE_KERNELS=1); then where each
+               one's GPU time goes, by kernel group (--profile-steps, bench/gpu_profile.py).
   run          a short real d12 run whose loss must fall: counting sequences
                (token t+1 = token t + 1 mod 1024, a fresh random start per row and
                step), so there is something to learn and no data files are needed.
@@ -66,18 +65,17 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
 --quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
 3 RMSNorm shapes in 3 modes (about 18 compiles of a few seconds each), speed
 T 2048 only (MHA and GQA), RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
-about a minute each), run as in the full run (seconds), decode d12 only (a
-compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps
-of d12, plus one start-up of about 10 s (the imports) and a CUDA initialisation
-per section. On a Hopper the attention kernels autotune at the first call of each
-shape (about 35 candidates, half of them loading through TMA, to compile, at once on
-threads, and time; kernels/aot.py compiles 462 kernels in about 4 minutes on the 2-core
-development CPU), in the speed
-section (the correctness section runs the hand-picked tiles in --quick; the
-candidates section checks the others). The quick time limits (SECTIONS) add up to
-16.7 minutes, so even a hung section cannot stretch the run much past that; where one command may run
-at most 10 minutes, run `--sections device,correctness,candidates,speed --quick` first
-and the other sections as a second command.
+about a minute each), run as in the full run (seconds), decode d12 only (a compile of
+the decode step per batch size, 1 to 32), the pipeline at 20 steps of d12, plus a
+start-up of about 10 s (the imports) and a CUDA initialisation per section. On a Hopper
+the attention kernels autotune at the first call of each shape in the speed section
+(about 35 candidates, half loading through TMA, compiled at once on threads, then timed;
+kernels/aot.py compiles 462 kernels in about 4 minutes on the 2-core development CPU);
+the correctness section runs the hand-picked tiles in --quick, the candidates section
+the others. The quick time limits (SECTIONS) add up to 16.7 minutes, so even a hung
+section cannot stretch the run much past that; where one command may run at most 10
+minutes, run `--sections device,correctness,candidates,speed --quick` first and the
+other sections as a second command.
 
 In --smoke the same code runs on the CPU at toy sizes: the nano model, fp32, no
 torch.compile (Inductor cannot trace Triton's interpreter), SDPA backends and
@@ -92,8 +90,9 @@ import queue
 import sys
 import threading
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the repo root holds kernels/ and gpt.py
@@ -105,6 +104,7 @@ import common
 import gpt
 import kernels
 import train
+from bench import gpu_profile
 from bench.gpu_runner import Report, case, one_line, run_sections
 from bench.kernels import launch_overhead
 from kernels import attention, attention_reference, dispatch, rmsnorm, tiles
@@ -486,26 +486,9 @@ TRAIN_VARIANTS = {  # name -> the environment variables kernels/dispatch.py read
 }
 
 
-def variant_context(variant: str) -> ExitStack:
-    settings = ExitStack()
-    for key, value in TRAIN_VARIANTS[variant].items():
-        settings.enter_context(_env(key, value))
-    return settings
-
-
-class _env:
-    def __init__(self, key, value):
-        self.key, self.value = key, value
-
-    def __enter__(self):
-        self.saved = os.environ.get(self.key)
-        os.environ[self.key] = self.value
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop(self.key, None)
-        else:
-            os.environ[self.key] = self.saved
+def _env(key: str, value: str):
+    """A context in which os.environ[key] is value, restored after."""
+    return mock.patch.dict(os.environ, {key: value})
 
 
 def measure_training(preset: str, variant: str, args, device) -> dict:
@@ -517,23 +500,26 @@ def measure_training(preset: str, variant: str, args, device) -> dict:
     optimizers = build_optimizers(model, cfg)
     compiled = model if args.smoke else torch.compile(model)
     g = torch.Generator().manual_seed(0)
-    with variant_context(variant):
+    step = lambda: train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)],
+                              FLAT, device)
+    with mock.patch.dict(os.environ, TRAIN_VARIANTS[variant]):
         for _ in range(args.warmup):
-            train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)], FLAT, device)
+            step()
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for _ in range(args.train_steps):
-            loss = train_step(compiled, optimizers, [counting_batch(batch, seq_len, device, model.config.vocab_size, g)],
-                              FLAT, device)
+            loss = step()
         sync(device)
         seconds = time.perf_counter() - t
+        profile = gpu_profile.kernel_times(step, args.profile_steps, device) if args.profile_steps else None
     tokens_per_s = args.train_steps * batch * seq_len / seconds
     peak = next((v for k, v in peak_flops.items() if k in torch.cuda.get_device_name(0)), None) if device.type == "cuda" else None
     result = dict(tokens_per_s=tokens_per_s, seq_len=seq_len, batch=batch, loss=loss,
                   mfu=model.flops_per_token() * tokens_per_s / peak if peak else None,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                  step_seconds=seconds / args.train_steps, profile=profile, profile_steps=args.profile_steps)
     del model, compiled, optimizers
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -567,6 +553,7 @@ def section_train(args, device):
 
         for variant in variants:
             yield case(args, [preset, variant], lambda: measure(variant))
+        yield from gpu_profile.report_lines(preset, results)
 
 
 def section_run(args, device):
@@ -663,6 +650,7 @@ def main(argv=None):
     parser.add_argument("--train-presets", default="d12,d20")
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3, help="train steps before timing (the first compiles)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="train steps profiled after timing (0: none)")
     parser.add_argument("--run-steps", type=int, default=300, help="steps of the short real d12 run")
     parser.add_argument("--test-fail-case", default=None, help=argparse.SUPPRESS)  # tests: fail this case
     parser.add_argument("--test-hang", action="store_true", help=argparse.SUPPRESS)  # tests: add a hanging section

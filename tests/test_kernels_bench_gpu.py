@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import gpu_profile
 from kernels import tiles
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,31 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
     candidates = out.split("### Every tile the Hopper autotuner can pick")[1].split("### ")[0]
     assert len(re.findall(r"^\| B1 H4 Hkv2 T100 D64 W30 \| \d+ \| .* \| yes \|$", candidates, re.M)) == max(
         len(tiles.hopper_space(w, 64, True, tma=True)) for w in ("fwd", "dkdv", "dq")), candidates
+    # the train section's profile: a row of kernel groups for each variant, matmuls among them, then the top kernels
+    profile = out.split("Where a step's GPU time goes, nano")[1].split("Top kernels, nano, ours:")
+    shares = {r[0]: r for r in rows if len(r) > 4 and r[0] in ("pytorch", "ours") and "(" in r[1]}
+    assert set(shares) == {"pytorch", "ours"} and all(float(r[1].split()[0]) > 0 for r in shares.values()), profile[0]
+    assert "| `aten::mm` | matmul |" in profile[1] or "| `aten::bmm` | matmul |" in profile[1], profile[1]
     assert out.rstrip().endswith(f"(appended to {report})")
     assert report.read_text().strip() == out.split("\n(appended")[0].strip()  # the file got every line
     assert results.read_text() == before, "the smoke run must not touch bench/RESULTS.md"
+
+
+# Kernel names as a GPU profile shows them (cuBLAS, cuDNN, Inductor, ours, eager ATen), and their groups.
+KERNEL_GROUPS = {
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel": "matmul",
+    "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT": "matmul",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
+    "_attn_fwd_kernel": "attention",
+    "triton_red_fused__log_softmax_div_tanh_2": "loss (softcap, cross-entropy)",
+    "_rms_norm_bwd_kernel": "RMSNorm, ours",
+    "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_1": "Inductor reductions (norms, ...)",
+    "triton_poi_fused__foreach_copy_1": "optimizer (foreach)",
+    "triton_poi_fused_add_mul_slice_sub_0": "Inductor pointwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "eager elementwise, copies",
+    "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "other",
+}
+
+
+def test_profile_groups_kernels_by_what_they_do():
+    assert {name: gpu_profile.group_of(name) for name in KERNEL_GROUPS} == KERNEL_GROUPS
