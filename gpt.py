@@ -6,7 +6,8 @@ The nanoschnack GPT: a decoder-only Transformer in one file, after nanochat.
 
 Design choices (all from nanochat):
 - RMSNorm without a learnable weight, also right after the embedding.
-- Rotary position embeddings (no learned positions), then QK-norm on q and k.
+- Rotary position embeddings (no learned positions), then QK-norm on q and k
+  (fused into one Triton op with NANOSCHNACK_FUSED_ROPE_NORM=1: kernels/ropenorm.py).
 - Causal self-attention with optional grouped-query attention (n_kv_head < n_head).
 - ReLU^2 MLP with 4x width. No biases anywhere. Untied embedding and lm_head.
 - Logits soft-capped at 15 with tanh, so no logit can run away.
@@ -47,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import flash_attn, rms_norm
+from kernels import flash_attn, rms_norm, rope_norm, use_fused_rope_norm
 from kvcache import KVCache
 
 SOFTCAP = 15.0
@@ -203,10 +204,14 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value residual: the gate, in (0, 3) per kv head, reads the input (nanochat L93-97)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm: attention logits stay bounded by sqrt(head_dim)
-        if self.qk_gain != 1.0:
-            q, k = q * self.qk_gain, k * self.qk_gain
+        if kv_cache is None and use_fused_rope_norm(q):  # the three steps below in one Triton op (an A/B switch)
+            cos2d, sin2d = cos[0, :, 0], sin[0, :, 0]  # (T, head_dim/2) views of the (1, T, 1, head_dim/2) tables
+            q, k = rope_norm(q, cos2d, sin2d, NORM_EPS, self.qk_gain), rope_norm(k, cos2d, sin2d, NORM_EPS, self.qk_gain)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = norm(q), norm(k)  # QK-norm: attention logits stay bounded by sqrt(head_dim)
+            if self.qk_gain != 1.0:
+                q, k = q * self.qk_gain, k * self.qk_gain
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views, no copy
         if kv_cache is None:
             y = attend(q, k, v, self.window)

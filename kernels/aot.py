@@ -7,9 +7,9 @@ GPUs, on a machine without one; report what ptxas made of it.
 
 Needs TRITON_INTERPRET unset: the interpreter's @triton.jit objects cannot be compiled.
 
-How. The launchers (`_triton_fwd` / `_triton_bwd` of kernels/attention.py and
-kernels/rmsnorm.py) run on fake CUDA tensors (FakeTensorMode: shapes, strides and
-dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
+How. The launchers (`_triton_fwd` / `_triton_bwd` of kernels/attention.py,
+kernels/rmsnorm.py and kernels/ropenorm.py) run on fake CUDA tensors (FakeTensorMode:
+shapes, strides and dtypes, no memory), with `wrap_triton` swapped for a recorder. So every launch
 they would make is captured as they make it: kernel, grid, arguments, constexprs,
 num_warps and num_stages; a triton.autotune object, as launched on a Hopper, as
 one launch per config it can pick, compiled for sm_90 only. A change to a launcher
@@ -66,6 +66,10 @@ ATTENTION_WINDOWS = [None, "T/2"]
 # RMSNorm widths of gpt.py's presets: residual stream n_embd, QK-norm head_dim
 # (nano 64/32, tiny 256/64, d12 768/128, d20 1280/128), over a ragged row count.
 NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
+# The fused RoPE + QK-norm (kernels/ropenorm.py) on q and on k, as gpt.py calls it: d20's heads of 128 with
+# grouped-query k (H 10, H_kv 5), heads of 64 over a ragged length (999: no divisibility hint on the sizes)
+# with one k head (the JIT folds an int equal to 1: a variant of its own). B, T, H, H_kv, D.
+ROPE_NORM_CASES = [(2, 2048, 10, 5, 128), (1, 999, 4, 1, 64)]
 # The decode step's attention (kernels/decode.py) over caches as the engines make them: d20's chat
 # session (one row, 2,048 + 2 slots), d12's batch engine (32 rows), a grouped-query D = 64 cache;
 # with and without a sliding window (an int argument the JIT specialises differently). B, H, H_kv, S, D.
@@ -109,7 +113,7 @@ def record_launches() -> list[Launch]:
     """Run the real launchers on fake CUDA tensors and capture every kernel launch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels import attention, decode, rmsnorm
+    from kernels import attention, decode, rmsnorm, ropenorm
 
     launches = []
 
@@ -130,8 +134,8 @@ def record_launches() -> list[Launch]:
             attention._triton_bwd(torch.empty_like(out), q, k, v, out, lse, window)
             _label(launches[start:], case, dtype, (TARGETS["sm_90"],) if hopper else None)
 
-    saved = attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, attention.autotune_attention
-    attention.wrap_triton = rmsnorm.wrap_triton = decode.wrap_triton = fake_wrap_triton
+    saved = attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, ropenorm.wrap_triton, attention.autotune_attention
+    attention.wrap_triton = rmsnorm.wrap_triton = decode.wrap_triton = ropenorm.wrap_triton = fake_wrap_triton
     try:
         with FakeTensorMode():
             attention_launches(torch.bfloat16, hopper=True)
@@ -151,8 +155,16 @@ def record_launches() -> list[Launch]:
                     y, rstd = rmsnorm._triton_fwd(x, 1e-6)
                     rmsnorm._triton_bwd(torch.empty_like(y), x, rstd)
                     _label(launches[start:], f"rows 999 N{width}", dtype)
+                for B, T, H, H_kv, D in ROPE_NORM_CASES:
+                    cos = torch.empty(T, D // 2, device="cuda")  # the (T, D/2) fp32 tables
+                    for heads in (H, H_kv):
+                        x = torch.empty(B, T, heads, D, device="cuda", dtype=dtype)
+                        start = len(launches)
+                        y = ropenorm._triton_fwd(x, cos, cos, 1e-6, 1.2)
+                        ropenorm._triton_bwd(torch.empty_like(y), x, cos, cos, 1e-6, 1.2)
+                        _label(launches[start:], f"B{B} T{T} H{heads} D{D}", dtype)
     finally:
-        attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, attention.autotune_attention = saved
+        attention.wrap_triton, rmsnorm.wrap_triton, decode.wrap_triton, ropenorm.wrap_triton, attention.autotune_attention = saved
     return launches
 
 

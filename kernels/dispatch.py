@@ -1,5 +1,5 @@
 """
-When do flash_attn and rms_norm launch Triton, and when do they use torch's own ops?
+When do flash_attn, rms_norm and rope_norm launch Triton, and when do they use torch's own ops?
 
     CUDA tensor                                  -> Triton, where ours measured faster (below)
     CUDA tensor, NANOSCHNACK_REFERENCE_KERNELS=1 -> torch's ops (for A/B comparisons)
@@ -9,6 +9,8 @@ When do flash_attn and rms_norm launch Triton, and when do they use torch's own 
                                                     see autotune_attention)
     CUDA tensor, NANOSCHNACK_ATTENTION_TMA=0      -> the Hopper autotuner leaves out its TMA candidates
                                                     (A/B of TMA loads against pointer loads; tma_allowed)
+    CUDA tensor, NANOSCHNACK_FUSED_ROPE_NORM=1   -> gpt.py's RoPE + QK-norm + gain as one Triton op
+                                                    (kernels/ropenorm.py; off by default, see use_fused_rope_norm)
     CPU tensor                                   -> torch's ops
     CPU tensor inside `triton_on_cpu()`          -> Triton, run by Triton's interpreter (tests only)
 
@@ -32,6 +34,7 @@ REFERENCE_ENV = "NANOSCHNACK_REFERENCE_KERNELS"
 TRITON_ATTENTION_ENV = "NANOSCHNACK_TRITON_ATTENTION"
 AUTOTUNE_ENV = "NANOSCHNACK_ATTENTION_AUTOTUNE"
 TMA_ENV = "NANOSCHNACK_ATTENTION_TMA"
+FUSED_ROPE_NORM_ENV = "NANOSCHNACK_FUSED_ROPE_NORM"
 
 _triton_on_cpu = False
 
@@ -68,6 +71,16 @@ def use_triton_rms_norm(x: torch.Tensor) -> bool:
     if x.device.type != "cuda":  # triton_on_cpu(): the tests run our kernel at every width
         return True
     return x.shape[-1] in RMS_NORM_TRITON_WIDTHS and x.requires_grad and torch.is_grad_enabled()
+
+
+# The fused RoPE + QK-norm + gain (kernels/ropenorm.py) moves 4 bytes per bf16 element forward where
+# Inductor's kernels for gpt.py's composition move 8 (read from its generated code), but it has not
+# been measured on a GPU yet: until bench/gpu.py measures it, it is an A/B switch, off by default, like
+# the rules above it moves only with a measurement. When on, it runs eagerly and under torch.compile
+# alike (one opaque node there: the point is to beat Inductor's fusion, unlike use_triton_rms_norm).
+def use_fused_rope_norm(x: torch.Tensor) -> bool:
+    """True if gpt.py should run RoPE, QK-norm and the gain on q or k `x` as one Triton op (see above)."""
+    return os.environ.get(FUSED_ROPE_NORM_ENV) == "1" and use_triton(x)
 
 
 # Causal attention at which torch's SDPA beat our Triton kernel, measured by bench/gpu.py on one

@@ -38,7 +38,8 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
 (kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES), so all of the above holds for each of them.
-Time: 462 compiles (112 of them TMA candidates), this file in 240 s on the 2-core development box (idle;
+Time: 510 compiles (112 of them TMA candidates, 48 the fused RoPE + QK-norm's), this file in about 240 s on
+the 2-core development box (idle;
 about 60 s of it disassembling the sm_90 cubins);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """

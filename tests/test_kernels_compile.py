@@ -22,7 +22,10 @@ It also compiles attention as on a Hopper, where the kernels are triton.autotune
 (kernels/attention.py): every candidate must reach the generated code, each with its own
 launch grid.
 
-The same subprocess compiles RMSNorm's kernels to PTX for sm_90 as Inductor binds
+The fused RoPE + QK-norm (kernels/ropenorm.py) is compiled the same way, as gpt.py calls
+it: the (T, D/2) tables sliced to the input's sequence length inside the graph.
+
+The same subprocess compiles RMSNorm's and RoPE-norm's kernels to PTX for sm_90 as Inductor binds
 them under dynamic shapes (no divisibility hint on a size), to check that their
 memory accesses stay 16 bytes wide.
 
@@ -50,6 +53,11 @@ EPS = 1e-6
 NORM_SIZES = [(7, 64), (9, 64), (9, 100), (2, 3, 100), (5, 3, 100), (5, 3, 128)]
 # B, H, H_kv, T, D: batch and sequence length vary (heads and head dim are the model's).
 ATTN_SIZES = [(1, 2, 1, 33, 64), (2, 2, 1, 33, 64), (2, 2, 1, 70, 64), (3, 2, 1, 17, 64)]
+# B, T, H, D: batch and sequence length vary (heads and head dim are the model's)
+ROPE_SIZES = [(2, 33, 3, 64), (3, 33, 3, 64), (3, 70, 3, 64), (2, 17, 3, 64)]
+ROPE_TABLE_LEN, GAIN = 128, 1.2
+SIZES = {"rms_norm_op": NORM_SIZES, "flash_attn_op": ATTN_SIZES, "rope_norm_op": ROPE_SIZES}
+OPS = list(SIZES)
 MODES = {"dynamic=True": True, "automatic dynamic (recompiles)": None}
 
 
@@ -66,18 +74,18 @@ def compiled(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("op", ["rms_norm_op", "flash_attn_op"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_compiled_launches_equal_eager_launches(compiled, op, mode):
     calls = compiled[op][mode]
-    assert len(calls) == len(NORM_SIZES if op == "rms_norm_op" else ATTN_SIZES)
+    assert len(calls) == len(SIZES[op])
     for call in calls:
         assert call["error"] is None, f"{op} {call['shape']}: {call['error']}"
         assert call["compiled"], f"{op} {call['shape']}: the compiled graph launched no kernel"
         assert call["compiled"] == call["eager"], f"{op} {call['shape']}"
 
 
-@pytest.mark.parametrize("op", ["rms_norm_op", "flash_attn_op"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_generated_launches_hold_no_bit_twiddling(compiled, op, mode):
     """The launch lines of the generated code: sizes, ceiling divisions of sizes, no next_power_of_2 of a symbol."""
@@ -137,10 +145,12 @@ def test_prefill_warm_up_covers_every_compile_of_the_prefill_attention(compiled)
     assert {keys[T - 2] for T in session.WARM_UP_PROMPT_LENGTHS} == set(keys), keys
 
 
-def test_rms_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
-    """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, width
-    768: the loads and stores of x, y, dy, dx are 16-byte vectors. The width being a constexpr is what
-    does it: with the width a runtime argument they were 2-byte scalar accesses (ld.global.b16)."""
+def test_norm_accesses_stay_16_bytes_wide_with_dynamic_sizes(compiled):
+    """Compiled for sm_90 as under dynamic shapes (no divisibility hint on any int argument), bf16, RMSNorm at
+    width 768 and RoPE-norm at head dim 128: the loads and stores of x, y, dy, dx (and RoPE's fp32 tables) are
+    16-byte vectors. The width being a constexpr is what does it: with the width a runtime argument they were
+    2-byte scalar accesses (ld.global.b16)."""
+    assert len(compiled["ptx_global_accesses"]) == 4
     for kernel, accesses in compiled["ptx_global_accesses"].items():
         assert "ld.global.v4.b32" in accesses, (kernel, accesses)
         assert not any(a.endswith(".b16") for a in accesses), (kernel, accesses)
@@ -157,6 +167,25 @@ def test_rows_stay_dynamic_and_widths_recompile(compiled):
             assert new_graph == (widths[i] != widths[i - 1]), (NORM_SIZES[i - 1], NORM_SIZES[i], graphs)
     # and the symbolic row count really reached the launch: a grid that is an expression of it
     assert any("s" in line for call in compiled["rms_norm_op"]["dynamic=True"] for line in call["launch_lines"])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_rope_norm_compiles_to_its_own_kernels_alone(compiled, mode):
+    """The compiled forward and backward launch the two RoPE-norm kernels and nothing else: no copy of the
+    sliced tables or of x around them. Inductor copies an input before a user kernel's launch (and back
+    after) when its analysis finds the kernel may write it; before kernels/ropenorm.py's _tile took no
+    pointers, X, COS and SIN counted as written (their loads' helper also made the store's offsets)."""
+    calls = compiled["rope_norm_op"][mode]
+    assert any(call["launch_lines"] for call in calls)
+    assert [line for call in calls for line in call["other_kernels"]] == []
+
+
+def test_rope_norm_batch_and_sequence_length_stay_dynamic(compiled):
+    """dynamic=True: RoPE-norm over new batch sizes and sequence lengths reuses its one graph; the row count
+    and T reach the launches as symbols (the head dim, a constexpr, is specialised)."""
+    calls = compiled["rope_norm_op"]["dynamic=True"]
+    assert [call["graphs"] for call in calls] == [1] * len(ROPE_SIZES)
+    assert all(re.search(r"\bs\d+", line) for call in calls for line in call["launch_lines"])
 
 
 # ----------------------------------------------------------------------------
@@ -289,7 +318,7 @@ def _prefill_compile_keys(attention) -> list[int]:
 
 
 def _global_accesses_with_dynamic_sizes() -> dict:
-    """PTX global loads/stores of RMSNorm's kernels, bf16, width 768, sm_90, bound as Inductor binds
+    """PTX global loads/stores of RMSNorm's kernels (bf16, width 768) and RoPE-norm's (bf16, head dim 128), sm_90, bound as Inductor binds
     dynamic sizes: pointers 16-byte aligned, no divisibility hint on any int argument."""
     import torch
     import triton
@@ -300,7 +329,9 @@ def _global_accesses_with_dynamic_sizes() -> dict:
     found = {}
     for launch in aot.record_launches():
         name = launch.kernel.__name__
-        if name.startswith("_rms_norm") and launch.dtype == torch.bfloat16 and launch.case.endswith("N768"):
+        wanted = (name.startswith("_rms_norm") and launch.case.endswith("N768")
+                  or name.startswith("_rope_norm") and launch.case == "B2 T2048 H10 D128")
+        if wanted and launch.dtype == torch.bfloat16:
             job = aot.bind(launch, 90, "fp32")
             pointers = {i for i, ty in enumerate(job.signature.values()) if ty.startswith("*")}
             attrs = {k: v for k, v in job.attrs.items() if k[0] in pointers}
@@ -402,16 +433,18 @@ def child(out_path: str) -> None:
     from torch._inductor import async_compile
     from torch._inductor.codecache import output_code_log
 
-    from kernels import attention, attention_reference, dispatch, register_ops, rmsnorm
+    from kernels import attention, attention_reference, dispatch, register_ops, rmsnorm, ropenorm
 
     register_ops()  # a CPU-only torch makes them on first use
     dispatch._triton_on_cpu = True  # the custom ops take their Triton path on CPU tensors
     gpu_config = rmsnorm._launch_config
     rmsnorm._launch_config = lambda n_cols, device_type: gpu_config(n_cols, "cuda")  # the CUDA configuration
+    rope_config = ropenorm._launch_config
+    ropenorm._launch_config = lambda head_dim, device_type: rope_config(head_dim, "cuda")
 
     launches, graphs, wrappers, sources = [], [0], [], []
     def build(self, kernel_name, source_code, device_str="cuda"):
-        graphs[0] += kernel_name.startswith("_rms_norm_fwd") or kernel_name.startswith("_attn_fwd")
+        graphs[0] += kernel_name.startswith(("_rms_norm_fwd", "_attn_fwd", "_rope_norm_fwd"))
         sources.append((kernel_name, source_code))
         return _Recorded(kernel_name, source_code, launches)
     async_compile.AsyncCompile.triton = build
@@ -445,10 +478,12 @@ def child(out_path: str) -> None:
         result["eager"] = eager()
         result["graphs"] = graphs[0]
         result["launch_lines"] = [line.strip() for code in wrappers[start_wrappers:] for line in code.splitlines()
-                                  if re.search(r"_(rms_norm|attn)\w*_kernel\w*\.run\(", line)]
+                                  if re.search(r"_(rms_norm|attn|rope_norm)\w*_kernel\w*\.run\(", line)]
+        result["other_kernels"] = [line.strip() for code in wrappers[start_wrappers:] for line in code.splitlines()
+                                   if re.match(r"\s*cpp_fused\w*\(", line)]  # Inductor's own kernels (CPU: C++)
         return result
 
-    results = {"rms_norm_op": {}, "flash_attn_op": {}}
+    results = {op: {} for op in OPS}
     for mode, dynamic in MODES.items():
         torch._dynamo.reset()
         graphs[0] = 0
@@ -481,6 +516,23 @@ def child(out_path: str) -> None:
                         + _eager_launches(attention, attention._triton_bwd, dout, q_, k_, v_, out.contiguous(), lse))
             rows.append(call("flash_attn_op", (B, H, H_kv, T, D), fwd_bwd, eager))
         results["flash_attn_op"][mode] = rows
+
+        torch._dynamo.reset()
+        graphs[0] = 0
+        # as gpt.py calls it: the model's tables sliced to the input's length inside the graph
+        rope = torch.compile(lambda x, cos, sin: ropenorm.rope_norm_op(x, cos[:x.shape[1]], sin[:x.shape[1]], EPS, GAIN),
+                             fullgraph=True, dynamic=dynamic)
+        rows = []
+        for B, T, H, D in ROPE_SIZES:
+            x = torch.randn(B, T, H, D).requires_grad_()
+            cos, sin = torch.randn(ROPE_TABLE_LEN, D // 2), torch.randn(ROPE_TABLE_LEN, D // 2)
+            dy = torch.randn(B, T, H, D)
+            fwd_bwd = lambda g, x=x, cos=cos, sin=sin, dy=dy: rope(x, cos, sin).backward(dy)
+            def eager(x=x, cos=cos[:T], sin=sin[:T], dy=dy):
+                return (_eager_launches(ropenorm, ropenorm._triton_fwd, x.detach(), cos, sin, EPS, GAIN)
+                        + _eager_launches(ropenorm, ropenorm._triton_bwd, dy, x.detach(), cos, sin, EPS, GAIN))
+            rows.append(call("rope_norm_op", (B, T, H, D), fwd_bwd, eager))
+        results["rope_norm_op"][mode] = rows
     results["autotuned"] = _autotuned_kernels(attention, sources)
     results["mutation_analysis_failures"] = mutation_analysis_failures
     results["compiled_ahead"] = _compiled_ahead(attention)
