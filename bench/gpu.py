@@ -22,8 +22,8 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   device       the GPU, the versions, which path our ops take.
   correctness  every op on the GPU against the fp32 PyTorch reference, bf16:
                kernels.flash_attn and kernels.rms_norm (the model's calls: ours or
-               torch's per kernels/dispatch.py), flash_attn_op and rms_norm_op (our
-               kernels at every shape); D 64/128, MHA/GQA, ragged T; eager, torch.compile
+               torch's per kernels/dispatch.py), flash_attn_op, rms_norm_op and
+               rope_norm_op (our kernels at every shape); D 64/128, MHA/GQA, ragged T; eager, torch.compile
                (fullgraph) and torch.compile(dynamic=True), over shapes that vary
                batch, sequence, rows and width, so the compiled ones recompile or
                run dynamic. Tolerances are tests/test_kernels.py's for bf16.
@@ -42,12 +42,15 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
   rms_norm_speed  RMSNorm GB/s, forward+backward and forward only: our kernel
                (eager, and as the custom op inside torch.compile) against eager
                and compiled F.rms_norm, at the model's widths.
+  rope_norm_speed  RoPE + QK-norm + gain fused (kernels/ropenorm.py) against gpt.py's
+               composition, eager and compiled, GB/s at d12/d20's q (bench/gpu_norms.py).
   launch       host time per call of each op's eager path (bench/kernels.py).
   train        d12 and d20 at train.py's defaults (T 2048, 32 sequences a device),
                compiled, one GPU: tokens/s, MFU and peak memory over --train-steps
                steps after warm-up, with the kernels kernels/dispatch.py picks, with
                our Triton attention wherever it runs (NANOSCHNACK_TRITON_ATTENTION=1,
-               autotuned and hand-picked tiles; not in --quick) and with PyTorch's own
+               autotuned and hand-picked tiles; not in --quick), with the fused RoPE +
+               QK-norm (NANOSCHNACK_FUSED_ROPE_NORM=1) and with PyTorch's own
                (SDPA + F.rms_norm: NANOSCHNACK_REFERENCE_KERNELS=1); then where each
                one's GPU time goes, by kernel group (--profile-steps, bench/gpu_profile.py).
   run          a short real d12 run whose loss must fall: counting sequences
@@ -63,16 +66,16 @@ Sections (each a function section_<name> and a time limit in SECTIONS):
                one row per stage with its wall time and result (bench/gpu_serving.py).
 
 --quick, estimated on an H100/H200 (not timed yet): correctness 2 attention and
-3 RMSNorm shapes in 3 modes (about 18 compiles of a few seconds each), speed
-T 2048 only (MHA and GQA), RMSNorm 3 shapes, train d12 only for 10 steps (two compiles of
-about a minute each), run as in the full run (seconds), decode d12 only (a compile of
+3 RMSNorm and 3 RoPE + QK-norm shapes in 3 modes (about 24 compiles of a few seconds
+each), speed T 2048 only (MHA and GQA), RMSNorm 3 shapes, RoPE + QK-norm d20's q, train
+d12 only for 10 steps (three compiles of about a minute each), run as in the full run (seconds), decode d12 only (a compile of
 the decode step per batch size, 1 to 32), the pipeline at 20 steps of d12, plus a
 start-up of about 10 s (the imports) and a CUDA initialisation per section. On a Hopper
 the attention kernels autotune at the first call of each shape in the speed section
 (about 35 candidates, half loading through TMA, compiled at once on threads, then timed;
-kernels/aot.py compiles 462 kernels in about 4 minutes on the 2-core development CPU);
+kernels/aot.py compiles 510 kernels in about 5 minutes on the 2-core development CPU);
 the correctness section runs the hand-picked tiles in --quick, the candidates section
-the others. The quick time limits (SECTIONS) add up to 16.7 minutes, so even a hung
+the others. The quick time limits (SECTIONS) add up to 18.1 minutes, so even a hung
 section cannot stretch the run much past that; where one command may run at most 10
 minutes, run `--sections device,correctness,candidates,speed --quick` first and the
 other sections as a second command.
@@ -104,8 +107,8 @@ import common
 import gpt
 import kernels
 import train
-from bench import gpu_profile
-from bench.gpu_runner import Report, case, one_line, run_sections
+from bench import gpu_norms, gpu_profile
+from bench.gpu_runner import Report, case, max_err, ok_cell, one_line, run_sections, sync, timeit
 from bench.kernels import launch_overhead
 from kernels import attention, attention_reference, dispatch, rmsnorm, tiles
 
@@ -119,8 +122,9 @@ SECTIONS = [
     ("candidates", 400, 200),  # about 85 compiles, 40 in --quick, one after another (estimates, not yet timed)
     ("speed", 600, 150),  # tunings: about 35 candidates to compile and time a shape (kernels/tiles.py)
     ("rms_norm_speed", 300, 25),
+    ("rope_norm_speed", 300, 25),
     ("launch", 120, 10),
-    ("train", 1500, 110),
+    ("train", 1500, 170),  # --quick: three compiles of d12
     ("run", 600, 25),
     ("decode", 900, 120),
     ("pipeline", 1800, 240),
@@ -129,7 +133,6 @@ PRELOAD = ["torch", "torch.nn.functional", "triton", "common", "gpt", "kernels",
            "bench.gpu_runner"]  # what every section's process starts with, imported once
 TEST_HANG_LIMIT = 3  # the --test-hang section's limit (tests only)
 ATTN_TOL = {torch.bfloat16: (3e-2, 3e-2), torch.float32: (2e-5, 1e-4)}  # as in tests/test_kernels.py
-NORM_TOL = {torch.bfloat16: (8e-3, 1.6e-2), torch.float32: (1e-5, 1e-5)}
 
 
 # ----------------------------------------------------------------------------
@@ -164,26 +167,6 @@ def path_name(device, smoke: bool) -> str:
         return "Triton" if kernels.use_triton(torch.empty(0, device=device)) else "the PyTorch reference path"
 
 
-def timeit(fn, smoke: bool) -> float:
-    """Seconds per call: CUDA-event timing via triton.testing.do_bench on the GPU, one call on the CPU."""
-    if not smoke:
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=25, rep=100) / 1e3
-    fn()  # warm-up; then one timed call, the smoke run only checks that the code runs
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _ok(ok: bool) -> str:
-    return "yes" if ok else "**NO**"
-
-
 # ----------------------------------------------------------------------------
 # device and correctness
 
@@ -202,14 +185,6 @@ def section_device(args, device):
                f"on this GPU in bf16 (kernels/tiles.py; {kernels.AUTOTUNE_ENV}=0 keeps the hand-picked ones).")
 
 
-def max_err(got, want, tol) -> tuple[float, bool]:
-    """Largest |got - want| and whether every element is within atol + rtol * |want|."""
-    got, want = got.double().cpu(), want.double().cpu()
-    diff = (got - want).abs()
-    atol, rtol = tol
-    return diff.max().item(), bool((diff <= atol + rtol * want.abs()).all())
-
-
 def attention_errors(fn, B, H, H_kv, T, D, dtype, device, window=-1):
     """Max errors of out, dq, dk, dv of fn(q, k, v) against the fp32 reference (with this window), and whether
     all pass."""
@@ -226,22 +201,9 @@ def attention_errors(fn, B, H, H_kv, T, D, dtype, device, window=-1):
     return [e for e, _ in results], all(ok for _, ok in results)
 
 
-def norm_errors(fn, shape, dtype, device):
-    g = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(shape, generator=g)).to(device, dtype).requires_grad_()
-    dy = torch.randn(shape, generator=g).to(device, dtype)
-    x32 = x.detach().float()
-    ref_y, ref_rstd = rmsnorm._reference_fwd(x32, gpt.NORM_EPS)
-    ref_dx = rmsnorm._reference_bwd(dy.float(), x32, ref_rstd)
-    y = fn(x)
-    dx, = torch.autograd.grad(y, x, dy)
-    results = [max_err(y, ref_y, NORM_TOL[dtype]), max_err(dx, ref_dx, NORM_TOL[dtype])]
-    return [e for e, _ in results], all(ok for _, ok in results)
-
-
 def _errors_cells(errors_and_ok) -> list:
     errs, ok = errors_and_ok
-    return [" / ".join(f"{e:.1e}" for e in errs), _ok(ok)]
+    return [" / ".join(f"{e:.1e}" for e in errs), ok_cell(ok)]
 
 
 def section_correctness(args, device):
@@ -249,19 +211,28 @@ def section_correctness(args, device):
     dtype = torch.float32 if args.smoke else torch.bfloat16
     # B, H, H_kv, T, D; and RMSNorm shapes. In a row the sizes change one dimension at a time
     # (batch, sequence; rows, width), so the compiled modes recompile or run dynamic.
+    # RoPE + QK-norm: B, T, H, D (batch, then sequence).
     if args.smoke:
         attn_shapes, norm_shapes = [(1, 2, 2, 33, 64), (1, 4, 2, 40, 128)], [(7, 64), (3, 5, 100)]
+        rope_shapes = [(1, 9, 2, 64), (2, 9, 2, 64), (2, 13, 2, 64)]
     elif args.quick:
         attn_shapes = [(2, 8, 8, 1000, 128), (1, 8, 2, 2048, 128)]  # MHA (SDPA on a Hopper in training), GQA (ours)
         norm_shapes = [(4096, 768), (2, 512, 10, 128), (999, 128)]
+        rope_shapes = [(2, 1000, 10, 128), (3, 1000, 10, 128), (3, 777, 10, 128)]
     else:
         attn_shapes = [(2, 8, 8, 1000, 64), (2, 8, 2, 1000, 64), (1, 8, 2, 1500, 64), (2, 10, 10, 2048, 128),
                        (1, 8, 2, 4093, 128)]
         norm_shapes = [(4096, 768), (4096, 1280), (2, 2048, 10, 128), (3000, 128), (999, 64)]
+        rope_shapes = [(2, 1000, 10, 128), (3, 1000, 10, 128), (3, 777, 10, 128), (3, 777, 2, 64), (1, 2048, 2, 64)]
     ops = {"flash_attn": lambda q, k, v: kernels.flash_attn(q, k, v),  # the model's call: ours or SDPA
            "flash_attn_op": lambda q, k, v: kernels.flash_attn_op(q, k, v, -1)[0],  # our kernel at every shape
            "rms_norm": lambda x: kernels.rms_norm(x, gpt.NORM_EPS),  # the model's call: ours or F.rms_norm
-           "rms_norm_op": lambda x: kernels.rms_norm_op(x, gpt.NORM_EPS)[0]}  # our kernel at every width
+           "rms_norm_op": lambda x: kernels.rms_norm_op(x, gpt.NORM_EPS)[0],  # our kernel at every width
+           "rope_norm_op": lambda x, cos, sin, gain: kernels.rope_norm_op(x, cos, sin, gpt.NORM_EPS, gain)}
+    checks = {  # op without _op: its shapes, a shape's label, the errors of a function on a shape
+        "flash_attn": (attn_shapes, "B{} H{} Hkv{} T{} D{}", lambda fn, shape: attention_errors(fn, *shape, dtype, device)),
+        "rms_norm": (norm_shapes, None, lambda fn, shape: gpu_norms.norm_errors(fn, shape, dtype, device)),
+        "rope_norm": (rope_shapes, "B{} T{} H{} D{}", lambda fn, shape: gpu_norms.rope_norm_errors(fn, shape, dtype, device))}
     modes = {"eager": lambda fn: fn}
     if not args.smoke:  # Inductor cannot trace the interpreter (tests/test_kernels_compile.py)
         modes["compiled"] = lambda fn: torch.compile(fn, fullgraph=True)
@@ -270,7 +241,7 @@ def section_correctness(args, device):
     # section checks each tile the autotuner can pick, without the compile and timing of a tuning run a shape
     hand_picked = _env(kernels.AUTOTUNE_ENV, "0") if args.quick else nullcontext()
     yield (f"Against the fp32 PyTorch reference; {str(dtype)[6:]} inputs; tolerances (atol, rtol) "
-           f"attention {ATTN_TOL[dtype]}, RMSNorm {NORM_TOL[dtype]}; {', '.join(modes)}"
+           f"attention {ATTN_TOL[dtype]}, RMSNorm and RoPE + QK-norm {gpu_norms.NORM_TOL[dtype]}; {', '.join(modes)}"
            f"{' (no torch.compile in the smoke run)' if args.smoke else ''}"
            f"{'; attention with its hand-picked tiles (--quick)' if args.quick else ''}.")
     yield ""
@@ -281,14 +252,10 @@ def section_correctness(args, device):
             for op, fn in ops.items():
                 torch._dynamo.reset()
                 compiled = wrap(fn)  # one compiled function per op and mode, across the shapes
-                if op.startswith("flash_attn"):
-                    for shape in attn_shapes:
-                        label = "B{} H{} Hkv{} T{} D{}".format(*shape)
-                        yield case(args, [op, label, mode], lambda: _errors_cells(attention_errors(compiled, *shape, dtype, device)))
-                else:
-                    for shape in norm_shapes:
-                        label = "x".join(map(str, shape))
-                        yield case(args, [op, label, mode], lambda: _errors_cells(norm_errors(compiled, shape, dtype, device)))
+                shapes, label, errors = checks[op.removesuffix("_op")]
+                for shape in shapes:
+                    cell = label.format(*shape) if label else "x".join(map(str, shape))
+                    yield case(args, [op, cell, mode], lambda: _errors_cells(errors(compiled, shape)))
 
 
 def section_candidates(args, device):
@@ -406,41 +373,12 @@ def _cell(x, smoke) -> str:
 
 def section_rms_norm_speed(args, device):
     """RMSNorm speed, GB/s"""
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    # d12/d20's residual stream and QK-norm (heads of 128) at 64K tokens (their micro-batch),
-    # and a QK-norm at 8K tokens: the rows kernels/dispatch.py's rule rests on, and those it lacks
-    shapes = ([(64, 256), (256, 64)] if args.smoke else [(65536, 768), (655360, 128), (81920, 128)] if args.quick
-              else [(65536, 768), (65536, 1280), (655360, 128), (393216, 128), (81920, 128)])
-    eps = gpt.NORM_EPS
-    eager = lambda x: F.rms_norm(x, (x.shape[-1],), eps=eps)
-    # ours: kernels.rms_norm's eager path to our kernel, at every width (in the smoke run kernels.rms_norm
-    # itself, which is F.rms_norm there: the smoke run checks that the code runs, not the interpreter's speed)
-    fns = {"ours": kernels.rms_norm if args.smoke else lambda x: rmsnorm._EagerRMSNorm.apply(x, eps),
-           "ours (custom op)": lambda x: kernels.rms_norm_op(x, eps)[0],
-           "eager F.rms_norm": eager}
-    if not args.smoke:
-        fns["ours compiled"] = torch.compile(lambda x: kernels.rms_norm_op(x, eps)[0])
-        fns["compiled F.rms_norm"] = torch.compile(eager)
-    yield ("Bytes: forward reads x and writes y (2 x numel x element size); forward+backward also reads x "
-           "and dy and writes dx (5 x). \"ours\" is what kernels.rms_norm runs where it picks our kernel.")
-    yield ""
-    yield "| rows x width | pass | " + " | ".join(f"{n} GB/s" for n in fns) + " | ours / best PyTorch |"
-    yield "|---|---|" + "---:|" * (len(fns) + 1)
-    for M, N in shapes:
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(M, N, device=device, dtype=dtype, generator=g).requires_grad_()
-        dy = torch.randn(M, N, device=device, dtype=dtype, generator=g)
-        for label, nbytes in (("fwd+bwd", 5 * x.numel() * x.element_size()), ("fwd", 2 * x.numel() * x.element_size())):
-            def measure():
-                def run(f):
-                    if label == "fwd":
-                        with torch.no_grad():
-                            return f(x)
-                    return torch.autograd.grad(f(x), x, dy)
-                gbs = {name: nbytes / timeit(lambda f=f: run(f), args.smoke) / 1e9 for name, f in fns.items()}
-                best = max(v for n, v in gbs.items() if "F.rms_norm" in n)
-                return [f"{v:.1f}" for v in gbs.values()] + [f"{gbs['ours'] / best:.2f}x"]
-            yield case(args, [f"{M} x {N}", label], measure)
+    yield from gpu_norms.rms_norm_speed(args, device)
+
+
+def section_rope_norm_speed(args, device):
+    """RoPE + QK-norm speed, GB/s"""
+    yield from gpu_norms.rope_norm_speed(args, device)
 
 
 def section_launch(args, device):
@@ -481,6 +419,7 @@ def counting_batch(B: int, T: int, device, vocab_size: int, generator=None):
 TRAIN_VARIANTS = {  # name -> the environment variables kernels/dispatch.py reads
     "pytorch": {kernels.REFERENCE_ENV: "1"},  # torch's SDPA + F.rms_norm, the baseline
     "ours": {},  # what the model runs: our kernels where they measured faster (or were not measured)
+    "ours + fused RoPE/QK-norm": {kernels.FUSED_ROPE_NORM_ENV: "1"},  # kernels/ropenorm.py, an A/B until measured
     "triton attention": {kernels.TRITON_ATTENTION_ENV: "1"},  # our attention wherever it can run
     "triton attention, hand-picked tiles": {kernels.TRITON_ATTENTION_ENV: "1", kernels.AUTOTUNE_ENV: "0"},
 }
@@ -532,7 +471,8 @@ def section_train(args, device):
     yield (f"{args.train_steps} steps after {args.warmup} warm-up steps, one micro-batch per step, "
            f"{'no torch.compile (smoke)' if args.smoke else 'torch.compile, bf16 autocast'}; counting-sequence data. "
            "pytorch: torch's SDPA + F.rms_norm. ours: attention and RMSNorm as kernels/dispatch.py picks them "
-           "(F.rms_norm under torch.compile; SDPA for MHA at D 128 on a Hopper where SDPA picks cuDNN). "
+           "(F.rms_norm under torch.compile; SDPA for MHA at D 128 on a Hopper where SDPA picks cuDNN); with "
+           f"RoPE + QK-norm fused as one op ({kernels.FUSED_ROPE_NORM_ENV}=1, kernels/ropenorm.py). "
            "triton attention: our attention kernel wherever it can run, its tiles on a Hopper picked by the "
            "autotuner (Inductor's, under torch.compile); the same with its hand-picked tiles "
            f"({kernels.AUTOTUNE_ENV}=0). Neither in --quick.")
@@ -580,7 +520,7 @@ def section_run(args, device):
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         falls = last < 0.5 * math.log(model.config.vocab_size)
         return [f"{seconds:.0f}", f"{first:.3f}", f"{last:.3f}",
-                " ".join(f"{l:.2f}" for l in losses[::max(1, steps // 10)]), _ok(falls)]
+                " ".join(f"{l:.2f}" for l in losses[::max(1, steps // 10)]), ok_cell(falls)]
 
     yield case(args, [preset], measure)
 

@@ -5,6 +5,7 @@ limit, and their rows, each to stdout and the report file the moment it exists.
     report = Report(path)                      # prints, and appends to `path` (if any), line by line
     run_sections([(fn, limit), ...], args, report)
     row = case(args, ["cells", "that", "label"], measure)   # inside a section: one table row
+    timeit(fn, smoke), max_err(got, want, tol), ok_cell(ok)   # what sections measure and check with
 
 A section is a generator function `section_<name>(args, device)` yielding report
 lines, its first line its description; its title is the first line of its
@@ -137,3 +138,35 @@ def run_sections(sections: list, args, report: Report, preload: list[str], root)
     context.set_forkserver_preload(preload)
     for section, limit in sections:
         run_section(section, limit, args, report, context)
+
+
+# ----------------------------------------------------------------------------
+# What the sections measure and check with
+
+
+def timeit(fn, smoke: bool) -> float:
+    """Seconds per call: CUDA-event timing via triton.testing.do_bench on the GPU, one call on the CPU."""
+    if not smoke:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100) / 1e3
+    fn()  # warm-up; then one timed call, the smoke run only checks that the code runs
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ok_cell(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def max_err(got, want, tol) -> tuple[float, bool]:
+    """Largest |got - want| and whether every element is within atol + rtol * |want|."""
+    got, want = got.double().cpu(), want.double().cpu()
+    diff = (got - want).abs()
+    atol, rtol = tol
+    return diff.max().item(), bool((diff <= atol + rtol * want.abs()).all())

@@ -18,7 +18,7 @@ from kernels import tiles
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION_TITLES = ["Device", "Test hook: a section that hangs", "Correctness on the device",
                   "Every tile the Hopper autotuner can pick", "Attention speed",
-                  "RMSNorm speed", "Launch overhead", "Training throughput", "A short real run", "Chat and serving decode",
+                  "RMSNorm speed", "RoPE + QK-norm speed", "Launch overhead", "Training throughput", "A short real run", "Chat and serving decode",
                   "The pipeline on local data"]
 FAIL_CASE = "rms_norm_op 7x64 eager"
 # bench/gpu_serving.py's rows, through bench/gpu.py's decode and pipeline sections
@@ -73,6 +73,7 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
     assert "**NO**" not in out  # a wrong kernel or a loss that did not fall
     assert "Our ops run: Triton in the correctness section" in out  # the interpreter really ran our kernels
     assert re.search(r"\| rms_norm_op \| 3x5x100 \| eager \| [\d.e/ +-]+ \| yes \|", out)
+    assert len(re.findall(r"^\| rope_norm_op \| B\d T\d+ H2 D64 \| eager \| [\d.e/ +-]+ \| yes \|$", out, re.M)) == 3, out
     candidates = out.split("### Every tile the Hopper autotuner can pick")[1].split("### ")[0]
     assert len(re.findall(r"^\| B1 H4 Hkv2 T100 D64 W30 \| \d+ \| .* \| yes \|$", candidates, re.M)) == max(
         len(tiles.hopper_space(w, 64, True, tma=True)) for w in ("fwd", "dkdv", "dq")), candidates
