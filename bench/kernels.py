@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import gpt
 import kernels
-from kernels import attention, dispatch, rmsnorm
+from kernels import attention, dispatch, rmsnorm, ropenorm
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -163,13 +164,13 @@ def _launches_skipped():
             return lambda *args, **kwargs: None
 
     kernels.register_ops()  # the Triton path calls the custom ops, which a CPU-only torch makes on first use
-    saved = rmsnorm.wrap_triton, attention.wrap_triton, dispatch._triton_on_cpu
-    rmsnorm.wrap_triton = attention.wrap_triton = Skip
+    saved = rmsnorm.wrap_triton, attention.wrap_triton, ropenorm.wrap_triton, dispatch._triton_on_cpu
+    rmsnorm.wrap_triton = attention.wrap_triton = ropenorm.wrap_triton = Skip
     dispatch._triton_on_cpu = True
     try:
         yield
     finally:
-        rmsnorm.wrap_triton, attention.wrap_triton, dispatch._triton_on_cpu = saved
+        rmsnorm.wrap_triton, attention.wrap_triton, ropenorm.wrap_triton, dispatch._triton_on_cpu = saved
 
 
 def launch_overhead(device, smoke: bool) -> list[str]:
@@ -184,10 +185,16 @@ def launch_overhead(device, smoke: bool) -> list[str]:
     q16 = q.detach().to(torch.bfloat16).requires_grad_()
     dout16 = dout.to(torch.bfloat16)
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    heads = x.detach().view(1, 16, 4, 128).requires_grad_()  # the same 64 rows as 16 positions of 4 heads
+    cos, sin = gpt.rotary_tables(16, 128, device=device)
+    composition = lambda t: F.rms_norm(gpt.apply_rotary(t, cos, sin), (128,), eps=1e-6) * 1.2  # gpt.py's three steps
     paths = {  # name: (op, its input, the output's gradient)
         "F.rms_norm": (lambda t: F.rms_norm(t, (128,), eps=1e-6), x, dy),
         "ours via kernels.rms_norm (autograd.Function)": (lambda t: rmsnorm._EagerRMSNorm.apply(t, 1e-6), x, dy),
         "ours via kernels.rms_norm_op (custom op)": (lambda t: kernels.rms_norm_op(t, 1e-6)[0], x, dy),
+        "gpt.py's RoPE + QK-norm + gain": (composition, heads, dy.view_as(heads)),
+        "ours via kernels.rope_norm_op (custom op)": (
+            lambda t: kernels.rope_norm_op(t, cos[0, :, 0], sin[0, :, 0], 1e-6, 1.2), heads, dy.view_as(heads)),
         "F.scaled_dot_product_attention": (lambda t: sdpa(t, t, t), q, dout),
         "ours via kernels.flash_attn (custom op)": (lambda t: kernels.flash_attn(t, t, t), q, dout),
         # bf16: on a Hopper the launches go through triton.autotune (its key looked up per launch)
@@ -211,7 +218,7 @@ def launch_overhead(device, smoke: bool) -> list[str]:
     where = ("wall time per call over %d calls, tiny inputs (host-bound)" % calls if on_gpu else
              "CPU, our Triton launches replaced by a no-op: custom-op, autograd and launcher Python only; "
              "PyTorch's rows include their (tiny) CPU compute")
-    rows = [f"Microseconds per call, best of {repeats}; {where}. RMSNorm 64 x 128, attention (1, 2, 16, 64).", "",
+    rows = [f"Microseconds per call, best of {repeats}; {where}. RMSNorm 64 x 128 (as RoPE + QK-norm: 16 positions of 4 heads), attention (1, 2, 16, 64).", "",
             "| path | forward | forward+backward |", "|---|---:|---:|"]
     with contextlib.nullcontext() if on_gpu else _launches_skipped():
         for name, (op, t, grad) in paths.items():
