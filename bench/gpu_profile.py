@@ -42,7 +42,9 @@ def group_of(name: str) -> str:
 def kernel_times(step, steps: int, device) -> dict:
     """{kernel: (seconds, calls)} over `steps` calls of step(): CUDA kernels on a GPU, else CPU operators' self time."""
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+    # on the GPU the CPU side is recorded too (what torch.profiler is used with most), and left out below: a
+    # CPU operator's device time is its kernels' again
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
         if cuda:
@@ -76,12 +78,14 @@ def report_lines(preset: str, results: dict, top: int = 8) -> list[str]:
     """Two tables from {variant: measure_training's result}: each variant's GPU time a step by group, and the
     top kernels of the variant the model runs ("ours", else the first profiled)."""
     profiled = {variant: r for variant, r in results.items() if r.get("profile")}
+    empty = [variant for variant, r in results.items() if r.get("profile") == {}]
+    notes = ["", f"The profiler recorded no kernels for {preset} ({', '.join(empty)}): is CUPTI available?"] if empty else []
     if not profiled:
-        return []
+        return notes
     per_step = {variant: {g: s / r["profile_steps"] for g, s in by_group(r["profile"]).items()}
                 for variant, r in profiled.items()}
     groups = [g for g in next(iter(per_step.values())) if any(shares[g] for shares in per_step.values())]
-    lines = ["", f"Where a step's GPU time goes, {preset}: ms a step by kernel group (bench/gpu_profile.py; share of "
+    lines = notes + ["", f"Where a step's GPU time goes, {preset}: ms a step by kernel group (bench/gpu_profile.py; share of "
                  "the GPU's busy time). Busy below wall: the GPU waited for the host.", "",
              "| kernels | " + " | ".join(groups) + " | GPU busy ms | wall ms |", "|---|" + "---:|" * (len(groups) + 2)]
     for variant, shares in per_step.items():

@@ -105,3 +105,12 @@ KERNEL_GROUPS = {
 
 def test_profile_groups_kernels_by_what_they_do():
     assert {name: gpu_profile.group_of(name) for name in KERNEL_GROUPS} == KERNEL_GROUPS
+
+
+def test_profile_report_says_when_the_profiler_saw_no_kernel():
+    """A profile with no kernel in it (no CUPTI, say) is a line saying so, not a table of zeros or nothing."""
+    ours = {"profile": {"nvjet_hsh_256x128": (0.006, 4), "triton_poi_fused_add_0": (0.002, 2)}, "profile_steps": 2,
+            "step_seconds": 0.005}
+    lines = gpu_profile.report_lines("d12", {"pytorch": {"profile": {}, "profile_steps": 2}, "ours": ours})
+    assert "The profiler recorded no kernels for d12 (pytorch): is CUPTI available?" in lines
+    assert "| ours | 3.0 (75%) | 1.0 (25%) | 4.0 | 5.0 |" in lines, lines
