@@ -452,7 +452,7 @@ def measure_training(preset: str, variant: str, args, device) -> dict:
             loss = step()
         sync(device)
         seconds = time.perf_counter() - t
-        profile = gpu_profile.kernel_times(step, args.profile_steps, device) if args.profile_steps else None
+        profile = gpu_profile.profile_steps(step, args.profile_steps, device) if args.profile_steps else None
     tokens_per_s = args.train_steps * batch * seq_len / seconds
     peak = next((v for k, v in peak_flops.items() if k in torch.cuda.get_device_name(0)), None) if device.type == "cuda" else None
     result = dict(tokens_per_s=tokens_per_s, seq_len=seq_len, batch=batch, loss=loss,

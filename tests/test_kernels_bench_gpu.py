@@ -79,6 +79,8 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
         len(tiles.hopper_space(w, 64, True, tma=True)) for w in ("fwd", "dkdv", "dq")), candidates
     # the train section's profile: a row of kernel groups for each variant, matmuls among them, then the top kernels
     profile = out.split("Where a step's GPU time goes, nano")[1].split("Top kernels, nano, ours:")
+    header = next(line for line in profile[0].splitlines() if line.startswith("| kernels |"))
+    assert header.startswith("| kernels | matmul |") and "| AdamW step | NorMuon step |" in header, header
     shares = {r[0]: r for r in rows if len(r) > 4 and r[0] in ("pytorch", "ours") and "(" in r[1]}
     assert set(shares) == {"pytorch", "ours"} and all(float(r[1].split()[0]) > 0 for r in shares.values()), profile[0]
     assert "| `aten::mm` | matmul |" in profile[1] or "| `aten::bmm` | matmul |" in profile[1], profile[1]
@@ -109,8 +111,9 @@ def test_profile_groups_kernels_by_what_they_do():
 
 def test_profile_report_says_when_the_profiler_saw_no_kernel():
     """A profile with no kernel in it (no CUPTI, say) is a line saying so, not a table of zeros or nothing."""
-    ours = {"profile": {"nvjet_hsh_256x128": (0.006, 4), "triton_poi_fused_add_0": (0.002, 2)}, "profile_steps": 2,
-            "step_seconds": 0.005}
-    lines = gpu_profile.report_lines("d12", {"pytorch": {"profile": {}, "profile_steps": 2}, "ours": ours})
+    kernels = {"nvjet_hsh_256x128": (0.006, 4), "triton_poi_fused_add_0": (0.002, 2)}
+    ours = {"profile": dict(kernels=kernels, optimizers={"NorMuon": 0.004}), "profile_steps": 2, "step_seconds": 0.005}
+    nothing = {"profile": dict(kernels={}, optimizers={}), "profile_steps": 2}
+    lines = gpu_profile.report_lines("d12", {"pytorch": nothing, "ours": ours})
     assert "The profiler recorded no kernels for d12 (pytorch): is CUPTI available?" in lines
-    assert "| ours | 3.0 (75%) | 1.0 (25%) | 4.0 | 5.0 |" in lines, lines
+    assert "| ours | 3.0 (75%) | 1.0 (25%) | 2.0 (50%) | 4.0 | 5.0 |" in lines, lines
