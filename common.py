@@ -22,6 +22,7 @@ checkpoint somebody shared cannot run code.
 import argparse
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -348,6 +349,36 @@ def polar_express(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x if wide else x.mT
 
 
+def normuon_update(grads, weights, buf, second, momentum, beta2, lr, weight_decay, ns_steps: int, ortho_dtype):
+    """NorMuon's steps 1-6 (below) on one group's stacked matrices (n, rows, cols): weights, buf and second are
+    updated in place. momentum, beta2, lr and weight_decay: floats, or 0-D tensors of the weights' dtype where
+    the step is compiled (a new value, the schedule's every step, then needs no new compile)."""
+    rows, cols = weights.shape[-2:]
+    neuron_dim = -1 if rows >= cols else -2  # the mean of each row (tall, square) or column (wide)
+    buf.lerp_(grads, 1 - momentum)  # 1. Nesterov
+    g = grads.lerp(buf, momentum)
+    x = g.to(ortho_dtype)  # 2. MuonEq
+    row_norms = x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    x = x * (x.float().norm(dim=(-2, -1), keepdim=True) / rows ** 0.5 / row_norms).to(x.dtype)
+    g = polar_express(x, ns_steps).to(weights.dtype)  # 3.
+    g = g * (min(rows, cols) ** 0.5 / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))  # 4. Muon+
+    norm_before = g.norm(dim=(-2, -1), keepdim=True)  # 5. NorMuon
+    second.lerp_(g.square().mean(neuron_dim, keepdim=True), 1 - beta2)
+    g = g * second.clamp_min(1e-10).rsqrt()
+    g = g * (norm_before / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    lr = lr * max(1.0, rows / cols) ** 0.5  # 6. cautious weight decay, then the step
+    decay = (g * weights >= 0) * weights
+    weights.sub_(lr * g + lr * weight_decay * decay)
+
+
+@functools.cache
+def _compiled_normuon_update():
+    # One graph per group's shape (dynamic=False: three for d20), made at the first step, as nanochat compiles
+    # its muon_step_fused. Eagerly, the step's two dozen elementwise ops each read and write the group's
+    # stacked fp32 state (1.6 GB a pass at d20); compiled they fuse into a few kernels around the matmuls.
+    return torch.compile(normuon_update, dynamic=False, fullgraph=True)
+
+
 class NorMuon(torch.optim.Optimizer):
     """Muon as nanochat trains with it (nanochat/optim.py, muon_step_fused), for 2-D matrices:
 
@@ -363,12 +394,15 @@ class NorMuon(torch.optim.Optimizer):
     The step is lr * sqrt(max(1, rows/cols)), as torch's "original" lr adjustment and nanochat do.
 
     Give each param group matrices of one shape (build_optimizers does): they are stacked, so each
-    step of the iteration is one batched product; the group's state lives with its first matrix."""
+    step of the iteration is one batched product; the group's state lives with its first matrix.
+    compile_step: run normuon_update through torch.compile (build_optimizers does on CUDA, as nanochat
+    does; on the CPU a compile costs more than a short run's steps save)."""
 
     def __init__(self, param_groups, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5,
-                 ortho_dtype=torch.bfloat16):
+                 ortho_dtype=torch.bfloat16, compile_step=False):
         super().__init__(param_groups, dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
                                             ns_steps=ns_steps, ortho_dtype=ortho_dtype))
+        self.compile_step = compile_step
         for group in self.param_groups:
             if len({p.shape for p in group["params"]}) != 1 or group["params"][0].ndim != 2:
                 raise ValueError("NorMuon wants each param group to hold 2-D matrices of one shape")
@@ -376,33 +410,22 @@ class NorMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "NorMuon takes no closure"
+        update = _compiled_normuon_update() if self.compile_step else normuon_update
         for group in self.param_groups:
             params = group["params"]
-            rows, cols = params[0].shape
             state = self.state[params[0]]
-            neuron_dim = -1 if rows >= cols else -2  # the mean of each row (tall, square) or column (wide)
             if not state:
+                rows, cols = params[0].shape
                 state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype,
                                                        device=params[0].device)
+                neuron_dim = -1 if rows >= cols else -2
                 state["second_momentum_buffer"] = torch.zeros_like(state["momentum_buffer"].mean(neuron_dim, True))
-            grads = torch.stack([p.grad for p in params])
             weights = torch.stack(params)
-            buf, second = state["momentum_buffer"], state["second_momentum_buffer"]
-
-            buf.lerp_(grads, 1 - group["momentum"])  # 1. Nesterov
-            g = grads.lerp(buf, group["momentum"])
-            x = g.to(group["ortho_dtype"])  # 2. MuonEq
-            row_norms = x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            x = x * (x.float().norm(dim=(-2, -1), keepdim=True) / rows ** 0.5 / row_norms).to(x.dtype)
-            g = polar_express(x, group["ns_steps"]).to(weights.dtype)  # 3.
-            g = g * (min(rows, cols) ** 0.5 / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))  # 4. Muon+
-            norm_before = g.norm(dim=(-2, -1), keepdim=True)  # 5. NorMuon
-            second.lerp_(g.square().mean(neuron_dim, keepdim=True), 1 - group["beta2"])
-            g = g * second.clamp_min(1e-10).rsqrt()
-            g = g * (norm_before / g.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-            lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # 6. cautious weight decay, then the step
-            decay = (g * weights >= 0) * weights
-            weights.sub_(lr * g + lr * group["weight_decay"] * decay)
+            settings = [group[k] for k in ("momentum", "beta2", "lr", "weight_decay")]
+            if self.compile_step:  # 0-D CPU tensors: a new value is an input, not a new graph
+                settings = [torch.tensor(v, dtype=weights.dtype) for v in settings]
+            update(torch.stack([p.grad for p in params]), weights, state["momentum_buffer"],
+                   state["second_momentum_buffer"], *settings, group["ns_steps"], group["ortho_dtype"])
             torch._foreach_copy_(params, list(weights.unbind(0)))
 
 
@@ -447,7 +470,7 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
         shapes = sorted({tuple(p.shape) for p in matrices})
         muon = NorMuon([dict(params=[p for p in matrices if tuple(p.shape) == s]) for s in shapes],
                        lr=cfg.matrix_lr, momentum=0.95, beta2=0.9, weight_decay=cfg.weight_decay,
-                       ortho_dtype=torch.bfloat16 if bf16 else torch.float32)
+                       ortho_dtype=torch.bfloat16 if bf16 else torch.float32, compile_step=device.type == "cuda")
     else:  # adjust_lr_fn "original" scales by sqrt(max(1, rows/cols)), as nanochat's Muon does
         muon = (torch.optim.Muon if bf16 else FP32Muon)(matrices, lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
                                                         weight_decay=cfg.weight_decay, adjust_lr_fn="original")

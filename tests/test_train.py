@@ -454,6 +454,34 @@ def test_normuon_is_nanochats_muon_step():
     assert [sorted(v) for v in state["state"].values()] == [["momentum_buffer", "second_momentum_buffer"]] * 2
 
 
+def test_compiled_normuon_step_is_the_eager_step_and_compiles_once_per_shape():
+    """The compiled step (on CUDA: build_optimizers turns it on) against the eager one, through Inductor on the
+    CPU: the same weights over steps whose learning rate, momentum and weight decay change every step, as the
+    schedules change them, and one graph per group's shape, whatever the values (0-D tensors, not constants)."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 80), torch.randn(48, 80), torch.randn(80, 48)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(4)]
+    runs = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compile_step in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = common.NorMuon([dict(params=params[:2]), dict(params=params[2:])], ortho_dtype=torch.float32,
+                             weight_decay=0.2, compile_step=compile_step)
+        for i, step_grads in enumerate(grads):
+            for group in opt.param_groups:
+                group.update(lr=0.02 * (1 - i / 8), momentum=0.85 + 0.03 * i, weight_decay=0.2 * (1 - i / 4))
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(params)
+    for eager, compiled in zip(*runs):
+        torch.testing.assert_close(compiled.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # (48, 80) and (80, 48): no recompile for a new value
+    torch._dynamo.reset()
+
+
 def test_normuon_moves_every_neuron_alike_and_decays_cautiously():
     """NorMuon's first update has equal norms per neuron (rows of a tall matrix, columns of a wide one) and the
     Frobenius norm of an orthogonal matrix; the weight decay only touches weights the update also shrinks."""
