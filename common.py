@@ -396,7 +396,8 @@ class NorMuon(torch.optim.Optimizer):
     Give each param group matrices of one shape (build_optimizers does): they are stacked, so each
     step of the iteration is one batched product; the group's state lives with its first matrix.
     compile_step: run normuon_update through torch.compile (build_optimizers does on CUDA, as nanochat
-    does; on the CPU a compile costs more than a short run's steps save)."""
+    does). Not on the CPU: for the demo's tiny model (2 threads, development box) a compiled step took
+    136 ms against 154 eager, 11 s over the demo's ~600 steps, and the compile itself 28.5 s."""
 
     def __init__(self, param_groups, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5,
                  ortho_dtype=torch.bfloat16, compile_step=False):
