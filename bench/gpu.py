@@ -111,7 +111,7 @@ import train
 from bench import gpu_norms, gpu_profile
 from bench.gpu_runner import Report, case, max_err, ok_cell, one_line, run_sections, sync, timeit
 from bench.kernels import launch_overhead
-from kernels import attention, attention_reference, dispatch, rmsnorm, tiles
+from kernels import attention, attention_reference, dispatch, tiles
 
 # (name, seconds in a full run, seconds in a --quick run): section_<name> runs in its own
 # process and is killed at its limit, counted from its first line (bench/gpu_runner.py).
