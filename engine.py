@@ -23,7 +23,7 @@ Exactness: on CPU in fp32, prefill() and decode() give a row the logits of the s
 up to float rounding (below 1e-5 on the test models: a matmul of B rows, or SDPA over
 masked keys, sums in another order), whatever the other rows are. So greedy answers are
 the same tokens as alone unless the two best logits of some step lie within that
-rounding of each other; tests/test_engine.py and tests/test_serve.py check token equality.
+rounding of each other; tests/test_engine.py, tests/test_serve.py and tests/test_serve_live.py check token equality.
 On CUDA with bf16 autocast the rounding is bf16's, and near-ties flip more easily.
 """
 import asyncio

@@ -28,7 +28,7 @@ A base checkpoint (train.py, no chat template) is served in completion mode:
 /v1/completions works, /v1/chat/completions answers 400 saying so, and the page
 switches to continuing text.
 
-Hardening (issue 20), each with a test in tests/test_serve.py:
+Hardening (issue 20), each with a test in tests/test_serve.py or tests/test_serve_live.py:
 - Read timeouts: a connection gets --header-timeout seconds for its request line
   and headers and --body-timeout for its body, else it is closed (uvicorn's h11
   protocol has only a keep-alive timeout, so TimedH11Protocol adds these); a
