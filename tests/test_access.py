@@ -13,7 +13,8 @@ pytest.importorskip("fastapi", reason="the web extra is not installed: pip insta
 
 import access
 from conftest import make_checkpoint
-from test_serve import QUESTIONS, Hold, LiveServer, Server, Stream, chat_body, request, wait_for
+from test_serve import QUESTIONS, Server, Stream, chat_body, request, wait_for
+from test_serve_live import Hold, LiveServer
 
 KEYS = ["sk-erster-schluessel", "sk-zweiter-schluessel"]
 
