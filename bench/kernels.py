@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import gpt
 import kernels
+from bench.gpu_norms import rope_composition, rope_tables
 from kernels import attention, dispatch, rmsnorm, ropenorm
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -186,15 +186,14 @@ def launch_overhead(device, smoke: bool) -> list[str]:
     dout16 = dout.to(torch.bfloat16)
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     heads = x.detach().view(1, 16, 4, 128).requires_grad_()  # the same 64 rows as 16 positions of 4 heads
-    cos, sin = gpt.rotary_tables(16, 128, device=device)
-    composition = lambda t: F.rms_norm(gpt.apply_rotary(t, cos, sin), (128,), eps=1e-6) * 1.2  # gpt.py's three steps
+    cos, sin = rope_tables(16, 128, device)
     paths = {  # name: (op, its input, the output's gradient)
         "F.rms_norm": (lambda t: F.rms_norm(t, (128,), eps=1e-6), x, dy),
         "ours via kernels.rms_norm (autograd.Function)": (lambda t: rmsnorm._EagerRMSNorm.apply(t, 1e-6), x, dy),
         "ours via kernels.rms_norm_op (custom op)": (lambda t: kernels.rms_norm_op(t, 1e-6)[0], x, dy),
-        "gpt.py's RoPE + QK-norm + gain": (composition, heads, dy.view_as(heads)),
+        "gpt.py's RoPE + QK-norm + gain": (lambda t: rope_composition(t, cos, sin, 1e-6, 1.2), heads, dy.view_as(heads)),
         "ours via kernels.rope_norm_op (custom op)": (
-            lambda t: kernels.rope_norm_op(t, cos[0, :, 0], sin[0, :, 0], 1e-6, 1.2), heads, dy.view_as(heads)),
+            lambda t: kernels.rope_norm_op(t, cos, sin, 1e-6, 1.2), heads, dy.view_as(heads)),
         "F.scaled_dot_product_attention": (lambda t: sdpa(t, t, t), q, dout),
         "ours via kernels.flash_attn (custom op)": (lambda t: kernels.flash_attn(t, t, t), q, dout),
         # bf16: on a Hopper the launches go through triton.autotune (its key looked up per launch)

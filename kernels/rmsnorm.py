@@ -104,12 +104,18 @@ def _launch_config(n_cols: int, device_type: str) -> dict:
     several microseconds of Python a call, so neither is called per launch).
     """
     block_cols = 1 << (n_cols - 1).bit_length()  # the next power of two >= n_cols
-    budget = 4096 if device_type == "cuda" else 256  # the interpreter: small tiles, so tests cross tile edges
-    block_rows = max(1, budget // block_cols)
-    cfg = dict(N_COLS=n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
-    if device_type == "cuda":
-        cfg["num_warps"] = max(1, min(16, block_rows * block_cols // 512))
-    return cfg
+    # the interpreter: small tiles, so tests cross tile edges
+    return dict(N_COLS=n_cols, BLOCK_COLS=block_cols, **whole_rows(block_cols, device_type, interpreter_elements=256))
+
+
+def whole_rows(block_cols: int, device_type: str, interpreter_elements: int) -> dict:
+    """BLOCK_ROWS (and on the GPU num_warps) of a program that handles whole rows of block_cols elements:
+    about 4K elements a program on the GPU (16 KB of fp32), one warp per 512 of them (8 a thread), at most
+    16 warps; in the interpreter `interpreter_elements`. Also kernels/ropenorm.py's."""
+    block_rows = max(1, (4096 if device_type == "cuda" else interpreter_elements) // block_cols)
+    if device_type != "cuda":
+        return dict(BLOCK_ROWS=block_rows)
+    return dict(BLOCK_ROWS=block_rows, num_warps=max(1, min(16, block_rows * block_cols // 512)))
 
 
 def _triton_fwd(x, eps):

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kernels.dispatch import ops_on_first_use, use_fused_rope_norm, use_triton
-from kernels.rmsnorm import rms_norm
+from kernels.rmsnorm import rms_norm, whole_rows
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -117,12 +117,7 @@ def _launch_config(head_dim: int, device_type: str) -> dict:
     bf16 vector. In the interpreter (tests) small tiles of 512 elements, so that tests cross tile edges
     and the positions inside one tile differ.
     """
-    budget = 4096 if device_type == "cuda" else 512
-    block_rows = max(1, budget // head_dim)
-    cfg = dict(HALF=head_dim // 2, BLOCK_ROWS=block_rows)
-    if device_type == "cuda":
-        cfg["num_warps"] = max(1, min(16, block_rows * head_dim // 512))
-    return cfg
+    return dict(HALF=head_dim // 2, **whole_rows(head_dim, device_type, interpreter_elements=512))
 
 
 def _launch(kernel, x, tensors, scalars):
