@@ -75,7 +75,8 @@ def _through_pointers(tiles: dict) -> dict:
 # issue 25 ships), which is what ruled out, e.g., the forward's 128 x 64 and 128 x 128 tiles on 4 warps
 # (1.2-5.7 KB spilled a thread at D = 128), dK/dV's 64 x 128 tiles (92-208 B on 8 warps at D = 128) and, with
 # 3.6.0 and GQA, its 64 x 64 and 32 x 128 at 3 stages (24-232 B at D = 64). With 3.6.0 the hand-picked dK/dV
-# tiles themselves spill with GQA (D = 64 with a window: 248 B on sm_90, 364 on sm_80; D = 128: 112 on sm_80).
+# tiles themselves spill with GQA (stores and loads together: D = 64 with a window 248 B on sm_90 and 364 on sm_80,
+# without one 60 on sm_80; D = 128 112 on sm_80, with a window 24).
 # dK/dV's BLOCK_M is its query tile, the K of two of its three dots: 16 is one wgmma step, 32 and 64
 # are two and four, the tutorial's choice being 32 with 128 keys. None of these were timed here: which
 # wins on an H100/H200 is the autotuner's measurement (bench/gpu.py reports its picks). Other GPUs keep

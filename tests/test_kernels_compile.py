@@ -35,6 +35,9 @@ emitted next_power_of_2's bit-twiddling into the launch grid (on CUDA a NameErro
 `BitwiseFn_bitwise_or`, in the generated code; H200, torch 2.11). The launchers must
 compute every launch configuration from concrete Python ints.
 
+It reads what Inductor generates, which differs between torch versions: it passes with the pinned
+torch 2.13.0 and with 2.11.0, the H200 image's (where the bug above was seen).
+
 Time: about a minute on the 2-core CI box (each compile is a few seconds).
 """
 import json
@@ -223,24 +226,32 @@ class _Recorded:
 
     def __init__(self, name, source, launches):
         self.name, self.launches = name, launches
+        import ast
         constants = re.search(r"'constants': (\{[^}]*\})", source).group(1)
         configs = re.search(r"configs=(\[[^\]]*\])", source).group(1)
-        declared = re.search(r"'declared_constexpr_names': (\[[^\]]*\])", source).group(1)
-        import ast
+        signature = ast.literal_eval(re.search(r"'signature': (\{[^}]*\})", source).group(1))
+        # torch 2.13 lists the kernel's declared constexprs; torch 2.11 (the H200 image's) does not: read its def
+        declared = re.search(r"'declared_constexpr_names': (\[[^\]]*\])", source)
+        declared = (ast.literal_eval(declared.group(1)) if declared else
+                    re.findall(r"(\w+)\s*:\s*tl\.constexpr", re.search(rf"def {name}\((.*?)\):", source, re.S).group(1)))
         # 'constants' also lists arguments equal to 1 (Inductor specialises them); keep the declared constexprs
-        self.constexprs = {k: v for k, v in ast.literal_eval(constants).items() if k in ast.literal_eval(declared)}
+        self.constexprs = {k: v for k, v in ast.literal_eval(constants).items() if k in declared}
         configs = ast.literal_eval(configs) or [{}]
         self.options = configs[0]
         # an autotuned kernel's launch takes the symbols of its per-config grids, not a grid: its candidates and
         # grids are read from the source instead (_autotuned_kernels)
         self.autotuned = len(configs) > 1
-        signature = ast.literal_eval(re.search(r"'signature': (\{[^}]*\})", source).group(1))
-        self.arg_names = [k for k in signature if k not in ast.literal_eval(declared)]  # what .run() passes
+        self.arg_names = [k for k in signature if k not in declared]  # the launch's arguments
+        # an argument equal to 1, specialised: torch 2.13 still passes it to .run(), torch 2.11 does not
+        self.specialised = {k: v for k, v in ast.literal_eval(constants).items() if k in self.arg_names}
 
     def run(self, *args, stream=None, **kwargs):
         if self.autotuned:
             return
         *args, g0, g1, g2 = args
+        if len(args) < len(self.arg_names):  # torch 2.11: fill in the specialised arguments it left out
+            passed = iter(args)
+            args = [self.specialised[k] if k in self.specialised else next(passed) for k in self.arg_names]
         self.launches.append(_launch_record(self.name, (g0, g1, g2), args, self.constexprs, self.options, self.arg_names))
 
 
