@@ -36,7 +36,7 @@ import time
 import torch
 
 import gpt
-from session import ChatSession, Reply, Sampling, batch_cache, common_prefix_len, decode, prefill
+from session import ChatSession, Reply, Sampling, StopSequences, batch_cache, common_prefix_len, decode, prefill
 
 
 def log(text: str) -> None:
@@ -57,8 +57,9 @@ class RequestTimeout(Exception):
 
 def completion_tokens(reply: Reply) -> int:
     """The one rule for counting generated tokens, in usage and in /health: every sampled
-    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text."""
-    return len(reply.ids) + (reply.finish_reason == "stop")
+    token, including the stop token that ends an answer (OpenAI counts it too), though it is no text.
+    An answer ended by a stop sequence has no stop token: its ids hold every token it sampled."""
+    return len(reply.ids) + (reply.finish_reason == "stop" and reply.stop_sequence is None)
 
 
 FINAL = ("done", "error", "cancelled")  # a job's last event: it has no more after one of these
@@ -287,7 +288,7 @@ class Row:
         self.ids: list[int] = []  # exactly the tokens cached in this row
         self.owner = None  # the cache_key of the last job here: only a job with the same key may reuse ids
         self.used = 0  # when it was last taken (a step count), to reuse the least recently used free row
-        self.logits = self.rng = self.decoder = None
+        self.logits = self.rng = self.decoder = self.stop = None
         self.step = self.budget = self.next = 0
 
 
@@ -432,6 +433,7 @@ class BatchEngine(Queue):
             row.rng = torch.Generator(device=self.cache.device)
             row.rng.manual_seed(job.seed)
         row.decoder = self.tokenizer.stream_decoder()
+        row.stop = StopSequences(job.sampling.stop)
         row.step, row.budget = 0, min(job.sampling.max_new_tokens, self.context_len - len(job.prompt))
         with self.cond:
             row.job = job
@@ -486,7 +488,7 @@ class BatchEngine(Queue):
                 continue
             reply.ids.append(token)
             row.step += 1
-            piece = row.decoder.push(token)
+            piece = row.stop.push(row.decoder.push(token))
             if piece:
                 job.first_piece = job.first_piece or time.monotonic()
                 if self.on_piece is not None:
@@ -499,7 +501,9 @@ class BatchEngine(Queue):
                     continue
                 reply.text += piece
                 job.emit("piece", piece)
-            if row.step >= row.budget:
+            if row.stop.found:
+                leaving.append((row, "stop", False))  # its last token is not fed either
+            elif row.step >= row.budget:
                 leaving.append((row, "length", False))
             else:
                 row.next = token
@@ -514,12 +518,14 @@ class BatchEngine(Queue):
 
     def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
         job, reply = row.job, row.job.reply
-        if finish_reason in ("stop", "length"):
-            tail = row.decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+        if finish_reason in ("stop", "length") and not row.stop.found:
+            # the held text, and the bytes of an unfinished character (shown as U+FFFD)
+            tail = row.stop.flush() + row.decoder.flush()
             if tail:
                 reply.text += tail
                 job.emit("piece", tail)
         reply.finish_reason = finish_reason
+        reply.stop_sequence = row.stop.found if finish_reason == "stop" else None
         with self.cond:
             row.job = None
             if job.cache_key is None:

@@ -20,6 +20,8 @@ from tok import ConversationError, check_conversation
 
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # a stream holds back at most this much text while it may be the start of one
 
 
 @dataclass
@@ -176,9 +178,6 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
     if strict(data, "n", int, "an integer") not in (None, 1):
         raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
-    if data.get("stop"):
-        raise APIError(400, "stop sequences are not supported; the model stops at the end of its answer",
-                       param="stop", code="unsupported_parameter")
     if data.get("logprobs"):
         raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
     strict(data, "stream", bool, "true or false")
@@ -203,8 +202,26 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
                         frequency_penalty=float(number(data, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0)),
                         presence_penalty=float(number(data, "presence_penalty", defaults.presence_penalty, -2.0, 2.0)),
                         no_repeat_ngram_size=number(data, "no_repeat_ngram_size", defaults.no_repeat_ngram_size, 0,
-                                                    limits.max_tokens, integer=True))
+                                                    limits.max_tokens, integer=True),
+                        stop=read_stop(data))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
+
+
+def read_stop(data: dict) -> tuple[str, ...]:
+    """OpenAI's stop: null, a string, or a list of up to MAX_STOP_SEQUENCES strings, each of 1 to MAX_STOP_CHARS
+    characters (session.StopSequences ends the answer before the first to appear)."""
+    stop = data.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(422, f"stop must be a string or a list of strings, got {shown(stop)}", param="stop",
+                       code="invalid_type")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop holds {len(stops)} sequences, at most {MAX_STOP_SEQUENCES} are allowed",
+                       param="stop", code="invalid_value")
+    if not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters", param="stop",
+                       code="invalid_value")
+    return tuple(dict.fromkeys(stops))
 
 
 def read_cache_key(data: dict, shared: bool):

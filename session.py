@@ -8,6 +8,8 @@ serve.py's engines, sft.py and the benchmarks share.
   text (base models). All three return generators of text pieces; the caller stops
   an answer early by closing the generator (or just leaving the loop).
 - load_session(): a ChatSession on a checkpoint, with clear errors.
+- Sampling, Reply, StopSequences: how an answer is sampled, what it did, and OpenAI's stop
+  sequences (ChatSession and both of serve.py's engines end answers with them alike).
 - prefill(), decode(): many sequences decoded together on one kvcache.KVCache, each at its own
   position (serve.py's continuous batching, engine.BatchEngine).
 
@@ -84,6 +86,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # OpenAI's, -2 to 2 (gpt.penalize): per time a token was already generated
     presence_penalty: float = 0.0  # OpenAI's, -2 to 2: once for every token already generated
     no_repeat_ngram_size: int = 0  # transformers': n > 0 forbids repeating any n tokens of the answer (0 = off)
+    stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the answer ends before the first to appear (StopSequences)
 
     def __post_init__(self):
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -99,6 +102,8 @@ class Sampling:
                 raise ValueError(f"{name} must be a number from -2 to 2 (0 = off), got {getattr(self, name)}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
             self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
 
@@ -108,11 +113,40 @@ class Reply:
     """What one answer did; `ChatSession.last` is updated while it streams."""
     text: str = ""  # the text pieces yielded so far, joined
     ids: list[int] = field(default_factory=list)  # the answer's token ids, without the stop token
-    finish_reason: str | None = None  # "stop" (a special token), "length" (token limit), "interrupted"; None while streaming
+    finish_reason: str | None = None  # "stop" (a special token or a stop sequence), "length" (token limit),
+                                      # "interrupted"; None while streaming
+    stop_sequence: str | None = None  # the stop sequence that ended the answer (its text is not in `text`)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens taken from the KV cache instead of computed
     dropped_messages: int = 0  # oldest messages left out to fit the context
     ttft: float | None = None  # seconds from the call to the first sampled token
+
+
+class StopSequences:
+    """OpenAI's `stop`: an answer ends where one of these strings first appears in its text, and
+    shows none of it. Text that could still become one is held back until it cannot (as vLLM
+    does), so a stream never shows the start of a stop sequence that it would then take back.
+    push() each piece of text as it is decoded; flush() at an answer's other ends."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held, self.found = stops, "", None
+
+    def push(self, piece: str) -> str:
+        """What of the text so far can be shown now; `found` is set once a stop sequence has appeared."""
+        text = self.held + piece
+        hits = [(text.find(stop), stop) for stop in self.stops if stop in text]
+        if hits:
+            at, self.found = min(hits)
+            self.held = ""
+            return text[:at]
+        hold = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self.held = text[len(text) - hold:]
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        """The text held back: at an answer's end by its stop token or its limit, no stop sequence completes it."""
+        held, self.held = self.held, ""
+        return held
 
 
 def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[dict], list[int]]:
@@ -250,6 +284,7 @@ class ChatSession:
         start = time.perf_counter()
         budget = min(sampling.max_new_tokens, self.context_len - len(prompt))
         decoder = self.tokenizer.stream_decoder()  # holds back half a UTF-8 character
+        stop = StopSequences(sampling.stop)  # holds back what may begin a stop sequence
         # Reuse the cache as far as it agrees with the prompt, but feed at least one
         # token: its logits give the first answer token.
         reply.cached_tokens = min(common_prefix_len(self.cached_ids, prompt), len(prompt) - 1)
@@ -269,13 +304,17 @@ class ChatSession:
                     reply.finish_reason = "stop"
                     break
                 reply.ids.append(token)
-                piece = decoder.push(token)
+                piece = stop.push(decoder.push(token))
                 if piece:
                     reply.text += piece
                     yield piece
+                if stop.found:
+                    reply.finish_reason, reply.stop_sequence = "stop", stop.found
+                    break
             else:
                 reply.finish_reason = "length"
-            tail = decoder.flush()  # bytes of an unfinished character, shown as U+FFFD
+            # the held text, and the bytes of an unfinished character (shown as U+FFFD)
+            tail = "" if stop.found else stop.flush() + decoder.flush()
             if tail:
                 reply.text += tail
                 yield tail

@@ -139,6 +139,22 @@ def test_stopped_answer_keeps_history_and_cache_consistent(session_factory):
     assert reply.text == session.history[-1]["content"]  # the same greedy answer again
 
 
+def test_answer_ended_by_a_stop_sequence_keeps_history_and_cache_consistent(session_factory):
+    """A stop sequence ends the answer before it: the history keeps the text shown, and the next turn reuses
+    the cache as far as it agrees (it holds the token that completed the stop sequence, which the rendered
+    history does not) and answers as a recomputation does."""
+    free = session_factory().answer([{"role": "user", "content": TURNS[0]}])
+    assert len(free.text) >= 4, free.text
+    stop = free.text[len(free.text) // 2:][:2]
+    session = session_factory(sampling=Sampling(temperature=0, top_k=None, max_new_tokens=12, stop=(stop,)))
+    assert "".join(session.send(TURNS[0])) == free.text[:free.text.index(stop)] == session.history[-1]["content"]
+    assert session.last.finish_reason == "stop" and session.last.stop_sequence == stop
+    session.sampling = GREEDY
+    prompt = render_prompt(session.tokenizer, session.messages + [{"role": "user", "content": TURNS[1]}])
+    list(session.send(TURNS[1]))
+    check_turn(session, prompt)
+
+
 def test_ctrl_c_in_the_repl_stops_the_answer_not_the_program(session_factory):
     session = session_factory()
 
@@ -365,7 +381,7 @@ def test_repl_through_a_terminal(chat_ckpt):
 
 def test_sampling_refuses_non_finite_and_makes_tiny_values_greedy():
     for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
-                dict(temperature=-1e-9), dict(top_p=0.0), dict(top_p=1.5)):
+                dict(temperature=-1e-9), dict(top_p=0.0), dict(top_p=1.5), dict(stop=("",)), dict(stop="\n")):
         with pytest.raises(ValueError):
             Sampling(**bad)
     for tiny in (dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=0.8, top_p=1e-300)):

@@ -130,3 +130,61 @@ def test_penalties_are_applied_alike_batched_and_alone(tmp_path, small_tokenizer
     assert batched == answers(engine.Engine(chat, 16), no_repeats)
     assert all(len(set(zip(ids, ids[1:]))) == len(ids) - 1 for ids in batched)
     assert alone != answers(engine.Engine(chat, 16), session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24))
+
+
+@pytest.mark.parametrize("stops, pieces, shown, found, held", [
+    (("\n\n",), ["Hallo", "\n", "Welt", "\n", "\n", "x"], ["Hallo", "", "\nWelt", "", ""], "\n\n", ""),
+    (("ENDE",), ["Das E", "N", "DE hier"], ["Das ", "", ""], "ENDE", ""),  # completed over three pieces
+    (("ENDE",), ["Das E", "N", "D!"], ["Das ", "", "END!"], None, ""),  # held back, then shown: no stop after all
+    (("ENDE",), ["Das E", "N"], ["Das ", ""], None, "EN"),  # the answer ends while text is held: flush() shows it
+    (("ab", "b"), ["xab"], ["x"], "ab", ""),  # the earliest of two
+    (("Hallo",), ["Hallo Welt"], [""], "Hallo", ""),  # at the very start: nothing shown
+])
+def test_stop_sequences_hold_back_only_what_may_begin_one(stops, pieces, shown, found, held):
+    stop, out = session.StopSequences(stops), []
+    for piece in pieces:
+        out.append(stop.push(piece))
+        if stop.found:
+            break
+    assert out == shown and stop.found == found and stop.flush() == held
+
+
+def test_stop_sequences_end_answers_alike_batched_and_alone(tmp_path, small_tokenizer):
+    """OpenAI's stop: an answer ends at the token that completes the first stop sequence in its text and
+    shows the text before it; streamed pieces never show part of it. The batched engine ends each row
+    there as the one-at-a-time engine does (ChatSession), and counts every sampled token, no stop token."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=256)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    texts = ["Die Sonne scheint", "Berlin ist", "Im Wattenmeer leben", "Ein Satz über"]
+
+    def answers(eng, stops):
+        done, jobs, pieces = threading.Semaphore(0), [], []
+        for text, stop in zip(texts, stops):
+            sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=24, stop=stop)
+            shown = []
+            deliver = lambda event, shown=shown: (shown.append(event[1]) if event[0] == "piece" else
+                                                  event[0] in engine.FINAL and done.release())
+            jobs.append(engine.Job([tok.bos_id] + tok.encode(text), sampling, stop_ids={tok.bos_id}, text=text,
+                                   deliver=deliver))
+            pieces.append(shown)
+            eng.submit(jobs[-1])
+        for _ in jobs:
+            assert done.acquire(timeout=600), "the engine did not finish"
+        return [job.reply for job in jobs], pieces
+
+    free, _ = answers(engine.Engine(chat, 16), [()] * len(texts))
+    assert all(len(reply.text) >= 4 for reply in free), [reply.text for reply in free]
+    # a stop sequence from the middle of each answer, and one that never appears
+    stops = [(reply.text[len(reply.text) // 2:][:2], "§§§") for reply in free]
+    for eng in (engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), engine.Engine(chat, 16)):
+        replies, pieces = answers(eng, stops)
+        for reply, before, (stop, _), shown in zip(replies, free, stops, pieces):
+            assert reply.text == before.text[:before.text.index(stop)] == "".join(shown)
+            assert reply.finish_reason == "stop" and reply.stop_sequence == stop
+            assert reply.ids == before.ids[:len(reply.ids)]  # the same greedy tokens, up to the one that completes it
+            assert stop in tok.decode(reply.ids) and stop not in tok.decode(reply.ids[:-1])
+            assert engine.completion_tokens(reply) == len(reply.ids)
+    never, _ = answers(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), [("§§§",)] * len(texts))
+    assert [(r.text, r.ids, r.finish_reason, r.stop_sequence) for r in never] == [
+        (r.text, r.ids, r.finish_reason, None) for r in free]

@@ -250,6 +250,31 @@ def test_streaming_shape_and_same_answer(server):
     assert streamed_text(chunks) == whole["choices"][0]["message"]["content"]
 
 
+def test_stop_sequences(server, base_server):
+    """OpenAI's stop, a string or a list: the answer ends before the first stop sequence in it, streamed or
+    not, with finish_reason "stop"; usage counts every token sampled. Both endpoints, both engines."""
+    for url, path, body, text in [
+            (server, "/v1/chat/completions", chat_body(QUESTIONS[1], max_tokens=30),
+             lambda a: a["choices"][0]["message"]["content"]),
+            (base_server, "/v1/completions", {"prompt": "Die Hauptstadt von Deutschland ist", "temperature": 0,
+                                              "max_tokens": 30}, lambda a: a["choices"][0]["text"])]:
+        free = post(url, path, body)[1]
+        assert len(text(free)) >= 4, free
+        stop = text(free)[len(text(free)) // 2:][:2]
+        for stops in (stop, ["§§§", stop]):
+            status, stopped = post(url, path, {**body, "stop": stops})
+            assert status == 200, stopped
+            assert text(stopped) == text(free)[:text(free).index(stop)]
+            assert stopped["choices"][0]["finish_reason"] == "stop"
+            assert 0 < stopped["usage"]["completion_tokens"] <= free["usage"]["completion_tokens"]
+            events = read_stream(url, {**body, "stop": stops, "stream_options": {"include_usage": True}}, path=path)
+            assert events[-3]["choices"][0]["finish_reason"] == "stop" and events[-2]["usage"] == stopped["usage"]
+            pieces = [e["choices"][0]["delta"].get("content", "") if "delta" in e["choices"][0] else e["choices"][0]["text"]
+                      for e in events[:-2]]
+            assert "".join(pieces) == text(stopped)
+        assert text(post(url, path, {**body, "stop": "§§§"})[1]) == text(free)
+
+
 def test_openai_client(server):
     openai = pytest.importorskip("openai", reason="the official openai client is not installed")
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
@@ -296,7 +321,11 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "max_tokens": LONG + 1}, 400, "max_tokens_too_large", f"limit is {LONG}"),
     ({"messages": user("Hallo"), "max_tokens": 3.5}, 422, "invalid_type", "integer"),
     ({"messages": user("Hallo"), "n": 2}, 400, "invalid_value", "n must be 1"),
-    ({"messages": user("Hallo"), "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
+    ({"messages": user("Hallo"), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "at most 4"),
+    ({"messages": user("Hallo"), "stop": [""]}, 400, "invalid_value", "1 to 256 characters"),
+    ({"messages": user("Hallo"), "stop": "x" * 257}, 400, "invalid_value", "1 to 256 characters"),
+    ({"messages": user("Hallo"), "stop": 7}, 422, "invalid_type", "stop must be a string or a list of strings"),
+    ({"messages": user("Hallo"), "stop": ["\n", None]}, 422, "invalid_type", "stop must be"),
     ({"messages": user("Hallo"), "stream": "yes"}, 422, "invalid_type", "stream"),
     (b'{"messages": "' + b"x" * (12 * 4000 + 70_000) + b'"}', 413, "request_too_large", "larger than"),
     # issue 20: each of these was a 500 (with a traceback in the log) or was taken as valid
