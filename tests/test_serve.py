@@ -275,6 +275,54 @@ def test_stop_sequences(server, base_server):
         assert text(post(url, path, {**body, "stop": "§§§"})[1]) == text(free)
 
 
+LM_EVAL_TASK = """\
+task: nanoschnack_answers
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {file}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: {until}
+  max_gen_toks: 30
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.slow  # about 15 s, most of it importing lm-eval in a fresh process
+def test_lm_eval_generates_through_the_api(server, tmp_path):
+    """lm-evaluation-harness's local-chat-completions model, as a user points it at serve.py: a generate_until
+    task, whose `until` lm-eval sends as stop sequences. Its answers are the server's own with that stop."""
+    questions = QUESTIONS[:3]
+    free = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=30))[1]["choices"][0]["message"]["content"]
+            for q in questions]
+    assert len(free[0]) >= 4, free
+    until = [free[0][len(free[0]) // 2:][:2], "§§§"]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "Berlin"}) + "\n" for q in questions))
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "nanoschnack_answers.yaml").write_text(
+        LM_EVAL_TASK.format(file=tmp_path / "qa.jsonl", until=json.dumps(until)))
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-chat-completions", "--model_args",
+                          f"model=nanoschnack,base_url={server}/v1/chat/completions,num_concurrent=1,max_retries=1",
+                          "--apply_chat_template", "--tasks", "nanoschnack_answers",
+                          "--include_path", str(tmp_path / "task"), "--output_path", str(tmp_path / "out"),
+                          "--log_samples"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines()]
+    theirs = {json.loads(s["arguments"]["gen_args_0"]["arg_0"][0])[-1]["content"]: s["resps"][0][0] for s in samples}
+    ours = {q: post(server, "/v1/chat/completions", chat_body(q, max_tokens=30, stop=until))[1]["choices"][0]
+            ["message"]["content"] for q in questions}
+    assert theirs == ours
+    assert ours[questions[0]] == free[0][:free[0].index(until[0])]  # cut at the stop sequence
+
+
 def test_openai_client(server):
     openai = pytest.importorskip("openai", reason="the official openai client is not installed")
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
