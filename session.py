@@ -112,7 +112,8 @@ class Sampling:
 class Reply:
     """What one answer did; `ChatSession.last` is updated while it streams."""
     text: str = ""  # the text pieces yielded so far, joined
-    ids: list[int] = field(default_factory=list)  # the answer's token ids, without the stop token
+    ids: list[int] = field(default_factory=list)  # the answer's token ids, without the stop token (or up to the
+                                                  # one that completed its stop sequence)
     finish_reason: str | None = None  # "stop" (a special token or a stop sequence), "length" (token limit),
                                       # "interrupted"; None while streaming
     stop_sequence: str | None = None  # the stop sequence that ended the answer (its text is not in `text`)
