@@ -22,6 +22,13 @@ TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # a stream holds back at most this much text while it may be the start of one
+# OpenAI's fields that would change the answer, which this server cannot honour, and the values that ask for
+# nothing: any other value is refused, so that no client gets something else than it asked for untold. Fields
+# that change nothing (user, metadata, store, ...) are ignored, as vLLM does.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+               "echo": (None, False), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+               "functions": (None, []), "function_call": (None, "none", "auto"),
+               "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -178,8 +185,10 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
     if strict(data, "n", int, "an integer") not in (None, 1):
         raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
-    if data.get("logprobs"):
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+    for name, nothing in UNSUPPORTED.items():
+        if data.get(name) not in nothing:
+            raise APIError(400, f"{name} is not supported by this server (got {shown(data[name])})", param=name,
+                           code="unsupported_parameter")
     strict(data, "stream", bool, "true or false")
     if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
         raise APIError(422, "stream_options must be an object", param="stream_options", code="invalid_type")

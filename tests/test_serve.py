@@ -375,6 +375,12 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "stop": 7}, 422, "invalid_type", "stop must be a string or a list of strings"),
     ({"messages": user("Hallo"), "stop": ["\n", None]}, 422, "invalid_type", "stop must be"),
     ({"messages": user("Hallo"), "stream": "yes"}, 422, "invalid_type", "stream"),
+    ({"messages": user("Hallo"), "logprobs": True}, 400, "unsupported_parameter", "logprobs is not supported"),
+    ({"messages": user("Hallo"), "logit_bias": {"17": 5}}, 400, "unsupported_parameter", "logit_bias is not supported"),
+    ({"messages": user("Hallo"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "unsupported_parameter", "tools is not supported"),
+    ({"messages": user("Hallo"), "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
+     "response_format is not supported"),
     (b'{"messages": "' + b"x" * (12 * 4000 + 70_000) + b'"}', 413, "request_too_large", "larger than"),
     # issue 20: each of these was a 500 (with a traceback in the log) or was taken as valid
     (b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "invalid_json", "deeper than 32"),
@@ -423,6 +429,16 @@ def test_bad_requests_get_clear_4xx(server, body, status, code, words):
 def test_bad_requests_leave_no_traceback(server):
     """Every request above was answered without a 500, so nothing was logged as a crash."""
     assert "Traceback" not in LOGS[server].output()
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    """Clients send OpenAI's fields at values that ask for nothing, and fields that change no answer: all taken,
+    the same greedy answer (the refused values are in BAD_REQUESTS)."""
+    plain = post(server, "/v1/chat/completions", chat_body(QUESTIONS[0]))[1]["choices"][0]["message"]["content"]
+    extra = dict(logprobs=False, top_logprobs=0, logit_bias={}, tools=[], tool_choice="none", response_format={"type": "text"},
+                 user="u-1", metadata={"k": "v"}, store=False, parallel_tool_calls=False, n=1, stop=None)
+    status, answer = post(server, "/v1/chat/completions", chat_body(QUESTIONS[0], **extra))
+    assert status == 200 and answer["choices"][0]["message"]["content"] == plain, answer
 
 
 def test_tiny_sampling_values_are_greedy(server):
