@@ -23,9 +23,10 @@ MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a Rec
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # a stream holds back at most this much text while it may be the start of one
 # OpenAI's fields that would change the answer, which this server cannot honour, and the values that ask for
-# nothing: any other value is refused, so that no client gets something else than it asked for untold. Fields
-# that change nothing (user, metadata, store, ...) are ignored, as vLLM does.
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+# nothing: any other value is refused, so that no client gets something else than it asked for untold (the
+# completions endpoint's logprobs=0 asks for the chosen tokens' log-probabilities: refused). Fields that change
+# nothing (user, metadata, store, ...) are ignored, as vLLM does.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
                "echo": (None, False), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
                "functions": (None, []), "function_call": (None, "none", "auto"),
                "response_format": (None, {"type": "text"})}
@@ -186,7 +187,8 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     if strict(data, "n", int, "an integer") not in (None, 1):
         raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
     for name, nothing in UNSUPPORTED.items():
-        if data.get(name) not in nothing:
+        value = data.get(name)
+        if not any(type(value) is type(v) and value == v for v in nothing):  # the type too: 0 is no False
             raise APIError(400, f"{name} is not supported by this server (got {shown(data[name])})", param=name,
                            code="unsupported_parameter")
     strict(data, "stream", bool, "true or false")

@@ -376,6 +376,7 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "stop": ["\n", None]}, 422, "invalid_type", "stop must be"),
     ({"messages": user("Hallo"), "stream": "yes"}, 422, "invalid_type", "stream"),
     ({"messages": user("Hallo"), "logprobs": True}, 400, "unsupported_parameter", "logprobs is not supported"),
+    ({"messages": user("Hallo"), "logprobs": 0}, 400, "unsupported_parameter", "logprobs is not supported"),
     ({"messages": user("Hallo"), "logit_bias": {"17": 5}}, 400, "unsupported_parameter", "logit_bias is not supported"),
     ({"messages": user("Hallo"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "unsupported_parameter", "tools is not supported"),
