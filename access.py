@@ -305,6 +305,12 @@ class Reservation:
         self.access, self.client, self.tokens = access, client, tokens
         self.settled = False
 
+    def split(self, n: int) -> list["Reservation"]:
+        """This reservation as n, one for each answer of a request that asks for n (OpenAI's n), each settled
+        on its own; this one then gives back nothing itself."""
+        self.settled = True
+        return [Reservation(self.access, self.client, self.tokens // n + (i < self.tokens % n)) for i in range(n)]
+
     def settle(self, used: int = 0) -> None:
         with self.access.lock:  # the engine's thread and the event loop may both settle
             if self.settled:

@@ -184,8 +184,6 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
 
     Temperatures below MIN_TEMPERATURE (and top_p below MIN_TOP_P) are greedy:
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
-    if strict(data, "n", int, "an integer") not in (None, 1):
-        raise APIError(400, "n must be 1: this server gives one answer per request", param="n", code="invalid_value")
     for name, nothing in UNSUPPORTED.items():
         value = data.get(name)
         if not any(type(value) is type(v) and value == v for v in nothing):  # the type too: 0 is no False
@@ -216,6 +214,15 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
                                                     limits.max_tokens, integer=True),
                         stop=read_stop(data))
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
+
+
+def read_n(data: dict, limits: Limits) -> int:
+    """OpenAI's n: how many answers to the one prompt. At most --max-batch: they are generated side by side."""
+    n = number(data, "n", 1, 1, 128, integer=True)
+    if n > limits.max_batch:
+        raise APIError(400, f"n is {n}, more than this server generates at once (--max-batch {limits.max_batch})",
+                       param="n", code="invalid_value")
+    return n
 
 
 def read_stop(data: dict) -> tuple[str, ...]:
@@ -318,11 +325,12 @@ def read_prompt(data: dict, limits: Limits) -> str:
 # -----------------------------------------------------------------------------
 # Writing answers in OpenAI's shapes
 
-def usage(reply: Reply) -> dict:
-    completion = completion_tokens(reply)
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": reply.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}  # as OpenAI reports prompt caching
+def usage(replies: list[Reply]) -> dict:
+    """One request's usage: its n answers share the prompt, counted once (as OpenAI does), and add their tokens."""
+    completion, first = sum(completion_tokens(reply) for reply in replies), replies[0]
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}  # as OpenAI reports prompt caching
 
 
 
@@ -341,19 +349,22 @@ class Answer:
     def head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, reply: Reply) -> dict:
+    def whole(self, replies: list[Reply]) -> dict:
         if self.chat_mode:
-            choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
-                      "finish_reason": reply.finish_reason}
+            choices = [{"index": i, "message": {"role": "assistant", "content": reply.text},
+                        "finish_reason": reply.finish_reason} for i, reply in enumerate(replies)]
         else:
-            choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}
+            choices = [{"index": i, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}
+                       for i, reply in enumerate(replies)]
         return {**self.head("chat.completion" if self.chat_mode else "text_completion"),
-                "choices": [choice], "usage": usage(reply)}
+                "choices": choices, "usage": usage(replies)}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+              index: int = 0) -> dict:
+        """A streamed piece of answer `index` (0 to n-1)."""
         if self.chat_mode:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return {**self.head("chat.completion.chunk" if self.chat_mode else "text_completion"), "choices": [choice]}

@@ -7,7 +7,7 @@ serve.py: nanoschnack on the web, an OpenAI-compatible API and a German chat pag
 
 Endpoints:
     GET  /                     the chat page (web/index.html: one file, no build step, no CDN)
-    POST /v1/chat/completions  OpenAI's chat API: messages, temperature, top_p, max_tokens, seed, stream
+    POST /v1/chat/completions  OpenAI's chat API: messages, temperature, top_p, max_tokens, stop, n, seed, stream
     POST /v1/completions       OpenAI's plain-text API: continue `prompt` (what a base model can do)
     GET  /v1/models            the one model served
     GET  /health               status (200 "ok"; 503 "stalled" or "stopping"), queue length and counters
@@ -58,6 +58,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import hashlib
 import math
 import re
@@ -79,7 +80,7 @@ from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited,
 from engine import FINAL, Job, QueueFull, RequestTimeout, log, make_engine
 from engine_process import STALL_SECONDS, EngineGone, EngineProcess
 from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, read_cache_key,
-                        read_json, read_messages, read_prompt, read_sampling, shown, sse, usage)
+                        read_json, read_messages, read_n, read_prompt, read_sampling, shown, sse, usage)
 from session import ChatSession, Sampling, load_session
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -121,6 +122,29 @@ async def answer_events(job: Job, idle_seconds: float):
             return
 
 
+async def all_events(jobs: list[Job], idle_seconds: float):
+    """(i, kind, value): the events of jobs[i] (answer_events) for the n answers of one request, as they come,
+    until each has had its last."""
+    events = asyncio.Queue()
+
+    async def forward(i: int, job: Job):
+        try:
+            async for kind, value in answer_events(job, idle_seconds):
+                events.put_nowait((i, kind, value))
+        except Exception as e:  # a bug: that answer fails, and the request does not wait for it forever
+            events.put_nowait((i, "error", e))
+    tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(jobs)]
+    try:
+        left = len(jobs)
+        while left:
+            i, kind, value = await events.get()
+            left -= kind in FINAL
+            yield i, kind, value
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def let_go(engine, job: Job) -> None:
     """The answer is over for its client: cancel the job so the model moves on (a no-op when it has
     finished). Past its deadline the engine drops it anyway, as a timeout, so it is left to do that."""
@@ -128,47 +152,59 @@ def let_go(engine, job: Job) -> None:
         engine.cancel(job)
 
 
-async def stream_answer(engine, job: Job, answer: Answer, include_usage: bool):
-    """Server-sent events: a role chunk, one chunk per text piece, a finish chunk, [DONE].
+async def stream_answer(engine, jobs: list[Job], answer: Answer, include_usage: bool):
+    """Server-sent events: a role chunk for each answer, one chunk per text piece (its answer's index), a
+    finish chunk for each, [DONE]. An error ends the request: its other answers stop.
 
     Whatever ends this generator early (Starlette cancels it when the client
-    disconnects) cancels the job, so the model moves on to the next request."""
+    disconnects) cancels the jobs, so the model moves on to the next request."""
+    replies = [None] * len(jobs)
     try:
-        if answer.chat_mode:
-            yield sse(answer.chunk(role=True))  # sent at once, so a queued client sees it is accepted
-        async for kind, value in answer_events(job, PING_SECONDS):
-            if kind == "idle":
-                yield ": waiting\n\n"  # an SSE comment: keeps proxies open, and notices a gone client
-            elif kind == "piece":
-                yield sse(answer.chunk(value))
-            elif kind == "error":  # the status (200) is sent already: the error is an event
-                yield sse(failure(value).body())
-            elif kind == "done":
-                yield sse(answer.chunk(finish_reason=value.finish_reason))
-                if include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-                    yield sse({**answer.head("chat.completion.chunk" if answer.chat_mode else "text_completion"),
-                               "choices": [], "usage": usage(value)})
+        if answer.chat_mode:  # sent at once, so a queued client sees it is accepted
+            for i in range(len(jobs)):
+                yield sse(answer.chunk(role=True, index=i))
+        async with contextlib.aclosing(all_events(jobs, PING_SECONDS)) as events:
+            async for i, kind, value in events:
+                if kind == "idle":
+                    yield ": waiting\n\n"  # an SSE comment: keeps proxies open, and notices a gone client
+                elif kind == "piece":
+                    yield sse(answer.chunk(value, index=i))
+                elif kind == "error":  # the status (200) is sent already: the error is an event
+                    yield sse(failure(value).body())
+                    break
+                elif kind == "done":
+                    replies[i] = value
+                    yield sse(answer.chunk(finish_reason=value.finish_reason, index=i))
+        if include_usage and None not in replies:  # OpenAI's stream_options.include_usage: a last chunk, no choices
+            yield sse({**answer.head("chat.completion.chunk" if answer.chat_mode else "text_completion"),
+                       "choices": [], "usage": usage(replies)})
         yield "data: [DONE]\n\n"
     finally:
-        let_go(engine, job)
+        for job in jobs:
+            let_go(engine, job)
 
 
-async def whole_answer(engine, job: Job, answer: Answer, request: Request):
-    """Wait for the whole answer. Nothing is sent meanwhile, so a client that leaves is only
-    noticed by asking the server (uvicorn) now and then; then the job is cancelled."""
-    checked = time.monotonic()
+async def whole_answer(engine, jobs: list[Job], answer: Answer, request: Request):
+    """Wait for the whole answers. Nothing is sent meanwhile, so a client that leaves is only
+    noticed by asking the server (uvicorn) now and then; then the jobs are cancelled."""
+    checked, replies = time.monotonic(), [None] * len(jobs)
     try:
-        async for kind, value in answer_events(job, DISCONNECT_CHECK_SECONDS):
-            if time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return JSONResponse({"error": "client disconnected"}, status_code=499)  # nobody reads it
-            if kind == "error":
-                raise failure(value)
-            if kind == "done":
-                return JSONResponse(answer.whole(value))
+        async with contextlib.aclosing(all_events(jobs, DISCONNECT_CHECK_SECONDS)) as events:
+            async for i, kind, value in events:
+                if time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return JSONResponse({"error": "client disconnected"}, status_code=499)  # nobody reads it
+                if kind == "error":
+                    raise failure(value)
+                if kind == "done":
+                    replies[i] = value
+        if None in replies:  # cancelled before it ran: only a gone client's jobs are
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        return JSONResponse(answer.whole(replies))
     finally:
-        let_go(engine, job)
+        for job in jobs:
+            let_go(engine, job)
 
 
 def settle_when_done(job: Job, reservation: Reservation) -> None:
@@ -183,6 +219,30 @@ def settle_when_done(job: Job, reservation: Reservation) -> None:
             reservation.settle(0)
         deliver(event)
     job.deliver = deliver_and_settle
+
+
+def answer_seed(seed: int | None, i: int) -> int | None:
+    """The seed of answer i of a request's n: OpenAI's seed for the first, the next ones for the others, so a
+    seeded request gives n different answers, the same ones each time (torch takes seeds modulo 2**64)."""
+    return seed if seed is None or i == 0 else (seed + i) % 2**64
+
+
+def submit_all(engine, jobs: list[Job], reservations: list[Reservation]) -> None:
+    """Queue a request's jobs, each to settle its share of the request's token reservation: all of them, or
+    none (429 when the queue is full, after cancelling those already queued)."""
+    for job, reservation in zip(jobs, reservations):
+        settle_when_done(job, reservation)
+    queued = []
+    try:
+        for job in jobs:
+            engine.submit(job)
+            queued.append(job)
+    except (QueueFull, EngineGone) as e:
+        for job in queued:
+            engine.cancel(job)
+        for reservation in reservations:
+            reservation.settle(0)
+        raise APIError(429, str(e), code="queue_full") if isinstance(e, QueueFull) else failure(e)
 
 
 def engine_state(engine) -> tuple[str, float]:
@@ -333,6 +393,7 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
             raise too_many(e)
         data = await read_json(request, limits.max_body_bytes)
         sampling, seed = read_sampling(data, defaults, limits)
+        n = read_n(data, limits)
         cache_key = read_cache_key(data, shared_cache)
         if cache_key is not None and client.identity is not None:
             cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
@@ -340,31 +401,27 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
             messages = read_messages(data, limits, system)
             # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
             kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
-            job = Job(ids, sampling, seed, cache_key, deadline, session.chat_stop_ids, len(messages) - len(kept),
-                      messages=messages)
+            job_with = lambda seed: Job(ids, sampling, seed, cache_key, deadline, session.chat_stop_ids,
+                                        len(messages) - len(kept), messages=messages)
         else:
             prompt = read_prompt(data, limits)
             # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
             room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
             text_ids = await asyncio.to_thread(session.tokenizer.encode, prompt)
             ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
-            job = Job(ids, sampling, seed, cache_key, deadline, session.base_stop_ids, text=prompt)
-        try:  # the most this answer can generate is taken now, what it leaves is given back at its end
-            reservation = access.reserve(client, min(sampling.max_new_tokens, session.context_len - len(ids)))
+            job_with = lambda seed: Job(ids, sampling, seed, cache_key, deadline, session.base_stop_ids, text=prompt)
+        jobs = [job_with(answer_seed(seed, i)) for i in range(n)]
+        try:  # the most these answers can generate is taken now, what they leave is given back at their ends
+            reservation = access.reserve(client, n * min(sampling.max_new_tokens, session.context_len - len(ids)))
         except RateLimited as e:
             raise too_many(e)
-        settle_when_done(job, reservation)
-        try:
-            engine.submit(job)
-        except (QueueFull, EngineGone) as e:
-            reservation.settle(0)
-            raise APIError(429, str(e), code="queue_full") if isinstance(e, QueueFull) else failure(e)
+        submit_all(engine, jobs, reservation.split(n))
         answer = Answer(chat_mode, model_name)
         if not data.get("stream"):
-            return await whole_answer(engine, job, answer, request)
+            return await whole_answer(engine, jobs, answer, request)
         options = data.get("stream_options") or {}
         include_usage = options.get("include_usage") is True
-        return StreamingResponse(stream_answer(engine, job, answer, include_usage), media_type="text/event-stream",
+        return StreamingResponse(stream_answer(engine, jobs, answer, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")

@@ -323,6 +323,35 @@ def test_lm_eval_generates_through_the_api(server, tmp_path):
     assert ours[questions[0]] == free[0][:free[0].index(until[0])]  # cut at the stop sequence
 
 
+def test_n_answers_to_one_prompt(server, base_server):
+    """OpenAI's n: n choices, indexed 0 to n-1, generated side by side. A seeded request gives n different
+    answers, the first the one n=1 gives with that seed, the same each time; the prompt counts once in usage.
+    Streamed, each answer's pieces carry its index and join to its text; each gets a finish chunk."""
+    body = chat_body(QUESTIONS[3], max_tokens=20, temperature=1.0, seed=11)
+    one = post(server, "/v1/chat/completions", body)[1]
+    status, two = post(server, "/v1/chat/completions", {**body, "n": 2})
+    assert status == 200, two
+    texts = [c["message"]["content"] for c in two["choices"]]
+    assert [c["index"] for c in two["choices"]] == [0, 1] and texts[0] == one["choices"][0]["message"]["content"]
+    assert texts[0] != texts[1] and post(server, "/v1/chat/completions", {**body, "n": 2})[1]["choices"] == two["choices"]
+    second = post(server, "/v1/chat/completions", {**body, "seed": 12})[1]  # answer i has seed + i
+    assert texts[1] == second["choices"][0]["message"]["content"]
+    assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert two["usage"]["completion_tokens"] == one["usage"]["completion_tokens"] + second["usage"]["completion_tokens"]
+    events = read_stream(server, {**body, "n": 2, "stream_options": {"include_usage": True}})
+    chunks = events[:-2]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    for i, text in enumerate(texts):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == text
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [two["choices"][i]["finish_reason"]]
+    assert events[-2]["usage"] == two["usage"] and events[-1] == "[DONE]"
+    greedy = post(server, "/v1/chat/completions", chat_body(QUESTIONS[3], max_tokens=20, n=2))[1]
+    assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
+    status, refused = post(base_server, "/v1/completions", {"prompt": "Die Sonne", "n": 2})
+    assert status == 400 and "more than this server generates at once (--max-batch 1)" in refused["error"]["message"]
+
+
 def test_openai_client(server):
     openai = pytest.importorskip("openai", reason="the official openai client is not installed")
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
@@ -368,7 +397,8 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     ({"messages": user("Hallo"), "max_tokens": LONG + 1}, 400, "max_tokens_too_large", f"limit is {LONG}"),
     ({"messages": user("Hallo"), "max_tokens": 3.5}, 422, "invalid_type", "integer"),
-    ({"messages": user("Hallo"), "n": 2}, 400, "invalid_value", "n must be 1"),
+    ({"messages": user("Hallo"), "n": MAX_BATCH + 1}, 400, "invalid_value", f"(--max-batch {MAX_BATCH})"),
+    ({"messages": user("Hallo"), "n": 0}, 400, "invalid_value", "n must be between 1"),
     ({"messages": user("Hallo"), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "at most 4"),
     ({"messages": user("Hallo"), "stop": [""]}, 400, "invalid_value", "1 to 256 characters"),
     ({"messages": user("Hallo"), "stop": "x" * 257}, 400, "invalid_value", "1 to 256 characters"),
@@ -633,6 +663,18 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 3 + MAX_BATCH and after["rejected"] == before["rejected"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
+
+
+def test_client_leaving_stops_all_n_answers(server):
+    """A client that hangs up on a request for n answers frees all n rows: both jobs are cancelled."""
+    before = wait_idle(server)
+    stream = Stream(server, chat_body(QUESTIONS[0], max_tokens=LONG, n=MAX_BATCH))
+    assert stream.first_content()
+    health_when(server, lambda h: h["running"] == MAX_BATCH, "both answers running")
+    stream.close()
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + MAX_BATCH and after["requests"] == before["requests"] + MAX_BATCH
+    assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG
 
 
 def test_base_model_serves_completions_only(base_server):
