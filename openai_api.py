@@ -216,11 +216,13 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     return sampling, number(data, "seed", None, -2**63, 2**64 - 1, integer=True)
 
 
-def read_n(data: dict, limits: Limits) -> int:
-    """OpenAI's n: how many answers to the one prompt. At most --max-batch: they are generated side by side."""
+def read_n(data: dict, limits: Limits, prompts: int = 1) -> int:
+    """OpenAI's n: how many answers to each prompt. At most --max-batch answers in all: they are generated side
+    by side."""
     n = number(data, "n", 1, 1, 128, integer=True)
-    if n > limits.max_batch:
-        raise APIError(400, f"n is {n}, more than this server generates at once (--max-batch {limits.max_batch})",
+    if n * prompts > limits.max_batch:
+        asked = f"n is {n}" if prompts == 1 else f"{prompts} prompts with n = {n} ask for {n * prompts} answers"
+        raise APIError(400, f"{asked}, more than this server generates at once (--max-batch {limits.max_batch})",
                        param="n", code="invalid_value")
     return n
 
@@ -310,27 +312,30 @@ def check_fits(session: ChatSession, messages: list[dict], sampling: Sampling) -
                        code="context_length_exceeded")
 
 
-def read_prompt(data: dict, limits: Limits) -> str:
+def read_prompts(data: dict, limits: Limits) -> list[str]:
+    """OpenAI's prompt: a string, or a list of them (a batch, answered side by side; read_n bounds it)."""
     prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:  # OpenAI allows a batch of prompts; we take one
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(422, "prompt must be a non-empty string", param="prompt", code="invalid_type")
-    if len(prompt) > limits.max_total_chars:
-        raise APIError(413, f"prompt has {len(prompt):,} characters, at most {limits.max_total_chars:,} are allowed "
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise APIError(422, "prompt must be a non-empty string or a list of them (token ids are not supported)",
+                       param="prompt", code="invalid_type")
+    chars = sum(len(p) for p in prompts)
+    if chars > limits.max_total_chars:
+        raise APIError(413, f"prompt has {chars:,} characters, at most {limits.max_total_chars:,} are allowed "
                             f"(--max-total-chars)", param="prompt", code="prompt_too_long")
-    return prompt
+    return prompts
 
 
 # -----------------------------------------------------------------------------
 # Writing answers in OpenAI's shapes
 
-def usage(replies: list[Reply]) -> dict:
-    """One request's usage: its n answers share the prompt, counted once (as OpenAI does), and add their tokens."""
-    completion, first = sum(completion_tokens(reply) for reply in replies), replies[0]
-    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": first.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}  # as OpenAI reports prompt caching
+def usage(replies: list[Reply], n: int = 1) -> dict:
+    """One request's usage: the n answers to a prompt (replies[k*n:(k+1)*n]) count it once, as OpenAI does, and
+    all answers add their tokens."""
+    completion = sum(completion_tokens(reply) for reply in replies)
+    prompt, cached = (sum(getattr(reply, name) for reply in replies[::n]) for name in ("prompt_tokens", "cached_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # as OpenAI reports prompt caching
 
 
 
@@ -341,8 +346,8 @@ def sse(data) -> str:
 class Answer:
     """The fixed fields of one response and how its chunks look, for both endpoints."""
 
-    def __init__(self, chat_mode: bool, model: str):
-        self.chat_mode, self.model = chat_mode, model
+    def __init__(self, chat_mode: bool, model: str, n: int = 1):
+        self.chat_mode, self.model, self.n = chat_mode, model, n  # n answers to each prompt
         self.id = ("chatcmpl-" if chat_mode else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -357,7 +362,7 @@ class Answer:
             choices = [{"index": i, "text": reply.text, "logprobs": None, "finish_reason": reply.finish_reason}
                        for i, reply in enumerate(replies)]
         return {**self.head("chat.completion" if self.chat_mode else "text_completion"),
-                "choices": choices, "usage": usage(replies)}
+                "choices": choices, "usage": usage(replies, self.n)}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
               index: int = 0) -> dict:

@@ -80,7 +80,7 @@ from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited,
 from engine import FINAL, Job, QueueFull, RequestTimeout, log, make_engine
 from engine_process import STALL_SECONDS, EngineGone, EngineProcess
 from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, read_cache_key,
-                        read_json, read_messages, read_n, read_prompt, read_sampling, shown, sse, usage)
+                        read_json, read_messages, read_n, read_prompts, read_sampling, shown, sse, usage)
 from session import ChatSession, Sampling, load_session
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -177,7 +177,7 @@ async def stream_answer(engine, jobs: list[Job], answer: Answer, include_usage: 
                     yield sse(answer.chunk(finish_reason=value.finish_reason, index=i))
         if include_usage and None not in replies:  # OpenAI's stream_options.include_usage: a last chunk, no choices
             yield sse({**answer.head("chat.completion.chunk" if answer.chat_mode else "text_completion"),
-                       "choices": [], "usage": usage(replies)})
+                       "choices": [], "usage": usage(replies, answer.n)})
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:
@@ -393,7 +393,6 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
             raise too_many(e)
         data = await read_json(request, limits.max_body_bytes)
         sampling, seed = read_sampling(data, defaults, limits)
-        n = read_n(data, limits)
         cache_key = read_cache_key(data, shared_cache)
         if cache_key is not None and client.identity is not None:
             cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
@@ -401,22 +400,25 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
             messages = read_messages(data, limits, system)
             # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
             kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
-            job_with = lambda seed: Job(ids, sampling, seed, cache_key, deadline, session.chat_stop_ids,
-                                        len(messages) - len(kept), messages=messages)
+            n = read_n(data, limits)
+            jobs = [Job(ids, sampling, answer_seed(seed, i), cache_key, deadline, session.chat_stop_ids,
+                        len(messages) - len(kept), messages=messages) for i in range(n)]
         else:
-            prompt = read_prompt(data, limits)
+            prompts = read_prompts(data, limits)
+            n = read_n(data, limits, len(prompts))
             # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
             room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
-            text_ids = await asyncio.to_thread(session.tokenizer.encode, prompt)
-            ids = [session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):]
-            job_with = lambda seed: Job(ids, sampling, seed, cache_key, deadline, session.base_stop_ids, text=prompt)
-        jobs = [job_with(answer_seed(seed, i)) for i in range(n)]
+            encoded = await asyncio.to_thread(lambda: [session.tokenizer.encode(prompt) for prompt in prompts])
+            jobs = [Job([session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):], sampling,
+                        answer_seed(seed, i), cache_key, deadline, session.base_stop_ids, text=prompt)
+                    for prompt, text_ids in zip(prompts, encoded) for i in range(n)]
         try:  # the most these answers can generate is taken now, what they leave is given back at their ends
-            reservation = access.reserve(client, n * min(sampling.max_new_tokens, session.context_len - len(ids)))
+            reservation = access.reserve(client, sum(min(sampling.max_new_tokens, session.context_len - len(job.prompt))
+                                                     for job in jobs))
         except RateLimited as e:
             raise too_many(e)
-        submit_all(engine, jobs, reservation.split(n))
-        answer = Answer(chat_mode, model_name)
+        submit_all(engine, jobs, reservation.split(len(jobs)))
+        answer = Answer(chat_mode, model_name, n)
         if not data.get("stream"):
             return await whole_answer(engine, jobs, answer, request)
         options = data.get("stream_options") or {}

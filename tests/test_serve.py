@@ -665,6 +665,26 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
 
 
+def test_a_batch_of_prompts(server):
+    """OpenAI's prompt as a list (lm-eval's completions model sends its batches so): each prompt's answers in
+    turn, indexed in that order, each the answer that prompt gets alone; the prompts' tokens add up in usage."""
+    texts = ["Die Hauptstadt von Deutschland ist", "Im Wattenmeer leben"]
+    body = {"temperature": 0, "max_tokens": 12}
+    alone = [post(server, "/v1/completions", {**body, "prompt": text})[1] for text in texts]
+    status, batch = post(server, "/v1/completions", {**body, "prompt": texts})
+    assert status == 200, batch
+    assert [(c["index"], c["text"]) for c in batch["choices"]] == [(i, a["choices"][0]["text"]) for i, a in enumerate(alone)]
+    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert batch["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    events = read_stream(server, {**body, "prompt": texts}, path="/v1/completions")
+    for i, a in enumerate(alone):
+        assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) == a["choices"][0]["text"]
+    status, refused = post(server, "/v1/completions", {**body, "prompt": texts, "n": 2})
+    assert status == 400 and "2 prompts with n = 2 ask for 4 answers" in refused["error"]["message"]
+    status, refused = post(server, "/v1/completions", {**body, "prompt": [[1, 2, 3]]})
+    assert status == 422 and "token ids are not supported" in refused["error"]["message"]
+
+
 def test_client_leaving_stops_all_n_answers(server):
     """A client that hangs up on a request for n answers frees all n rows: both jobs are cancelled."""
     before = wait_idle(server)
