@@ -518,9 +518,8 @@ class BatchEngine(Queue):
 
     def _leave(self, row: Row, finish_reason: str, timed_out: bool = False) -> None:
         job, reply = row.job, row.job.reply
-        if finish_reason in ("stop", "length") and not row.stop.found:
-            # the held text, and the bytes of an unfinished character (shown as U+FFFD)
-            tail = row.stop.flush() + row.decoder.flush()
+        if finish_reason in ("stop", "length"):
+            tail = row.stop.end(row.decoder)
             if tail:
                 reply.text += tail
                 job.emit("piece", tail)

@@ -127,7 +127,7 @@ class StopSequences:
     """OpenAI's `stop`: an answer ends where one of these strings first appears in its text, and
     shows none of it. Text that could still become one is held back until it cannot (as vLLM
     does), so a stream never shows the start of a stop sequence that it would then take back.
-    push() each piece of text as it is decoded; flush() at an answer's other ends."""
+    push() each piece of text as it is decoded; end() when the answer ends otherwise."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops, self.held, self.found = stops, "", None
@@ -148,6 +148,11 @@ class StopSequences:
         """The text held back: at an answer's end by its stop token or its limit, no stop sequence completes it."""
         held, self.held = self.held, ""
         return held
+
+    def end(self, decoder) -> str:
+        """What is left to show when the answer ends by its stop token or its limit: the held text, and the
+        bytes of an unfinished character in the stream decoder (shown as U+FFFD); nothing after a stop sequence."""
+        return "" if self.found else self.flush() + decoder.flush()
 
 
 def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[dict], list[int]]:
@@ -314,8 +319,7 @@ class ChatSession:
                     break
             else:
                 reply.finish_reason = "length"
-            # the held text, and the bytes of an unfinished character (shown as U+FFFD)
-            tail = "" if stop.found else stop.flush() + decoder.flush()
+            tail = stop.end(decoder)
             if tail:
                 reply.text += tail
                 yield tail

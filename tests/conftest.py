@@ -38,6 +38,11 @@ def data_dir() -> Path:
 FIXTURE_TEXT = Path(__file__).parent / "fixtures" / "german.txt"
 
 
+def stop_from_the_middle(text: str) -> str:
+    """Two characters from the middle of an answer: a stop sequence that ends it there, or where they first appear."""
+    return text[len(text) // 2:][:2]
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token tokenizer trained on the German fixture, saved to a folder (shared by all tests)."""

@@ -15,7 +15,7 @@ import torch
 import chat
 import gpt
 from session import Sampling, fit_to_context, load_session
-from conftest import REPO_ROOT, make_checkpoint, sigint_as_in_a_shell
+from conftest import REPO_ROOT, make_checkpoint, sigint_as_in_a_shell, stop_from_the_middle
 from tok import ConversationError, render_prompt
 
 GREEDY = Sampling(temperature=0, top_k=None, max_new_tokens=12)
@@ -145,7 +145,7 @@ def test_answer_ended_by_a_stop_sequence_keeps_history_and_cache_consistent(sess
     history does not) and answers as a recomputation does."""
     free = session_factory().answer([{"role": "user", "content": TURNS[0]}])
     assert len(free.text) >= 4, free.text
-    stop = free.text[len(free.text) // 2:][:2]
+    stop = stop_from_the_middle(free.text)
     session = session_factory(sampling=Sampling(temperature=0, top_k=None, max_new_tokens=12, stop=(stop,)))
     assert "".join(session.send(TURNS[0])) == free.text[:free.text.index(stop)] == session.history[-1]["content"]
     assert session.last.finish_reason == "stop" and session.last.stop_sequence == stop

@@ -9,7 +9,7 @@ import torch
 import common
 import engine
 import session
-from conftest import make_checkpoint
+from conftest import make_checkpoint, stop_from_the_middle
 
 
 @pytest.mark.parametrize("n_kv_head, compiled", [(1, False), (2, False), (1, True)],
@@ -176,7 +176,7 @@ def test_stop_sequences_end_answers_alike_batched_and_alone(tmp_path, small_toke
     free, _ = answers(engine.Engine(chat, 16), [()] * len(texts))
     assert all(len(reply.text) >= 4 for reply in free), [reply.text for reply in free]
     # a stop sequence from the middle of each answer, and one that never appears
-    stops = [(reply.text[len(reply.text) // 2:][:2], "§§§") for reply in free]
+    stops = [(stop_from_the_middle(reply.text), "§§§") for reply in free]
     for eng in (engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), engine.Engine(chat, 16)):
         replies, pieces = answers(eng, stops)
         for reply, before, (stop, _), shown in zip(replies, free, stops, pieces):

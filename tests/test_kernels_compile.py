@@ -227,7 +227,7 @@ class _Recorded:
     def __init__(self, name, source, launches):
         self.name, self.launches = name, launches
         import ast
-        constants = re.search(r"'constants': (\{[^}]*\})", source).group(1)
+        constants = ast.literal_eval(re.search(r"'constants': (\{[^}]*\})", source).group(1))
         configs = re.search(r"configs=(\[[^\]]*\])", source).group(1)
         signature = ast.literal_eval(re.search(r"'signature': (\{[^}]*\})", source).group(1))
         # torch 2.13 lists the kernel's declared constexprs; torch 2.11 (the H200 image's) does not: read its def
@@ -235,7 +235,7 @@ class _Recorded:
         declared = (ast.literal_eval(declared.group(1)) if declared else
                     re.findall(r"(\w+)\s*:\s*tl\.constexpr", re.search(rf"def {name}\((.*?)\):", source, re.S).group(1)))
         # 'constants' also lists arguments equal to 1 (Inductor specialises them); keep the declared constexprs
-        self.constexprs = {k: v for k, v in ast.literal_eval(constants).items() if k in declared}
+        self.constexprs = {k: v for k, v in constants.items() if k in declared}
         configs = ast.literal_eval(configs) or [{}]
         self.options = configs[0]
         # an autotuned kernel's launch takes the symbols of its per-config grids, not a grid: its candidates and
@@ -243,7 +243,7 @@ class _Recorded:
         self.autotuned = len(configs) > 1
         self.arg_names = [k for k in signature if k not in declared]  # the launch's arguments
         # an argument equal to 1, specialised: torch 2.13 still passes it to .run(), torch 2.11 does not
-        self.specialised = {k: v for k, v in ast.literal_eval(constants).items() if k in self.arg_names}
+        self.specialised = {k: v for k, v in constants.items() if k in self.arg_names}
 
     def run(self, *args, stream=None, **kwargs):
         if self.autotuned:

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi", reason="the web extra is not installed: pip insta
 pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install -e '.[web]'")
 
 
-from conftest import REPO_ROOT, make_checkpoint
+from conftest import REPO_ROOT, make_checkpoint, stop_from_the_middle
 
 LONG = 1500  # max_tokens of a request that must still be running while the test acts
 MAX_BATCH = 2  # the chat server generates two answers at once (continuous batching); the base server one
@@ -260,7 +260,7 @@ def test_stop_sequences(server, base_server):
                                               "max_tokens": 30}, lambda a: a["choices"][0]["text"])]:
         free = post(url, path, body)[1]
         assert len(text(free)) >= 4, free
-        stop = text(free)[len(text(free)) // 2:][:2]
+        stop = stop_from_the_middle(text(free))
         for stops in (stop, ["§§§", stop]):
             status, stopped = post(url, path, {**body, "stop": stops})
             assert status == 200, stopped
@@ -303,7 +303,7 @@ def test_lm_eval_generates_through_the_api(server, tmp_path):
     free = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=30))[1]["choices"][0]["message"]["content"]
             for q in questions]
     assert len(free[0]) >= 4, free
-    until = [free[0][len(free[0]) // 2:][:2], "§§§"]
+    until = [stop_from_the_middle(free[0]), "§§§"]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "Berlin"}) + "\n" for q in questions))
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "nanoschnack_answers.yaml").write_text(
