@@ -70,6 +70,7 @@ import codecs
 import copy
 import glob
 import json
+import math
 import os
 import re
 import socket
@@ -180,7 +181,7 @@ def parse_spec(spec: str) -> Source:
                 source.weight = float(value)
             except ValueError:
                 source.weight = -1.0
-            if not source.weight > 0:
+            if not 0 < source.weight < math.inf:
                 raise DataError(f"bad dataset spec {spec!r}: weight={value!r} must be a positive number, 'size' "
                                 f"or 'size^P'")
         elif key == "per" and value not in ("file", "line"):
@@ -190,7 +191,7 @@ def parse_spec(spec: str) -> Source:
                 raise DataError(f"bad dataset spec {spec!r}: shuffle={value!r} must be 'on' or 'off'")
             source.shuffle = value == "on"
         elif key == "seed":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):  # "²".isdigit() is True, and int() refuses it
                 raise DataError(f"bad dataset spec {spec!r}: seed={value!r} must be a whole number, 0 or more")
             source.seed = int(value)
         else:
@@ -349,6 +350,33 @@ def open_hub(source: Source, streaming: bool = True, cache_dir=None):
         raise DataError(f"{source.spec}: cannot open hub dataset: {e}") from None
 
 
+def open_local_files(source: Source, keep_source: bool, local: dict):
+    """A parquet://, jsonl:// or txt:// source's files as a `datasets` dataset. Converted to the on-disk cache
+    (streaming=False), every file is read here, so a file that cannot be read is a DataError here."""
+    import datasets
+    source.files = resolve_files(source)
+    if source.kind != "parquet":  # datasets cannot read empty files; parquet's are dropped below
+        source.files = [f for f in source.files if os.path.getsize(f) > 0]
+    try:
+        if source.kind == "parquet":
+            common = check_parquet_files(source)
+            columns = [source.text] + (["source"] if keep_source and "source" in common - {source.text} else [])
+            return datasets.load_dataset("parquet", data_files=source.files, columns=columns, **local)
+        if not source.files:
+            raise DataError(f"{source.spec}: no text found, all its files are empty (empty dataset)")
+        if source.kind == "jsonl":
+            return datasets.load_dataset("json", data_files=source.files, **local)
+        source.text = "text"
+        return datasets.load_dataset("text", data_files=source.files, **local,
+                                     sample_by="document" if source.per == "file" else "line")
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__
+        error = None if cause is None else read_error(source, cause)
+        if error is None:
+            raise
+        raise error from None
+
+
 def iter_rows(source: Source):
     """(where, row) for every row of a jsonl://, parquet:// or hf:// source, rows as dicts (conversations,
     benchmark tasks). A JSONL line that is not valid JSON comes as (where, the JSONDecodeError), so the
@@ -356,13 +384,18 @@ def iter_rows(source: Source):
     if source.kind == "jsonl":
         for path in resolve_files(source):
             with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            row = e
-                        yield f"{path}:{n}", row
+                n = 0
+                try:
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                row = json.loads(line)
+                            except json.JSONDecodeError as e:
+                                row = e
+                            yield f"{path}:{n}", row
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{source.spec}: {path} is not valid UTF-8 ({e.reason}, after line {n:,}); "
+                                    f"convert it, e.g. iconv -f latin1 -t utf-8") from None
     elif source.kind == "parquet":
         for n, (_, row) in enumerate(iter_parquet_rows(source)):
             yield f"{source.spec}#{n}", row
@@ -393,21 +426,7 @@ def open_source(source: Source, streaming: bool = True, keep_source: bool = Fals
         except (AttributeError, KeyError, TypeError):
             pass
     else:
-        source.files = resolve_files(source)
-        if source.kind != "parquet":  # datasets cannot read empty files; parquet's are dropped below
-            source.files = [f for f in source.files if os.path.getsize(f) > 0]
-        if source.kind == "parquet":
-            common = check_parquet_files(source)
-            columns = [source.text] + (["source"] if keep_source and "source" in common - {source.text} else [])
-            ds = datasets.load_dataset("parquet", data_files=source.files, columns=columns, **local)
-        elif not source.files:
-            raise DataError(f"{source.spec}: no text found, all its files are empty (empty dataset)")
-        elif source.kind == "jsonl":
-            ds = datasets.load_dataset("json", data_files=source.files, **local)
-        else:
-            source.text = "text"
-            ds = datasets.load_dataset("text", data_files=source.files, **local,
-                                       sample_by="document" if source.per == "file" else "line")
+        ds = open_local_files(source, keep_source, local)
     if not streaming:
         source.num_docs = len(ds)
     if ds.column_names is not None and source.text not in ds.column_names:
@@ -427,6 +446,7 @@ def check_parquet_files(source: Source) -> set[str]:
     columns all files have, and count the documents.
 
     Files with no rows are dropped (datasets cannot read them); none is lost."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     nonempty, common, rows = [], None, 0
     for path in source.files:
@@ -434,10 +454,15 @@ def check_parquet_files(source: Source) -> set[str]:
             meta = pq.read_metadata(path)
         except Exception as e:
             raise DataError(f"{source.spec}: {path} is not a readable parquet file ({e})") from None
-        names = meta.schema.to_arrow_schema().names
+        schema = meta.schema.to_arrow_schema()
+        names = schema.names
         if source.text not in names:
             raise DataError(f"{source.spec}: {path} has no column {source.text!r} "
                             f"(columns: {', '.join(names)}); pick one with ?text=COLUMN")
+        kind = schema.field(source.text).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise DataError(f"{source.spec}: {path}: column {source.text!r} holds {kind}, not text; "
+                            f"pick the text column with ?text=COLUMN")
         common = set(names) if common is None else common & set(names)
         rows += meta.num_rows
         if meta.num_rows > 0:
@@ -508,26 +533,61 @@ def iter_text_batches(source: Source, ds, batch_size: int, with_source: bool = F
                 raise DataError(f"{source.spec}: a document has no string {source.text!r} field "
                                 f"(got {type(bad).__name__}; fields: {', '.join(batch)})")
             yield (texts, batch.get("source")) if with_source else texts
-    except UnicodeDecodeError as e:
+    except (ValueError, pa.ArrowException, OSError) as e:
+        error = read_error(source, e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def read_error(source: Source, e: Exception) -> DataError | None:
+    """The DataError for a local source's files that cannot be read (not UTF-8, a JSONL line that is not one
+    JSON object, a damaged parquet page), naming the file (and line); None for any other error. It reads the
+    files again to find the bad one, on this error path only."""
+    import pyarrow as pa
+    if source.kind == "hf":
+        return None
+    if isinstance(e, UnicodeDecodeError):
         bad = first_undecodable_file(source.files) or "a file"
-        raise DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None
-    except pa.ArrowInvalid as e:  # a JSON line or a parquet page that does not parse
-        where = first_bad_json_line(source.files) if source.kind == "jsonl" else None
-        raise DataError(f"{source.spec}: {where or 'unreadable data'}: {str(e).splitlines()[0]}"
-                        + ("; every line must be one JSON object" if where else "")) from None
+        return DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                         f"convert it, e.g. iconv -f latin1 -t utf-8")
+    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if source.kind == "jsonl" and isinstance(e, (ValueError, pa.ArrowException)):
+        where = first_bad_json_line(source.files)
+        if where is None and not isinstance(e, pa.ArrowException):
+            return None  # not the data's fault
+        return DataError(f"{source.spec}: {where or 'unreadable data'}: {first_line}"
+                         + ("; every line must be one JSON object" if where else ""))
+    if source.kind == "parquet" and isinstance(e, (OSError, pa.ArrowException)):  # pyarrow: OSError for a bad page
+        bad = first_unreadable_parquet(source.files, source.text)
+        if bad is None:
+            return None
+        return DataError(f"{source.spec}: {bad} cannot be read, its data is damaged or gone ({first_line}); "
+                         f"replace the file, or leave it out of the spec")
+    return None
 
 
 def first_bad_json_line(files: list[str]) -> str | None:
-    """On a JSON parse error, find the file and line (only on that error path)."""
+    """The file and line of the first line that is not one JSON object (only on the error path)."""
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 try:
-                    if line.strip():
-                        json.loads(line)
+                    if line.strip() and not isinstance(json.loads(line), dict):
+                        return f"{path}:{number} (not an object)"
                 except ValueError:
                     return f"{path}:{number}"
+    return None
+
+
+def first_unreadable_parquet(files: list[str], column: str) -> str | None:
+    """The first parquet file whose text column cannot be read whole (only on the error path)."""
+    import pyarrow.parquet as pq
+    for path in files:
+        try:
+            pq.read_table(path, columns=[column])
+        except Exception:
+            return path
     return None
 
 

@@ -81,6 +81,8 @@ class PretrainBatches:
                  packing: str = "concat", buffer_docs: int = 1000):
         if packing not in PACKINGS:
             raise DataError(f"unknown packing {packing!r}: use one of {', '.join(PACKINGS)}")
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batches of {batch_size} rows of {seq_len} tokens: both must be at least 1")
         self.sources, self.tokenizer = sources, tokenizer
         self.token_bytes = np.asarray(tokenizer.token_bytes)  # UTF-8 bytes per token id (passes_read)
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size

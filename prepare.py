@@ -44,9 +44,10 @@ a shuffled stream, it cannot land one document off.
 Validation. A document goes to validation when a hash of its text, keyed by the
 seed, falls under --val-frac, until the validation shard is full (one shard's size):
 the draw needs no lookahead, and identical documents always land on the same side,
-so an exact duplicate never leaks from training into validation. --val-data SPEC
-takes validation from a held-out spec instead (read first, so --dedup also drops
-training documents that equal a validation document).
+so an exact duplicate never leaks from training into validation. Once the shard is
+full, copies of its documents are held out of training, counted in meta.json
+("filtered": "in_validation"), and so are training documents that equal one of
+--val-data SPEC, which takes validation from a held-out spec instead (read first).
 
 Filters, off by default: --nfc (Unicode NFC, so "ö" typed as o + combining
 diaeresis equals "ö"), --min-chars N (drop shorter documents, after NFC) and --dedup
@@ -101,6 +102,7 @@ def check_prepare_options(opts: PrepareOptions):
         ("shuffle_buffer", opts.shuffle_buffer, opts.shuffle_buffer > 0, "positive"),
         ("val_frac", opts.val_frac, 0 <= opts.val_frac < 1, "in [0, 1)"),
         ("min_chars", opts.min_chars, opts.min_chars >= 0, "0 or more"),
+        ("seed", opts.seed, opts.seed >= 0, "0 or more"),
     ] if not ok]
     if problems:
         raise DataError("bad prepare options: " + "; ".join(problems).replace("_", "-"))
@@ -219,8 +221,9 @@ def buffer_shuffle(items, size: int, rng):
 
 
 def prepared_documents(sources: list[Source], opts: PrepareOptions, seen: set, counts: dict, cache_dir=None):
-    """(text, origin, u) for every document kept: shuffled per source, interleaved by weight,
-    filtered. u in [0, 1) is a hash of the text keyed by the seed: the validation draw."""
+    """(text, origin, key) for every document kept: shuffled per source, interleaved by weight,
+    filtered. key is a 64-bit hash of the text keyed by the seed: the validation draw (key / 2**64 in [0, 1)),
+    and what tells copies of a document apart from other documents."""
     streams = [read_shuffled(s, opts, cache_dir) for s in sources]
     salt = str(opts.seed).encode()
     for text, origin in interleave(streams, [s.weight for s in sources], size=lambda doc: len(doc[0])):
@@ -238,7 +241,7 @@ def prepared_documents(sources: list[Source], opts: PrepareOptions, seen: set, c
                 counts["duplicates"] += 1
                 continue
             seen.add(key)
-        yield text, origin, key / 2**64
+        yield text, origin, key
 
 
 def progress_line(progress: common.Progress, sources: list[Source], opts: PrepareOptions, counts: dict,
@@ -323,20 +326,25 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     if glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
         log(f"prepare: resuming {out}: replaying the stream; shards already written are checked, not rewritten")
     cache_dir = None if opts.streaming else os.path.join(out, ".cache")
-    counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0}
+    counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0, "in_validation": 0}
     seen = set()  # hashes of the documents kept (--dedup)
-    val = ShardWriter(out, None, tmp_name="val.parquet")
-    for text, origin, _ in prepared_documents(val_sources, opts, seen, counts, cache_dir):
+    val, val_keys = ShardWriter(out, None, tmp_name="val.parquet"), set()  # val_keys: its documents' hashes
+    for text, origin, key in prepared_documents(val_sources, opts, seen, counts, cache_dir):
         if val.full(opts):
             break
         val.add(text, origin)
+        val_keys.add(key)
 
     progress = common.Progress("prepare", unit=" docs", every=log_every, log=log)
-    train_counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0}
+    train_counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0, "in_validation": 0}
     shards, shard, written = [], None, {"docs": 0, "chars": 0}
-    for text, origin, u in prepared_documents(sources, opts, seen, train_counts, cache_dir):
-        if u < opts.val_frac and not val.full(opts):
+    for text, origin, key in prepared_documents(sources, opts, seen, train_counts, cache_dir):
+        if key / 2**64 < opts.val_frac and not val.full(opts):
             val.add(text, origin)
+            val_keys.add(key)
+            continue
+        if key in val_keys:  # a copy of a validation document (once that shard is full, or from --val-data)
+            train_counts["in_validation"] += 1
             continue
         if shard is None:
             shard = ShardWriter(out, shard_name(len(shards)))
@@ -372,14 +380,16 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
                 row_group_size=ROW_GROUP, shards=shards + ([val_entry] if val_entry else []),
                 train={"files": [s["file"] for s in shards], "docs": sum(s["docs"] for s in shards),
                        "chars": sum(s["chars"] for s in shards)},
-                val=val_entry, filtered={"too_short": counts["too_short"], "duplicates": counts["duplicates"]},
+                val=val_entry, filtered={key: counts[key] for key in ("too_short", "duplicates", "in_validation")},
                 read={"docs": counts["read"], "chars": counts["read_chars"]})
     write_meta(out, meta)
     if cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)
     log(f"prepare: wrote {out}: {len(shards)} training shards, {meta['train']['docs']:,} documents, "
         f"{meta['train']['chars']:,} characters; validation {meta['val']['file'] + ', ' if val_entry else ''}"
-        f"{val.docs:,} documents, {val.chars:,} characters")
+        f"{val.docs:,} documents, {val.chars:,} characters"
+        + (f"; {counts['in_validation']:,} copies of validation documents held out of training"
+           if counts["in_validation"] else ""))
     return meta
 
 
@@ -414,8 +424,10 @@ def main(argv=None):
                 shuffle_buffer=args.shuffle_buffer, val_frac=args.val_frac, min_chars=args.min_chars,
                 dedup=args.dedup, nfc=args.nfc)
     except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # disk full, a folder that is not writable
+        cache = os.path.join(args.out, ".cache")
+        sys.exit(f"error: {e}" + (f"\n({cache} keeps the sources converted so far for the next run; delete it "
+                                  f"to free the space)" if os.path.isdir(cache) else ""))
+    except OSError as e:  # disk full, a folder that is not writable (unreadable input is a DataError)
         for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp")):  # unfinished writes: free their space
             os.remove(tmp)
         sys.exit(f"error: cannot write {args.out} ({e}); free disk space or choose another --out, then run "
@@ -441,6 +453,8 @@ def inspect_main(argv=None):
     parser.add_argument("--packing", default="concat", choices=PACKINGS,
                         help="how documents become rows (dataloader.py); bestfit also prints the tokens it crops")
     args = parser.parse_args(argv)
+    if args.batches < 1 or args.docs < 0 or args.prefetch < 0:
+        parser.error("--batches must be at least 1, --docs and --prefetch 0 or more")
     try:
         tokenizer = Tokenizer.load(args.tokenizer)
         sources = parse_specs(args.data)

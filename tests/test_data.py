@@ -45,6 +45,8 @@ def test_parse_several_specs_by_whitespace_and_list():
     ("hf://a/b?split", "option 'split' is not key=value"),
     ("hf://a/b?shuffle=yes", "shuffle='yes' must be 'on' or 'off'"),
     ("hf://a/b?seed=-1", "seed='-1' must be a whole number"),
+    ("hf://a/b?seed=²", "seed='²' must be a whole number"),
+    ("parquet:///x?weight=inf", "weight='inf' must be a positive number"),
     ("parquet:///x?seed=1&shuffle=off", "seed= orders a shuffled source, but shuffle=off"),
 ])
 def test_bad_specs_name_the_offending_part(spec, message):
@@ -96,12 +98,38 @@ def test_reads_every_kind(tmp_path):
      "txt://{d}/a.txt", "a.txt is not valid UTF-8"),
     (lambda d: pq.write_table(pa.table({"inhalt": ["x"]}), d / "a.parquet"), "parquet://{d}/a.parquet",
      "has no column 'text' (columns: inhalt)"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "a"}\n["b"]\n'), "jsonl://{d}/a.jsonl",
+     "a.jsonl:2 (not an object)"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "a"}\nkein JSON\n'), "jsonl://{d}/a.jsonl", "a.jsonl:2: "),
+    (lambda d: (pq.write_table(pa.table({"text": ["x"]}), d / "a.parquet"),
+                pq.write_table(pa.table({"text": [5]}), d / "b.parquet")), "parquet://{d}/*.parquet",
+     "b.parquet: column 'text' holds int64, not text"),
+    (lambda d: damaged_parquet(d / "a.parquet"), "parquet://{d}/a.parquet", "a.parquet cannot be read"),
 ])
-def test_bad_sources_give_clear_errors(tmp_path, make, spec, message):
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "converted"])
+def test_bad_sources_give_clear_errors(tmp_path, make, spec, message, streaming):
     make(tmp_path)
-    with pytest.raises(DataError) as e:
-        list(data.iter_texts(parse_spec(spec.format(d=tmp_path))))
+    source = parse_spec(spec.format(d=tmp_path))
+    with pytest.raises(DataError) as e:  # converted: datasets reads every file when it opens the source
+        list(data.iter_texts(source, data.open_source(source, streaming=streaming, cache_dir=tmp_path / "cache")))
     assert message in str(e.value)
+
+
+def damaged_parquet(path):
+    """A parquet file whose footer reads, and whose second row group's data page does not."""
+    pq.write_table(pa.table({"text": [f"Dokument {i} " + "Haus Baum " * 50 for i in range(2000)]}), path,
+                   row_group_size=1000, compression="zstd", use_dictionary=False)
+    column = pq.read_metadata(path).row_group(1).column(0)
+    raw = bytearray(path.read_bytes())
+    for i in range(column.data_page_offset + 100, column.data_page_offset + column.total_compressed_size - 100):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_rows_of_a_file_that_is_not_utf8_give_a_clear_error(tmp_path):
+    (tmp_path / "s.jsonl").write_bytes('{"messages": "Größe"}\n'.encode("latin1"))
+    with pytest.raises(DataError, match="s.jsonl is not valid UTF-8"):
+        list(data.iter_rows(parse_spec(f"jsonl://{tmp_path}/s.jsonl")))
 
 
 def test_hub_unreachable_fails_fast_with_hint(monkeypatch):
@@ -314,6 +342,8 @@ def test_loader_errors(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
         next(iter(dataloader.PretrainBatches(parse_specs(f"txt://{tmp_path}/bad.txt"), CharTokenizer(), 1, 4)))
+    with pytest.raises(DataError, match="both must be at least 1"):
+        dataloader.PretrainBatches(spec, CharTokenizer(), 2, 0)
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(DataError, match="no string 'text' field"):
         next(iter(dataloader.PretrainBatches(parse_specs(f"jsonl://{tmp_path}/a.jsonl"), CharTokenizer(), 1, 4, prefetch=2)))

@@ -189,15 +189,36 @@ def test_filters_are_off_by_default_and_work(tmp_path):
     options = dict(SMALL, shard_chars=5_000, val_frac=0.2)
     prepare.prepare(spec, str(tmp_path / "raw"), **options)
     train, val, meta = prepared(tmp_path / "raw")
-    assert Counter(train + val) == Counter(docs) and meta["filtered"] == {"too_short": 0, "duplicates": 0}
+    assert Counter(train + val) == Counter(docs) and meta["filtered"] == {"too_short": 0, "duplicates": 0, "in_validation": 0}
     for dup in ("kurz", "Doppelt " * 5, nfd):  # identical documents land on the same side
         assert (dup in train) != (dup in val)
     prepare.prepare(spec, str(tmp_path / "clean"), min_chars=10, dedup=True, nfc=True, **options)
     train, val, meta = prepared(tmp_path / "clean")
     nfc = unicodedata.normalize("NFC", nfd)
     assert Counter(train + val) == Counter(docs[:400] + ["Doppelt " * 5, nfc])
-    assert meta["filtered"] == {"too_short": 3, "duplicates": 4}
+    assert meta["filtered"] == {"too_short": 3, "duplicates": 4, "in_validation": 0}
     assert meta["options"] | {"min_chars": 0, "dedup": False, "nfc": False} == prepared(tmp_path / "raw")[2]["options"]
+
+
+def test_no_copy_of_a_validation_document_is_trained_on(tmp_path):
+    # 40 documents, each 3 times; the validation shard (10 rows) fills up while copies of its documents keep
+    # coming, drawn for validation by their hash: they are held out, not written to training
+    docs = [f"Dokument {i} mit Inhalt" for i in range(40)] * 3
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
+    prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "out"),
+                    **dict(SMALL, shard_rows=10, val_frac=0.3))
+    train, val, meta = prepared(tmp_path / "out")
+    assert len(val) == 10 and not set(train) & set(val)
+    held = meta["filtered"]["in_validation"]
+    assert held > 0 and len(train) + len(val) + held == len(docs) and meta["filtered"]["duplicates"] == 0
+    # --val-data without --dedup: training copies of its documents are held out as well
+    pq.write_table(pa.table({"text": docs[:5]}), tmp_path / "val.parquet")
+    prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "given"),
+                    val_data=f"parquet://{tmp_path}/val.parquet", **dict(SMALL, shard_rows=10))
+    train, val, meta = prepared(tmp_path / "given")
+    assert sorted(val) == sorted(docs[:5]) and Counter(train) == Counter(docs[5:40] * 3)
+    assert meta["filtered"]["in_validation"] == 15
 
 
 def test_val_data_and_other_kinds(tmp_path):
