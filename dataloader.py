@@ -59,7 +59,8 @@ import threading
 import numpy as np
 import torch
 
-from data import DataError, ShuffledShards, Source, iter_text_batches, open_source, text_bytes
+from data import DataError, Source, iter_text_batches, open_source, text_bytes
+from shards import ShuffledShards
 
 PACKINGS = ("concat", "bestfit")
 
@@ -293,7 +294,10 @@ class PretrainBatches:
             self.datasets[i] = open_rank_shard(self.sources[i], self.rank, self.world_size, quiet=True,
                                                epoch=self.progress["epochs"][i])
             if ds_state is not None:
-                self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
+                try:
+                    self.datasets[i].load_state_dict(copy.deepcopy(ds_state))
+                except ValueError as e:  # ShuffledShards: a state for another shard order
+                    raise DataError(f"{self.sources[i].spec}: {e}") from None
             self.readers[i] = None
         if self.packing == "concat":
             self.pending = [p.numpy().astype(np.int32) for p in state["pending"]]

@@ -10,6 +10,7 @@ import torch
 import data
 import dataloader
 import prepare
+import shards
 from data import DataError, parse_spec, parse_specs
 
 
@@ -84,7 +85,7 @@ def test_reads_every_kind(tmp_path):
         assert list(data.iter_texts(parse_spec(spec))) == expected, spec
         # shuffled: the same documents (one file each here, so in the same order), through ShuffledShards
         shuffled = parse_spec(spec + ("&" if "?" in spec else "?") + "shuffle=on")
-        assert isinstance(data.open_source(shuffled), data.ShuffledShards)
+        assert isinstance(data.open_source(shuffled), shards.ShuffledShards)
         assert list(data.iter_texts(shuffled)) == expected, spec
 
 
@@ -322,6 +323,13 @@ def test_resume_refuses_another_setup(tmp_path):
                   dataloader.PretrainBatches(spec, CharTokenizer(), 2, 8, docs_per_read=32)):  # positions count reads
         with pytest.raises(DataError, match="another setup"):
             other.load_state_dict(state)
+    shuffled = parse_specs(f"parquet://{tmp_path}/*.parquet?shuffle=on")
+    loader = dataloader.PretrainBatches(shuffled, CharTokenizer(), 2, 8)
+    next(iter(loader))
+    state = loader.state_dict()
+    write_docs(tmp_path, 3, 10)  # a third file behind the same spec: another shard order
+    with pytest.raises(DataError, match=r"\?shuffle=on: a data loader state for another shard order"):
+        dataloader.PretrainBatches(shuffled, CharTokenizer(), 2, 8).load_state_dict(state)
 
 
 def test_validation_batches_are_fixed(tmp_path):
@@ -370,9 +378,9 @@ def test_shuffled_source_mixes_random_shards_from_the_first_documents(tmp_path):
     docs = write_docs(tmp_path, 16, 20)
     first = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")))
     assert sorted(first) == sorted(docs)  # every document, once
-    order = data.shard_order(16, data.DEFAULT_SEED)
+    order = shards.shard_order(16, data.DEFAULT_SEED)
     assert sorted(order) == list(range(16)) and order != list(range(16))
-    k = data.MIX_STREAMS
+    k = shards.MIX_STREAMS
     # the first documents: the first document of each of the first MIX_STREAMS shards of the order, in turn
     assert [doc_file(d) for d in first[:k]] == order[:k]
     assert first[:k] == [docs[20 * f] for f in order[:k]]
@@ -381,7 +389,7 @@ def test_shuffled_source_mixes_random_shards_from_the_first_documents(tmp_path):
     again = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on")))
     other = list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet?seed=1")))
     assert again == first and other != first and sorted(other) == sorted(docs)  # a function of the seed
-    assert [doc_file(d) for d in other[:k]] == data.shard_order(16, 1)[:k]
+    assert [doc_file(d) for d in other[:k]] == shards.shard_order(16, 1)[:k]
     assert list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet"))) == docs  # local: as named
 
 
@@ -392,7 +400,7 @@ def test_a_finished_shard_is_replaced_by_the_next_one_in_its_turn(tmp_path):
     files = sorted(tmp_path.glob("*.parquet")) + [tmp_path / "long" / "L-00.parquet"]
     ds = datasets_stream(files)
     mixed = ShuffledShardsReader(ds, seed=3, streams=2)
-    order = data.shard_order(4, 3)
+    order = shards.shard_order(4, 3)
     by_file = {i: [d for d in mixed if file_of(d, files) == i] for i in range(4)}
     assert all(by_file[i] == read_file(files[i]) for i in range(4))  # each shard in its own order
     # two shards open at a time, one document from each in turn; the long file (10 documents) comes first
@@ -415,7 +423,7 @@ def file_of(doc, files):
 
 
 def ShuffledShardsReader(ds, seed, streams, batch_size=5):
-    return [t for b in data.ShuffledShards(ds, seed, streams=streams).iter(batch_size) for t in b["text"]]
+    return [t for b in shards.ShuffledShards(ds, seed, streams=streams).iter(batch_size) for t in b["text"]]
 
 
 @pytest.mark.parametrize("world_size, n_files, rows_per_group", [
@@ -426,14 +434,14 @@ def test_shuffled_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files,
     seen = rank_parts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on"), world_size, docs)
     if n_files >= 2 * world_size and n_files % world_size == 0:  # by shard: each rank a spread of its shards
         for r in range(world_size):
-            mine = [i for i in data.shard_order(n_files, data.DEFAULT_SEED) if i % world_size == r]
-            k = min(len(mine), data.MIX_STREAMS)
+            mine = [i for i in shards.shard_order(n_files, data.DEFAULT_SEED) if i % world_size == r]
+            k = min(len(mine), shards.MIX_STREAMS)
             assert [doc_file(d) for d in seen[r][:k]] == mine[:k]
 
 
 @pytest.mark.parametrize("prefetch, rows", [(0, 256), (2, 256), (0, 2)])
 def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows):
-    monkeypatch.setattr(data.ShuffledShards, "ROWS", rows)  # 2: resume inside a shard's held rows too
+    monkeypatch.setattr(shards.ShuffledShards, "ROWS", rows)  # 2: resume inside a shard's held rows too
     write_docs(tmp_path, 20, 7, rows_per_group=4)  # rank 1 of 2: 10 shards, more than MIX_STREAMS open
     (tmp_path / "small").mkdir()
     write_docs(tmp_path / "small", 3, 3, prefix="s")
@@ -457,7 +465,7 @@ def test_each_epoch_has_its_own_shard_order(tmp_path):
     epochs = [list(data.iter_texts(source, dataloader.open_rank_shard(source, 0, 1, epoch=e))) for e in range(3)]
     assert all(sorted(e) == sorted(docs) for e in epochs)
     assert [[doc_file(d) for d in e[:6]] for e in epochs] == [
-        data.shard_order(6, data.DEFAULT_SEED, e) for e in range(3)]
+        shards.shard_order(6, data.DEFAULT_SEED, e) for e in range(3)]
     assert len({tuple(e) for e in epochs}) == 3
     loader = dataloader.PretrainBatches([source], CharTokenizer(), batch_size=1, seq_len=8, docs_per_read=4)
     text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([b for _, b in zip(range(40), loader)]))
@@ -469,12 +477,12 @@ def test_each_epoch_has_its_own_shard_order(tmp_path):
 def test_shuffled_state_refuses_another_order(tmp_path):
     write_docs(tmp_path, 4, 5)
     ds = datasets_stream(sorted(tmp_path.glob("*.parquet")))
-    reader = data.ShuffledShards(ds, seed=1)
+    reader = shards.ShuffledShards(ds, seed=1)
     next(reader.iter(3))
-    with pytest.raises(DataError, match="another shard order"):
-        data.ShuffledShards(ds, seed=2).load_state_dict(reader.state_dict())
-    with pytest.raises(DataError, match="predates shuffled sources"):
-        data.ShuffledShards(ds, seed=1).load_state_dict({"examples_iterable": {}, "epoch": 0})
+    with pytest.raises(ValueError, match="another shard order"):  # the loader names the source (test_loader_...)
+        shards.ShuffledShards(ds, seed=2).load_state_dict(reader.state_dict())
+    with pytest.raises(ValueError, match="predates shuffled sources"):
+        shards.ShuffledShards(ds, seed=1).load_state_dict({"examples_iterable": {}, "epoch": 0})
 
 
 def fake_hub(monkeypatch, files):
@@ -491,14 +499,14 @@ def fake_hub(monkeypatch, files):
 def test_hub_sources_go_through_the_shuffle_for_tok_train_and_eval(tmp_path, monkeypatch):
     docs = write_docs(tmp_path, 16, 10)
     opened = fake_hub(monkeypatch, sorted(tmp_path.glob("*.parquet")))
-    spread = data.shard_order(16, data.DEFAULT_SEED)[:data.MIX_STREAMS]
+    spread = shards.shard_order(16, data.DEFAULT_SEED)[:shards.MIX_STREAMS]
     # tok.py reads interleave_documents, evaluation.py's bpb and `inspect` iter_texts
-    first = [d for _, d in zip(range(data.MIX_STREAMS), data.interleave_documents(parse_specs("hf://org/set")))]
+    first = [d for _, d in zip(range(shards.MIX_STREAMS), data.interleave_documents(parse_specs("hf://org/set")))]
     assert [doc_file(d) for d in first] == spread
     # train.py reads PretrainBatches
     loader = dataloader.PretrainBatches(parse_specs("hf://org/set"), CharTokenizer(), batch_size=4, seq_len=32)
     text = "".join(chr(t - 1) if t else "\0" for t in flat_tokens([next(iter(loader))]))
-    assert [doc_file(d) for d in text.split("\0")[1:1 + data.MIX_STREAMS]] == spread
+    assert [doc_file(d) for d in text.split("\0")[1:1 + shards.MIX_STREAMS]] == spread
     assert len(opened) == 2
     # shuffle=off reads the hub's order
     assert next(data.iter_texts(parse_spec("hf://org/set?shuffle=off"))) == docs[0]
