@@ -68,7 +68,13 @@ def setup_distributed(device: str = "") -> tuple[int, int, torch.device]:
     """(rank, world_size, device); initialises the process group under torchrun (NCCL on GPUs, gloo on CPU).
 
     For training on the CPU it also tunes the memory allocator (keep_freed_memory)."""
-    device = torch.device(device or default_device())
+    try:
+        device = torch.device(device or default_device())
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}: this torch ({torch.__version__}) sees no CUDA GPU; leave "
+                         f"--device out (the CPU), or install torch's CUDA build on a machine with a GPU")
     if device.type == "cpu":
         keep_freed_memory()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -93,7 +99,8 @@ def teardown_distributed():
 # Configuration: a dataclass is the flags
 
 def parse_config(config_class, presets: dict, argv=None, description: str = ""):
-    """Flags from the dataclass fields; a preset fills in defaults, explicit flags win.
+    """Flags from the dataclass fields; a preset fills in defaults, explicit flags win. The class's AT_LEAST
+    and ABOVE ({field: bound}) name the numbers' ranges: a value outside is refused, naming its flag.
 
     Presets are the keys of `presets`; a config with a `model` field (train.py)
     also takes d<depth> (d12, d26, ...), which names the model preset of that depth."""
@@ -115,7 +122,14 @@ def parse_config(config_class, presets: dict, argv=None, description: str = ""):
     else:
         parser.error(f"unknown preset {name!r}: use one of {', '.join(presets)}"
                      + (" or d<depth>" if takes_depth else ""))
-    return config_class(**{**preset, **args})
+    config = config_class(**{**preset, **args})
+    problems = [f"--{name.replace('_', '-')} must be {rule} {low} (got {getattr(config, name)})"
+                for rule, bounds in (("at least", "AT_LEAST"), ("above", "ABOVE"))
+                for name, low in getattr(config_class, bounds, {}).items()
+                if getattr(config, name) < low or (rule == "above" and getattr(config, name) == low)]
+    if problems:
+        parser.error("; ".join(problems))
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -142,9 +156,19 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
         kept = latest_checkpoint(path.parent)
         raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
                          + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
-    for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
-        old.unlink()
+    if keep_last:  # 0: keep them all
+        for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
+            old.unlink()
     return path
+
+
+def check_new_run(out, resume: bool) -> None:
+    """A run that does not --resume must not write into another run's checkpoints: its own would mix with
+    them, --keep-last would delete theirs, or its own as the older ones, and --resume would pick up theirs."""
+    newest = None if resume else latest_checkpoint(out)
+    if newest is not None:
+        raise SystemExit(f"error: --out {out} holds another run's checkpoints (newest {newest.name}); continue "
+                         f"that run with --resume, or choose another --out (or delete them)")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -163,8 +187,11 @@ def load_checkpoint(path: Path) -> dict:
         if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # it names a class or function
             raise SystemExit(f"error: {path} is not a plain nanoschnack checkpoint: it would run code or build "
                              f"objects when loaded, so it was not loaded (only use checkpoints you trust)") from None
-        reason = "not a file torch.save wrote" if "Weights only load failed" in str(e) else str(e).splitlines()[0]
-        raise SystemExit(f"error: cannot read checkpoint {path} ({reason}); delete it to fall back to an older one") from None
+        reason = ("not a file torch.save wrote" if "Weights only load failed" in str(e) or not str(e) else
+                  str(e).splitlines()[0])  # an empty file: an error with no message
+        newest = Path(path).name.startswith("ckpt_") and latest_checkpoint(Path(path).parent) == Path(path)
+        raise SystemExit(f"error: cannot read checkpoint {path} ({reason})"
+                         + ("; delete it to fall back to an older one" if newest else "")) from None
 
 
 def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, Tokenizer, dict]:
@@ -568,8 +595,12 @@ class SmoothedLoss:
     """A debiased exponential moving average of the training loss (as nanochat logs it): easier to read
     than one step's loss, which jumps with every batch."""
 
-    def __init__(self, beta: float = 0.9):
-        self.beta, self.value, self.steps = beta, 0.0, 0
+    def __init__(self, beta: float = 0.9, state=(0.0, 0)):
+        self.beta, (self.value, self.steps) = beta, state
+
+    def state(self) -> list:
+        """What a checkpoint keeps, so that a resumed run logs the average it would have logged."""
+        return [self.value, self.steps]
 
     def update(self, loss: float) -> float:
         self.steps += 1

@@ -24,6 +24,11 @@ fi
 DATA=$(cd "$DATA" && pwd)
 OUT=${NANOSCHNACK_OUT:-out}
 SCALE=${NANOSCHNACK_DEMO_SCALE:-tiny}
+if compgen -G "$OUT/base/ckpt_*.pt" >/dev/null || compgen -G "$OUT/chat/ckpt_*.pt" >/dev/null; then
+    echo "demo.sh: $OUT holds an earlier demo's checkpoints; move or delete it (rm -r $OUT), or write this one" >&2
+    echo "  elsewhere: NANOSCHNACK_OUT=out2 ./demo.sh" >&2
+    exit 2
+fi
 [ -x .venv/bin/python ] || ./setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=.venv/bin/python

@@ -474,14 +474,14 @@ def results_markdown(results: list[dict]) -> str:
 # python evaluation.py
 
 
-def chat_base(ckpt: dict, device, log):
+def chat_base(ckpt: dict, tokenizer, device, log):
     """The base model a chat checkpoint was fine-tuned from (sft.py records its path), or None if it is gone."""
     path = ckpt.get("base")
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).exists():  # a checkpoint file, or an exported folder
         log(f"note: the base checkpoint {path} is not there: no base -> chat change of bits per byte")
         return None
-    model, _, base = common.load_model(path, device)
-    if base.get("tokenizer_json") != ckpt.get("tokenizer_json"):
+    model, base_tokenizer, _ = common.load_model(path, device)
+    if base_tokenizer.to_json() != tokenizer.to_json():
         log(f"note: {path} has another tokenizer than {ckpt['path']}: no base -> chat change of bits per byte")
         return None
     return model
@@ -513,6 +513,8 @@ def main(argv=None):
     parser.add_argument("--no-report", action="store_true", help="don't touch the report card")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.limit < 0 or args.max_bytes < 0 or args.batch_size < 1:
+        parser.error("--limit and --max-bytes must be 0 (all) or more, --batch-size at least 1")
 
     rank, world_size, device = common.setup_distributed(args.device)
     master = rank == 0
@@ -545,7 +547,7 @@ def main(argv=None):
     kind = ckpt.get("kind", "base")
     log(f"{ckpt['path']}: {kind} model, step {ckpt.get('step', '?')}, {model.num_params():,} parameters, "
         f"context {model.config.sequence_len}; {world_size} process(es) on {device}")
-    base_model = chat_base(ckpt, device, log) if texts and kind == "chat" and not args.no_base else None
+    base_model = chat_base(ckpt, tokenizer, device, log) if texts and kind == "chat" and not args.no_base else None
     results = []
     for source, docs in texts:
         start = time.time()
@@ -556,8 +558,9 @@ def main(argv=None):
                          args.max_bytes)
             if base_model is not None:  # the same documents again: how much of its German SFT cost the model
                 docs = data.iter_texts(source, data.open_source(source))
+                progress = common.Progress(f"bpb of the base model, {source.spec}", total) if master else None
                 r["base_bpb"] = text_bpb(base_model, tokenizer, docs, device, args.batch_size, args.limit, rank,
-                                         world_size, max_bytes=args.max_bytes)["bpb"]
+                                         world_size, progress, args.max_bytes)["bpb"]
         except DataError as e:
             sys.exit(f"error: {e}")
         results.append(dict(task="bpb", data=source.spec, **r))
@@ -583,7 +586,9 @@ def main(argv=None):
             except OSError as e:
                 sys.exit(f"error: cannot write --json {args.json} ({e})")
         if not args.no_report:
-            path = Path(args.report) if args.report else report_path(Path(ckpt["path"]).parent)
+            checkpoint = Path(ckpt["path"])  # a checkpoint file in its run's folder, or an exported folder
+            path = Path(args.report) if args.report else report_path(checkpoint if checkpoint.is_dir() else
+                                                                     checkpoint.parent)
             limit = f", at most {args.limit:,} examples (documents) per task" if args.limit else ""
             limit += f", at most {args.max_bytes:,} bytes of text per bpb dataset" if args.max_bytes else ""
             legend = (" acc: the likeliest choice; acc_norm: the likeliest per character; random: guessing; "

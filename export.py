@@ -391,6 +391,10 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder (it is created if missing)")
+    earlier_export = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if out.is_dir() and any(out.iterdir()) and not earlier_export:  # its README.md, config.json would be replaced
+        raise ExportError(f"--out {out} holds other files and no earlier export (config.json + model.safetensors); "
+                          f"give a new or empty folder")
     model, tokenizer, ckpt = common.load_model(checkpoint, "cpu")
     check_plain(dataclasses.asdict(model.config))
     try:
@@ -427,7 +431,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a nanoschnack checkpoint as a Hugging Face model folder "
                                                  "(transformers' NanoChatForCausalLM), verified against gpt.py.")
     parser.add_argument("--checkpoint", default="out/chat", help="checkpoint file, or a folder (its newest one)")
-    parser.add_argument("--out", required=True, help="output folder (created; files of an earlier export replaced)")
+    parser.add_argument("--out", required=True, help="output folder: a new or empty one, or an earlier export (its files are replaced)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights in model.safetensors (default float32: exactly the checkpoint's)")
     parser.add_argument("--push-to-hub", default="", metavar="REPO", help="also upload to this hub repo (user/name)")

@@ -51,6 +51,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
 import torch
@@ -119,6 +120,13 @@ class SFTConfig:
     seed: int = 1337
     resume: bool = False
     stop_after_steps: int = 0
+    # the numbers' ranges (common.parse_config refuses a value outside, naming its flag); 0 turns off the
+    # evals, samples, saves and limits, and --keep-last 0 keeps every checkpoint
+    AT_LEAST: ClassVar[dict] = dict(
+        device_batch_size=1, examples_per_step=1, epochs=1, max_steps=0, time_budget=0, matrix_lr=0, embedding_lr=0,
+        unembedding_lr=0, weight_decay=0, eval_every=0, val_conversations=0, stop_rate_conversations=0,
+        identity_samples=0, sample_every=0, save_every=0, keep_last=0, log_every=1, stop_after_steps=0)
+    ABOVE: ClassVar[dict] = dict(init_lr_frac=0)
 
 
 PRESETS = {
@@ -503,7 +511,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
         identity = data.parse_spec(f"jsonl://{quote(str(IDENTITY_FILE))}?weight={cfg.identity_repeat}")
         conversations += load_conversations([identity], tokenizer, max_tokens, log)
     if cfg.text_data and cfg.text_frac:
-        count = round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac))
+        count = max(1, round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac)))
         spec = pretraining_mix(base) if cfg.text_data == "base" else cfg.text_data
         rows, continued = load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base,
                                          cfg.text_bestfit)
@@ -539,8 +547,13 @@ def main(argv=None):
                  f"x world size = {cfg.device_batch_size * world_size}")
     torch.manual_seed(cfg.seed)
 
+    if common.latest_checkpoint(cfg.out) and Path(cfg.out).resolve() in (Path(cfg.base).resolve(),
+                                                                          Path(cfg.base).resolve().parent):
+        sys.exit(f"error: --out {cfg.out} is --base's folder: SFT's checkpoints would mix with the base model's, "
+                 f"and --keep-last would delete those; choose another --out (e.g. out/chat)")
     model, tokenizer, base = common.load_model(cfg.base, device)
     data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
+    common.check_new_run(cfg.out, cfg.resume)
     if base.get("kind") == "chat":
         log(f"note: {base['path']} is already a chat checkpoint; fine-tuning it further")
     model.train()
@@ -571,7 +584,7 @@ def main(argv=None):
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
-    step, trained_tokens, prior_seconds, out = 0, 0, 0.0, Path(cfg.out)
+    step, trained_tokens, prior_seconds, out, loss_smooth = 0, 0, 0.0, Path(cfg.out), (0.0, 0)
     if cfg.resume and (path := common.latest_checkpoint(out)):
         ckpt = common.load_checkpoint(path)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "chat" or "optimizers" not in ckpt:
@@ -585,6 +598,7 @@ def main(argv=None):
             opt.load_state_dict(state)
         torch.set_rng_state(ckpt["rng"]["cpu"])
         step, trained_tokens, prior_seconds = ckpt["step"], ckpt["tokens"], ckpt.get("train_seconds", 0.0)
+        loss_smooth = ckpt.get("loss_smooth", loss_smooth)
         log(f"resumed from {path} at step {step:,}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out}, starting from {base['path']}")
@@ -594,7 +608,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     pad_id = tokenizer.bos_id  # any id: padded positions have target -1
 
-    stop, smoothed = common.StopSignal(), common.SmoothedLoss()
+    stop, smoothed = common.StopSignal(), common.SmoothedLoss(state=loss_smooth)
     budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
 
     def save():
@@ -603,7 +617,8 @@ def main(argv=None):
                          model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
                          tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
                          base=base["path"], world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
-                         step=step, tokens=trained_tokens, train_seconds=prior_seconds + time.time() - start_time)
+                         step=step, tokens=trained_tokens, train_seconds=prior_seconds + time.time() - start_time,
+                         loss_smooth=smoothed.state())
             log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
     if master:
@@ -667,7 +682,9 @@ def main(argv=None):
             log(f"stopped at step {step:,} ({leave}); continue with --resume")
             break
     log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
-    if master and last:
+    if step == first_step:
+        log(f"{out} is at step {step:,} of {steps:,} already: nothing trained, its report left as it was")
+    elif master and last:
         write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), step, trained_tokens,
                      time.time() - start_time, record, log)
     del model  # DDP's reducer must go before its process group, or gloo can hang on exit

@@ -31,6 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -104,6 +105,13 @@ class TrainConfig:
     packing: str = "bestfit"         # rows of the training batches: bestfit (nanochat's: each row starts at a
                                      # document, some tokens cropped) or concat (split the document stream); the CPU
                                      # presets keep concat (README, "Packing": the demo's long documents)
+    # the numbers' ranges (common.parse_config refuses a value outside, naming its flag); 0 turns off the
+    # evals, samples, saves and limits, and --keep-last 0 keeps every checkpoint
+    AT_LEAST: ClassVar[dict] = dict(
+        device_batch_size=1, seq_len=1, total_batch_size=1, max_tokens=0, max_steps=0, time_budget=0,
+        matrix_lr=0, embedding_lr=0, unembedding_lr=0, weight_decay=0, scalar_lr=0, eval_every=0, eval_batches=1,
+        eval_task_limit=1, sample_every=0, save_every=0, keep_last=0, log_every=1, stop_after_steps=0, prefetch=0)
+    ABOVE: ClassVar[dict] = dict(tokens_per_param=0)
 
 
 # The CPU presets' optimizer, measured on the demo's model (width 128, 1,572 steps of 4,096 tokens, 3.5 tokens per
@@ -255,7 +263,7 @@ def scaled_weight_decay(cfg: TrainConfig, config: gpt.GPTConfig, steps: int, log
     return scaled
 
 
-def resume(cfg: TrainConfig, model, optimizers, loader, rank: int, world_size: int, log) -> dict:
+def resume(cfg: TrainConfig, model, tokenizer, optimizers, loader, rank: int, world_size: int, log) -> dict:
     """Load the newest checkpoint of --out into model, optimizers, loader and RNG; its counters ({} if none)."""
     path = common.latest_checkpoint(cfg.out)
     if path is None:
@@ -266,6 +274,9 @@ def resume(cfg: TrainConfig, model, optimizers, loader, rank: int, world_size: i
         sys.exit(f"error: {path} is not a train.py checkpoint to resume; resume in train.py's own --out, "
                  f"or choose another --out")
     common.check_same_model(ckpt["model_config"], model.config, path)
+    if ckpt.get("tokenizer_json", tokenizer.to_json()) != tokenizer.to_json():
+        sys.exit(f"error: {path} was trained with another tokenizer than --tokenizer {cfg.tokenizer}; resume with "
+                 f"the one it was trained with ({ckpt.get('tokenizer')})")
     if ckpt["world_size"] != world_size:
         sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
                  f"resume with the same number")
@@ -336,6 +347,7 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
+    common.check_new_run(cfg.out, cfg.resume)
 
     try:
         tokenizer = Tokenizer.load(cfg.tokenizer)
@@ -366,12 +378,20 @@ def main(argv=None):
                                       prefetch=cfg.prefetch, packing=cfg.packing)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    resumed = resume(cfg, raw_model, optimizers, loader, rank, world_size, log) if cfg.resume else {}
+    val_batches = None
+    if cfg.eval_every:  # read now: bad --val-data fails before the first step, not at the first evaluation
+        try:
+            val_batches = dataloader.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
+                                                        rank, world_size, cfg.eval_batches)
+        except data.DataError as e:
+            sys.exit(f"error: validation data: {e.problem}; "
+                     + (e.hint.replace("--data", "--val-data") if e.hint else "check --val-data"))
+    resumed = resume(cfg, raw_model, tokenizer, optimizers, loader, rank, world_size, log) if cfg.resume else {}
     step, tokens_seen = resumed.get("step", 0), resumed.get("tokens", 0)
     budget = common.TimeBudget(cfg.time_budget, resumed.get("train_seconds", 0.0)) if cfg.time_budget else None
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stop, smoothed = common.StopSignal(), common.SmoothedLoss()
+    stop, smoothed = common.StopSignal(), common.SmoothedLoss(state=resumed.get("loss_smooth", (0.0, 0)))
     out, prior_seconds = Path(cfg.out), resumed.get("train_seconds", 0.0)
 
     def save():
@@ -385,7 +405,7 @@ def main(argv=None):
                      tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
                      kind="base", loader=loaders, world_size=world_size,
                      rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen,
-                     train_seconds=prior_seconds + time.time() - start_time)
+                     train_seconds=prior_seconds + time.time() - start_time, loss_smooth=smoothed.state())
         if master:
             log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
@@ -400,7 +420,7 @@ def main(argv=None):
         except data.DataError as e:  # a bad row found while reading, e.g. malformed JSON lines
             sys.exit(f"error: {e}")
 
-    first_step, first_tokens, val_bpb, task_results, val_batches = step, tokens_seen, None, [], None
+    first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     last = step >= steps
     while not last:
@@ -434,12 +454,6 @@ def main(argv=None):
                 + (f" | MFU {mfu:.1%}" if mfu is not None else "") + (f" | mem {mem:.1f} GiB" if mem else "")
                 + f" | ETA {common.format_seconds(max(left, 0))}")
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            if val_batches is None:
-                try:
-                    val_batches = dataloader.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
-                                                          rank, world_size, cfg.eval_batches)
-                except data.DataError as e:
-                    sys.exit(f"error: validation data: {e}")
             task_results = evaluate(raw_model, tokenizer, val_batches, eval_tasks, record, step, cfg, rank,
                                     world_size, device, log)
             val_bpb = f"{record['val_bpb']:.4f} (step {step:,})"
@@ -466,7 +480,9 @@ def main(argv=None):
         + f"; times read through per source: {json.dumps(loader.passes_read(), ensure_ascii=False)}"
         + (f"; cropped per source: {json.dumps(loader.cropped_counts(), ensure_ascii=False)}"
            if cfg.packing == "bestfit" else ""))
-    if master:
+    if step == first_step:
+        log(f"{out} is at step {step:,} of {steps:,} already: nothing trained, its report left as it was")
+    elif master:
         write_report(cfg, raw_model, steps, step, first_step, tokens_seen,
                      (tokens_seen - first_tokens) / max(seconds, 1e-9), prior_seconds + seconds, peak, world_size,
                      device, val_bpb, task_results, log)

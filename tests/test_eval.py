@@ -353,7 +353,7 @@ def test_cli_evaluates_and_writes_the_report_card(files, small_tokenizer, capsys
     assert "bits per byte" in capsys.readouterr().out
 
 
-def test_cli_errors_are_one_clear_line(files):
+def test_cli_errors_are_one_clear_line(files, capsys):
     with pytest.raises(SystemExit) as e:  # the hub is switched off in the tests
         ev.main(["--checkpoint", str(files.root / "chat"), "--tasks", "hellaswag"])
     assert str(e.value).startswith("error:") and "--local-only" in str(e.value) and "\n" not in str(e.value)
@@ -365,6 +365,10 @@ def test_cli_errors_are_one_clear_line(files):
         ev.main(cli_args(files, "--bpb-data", f"txt://{files.root}/none.txt"))
     with pytest.raises(SystemExit, match="no checkpoint at"):
         ev.main(cli_args(files, "--checkpoint", str(files.root / "none")))
+    for flag, value in [("--batch-size", "0"), ("--limit", "-1"), ("--max-bytes", "-10")]:
+        with pytest.raises(SystemExit):
+            ev.main(cli_args(files, flag, value))
+        assert "--batch-size at least 1" in capsys.readouterr().err
 
 
 def test_two_ranks_give_the_numbers_of_one_process(files):

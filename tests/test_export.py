@@ -9,6 +9,7 @@ is active, and greedy choices and multiple-choice rankings are clear, not near-t
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,13 +248,32 @@ def test_bad_input_is_one_error_line(tmp_path, small_tokenizer):
     cases = [(["--checkpoint", str(tmp_path / "missing")], "no checkpoint at"),
              (["--checkpoint", str(tmp_path / "junk.pt")], "cannot read checkpoint"),
              (["--checkpoint", str(tmp_path / "other.pt")], "not a nanoschnack checkpoint"),
-             (["--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "a_file")], "is a file")]
+             (["--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "a_file")], "is a file"),
+             (["--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "project")], "holds other files")]
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("# mein Projekt\n")
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
             export.main(args + (["--out", str(tmp_path / "hf")] if "--out" not in args else []))
         text = str(e.value.code)
         assert text.startswith("error: ") and message in text and "\n" not in text, text
-    assert not (tmp_path / "hf").exists()
+    assert not (tmp_path / "hf").exists() and (tmp_path / "project" / "README.md").read_text() == "# mein Projekt\n"
+
+
+def test_evaluation_of_an_exported_folder(tmp_path, exported):
+    """Its report card is the one beside the folder (as for a run's folder of checkpoints), and a chat model
+    fine-tuned from an exported base model is measured against it."""
+    model, tokenizer, folder = exported
+    shutil.copytree(folder, tmp_path / "out" / "hf")
+    text = tmp_path / "dev.txt"
+    text.write_text("Guten Morgen, wie geht es dir?\nDas Wetter ist heute schön.\n", encoding="utf-8")
+    ev.main(["--checkpoint", str(tmp_path / "out" / "hf"), "--tasks", "bpb", "--local-only",
+                     "--bpb-data", f"txt://{text}?per=line", "--device", "cpu"])
+    assert "## Evaluation (chat)" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "report.md").exists()
+    base = ev.chat_base({"base": str(tmp_path / "out" / "hf")}, tokenizer, "cpu", print)
+    assert base is not None and all(torch.equal(a, b) for a, b in zip(base.state_dict().values(),
+                                                                       model.state_dict().values()))
 
 
 def test_bfloat16_export_is_verified_against_rounded_weights(tmp_path, small_tokenizer):

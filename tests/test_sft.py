@@ -172,7 +172,8 @@ def test_resume_is_bitwise_exact(setup):
     assert a["step"] == b["step"] == 6
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (setup / d / "log.jsonl").read_text().splitlines())}
+    loss = lambda d: {r["step"]: (r["loss"], r["loss_smooth"])  # the smoothed loss goes on where it was too
+                      for r in map(json.loads, (setup / d / "log.jsonl").read_text().splitlines())}
     assert loss("a") == loss("b")
 
 
@@ -204,7 +205,14 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path):
         (["--data", "hf://OpenAssistant/OASST-DE"], "error:"),
         (["--examples-per-step", "5"], "not a multiple"),
         (["--warmdown-ratio", "1.5"], "--warmdown-ratio 1.5 must be between 0 and 1"),
+        (["--out", str(tmp_path / "base")], "is --base's folder"),  # saving would prune the base checkpoints
+        (["--examples-per-step", "0"], "--examples-per-step must be at least 1 (got 0)"),
+        (["--epochs", "0", "--log-every", "0"], "--epochs must be at least 1 (got 0); --log-every must be at least 1"),
+        (["--init-lr-frac", "-1"], "--init-lr-frac must be above 0"),
+        (["--data", f"jsonl://{tmp_path}/latin1.jsonl"], "latin1.jsonl is not valid UTF-8"),
     ]
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(fixture_conversations(1)[0], ensure_ascii=False)
+                                            .encode("latin1", errors="replace") + "ä\n".encode("latin1"))
     for extra, message in cases:
         proc = run_sft(args_for(setup, "err", *extra))
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-1500:])

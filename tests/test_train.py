@@ -67,7 +67,7 @@ def losses(out):
     by_step = {}
     for line in (Path(out) / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
-        by_step[record["step"]] = record["loss"]  # a resumed run appends; the last entry counts
+        by_step[record["step"]] = record["loss"], record["loss_smooth"]  # a resumed run appends; the last counts
     return by_step
 
 
@@ -81,7 +81,7 @@ def test_loss_falls_on_german_sample(data_dir, tmp_path):
                 "--max-steps", "40", "--seq-len", "128", "--device-batch-size", "8", "--total-batch-size", "1024",
                 "--eval-every", "40", "--save-every", "0", "--prefetch", "0"])
     loss = losses(out)
-    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (38, 39, 40)) / 3
+    first, last = sum(loss[s][0] for s in (1, 2, 3)) / 3, sum(loss[s][0] for s in (38, 39, 40)) / 3
     assert first > 6.5  # about ln(1024) = 6.93 at the start
     assert last < first - 1.5, (first, last)
     val_bpb = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_bpb"]
@@ -155,7 +155,59 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_keeps_last_k_checkpoints(tmp_path):
     for step in range(1, 5):
         common.save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+        common.save_checkpoint(tmp_path / "all", step, {"step": step}, keep_last=0)
     assert [p.name for p in sorted(tmp_path.glob("ckpt_*"))] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert len(list((tmp_path / "all").glob("ckpt_*"))) == 4
+
+
+def test_a_new_run_never_writes_into_another_runs_checkpoints(setup, tmp_path):
+    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "3"))
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    proc = run_script(args_for(setup, tmp_path / "a", "--max-steps", "2", "--seed", "7"), check=False)
+    assert proc.returncode != 0 and "holds another run's checkpoints (newest ckpt_0000003.pt)" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
+
+
+def test_resume_refuses_another_tokenizer(setup, tmp_path):
+    lines = FIXTURE.read_text(encoding="utf-8").upper().splitlines()  # the same vocabulary size, other merges
+    Tokenizer.train(lines * 3, vocab_size=320, show_progress=False).save(tmp_path / "other")
+    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
+    proc = run_script(args_for(setup, tmp_path / "a", "--resume", "--tokenizer", str(tmp_path / "other")), check=False)
+    assert proc.returncode != 0 and "was trained with another tokenizer" in proc.stderr
+
+
+def test_bad_validation_data_fails_before_the_first_step(setup, tmp_path):
+    proc = run_script(args_for(setup, tmp_path / "a", "--val-data", f"parquet://{setup}/vall.parquet"), check=False)
+    assert proc.returncode != 0 and "error: validation data:" in proc.stderr and "vall.parquet" in proc.stderr
+    assert "step      1" not in proc.stdout and not (tmp_path / "a" / "log.jsonl").exists()
+
+
+def test_resuming_a_finished_run_leaves_its_report(setup, tmp_path):
+    run_script(args_for(setup, tmp_path / "a"))
+    card = (tmp_path / "report.md").read_text()
+    proc = run_script(args_for(setup, tmp_path / "a", "--resume"))
+    assert "at step 6 of 6 already: nothing trained" in proc.stdout and (tmp_path / "report.md").read_text() == card
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seq-len", "0", "--seq-len must be at least 1 (got 0)"),
+    ("--log-every", "0", "--log-every must be at least 1"),
+    ("--keep-last", "-1", "--keep-last must be at least 0"),
+    ("--max-steps", "-5", "--max-steps must be at least 0"),
+    ("--time-budget", "-1", "--time-budget must be at least 0"),
+    ("--eval-batches", "0", "--eval-batches must be at least 1"),
+    ("--tokens-per-param", "0", "--tokens-per-param must be above 0"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_flag(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--preset", "nano", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: this torch .* sees no CUDA GPU"):
+        common.setup_distributed("cuda")
 
 
 def test_refuses_checkpoint_of_another_model(setup, tmp_path):
@@ -239,8 +291,14 @@ def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit, match="not a nanoschnack checkpoint"):
         common.load_model(tmp_path)
     (tmp_path / "ckpt_0000002.pt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(SystemExit, match="cannot read checkpoint .*; delete it to fall back to an older one"):
         common.load_model(tmp_path)
+    (tmp_path / "ckpt_0000003.pt").write_bytes(b"")  # torch's error for an empty file has no message
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*ckpt_0000003.pt \(not a file torch.save wrote"):
+        common.load_model(tmp_path)
+    (tmp_path / "log.jsonl").write_text("{}\n")  # named, not picked: no advice to delete it
+    with pytest.raises(SystemExit, match=r"log.jsonl \(not a file torch.save wrote\)$"):
+        common.load_model(tmp_path / "log.jsonl")
 
 
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
