@@ -192,6 +192,9 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     strict(data, "stream", bool, "true or false")
     if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
         raise APIError(422, "stream_options must be an object", param="stream_options", code="invalid_type")
+    if data.get("stream_options") is not None and not data.get("stream"):  # as OpenAI and vLLM answer it
+        raise APIError(400, "stream_options applies to streamed answers only: send it with stream: true",
+                       param="stream_options", code="invalid_value")
     both = data.get("max_tokens"), data.get("max_completion_tokens")
     if None not in both and both[0] != both[1]:
         raise APIError(400, f"max_tokens ({shown(both[0])}) and max_completion_tokens ({shown(both[1])}) disagree; "
@@ -302,14 +305,27 @@ def read_messages(data: dict, limits: Limits, system: str | None) -> list[dict]:
 
 
 def check_fits(session: ChatSession, messages: list[dict], sampling: Sampling) -> tuple[list, list[int]]:
-    """The kept messages and the prompt's ids, as ChatSession.stream makes them; 413 when the
-    last user message alone leaves no room for an answer (older turns are dropped silently)."""
+    """The kept messages and the prompt's ids, as ChatSession.stream makes them; a 400 (as OpenAI's) when the
+    last user message alone leaves no room for an answer (older exchanges are dropped: serve.py's
+    X-Dropped-Messages header counts them)."""
     reserve = min(sampling.max_new_tokens, session.context_len // 2)
     try:
         return fit_to_context(session.tokenizer, messages, session.context_len - reserve)
     except ConversationError as e:
-        raise APIError(413, f"{e} (context {session.context_len} tokens)", param="messages",
-                       code="context_length_exceeded")
+        raise too_long(e, session, "messages")
+
+
+def check_prompt_fits(session: ChatSession, prompt: str, sampling: Sampling) -> list[int]:
+    """A completion prompt's ids, as ChatSession.complete makes them; a 400 when it does not fit."""
+    try:
+        return session.completion_prompt(prompt, sampling)
+    except ConversationError as e:
+        raise too_long(e, session, "prompt")
+
+
+def too_long(e: ConversationError, session: ChatSession, param: str) -> APIError:
+    return APIError(400, f"{e} (context {session.context_len} tokens); shorten it, or ask for fewer max_tokens",
+                    param=param, code="context_length_exceeded")
 
 
 def read_prompts(data: dict, limits: Limits) -> list[str]:

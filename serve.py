@@ -79,8 +79,8 @@ from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited,
                     host_name, read_key_file, timed_protocol)
 from engine import FINAL, Job, QueueFull, RequestTimeout, log, make_engine
 from engine_process import STALL_SECONDS, EngineGone, EngineProcess
-from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, read_cache_key,
-                        read_json, read_messages, read_n, read_prompts, read_sampling, shown, sse, usage)
+from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, check_prompt_fits,
+                        read_cache_key, read_json, read_messages, read_n, read_prompts, read_sampling, shown, sse, usage)
 from session import ChatSession, Sampling, load_session
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -184,7 +184,7 @@ async def stream_answer(engine, jobs: list[Job], answer: Answer, include_usage: 
             let_go(engine, job)
 
 
-async def whole_answer(engine, jobs: list[Job], answer: Answer, request: Request):
+async def whole_answer(engine, jobs: list[Job], answer: Answer, request: Request, headers: dict):
     """Wait for the whole answers. Nothing is sent meanwhile, so a client that leaves is only
     noticed by asking the server (uvicorn) now and then; then the jobs are cancelled."""
     checked, replies = time.monotonic(), [None] * len(jobs)
@@ -201,7 +201,7 @@ async def whole_answer(engine, jobs: list[Job], answer: Answer, request: Request
                     replies[i] = value
         if None in replies:  # cancelled before it ran: only a gone client's jobs are
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        return JSONResponse(answer.whole(replies))
+        return JSONResponse(answer.whole(replies), headers=headers)
     finally:
         for job in jobs:
             let_go(engine, job)
@@ -396,22 +396,22 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
         cache_key = read_cache_key(data, shared_cache)
         if cache_key is not None and client.identity is not None:
             cache_key = (client.identity, *cache_key)  # one API key (or page session) never reuses another's cache
+        headers = {}
         if chat_mode:
             messages = read_messages(data, limits, system)
             # tokenizing a long conversation takes a while: not on the event loop, which serves everyone
             kept, ids = await asyncio.to_thread(check_fits, session, messages, sampling)
+            if len(kept) < len(messages):  # the oldest exchanges did not fit: the answer is to the rest
+                headers["X-Dropped-Messages"] = str(len(messages) - len(kept))
             n = read_n(data, limits)
             jobs = [Job(ids, sampling, answer_seed(seed, i), cache_key, deadline, session.chat_stop_ids,
                         len(messages) - len(kept), messages=messages) for i in range(n)]
         else:
             prompts = read_prompts(data, limits)
             n = read_n(data, limits, len(prompts))
-            # as ChatSession.complete: <|bos|> + text, which loses its beginning if too long
-            room = session.context_len - min(sampling.max_new_tokens, session.context_len // 2)
-            encoded = await asyncio.to_thread(lambda: [session.tokenizer.encode(prompt) for prompt in prompts])
-            jobs = [Job([session.tokenizer.bos_id] + text_ids[max(0, len(text_ids) + 1 - room):], sampling,
-                        answer_seed(seed, i), cache_key, deadline, session.base_stop_ids, text=prompt)
-                    for prompt, text_ids in zip(prompts, encoded) for i in range(n)]
+            encoded = await asyncio.to_thread(lambda: [check_prompt_fits(session, p, sampling) for p in prompts])
+            jobs = [Job(ids, sampling, answer_seed(seed, i), cache_key, deadline, session.base_stop_ids, text=prompt)
+                    for prompt, ids in zip(prompts, encoded) for i in range(n)]
         try:  # the most these answers can generate is taken now, what they leave is given back at their ends
             reservation = access.reserve(client, sum(min(sampling.max_new_tokens, session.context_len - len(job.prompt))
                                                      for job in jobs))
@@ -420,11 +420,11 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
         submit_all(engine, jobs, reservation.split(len(jobs)))
         answer = Answer(chat_mode, model_name, n)
         if not data.get("stream"):
-            return await whole_answer(engine, jobs, answer, request)
+            return await whole_answer(engine, jobs, answer, request, headers)
         options = data.get("stream_options") or {}
         include_usage = options.get("include_usage") is True
         return StreamingResponse(stream_answer(engine, jobs, answer, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -434,15 +434,23 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
     async def completions(request: Request):
         return await generate(request, chat_mode=False)
 
+    def model_object() -> dict:
+        # OpenAI's fields first; kind, step and context_length are ours (the page reads kind).
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoschnack",
+                "kind": session.kind, "step": getattr(session, "step", None), "context_length": session.context_len}
+
     @app.get("/v1/models")
     async def models():
-        # OpenAI's fields first; kind, step and context_length are ours (the page reads kind).
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "nanoschnack", "kind": session.kind,
-                                            "step": getattr(session, "step", None),
-                                            "context_length": session.context_len}]}
+        return {"object": "list", "data": [model_object()]}
 
-    @app.get("/health")
+    @app.get("/v1/models/{model:path}")  # OpenAI's "retrieve model" (client.models.retrieve); a name may hold "/"
+    async def model(model: str):
+        if model != model_name:
+            raise APIError(404, f"no model {model!r} here: this server serves {model_name!r} (GET /v1/models)",
+                           param="model", code="model_not_found")
+        return model_object()
+
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers and uptime checks send
     async def health():
         """200 and status "ok"; 503 (what load balancers take out of rotation) with "stalled" while the
         engine process makes no progress (engine_process.EngineProcess's watchdog), or "stopping" when
@@ -475,7 +483,7 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
                   "# TYPE nanoschnack_tokens_per_second histogram", *m.rate.lines("nanoschnack_tokens_per_second")]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page(request: Request):
         response = Response(html, media_type="text/html; charset=utf-8", headers=html_headers)
         if access.keys and access.session_of(request.cookies.get(COOKIE)) is None:

@@ -276,14 +276,20 @@ class ChatSession:
         return self.last
 
     def complete(self, text: str, sampling: Sampling | None = None) -> Iterator[str]:
-        """Continue plain text: the prompt is <|bos|> + text; stops at <|bos|> or the token limit.
-
-        Text too long for the context loses its beginning."""
+        """Continue plain text: the prompt is <|bos|> + text; stops at <|bos|> or the token limit."""
         sampling = sampling or self.sampling
+        return self._generate(self.completion_prompt(text, sampling), sampling, self.base_stop_ids)
+
+    def completion_prompt(self, text: str, sampling: Sampling) -> list[int]:
+        """complete()'s prompt ids; ConversationError (now, not when streaming) when they leave the answer less
+        than its share of the context, min(max_tokens, half of it), as for a chat's last message: a text's
+        beginning is never cut off silently."""
         room = self.context_len - min(sampling.max_new_tokens, self.context_len // 2)
-        ids = self.tokenizer.encode(text)
-        dropped = max(0, len(ids) + 1 - room)
-        return self._generate([self.tokenizer.bos_id] + ids[dropped:], sampling, self.base_stop_ids)
+        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+        if len(ids) > room:
+            raise ConversationError(f"the text is too long: its prompt has {len(ids)} tokens, the context has "
+                                    f"room for {room} (plus the answer)")
+        return ids
 
     def _generate(self, prompt: list[int], sampling: Sampling, stop_ids: set[int], dropped: int = 0):
         reply = self.last = Reply(prompt_tokens=len(prompt), dropped_messages=dropped)

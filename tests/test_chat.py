@@ -247,6 +247,8 @@ def test_base_checkpoint_runs_in_completion_mode(tmp_path, small_tokenizer, caps
     prompt = [small_tokenizer.bos_id] + small_tokenizer.encode("Es war einmal")
     assert session.last.ids == recompute(session.model, prompt, 10, {small_tokenizer.bos_id})
     assert out == answer + "\n"
+    with pytest.raises(ConversationError, match="the text is too long"):  # never continued with its start cut off
+        session.send("sehr langer Text " * (session.context_len // 2))
 
 
 def test_clear_errors(tmp_path, small_tokenizer, monkeypatch):

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi", reason="the web extra is not installed: pip insta
 pytest.importorskip("uvicorn", reason="the web extra is not installed: pip install -e '.[web]'")
 
 
-from conftest import REPO_ROOT, make_checkpoint, stop_from_the_middle
+from conftest import REPO_ROOT, make_checkpoint
 
 LONG = 1500  # max_tokens of a request that must still be running while the test acts
 MAX_BATCH = 2  # the chat server generates two answers at once (continuous batching); the base server one
@@ -250,123 +250,6 @@ def test_streaming_shape_and_same_answer(server):
     assert streamed_text(chunks) == whole["choices"][0]["message"]["content"]
 
 
-def test_stop_sequences(server, base_server):
-    """OpenAI's stop, a string or a list: the answer ends before the first stop sequence in it, streamed or
-    not, with finish_reason "stop"; usage counts every token sampled. Both endpoints, both engines."""
-    for url, path, body, text in [
-            (server, "/v1/chat/completions", chat_body(QUESTIONS[1], max_tokens=30),
-             lambda a: a["choices"][0]["message"]["content"]),
-            (base_server, "/v1/completions", {"prompt": "Die Hauptstadt von Deutschland ist", "temperature": 0,
-                                              "max_tokens": 30}, lambda a: a["choices"][0]["text"])]:
-        free = post(url, path, body)[1]
-        assert len(text(free)) >= 4, free
-        stop = stop_from_the_middle(text(free))
-        for stops in (stop, ["§§§", stop]):
-            status, stopped = post(url, path, {**body, "stop": stops})
-            assert status == 200, stopped
-            assert text(stopped) == text(free)[:text(free).index(stop)]
-            assert stopped["choices"][0]["finish_reason"] == "stop"
-            assert 0 < stopped["usage"]["completion_tokens"] <= free["usage"]["completion_tokens"]
-            events = read_stream(url, {**body, "stop": stops, "stream_options": {"include_usage": True}}, path=path)
-            assert events[-3]["choices"][0]["finish_reason"] == "stop" and events[-2]["usage"] == stopped["usage"]
-            pieces = [e["choices"][0]["delta"].get("content", "") if "delta" in e["choices"][0] else e["choices"][0]["text"]
-                      for e in events[:-2]]
-            assert "".join(pieces) == text(stopped)
-        assert text(post(url, path, {**body, "stop": "§§§"})[1]) == text(free)
-
-
-LM_EVAL_TASK = """\
-task: nanoschnack_answers
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {file}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: {until}
-  max_gen_toks: 30
-  do_sample: false
-  temperature: 0
-metric_list:
-  - metric: exact_match
-"""
-
-
-@pytest.mark.slow  # about 15 s, most of it importing lm-eval in a fresh process
-def test_lm_eval_generates_through_the_api(server, tmp_path):
-    """lm-evaluation-harness's local-chat-completions model, as a user points it at serve.py: a generate_until
-    task, whose `until` lm-eval sends as stop sequences. Its answers are the server's own with that stop."""
-    questions = QUESTIONS[:3]
-    free = [post(server, "/v1/chat/completions", chat_body(q, max_tokens=30))[1]["choices"][0]["message"]["content"]
-            for q in questions]
-    assert len(free[0]) >= 4, free
-    until = [stop_from_the_middle(free[0]), "§§§"]
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "Berlin"}) + "\n" for q in questions))
-    (tmp_path / "task").mkdir()
-    (tmp_path / "task" / "nanoschnack_answers.yaml").write_text(
-        LM_EVAL_TASK.format(file=tmp_path / "qa.jsonl", until=json.dumps(until)))
-    run = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-chat-completions", "--model_args",
-                          f"model=nanoschnack,base_url={server}/v1/chat/completions,num_concurrent=1,max_retries=1",
-                          "--apply_chat_template", "--tasks", "nanoschnack_answers",
-                          "--include_path", str(tmp_path / "task"), "--output_path", str(tmp_path / "out"),
-                          "--log_samples"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines()]
-    theirs = {json.loads(s["arguments"]["gen_args_0"]["arg_0"][0])[-1]["content"]: s["resps"][0][0] for s in samples}
-    ours = {q: post(server, "/v1/chat/completions", chat_body(q, max_tokens=30, stop=until))[1]["choices"][0]
-            ["message"]["content"] for q in questions}
-    assert theirs == ours
-    assert ours[questions[0]] == free[0][:free[0].index(until[0])]  # cut at the stop sequence
-
-
-def test_n_answers_to_one_prompt(server, base_server):
-    """OpenAI's n: n choices, indexed 0 to n-1, generated side by side. A seeded request gives n different
-    answers, the first the one n=1 gives with that seed, the same each time; the prompt counts once in usage.
-    Streamed, each answer's pieces carry its index and join to its text; each gets a finish chunk."""
-    body = chat_body(QUESTIONS[3], max_tokens=20, temperature=1.0, seed=11)
-    one = post(server, "/v1/chat/completions", body)[1]
-    status, two = post(server, "/v1/chat/completions", {**body, "n": 2})
-    assert status == 200, two
-    texts = [c["message"]["content"] for c in two["choices"]]
-    assert [c["index"] for c in two["choices"]] == [0, 1] and texts[0] == one["choices"][0]["message"]["content"]
-    assert texts[0] != texts[1] and post(server, "/v1/chat/completions", {**body, "n": 2})[1]["choices"] == two["choices"]
-    second = post(server, "/v1/chat/completions", {**body, "seed": 12})[1]  # answer i has seed + i
-    assert texts[1] == second["choices"][0]["message"]["content"]
-    assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
-    assert two["usage"]["completion_tokens"] == one["usage"]["completion_tokens"] + second["usage"]["completion_tokens"]
-    events = read_stream(server, {**body, "n": 2, "stream_options": {"include_usage": True}})
-    chunks = events[:-2]
-    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
-    for i, text in enumerate(texts):
-        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
-        assert "".join(c["delta"].get("content", "") for c in mine) == text
-        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [two["choices"][i]["finish_reason"]]
-    assert events[-2]["usage"] == two["usage"] and events[-1] == "[DONE]"
-    greedy = post(server, "/v1/chat/completions", chat_body(QUESTIONS[3], max_tokens=20, n=2))[1]
-    assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
-    status, refused = post(base_server, "/v1/completions", {"prompt": "Die Sonne", "n": 2})
-    assert status == 400 and "more than this server generates at once (--max-batch 1)" in refused["error"]["message"]
-
-
-def test_openai_client(server):
-    openai = pytest.importorskip("openai", reason="the official openai client is not installed")
-    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["nanoschnack"]
-    messages = [{"role": "system", "content": "Du antwortest kurz."}, {"role": "user", "content": QUESTIONS[1]}]
-    whole = client.chat.completions.create(model="nanoschnack", messages=messages, temperature=0, max_tokens=20)
-    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens > 0
-    pieces = [chunk.choices[0].delta.content or "" for chunk in
-              client.chat.completions.create(model="gpt-4o", messages=messages, temperature=0, max_tokens=20,
-                                             stream=True) if chunk.choices]
-    assert "".join(pieces) == whole.choices[0].message.content
-    with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model="nanoschnack", messages=messages, temperature=2.5)
-
-
 def user(text):
     return [{"role": "user", "content": text}]
 
@@ -389,7 +272,9 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("ä" * 2001)}, 413, "message_too_long", "at most 2,000"),
     ({"messages": [*user("a" * 1500), {"role": "assistant", "content": "b" * 1500}, *user("c" * 1500)]}, 413,
      "conversation_too_long", "at most 4,000"),
-    ({"messages": user("€" * 1999), "max_tokens": 1024}, 413, "context_length_exceeded", "too long"),
+    ({"messages": user("€" * 1999), "max_tokens": 1024}, 400, "context_length_exceeded", "too long"),
+    ({"messages": user("Hallo"), "stream_options": {"include_usage": True}}, 400, "invalid_value",
+     "stream_options applies to streamed answers only"),
     ({"messages": user("Hallo"), "temperature": 2.5}, 400, "invalid_value", "temperature must be between 0 and 2"),
     ({"messages": user("Hallo"), "temperature": -1}, 400, "invalid_value", "temperature"),
     ({"messages": user("Hallo"), "temperature": "warm"}, 422, "invalid_type", "temperature must be a number"),
@@ -663,38 +548,6 @@ def test_full_queue_gets_429_and_waiting_clients_can_leave(server):
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 3 + MAX_BATCH and after["rejected"] == before["rejected"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG  # the waiting ones never ran
-
-
-def test_a_batch_of_prompts(server):
-    """OpenAI's prompt as a list (lm-eval's completions model sends its batches so): each prompt's answers in
-    turn, indexed in that order, each the answer that prompt gets alone; the prompts' tokens add up in usage."""
-    texts = ["Die Hauptstadt von Deutschland ist", "Im Wattenmeer leben"]
-    body = {"temperature": 0, "max_tokens": 12}
-    alone = [post(server, "/v1/completions", {**body, "prompt": text})[1] for text in texts]
-    status, batch = post(server, "/v1/completions", {**body, "prompt": texts})
-    assert status == 200, batch
-    assert [(c["index"], c["text"]) for c in batch["choices"]] == [(i, a["choices"][0]["text"]) for i, a in enumerate(alone)]
-    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
-    assert batch["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
-    events = read_stream(server, {**body, "prompt": texts}, path="/v1/completions")
-    for i, a in enumerate(alone):
-        assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) == a["choices"][0]["text"]
-    status, refused = post(server, "/v1/completions", {**body, "prompt": texts, "n": 2})
-    assert status == 400 and "2 prompts with n = 2 ask for 4 answers" in refused["error"]["message"]
-    status, refused = post(server, "/v1/completions", {**body, "prompt": [[1, 2, 3]]})
-    assert status == 422 and "token ids are not supported" in refused["error"]["message"]
-
-
-def test_client_leaving_stops_all_n_answers(server):
-    """A client that hangs up on a request for n answers frees all n rows: both jobs are cancelled."""
-    before = wait_idle(server)
-    stream = Stream(server, chat_body(QUESTIONS[0], max_tokens=LONG, n=MAX_BATCH))
-    assert stream.first_content()
-    health_when(server, lambda h: h["running"] == MAX_BATCH, "both answers running")
-    stream.close()
-    after = wait_idle(server)
-    assert after["cancelled"] == before["cancelled"] + MAX_BATCH and after["requests"] == before["requests"] + MAX_BATCH
-    assert after["completion_tokens"] - before["completion_tokens"] < MAX_BATCH * LONG
 
 
 def test_base_model_serves_completions_only(base_server):

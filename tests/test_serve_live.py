@@ -482,6 +482,13 @@ def test_page_streams_a_german_answer_in_the_browser(server, browser):
     bubbles = wait_for(lambda: page_done(browser, 2), 60, "the answer in the new chat")
     assert bubbles[-1]["text"] == expected
 
+    browser.clear("#max-tokens")  # an emptied setting sends nothing: the server's default, not max_tokens 0
+    browser.click("#neu")
+    browser.type("#eingabe", message + ENTER)
+    bubbles = wait_for(lambda: page_done(browser, 2), 60, "the answer with the server's max_tokens")
+    unlimited = post(server, "/v1/chat/completions", {"messages": user(message), "temperature": 0})
+    assert bubbles[-1]["text"] == unlimited[1]["choices"][0]["message"]["content"]
+
 
 def test_page_stop_ends_the_generation(live, hold, browser, monkeypatch):
     """"Stopp" during a long answer: the page keeps what it got, the server drops the generation.
