@@ -157,7 +157,7 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
         raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
                          + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
     if keep_last:  # 0: keep them all
-        for old in sorted(path.parent.glob("ckpt_*.pt"))[:-keep_last]:
+        for old in checkpoints(path.parent)[:-keep_last]:
             old.unlink()
     return path
 
@@ -172,8 +172,15 @@ def check_new_run(out, resume: bool) -> None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    paths = sorted(Path(out).glob("ckpt_*.pt"))
+    paths = checkpoints(out)
     return paths[-1] if paths else None
+
+
+def checkpoints(out) -> list[Path]:
+    """The checkpoints a run saved in folder `out` (ckpt_<step>.pt), oldest first; a ckpt_best.pt or a copy
+    is none of them."""
+    found = [(int(m[1]), p) for p in Path(out).glob("ckpt_*.pt") if (m := re.fullmatch(r"ckpt_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def load_checkpoint(path: Path) -> dict:

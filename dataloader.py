@@ -52,6 +52,7 @@ on); it reads more documents to keep its share.
 import bisect
 import copy
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -235,21 +236,22 @@ class PretrainBatches:
         # each block travels with the state after it, so state_dict() stays exact.
         ready, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
 
+        def hand_over(item):  # unless the consumer has left: then nobody empties the queue
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
         def produce():
             try:
                 while not stop.is_set():
                     block, state = self._next_block()
-                    item = (None if block is None else self._to_batch(block), state)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
+                    hand_over((None if block is None else self._to_batch(block), state))
                     if block is None:
                         return
             except BaseException as e:  # hand errors to the consumer
-                ready.put(e)
+                hand_over(e)
 
         thread = threading.Thread(target=produce, daemon=True, name="data-prefetch")
         thread.start()
@@ -268,11 +270,17 @@ class PretrainBatches:
 
     # --- exact resume ---
 
+    def _files(self) -> list:
+        """Each local source's files as [name, bytes] (None for a hub source): a saved position holds only
+        over the same files."""
+        return [None if s.kind == "hf" else [[os.path.basename(f), os.path.getsize(f)] for f in s.files]
+                for s in self.sources]
+
     def state_dict(self) -> dict:
         """Where this rank's stream stands after the last batch handed out (torch.save-able)."""
         state = copy.deepcopy(self.handed_out["progress"])
         state.update(sources=[s.spec for s in self.sources], rank=self.rank, world_size=self.world_size,
-                     packing=self.packing, docs_per_read=self.docs_per_read)
+                     packing=self.packing, docs_per_read=self.docs_per_read, files=self._files())
         if self.packing == "concat":
             state["pending"] = [torch.from_numpy(p.copy()) for p in self.handed_out["pending"]]
         else:
@@ -287,6 +295,12 @@ class PretrainBatches:
             raise DataError(f"data loader state is from another setup (sources, rank, world size, packing, documents "
                             f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "
                             f"processes")
+        changed = [s.spec for s, then, now in zip(self.sources, state.get("files") or self._files(), self._files())
+                   if then != now]  # states saved before files were recorded: not checked
+        if changed:
+            raise DataError(f"{changed[0]}: its files are not the ones the data loader state was saved with "
+                            f"(added, removed, renamed or changed in size), so its position would be another "
+                            f"document's; resume with the same files, or start the data stream afresh")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))

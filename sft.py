@@ -506,6 +506,10 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
         val = evenly_spaced(load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log),
                             cfg.val_conversations)
     else:  # the hub sets have no held-out split: keep the first ones out of training
+        if conversations and len(conversations) <= cfg.val_conversations:
+            raise data.DataError(f"--data has {len(conversations):,} conversations, and --val-conversations "
+                                 f"{cfg.val_conversations} would hold out every one for validation; give --val-data, "
+                                 f"or hold out fewer (e.g. --val-conversations {len(conversations) // 10})")
         val, conversations = conversations[:cfg.val_conversations], conversations[cfg.val_conversations:]
     if cfg.identity_repeat:
         identity = data.parse_spec(f"jsonl://{quote(str(IDENTITY_FILE))}?weight={cfg.identity_repeat}")

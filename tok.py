@@ -418,6 +418,8 @@ def main(argv=None):
         seconds = time.time() - start
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the trainer (Rust) sees it when it next hands control back: seconds, at most
+        sys.exit("interrupted: nothing was saved; run the same command again")
     finally:
         if text is not None:
             text.close()

@@ -1,5 +1,6 @@
 """Tests for data.py: dataset specs and reading sources."""
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -327,7 +328,11 @@ def test_resume_refuses_another_setup(tmp_path):
     loader = dataloader.PretrainBatches(shuffled, CharTokenizer(), 2, 8)
     next(iter(loader))
     state = loader.state_dict()
-    write_docs(tmp_path, 3, 10)  # a third file behind the same spec: another shard order
+    write_docs(tmp_path, 3, 10)  # a third file behind the same spec: another position, another shard order
+    for source in (spec, shuffled):
+        with pytest.raises(DataError, match=r"\.parquet(\?shuffle=on)?: its files are not the ones"):
+            dataloader.PretrainBatches(source, CharTokenizer(), 2, 8).load_state_dict(state | {"sources": [source[0].spec]})
+    del state["files"]  # a state saved before the files were recorded: the shard order still tells
     with pytest.raises(DataError, match=r"\?shuffle=on: a data loader state for another shard order"):
         dataloader.PretrainBatches(shuffled, CharTokenizer(), 2, 8).load_state_dict(state)
 
@@ -355,6 +360,31 @@ def test_loader_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(DataError, match="no string 'text' field"):
         next(iter(dataloader.PretrainBatches(parse_specs(f"jsonl://{tmp_path}/a.jsonl"), CharTokenizer(), 1, 4, prefetch=2)))
+
+
+def test_prefetch_ends_when_the_consumer_leaves_after_a_read_error(tmp_path, monkeypatch):
+    """The reader thread fails while its queue is full, and the consumer stops reading: closing the loader
+    must not wait forever on a queue nobody empties."""
+    write_docs(tmp_path, 2, 40)
+    loader = dataloader.PretrainBatches(parse_specs(f"parquet://{tmp_path}/*.parquet"), CharTokenizer(), 1, 8,
+                                        prefetch=1)
+    failed, next_block, calls = threading.Event(), loader._next_block, []
+
+    def failing_after_two():
+        calls.append(1)
+        if len(calls) == 3:  # one block taken, one waiting in the full queue
+            failed.set()
+            raise DataError("a bad row")
+        return next_block()
+
+    monkeypatch.setattr(loader, "_next_block", failing_after_two)
+    batches = iter(loader)
+    next(batches)
+    assert failed.wait(60)
+    closing = threading.Thread(target=batches.close)
+    closing.start()
+    closing.join(60)  # it takes a tenth of a second; without the fix, forever
+    assert not closing.is_alive()
 
 
 def test_inspect_cli(tmp_path, capsys):

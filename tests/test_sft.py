@@ -1,4 +1,5 @@
 """Tests for sft.py: conversation reading, masks in batches, sharding, learning, exact resume, errors."""
+import dataclasses
 import json
 import os
 import re
@@ -224,6 +225,9 @@ def test_without_val_data_the_first_conversations_are_held_out(setup, small_toke
     train_convs, val = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
     everything = sft.load_conversations(data.parse_specs(cfg.data), small_tokenizer, 1000, log=lambda *a: None)
     assert val == everything[:5] and train_convs == everything[5:]
+    with pytest.raises(data.DataError, match="would hold out every one for validation"):  # nothing left to train
+        sft.load_sft_data(dataclasses.replace(cfg, val_conversations=len(everything)), small_tokenizer, 1000,
+                          log=lambda *a: None)
     cfg.identity_repeat = 2
     with_identity, _ = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
     n_identity = len(sft.IDENTITY_FILE.read_text(encoding="utf-8").splitlines())

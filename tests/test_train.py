@@ -158,6 +158,9 @@ def test_keeps_last_k_checkpoints(tmp_path):
         common.save_checkpoint(tmp_path / "all", step, {"step": step}, keep_last=0)
     assert [p.name for p in sorted(tmp_path.glob("ckpt_*"))] == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
     assert len(list((tmp_path / "all").glob("ckpt_*"))) == 4
+    (tmp_path / "ckpt_best.pt").write_bytes(b"")  # not one of the run's: never pruned, never the newest
+    common.save_checkpoint(tmp_path, 5, {"step": 5}, keep_last=2)
+    assert common.latest_checkpoint(tmp_path).name == "ckpt_0000005.pt" and (tmp_path / "ckpt_best.pt").exists()
 
 
 def test_a_new_run_never_writes_into_another_runs_checkpoints(setup, tmp_path):
