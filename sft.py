@@ -129,6 +129,9 @@ class SFTConfig:
     ABOVE: ClassVar[dict] = dict(init_lr_frac=0)
 
 
+# what decides which conversations each step trains on: --resume refuses other values
+SAME_ON_RESUME = ("data", "val_data", "val_conversations", "identity_repeat", "text_data", "text_frac", "text_bestfit",
+                  "answer_chars", "examples_per_step", "seed")
 PRESETS = {
     "full": {},
     # CPU demo (bench/RESULTS.md, "The demo's mix and chat recipe on a slow CPU"). A small model needs a
@@ -595,8 +598,12 @@ def main(argv=None):
             sys.exit(f"error: {path} is not an sft.py checkpoint to resume; resume in sft.py's own --out, "
                      f"or choose another --out")
         common.check_same_model(ckpt["model_config"], model.config, path)
-        if ckpt.get("train_config", {}).get("examples_per_step") != cfg.examples_per_step:
-            sys.exit(f"error: {path} is not an SFT checkpoint with --examples-per-step {cfg.examples_per_step}")
+        saved = ckpt.get("train_config", {})
+        changed = [name for name in SAME_ON_RESUME if name in saved and saved[name] != getattr(cfg, name)]
+        if changed:  # each step's conversations follow from these: another value would resume another order
+            sys.exit(f"error: {path} was trained with other " + ", ".join(
+                f"--{n.replace('_', '-')} ({saved[n]!r}, now {getattr(cfg, n)!r})" for n in changed)
+                + "; resume with the same settings, or start afresh in another --out")
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)

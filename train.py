@@ -473,12 +473,18 @@ def main(argv=None):
     if world_size > 1:
         log(f"parameters identical on all {world_size} ranks: {ranks_in_sync(raw_model)}")
     seconds = time.time() - start_time
+    counts = {"tokens": loader.token_counts(), "cropped": loader.cropped_counts()}
+    if world_size > 1:  # all ranks' tokens, not rank 0's share
+        every_rank = [None] * world_size
+        dist.all_gather_object(every_rank, counts)
+        counts = {kind: {spec: sum(rank[kind][spec] for rank in every_rank) for spec in counts[kind]}
+                  for kind in counts}
     log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s"
         + (f" ({tokens_seen - first_tokens:,} in this session's share of the {cfg.time_budget:g}-minute budget)"
            if budget else "")
-        + f"; counts per source: {json.dumps(loader.token_counts(), ensure_ascii=False)}"
+        + f"; counts per source: {json.dumps(counts['tokens'], ensure_ascii=False)}"
         + f"; times read through per source: {json.dumps(loader.passes_read(), ensure_ascii=False)}"
-        + (f"; cropped per source: {json.dumps(loader.cropped_counts(), ensure_ascii=False)}"
+        + (f"; cropped per source: {json.dumps(counts['cropped'], ensure_ascii=False)}"
            if cfg.packing == "bestfit" else ""))
     if step == first_step:
         log(f"{out} is at step {step:,} of {steps:,} already: nothing trained, its report left as it was")

@@ -176,6 +176,9 @@ def test_resume_is_bitwise_exact(setup):
     loss = lambda d: {r["step"]: (r["loss"], r["loss_smooth"])  # the smoothed loss goes on where it was too
                       for r in map(json.loads, (setup / d / "log.jsonl").read_text().splitlines())}
     assert loss("a") == loss("b")
+    sft.main(args_for(setup, "c", "--stop-after-steps", "3"))
+    with pytest.raises(SystemExit, match=r"trained with other --identity-repeat \(1, now 2\), --seed"):
+        sft.main(args_for(setup, "c", "--resume", "--identity-repeat", "2", "--seed", "5"))
 
 
 def test_two_ranks_equal_one_process(setup):

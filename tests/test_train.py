@@ -106,13 +106,16 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     decay = train.scaled_weight_decay(cfg, model.config, 3, log=lambda *a: None)
     assert f"weight decay 0.5 (d12's) scaled to this run's 1,536 tokens of 512 a step: {decay:.4g}" in proc.stdout
     optimizers = common.build_optimizers(model, dataclasses.replace(cfg, weight_decay=decay))
-    loaders = [iter(dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size,
-                                         cfg.seq_len, rank, 2)) for rank in range(2)]
+    ranks = [dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size, cfg.seq_len,
+                                        rank, 2) for rank in range(2)]
+    loaders = [iter(r) for r in ranks]
     for step in range(3):
         train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])], train.schedule(cfg, step, step / 3),
                          torch.device("cpu"))
     for name, param in model.state_dict().items():
         torch.testing.assert_close(param, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
+    counted = json.loads(proc.stdout.split("counts per source: ")[1].split("; times read")[0])
+    assert counted == {spec: sum(r.token_counts()[spec] for r in ranks) for spec in counted}  # both ranks' tokens
 
 
 def test_resume_is_bitwise_exact(setup, tmp_path):
