@@ -522,7 +522,11 @@ def iter_text_batches(source: Source, ds, batch_size: int, with_source: bool = F
                 bad = next(t for t in texts if not isinstance(t, str))
                 raise DataError(f"{source.spec}: a document has no string {source.text!r} field "
                                 f"(got {type(bad).__name__}; fields: {', '.join(batch)})")
-            yield (texts, batch.get("source")) if with_source else texts
+            origins = batch.get("source")
+            if not all(t.strip() for t in texts):  # a blank line or an empty field is no document
+                kept = [i for i, t in enumerate(texts) if t.strip()]
+                texts, origins = [texts[i] for i in kept], origins and [origins[i] for i in kept]
+            yield (texts, origins) if with_source else texts
     except (ValueError, pa.ArrowException, OSError) as e:
         error = read_error(source, e)
         if error is None:

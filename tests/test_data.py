@@ -90,6 +90,13 @@ def test_reads_every_kind(tmp_path):
         assert list(data.iter_texts(shuffled)) == expected, spec
 
 
+def test_blank_lines_and_empty_fields_are_no_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("Eins\n\n  \nZwei\n")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Drei", "", " \n", "Vier"]))
+    assert list(data.iter_texts(parse_spec(f"txt://{tmp_path}/a.txt?per=line"))) == ["Eins", "Zwei"]
+    assert list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/b.jsonl"))) == ["Drei", "Vier"]
+
+
 @pytest.mark.parametrize("make, spec, message", [
     (lambda d: None, "parquet://{d}/missing.parquet", "file not found"),
     (lambda d: None, "parquet://{d}/*.parquet", "no files match"),
