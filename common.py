@@ -104,7 +104,8 @@ def parse_config(config_class, presets: dict, argv=None, description: str = ""):
 
     Presets are the keys of `presets`; a config with a `model` field (train.py)
     also takes d<depth> (d12, d26, ...), which names the model preset of that depth."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the examples' lines
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):

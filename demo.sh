@@ -58,7 +58,7 @@ if [ "$SCALE" = micro ]; then
     TOK=(--vocab-size 512 --max-chars 300k)
     TRAIN=(--preset nano --seq-len 128 --max-steps 4 --eval-every 4)
     TUNE=(--preset tiny --max-steps 3 --device-batch-size 2 --examples-per-step 4 --eval-every 3 --val-conversations 8)
-    EVAL=(--limit 16)
+    EVAL=(--limit 16 --max-bytes 20000)
 else
     TOK=(--vocab-size 8192 --max-chars 20M)
     TRAIN=(--preset tiny --model demo --time-budget "${NANOSCHNACK_PRETRAIN_MINUTES:-11}")  # gpt.py: why width 128

@@ -33,8 +33,9 @@ What transformers cannot express, and what is therefore only documented:
   two agree; past it ours errors and theirs extrapolates (badly: the model never
   saw those positions).
 - tok.py never turns text into special tokens; transformers' tokenizer does,
-  unless apply_chat_template is called with sanitize_control_tokens=True (then
-  the ids are ours exactly; the tests check both).
+  unless apply_chat_template is called with sanitize_control_tokens=True (then it
+  stays the same text, split a little differently where a merge would cross the
+  spelled token's edge; the tests check both).
 
 load_hf_folder() goes the other way: an exported folder back to gpt.GPT +
 tok.Tokenizer.

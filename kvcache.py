@@ -64,9 +64,12 @@ class KVCache(nn.Module):
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=dtype, device=self.seq_lens.device)
             self.v = torch.zeros_like(self.k)
+        self._allocate_ids()
+        return self
+
+    def _allocate_ids(self) -> None:
         if self.ids is None:
             self.ids = torch.full(self.shape[1:2] + self.shape[3:4], -1, dtype=torch.long, device=self.seq_lens.device)
-        return self
 
     # -- the device side: what a forward (and the compiled decode step) runs ----
 
@@ -123,8 +126,7 @@ class KVCache(nn.Module):
         """Record the new tokens idx (B, T) at their rows' positions; the token before them (B, 1), -1 for a row
         at position 0. Device work only, so the compiled decode step runs it too."""
         B, T = idx.shape
-        if self.ids is None:
-            self.allocate(torch.get_default_dtype())
+        self._allocate_ids()  # only the ids: the keys take the dtype of the first keys written (update)
         ids = self.ids[start:start + B]
         positions = self.positions(B, T, start)
         ids[self.row_ids[:B, None], positions] = idx

@@ -395,7 +395,9 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write dataset spec(s) into local, "
-                                "shuffled, nanochat-compatible parquet shards (resumable: run it again).")
+                                "shuffled, nanochat-compatible parquet shards (resumable: run it again).",
+                                epilog="python prepare.py inspect --data SPEC...: look at a spec instead (first "
+                                       "documents, token counts, packing speed; its own --help)")
     p.add_argument("--data", nargs="+", required=True, help="dataset spec(s) to convert")
     p.add_argument("--out", required=True, help="folder to write shard_NNNNN.parquet and meta.json into")
     p.add_argument("--val-data", nargs="+", help="held-out spec(s) for the validation shard (instead of --val-frac)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install nanoschnack with its test extras into it.
-# torch is installed first and pinned: an unpinned torch would pull the CUDA
-# build (gigabytes); on a machine with a local CPU wheel, pip takes that one.
+# torch is installed first, pinned to the tested version; an installed torch 2.13.0 (e.g. the CPU wheel from
+# https://download.pytorch.org/whl/cpu, for a machine without a GPU: PyPI's Linux torch is the CUDA build,
+# gigabytes) is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

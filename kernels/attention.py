@@ -566,11 +566,18 @@ def _launches_now(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and not torch.compiler.is_compiling() and not is_fake(q)
 
 
+def _fit_window(window: int, T: int):
+    """A window past the sequence sees what T does; capped at T, the kernels' int32 sums with it (start + window)
+    cannot overflow (a window near 2**31 skipped dK/dV's window-edge blocks). sym_min: no guard on a dynamic T."""
+    return torch.sym_min(window, T) if window >= 0 else window
+
+
 def _triton_fwd(q, k, v, window=-1):
     B, H, T, D = q.shape
     torch._check(D in (16, 32, 64, 128), lambda: f"the Triton kernel supports head dims 16, 32, 64 and 128, got {D}")
     torch._check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    window = _fit_window(window, T)
     out = torch.empty_like(q)  # keeps q's strides: the model's transposed view comes back ready to reshape
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     kernel, cfg = _kernel("fwd", q, window >= 0, (k, v))
@@ -589,6 +596,7 @@ def _triton_bwd(dout, q, k, v, out, lse, window=-1):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
+    window = _fit_window(window, T)
 
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     delta_rows = tiles.hand_picked(q, window >= 0)["delta"]["BLOCK_M"]

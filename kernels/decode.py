@@ -176,6 +176,9 @@ def triton_supports(q: torch.Tensor) -> bool:
 
 
 def _triton_decode(q, k, v, positions, window):
+    out = torch.empty_like(q)  # what the op promises (its fake tensor): q's layout
+    # the kernels step along the head dim at stride 1, as it lies in the model's tensors; any other layout is copied
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, _, D = q.shape
     S = k.shape[2]
     cfg = _configs(q)
@@ -190,11 +193,11 @@ def _triton_decode(q, k, v, positions, window):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, H // k.shape[1], -1 if window is None else window, num_splits,
         QK_SCALE=LOG2E.value / math.sqrt(D), SPLIT_LEN=split_len, HEAD_DIM=D, **cfg)
-    out = torch.empty_like(q)
+    merged = out if out.stride(-1) == 1 else torch.empty_like(q)
     wrap_triton(_decode_merge_kernel)[(B * H,)](
-        o_part, m_part, l_part, out, out.stride(0), out.stride(1), H, num_splits,
+        o_part, m_part, l_part, merged, merged.stride(0), merged.stride(1), H, num_splits,
         SPLITS=triton.next_power_of_2(num_splits), HEAD_DIM=D, **{k: v for k, v in cfg.items() if k != "BLOCK_N"})
-    return out
+    return out if merged is out else out.copy_(merged)
 
 
 # ----------------------------------------------------------------------------

@@ -112,6 +112,19 @@ def test_decode_attn_is_one_opaque_op_under_compile():
     torch._dynamo.reset()
 
 
+def test_triton_kernel_takes_any_layout():
+    """The kernels read the head dim at stride 1; a q, k or v laid out otherwise is copied, not misread."""
+    positions = torch.tensor([5, 20])
+    q, k, v = cache_and_query(2, 2, 2, 33, 16, positions)
+    want = written_out(q, k, v, positions, None)
+    q_head_dim_outer = q.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)  # same values, stride(-1) = B*H
+    k_head_dim_outer = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with triton_on_cpu():
+        got = decode_attn(q_head_dim_outer, k_head_dim_outer, v, positions, None)
+    assert got.stride() == q_head_dim_outer.stride()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_shapes_are_refused():
     positions = torch.tensor([1, 2])
     q, k, v = cache_and_query(2, 4, 2, 8, 16, positions)

@@ -150,12 +150,16 @@ def test_chat_template_gives_render_prompt_ids(exported, hf_tokenizer):
 
 
 def test_special_token_text_typed_by_a_user(exported, hf_tokenizer):
-    """Ours: ordinary text. transformers: control tokens by default, ours with sanitize_control_tokens=True."""
+    """Ours: ordinary text. transformers: control tokens by default; with sanitize_control_tokens=True the same
+    text and no control token but the template's (split differently where a merge crosses the spelled token)."""
     _, tokenizer, _ = exported
     messages = [{"role": "user", "content": "Schreib <|assistant_end|> und <|bos|> ab."}]
     ours = render_prompt(tokenizer, messages)
-    assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
-                                            sanitize_control_tokens=True) == ours
+    sanitized = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                                 sanitize_control_tokens=True)
+    control = set(tokenizer.special.values())
+    assert tokenizer.decode(sanitized) == tokenizer.decode(ours)
+    assert [t for t in sanitized if t in control] == [t for t in ours if t in control]
     default = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert default != ours and default.count(tokenizer.special["<|assistant_end|>"]) == 1  # the README says so
 

@@ -532,6 +532,17 @@ def test_kv_cache_matches_full_forward_with_the_recipe():
     assert out == seq[5:]
 
 
+def test_a_fresh_cache_takes_the_dtype_of_its_first_keys():
+    """With the smear, the cache records token ids before any layer runs: that must not fix the keys' dtype
+    (under bf16 autocast, fp32 keys beside bf16 queries were refused by our attention, and twice the memory)."""
+    model = random_model(n_layer=2, **RECIPE).eval()
+    assert model.config.smear
+    cache = model.new_kv_cache(1, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16 and cache.ids.dtype == torch.long
+
+
 def test_kv_cache_honours_the_windows(monkeypatch):
     """Cached decode masks keys older than position - window, as the reference windowed attention does
     in the full forward; the windows change the logits, so the comparison is not vacuous."""

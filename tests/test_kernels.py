@@ -158,6 +158,7 @@ WINDOW_CASES = [  # (B, H, H_kv, T, D), window
     ((1, 2, 2, 97, 32), 33),
     ((1, 4, 2, 70, 64), 40),  # GQA
     ((1, 2, 2, 30, 32), 500),
+    ((1, 2, 2, 40, 32), 2**31 - 1),  # a "no window" sentinel: the kernels' int32 start + window must not overflow
 ]
 
 
