@@ -588,15 +588,20 @@ class TimeBudget:
     def __init__(self, minutes: float, prior_seconds: float = 0.0):
         self.seconds, self.prior, self.start = 60 * minutes, prior_seconds, time.time()
 
-    def elapsed(self) -> float:
-        return self.prior + time.time() - self.start
+    def elapsed(self, device=None) -> float:
+        """Seconds used; with `device`, the slowest rank's, the same on every rank (a collective: rank clocks
+        start apart, and a schedule that follows each rank's own would step each rank's weights apart)."""
+        seconds = torch.tensor(self.prior + time.time() - self.start, dtype=torch.float64, device=device)
+        if device is not None and dist.is_initialized():
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return seconds.item()
 
-    def fraction(self) -> float:
-        return min(1.0, self.elapsed() / self.seconds)
+    def fraction(self, device=None) -> float:
+        return min(1.0, self.elapsed(device) / self.seconds)
 
     def used_up(self, device) -> bool:
-        """Whether the budget is spent, agreed by all ranks (rank clocks differ by a little)."""
-        return agree(self.elapsed() >= self.seconds, device)
+        """Whether the budget is spent, agreed by all ranks."""
+        return self.elapsed(device) >= self.seconds
 
 
 class SmoothedLoss:

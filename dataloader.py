@@ -446,6 +446,8 @@ def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = Fa
 
 def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
                        world_size: int = 1, max_batches: int = 20) -> list:
-    """A fixed, deterministic list of this rank's validation batches (read once, kept in memory)."""
-    loader = PretrainBatches(sources, tokenizer, batch_size, seq_len, rank, world_size, loop=False)
-    return list(itertools.islice(loader, max_batches))
+    """A fixed, deterministic list of this rank's validation batches (read once, kept in memory): the first
+    max_batches of the whole stream, rank r taking batches r, r + W, ... . So the validation set, and the bits
+    per byte all-reduced over it, are the same on any number of processes (each rank reads them all: a few)."""
+    loader = PretrainBatches(sources, tokenizer, batch_size, seq_len, loop=False)
+    return list(itertools.islice(loader, rank, max_batches, world_size))

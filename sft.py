@@ -643,7 +643,7 @@ def main(argv=None):
         if step == first_step or step_in_epoch == 0:
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
-        lr_mult = common.lr_multiplier(budget.fraction() if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
+        lr_mult = common.lr_multiplier(budget.fraction(device) if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
         loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device, dtype)
         step += 1
         trained_tokens += n_trained

@@ -86,7 +86,8 @@ class TrainConfig:
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
     eval_every: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 160          # validation batches in all, shared out over the processes (the same set,
+                                     # and so the same bpb, on any number of them): 10M tokens at d20's batch
     eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (evaluation.py), e.g.
                                      # 'quiz=jsonl://quiz.jsonl hellaswag'; default none
     eval_task_limit: int = 500       # examples per task (a fixed random sample)
@@ -424,10 +425,14 @@ def main(argv=None):
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     last = step >= steps
     while not last:
-        progress = budget.fraction() if budget else tokens_seen / (steps * cfg.total_batch_size)
+        progress = budget.fraction(device) if budget else tokens_seen / (steps * cfg.total_batch_size)
         settings = schedule(cfg, step, progress)
         lr_mult = settings["lr_mult"]
         loss = train_step(model, optimizers, next_batches(accum), settings, device, dtype)
+        if world_size > 1:  # every step's loss is the mean over ranks: the log's, and the smoothed one's
+            mean = torch.tensor(loss, device=device)
+            dist.all_reduce(mean)
+            loss = mean.item() / world_size
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size
@@ -440,10 +445,6 @@ def main(argv=None):
             now = time.time()
             tok_per_s = window_tokens / (now - window_start)
             window_start, window_tokens = now, 0
-            if world_size > 1:  # log the loss averaged over ranks
-                mean = torch.tensor(loss, device=device)
-                dist.all_reduce(mean)
-                record["loss"] = loss = mean.item() / world_size
             mfu = raw_model.flops_per_token() * tok_per_s / (peak * world_size) if peak else None
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             record.update(tok_per_s=round(tok_per_s), mfu=mfu, mem_gib=mem, elapsed_s=round(now - start_time, 1))

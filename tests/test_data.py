@@ -352,6 +352,9 @@ def test_validation_batches_are_fixed(tmp_path):
     assert len(a) == 5 and all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
     everything = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=10_000)
     assert sum(x.shape[0] for x, _ in everything) == len(stream_of(write_docs(tmp_path, 2, 30))) // 17
+    ranks = [dataloader.validation_batches(spec, CharTokenizer(), 2, 16, rank, 2, max_batches=5) for rank in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 2]  # the same five batches on two processes, shared out
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a, [ranks[i % 2][i // 2] for i in range(5)]))
 
 
 def test_loader_errors(tmp_path):

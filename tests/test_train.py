@@ -118,6 +118,18 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     assert counted == {spec: sum(r.token_counts()[spec] for r in ranks) for spec in counted}  # both ranks' tokens
 
 
+def test_two_ranks_on_a_time_budget_stay_identical(setup, tmp_path):
+    """The schedule follows the clock, and rank clocks start apart: each step's fraction of the budget must be
+    one number on all ranks, or the ranks' weights step apart. The logged loss is the ranks' mean, and its
+    smoothed average is the average of what is logged."""
+    proc = run_script(args_for(setup, tmp_path / "tb", "--time-budget", "0.05", "--eval-every", "0", "--max-steps",
+                               "0", "--save-every", "0"), nproc=2)
+    assert "parameters identical on all 2 ranks: True" in proc.stdout
+    smoothed = common.SmoothedLoss()
+    for loss, loss_smooth in losses(tmp_path / "tb").values():
+        assert loss_smooth == pytest.approx(smoothed.update(loss))
+
+
 def test_resume_is_bitwise_exact(setup, tmp_path):
     run_script(args_for(setup, tmp_path / "a"))
     run_script(args_for(setup, tmp_path / "b", "--stop-after-steps", "3"))
@@ -383,7 +395,7 @@ def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeyp
     """A fake clock: every reading of the budget's clock moves it 7 seconds, so the run is the same on any machine."""
     readings = []
 
-    def fake_elapsed(self):
+    def fake_elapsed(self, device=None):
         readings.append(None)
         return self.prior + 7.0 * len(readings)
     monkeypatch.setattr(common.TimeBudget, "elapsed", fake_elapsed)
