@@ -62,6 +62,7 @@ import common
 import data
 import dataloader
 import kernels
+import optim
 import report
 from gpt import autocast
 from session import Sampling
@@ -367,7 +368,7 @@ def step_batches(conversations, order, step_in_epoch, cfg: SFTConfig, rank, worl
 def sft_step(model, optimizers, micro_batches, n_trained: int, world_size: int, lr_mult: float, device,
              dtype: torch.dtype | None = None) -> float:
     """One optimizer step; the loss is the mean over the step's trained tokens on all ranks."""
-    common.set_schedule(optimizers, lr_mult)
+    optim.set_schedule(optimizers, lr_mult)
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(device), targets.to(device)
@@ -541,7 +542,7 @@ def main(argv=None):
     if not (0 <= cfg.text_bestfit <= 1 or cfg.text_bestfit == -1):
         sys.exit(f"error: --text-bestfit {cfg.text_bestfit} must be from 0 to 1 (a share of the text rows), "
                  f"or -1 (as the base model's pretraining packed its rows)")
-    if error := common.schedule_error(0.0, cfg.warmdown_ratio):
+    if error := optim.schedule_error(0.0, cfg.warmdown_ratio):
         sys.exit(error)
     if cfg.examples_per_step % cfg.device_batch_size:
         sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
@@ -587,7 +588,7 @@ def main(argv=None):
         f"{cfg.examples_per_step} ({steps_per_epoch:,} per epoch), {world_size} process(es) on {device}, "
         f"{accum} micro-steps per step")
 
-    optimizers = common.build_optimizers(model, cfg, dtype)
+    optimizers = optim.build_optimizers(model, cfg, dtype)
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
@@ -643,7 +644,7 @@ def main(argv=None):
         if step == first_step or step_in_epoch == 0:
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
-        lr_mult = common.lr_multiplier(budget.fraction(device) if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
+        lr_mult = optim.lr_multiplier(budget.fraction(device) if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
         loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device, dtype)
         step += 1
         trained_tokens += n_trained

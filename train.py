@@ -43,6 +43,7 @@ import dataloader
 import evaluation
 import gpt
 import kernels
+import optim
 import report
 from data import DEFAULT_PRETRAIN_SPEC, DEFAULT_VAL_SPEC
 from tok import Tokenizer
@@ -169,16 +170,16 @@ def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
 
 
 def schedule(cfg: TrainConfig, step: int, progress: float) -> dict:
-    """The optimizer's settings for this step (common.set_schedule's arguments), nanochat's base_train schedules;
+    """The optimizer's settings for this step (optim.set_schedule's arguments), nanochat's base_train schedules;
     progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget)."""
     momentum = muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
-    return dict(lr_mult=common.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
+    return dict(lr_mult=optim.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
                 muon_momentum=momentum, weight_decay_mult=0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def train_step(model, optimizers, micro_batches, settings: dict, device, dtype: torch.dtype | None = None) -> float:
     """One optimizer step over the micro-batches with this step's schedule(); returns the mean loss of this rank."""
-    common.set_schedule(optimizers, **settings)
+    optim.set_schedule(optimizers, **settings)
     total = 0.0
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(device, non_blocking=True)
@@ -341,7 +342,7 @@ def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if error := common.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
+    if error := optim.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
         sys.exit(error)  # before any process group, model or data is set up
     rank, world_size, device = common.setup_distributed(cfg.device)
     master = rank == 0
@@ -371,7 +372,7 @@ def main(argv=None):
     steps, accum, peak = plan_run(cfg, raw_model, world_size, device, log)
     try:
         weight_decay = scaled_weight_decay(cfg, raw_model.config, steps, log)
-        optimizers = common.build_optimizers(raw_model, dataclasses.replace(cfg, weight_decay=weight_decay), dtype)
+        optimizers = optim.build_optimizers(raw_model, dataclasses.replace(cfg, weight_decay=weight_decay), dtype)
     except ValueError as e:  # e.g. a bad --muon
         sys.exit(f"error: {e}")
     try:

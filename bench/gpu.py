@@ -104,9 +104,9 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the repo root holds kernels/
 import torch
 import torch.nn.functional as F
 
-import common
 import gpt
 import kernels
+import optim
 import train
 from bench import gpu_norms, gpu_profile
 from bench.gpu_runner import Report, case, max_err, ok_cell, one_line, run_sections, sync, timeit
@@ -126,7 +126,7 @@ SECTIONS = [
     ("rope_norm_speed", 300, 25),
     ("launch", 120, 10),
     ("train", 2100, 260),  # d12 and d20 in five variants (--quick: d12 in three), each compiling NorMuon's step too
-    ("run", 600, 90),  # NorMuon's step compiles on CUDA (common.normuon_update)
+    ("run", 600, 90),  # NorMuon's step compiles on CUDA (optim.normuon_update)
     ("decode", 900, 120),
     ("pipeline", 1800, 300),
 ]
@@ -395,8 +395,8 @@ FLAT = dict(lr_mult=1.0)  # train.train_step's settings for a step at the full l
 
 
 def train_api():
-    """train.py's configuration and step, common.py's optimizer recipe."""
-    return train.TrainConfig(), common.build_optimizers, train.train_step, train.PEAK_FLOPS
+    """train.py's configuration and step, optim.py's optimizer recipe."""
+    return train.TrainConfig(), optim.build_optimizers, train.train_step, train.PEAK_FLOPS
 
 
 def build(preset: str, seq_len: int, device, seed: int = 0) -> gpt.GPT:

@@ -18,11 +18,12 @@ import common
 import data
 import dataloader
 import gpt
+import optim
 import tok
 import train
 from conftest import sigkill_when_file_appears
 
-TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # bf16: what common.FP32Muon replaces
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz  # bf16: what optim.FP32Muon replaces
 from tok import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
     decay = train.scaled_weight_decay(cfg, model.config, 3, log=lambda *a: None)
     assert f"weight decay 0.5 (d12's) scaled to this run's 1,536 tokens of 512 a step: {decay:.4g}" in proc.stdout
-    optimizers = common.build_optimizers(model, dataclasses.replace(cfg, weight_decay=decay))
+    optimizers = optim.build_optimizers(model, dataclasses.replace(cfg, weight_decay=decay))
     ranks = [dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size, cfg.seq_len,
                                         rank, 2) for rank in range(2)]
     loaders = [iter(r) for r in ranks]
@@ -236,7 +237,7 @@ def test_refuses_checkpoint_of_another_model(setup, tmp_path):
 
 def test_lr_schedule():
     def lr(progress):
-        return common.lr_multiplier(progress, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+        return optim.lr_multiplier(progress, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
     assert lr(0.05) == pytest.approx(0.5)
     assert lr(0.5) == 1.0
     assert lr(0.9) == pytest.approx(0.55)
@@ -248,18 +249,18 @@ def test_muon_momentum_and_weight_decay_follow_nanochats_schedules():
     weight decay a cosine from the configured value to 0. AdamW's groups keep their momentum and weight decay."""
     cfg = train.TrainConfig(warmdown_ratio=0.5, weight_decay=0.2, momentum_schedule=True)
     model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
-    adamw, muon = optimizers = common.build_optimizers(model, cfg)
+    adamw, muon = optimizers = optim.build_optimizers(model, cfg)
     adamw_before = [(g["betas"], g["weight_decay"]) for g in adamw.param_groups]
     cosine = [0.2 * 0.5 * (1 + math.cos(p * math.pi)) for p in (0.1, 0.75)]
     for step, progress, momentum, decay in [(0, 0.0, 0.85, 0.2), (200, 0.1, 0.91, cosine[0]), (1000, 0.5, 0.97, 0.1),
                                             (2000, 0.75, 0.935, cosine[1]), (3000, 1.0, 0.90, 0.0)]:
         settings = train.schedule(cfg, step, progress)
-        common.set_schedule(optimizers, **settings)
+        optim.set_schedule(optimizers, **settings)
         assert all(g["momentum"] == pytest.approx(momentum) for g in muon.param_groups), step
         assert all(g["weight_decay"] == pytest.approx(decay, abs=1e-12) for g in muon.param_groups), step
         assert [(g["betas"], g["weight_decay"]) for g in adamw.param_groups] == adamw_before
     assert train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 0, 0.0)["muon_momentum"] is None
-    common.set_schedule(optimizers, **train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 10, 0.9))
+    optim.set_schedule(optimizers, **train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 10, 0.9))
     assert all(g["momentum"] == pytest.approx(0.90) for g in muon.param_groups)  # kept where it was
 
 
@@ -324,14 +325,14 @@ def test_fp32_newton_schulz_matches_torch_muon(shape):
     torch.manual_seed(0)
     grad = torch.randn(shape)
     coefficients = (3.4445, -4.7750, 2.0315)
-    ours = common.newton_schulz_fp32(grad, coefficients, 5, 1e-7)
+    ours = optim.newton_schulz_fp32(grad, coefficients, 5, 1e-7)
     theirs = TORCH_NEWTON_SCHULZ(grad, coefficients, 5, 1e-7)
     assert ours.dtype == grad.dtype and ours.shape == grad.shape
     torch.testing.assert_close(ours, theirs.float(), atol=1e-2, rtol=0)  # theirs is bf16
 
 
 def test_fp32_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
-    """common.FP32Muon's update is torch.optim.Muon's, step for step, once both orthogonalise in fp32."""
+    """optim.FP32Muon's update is torch.optim.Muon's, step for step, once both orthogonalise in fp32."""
     torch.manual_seed(0)
     weights = [torch.randn(48, 80), torch.randn(80, 48)]
     grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
@@ -346,8 +347,8 @@ def test_fp32_muon_is_torch_muon_with_fp32_newton_schulz(monkeypatch):
             opt.step()
         return params, opt.state_dict()
 
-    ours, our_state = run(common.FP32Muon)
-    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", common.newton_schulz_fp32)
+    ours, our_state = run(optim.FP32Muon)
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", optim.newton_schulz_fp32)
     theirs, their_state = run(torch.optim.Muon)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -404,7 +405,7 @@ def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeyp
     records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(records) > 2  # --max-steps is ignored: the budget decides
     fractions = [min(1.0, 7.0 * (1 + 2 * i) / 60) for i in range(len(records))]  # fraction() then used_up() per step
-    assert [r["lr_mult"] for r in records] == [pytest.approx(common.lr_multiplier(f, 0.0, 0.5, 0.05))
+    assert [r["lr_mult"] for r in records] == [pytest.approx(optim.lr_multiplier(f, 0.0, 0.5, 0.05))
                                                   for f in fractions]
     assert records[-1]["lr_mult"] < 0.2  # the warmdown is done when the budget ends
     out = capsys.readouterr().out
@@ -430,11 +431,11 @@ def test_dtype_choice():
         gpt.compute_dtype("cpu", "float16")
     model = gpt.GPT(gpt.preset("nano", 64, 16))
     cfg = train.TrainConfig(muon="torch")
-    assert isinstance(common.build_optimizers(model, cfg, torch.float32)[1], common.FP32Muon)
-    assert type(common.build_optimizers(model, cfg, torch.bfloat16)[1]) is torch.optim.Muon
+    assert isinstance(optim.build_optimizers(model, cfg, torch.float32)[1], optim.FP32Muon)
+    assert type(optim.build_optimizers(model, cfg, torch.bfloat16)[1]) is torch.optim.Muon
     cfg = train.TrainConfig(muon="nanochat")
-    assert common.build_optimizers(model, cfg, torch.float32)[1].defaults["ortho_dtype"] == torch.float32
-    assert common.build_optimizers(model, cfg, torch.bfloat16)[1].defaults["ortho_dtype"] == torch.bfloat16
+    assert optim.build_optimizers(model, cfg, torch.float32)[1].defaults["ortho_dtype"] == torch.float32
+    assert optim.build_optimizers(model, cfg, torch.bfloat16)[1].defaults["ortho_dtype"] == torch.bfloat16
 
 
 def test_bad_dtype_is_a_clear_error(setup, tmp_path):
@@ -448,7 +449,7 @@ def test_bad_dtype_is_a_clear_error(setup, tmp_path):
 def nanochat_muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer, momentum, lr, wd,
                        beta2, ns_steps, red_dim):
     """nanochat/optim.py muon_step_fused at 92d63d4, line for line in fp32 (no compile, plain floats for its
-    0-D tensors): the oracle for common.NorMuon."""
+    0-D tensors): the oracle for optim.NorMuon."""
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
     X = g
@@ -457,12 +458,12 @@ def nanochat_muon_step(stacked_grads, stacked_params, momentum_buffer, second_mo
     X = X * (target / row_norm).to(X.dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     if g.size(-2) > g.size(-1):
-        for a, b, c in common.POLAR_EXPRESS_COEFFS[:ns_steps]:
+        for a, b, c in optim.POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X.mT @ X
             B = b * A + c * (A @ A)
             X = a * X + X @ B
     else:
-        for a, b, c in common.POLAR_EXPRESS_COEFFS[:ns_steps]:
+        for a, b, c in optim.POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X @ X.mT
             B = b * A + c * (A @ A)
             X = a * X + B @ X
@@ -487,7 +488,7 @@ def nanochat_muon_step(stacked_grads, stacked_params, momentum_buffer, second_mo
 def run_normuon(weights, grads, **settings):
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     shapes = sorted({tuple(w.shape) for w in weights})
-    opt = common.NorMuon([dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes],
+    opt = optim.NorMuon([dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes],
                          ortho_dtype=torch.float32, **settings)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -503,9 +504,9 @@ def test_polar_express_is_about_orthogonal(shape):
     torch.manual_seed(0)
     u, _, v = torch.linalg.svd(torch.randn(shape), full_matrices=False)
     g = u @ torch.diag(torch.logspace(0, -2, min(shape))) @ v
-    assert common.polar_express(g).shape == shape
-    polar = torch.linalg.svdvals(common.polar_express(g))
-    newton = torch.linalg.svdvals(common.newton_schulz_fp32(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+    assert optim.polar_express(g).shape == shape
+    polar = torch.linalg.svdvals(optim.polar_express(g))
+    newton = torch.linalg.svdvals(optim.newton_schulz_fp32(g, (3.4445, -4.7750, 2.0315), 5, 1e-7))
     assert (polar - 1).abs().max() < 0.15, polar
     assert (polar - 1).abs().max() < (newton - 1).abs().max()
 
@@ -543,7 +544,7 @@ def test_compiled_normuon_step_is_the_eager_step_and_compiles_once_per_shape():
     counters.clear()
     for compile_step in (False, True):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
-        opt = common.NorMuon([dict(params=params[:2]), dict(params=params[2:])], ortho_dtype=torch.float32,
+        opt = optim.NorMuon([dict(params=params[:2]), dict(params=params[2:])], ortho_dtype=torch.float32,
                              weight_decay=0.2, compile_step=compile_step)
         for i, step_grads in enumerate(grads):
             for group in opt.param_groups:
@@ -581,7 +582,7 @@ def test_optimizer_groups_follow_nanochat():
     model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
                                   value_embeds=True, layer_lambdas=True, smear=True, backout=True))
     cfg = train.TrainConfig(embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, matrix_lr=0.02)
-    adamw, muon = common.build_optimizers(model, cfg)
+    adamw, muon = optim.build_optimizers(model, cfg)
     scale = (64 / 768) ** -0.5
     groups = {tuple(sorted(n for n, p in model.named_parameters() if any(p is q for q in g["params"]))):
               (pytest.approx(g["lr"]), g["betas"], g["weight_decay"]) for g in adamw.param_groups}
@@ -597,7 +598,7 @@ def test_optimizer_groups_follow_nanochat():
         {n for n, _ in model.transformer.h.named_parameters(prefix="transformer.h")}  # the ve gates too
     assert all(len({p.shape for p in g["params"]}) == 1 for g in muon.param_groups)
     with pytest.raises(ValueError, match="unknown muon 'adam'"):
-        common.build_optimizers(model, train.TrainConfig(muon="adam"))
+        optim.build_optimizers(model, train.TrainConfig(muon="adam"))
 
 
 def test_training_length_follows_nanochats_token_ratio():
