@@ -20,7 +20,7 @@ from tok import ConversationError, check_conversation
 
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_SEQUENCES = 16  # OpenAI takes 4, vLLM any number; lm-eval sends a task's `until` whole (some have 5 or 6)
 MAX_STOP_CHARS = 256  # a stream holds back at most this much text while it may be the start of one
 # OpenAI's fields that would change the answer, which this server cannot honour, and the values that ask for
 # nothing: any other value is refused, so that no client gets something else than it asked for untold (the

@@ -284,7 +284,7 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "max_tokens": 3.5}, 422, "invalid_type", "integer"),
     ({"messages": user("Hallo"), "n": MAX_BATCH + 1}, 400, "invalid_value", f"(--max-batch {MAX_BATCH})"),
     ({"messages": user("Hallo"), "n": 0}, 400, "invalid_value", "n must be between 1"),
-    ({"messages": user("Hallo"), "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "at most 4"),
+    ({"messages": user("Hallo"), "stop": [chr(ord("a") + i) for i in range(17)]}, 400, "invalid_value", "at most 16"),
     ({"messages": user("Hallo"), "stop": [""]}, 400, "invalid_value", "1 to 256 characters"),
     ({"messages": user("Hallo"), "stop": "x" * 257}, 400, "invalid_value", "1 to 256 characters"),
     ({"messages": user("Hallo"), "stop": 7}, 422, "invalid_type", "stop must be a string or a list of strings"),

@@ -28,7 +28,7 @@ def test_stop_sequences(server, base_server):
         free = post(url, path, body)[1]
         assert len(text(free)) >= 4, free
         stop = stop_from_the_middle(text(free))
-        for stops in (stop, ["§§§", stop]):
+        for stops in (stop, ["§§§", stop], [f"§{i}§" for i in range(5)] + [stop]):  # 6: more than OpenAI's 4
             status, stopped = post(url, path, {**body, "stop": stops})
             assert status == 200, stopped
             assert text(stopped) == text(free)[:text(free).index(stop)]
