@@ -277,9 +277,10 @@ def folder_files(source: Source, folder: str) -> list[str]:
     if (meta := prepared_meta(folder)) is not None:
         if not meta.get("complete"):
             raise DataError(f"{source.spec}: {folder} is not finished (meta.json says incomplete); "
-                            f"run the same `python data.py prepare` command again to resume it")
+                            f"run the same `python prepare.py` command again to resume it")
         if source.split == "val" and not meta["val"]:
-            raise DataError(f"{source.spec}: {folder} was prepared without a validation split (--val-frac 0)")
+            raise DataError(f"{source.spec}: {folder} has no validation shard (prepared with --val-frac 0, or none "
+                            f"was drawn); prepare it again with a larger --val-frac, or with --val-data")
         names = meta["train"]["files"] if source.split == "train" else [meta["val"]["file"]]
         files = [os.path.join(folder, n) for n in names]
         for f in files:
