@@ -54,13 +54,11 @@ def make_model(preset: str, vocab_size: int, sequence_len: int, device) -> gpt.G
 
 
 def last_logits_lm_head_once(model: gpt.GPT, idx: torch.Tensor) -> torch.Tensor:
-    """GPT.forward without a cache, but only the last position through lm_head."""
+    """GPT.forward without a cache, but only the last position through lm_head (the model's own trunk, so
+    every part of its recipe runs)."""
     T = idx.shape[1]
-    x = gpt.norm(model.transformer.wte(idx))
-    for block in model.transformer.h:
-        x = block(x, model.cos[:, :T], model.sin[:, :T])
-    logits = model.lm_head(gpt.norm(x[:, -1:]))
-    return gpt.SOFTCAP * torch.tanh(logits / gpt.SOFTCAP)
+    x = model.trunk(idx, model.cos[:, :T], model.sin[:, :T])
+    return gpt.SOFTCAP * torch.tanh(model.lm_head(x[:, -1:]) / gpt.SOFTCAP)
 
 
 class Timer:
@@ -152,6 +150,8 @@ def main():
     p.add_argument("--ttft-prompt", type=int, default=500)
     p.add_argument("--ttft-runs", type=int, default=5)
     args = p.parse_args()
+    if min(args.repeats, args.ttft_runs, args.min_steps, args.min_recompute_steps) < 1 or args.preset not in gpt.PRESETS:
+        p.error(f"--repeats, --ttft-runs and the step counts must be at least 1, --preset one of {', '.join(gpt.PRESETS)}")
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "

@@ -475,7 +475,7 @@ def pipeline_section(quick: bool, smoke: bool = False, data: str | None = None) 
         ("evaluation (bits per byte)", [py, "evaluation.py", "--checkpoint", str(work / "chat"), "--local-only",
                                         "--tasks", "bpb", "--bpb-data", *specs["bpb"], *evaluation, "--device", device,
                                         "--no-report"], 1800,
-         lambda p: _last_line_with(both(p), "bits per byte")),
+         lambda p: _last_line_with(both(p), "bpb  ")),  # its log line, not the table's header
         ("chat (one answer)", [py, "chat.py", "--checkpoint", str(work / "chat"), "--device", device, "--prompt",
                                "Wer bist du?", "--temperature", "0", "--max-new-tokens", "16" if smoke else "48"], 900,
          lambda p: (_last_line_with(p.stderr, "decode step") or "decode step not compiled")

@@ -106,8 +106,12 @@ def client(port: int, seed: int, tokens: int, go: threading.Barrier, out: dict) 
 
 
 def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+    """The q-quantile, interpolated between neighbours (numpy's default): p50 of two values is their mean."""
+    if not values:
+        return float("nan")
+    values, x = sorted(values), q * (len(values) - 1)
+    low = int(x)
+    return values[low] + (values[min(low + 1, len(values) - 1)] - values[low]) * (x - low)
 
 
 def round_of(port: int, n: int, tokens: int) -> dict:
@@ -156,6 +160,8 @@ def main():
     p.add_argument("--tokenizer", help="a tokenizer folder (e.g. the demo's, 8,192 tokens): the random model gets its "
                                        "vocabulary (default: 512 tokens trained on the test fixture)")
     args = p.parse_args()
+    if args.batch < 2:
+        p.error("--batch must be at least 2: the table compares the batched engine with one at a time")
     folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     checkpoint = make_checkpoint(folder, args.preset, sequence_len=512, tokenizer=args.tokenizer)
     engines = (1, args.batch)

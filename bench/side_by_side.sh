@@ -79,6 +79,14 @@
 # per run, default 4 x MINUTES + 15 min). The result table goes to stdout and
 # WORK/runs/<time>/side_by_side.md; the full logs are next to it.
 set -euo pipefail
+if [ $# -gt 0 ]; then  # it is configured through the environment only: print the header above and stop
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    [ "$1" = -h ] || [ "$1" = --help ] || { echo "side_by_side: takes no arguments (got: $*); set the variables above" >&2; exit 2; }
+    exit 0
+fi
+for number in "${MINUTES:-8}" "${STEPS:-0}" "${REPEATS:-1}" "${THREADS:-2}"; do
+    [[ $number =~ ^[0-9]+$ ]] || { echo "side_by_side: MINUTES, STEPS, REPEATS and THREADS are whole numbers (got $number)" >&2; exit 2; }
+done
 
 REPO=$(cd "${NANOSCHNACK_DIR:-$(dirname "$0")/..}" && pwd)
 : "${NANOCHAT_DIR:?set NANOCHAT_DIR to a checkout of github.com/karpathy/nanochat}"

@@ -66,7 +66,7 @@ def test_gpu_bench_smoke_run_reports_every_section_through_a_failure_and_a_hang(
     pipeline = {r[0]: r for r in rows if r[0] in PIPELINE_STAGES}
     assert list(pipeline) == PIPELINE_STAGES, out
     assert "validation bits per byte" in pipeline["pretraining"][2]
-    assert "bits per byte" in pipeline["evaluation (bits per byte)"][2]
+    assert re.search(r"^bpb  \d+\.\d{4} bits per byte", pipeline["evaluation (bits per byte)"][2])  # not the header
     assert "answer: '" in pipeline["chat (one answer)"][2]
     assert "4 streams" in pipeline["serve (4 concurrent streams)"][2]
 
@@ -103,6 +103,24 @@ KERNEL_GROUPS = {
     "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "eager elementwise, copies",
     "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "other",
 }
+
+
+def test_smoke_run_writes_no_report_unless_asked(monkeypatch, tmp_path):
+    """Not into bench/RESULTS.md, and not into $OUT either, which the GPU machine always sets: a CPU check must
+    not append to the real report."""
+    from bench import gpu
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu.default_out(smoke=True) is None and gpu.default_out(smoke=False) == str(tmp_path / "gpu_report.md")
+
+
+def test_bench_chat_times_the_models_own_forward():
+    """bench/chat.py's 'lm_head on the last position only' is GPT.forward's last position, recipe and all."""
+    import torch
+    from bench.chat import last_logits_lm_head_once, make_model
+    model = make_model("nano", 256, 64, torch.device("cpu"))
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(last_logits_lm_head_once(model, idx), model(idx)[:, -1:])
 
 
 def test_profile_groups_kernels_by_what_they_do():
