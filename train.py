@@ -135,7 +135,14 @@ PRESETS = {
     "d20": dict(model="d20"),
 }
 SAMPLE_PROMPTS = ["Die Hauptstadt von Deutschland ist", "Es war einmal", "Der Bundestag hat heute"]
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
+# dense bf16 FLOP/s by a part of the device's name, the first that matches: the H100's PCIe and NVL cards before
+# the SXM one, whose name ("NVIDIA H100 80GB HBM3") says neither (NVIDIA's data sheets)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "4090": 165e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -232,7 +239,7 @@ def plan_run(cfg: TrainConfig, model: gpt.GPT, world_size: int, device, log) -> 
     n_params, n_scaling = model.num_params(), model.num_scaling_params()
     total_tokens = cfg.max_tokens or (cfg.max_steps * cfg.total_batch_size) or int(cfg.tokens_per_param * n_scaling)
     steps = sys.maxsize if cfg.time_budget else max(1, total_tokens // cfg.total_batch_size)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log(f"model {model.config} | {n_params:,} parameters | {model.flops_per_token():.3g} FLOPs/token")
     length = (f"{cfg.time_budget:g} minutes (time budget)" if cfg.time_budget else
               f"{steps:,} steps x {cfg.total_batch_size:,} tokens = {steps * cfg.total_batch_size:,} tokens "

@@ -181,6 +181,8 @@ def main():
     args = p.parse_args()
     if not (args.base / "gpt.py").is_file():
         p.error(f"--base {args.base} is not a nanoschnack checkout (no gpt.py)")
+    if min(args.rounds, args.clients, args.tokens, *args.max_batch) < 1:
+        p.error("--rounds, --clients, --tokens and --max-batch must be at least 1")
     if args.what == "decode":
         decode_ab(args.base, args.rounds)
     else:

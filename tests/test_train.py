@@ -235,6 +235,11 @@ def test_refuses_checkpoint_of_another_model(setup, tmp_path):
     assert proc.returncode != 0 and "from another model config" in proc.stderr
 
 
+def test_peak_flops_tell_the_h100_cards_apart():
+    assert [train.peak_flops(n) for n in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3", "NVIDIA H200", "Tesla T4")] == [
+        756e12, 835e12, 989e12, 989e12, None]
+
+
 def test_lr_schedule():
     def lr(progress):
         return optim.lr_multiplier(progress, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
