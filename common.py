@@ -357,10 +357,12 @@ class TimeBudget:
     def elapsed(self, device=None) -> float:
         """Seconds used; with `device`, the slowest rank's, the same on every rank (a collective: rank clocks
         start apart, and a schedule that follows each rank's own would step each rank's weights apart)."""
-        seconds = torch.tensor(self.prior + time.time() - self.start, dtype=torch.float64, device=device)
+        seconds = self.prior + time.time() - self.start
         if device is not None and dist.is_initialized():
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        return seconds.item()
+            slowest = torch.tensor(seconds, dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds = slowest.item()
+        return seconds
 
     def fraction(self, device=None) -> float:
         return min(1.0, self.elapsed(device) / self.seconds)

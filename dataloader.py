@@ -295,7 +295,8 @@ class PretrainBatches:
             raise DataError(f"data loader state is from another setup (sources, rank, world size, packing, documents "
                             f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "
                             f"processes")
-        changed = [s.spec for s, then, now in zip(self.sources, state.get("files") or self._files(), self._files())
+        files = self._files()
+        changed = [s.spec for s, then, now in zip(self.sources, state.get("files") or files, files)
                    if then != now]  # states saved before files were recorded: not checked
         if changed:
             raise DataError(f"{changed[0]}: its files are not the ones the data loader state was saved with "

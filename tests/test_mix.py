@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import chatdata
 import common
 import data
 import evaluation as ev
@@ -101,7 +102,7 @@ def test_weight_size_is_refused_where_weights_repeat_conversations(tmp_path, sma
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hallo"},
                                              {"role": "assistant", "content": "Hi"}]}) + "\n", encoding="utf-8")
     with pytest.raises(data.DataError, match="give a number"):
-        sft.load_conversations(data.parse_specs(f"jsonl://{path}?weight=size"), small_tokenizer, 64, log=lambda *a: None)
+        chatdata.load_conversations(data.parse_specs(f"jsonl://{path}?weight=size"), small_tokenizer, 64, log=lambda *a: None)
 
 
 def pretraining_rows(sources, tokenizer, seq_len, skip_batches, n_batches, batch_size=2, packing="concat"):
@@ -126,15 +127,15 @@ def test_text_rows_continue_the_base_models_pretraining(tmp_path, small_tokenize
     sources = data.parse_specs(f"{mix}2")
     after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=3, batch_size=16)
     assert state["docs"][0] >= 2 * DOCS_PER_READ  # several reads into the source: its position counts them
-    rows, continued = sft.load_text_rows(sources, small_tokenizer, 65, 40, base={"loader": [state]})
+    rows, continued = chatdata.load_text_rows(sources, small_tokenizer, 65, 40, base={"loader": [state]})
     assert continued and [ids for ids, _ in rows] == after[:40] and all(mask == [1] * 65 for _, mask in rows)
     for spec, base in ((f"{mix}2", None), (f"{mix}3", {"loader": [state]})):  # no base state; another mix's state
         start, _ = pretraining_rows(data.parse_specs(spec), small_tokenizer, 64, skip_batches=0, n_batches=3,
                                     batch_size=16)
-        rows, continued = sft.load_text_rows(data.parse_specs(spec), small_tokenizer, 65, 40, base)
+        rows, continued = chatdata.load_text_rows(data.parse_specs(spec), small_tokenizer, 65, 40, base)
         assert not continued and [ids for ids, _ in rows] == start[:40]
     with pytest.raises(data.DataError, match="after what the base model read.*lower --text-frac"):
-        sft.load_text_rows(sources, small_tokenizer, 65, 10_000, base={"loader": [state]})
+        chatdata.load_text_rows(sources, small_tokenizer, 65, 10_000, base={"loader": [state]})
 
 
 def test_text_rows_half_best_fit_read_on_where_the_concatenated_ones_stop(tmp_path, small_tokenizer):
@@ -150,14 +151,14 @@ def test_text_rows_half_best_fit_read_on_where_the_concatenated_ones_stop(tmp_pa
     _, state_after = pretraining_rows(sources, small_tokenizer, 64, skip_batches=13, n_batches=0, batch_size=16)
     bestfit = PretrainBatches(sources, small_tokenizer, 16, 64, loop=False, packing="bestfit")
     bestfit.continue_reading(state_after)
-    rows, continued = sft.load_text_rows(sources, small_tokenizer, 65, 32, {"loader": [state]}, bestfit=0.5)
+    rows, continued = chatdata.load_text_rows(sources, small_tokenizer, 65, 32, {"loader": [state]}, bestfit=0.5)
     rows = [ids for ids, _ in rows]
     assert continued and rows[:16] == after and rows[16:] == [row.tolist() for row in itertools.islice(bestfit.rows(), 16)]
     assert all(row[0] == small_tokenizer.bos_id for row in rows[16:])
     # by default, packed as the base model's pretraining was: a best-fit base model gets its next best-fit rows
     after, state = pretraining_rows(sources, small_tokenizer, 64, skip_batches=12, n_batches=1, batch_size=16,
                                     packing="bestfit")
-    rows, _ = sft.load_text_rows(sources, small_tokenizer, 65, 16, {"loader": [state]})
+    rows, _ = chatdata.load_text_rows(sources, small_tokenizer, 65, 16, {"loader": [state]})
     assert [ids for ids, _ in rows] == after
 
 
@@ -240,19 +241,19 @@ def test_answers_are_cut_to_their_first_sentences(tmp_path, small_tokenizer):
     """--answer-chars: a long answer keeps its sentences that fit, never half a sentence; abbreviations and
     ordinals are not sentence ends; questions and short answers stay as they are."""
     text = "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel. Dann „ging er.“ Ende gut! alles gut"
-    assert sft.first_sentences(text, 1000) == text
-    assert sft.first_sentences(text, 60) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel."
-    assert sft.first_sentences(text, 70) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel. Dann „ging er.“"
-    assert sft.first_sentences(text, 30) == text  # no sentence ends that early: whole, not cut mid-sentence
+    assert chatdata.first_sentences(text, 1000) == text
+    assert chatdata.first_sentences(text, 60) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel."
+    assert chatdata.first_sentences(text, 70) == "Er kam am 1. Januar zu Dr. Müller, z. B. nach Kiel. Dann „ging er.“"
+    assert chatdata.first_sentences(text, 30) == text  # no sentence ends that early: whole, not cut mid-sentence
     long_answer = {"messages": [{"role": "user", "content": "Erzähl. Bitte ausführlich. " * 3},
                                 {"role": "assistant", "content": text}]}
     short = {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi."}]}
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (long_answer, short)) + "\n", encoding="utf-8")
     logged = []
-    got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, logged.append,
+    got = chatdata.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, logged.append,
                                  answer_chars=60)
     cut = dict(long_answer, messages=[long_answer["messages"][0],
-                                      {"role": "assistant", "content": sft.first_sentences(text, 60)}])
+                                      {"role": "assistant", "content": chatdata.first_sentences(text, 60)}])
     assert got == [render_conversation(small_tokenizer, c["messages"]) for c in (cut, short)]
     assert any("shortened the answers of 1 conversations" in line for line in logged)

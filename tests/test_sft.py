@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import chatdata
 import common
 import data
 import sft
@@ -55,11 +56,11 @@ def args_for(root, out="chat", *extra):
     {"instruction": "Hallo", "context": "", "response": "Hi", "category": "open_qa"},
 ])
 def test_common_chat_shapes_become_messages(row):
-    assert sft.to_messages(row) == [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
+    assert chatdata.to_messages(row) == [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
 
 
 def test_instruction_with_input_puts_both_in_the_question():
-    messages = sft.to_messages({"instruction": "Übersetze.", "input": "Good morning", "output": "Guten Morgen"})
+    messages = chatdata.to_messages({"instruction": "Übersetze.", "input": "Good morning", "output": "Guten Morgen"})
     assert messages[0]["content"] == "Übersetze.\n\nGood morning"
 
 
@@ -76,7 +77,7 @@ def test_malformed_conversations_are_counted_with_an_example(tmp_path, small_tok
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     lines = []
-    got = sft.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lines.append)
+    got = chatdata.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lines.append)
     assert len(got) == 3
     report = "\n".join(lines)
     assert "rejected 7 of 10 conversations" in report
@@ -92,7 +93,7 @@ def test_too_long_conversations_are_cut_or_rejected_and_said(tmp_path, small_tok
                           {"role": "user", "content": "Erzähl"}, {"role": "assistant", "content": long_answer}]},
             {"messages": [{"role": "user", "content": "Erzähl"}, {"role": "assistant", "content": long_answer}]}]
     lines = []
-    got = sft.load_conversations(data.parse_specs(f"jsonl://{write_jsonl(tmp_path / 'a.jsonl', rows)}"),
+    got = chatdata.load_conversations(data.parse_specs(f"jsonl://{write_jsonl(tmp_path / 'a.jsonl', rows)}"),
                                  small_tokenizer, 32, log=lines.append)
     assert len(got) == 1 and len(got[0][0]) <= 32
     assert any("cut 1 conversations" in l for l in lines) and any("too long" in l for l in lines)
@@ -226,7 +227,7 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path):
 def test_without_val_data_the_first_conversations_are_held_out(setup, small_tokenizer):
     cfg = sft.SFTConfig(data=f"jsonl://{setup}/train.jsonl", val_data="", val_conversations=5, identity_repeat=0)
     train_convs, val = sft.load_sft_data(cfg, small_tokenizer, 1000, log=lambda *a: None)
-    everything = sft.load_conversations(data.parse_specs(cfg.data), small_tokenizer, 1000, log=lambda *a: None)
+    everything = chatdata.load_conversations(data.parse_specs(cfg.data), small_tokenizer, 1000, log=lambda *a: None)
     assert val == everything[:5] and train_convs == everything[5:]
     with pytest.raises(data.DataError, match="would hold out every one for validation"):  # nothing left to train
         sft.load_sft_data(dataclasses.replace(cfg, val_conversations=len(everything)), small_tokenizer, 1000,
