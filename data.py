@@ -385,8 +385,7 @@ def iter_rows(source: Source):
                                 row = e
                             yield f"{path}:{n}", row
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{source.spec}: {path} is not valid UTF-8 ({e.reason}, after line {n:,}); "
-                                    f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+                    raise not_utf8(source, path, f"{e.reason}, after line {n:,}") from None
     elif source.kind == "parquet":
         for n, (_, row) in enumerate(iter_parquet_rows(source)):
             yield f"{source.spec}#{n}", row
@@ -535,6 +534,10 @@ def iter_text_batches(source: Source, ds, batch_size: int, with_source: bool = F
         raise error from None
 
 
+def not_utf8(source: Source, path, detail: str) -> DataError:
+    return DataError(f"{source.spec}: {path} is not valid UTF-8 ({detail}); convert it, e.g. iconv -f latin1 -t utf-8")
+
+
 def read_error(source: Source, e: Exception) -> DataError | None:
     """The DataError for a local source's files that cannot be read (not UTF-8, a JSONL line that is not one
     JSON object, a damaged parquet page), naming the file (and line); None for any other error. It reads the
@@ -544,8 +547,7 @@ def read_error(source: Source, e: Exception) -> DataError | None:
         return None
     if isinstance(e, UnicodeDecodeError):
         bad = first_undecodable_file(source.files) or "a file"
-        return DataError(f"{source.spec}: {bad} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         f"convert it, e.g. iconv -f latin1 -t utf-8")
+        return not_utf8(source, bad, f"{e.reason} at byte {e.start}")
     first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
     if source.kind == "jsonl" and isinstance(e, (ValueError, pa.ArrowException)):
         where = first_bad_json_line(source.files)
