@@ -330,10 +330,10 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     seen = set()  # hashes of the documents kept (--dedup)
     val, val_keys = ShardWriter(out, None, tmp_name="val.parquet"), set()  # val_keys: its documents' hashes
     for text, origin, key in prepared_documents(val_sources, opts, seen, counts, cache_dir):
-        if val.full(opts):
-            break
         val.add(text, origin)
         val_keys.add(key)
+        if val.full(opts):  # before reading the next document: one read is kept (--dedup has it as seen)
+            break
 
     progress = common.Progress("prepare", unit=" docs", every=log_every, log=log)
     train_counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0, "in_validation": 0}

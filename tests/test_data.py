@@ -550,3 +550,51 @@ def test_hub_sources_go_through_the_shuffle_for_tok_train_and_eval(tmp_path, mon
     assert len(opened) == 2
     # shuffle=off reads the hub's order
     assert next(data.iter_texts(parse_spec("hf://org/set?shuffle=off"))) == docs[0]
+
+
+def test_a_shuffled_state_after_the_last_partial_batch_resumes_at_the_end(tmp_path):
+    """The state after a source's last, partial batch is its end: a resume reads no document twice."""
+    docs = write_docs(tmp_path, 4, 5)  # 20 documents: batches of 3 end with one of 2
+    ds = datasets_stream(sorted(tmp_path.glob("*.parquet")))
+    reader = shards.ShuffledShards(ds, seed=1)
+    batches = reader.iter(3)
+    texts = [t for _ in range(7) for t in next(batches)["text"]]
+    assert sorted(texts) == sorted(docs)  # the last batch (2 documents) handed out, the generator not finished
+    resumed = shards.ShuffledShards(ds, seed=1)
+    resumed.load_state_dict(reader.state_dict())
+    assert list(resumed.iter(3)) == []
+
+
+def test_interleave_counts_characters_not_documents(tmp_path):
+    """Equal weights give each source the same characters: three 10-character documents per 30-character one."""
+    pq.write_table(pa.table({"text": ["a" * 30] * 50}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["b" * 10] * 150}), tmp_path / "b.parquet")
+    docs = data.interleave_documents(parse_specs(f"parquet://{tmp_path}/a.parquet parquet://{tmp_path}/b.parquet"))
+    first = [next(docs)[0] for _ in range(40)]
+    assert first.count("a") == 10 and first.count("b") == 30
+
+
+def test_ranks_split_a_parquet_file_by_row_group(tmp_path):
+    """One file of 4 row groups on 2 ranks: rank r reads whole row groups r and r + 2 (reshard), not every
+    other document of the whole file (which would make each rank parse all of it)."""
+    docs = write_docs(tmp_path, 1, 40, rows_per_group=10)
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet")
+    seen = [list(data.iter_texts(source, dataloader.open_rank_shard(source, r, 2, quiet=True))) for r in range(2)]
+    assert seen == [docs[0:10] + docs[20:30], docs[10:20] + docs[30:40]]
+
+
+def test_empty_parquet_files_are_skipped_and_all_empty_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["Eins", "Zwei"]}), tmp_path / "b.parquet")
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet")
+    assert list(data.iter_texts(source)) == ["Eins", "Zwei"]
+    (tmp_path / "b.parquet").unlink()
+    with pytest.raises(DataError, match="have no rows"):
+        list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/*.parquet")))
+
+
+def test_the_text_option_reads_its_column_where_a_text_column_exists_too(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"Metadaten {i}", "body": f"Inhalt {i}"}) + "\n"
+                                              for i in range(3)))
+    assert list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/a.jsonl?text=body"))) == [
+        "Inhalt 0", "Inhalt 1", "Inhalt 2"]

@@ -11,6 +11,7 @@ import torch
 import chatdata
 import common
 import data
+import dataloader
 import evaluation as ev
 import sft
 from conftest import make_checkpoint
@@ -257,3 +258,37 @@ def test_answers_are_cut_to_their_first_sentences(tmp_path, small_tokenizer):
                                       {"role": "assistant", "content": chatdata.first_sentences(text, 60)}])
     assert got == [render_conversation(small_tokenizer, c["messages"]) for c in (cut, short)]
     assert any("shortened the answers of 1 conversations" in line for line in logged)
+
+
+def test_passes_read_carry_over_a_resume(tmp_path, small_tokenizer):
+    """train.py logs passes_read at the end of a resumed run: the bytes handed out before the resume count."""
+    line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
+    write_parquet(tmp_path / "a" / "a.parquet", [line * 8 + str(i) for i in range(12)])
+    spec = f"parquet://{tmp_path}/a/*.parquet"
+    loader = PretrainBatches(data.parse_specs(spec), small_tokenizer, batch_size=4, seq_len=32)
+    batches = iter(loader)
+    for _ in range(5):
+        next(batches)
+    fresh = PretrainBatches(data.parse_specs(spec), small_tokenizer, batch_size=4, seq_len=32)
+    fresh.load_state_dict(loader.state_dict())
+    assert loader.passes_read()[spec] > 0.1
+    assert fresh.passes_read() == loader.passes_read()
+    next(batches), next(iter(fresh))
+    assert fresh.passes_read() == loader.passes_read()
+
+
+def test_passes_read_count_this_ranks_share(tmp_path, small_tokenizer):
+    """On 2 ranks each rank reads half of a source: handing out its half once is one pass, not half a pass."""
+    line = "Die Sonne scheint über dem Wattenmeer und die Möwen rufen laut. "
+    write_parquet(tmp_path / "a" / "a.parquet", [line * 8 + f"{i:02d}" for i in range(24)])  # equal lengths
+    spec = f"parquet://{tmp_path}/a/*.parquet"
+    source = data.parse_specs(spec)[0]
+    mine = list(data.iter_texts(source, dataloader.open_rank_shard(source, 0, 2, quiet=True)))
+    assert len(mine) == 12
+    per_pass = sum(len(ids) + 1 for ids in small_tokenizer.encode_batch(mine))  # + BOS
+    loader = PretrainBatches(data.parse_specs(spec), small_tokenizer, batch_size=1, seq_len=32, rank=0,
+                             world_size=2)
+    batches = iter(loader)
+    while loader.token_counts()[spec] < per_pass:
+        next(batches)
+    assert loader.passes_read()[spec] == pytest.approx(1.0, abs=0.03)

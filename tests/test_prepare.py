@@ -348,3 +348,113 @@ def test_a_hub_source_is_prepared_from_a_spread_of_its_files(tmp_path, monkeypat
     first_files = {int(t.split(",")[0].split()[1]) for t in train[:32]}
     assert len(first_files) >= 8, first_files  # with a buffer of 4 documents: mixed from many shards
     assert any("prepare shuffles every source with --seed 42" in line for line in lines)
+
+
+def test_min_chars_keeps_documents_of_exactly_that_length(tmp_path):
+    docs = ["x" * 9, "y" * 10, "z" * 11] * 20
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
+    meta = prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "out"), min_chars=10,
+                           **dict(SMALL, val_frac=0))
+    train, _, _ = prepared(tmp_path / "out")
+    assert Counter(train) == Counter(["y" * 10, "z" * 11] * 20) and meta["filtered"]["too_short"] == 20
+
+
+def test_each_document_keeps_its_own_source_when_blank_ones_are_dropped(tmp_path):
+    rows = [{"text": f"Zeile {i}" if i % 3 else " ", "source": f"quelle{i}"} for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = prepare.prepare(f"jsonl://{tmp_path}/a.jsonl", str(tmp_path / "out"), **dict(SMALL, val_frac=0))
+    pairs = [pair for name in meta["train"]["files"]
+             for pair in zip(*pq.read_table(tmp_path / "out" / name).to_pydict().values())]
+    assert sorted(pairs) == sorted((f"Zeile {i}", f"quelle{i}") for i in range(60) if i % 3)
+
+
+def test_streaming_reads_a_parquet_sources_row_groups_in_random_order(tmp_path):
+    """A source sorted by origin, read with a small shuffle buffer: the first shard comes from random row groups
+    (they are read in a seeded permutation, one after the other), not from the start of the file."""
+    (tmp_path / "in").mkdir()
+    docs = [f"Gruppe {g}, Dokument {i}" for g in range(16) for i in range(10)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet", row_group_size=10)
+    prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "out"),
+                    **{**SMALL, "shuffle_buffer": 4, "shard_rows": 64})
+    train, val, _ = prepared(tmp_path / "out")
+    assert sorted(train + val) == sorted(docs)
+    groups = {int(t.split(",")[0].split()[1]) for t in train[:32]}
+    assert not groups <= set(range(6)), groups  # file order: groups 0-3 only
+
+
+def test_resume_over_changed_input_files_is_refused(tmp_path, monkeypatch):
+    """Input files changed behind the same spec between the interrupted run and its resume: the replay does
+    not fill the shard that exists, and prepare says so instead of keeping a shard from another stream."""
+    make_corpus(tmp_path / "in")
+    spec = f"parquet://{tmp_path}/in/*.parquet"
+    close, calls = prepare.ShardWriter.close, []
+
+    def crash_on_second_shard(self, name=None):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return close(self, name)
+
+    monkeypatch.setattr(prepare.ShardWriter, "close", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(spec, str(tmp_path / "out"), **SMALL)
+    monkeypatch.setattr(prepare.ShardWriter, "close", close)
+    assert (tmp_path / "out" / "shard_00000.parquet").exists()
+    for f in (tmp_path / "in").glob("*.parquet"):
+        f.unlink()
+    make_corpus(tmp_path / "in", n=400)  # fewer documents: not one full shard of 1024
+    with pytest.raises(DataError, match="written by another run"):
+        prepare.prepare(spec, str(tmp_path / "out"), **SMALL)
+
+
+def test_a_source_smaller_than_the_shuffle_buffer_is_shuffled_too(tmp_path):
+    """One row group, fewer documents than --shuffle-buffer: the buffer never fills, and its documents must
+    still come out in a random order, not the file's."""
+    docs = [f"Dokument {i}: Grüße aus Köln" for i in range(300)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
+    prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "out"), **SMALL)
+    train, val, _ = prepared(tmp_path / "out")
+    assert Counter(train + val) == Counter(docs)
+    assert train != [d for d in docs if d not in set(val)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shuffle-buffer", "0"], "shuffle-buffer must be positive"),
+    (["--seed", "-1"], "seed must be 0 or more"),
+])
+def test_bad_prepare_options_give_clear_errors(tmp_path, args, message):
+    argv = ["--data", f"parquet://{tmp_path}/x.parquet", "--out", str(tmp_path / "out"), "--log-every", "1e9", *args]
+    with pytest.raises(SystemExit) as e:
+        prepare.main(argv)
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+
+
+def test_val_data_fills_one_shard_and_is_counted_as_read(tmp_path):
+    """--val-data bigger than a shard: the validation shard takes one shard's worth (the rest of it is not
+    validation, so its training copies are kept), and meta.json counts what was read from it too."""
+    docs = [f"Dokument {i} mit Inhalt" for i in range(40)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"text": [f"Validierung {i}" for i in range(30)] + docs[:5]}), tmp_path / "val.parquet")
+    meta = prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / "out"),
+                           val_data=f"parquet://{tmp_path}/val.parquet", **dict(SMALL, shard_rows=10))
+    train, val, meta = prepared(tmp_path / "out")
+    assert len(val) == 10 and set(val) < {f"Validierung {i}" for i in range(30)} | set(docs[:5])
+    assert Counter(train) == Counter(d for d in docs if d not in set(val))
+    assert meta["read"]["docs"] >= len(docs) + len(val)  # the 40 training documents, and the validation ones read
+
+
+def test_val_data_beyond_one_shard_loses_no_document_with_dedup(tmp_path):
+    """--val-data beyond one shard, with --dedup: every document is in one split. (The document read to find
+    the validation shard full was marked as seen but not kept: its training copy was dropped as a duplicate.)"""
+    val_docs = [f"Validierung {i}" for i in range(11)]
+    pq.write_table(pa.table({"text": val_docs}), tmp_path / "val.parquet")
+    pq.write_table(pa.table({"text": [f"Training {i}" for i in range(30)] + val_docs}), tmp_path / "train.parquet")
+    prepare.prepare(f"parquet://{tmp_path}/train.parquet", str(tmp_path / "out"),
+                    val_data=f"parquet://{tmp_path}/val.parquet", dedup=True, **dict(SMALL, shard_rows=10))
+    train, val, meta = prepared(tmp_path / "out")
+    assert len(val) == 10
+    assert set(train) | set(val) == {f"Training {i}" for i in range(30)} | set(val_docs)
+    assert meta["filtered"]["duplicates"] == 10  # the training copies of the validation documents only
