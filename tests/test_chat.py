@@ -504,3 +504,114 @@ def test_output_failures_and_ctrl_c_while_loading_are_one_line(chat_ckpt):
     finally:
         proc.kill()
     assert proc.returncode == chat.INTERRUPTED and out == b"" and one_line_error(err) == "chat.py: interrupted"
+
+
+def test_max_new_tokens_past_half_the_context_leaves_the_prompt_half_and_the_answer_the_rest(session_factory):
+    """Sampling's default max_new_tokens (512) on a 256-token model: a prompt still gets half the context
+    (not refused as too long), and the answer runs until the context is full, never past it."""
+    session = session_factory(Sampling(temperature=0, top_k=None, max_new_tokens=1000))
+    messages = [{"role": "user", "content": TURNS[1]}]
+    prompt = render_prompt(session.tokenizer, messages)
+    reply = session.answer(messages)
+    assert reply.ids == recompute(session.model, prompt, session.context_len - len(prompt), session.chat_stop_ids)
+    assert len(prompt) + len(reply.ids) <= session.context_len and session.cache.pos == len(session.cached_ids)
+    assert reply.finish_reason == "length"  # this random model never says <|assistant_end|> here
+
+
+def test_top_k_0_is_off(session_factory):
+    """top_k 0 means off (Sampling, /topk 0): the same sampled answer as top_k None with the same seed."""
+    messages = [{"role": "user", "content": TURNS[0]}]
+    off = session_factory(Sampling(temperature=1.0, top_k=None, max_new_tokens=12), seed=4).answer(messages).ids
+    zero = session_factory(Sampling(temperature=1.0, top_k=0, max_new_tokens=12), seed=4).answer(messages).ids
+    assert zero == off
+    session, out = session_factory(), io.StringIO()
+    chat.run_command(session, "/topk 0", out)
+    assert not session.sampling.top_k and "top-k aus" in out.getvalue()
+
+
+def test_fit_to_context_keeps_a_prompt_that_fits_exactly_and_drops_whole_exchanges(small_tokenizer):
+    tok = small_tokenizer
+    system = {"role": "system", "content": "Sei kurz."}
+    turns = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "Gut, danke."},
+             {"role": "user", "content": TURNS[1]}, {"role": "assistant", "content": "Wien."},
+             {"role": "user", "content": TURNS[2]}]
+    messages = [system] + turns
+    ids = render_prompt(tok, messages)
+    assert fit_to_context(tok, messages, len(ids)) == (messages, ids)  # exactly the room: nothing dropped
+    kept, got = fit_to_context(tok, messages, len(ids) - 1)  # one token short: the oldest exchange goes
+    assert kept == [system] + turns[2:] and got == render_prompt(tok, kept)
+
+
+def test_program_flags_reach_the_sessions_sampling(monkeypatch):
+    """chat.py's sampling flags, each to its own Sampling field (and the seed to the session)."""
+    seen = {}
+
+    def load_session(checkpoint, device, sampling, system, seed):
+        seen.update(sampling=sampling, seed=seed, checkpoint=checkpoint, system=system)
+        raise SystemExit("error: stop here")
+    monkeypatch.setattr(chat, "load_session", load_session)
+    with pytest.raises(SystemExit, match="stop here"):
+        chat.main(["--checkpoint", "ckpt", "--temperature", "0.9", "--top-k", "7", "--top-p", "0.8",
+                   "--max-new-tokens", "33", "--frequency-penalty", "0.5", "--presence-penalty", "-1",
+                   "--no-repeat-ngram-size", "3", "--seed", "11", "--system", "Sei kurz.", "--prompt", "Hallo"])
+    assert seen == dict(sampling=Sampling(temperature=0.9, top_k=7, top_p=0.8, max_new_tokens=33,
+                                          frequency_penalty=0.5, presence_penalty=-1.0, no_repeat_ngram_size=3),
+                        seed=11, checkpoint="ckpt", system="Sei kurz.")
+
+
+def test_a_system_message_may_take_half_the_prompts_room_not_more(session_factory):
+    """check_system: a system message whose prompt (with a one-word question) takes more than half the room for
+    prompts is refused; one within half is taken."""
+    session, tok = session_factory(), None
+    tok = session.tokenizer
+    room = session.context_len - min(session.sampling.max_new_tokens, session.context_len // 2)
+    length = lambda text: len(render_prompt(tok, [{"role": "system", "content": text},
+                                                  {"role": "user", "content": "."}]))
+    words = "Sei freundlich und hilfsbereit. ".split()
+    text = ""
+    for i in range(1000):  # the longest text of these words within half the room, and one more word
+        longer = (text + " " + words[i % len(words)]).strip()
+        if length(longer) > room // 2:
+            break
+        text = longer
+    assert room // 2 - 3 <= length(text) <= room // 2 < length(longer) <= room
+    chat.check_system(session, text)
+    with pytest.raises(chat.ConversationError, match="system message is too long"):
+        chat.check_system(session, longer)
+
+
+def test_ctrl_c_inside_the_prefill_keeps_cache_and_cached_ids_consistent(session_factory):
+    """Ctrl-C while the prompt's forward runs (after some layers wrote their keys, before the cache advanced):
+    cached_ids stays exactly what the cache holds, and the next answer equals recomputation."""
+    session = session_factory(system="Du bist ein hilfsbereiter Assistent.")
+    list(session.send(TURNS[0]))
+    attend = session.cache.attend
+
+    def interrupted(layer, q, k, v, window=None, start=0):
+        if layer == 1 and q.shape[2] > 1:
+            raise KeyboardInterrupt
+        return attend(layer, q, k, v, window, start)
+    session.cache.attend = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        list(session.send(TURNS[1]))
+    del session.cache.attend
+    assert session.last.finish_reason == "interrupted" and session.history[2:] == []
+    assert session.cache.pos == len(session.cached_ids) < session.last.prompt_tokens
+    prompt = render_prompt(session.tokenizer, session.messages + [{"role": "user", "content": TURNS[2]}])
+    list(session.send(TURNS[2]))
+    budget = min(GREEDY.max_new_tokens, session.context_len - len(prompt))
+    assert session.last.ids == recompute(session.model, prompt, budget, session.chat_stop_ids)
+    assert session.cache.pos == len(session.cached_ids)
+
+
+@pytest.mark.parametrize("special", ["<|user_start|>", "<|bos|>", "<|assistant_end|>"])
+def test_any_special_token_ends_a_chat_answer(session_factory, monkeypatch, special):
+    """The template never puts a special token inside an assistant's text: whichever the model samples
+    ends the answer there (finish_reason "stop"), and nothing after it is shown or kept."""
+    session = session_factory(Sampling(max_new_tokens=20))
+    tok = session.tokenizer
+    script = iter(tok.encode("Ja") + [tok.special[special]] + tok.encode(" und noch mehr"))
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *a, **k: torch.tensor([[next(script)]]))
+    assert "".join(session.send("Hallo")) == "Ja"
+    assert session.last.finish_reason == "stop" and session.last.ids == tok.encode("Ja")
+    assert session.history[-1] == {"role": "assistant", "content": "Ja"}

@@ -666,3 +666,190 @@ def test_no_repeat_ngram_size_never_repeats_an_ngram_of_the_answer():
         assert got == written_out(n), n
         assert len(set(ngrams(got, n))) == len(ngrams(got, n)), n
     assert list(model.generate(prompt, 40, temperature=0.0, no_repeat_ngram_size=0)) == plain
+
+
+def test_top_p_keeps_the_most_likely_tokens_wherever_they_stand_in_the_vocabulary():
+    """The nucleus is taken in probability order and mapped back to the vocabulary: with the likely tokens
+    last in the vocabulary, top_p keeps them and drops the unlikely ones before them."""
+    logits = torch.log(torch.tensor([[0.05, 0.15, 0.5, 0.3], [0.3, 0.05, 0.15, 0.5]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = [set(), set()]
+    for _ in range(300):
+        for row, t in enumerate(sample_next_token(logits, top_p=0.7, generator=g).view(-1).tolist()):
+            drawn[row].add(t)
+    assert drawn == [{2, 3}, {3, 0}]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sample_next_token_divides_the_logits_by_the_temperature(temperature):
+    """Each row's random number picks its token from the CDF of softmax(logits / temperature) (written out in
+    float64): a low temperature sharpens the distribution, a high one flattens it."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    uniform = torch.linspace(0.005, 0.995, 100, dtype=torch.float64)[:, None]
+    cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
+    want = torch.searchsorted(cdf, uniform.view(-1), right=True)
+    got = sample_next_token(logits.expand(100, -1), temperature=temperature, uniform=uniform).view(-1)
+    assert got.tolist() == want.tolist()
+    plain = sample_next_token(logits.expand(100, -1), uniform=uniform).view(-1)
+    assert got.tolist() != plain.tolist()  # the temperature changed some picks: the comparison is not vacuous
+
+
+def test_a_full_cache_refuses_one_more_token():
+    """A row holds max_len tokens, never more: exactly max_len fits (prefilled, or decoded up to it),
+    the next token, prefilled or decoded, is a clear error and leaves the cache as it was."""
+    model = random_model()
+    idx = random_tokens(model, 1, 9)
+    cache = model.new_kv_cache(1, max_len=8)
+    model(idx[:, :7], kv_cache=cache)
+    model.decode(idx[:, 7:8], cache)  # the 8th token: fits exactly
+    assert cache.pos == 8
+    with pytest.raises(ValueError, match="KV cache full"):
+        model.decode(idx[:, 8:9], cache)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(idx[:, 8:9], kv_cache=cache)
+    assert cache.pos == 8 and cache.seq_lens.tolist() == [8]
+
+
+def test_smear_across_the_cache_reads_a_previous_token_of_id_0():
+    """Token id 0 is a token like any other: when it is the last cached one, the smear of the next token
+    (prefilled or decoded on the cache) takes it in, as the full forward does."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 12)
+    idx[:, 5] = 0  # the last token of the first chunk
+    idx[:, 8] = 0  # the token before a decode step
+    full = model(idx)
+    cache = model.new_kv_cache(2, max_len=12)
+    pieces = [model(idx[:, :6], kv_cache=cache), model(idx[:, 6:9], kv_cache=cache)]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_gain_scales_the_attention_logits_by_its_square(monkeypatch):
+    """qk_gain g multiplies q and k after QK-norm: the plain GPT with attention at softmax scale g^2/sqrt(D)."""
+    plain = random_model(seed=1)
+    gained = GPT(GPTConfig(**{**plain.config.__dict__, "qk_gain": 1.2}))
+    gained.load_state_dict(plain.state_dict())
+    idx = random_tokens(plain, 2, 16)
+    D = plain.config.head_dim
+
+    def scaled(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.2 ** 2 / math.sqrt(D),
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    monkeypatch.setattr(gpt, "flash_attn", scaled)
+    want = plain(idx)
+    monkeypatch.undo()
+    torch.testing.assert_close(gained(idx), want, atol=1e-5, rtol=1e-5)
+
+
+def written_out_logits(model, idx):
+    """The recipe's forward written out from its definitions (module docstring; nanochat gpt.py), with its own
+    rotary tables: an oracle independent of GPT.trunk, Block and CausalSelfAttention."""
+    c = model.config
+    B, T = idx.shape
+    H, H_kv, D = c.n_head, c.n_kv_head, c.head_dim
+    rms = lambda t: F.rms_norm(t, (t.shape[-1],), eps=1e-6)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+
+    def rotate(t):  # the pairs (t[i], t[i + D/2]) rotated by the position's angles
+        t1, t2 = t[..., :D // 2], t[..., D // 2:]
+        return torch.cat([t1 * cos + t2 * sin, t2 * cos - t1 * sin], dim=-1)
+
+    x = rms(model.transformer.wte(idx))
+    previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    x = x + model.smear_lambda * torch.sigmoid(x[..., :24] @ model.smear_gate.weight.T) * previous
+    x0 = x
+    for i, block in enumerate(model.transformer.h):
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        a, h = block.attn, rms(x)
+        q = (h @ a.c_q.weight.T).view(B, T, H, D)
+        k = (h @ a.c_k.weight.T).view(B, T, H_kv, D)
+        v = (h @ a.c_v.weight.T).view(B, T, H_kv, D)
+        if str(i) in model.value_embeds:
+            gate = 3 * torch.sigmoid(h[..., :12] @ a.ve_gate.weight.T)  # (B, T, H_kv), in (0, 3)
+            v = v + gate[..., None] * model.value_embeds[str(i)](idx).view(B, T, H_kv, D)
+        q, k = rms(rotate(q)) * c.qk_gain, rms(rotate(k)) * c.qk_gain
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=H != H_kv)
+        x = x + y.transpose(1, 2).reshape(B, T, c.n_embd) @ a.c_proj.weight.T
+        x = x + (F.relu(rms(x) @ block.mlp.c_fc.weight.T) ** 2) @ block.mlp.c_proj.weight.T
+        if i == c.n_layer // 2:
+            x_mid = x
+    x = x - model.backout_lambda * x_mid
+    return 15.0 * torch.tanh(rms(x) @ model.lm_head.weight.T / 15.0)
+
+
+@pytest.mark.parametrize("n_layer", [3, 4])
+def test_recipe_forward_equals_its_definition_written_out(n_layer):
+    """Value-embedding gates, layer lambdas, smear, backout (the middle layer), q/k gain, RoPE and the softcap,
+    each at a non-neutral value, against the written-out forward; the cached decode path is pinned to the full
+    forward elsewhere (test_kv_cache_matches_full_forward_with_the_recipe), so this pins both."""
+    model = random_model(seed=2, n_layer=n_layer, **RECIPE)
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.7)
+        model.backout_lambda.fill_(0.4)
+        model.resid_lambdas.uniform_(0.8, 1.2)
+        model.x0_lambdas.uniform_(0.1, 0.5)
+        for block in model.transformer.h:
+            if hasattr(block.attn, "ve_gate"):
+                block.attn.ve_gate.weight.normal_(0.0, 0.5)
+        idx = random_tokens(model, 2, 20)
+        torch.testing.assert_close(model(idx), written_out_logits(model, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    """top_k larger than the vocabulary (a request may ask for 100; the tests' models have 96 tokens): no
+    error, the plain distribution."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    uniform = torch.tensor([[0.1], [0.6], [0.9], [0.99]], dtype=torch.float64)
+    got = sample_next_token(logits.expand(4, -1), top_k=1000, uniform=uniform).view(-1).tolist()
+    assert got == sample_next_token(logits.expand(4, -1), uniform=uniform).view(-1).tolist() == [0, 1, 2, 3]
+
+
+def test_decode_rows_past_keep_are_computed_not_kept():
+    """GPT.decode(keep=n): rows n.. only fill the compiled step's batch size. Their lengths (host and device)
+    stay as they were, however often they are fed, so an idle row never creeps toward (or past) max_len;
+    the kept rows' logits are those of decoding them alone."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 8)
+    cache = model.new_kv_cache(3, max_len=8)
+    model(idx[:, :4], kv_cache=cache)  # rows 0 and 1 hold 4 tokens, row 2 none
+    alone = model.new_kv_cache(2, max_len=8)
+    model(idx[:, :4], kv_cache=alone)
+    for t in range(4, 8):
+        tokens = torch.cat([idx[:, t:t + 1], torch.zeros(1, 1, dtype=torch.long)])  # row 2: a dummy token
+        logits = model.decode(tokens, cache, keep=2)
+        torch.testing.assert_close(logits[:2], model.decode(idx[:, t:t + 1], alone), atol=1e-5, rtol=1e-5)
+        assert cache.lengths == [t + 1, t + 1, 0] and cache.seq_lens.tolist() == [t + 1, t + 1, 0]
+
+
+def test_swapped_rows_take_their_smear_token_with_them():
+    """KVCache.swap moves a row's token ids with its keys and values: after the swap each row's next token
+    (whose smear reads the cached previous token) gets the logits of its own sequence."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 7)
+    cache = model.new_kv_cache(2, max_len=8)
+    model(idx[:, :6], kv_cache=cache)
+    cache.swap(0, 1)
+    logits = model.decode(idx.flip(0)[:, 6:7], cache)
+    torch.testing.assert_close(logits, model(idx.flip(0))[:, -1].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_smear_after_a_single_cached_token_reads_it():
+    """A cache holding one token (a one-token prompt such as <|bos|>, or a rollback to it): the next token's
+    smear reads the token at position 0, whether it comes as a chunk or as a decode step."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 6)
+    full = model(idx)
+    for cuts in ([1, 4, 6], [1, 2, 3, 4, 5, 6]):
+        cache, pieces, start = model.new_kv_cache(2, max_len=6), [], 0
+        for end in cuts:
+            pieces.append(model(idx[:, start:end], kv_cache=cache))
+            start = end
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = idx[0, :1].tolist()
+    want = []
+    for _ in range(4):
+        want.append(int(model(torch.tensor([prompt + want]))[0, -1].argmax()))
+    assert list(model.generate(prompt, 4, temperature=0)) == want
