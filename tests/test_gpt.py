@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt
-from gpt import GPT, GPTConfig, KVCache, PRESETS, preset, sample_next_token
+from gpt import GPT, GPTConfig, KVCache, PRESETS, preset
 import kernels
 from kernels import triton_on_cpu
 
@@ -367,29 +367,37 @@ def test_serving_weights_give_the_same_logits():
     assert torch.equal(got, want)
 
 
-def test_sample_next_token_top_k_and_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draw = lambda **kw: {sample_next_token(logits, generator=g, **kw).item() for _ in range(300)}
-    assert draw() == {0, 1, 2, 3}
-    assert draw(top_k=2) == {0, 1}
-    assert draw(top_p=0.5) == {0}  # token 0 alone holds 0.5
-    assert draw(top_p=0.7) == {0, 1}  # 0.5 + 0.3 reaches 0.7
-    assert draw(top_p=0.9) == {0, 1, 2}
-    assert sample_next_token(logits, temperature=0).item() == 0
+def test_a_full_cache_refuses_one_more_token():
+    """A row holds max_len tokens, never more: exactly max_len fits (prefilled, or decoded up to it),
+    the next token, prefilled or decoded, is a clear error and leaves the cache as it was."""
+    model = random_model()
+    idx = random_tokens(model, 1, 9)
+    cache = model.new_kv_cache(1, max_len=8)
+    model(idx[:, :7], kv_cache=cache)
+    model.decode(idx[:, 7:8], cache)  # the 8th token: fits exactly
+    assert cache.pos == 8
+    with pytest.raises(ValueError, match="KV cache full"):
+        model.decode(idx[:, 8:9], cache)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(idx[:, 8:9], kv_cache=cache)
+    assert cache.pos == 8 and cache.seq_lens.tolist() == [8]
 
 
-def test_sample_next_token_follows_the_distribution():
-    """Inverse-CDF sampling: each token as often as its probability, a zero-probability token
-    never, and each row's token follows from its own random number alone."""
-    p = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
-    logits = torch.log(p).expand(20_000, -1)
-    drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(0)).view(-1)
-    freq = torch.bincount(drawn, minlength=5) / len(drawn)
-    assert freq[2] == 0
-    assert (freq - p).abs().max() < 0.01, freq  # 3.5 standard errors of the largest
-    edges = torch.tensor([[0.0], [0.4999], [0.5001], [0.9999]], dtype=torch.float64)
-    assert sample_next_token(torch.log(p).expand(4, -1), uniform=edges).view(-1).tolist() == [0, 0, 1, 4]
+def test_decode_rows_past_keep_are_computed_not_kept():
+    """GPT.decode(keep=n): rows n.. only fill the compiled step's batch size. Their lengths (host and device)
+    stay as they were, however often they are fed, so an idle row never creeps toward (or past) max_len;
+    the kept rows' logits are those of decoding them alone."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 8)
+    cache = model.new_kv_cache(3, max_len=8)
+    model(idx[:, :4], kv_cache=cache)  # rows 0 and 1 hold 4 tokens, row 2 none
+    alone = model.new_kv_cache(2, max_len=8)
+    model(idx[:, :4], kv_cache=alone)
+    for t in range(4, 8):
+        tokens = torch.cat([idx[:, t:t + 1], torch.zeros(1, 1, dtype=torch.long)])  # row 2: a dummy token
+        logits = model.decode(tokens, cache, keep=2)
+        torch.testing.assert_close(logits[:2], model.decode(idx[:, t:t + 1], alone), atol=1e-5, rtol=1e-5)
+        assert cache.lengths == [t + 1, t + 1, 0] and cache.seq_lens.tolist() == [t + 1, t + 1, 0]
 
 
 # ----------------------------------------------------------------------------
@@ -605,111 +613,6 @@ def test_sizes_with_the_recipe():
     assert model.flops_per_token() == 6 * (blocks + 100 * 64 + 24) + attention
 
 
-def test_penalties_follow_openai_and_off_keeps_greedy_exact():
-    """OpenAI's frequency and presence penalties in GPT.generate, against the formula written out on full
-    forwards: logit - frequency x count - presence x (count > 0), the counts over the tokens generated so far.
-    At 0 and 0 the greedy tokens are those of plain argmax."""
-    model = random_model()
-    prompt = [5, 17, 3]
-
-    def written_out(frequency, presence, n=20):
-        ids, counts = list(prompt), torch.zeros(model.config.vocab_size, dtype=torch.float64)
-        with torch.no_grad():
-            for _ in range(n):
-                logits = model(torch.tensor([ids]))[0, -1].double() - frequency * counts - presence * (counts > 0)
-                ids.append(int(logits.argmax()))
-                counts[ids[-1]] += 1
-        return ids[len(prompt):]
-
-    for frequency, presence in [(0.0, 0.0), (0.8, 0.0), (0.0, 1.5), (1.0, 0.5), (-0.5, 0.0)]:
-        got = list(model.generate(prompt, 20, temperature=0.0, frequency_penalty=frequency, presence_penalty=presence))
-        assert got == written_out(frequency, presence), (frequency, presence)
-    assert written_out(0.0, 0.0) != written_out(1.0, 0.5)  # the penalties change this model's greedy answer
-
-
-def test_repeated_ngram_tokens_are_those_that_would_complete_an_earlier_ngram():
-    ids = [7, 8, 9, 7, 8]
-    assert gpt.repeated_ngram_tokens(ids, 3) == [9]  # 7 8 -> 9 was said
-    assert gpt.repeated_ngram_tokens(ids, 2) == [9]  # 8 -> 9 was said
-    assert sorted(gpt.repeated_ngram_tokens(ids, 1)) == [7, 7, 8, 8, 9]  # every token used before
-    assert gpt.repeated_ngram_tokens(ids, 4) == []  # no earlier 4-gram starts with 9 7 8
-    assert gpt.repeated_ngram_tokens([1, 2, 1, 2, 1, 2], 3) == [1, 1]
-    assert gpt.repeated_ngram_tokens([1, 2], 3) == [] and gpt.repeated_ngram_tokens([], 2) == []
-
-
-def test_no_repeat_ngram_size_never_repeats_an_ngram_of_the_answer():
-    """With no_repeat_ngram_size n, greedy decoding takes at each step the best token that does not
-    complete an n-gram the answer already has (written out on full forwards), so no n-gram of the answer
-    occurs twice, while this random model's plain greedy answer loops. The prompt does not count."""
-    model = random_model()
-    prompt = [5, 17, 3, 5, 17]
-
-    def written_out(n, steps=40):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(steps):
-                logits = model(torch.tensor([ids]))[0, -1].double()
-                answer = ids[len(prompt):]
-                for i in range(len(answer) - n + 1):
-                    if n == 1 or answer[i:i + n - 1] == answer[len(answer) - n + 1:]:
-                        logits[answer[i + n - 1]] = -math.inf
-                ids.append(int(logits.argmax()))
-        return ids[len(prompt):]
-
-    def ngrams(ids, n):
-        return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-
-    plain = list(model.generate(prompt, 40, temperature=0.0))
-    assert len(set(ngrams(plain, 3))) < len(ngrams(plain, 3))  # the model loops without the ban
-    for n in (1, 2, 3, 4):
-        got = list(model.generate(prompt, 40, temperature=0.0, no_repeat_ngram_size=n))
-        assert got == written_out(n), n
-        assert len(set(ngrams(got, n))) == len(ngrams(got, n)), n
-    assert list(model.generate(prompt, 40, temperature=0.0, no_repeat_ngram_size=0)) == plain
-
-
-def test_top_p_keeps_the_most_likely_tokens_wherever_they_stand_in_the_vocabulary():
-    """The nucleus is taken in probability order and mapped back to the vocabulary: with the likely tokens
-    last in the vocabulary, top_p keeps them and drops the unlikely ones before them."""
-    logits = torch.log(torch.tensor([[0.05, 0.15, 0.5, 0.3], [0.3, 0.05, 0.15, 0.5]]))
-    g = torch.Generator().manual_seed(0)
-    drawn = [set(), set()]
-    for _ in range(300):
-        for row, t in enumerate(sample_next_token(logits, top_p=0.7, generator=g).view(-1).tolist()):
-            drawn[row].add(t)
-    assert drawn == [{2, 3}, {3, 0}]
-
-
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_sample_next_token_divides_the_logits_by_the_temperature(temperature):
-    """Each row's random number picks its token from the CDF of softmax(logits / temperature) (written out in
-    float64): a low temperature sharpens the distribution, a high one flattens it."""
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    uniform = torch.linspace(0.005, 0.995, 100, dtype=torch.float64)[:, None]
-    cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
-    want = torch.searchsorted(cdf, uniform.view(-1), right=True)
-    got = sample_next_token(logits.expand(100, -1), temperature=temperature, uniform=uniform).view(-1)
-    assert got.tolist() == want.tolist()
-    plain = sample_next_token(logits.expand(100, -1), uniform=uniform).view(-1)
-    assert got.tolist() != plain.tolist()  # the temperature changed some picks: the comparison is not vacuous
-
-
-def test_a_full_cache_refuses_one_more_token():
-    """A row holds max_len tokens, never more: exactly max_len fits (prefilled, or decoded up to it),
-    the next token, prefilled or decoded, is a clear error and leaves the cache as it was."""
-    model = random_model()
-    idx = random_tokens(model, 1, 9)
-    cache = model.new_kv_cache(1, max_len=8)
-    model(idx[:, :7], kv_cache=cache)
-    model.decode(idx[:, 7:8], cache)  # the 8th token: fits exactly
-    assert cache.pos == 8
-    with pytest.raises(ValueError, match="KV cache full"):
-        model.decode(idx[:, 8:9], cache)
-    with pytest.raises(ValueError, match="KV cache full"):
-        model(idx[:, 8:9], kv_cache=cache)
-    assert cache.pos == 8 and cache.seq_lens.tolist() == [8]
-
-
 def test_smear_across_the_cache_reads_a_previous_token_of_id_0():
     """Token id 0 is a token like any other: when it is the last cached one, the smear of the next token
     (prefilled or decoded on the cache) takes it in, as the full forward does."""
@@ -722,6 +625,37 @@ def test_smear_across_the_cache_reads_a_previous_token_of_id_0():
     pieces = [model(idx[:, :6], kv_cache=cache), model(idx[:, 6:9], kv_cache=cache)]
     pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_smear_after_a_single_cached_token_reads_it():
+    """A cache holding one token (a one-token prompt such as <|bos|>, or a rollback to it): the next token's
+    smear reads the token at position 0, whether it comes as a chunk or as a decode step."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 6)
+    full = model(idx)
+    for cuts in ([1, 4, 6], [1, 2, 3, 4, 5, 6]):
+        cache, pieces, start = model.new_kv_cache(2, max_len=6), [], 0
+        for end in cuts:
+            pieces.append(model(idx[:, start:end], kv_cache=cache))
+            start = end
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = idx[0, :1].tolist()
+    want = []
+    for _ in range(4):
+        want.append(int(model(torch.tensor([prompt + want]))[0, -1].argmax()))
+    assert list(model.generate(prompt, 4, temperature=0)) == want
+
+
+def test_swapped_rows_take_their_smear_token_with_them():
+    """KVCache.swap moves a row's token ids with its keys and values: after the swap each row's next token
+    (whose smear reads the cached previous token) gets the logits of its own sequence."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 7)
+    cache = model.new_kv_cache(2, max_len=8)
+    model(idx[:, :6], kv_cache=cache)
+    cache.swap(0, 1)
+    logits = model.decode(idx.flip(0)[:, 6:7], cache)
+    torch.testing.assert_close(logits, model(idx.flip(0))[:, -1].float(), atol=1e-5, rtol=1e-5)
 
 
 def test_qk_gain_scales_the_attention_logits_by_its_square(monkeypatch):
@@ -796,60 +730,3 @@ def test_recipe_forward_equals_its_definition_written_out(n_layer):
                 block.attn.ve_gate.weight.normal_(0.0, 0.5)
         idx = random_tokens(model, 2, 20)
         torch.testing.assert_close(model(idx), written_out_logits(model, idx), atol=1e-5, rtol=1e-5)
-
-
-def test_top_k_past_the_vocabulary_keeps_every_token():
-    """top_k larger than the vocabulary (a request may ask for 100; the tests' models have 96 tokens): no
-    error, the plain distribution."""
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    uniform = torch.tensor([[0.1], [0.6], [0.9], [0.99]], dtype=torch.float64)
-    got = sample_next_token(logits.expand(4, -1), top_k=1000, uniform=uniform).view(-1).tolist()
-    assert got == sample_next_token(logits.expand(4, -1), uniform=uniform).view(-1).tolist() == [0, 1, 2, 3]
-
-
-def test_decode_rows_past_keep_are_computed_not_kept():
-    """GPT.decode(keep=n): rows n.. only fill the compiled step's batch size. Their lengths (host and device)
-    stay as they were, however often they are fed, so an idle row never creeps toward (or past) max_len;
-    the kept rows' logits are those of decoding them alone."""
-    model = random_model(n_layer=3, **RECIPE)
-    idx = random_tokens(model, 2, 8)
-    cache = model.new_kv_cache(3, max_len=8)
-    model(idx[:, :4], kv_cache=cache)  # rows 0 and 1 hold 4 tokens, row 2 none
-    alone = model.new_kv_cache(2, max_len=8)
-    model(idx[:, :4], kv_cache=alone)
-    for t in range(4, 8):
-        tokens = torch.cat([idx[:, t:t + 1], torch.zeros(1, 1, dtype=torch.long)])  # row 2: a dummy token
-        logits = model.decode(tokens, cache, keep=2)
-        torch.testing.assert_close(logits[:2], model.decode(idx[:, t:t + 1], alone), atol=1e-5, rtol=1e-5)
-        assert cache.lengths == [t + 1, t + 1, 0] and cache.seq_lens.tolist() == [t + 1, t + 1, 0]
-
-
-def test_swapped_rows_take_their_smear_token_with_them():
-    """KVCache.swap moves a row's token ids with its keys and values: after the swap each row's next token
-    (whose smear reads the cached previous token) gets the logits of its own sequence."""
-    model = random_model(n_layer=3, **RECIPE)
-    idx = random_tokens(model, 2, 7)
-    cache = model.new_kv_cache(2, max_len=8)
-    model(idx[:, :6], kv_cache=cache)
-    cache.swap(0, 1)
-    logits = model.decode(idx.flip(0)[:, 6:7], cache)
-    torch.testing.assert_close(logits, model(idx.flip(0))[:, -1].float(), atol=1e-5, rtol=1e-5)
-
-
-def test_smear_after_a_single_cached_token_reads_it():
-    """A cache holding one token (a one-token prompt such as <|bos|>, or a rollback to it): the next token's
-    smear reads the token at position 0, whether it comes as a chunk or as a decode step."""
-    model = random_model(n_layer=3, **RECIPE)
-    idx = random_tokens(model, 2, 6)
-    full = model(idx)
-    for cuts in ([1, 4, 6], [1, 2, 3, 4, 5, 6]):
-        cache, pieces, start = model.new_kv_cache(2, max_len=6), [], 0
-        for end in cuts:
-            pieces.append(model(idx[:, start:end], kv_cache=cache))
-            start = end
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    prompt = idx[0, :1].tolist()
-    want = []
-    for _ in range(4):
-        want.append(int(model(torch.tensor([prompt + want]))[0, -1].argmax()))
-    assert list(model.generate(prompt, 4, temperature=0)) == want
