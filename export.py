@@ -398,6 +398,10 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
                           f"give a new or empty folder")
     model, tokenizer, ckpt = common.load_model(checkpoint, "cpu")
     check_plain(dataclasses.asdict(model.config))
+    broken = [name for name, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()]
+    if broken:  # a run that diverged: its logits would be NaN in transformers too, and mean nothing
+        raise ExportError(f"{checkpoint}: weights that are not finite (NaN or inf) in {', '.join(broken[:3])}"
+                          f"{' and others' if len(broken) > 3 else ''}; the run diverged: export an earlier checkpoint")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

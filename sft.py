@@ -463,7 +463,6 @@ def main(argv=None):
     pad_id = tokenizer.bos_id  # any id: padded positions have target -1
 
     stop, smoothed = common.StopSignal(), common.SmoothedLoss(state=loss_smooth)
-    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
 
     def save():
         if master:
@@ -480,7 +479,9 @@ def main(argv=None):
         log_file = common.open_log(out)
     first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
-    last = step >= steps
+    # the budget's clock starts with the steps, as the saved train_seconds do; a resumed finished run trains none
+    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
+    last = step >= steps or (budget is not None and budget.used_up(device))
     while not last:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step == first_step or step_in_epoch == 0:

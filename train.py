@@ -397,7 +397,6 @@ def main(argv=None):
                      + (e.hint.replace("--data", "--val-data") if e.hint else "check --val-data"))
     resumed = resume(cfg, raw_model, tokenizer, optimizers, loader, rank, world_size, log) if cfg.resume else {}
     step, tokens_seen = resumed.get("step", 0), resumed.get("tokens", 0)
-    budget = common.TimeBudget(cfg.time_budget, resumed.get("train_seconds", 0.0)) if cfg.time_budget else None
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     stop, smoothed = common.StopSignal(), common.SmoothedLoss(state=resumed.get("loss_smooth", (0.0, 0)))
@@ -431,7 +430,9 @@ def main(argv=None):
 
     first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []
     start_time, window_start, window_tokens = time.time(), time.time(), 0
-    last = step >= steps
+    # the budget's clock starts with the steps, as the saved train_seconds do; a resumed finished run trains none
+    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
+    last = step >= steps or (budget is not None and budget.used_up(device))
     while not last:
         progress = budget.fraction(device) if budget else tokens_seen / (steps * cfg.total_batch_size)
         settings = schedule(cfg, step, progress)

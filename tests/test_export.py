@@ -357,3 +357,30 @@ def test_lm_eval_agrees_with_eval_py(tmp_path, exported):
         for scores in (lls, [s / len(c) for s, c in zip(lls, ex["choices"])]):  # acc's and acc_norm's
             best, second = sorted(scores, reverse=True)[:2]
             assert best - second > 10 * LL_ATOL  # no near-ties: equal accuracies are not luck
+
+
+def test_generation_stops_at_the_end_of_a_turn_and_at_a_new_document(exported):
+    _, tokenizer, folder = exported
+    config = transformers.GenerationConfig.from_pretrained(folder)
+    assert set(config.eos_token_id) == {tokenizer.special["<|assistant_end|>"], tokenizer.bos_id}
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, small_tokenizer):
+    path = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")  # a run that diverged
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"error: .*weights that are not finite \(NaN or inf\) in lm_head.weight; the run diverged"):
+        export.main(["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_exporting_again_replaces_an_earlier_export(tmp_path, small_tokenizer):
+    make_checkpoint(tmp_path / "a", small_tokenizer, kind="base", seed=1)
+    make_checkpoint(tmp_path / "b", small_tokenizer, kind="base", seed=2)
+    export.export(tmp_path / "a", tmp_path / "hf")
+    export.export(tmp_path / "b", tmp_path / "hf")
+    model, _, _ = common.load_model(tmp_path / "b")
+    back, _, _ = common.load_model(tmp_path / "hf")
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name

@@ -13,9 +13,10 @@ import torch
 import chatdata
 import common
 import data
+import optim
 import sft
-import train
 from conftest import FIXTURE_TEXT, make_checkpoint, sigkill_when_file_appears
+from test_train import GradCapture
 from tok import check_conversation, parse_conversation, render_conversation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,3 +306,101 @@ def test_stop_rate_shows_a_model_that_answers_everything_with_its_name(tmp_path,
         yield from (name if next(answers) % 3 == 0 else other) + [tokenizer.special["<|assistant_end|>"]]
     monkeypatch.setattr(gpt.GPT, "generate", generate)
     assert sft.stop_rate(model, tokenizer, conversations) == (6, 6, 2)
+
+
+def test_step_loss_is_the_mean_over_all_trained_tokens_of_the_step(tmp_path, small_tokenizer):
+    """A micro-batch of long answers weighs as much per token as one of short answers: the loss (and its
+    gradient) is the sum over the step's trained tokens divided by their count, not a mean of micro-batch means."""
+    model, tokenizer, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer))
+    model.train()
+    short = [{"role": "user", "content": "Hallo?"}, {"role": "assistant", "content": "Ja."}]
+    answer = " ".join(c["messages"][1]["content"] for c in fixture_conversations(3))
+    long = [{"role": "user", "content": "Erzähl."}, {"role": "assistant", "content": answer}]
+    convs = [render_conversation(tokenizer, m, 120) for m in (short, short, long)]
+    micro = [sft.collate(convs[:2], tokenizer.bos_id), sft.collate(convs[2:], tokenizer.bos_id)]
+    n_trained = sum(sum(mask[1:]) for _, mask in convs)
+    assert sum(convs[2][1][1:]) > 5 * sum(convs[0][1][1:])  # very different micro-batches
+    total = sum(model(x, y, loss_reduction="sum") for x, y in micro) / n_trained
+    total.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    capture = GradCapture(model)
+    loss = sft.sft_step(model, [capture], micro, n_trained, 1, 1.0, "cpu", torch.float32)
+    assert loss == pytest.approx(total.item(), rel=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(capture.grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_validation_loss_is_the_mean_over_trained_tokens(tmp_path, small_tokenizer):
+    """Padding and untrained (prompt) tokens do not count: conversations of different lengths in one batch
+    give the per-token mean of each conversation's own trained tokens."""
+    model, tokenizer, _ = common.load_model(make_checkpoint(tmp_path, small_tokenizer))
+    convs = [render_conversation(tokenizer, c["messages"]) for c in fixture_conversations(5)]
+    nats = count = 0.0
+    with torch.no_grad():
+        for conv in convs:  # one at a time: no padding
+            x, y = sft.collate([conv], tokenizer.bos_id)
+            nats += model(x, y, loss_reduction="sum").item()
+            count += sum(conv[1][1:])
+    got = sft.validation_loss(model, convs, 4, 0, 1, tokenizer.bos_id, "cpu")
+    assert got == pytest.approx(nats / count, rel=1e-5)
+
+
+def test_each_epoch_trains_in_its_own_order(setup, monkeypatch):
+    """Step s of epoch e takes its examples from epoch_order(n, seed, e): a new permutation every epoch."""
+    seen = []
+    original = sft.step_batches
+
+    def recording(conversations, order, step_in_epoch, *args):
+        seen.append((list(order), step_in_epoch, len(conversations)))
+        return original(conversations, order, step_in_epoch, *args)
+    monkeypatch.setattr(sft, "step_batches", recording)
+    sft.main(args_for(setup, "chat", "--identity-repeat", "0", "--max-steps", "12", "--eval-every", "0",
+                      "--save-every", "0", "--identity-samples", "0", "--stop-rate-conversations", "0"))
+    n = seen[0][2]
+    assert n == 40 and len(seen) == 12  # 10 steps of 4 per epoch
+    for step, (order, step_in_epoch, _) in enumerate(seen):
+        epoch, expected_step = divmod(step, n // 4)
+        assert step_in_epoch == expected_step and order == sft.epoch_order(n, 1337, epoch), step
+
+
+def test_learning_rates_are_scaled_by_init_lr_frac(setup):
+    sft.main(args_for(setup, "chat", "--max-steps", "1", "--eval-every", "0", "--identity-samples", "0",
+                      "--stop-rate-conversations", "0", "--init-lr-frac", "0.25"))
+    model, _, ckpt = common.load_model(setup / "chat")
+    cfg = sft.SFTConfig(**{k: v for k, v in ckpt["train_config"].items()})
+    fresh = optim.build_optimizers(model, cfg)
+    for opt, saved in zip(fresh, ckpt["optimizers"]):
+        for group, saved_group in zip(opt.param_groups, saved["param_groups"]):
+            assert saved_group["initial_lr"] == pytest.approx(0.25 * group["initial_lr"])
+            assert saved_group["lr"] == pytest.approx(0.25 * group["initial_lr"])  # lr_mult 1.0 at the first step
+
+
+def test_resume_refuses_another_examples_per_step(setup):
+    sft.main(args_for(setup, "c", "--stop-after-steps", "1", "--identity-samples", "0"))
+    with pytest.raises(SystemExit, match=r"trained with other --examples-per-step \(4, now 8\)"):
+        sft.main(args_for(setup, "c", "--resume", "--examples-per-step", "8"))
+
+
+def test_a_fractional_weight_keeps_a_prefix_of_the_conversations(tmp_path, small_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", fixture_conversations(10))
+    load = lambda spec: chatdata.load_conversations(data.parse_specs(spec), small_tokenizer, 1000, log=lambda *a: None)
+    once = load(f"jsonl://{path}")
+    assert load(f"jsonl://{path}?weight=0.5") == once[:5]
+    assert load(f"jsonl://{path}?weight=1.3") == once + once[:3]
+
+
+def test_dolly_context_goes_into_the_question():
+    messages = chatdata.to_messages({"instruction": "Fasse zusammen.", "context": "Die Elbe fließt.",
+                                     "response": "Ein Fluss.", "category": "summarization"})
+    assert messages[0]["content"] == "Fasse zusammen.\n\nDie Elbe fließt."
+
+
+def test_resuming_a_finished_time_budget_run_trains_nothing(setup):
+    """As train.py's: a run whose budget is spent, resumed, trains no step."""
+    flags = ("--time-budget", "0.01", "--max-steps", "0", "--eval-every", "0", "--save-every", "0",
+             "--identity-samples", "0", "--stop-rate-conversations", "0")
+    sft.main(args_for(setup, "budget", *flags))
+    first = common.load_checkpoint(common.latest_checkpoint(setup / "budget"))
+    sft.main(args_for(setup, "budget", *flags, "--resume"))
+    assert common.load_checkpoint(common.latest_checkpoint(setup / "budget"))["step"] == first["step"]
