@@ -245,3 +245,83 @@ def test_metrics_need_the_key_and_every_response_is_counted_with_nosniff(keyed):
     after = responses_counted(keyed)
     counted = {code: n - before.get(code, 0) for code, n in after.items() if n != before.get(code, 0)}
     assert counted == {"200": 1, "400": 1, "401": 4, "404": 1}  # the 200: the first /metrics itself
+
+
+def test_buckets_at_their_edges():
+    """A bucket holds at most a minute's worth, however long it stood idle; a token bucket at exactly zero is in
+    debt (the next request waits); what an answer gives back never fills a bucket past its minute's worth, and
+    only a reservation's first settle counts; a reservation split for n answers keeps every token."""
+    clock = Clock()
+    gate = access.Access(requests_per_minute=3, tokens_per_minute=10, clock=clock)
+    me = gate.identify("192.0.2.1", None, None)
+    level = lambda kind: gate.buckets[kind, me.rate_key].level
+    gate.admit(me)
+    clock.now += 3600  # an hour idle: 3 requests now, not 60
+    for _ in range(3):
+        gate.admit(me)
+    with pytest.raises(access.RateLimited) as e:
+        gate.admit(me)
+    assert e.value.retry_after == 20
+    clock.now += 60
+    answer = gate.reserve(me, 10)  # exactly what is left: zero is a debt too
+    assert level("tokens") == 0
+    with pytest.raises(access.RateLimited, match="10 generated tokens per minute") as e:
+        gate.admit(me)
+    assert e.value.retry_after == 6
+    clock.now += 60  # refilled to 10 while the answer ran
+    answer.settle(4)  # 6 unused: the bucket still holds 10, not 16
+    assert level("tokens") == 10
+    answer = gate.reserve(me, 7)
+    answer.settle(5)  # gives back 2
+    answer.settle(0)  # only the first settle counts
+    assert level("tokens") == 5
+    parts = gate.reserve(me, 5).split(2)  # n = 2: 3 + 2, no token lost in the split
+    assert [part.tokens for part in parts] == [3, 2] and level("tokens") == 0
+    for part in parts:
+        part.settle(0)
+    assert level("tokens") == 5
+
+
+def test_a_request_the_queue_refuses_leaves_no_job_and_no_reservation_behind():
+    """A request's n answers are queued all or none: when the queue takes the first and refuses the second,
+    the first is cancelled (it would run for nobody) and the request's whole token reservation comes back."""
+    import engine
+    import serve
+    from session import Sampling
+    gate = access.Access(tokens_per_minute=100, clock=Clock())
+    me = gate.identify("192.0.2.1", None, None)
+
+    class OneSlot:  # an engine whose queue has room for one job
+        def __init__(self):
+            self.queued, self.cancelled = [], []
+
+        def submit(self, job):
+            if self.queued:
+                raise engine.QueueFull("the server is busy")
+            self.queued.append(job)
+
+        def cancel(self, job):  # as Queue.cancel does for a waiting job: its last event
+            self.cancelled.append(job)
+            job.emit("cancelled")
+    one_slot = OneSlot()
+    jobs = [engine.Job([1, 2, 3], Sampling(), deliver=lambda event: None) for _ in range(2)]
+    with pytest.raises(serve.APIError) as e:
+        serve.submit_all(one_slot, jobs, gate.reserve(me, 40).split(2))
+    assert e.value.status == 429 and e.value.code == "queue_full"
+    assert one_slot.cancelled == [jobs[0]]
+    assert gate.buckets["tokens", me.rate_key].level == 100
+
+
+def test_the_token_limit_charges_the_stop_token(guarded, limits, monkeypatch, small_tokenizer):
+    """An answer is charged what its usage.completion_tokens says it generated, the stop token that ends it
+    included (engine.completion_tokens, the one rule). The model's tokens are scripted: two, then the stop."""
+    import gpt
+    import torch
+    limits(tokens=10)
+    a = small_tokenizer.encode("ab")[0]
+    script = iter([a, a, small_tokenizer.special["<|assistant_end|>"]])
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *args, **kw: torch.tensor([[next(script)]]))
+    rate_key = guarded.access.identify("-", f"Bearer {KEYS[0]}", None).rate_key
+    status, _, answer = post(guarded, chat_body(QUESTIONS[0], max_tokens=8), bearer(KEYS[0]))
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+    assert guarded.access.buckets["tokens", rate_key].level == 10 - 3

@@ -319,6 +319,10 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
     ({"messages": user("Hallo"), "stream": 1}, 422, "invalid_type", "stream must be true or false"),
     ({"messages": user("Hallo"), "max_tokens": 5, "max_completion_tokens": 6}, 400, "invalid_value", "disagree"),
     ({"messages": user("Hallo"), "prompt_cache_key": 7}, 422, "invalid_type", "prompt_cache_key"),
+    # a limit names the field the client sent: max_completion_tokens (OpenAI's newer name) is checked as max_tokens
+    ({"messages": user("Hallo"), "max_completion_tokens": LONG + 1}, 400, "max_tokens_too_large",
+     f"max_completion_tokens is {LONG + 1}"),
+    ({"messages": user("Hallo"), "max_completion_tokens": 0}, 400, "invalid_value", "max_completion_tokens must be"),
     # issue 29: a lone surrogate (half of a UTF-16 pair, which JSON can escape) was a 500 where it was echoed
     (b'{"messages": [{"role": "user", "content": "Hallo"}], "temperature": "\\ud800"}', 400, "invalid_text",
      "temperature is not valid text"),
@@ -565,3 +569,61 @@ def test_base_model_serves_completions_only(base_server):
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == choice["text"]
     assert get(base_server, "/v1/models")[1]["data"][0]["kind"] == "base"
     assert post(base_server, "/v1/completions", {"prompt": ""})[0] == 422
+
+
+GOOD_REQUESTS = [  # at the edge of a limit, or spelled as OpenAI also allows: answered, not refused
+    ({"messages": user("Hallo"), "max_tokens": 3, "stop": [f"§{i}§" for i in range(16)]}, "16 stop sequences"),
+    ({"messages": user("Hallo"), "max_tokens": 3, "stop": "§" * 256}, "a stop sequence of 256 characters"),
+    ({"messages": [{"role": "developer", "content": "Sei kurz."}, *user("Hallo")], "max_tokens": 3},
+     "the developer role"),
+    ({"messages": user("Hallo"), "max_completion_tokens": 3}, "max_completion_tokens alone"),
+    (b'{"messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 3, "temperature": 0, "metadata": '
+     + b"[" * 31 + b"]" * 31 + b"}", "a body nested 32 deep"),
+]
+
+
+@pytest.mark.parametrize("body,what", GOOD_REQUESTS, ids=[w for _, w in GOOD_REQUESTS])
+def test_requests_at_the_limits_are_answered(server, body, what):
+    if isinstance(body, dict):
+        body = {"temperature": 0, **body}
+    status, answer = post(server, "/v1/chat/completions", body)
+    assert status == 200 and 0 < answer["usage"]["completion_tokens"] <= 3, (what, answer)
+
+
+def test_usage_chunk_only_when_asked_for(server):
+    """stream_options.include_usage false (or absent): no usage chunk, the finish chunk comes right before [DONE]."""
+    for options in ({"include_usage": False}, {}):
+        events = read_stream(server, chat_body(QUESTIONS[2], max_tokens=4, stream_options=options))
+        assert events[-1] == "[DONE]" and not any("usage" in e for e in events[:-1]), options
+        assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_one_at_a_time_engine_keeps_the_cache_per_client(base_server):
+    """--max-batch 1 (the base server's Engine) keeps one KV cache: a request reuses it only under the same
+    prompt_cache_key, as test_kv_cache_is_not_shared_between_clients shows for the batched engine."""
+    body = {"prompt": "Das Passwort ist Kuckucksuhr. Verrate es niemandem.", "temperature": 0, "max_tokens": 4}
+    cached = lambda **key: post(base_server, "/v1/completions", {**body, **key})[1]["usage"]["prompt_tokens_details"][
+        "cached_tokens"]
+    assert cached(prompt_cache_key="a" * 32) == 0
+    assert cached(prompt_cache_key="a" * 32) > 5  # the same client: its prompt is cached
+    assert cached(prompt_cache_key="b" * 32) == 0  # another client, the same prompt: computed from scratch
+    assert cached() == 0
+
+
+def test_seed_repeats_a_sampled_answer_one_at_a_time(base_server):
+    """OpenAI's seed on the one-at-a-time engine (--max-batch 1) too: the same seed, the same answer."""
+    body = {"prompt": "Die Hauptstadt von Deutschland ist", "max_tokens": 30, "temperature": 1.0}
+    first, again, other = (post(base_server, "/v1/completions", {**body, "seed": seed})[1]["choices"][0]["text"]
+                           for seed in (7, 7, 8))
+    assert first == again and first != other
+
+
+def test_the_same_request_again_reuses_its_cache(server):
+    """A client sends the same conversation again (the page's "regenerate"): its row holds the whole prompt, all
+    of it but the last token is reused (that one is computed for the first answer token's logits)."""
+    body = {**chat_body(QUESTIONS[3], max_tokens=8), "prompt_cache_key": "c" * 32}
+    first = post(server, "/v1/chat/completions", body)[1]
+    status, again = post(server, "/v1/chat/completions", body)
+    assert status == 200, again
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    assert again["choices"] == first["choices"]

@@ -514,3 +514,37 @@ def test_page_stop_ends_the_generation(live, hold, browser, monkeypatch):
     check_stopped_at_the_hold(live, h, before)
     bubbles = wait_for(lambda: page_done(browser, 2), 30, "the answer to stop")
     assert bubbles[-1]["state"] == "abgebrochen" and bubbles[-1]["text"] and bubbles[-1]["pieces"] == 4
+
+
+def test_a_stream_that_asked_for_usage_still_ends_cleanly_after_an_error(live, hold):
+    """stream_options.include_usage: a streamed answer that ends in an error has no usage to report; the stream
+    still ends with the error event and [DONE] (a usage chunk of the unfinished answer would crash mid-stream)."""
+    live.idle()
+    h = hold(2)
+    stream = Stream(live.url, chat_body(QUESTIONS[1], max_tokens=LONG, stream_options={"include_usage": True}))
+    job = h.wait()
+    job.deadline = time.monotonic() - 1
+    h.release.set()
+    events = list(stream.events())
+    stream.close()
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
+    assert not any("usage" in e for e in events[:-1])
+
+
+def test_the_next_turn_reuses_the_cached_answer_too(live, monkeypatch, small_tokenizer):
+    """A row keeps the answer's tokens as well as the prompt's: the next turn of the same conversation (the same
+    prompt_cache_key) computes only its new message, not the previous answer again. The answer is scripted as
+    valid text (the random model's bytes need not survive being decoded and encoded again)."""
+    tok = small_tokenizer
+    answer = tok.encode("Wien ist die Hauptstadt.")
+    script = iter([*answer, tok.special["<|assistant_end|>"]])
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *args, **kw: torch.tensor([[next(script)]]))
+    body = lambda messages: {**chat_body("", max_tokens=64), "messages": messages, "prompt_cache_key": "d" * 32}
+    first = user(QUESTIONS[1])
+    status, a1 = post(live.url, "/v1/chat/completions", body(first))
+    assert status == 200 and a1["usage"]["completion_tokens"] == len(answer) + 1, a1
+    monkeypatch.undo()  # the next answer is the model's own
+    second = first + [{"role": "assistant", "content": a1["choices"][0]["message"]["content"]}] + user("Und?")
+    status, a2 = post(live.url, "/v1/chat/completions", body(second))
+    assert status == 200, a2
+    assert a2["usage"]["prompt_tokens_details"]["cached_tokens"] == a1["usage"]["prompt_tokens"] + len(answer), (a1, a2)

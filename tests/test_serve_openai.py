@@ -215,3 +215,13 @@ def test_dropped_messages_are_counted_in_a_header(server):
     assert status == 200 and head["X-Dropped-Messages"] == "2"
     status, head, _ = request(server, "POST", "/v1/chat/completions", {**body, "messages": user("Hallo")})
     assert status == 200 and head["X-Dropped-Messages"] is None
+
+
+def test_the_servers_system_message_only_where_a_request_brings_none():
+    """--system is for requests without a system message; one that brings its own keeps it (and gets no second)."""
+    import openai_api
+    limits, system = openai_api.Limits(), "Sei kurz."
+    mine = [{"role": "system", "content": "Antworte auf Englisch."}, *user("Hallo")]
+    assert openai_api.read_messages({"messages": mine}, limits, system) == mine
+    assert openai_api.read_messages({"messages": user("Hallo")}, limits, system) == [
+        {"role": "system", "content": system}, *user("Hallo")]
