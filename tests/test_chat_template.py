@@ -92,3 +92,26 @@ def test_long_conversation_is_cut_at_a_turn_boundary(small_tokenizer):
     assert render_conversation(tok, CONVERSATION, max_tokens=len(full))[0] == full
     with pytest.raises(ConversationError, match="too long"):
         render_conversation(tok, CONVERSATION, max_tokens=len(first_exchange) - 1)
+
+
+@pytest.mark.parametrize("ends_with", ["assistant", "user"])
+def test_system_message_alone_is_rejected_with_the_reason(ends_with):
+    with pytest.raises(ConversationError, match=f"must end with a\\(n\\) {ends_with} message"):
+        check_conversation([{"role": "system", "content": "Du bist hilfreich."}], ends_with=ends_with)
+
+
+def test_parse_refuses_unclosed_and_mismatched_messages(small_tokenizer):
+    tok = small_tokenizer
+    ids, _ = render_conversation(tok, CONVERSATION)
+    with pytest.raises(ConversationError, match="the assistant message is not closed"):
+        parse_conversation(tok, ids[:-1])
+    wrong_end = ids[:-1] + [tok.special["<|user_end|>"]]  # an assistant message closed as a user's
+    with pytest.raises(ConversationError, match="out of place"):
+        parse_conversation(tok, wrong_end)
+
+
+def test_cut_conversation_may_fill_max_tokens_exactly(small_tokenizer):
+    """A cut conversation exactly max_tokens long fits (as an uncut one does): no exchange is refused for it."""
+    tok = small_tokenizer
+    first_exchange, first_mask = render_conversation(tok, CONVERSATION[:3])
+    assert render_conversation(tok, CONVERSATION, max_tokens=len(first_exchange)) == (first_exchange, first_mask)

@@ -497,23 +497,26 @@ def test_rms_norm_op_launches_triton_and_backprops(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_rms_norm_reference_path_matches_pytorch(dtype, monkeypatch):
-    monkeypatch.setattr(rmsnorm, "_triton_fwd", None)
+def test_rms_norm_op_reference_path_matches_pytorch(dtype, monkeypatch):
+    """The custom op off the Triton path runs rmsnorm's PyTorch reference (the oracle bench/gpu_norms.py checks
+    the GPU kernels against); kernels.rms_norm on a CPU never reaches it (it calls F.rms_norm), so call the op."""
+    monkeypatch.setattr(rmsnorm, "_triton_fwd", None)  # would raise if called
     monkeypatch.setattr(rmsnorm, "_triton_bwd", None)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 7, 48, generator=g, dtype=dtype, requires_grad=True)
     dy = torch.randn(4, 7, 48, generator=g, dtype=dtype)
-    y = kernels.rms_norm(x, 1e-6)
+    y, rstd = kernels.rms_norm_op(x, 1e-6)
     y.backward(dy)
-    ref_y, _, ref_dx = norm_oracle(x, dy, 1e-6)
+    ref_y, ref_rstd, ref_dx = norm_oracle(x, dy, 1e-6)
     tol = (1e-12, 1e-10) if dtype == torch.float64 else NORM_TOL[torch.float32]
     assert_close(y, ref_y, tol, "y")
+    assert_close(rstd, ref_rstd.to(rstd.dtype), tol, "rstd")
     assert_close(x.grad, ref_dx, tol, "dx")
 
 
-def test_rms_norm_gradcheck_reference_float64():
+def test_rms_norm_op_gradcheck_reference_float64():
     x = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: kernels.rms_norm(t, 1e-6), (x,))
+    assert torch.autograd.gradcheck(lambda t: kernels.rms_norm_op(t, 1e-6)[0], (x,))
 
 
 def test_rms_norm_opcheck_reference():
@@ -620,3 +623,42 @@ def test_rms_norm_launch_config_is_cached():
     assert rmsnorm._launch_config(768, "cuda") == dict(N_COLS=768, BLOCK_ROWS=4, BLOCK_COLS=1024, num_warps=8)
     assert rmsnorm._launch_config(128, "cuda") == dict(N_COLS=128, BLOCK_ROWS=32, BLOCK_COLS=128, num_warps=8)
     assert rmsnorm._launch_config(1, "cuda")["BLOCK_COLS"] == 1
+
+
+def test_flash_attn_off_triton_path_window_just_short_of_the_sequence(monkeypatch):
+    """A window of T - 2 still cuts a key off (T - 1 is the first that does not): SDPA must get the mask."""
+    window = 39
+    monkeypatch.setattr(attention, "flash_attn_op", None)  # would raise if called
+    q, k, v, dout = attention_inputs(2, 4, 2, 41, 32, torch.float32, layout="bthd")
+    q, k, v = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    out = kernels.flash_attn(q, k, v, window=window)
+    out.backward(dout.cpu())
+    ref = attention_oracle(q, k, v, dout, window)
+    tol = ATTN_TOL[torch.float32]
+    assert_close(out, ref[0], tol, "out")
+    for name, t, want in zip("qkv", (q, k, v), ref[2:]):
+        assert_close(t.grad, want, tol, f"d{name}")
+
+
+def test_attention_op_refuses_mixed_dtypes():
+    """q, k and v of different dtypes are refused with the reason (the Triton kernel would not compile them)."""
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        kernels.flash_attn_op(q, q.double(), q.double(), -1)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        kernels.flash_attn_op(q, q, q.half(), -1)
+
+
+def test_attention_kernels_take_any_layout():
+    """The kernels read the head dim at stride 1; q, k, v or dout laid out otherwise (e.g. a gradient that
+    autograd hands back transposed) are copied, not misread."""
+    q, k, v, dout = attention_inputs(1, 2, 2, 20, 16, torch.float32)
+    head_dim_outer = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) = T
+    with run_triton():
+        out, lse = attention._triton_fwd(head_dim_outer(q), head_dim_outer(k), head_dim_outer(v), -1)
+        dq, dk, dv = attention._triton_bwd(head_dim_outer(dout), head_dim_outer(q), head_dim_outer(k),
+                                           head_dim_outer(v), head_dim_outer(out), lse, -1)
+    ref = attention_oracle(q, k, v, dout)
+    tol = ATTN_TOL[torch.float32]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref[0], *ref[2:])):
+        assert_close(got, want, tol, name)

@@ -1,4 +1,5 @@
 """Tests for tok.py: the German byte-level BPE tokenizer."""
+import copy
 import json
 import unicodedata
 from pathlib import Path
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
-from tokenizers import Regex, pre_tokenizers
+from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers
 
 import data
 import tok
@@ -254,3 +255,84 @@ def test_cli_help_names_the_real_default_data(capsys):
     for spec in data.DEFAULT_PRETRAIN_SPEC.split():
         assert f"\n  {spec}\n" in out  # each source whole, on its own line
     assert "FineWeb-2 deu_Latn on the hub" not in out  # the old, wrong default
+
+
+def test_encode_batch_normalizes_like_encode(tokenizer):
+    """encode_batch (what packing and bytes_per_token use) must NFC-normalise like encode: same ids."""
+    combining = ["Gro\u0308\u00dfe", "Cafe\u0301 na\u0131\u0308ve"]
+    assert tokenizer.encode_batch(combining) == [tokenizer.encode(t) for t in combining]
+    assert tokenizer.encode_batch(combining)[0] == tokenizer.encode("Größe")
+
+
+def test_decode_of_broken_utf8_replaces_instead_of_raising(tokenizer):
+    """A model can emit ids that cut a character in two; decode shows U+FFFD, it never raises."""
+    ids = tokenizer.encode("𝄞")
+    assert len(ids) > 1  # the rare character is split over byte tokens in this small vocabulary
+    assert tokenizer.decode(ids[:-1]) == "\ufffd"
+    lone = tokenizer.id_to_bytes.index(b"\xff")  # a byte that is never valid UTF-8
+    assert tokenizer.decode([lone] + tokenizer.encode("Hallo")) == "\ufffdHallo"
+
+
+def test_stream_decoder_replaces_broken_utf8_and_flushes_a_cut_character(tokenizer):
+    """Streaming: an invalid byte shows U+FFFD at once; a character left incomplete at the end shows
+    U+FFFD on flush(), rather than vanishing or raising."""
+    decoder = tokenizer.stream_decoder()
+    lone = tokenizer.id_to_bytes.index(b"\xff")
+    assert decoder.push(lone) == "\ufffd"
+    ids = tokenizer.encode("𝄞")
+    assert "".join(decoder.push(i) for i in ids[:-1]) == ""  # held back: incomplete
+    assert decoder.flush() == "\ufffd"
+
+
+def test_failed_save_keeps_the_old_tokenizer_and_leaves_no_temp_file(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    before = (tmp_path / "tokenizer.json").read_text()
+
+    class FullDisk:
+        def save(self, path):
+            with open(path, "w") as f:
+                f.write('{"half written')
+            raise Exception("No space left on device")
+
+    broken = copy.copy(tokenizer)
+    broken.hf = FullDisk()
+    with pytest.raises(OSError, match="cannot write"):
+        broken.save(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
+def test_load_damaged_file_gives_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": kaputt')
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_load_accepts_the_json_file_itself(tokenizer, tmp_path):
+    """common.py loads `path / "tokenizer.json"`: a file path works as well as its folder."""
+    tokenizer.save(tmp_path)
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.encode("„Größe“ 1.000,50 €") == tokenizer.encode("„Größe“ 1.000,50 €")
+    assert loaded.special == tokenizer.special
+
+
+def test_tokenizer_without_special_tokens_is_refused():
+    """A tokenizer.json not made by tok.py (no chat tokens) is refused with the reason, not a TypeError later."""
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        Tokenizer.from_json(HFTokenizer(models.BPE()).to_str())
+
+
+def test_saved_tokenizer_json_normalizes_for_other_tools(tokenizer, tmp_path):
+    """tokenizer.json (what export.py hands to transformers) carries the NFC normalizer: HF's own encoder
+    gives the ids tok.py trained with for text typed with combining marks."""
+    tokenizer.save(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode("Gro\u0308\u00dfe", add_special_tokens=False).ids == tokenizer.encode("Größe")
+
+
+def test_cli_blank_documents_give_clear_error(tmp_path):
+    """Rows that are all empty or blank: no tokenizer trained on nothing is saved."""
+    write_parquet(tmp_path / "in.parquet", ["", "   ", ""])
+    with pytest.raises(SystemExit, match="no text found"):
+        tok.main(["--data", f"parquet://{tmp_path}/in.parquet", "--vocab-size", "320", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "tokenizer.json").exists()
