@@ -439,6 +439,9 @@ def main(argv=None):
     except OSError as e:
         Path(f"{meta_file}.tmp").unlink(missing_ok=True)
         sys.exit(f"error: {e}; free disk space or choose another --out")
+    if tokenizer.vocab_size < args.vocab_size:  # BPE ran out of pairs to merge: the model gets this odd size
+        print(f"warning: the text gave only {tokenizer.vocab_size:,} tokens of the {args.vocab_size:,} asked (not a "
+              f"multiple of 64, which GPU matrices prefer): train on more text, or ask for fewer")
     print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
           f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
           f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")
