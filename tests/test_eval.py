@@ -408,3 +408,102 @@ def test_tokenizer_and_pretraining_write_their_sections(tmp_path, small_tokenize
     with pytest.raises(SystemExit, match="error: unknown task"):
         train.main(["--preset", "nano", "--tokenizer", str(tmp_path / "tok"), "--eval-tasks", "nope",
                     "--data", f"parquet://{tmp_path}/train.parquet", "--out", str(tmp_path / "x")])
+
+
+# --- from a mutation audit of evaluation.py --------------------------------------------
+
+def test_a_choice_longer_than_the_window_is_scored_on_every_token_that_fits(small_tokenizer):
+    tk = small_tokenizer
+    choice = " " + " ".join(LINES[:2])  # far more than 8 tokens
+    [(ids, n)] = ev.choice_rows(tk, dict(context="Er sagte", choices=[choice], label=0), seq_len=8)
+    assert len(ids) == 9 and n == 8 and ids == tk.encode(choice)[-9:]  # every prediction is of a choice token
+    sums, _ = ev.continuation_scores(LogitsStub(torch.zeros(tk.vocab_size)), [(ids, n)], "cpu")
+    assert sums == pytest.approx([-8 * math.log(tk.vocab_size)])
+
+
+def test_lambada_needs_every_token_of_the_word(small_tokenizer):
+    tk = small_tokenizer
+    word = next(w for w in (" Tür", " Ei", " Zelt") if len(set(tk.encode(w))) >= 2)
+    logits = torch.zeros(tk.vocab_size)
+    logits[tk.encode(word)[0]] = 5.0  # greedy gets the first token of the word, never the second
+    r = ev.evaluate_task(LogitsStub(logits), tk, [dict(context="Wir wohnen hier", choices=[word], label=0)], "cpu",
+                         kind="greedy")
+    assert r["acc"] == 0.0
+
+
+def test_greedy_tasks_check_the_labelled_choice(small_tokenizer):
+    tk = small_tokenizer
+    word = next(w for w in (" die", " der", " und", " in") if len(tk.encode(w)) == 1)
+    logits = torch.zeros(tk.vocab_size)
+    logits[tk.encode(word)[0]] = 5.0
+    examples = [dict(context="Wir wohnen hier", choices=[" Zelt", word], label=1),
+                dict(context="Wir wohnen hier", choices=[word, " Zelt"], label=0)]
+    r = ev.evaluate_task(LogitsStub(logits), tk, examples, "cpu", kind="greedy")
+    assert r["acc"] == 1.0
+
+
+def test_equal_scores_pick_the_first_choice(small_tokenizer):
+    assert ev.argmax([1.0, 3.0, 3.0, 2.0]) == 1
+    tk = small_tokenizer
+    uniform = LogitsStub(torch.zeros(tk.vocab_size))
+    same = [" Haus", " Haus"]  # the same score and the same length: a tie on both rules
+    r = [ev.evaluate_task(uniform, tk, [dict(context="Das ist ein", choices=same, label=label)], "cpu")
+         for label in (0, 1)]
+    assert [(x["acc"], x["acc_norm"]) for x in r] == [(1.0, 1.0), (0.0, 0.0)]
+
+
+def test_acc_norm_divides_by_characters_not_bytes(small_tokenizer):
+    tk = small_tokenizer
+    uniform = LogitsStub(torch.zeros(tk.vocab_size))
+    choices = [" ää", " Ofen"]  # umlauts: fewer characters than UTF-8 bytes
+    n_tokens = [len(tk.encode(c)) for c in choices]
+    by_char = ev.argmax([-n / len(c) for n, c in zip(n_tokens, choices)])
+    by_byte = ev.argmax([-n / len(c.encode()) for n, c in zip(n_tokens, choices)])
+    assert by_char != by_byte  # the fixture makes the two rules disagree
+    r = ev.evaluate_task(uniform, tk, [dict(context="Das ist", choices=choices, label=by_char)], "cpu")
+    assert r["acc_norm"] == 1.0
+
+
+def test_row_labels_outside_the_choices_are_refused():
+    with pytest.raises(ev.SkipRow, match="not the index"):
+        ev.hellaswag_example({**HELLASWAG, "label": "2"})  # two endings: 0 or 1
+    with pytest.raises(ValueError, match='"label" must be the index'):
+        ev.local_example(dict(context="x", choices=["a", "b"], label=-1))
+    assert ev.local_example(dict(context="", choices=["a", " b"], label=0)) == dict(context="", choices=["a", " b"],
+                                                                                   label=0)
+
+
+def test_a_local_file_named_like_a_hub_task_is_read_in_the_local_format(tmp_path):
+    task = ev.make_task("arc", f"jsonl://{write_jsonl(tmp_path / 'arc.jsonl', QUIZ)}")
+    assert ev.load_examples(task) == [ev.local_example(row) for row in QUIZ]
+
+
+def test_a_limited_sample_keeps_the_dataset_order(tmp_path):
+    rows = [dict(context=f"Frage {i}:", choices=["ja", "nein"], label=i % 2) for i in range(40)]
+    task = ev.make_task("quiz", f"jsonl://{write_jsonl(tmp_path / 'q.jsonl', rows)}")
+    sample = ev.load_examples(task, limit=10)
+    order = [int(e["context"].split()[1].rstrip(":")) for e in sample]
+    assert len(order) == 10 and order == sorted(order) and order != list(range(10))
+
+
+def test_a_task_file_named_like_a_hub_task_replaces_it(files):
+    results = ev.main(["--checkpoint", str(files.root / "chat"), "--tasks", "arc", "--task-file",
+                       f"arc=jsonl://{files.quiz}", "--device", "cpu", "--no-report"])  # the hub is off in the tests
+    assert [(r["task"], r["data"], r["examples"]) for r in results] == [("arc", f"jsonl://{files.quiz}", 12)]
+
+
+def test_a_base_model_with_another_tokenizer_is_not_compared(tmp_path, small_tokenizer):
+    other = tok.Tokenizer.train([l.upper() for l in LINES] * 3, vocab_size=512, show_progress=False)
+    assert other.to_json() != small_tokenizer.to_json()
+    notes = []
+    base = make_checkpoint(tmp_path / "other", other, kind="base", sequence_len=16)
+    assert ev.chat_base({"base": str(base), "path": "chat.pt"}, small_tokenizer, "cpu", notes.append) is None
+    assert len(notes) == 1 and "has another tokenizer" in notes[0]
+    same = make_checkpoint(tmp_path / "same", small_tokenizer, kind="base", sequence_len=16)
+    assert ev.chat_base({"base": str(same), "path": "chat.pt"}, small_tokenizer, "cpu", notes.append) is not None
+
+
+def test_table_cells_and_samples_keep_the_markdown_intact():
+    assert report.markdown_table(["task", "ok"], [["a|b\nc", True]]) == "| task | ok |\n|---|---|\n| a\\|b c | True |"
+    assert report.format_samples([("Was | ist?", "  "), ("Hallo", "Hi\nda")]) == \
+        "**Was \\| ist?**\n\n> (keine Antwort)\n\n**Hallo**\n\n> Hi\n> da"

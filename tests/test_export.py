@@ -384,3 +384,22 @@ def test_exporting_again_replaces_an_earlier_export(tmp_path, small_tokenizer):
     back, _, _ = common.load_model(tmp_path / "hf")
     for name, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
+
+
+# --- from a mutation audit of common.py -------------------------------------------------
+
+def test_a_nanochat_folder_from_elsewhere_is_a_base_model(tmp_path, exported):
+    for name in ["config.json", "tokenizer.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((exported[2] / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("nanoschnack")  # not written by export.py: no kind, step or tokens
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _, _, ckpt = common.load_hf_folder(tmp_path)
+    assert (ckpt["kind"], ckpt["step"], ckpt["tokens"]) == ("base", None, None)
+
+
+def test_a_run_folder_with_a_config_json_loads_its_newest_checkpoint(tmp_path, small_tokenizer):
+    make_checkpoint(tmp_path, small_tokenizer, kind="chat")
+    (tmp_path / "config.json").write_text("{}")  # e.g. a run's own notes: the checkpoints decide
+    _, _, ckpt = common.load_model(tmp_path)
+    assert ckpt["path"] == str(tmp_path / "ckpt_0000001.pt") and ckpt["kind"] == "chat"

@@ -292,3 +292,24 @@ def test_passes_read_count_this_ranks_share(tmp_path, small_tokenizer):
     while loader.token_counts()[spec] < per_pass:
         next(batches)
     assert loader.passes_read()[spec] == pytest.approx(1.0, abs=0.03)
+
+
+# --- from a mutation audit of chatdata.py ----------------------------------------------
+
+def test_first_sentences_at_the_limit_exactly():
+    text = "Er kam. Dann ging er weiter"
+    assert chatdata.first_sentences(text, len(text)) == text  # not longer than the limit: whole
+    assert chatdata.first_sentences(text, len(text) - 1) == "Er kam."
+    assert chatdata.first_sentences(text, len("Er kam.")) == "Er kam."  # a sentence that ends at the limit fits
+
+
+def test_text_rows_continue_the_first_rank_of_a_base_model_trained_on_two(tmp_path, small_tokenizer):
+    write_parquet(tmp_path / "a" / "a.parquet", [f"Text {i} über Hamburg und die Elbe. " * 2 for i in range(600)])
+    sources = data.parse_specs(f"parquet://{tmp_path}/a/*.parquet")
+    batches = iter(loader := PretrainBatches(sources, small_tokenizer, 4, 64, rank=0, world_size=2))
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    after = [ids for _ in range(2) for x, y in [next(batches)] for ids in torch.cat([x, y[:, -1:]], 1).tolist()]
+    rows, continued = chatdata.load_text_rows(sources, small_tokenizer, 65, 8, base={"loader": [state]})
+    assert continued and [ids for ids, _ in rows] == after

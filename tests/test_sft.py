@@ -404,3 +404,44 @@ def test_resuming_a_finished_time_budget_run_trains_nothing(setup):
     first = common.load_checkpoint(common.latest_checkpoint(setup / "budget"))
     sft.main(args_for(setup, "budget", *flags, "--resume"))
     assert common.load_checkpoint(common.latest_checkpoint(setup / "budget"))["step"] == first["step"]
+
+
+# --- from a mutation audit of chatdata.py ----------------------------------------------
+
+@pytest.mark.parametrize("user, assistant", [("human", "gpt"), ("prompter", "bot"), ("user", "model")])
+def test_every_role_name_of_the_common_shapes_is_mapped(user, assistant):
+    row = {"conversations": [{"from": user, "value": "Hallo"}, {"from": assistant, "value": "Hi"}]}
+    assert chatdata.to_messages(row) == [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
+
+
+def test_a_blank_input_adds_nothing_to_the_question():
+    messages = chatdata.to_messages({"instruction": "Hallo", "input": " \n", "output": "Hi"})
+    assert messages[0] == {"role": "user", "content": "Hallo"}
+
+
+def test_rejections_are_grouped_by_reason_whatever_the_message_number(tmp_path, small_tokenizer):
+    def empty_after(turns):  # message `2 * turns` has empty content
+        return {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * turns
+                + [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}
+    robot = {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}
+    path = write_jsonl(tmp_path / "r.jsonl", fixture_conversations(2) + [robot, empty_after(0), empty_after(1),
+                                                                           empty_after(2)])
+    lines, stats = [], {}
+    got = chatdata.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000, log=lines.append,
+                                      stats=stats)
+    assert len(got) == 2 and stats == dict(read=6, rejected=4, cut=0)
+    assert lines[0] == "rejected 4 of 6 conversations:"
+    assert lines[1] == f"        3 x message N (user) has empty content (e.g. {path}:4)"  # the most common first
+    assert lines[2].startswith("        1 x message N has unknown role 'robot'") and lines[2].endswith(f"{path}:3)")
+    assert len(lines) == 3
+
+
+def test_stats_count_the_conversations_cut_to_the_context(tmp_path, small_tokenizer):
+    long_answer = "Das ist ein sehr langer Satz über die Elbe. " * 20
+    rows = [{"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."},
+                          {"role": "user", "content": "Erzähl"}, {"role": "assistant", "content": long_answer}]},
+            {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Guten Tag."}]}]
+    stats = {}
+    got = chatdata.load_conversations(data.parse_specs(f"jsonl://{write_jsonl(tmp_path / 'a.jsonl', rows)}"),
+                                      small_tokenizer, 32, log=lambda *a: None, stats=stats, answer_chars=10_000)
+    assert len(got) == 2 and stats == dict(read=2, rejected=0, cut=1)

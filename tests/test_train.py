@@ -512,3 +512,40 @@ def test_recipe_flags_reach_the_model_and_its_checkpoint(setup, tmp_path, capsys
             train.main(args_for(setup, tmp_path / "w", "--window-pattern", "SL"))
     with pytest.raises(SystemExit, match="error: window_pattern='SX'"):
         train.main(args_for(setup, tmp_path / "w", "--window-pattern", "SX"))
+
+
+# --- from a mutation audit of common.py -------------------------------------------------
+
+def test_only_the_newest_unreadable_checkpoint_is_advised_to_be_deleted(tmp_path, small_tokenizer):
+    make_checkpoint(tmp_path, small_tokenizer)  # a good ckpt_0000001.pt, made the newest
+    (tmp_path / "ckpt_0000001.pt").rename(tmp_path / "ckpt_0000002.pt")
+    (tmp_path / "ckpt_0000001.pt").write_bytes(b"garbage")  # an older file that is broken
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*ckpt_0000001.pt \(not a file torch.save wrote\)$"):
+        common.load_model(tmp_path / "ckpt_0000001.pt")
+    assert common.load_model(tmp_path)[2]["path"].endswith("ckpt_0000002.pt")
+
+
+def test_a_time_budget_past_its_end_is_used_up_not_more():
+    budget = common.TimeBudget(1, prior_seconds=90)  # an earlier session ran over the 1-minute budget
+    assert budget.used_up("cpu") and budget.fraction() == 1.0  # the schedule ends at its end, never beyond
+    assert common.TimeBudget(2, prior_seconds=60).fraction() == pytest.approx(0.5, abs=0.01)
+
+
+def test_progress_lines_give_the_eta_and_a_forced_line_comes_at_once(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    lines = []
+    progress = common.Progress("bpb", total=100, every=10.0, log=lines.append)
+    now[0] += 5
+    progress.update(10)  # within `every` seconds of the start: no line
+    progress.update(25, force=True)  # a forced one (the last): at once
+    now[0] += 15
+    progress.update(50)  # 20 s for half: 20 s to go
+    assert lines == ["bpb: 25/100, 5.0/s | 5s | 25.0%, ETA 15s", "bpb: 50/100, 2.5/s | 20s | 50.0%, ETA 20s"]
+
+
+def test_smoothed_loss_resumes_from_its_saved_state():
+    ema = common.SmoothedLoss(beta=0.9)
+    ema.update(4.0), ema.update(2.0)
+    resumed = common.SmoothedLoss(beta=0.9, state=ema.state())
+    assert resumed.update(3.0) == ema.update(3.0) != pytest.approx(3.0)
