@@ -161,15 +161,21 @@ def test_request_time_limit(live, hold):
     assert status == 504 and answer["error"]["code"] == "request_timeout", answer
     assert answer["error"]["type"] == "server_error"
     live.engine.on_piece = None
+    events = stream_past_its_deadline(live, hold)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
+    assert live.idle()["timeouts"] >= 2
+
+
+def stream_past_its_deadline(live, hold, **fields):
+    """A streamed answer held after two pieces while its deadline passes, then let go: its events."""
     h = hold(2)
-    stream = Stream(live.url, chat_body(QUESTIONS[1], max_tokens=LONG))
+    stream = Stream(live.url, chat_body(QUESTIONS[1], max_tokens=LONG, **fields))
     job = h.wait()
     job.deadline = time.monotonic() - 1
     h.release.set()
     events = list(stream.events())
     stream.close()
-    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
-    assert live.idle()["timeouts"] >= 2
+    return events
 
 
 def test_a_burst_fills_free_rows_before_the_queue(live, hold):
@@ -520,13 +526,7 @@ def test_a_stream_that_asked_for_usage_still_ends_cleanly_after_an_error(live, h
     """stream_options.include_usage: a streamed answer that ends in an error has no usage to report; the stream
     still ends with the error event and [DONE] (a usage chunk of the unfinished answer would crash mid-stream)."""
     live.idle()
-    h = hold(2)
-    stream = Stream(live.url, chat_body(QUESTIONS[1], max_tokens=LONG, stream_options={"include_usage": True}))
-    job = h.wait()
-    job.deadline = time.monotonic() - 1
-    h.release.set()
-    events = list(stream.events())
-    stream.close()
+    events = stream_past_its_deadline(live, hold, stream_options={"include_usage": True})
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_timeout", events[-3:]
     assert not any("usage" in e for e in events[:-1])
 
