@@ -479,9 +479,11 @@ def main(argv=None):
         log_file = common.open_log(out)
     first_step, start_time, record = step, time.time(), {}
     window_start, window_tokens = time.time(), 0
-    # the budget's clock starts with the steps, as the saved train_seconds do; a resumed finished run trains none
-    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
-    last = step >= steps or (budget is not None and budget.used_up(device))
+    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None  # starts with the steps
+
+    def finished():  # before the first step too: a resumed run whose budget is spent trains none
+        return step >= steps or (budget is not None and budget.used_up(device))
+    last = finished()
     while not last:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step == first_step or step_in_epoch == 0:
@@ -492,7 +494,7 @@ def main(argv=None):
         step += 1
         trained_tokens += n_trained
         window_tokens += n_trained
-        last = step == steps or (budget is not None and budget.used_up(device))
+        last = finished()
         record = dict(step=step, epoch=epoch, loss=loss, loss_smooth=smoothed.update(loss), lr_mult=lr_mult,
                       trained_tokens=trained_tokens)
         if step % cfg.log_every == 0 or last:

@@ -430,9 +430,11 @@ def main(argv=None):
 
     first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []
     start_time, window_start, window_tokens = time.time(), time.time(), 0
-    # the budget's clock starts with the steps, as the saved train_seconds do; a resumed finished run trains none
-    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None
-    last = step >= steps or (budget is not None and budget.used_up(device))
+    budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None  # starts with the steps
+
+    def finished():  # before the first step too: a resumed run whose budget is spent trains none
+        return step >= steps or (budget is not None and budget.used_up(device))
+    last = finished()
     while not last:
         progress = budget.fraction(device) if budget else tokens_seen / (steps * cfg.total_batch_size)
         settings = schedule(cfg, step, progress)
@@ -445,7 +447,7 @@ def main(argv=None):
         step += 1
         tokens_seen += cfg.total_batch_size
         window_tokens += cfg.total_batch_size
-        last = step == steps or (budget is not None and budget.used_up(device))
+        last = finished()
         record = dict(step=step, tokens=tokens_seen, loss=loss, loss_smooth=smoothed.update(loss), lr_mult=lr_mult)
 
         if step % cfg.log_every == 0 or last:
