@@ -122,10 +122,3 @@ def decode_compiled_on_cpu(monkeypatch):
     monkeypatch.setenv(gpt.COMPILE_ENV, "1")
     yield graphs
     torch._dynamo.reset()
-
-
-def pytest_collection_modifyitems(items):
-    """The ahead-of-time compile (tests/test_kernels_aot.py: minutes, on two processes of its own) first, so that
-    xdist's loadfile gives it a worker at once and the other files run beside it, not after it on an idle worker
-    (it came last in stop 50's CI run, alone for about nine minutes)."""
-    items.sort(key=lambda item: item.path.name != "test_kernels_aot.py")  # stable: the rest keep their order
