@@ -37,10 +37,11 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
-(kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES), so all of the above holds for each of them.
-Time: 510 compiles (112 of them TMA candidates, 48 the fused RoPE + QK-norm's), this file in about 240 s on
-the 2-core development box (idle;
-about 60 s of it disassembling the sm_90 cubins);
+(kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES) on five of the eight attention shapes
+(kernels/aot.py, HOPPER_CASES, says which and why), so all of the above holds for each of them.
+Time: 412 compiles (69 of them TMA candidates, 48 the fused RoPE + QK-norm's); this file took 346 s on the
+2-core development box (idle, 2026-12-07; before HOPPER_CASES, the 510 compiles of the Hopper sweep over
+all eight shapes took 420 s alone);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
@@ -99,18 +100,25 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
 
 
 def test_every_hopper_candidate_is_compiled(compiled):
-    """Each candidate tile of each attention kernel, at each head dim and windowing, for sm_90, MHA and GQA."""
-    from kernels import tiles
+    """Each candidate tile of each attention kernel, for sm_90, on every one of kernels/aot.py's HOPPER_CASES;
+    and those cases meet the promise made where they are chosen: each head dim with and without a window,
+    any two of {head dim, MHA or GQA, window or not} together in at least one case."""
+    from kernels import aot, tiles
     names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
     tile = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")
     seen = {(names[r["kernel"]], r["config"]["HEAD_DIM"], r["config"]["WINDOWED"], "Hkv2" in r["case"],
              *(r["config"][k] for k in tile))
             for r in ok(compiled) if r["kernel"] in names and r["dtype"] == "bfloat16" and r["target"] == "sm_90"}
-    for which, D, windowed, gqa in itertools.product(names.values(), (64, 128), (False, True), (False, True)):
+    swept = {(D, window is not None, H_kv < H) for (B, H, H_kv, T, D), window in aot.HOPPER_CASES}
+    for which, (D, windowed, gqa) in itertools.product(names.values(), swept):
         space = tiles.hopper_space(which, D, windowed, tma=True)
         assert any(c["TMA"] for c in space), (which, D, windowed)
         for c in space:
             assert (which, D, windowed, gqa, *(c[k] for k in tile)) in seen, (which, D, windowed, gqa, c)
+    factors = [(64, 128), (False, True), (False, True)]  # head dim, windowed, GQA
+    for i, j in itertools.combinations(range(3), 2):
+        for a, b in itertools.product(factors[i], factors[j]):
+            assert any(case[i] == a and case[j] == b for case in swept), (i, a, j, b, swept)
 
 
 def test_tma_candidates_copy_tiles_with_the_tensor_memory_accelerator(compiled):
