@@ -428,13 +428,19 @@ def run_chat(args, **kw):
     return run.returncode, run.stdout.decode(), run.stderr.decode()
 
 
-def test_program_bad_numbers_are_one_error_line(chat_ckpt):
-    for flags, words in ((["--temperature", "nan"], "temperature"), (["--temperature", "inf"], "temperature"),
-                         (["--top-p", "nan"], "top_p"), (["--seed", str(2**70)], "--seed must be between"),
+def test_program_bad_numbers_are_one_error_line(chat_ckpt, capsys):
+    """The first as a process of its own (exit code, the last line of stderr, no traceback); the others through
+    the same main() here, which ends with SystemExit and that line, without a start of Python and torch each."""
+    code, out, err = run_chat(["--checkpoint", str(chat_ckpt), "--prompt", "Hallo", "--temperature", "nan"])
+    assert code == 1 and out == "", err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and "temperature" in err, err
+    for flags, words in ((["--temperature", "inf"], "temperature"), (["--top-p", "nan"], "top_p"),
+                         (["--seed", str(2**70)], "--seed must be between"),
                          (["--system", "Sei kurz. " * 2000], "system message is too long")):
-        code, out, err = run_chat(["--checkpoint", str(chat_ckpt), "--prompt", "Hallo", *flags])
-        assert code == 1 and out == "", (flags, err)
-        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and words in err, err
+        with pytest.raises(SystemExit) as exit:
+            chat.main(["--checkpoint", str(chat_ckpt), "--prompt", "Hallo", *flags])
+        message = str(exit.value.code)
+        assert capsys.readouterr().out == "" and message.startswith("error: ") and words in message, (flags, message)
 
 
 def test_program_io_edges(chat_ckpt, session_factory):

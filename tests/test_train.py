@@ -179,32 +179,34 @@ def test_keeps_last_k_checkpoints(tmp_path):
 
 
 def test_a_new_run_never_writes_into_another_runs_checkpoints(setup, tmp_path):
-    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "3"))
+    train.main(args_for(setup, tmp_path / "a", "--stop-after-steps", "3"))
     before = sorted(p.name for p in (tmp_path / "a").iterdir())
-    proc = run_script(args_for(setup, tmp_path / "a", "--max-steps", "2", "--seed", "7"), check=False)
-    assert proc.returncode != 0 and "holds another run's checkpoints (newest ckpt_0000003.pt)" in proc.stderr
+    with pytest.raises(SystemExit, match=r"holds another run's checkpoints \(newest ckpt_0000003.pt\)"):
+        train.main(args_for(setup, tmp_path / "a", "--max-steps", "2", "--seed", "7"))
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
 
 
 def test_resume_refuses_another_tokenizer(setup, tmp_path):
     lines = FIXTURE.read_text(encoding="utf-8").upper().splitlines()  # the same vocabulary size, other merges
     Tokenizer.train(lines * 3, vocab_size=320, show_progress=False).save(tmp_path / "other")
-    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
-    proc = run_script(args_for(setup, tmp_path / "a", "--resume", "--tokenizer", str(tmp_path / "other")), check=False)
-    assert proc.returncode != 0 and "was trained with another tokenizer" in proc.stderr
+    train.main(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
+    with pytest.raises(SystemExit, match="was trained with another tokenizer"):
+        train.main(args_for(setup, tmp_path / "a", "--resume", "--tokenizer", str(tmp_path / "other")))
 
 
-def test_bad_validation_data_fails_before_the_first_step(setup, tmp_path):
-    proc = run_script(args_for(setup, tmp_path / "a", "--val-data", f"parquet://{setup}/vall.parquet"), check=False)
-    assert proc.returncode != 0 and "error: validation data:" in proc.stderr and "vall.parquet" in proc.stderr
-    assert "step      1" not in proc.stdout and not (tmp_path / "a" / "log.jsonl").exists()
+def test_bad_validation_data_fails_before_the_first_step(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="error: validation data: .*vall.parquet"):
+        train.main(args_for(setup, tmp_path / "a", "--val-data", f"parquet://{setup}/vall.parquet"))
+    assert "step      1" not in capsys.readouterr().out and not (tmp_path / "a" / "log.jsonl").exists()
 
 
-def test_resuming_a_finished_run_leaves_its_report(setup, tmp_path):
-    run_script(args_for(setup, tmp_path / "a"))
+def test_resuming_a_finished_run_leaves_its_report(setup, tmp_path, capsys):
+    train.main(args_for(setup, tmp_path / "a"))
     card = (tmp_path / "report.md").read_text()
-    proc = run_script(args_for(setup, tmp_path / "a", "--resume"))
-    assert "at step 6 of 6 already: nothing trained" in proc.stdout and (tmp_path / "report.md").read_text() == card
+    capsys.readouterr()
+    train.main(args_for(setup, tmp_path / "a", "--resume"))
+    assert "at step 6 of 6 already: nothing trained" in capsys.readouterr().out
+    assert (tmp_path / "report.md").read_text() == card
 
 
 def test_resuming_a_finished_time_budget_run_trains_nothing(setup, tmp_path):
@@ -277,9 +279,9 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_refuses_checkpoint_of_another_model(setup, tmp_path):
-    run_script(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
-    proc = run_script(args_for(setup, tmp_path / "a", "--resume", "--seq-len", "32"), check=False)
-    assert proc.returncode != 0 and "from another model config" in proc.stderr
+    train.main(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
+    with pytest.raises(SystemExit, match="from another model config"):
+        train.main(args_for(setup, tmp_path / "a", "--resume", "--seq-len", "32"))
 
 
 def test_peak_flops_tell_the_h100_cards_apart():
@@ -302,21 +304,26 @@ def test_weight_decay_is_scaled_to_the_run_as_nanochat_does():
     assert train.parse_config(["--preset", "tiny"]).weight_decay == 0.0
 
 
-def test_bad_input_gives_clear_errors(setup, tmp_path):
+def test_bad_input_gives_clear_errors(setup, tmp_path, capsys):
+    """One `error:` line that names the problem: the first case as a process of its own (exit code, stderr,
+    no traceback), the others through the same main() here (SystemExit with the message), without a start
+    of Python and torch each."""
     proc = run_script(args_for(setup, tmp_path, "--data", f"parquet://{tmp_path}/nothing.parquet"), check=False)
     assert proc.returncode != 0 and "error:" in proc.stderr and "file not found" in proc.stderr
-    proc = run_script(args_for(setup, tmp_path, "--tokenizer", str(tmp_path / "none")), check=False)
-    assert proc.returncode != 0 and "no tokenizer at" in proc.stderr
-    proc = run_script(args_for(setup, tmp_path, "--total-batch-size", "100"), check=False)
-    assert proc.returncode != 0 and "not a multiple" in proc.stderr
-    proc = run_script(args_for(setup, tmp_path, "--warmup-ratio", "0.5", "--warmdown-ratio", "0.6"), check=False)
-    assert proc.returncode != 0 and "add up to more than 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    for extra, message in [(["--tokenizer", str(tmp_path / "none")], "no tokenizer at"),
+                           (["--total-batch-size", "100"], "not a multiple"),
+                           (["--warmup-ratio", "0.5", "--warmdown-ratio", "0.6"], "add up to more than 1")]:
+        with pytest.raises(SystemExit) as exit:
+            train.main(args_for(setup, tmp_path, *extra))
+        said = f"{exit.value.code}\n{capsys.readouterr().err}"
+        assert exit.value.code not in (0, None) and message in said, (extra, said[-1500:])
 
 
 def test_checkpoint_loads_as_a_model_without_its_tokenizer_folder(setup, tmp_path):
     import shutil
     shutil.copytree(setup / "tok", tmp_path / "tok")
-    run_script(args_for(setup, tmp_path / "run", "--max-steps", "1", "--eval-every", "0", "--tokenizer", str(tmp_path / "tok")))
+    train.main(args_for(setup, tmp_path / "run", "--max-steps", "1", "--eval-every", "0", "--tokenizer", str(tmp_path / "tok")))
     shutil.rmtree(tmp_path / "tok")  # the checkpoint carries its tokenizer
     model, tokenizer, ckpt = common.load_model(tmp_path / "run")
     assert ckpt["kind"] == "base" and ckpt["path"].endswith("ckpt_0000001.pt")
@@ -434,8 +441,8 @@ def test_dtype_choice():
 
 
 def test_bad_dtype_is_a_clear_error(setup, tmp_path):
-    proc = run_script(args_for(setup, tmp_path, "--dtype", "float16"), check=False)
-    assert proc.returncode != 0 and "error: --dtype: unknown dtype 'float16'" in proc.stderr
+    with pytest.raises(SystemExit, match="error: --dtype: unknown dtype 'float16'"):
+        train.main(args_for(setup, tmp_path, "--dtype", "float16"))
 
 
 # -----------------------------------------------------------------------------
