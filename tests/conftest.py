@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import collections
 import signal
 import sys
 from pathlib import Path
@@ -122,3 +123,13 @@ def decode_compiled_on_cpu(monkeypatch):
     monkeypatch.setenv(gpt.COMPILE_ENV, "1")
     yield graphs
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(items):
+    """The order in which xdist's loadfile hands out the test files (pyproject.toml turns its own off): the
+    ahead-of-time compile first (tests/test_kernels_aot.py: the one file of minutes, on a core of its own
+    beside the other worker, see its `compiled` fixture), then the others most tests first, as xdist would,
+    so that the files handed out last are short. xdist's own order put the compile last, where it ran beside
+    the other worker's last files on two processes of its own (four busy processes on two cores)."""
+    tests_per_file = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path.name != "test_kernels_aot.py", -tests_per_file[item.path], str(item.path)))

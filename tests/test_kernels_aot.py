@@ -8,7 +8,7 @@ through the whole Triton pipeline to a cubin for sm_90 (H100/H200) and sm_80
 typed fp32 (an eager launch) and fp64 (torch.compile's Inductor). It runs once,
 in a subprocess without TRITON_INTERPRET (conftest.py switches the interpreter
 on for this whole session, and interpreted @jit functions cannot be compiled),
-on two processes.
+on the cores the other xdist workers leave (in CI one, beside the other worker).
 
 Checked per compiled kernel:
   * it compiles (the fp64 typing used to break the attention forward);
@@ -39,8 +39,8 @@ Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
 (kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES) on five of the eight attention shapes
 (kernels/aot.py, HOPPER_CASES, says which and why), so all of the above holds for each of them.
-Time: 412 compiles (69 of them TMA candidates, 48 the fused RoPE + QK-norm's); this file took 346 s on the
-2-core development box (idle, 2026-12-07; before HOPPER_CASES, the 510 compiles of the Hopper sweep over
+Time: 412 compiles (69 of them TMA candidates, 48 the fused RoPE + QK-norm's); this file took 346 s alone on the
+2-core development box (idle, both cores, 2026-12-07; before HOPPER_CASES, the 510 compiles of the Hopper sweep over
 all eight shapes took 420 s alone);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
@@ -64,8 +64,11 @@ def compiled(tmp_path_factory) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1")
     out = folder / "aot.json"
-    run = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(out), "--workers", "2"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # The cores the other xdist workers leave: on the 2-core CI machine with -n 2 one process, beside the other
+    # worker (tests/conftest.py hands this file out first); both cores with -n 0.
+    workers = max(1, (os.cpu_count() or 1) - int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) + 1)
+    run = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(out), "--workers", str(workers)],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if run.returncode:  # what killed the whole run (a failed launch is a row instead, see below)
         pytest.fail(f"python -m kernels.aot exited {run.returncode}:\n{run.stderr[-4000:]}", pytrace=False)
     return json.loads(out.read_text())
