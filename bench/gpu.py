@@ -74,7 +74,7 @@ compile of the decode step per batch size, 1 to 32), the pipeline at 20 steps of
 start-up of about 10 s (the imports) and a CUDA initialisation per section. On a Hopper
 the attention kernels autotune at the first call of each shape in the speed section
 (about 35 candidates, half loading through TMA, compiled at once on threads, then timed;
-kernels/aot.py compiles 412 kernels in about 6 minutes on the 2-core development CPU);
+kernels/aot.py compiles 359 kernels in about 5 minutes on the 2-core development CPU);
 the correctness section runs the hand-picked tiles in --quick, the candidates section
 the others. The quick time limits (SECTIONS) add up to 21.7 minutes, so even a hung
 section cannot stretch the run much past that; where one command may run at most 10

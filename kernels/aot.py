@@ -63,15 +63,17 @@ ATTENTION_CASES = [(2, 6, 6, 2048, 64), (1, 4, 2, 1000, 64), (2, 10, 10, 2048, 1
 # window): the WINDOWED kernels take it as a runtime int, which the JIT specialises like any int,
 # divisible by 16 (1024) or not (500); a window of exactly 1 would be a third, unrecorded variant.
 ATTENTION_WINDOWS = [None, "T/2"]
-# The Hopper autotuner's candidates are compiled on five of those eight case x window pairs, not all: about
-# 2 s of compile each, all eight cost 551 of the run's 841 s of compiles (two workers, 2-core box). At head
-# dim 128, the shape d12 and d20 train with (MHA, T 2048) with and without a window, and the hardest shape
-# (GQA over a ragged length) with one; at head dim 64, GQA ragged without a window and MHA T 2048 with one.
-# So every candidate is compiled at each head dim with and without a window, and any two of {head dim,
-# MHA or GQA, window or not} meet in at least one of the five (pairwise coverage; tests/test_kernels_aot.py
-# checks both). The hand-picked tiles, what every other GPU and inference run, are compiled on all eight.
-HOPPER_CASES = [(ATTENTION_CASES[2], None), (ATTENTION_CASES[2], "T/2"), (ATTENTION_CASES[3], "T/2"),
-                (ATTENTION_CASES[1], None), (ATTENTION_CASES[0], "T/2")]
+# Two sets are compiled on half of those eight case x window pairs: the Hopper autotuner's candidates
+# (about 2 s of compile each; over all eight they cost 551 of the run's 841 s of compiles, two workers on the
+# 2-core box) and fp32, the exact path of tests and debugging (2-5 s each: fp32 dots on the FMA units). The
+# half is a 2^(3-1) design: four runs in which any two of {head dim, MHA or GQA, window or not} meet in all
+# four combinations, so every candidate is compiled at each head dim with and without a window, with MHA
+# and GQA; it holds d12's and d20's long layers (head dim 128, MHA, T 2048, no window) exactly, their
+# windowed layers as GQA over a ragged length (tests/test_kernels_aot.py checks the design). The hand-picked
+# bf16 tiles, what training runs on every GPU but a Hopper and what inference runs everywhere, are compiled
+# on all eight, for both targets.
+HALF_FRACTION = [(ATTENTION_CASES[2], None), (ATTENTION_CASES[3], "T/2"), (ATTENTION_CASES[1], None),
+                 (ATTENTION_CASES[0], "T/2")]
 # RMSNorm widths of gpt.py's presets: residual stream n_embd, QK-norm head_dim
 # (nano 64/32, tiny 256/64, d12 768/128, d20 1280/128), over a ragged row count.
 NORM_WIDTHS = [32, 64, 128, 256, 768, 1280]
@@ -130,10 +132,11 @@ def record_launches() -> list[Launch]:
         return _Indexable(lambda grid: lambda *args, **kwargs: launches.extend(_each_config(kernel, grid, args, kwargs)))
 
     def attention_launches(dtype, hopper: bool):
-        """Every attention case; with hopper, the HOPPER_CASES as launched on a Hopper: each candidate of
-        triton.autotune (kernels/tiles.py, HOPPER_SPACES), compiled for sm_90 only."""
+        """The attention cases (HALF_FRACTION for fp32); with hopper, the HALF_FRACTION as launched on a Hopper:
+        each candidate of triton.autotune (kernels/tiles.py, HOPPER_SPACES), compiled for sm_90 only."""
         attention.autotune_attention = lambda x: hopper
-        for (B, H, H_kv, T, D), window in HOPPER_CASES if hopper else itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
+        half = hopper or dtype == torch.float32
+        for (B, H, H_kv, T, D), window in HALF_FRACTION if half else itertools.product(ATTENTION_CASES, ATTENTION_WINDOWS):
             window = -1 if window is None else T // 2
             case = f"B{B} H{H} Hkv{H_kv} T{T} D{D}" + (f" W{window}" if window >= 0 else "")
             q = torch.empty(B, T, H, D, device="cuda", dtype=dtype).transpose(1, 2)

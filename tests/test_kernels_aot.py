@@ -37,11 +37,11 @@ ieee fp32 dots running on the FMA units with whole fp32 tiles in registers.
 
 Every launch is compiled with and without a sliding window (the WINDOWED
 kernels), and for sm_90 with every tile the Hopper autotuner can pick
-(kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES) on five of the eight attention shapes
-(kernels/aot.py, HOPPER_CASES, says which and why), so all of the above holds for each of them.
-Time: 412 compiles (69 of them TMA candidates, 48 the fused RoPE + QK-norm's); this file took 346 s alone on the
-2-core development box (idle, both cores, 2026-12-07; before HOPPER_CASES, the 510 compiles of the Hopper sweep over
-all eight shapes took 420 s alone);
+(kernels/tiles.py, HOPPER_SPACES and HOPPER_TMA_SPACES) on four of the eight attention shapes, as
+fp32 is (kernels/aot.py, HALF_FRACTION, says which and why), so all of the above holds for each of them.
+Time: 359 compiles (56 of them TMA candidates, 48 the fused RoPE + QK-norm's); this file took 343 s alone on the
+2-core development box (idle, both cores, 2026-12-07; the compiles 601 s of CPU, where all eight shapes'
+510 took 841 s);
 fp16 is not compiled (kernels/aot.py, DTYPES, says why).
 """
 import itertools
@@ -103,7 +103,7 @@ def test_every_kernel_dtype_head_dim_and_target_is_covered(compiled):
 
 
 def test_every_hopper_candidate_is_compiled(compiled):
-    """Each candidate tile of each attention kernel, for sm_90, on every one of kernels/aot.py's HOPPER_CASES;
+    """Each candidate tile of each attention kernel, for sm_90, on every case of kernels/aot.py's HALF_FRACTION;
     and those cases meet the promise made where they are chosen: each head dim with and without a window,
     any two of {head dim, MHA or GQA, window or not} together in at least one case."""
     from kernels import aot, tiles
@@ -112,7 +112,7 @@ def test_every_hopper_candidate_is_compiled(compiled):
     seen = {(names[r["kernel"]], r["config"]["HEAD_DIM"], r["config"]["WINDOWED"], "Hkv2" in r["case"],
              *(r["config"][k] for k in tile))
             for r in ok(compiled) if r["kernel"] in names and r["dtype"] == "bfloat16" and r["target"] == "sm_90"}
-    swept = {(D, window is not None, H_kv < H) for (B, H, H_kv, T, D), window in aot.HOPPER_CASES}
+    swept = {(D, window is not None, H_kv < H) for (B, H, H_kv, T, D), window in aot.HALF_FRACTION}
     for which, (D, windowed, gqa) in itertools.product(names.values(), swept):
         space = tiles.hopper_space(which, D, windowed, tma=True)
         assert any(c["TMA"] for c in space), (which, D, windowed)
