@@ -80,6 +80,19 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
     return common.save_checkpoint(Path(folder), 1, state, keep_last=1)
 
 
+def refusal(main, argv: list[str], capsys) -> tuple[str, str]:
+    """What a stage's main() says when it refuses argv, as the user's terminal would show it: what it printed
+    on stderr (argparse's errors), then the SystemExit message, which Python prints last; and its stdout.
+    Fails unless main() ends with a non-zero SystemExit and no traceback. The in-process twin of running the
+    script: the same check without a start of Python and torch (4-5 s on the 2-core box) for each bad input."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    printed = capsys.readouterr()
+    said = f"{printed.err}\n{exit.value.code}"
+    assert exit.value.code not in (0, None) and "Traceback" not in said, said[-1500:]
+    return said, printed.out
+
+
 def sigkill_when_file_appears(script: Path, args: list[str], path: Path, timeout: float = 120):
     """Run a stage script and kill -9 it as soon as `path` exists (or when it exits or time runs out)."""
     import subprocess
