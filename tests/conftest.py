@@ -85,8 +85,13 @@ def refusal(main, argv: list[str], capsys) -> tuple[str, str]:
     on stderr (argparse's errors), then the SystemExit message, which Python prints last; and its stdout.
     Fails unless main() ends with a non-zero SystemExit and no traceback. The in-process twin of running the
     script: the same check without a start of Python and torch (4-5 s on the 2-core box) for each bad input."""
-    with pytest.raises(SystemExit) as exit:
-        main(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py, sft.py set their own
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     printed = capsys.readouterr()
     said = f"{printed.err}\n{exit.value.code}"
     assert exit.value.code not in (0, None) and "Traceback" not in said, said[-1500:]

@@ -1,5 +1,6 @@
 """How the code fits together: the import graph, shared plumbing, and safe checkpoint loading."""
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import common
 import sft
 import train
-from conftest import REPO_ROOT, make_checkpoint
+from conftest import REPO_ROOT, make_checkpoint, refusal
 
 MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py")) + ["kernels"]
 
@@ -151,18 +152,16 @@ def planted(tmp_path, small_tokenizer):
     ("train.py", ["--preset", "nano", "--resume", "--out", "{d}/evil_resume", "--tokenizer", "{d}/tok",
                   "--data", "txt://{d}/t.txt", "--val-data", "txt://{d}/t.txt"]),
 ], ids=["chat", "serve", "evaluation", "sft-base", "train-resume"])
-def test_every_loader_refuses_a_checkpoint_that_runs_code(planted, small_tokenizer, script, args):
+def test_every_loader_refuses_a_checkpoint_that_runs_code(planted, small_tokenizer, capsys, script, args):
+    """Each script's main() in this process (conftest's refusal); tests/test_reliability.py runs them as processes."""
     folder, marker = planted
     (folder / "t.txt").write_text("Ein kurzer deutscher Text über Äpfel und Birnen. " * 40, encoding="utf-8")
     (folder / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "Hallo"}, '
                                     '{"role": "assistant", "content": "Guten Tag"}]}\n' * 40, encoding="utf-8")
     small_tokenizer.save(folder / "tok")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *[a.format(d=folder) for a in args]],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
-    assert proc.returncode != 0
+    main = importlib.import_module(script.removesuffix(".py")).main
+    said, _ = refusal(main, [a.format(d=folder) for a in args], capsys)
     assert not marker.exists(), "the checkpoint's code ran"
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr and lines[-1].startswith("error: ")
-    assert "would run code or build objects when loaded" in lines[-1], proc.stderr[-2000:]
+    lines = said.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "would run code or build objects when loaded" in lines[-1], said[-2000:]
 
