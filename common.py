@@ -226,17 +226,25 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
         raise SystemExit(f"error: tokenizer of {file}: {e}")
     if tokenizer.vocab_size != config.vocab_size:
         raise SystemExit(f"error: {file}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
-    with torch.device("meta"):
-        model = gpt.GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # sets the rotary tables, which checkpoints do not hold
     try:
-        model.load_state_dict(ckpt["model"])
+        model = model_holding(config, ckpt["model"], device)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: {file} does not fit its own model config: {str(e)[:300]}")
-    model.eval()
     ckpt["path"] = str(file)
     return model, tokenizer, ckpt
+
+
+def model_holding(config: gpt.GPTConfig, weights: dict, device) -> gpt.GPT:
+    """A GPT in eval mode whose weights are `weights` (a state dict, as float32), on device.
+
+    Built on the meta device and handed the tensors themselves (load_state_dict's assign): no random init
+    of weights that are replaced at once (seconds for d20 on a CPU), no second copy in memory. Raises
+    load_state_dict's RuntimeError for weights that do not fit the config."""
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, assign=True)
+    model.init_rotary(device)  # before .to(): a buffer still on the meta device cannot be moved
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -286,15 +294,16 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
     if differ:
         raise SystemExit(f"error: {path}/config.json has settings gpt.py does not have: {differ} (theirs, ours)")
     model_config = {ours_name: config[hf_name] for ours_name, hf_name in HF_CONFIG_FIELDS.items()}
-    model = gpt.GPT(gpt.GPTConfig(**model_config, **gpt.PLAIN)).to(device)  # transformers' NanoChat is the plain GPT
-    to_ours = {hf_weight_name(k): k for k in model.state_dict()}
+    ours_config = gpt.GPTConfig(**model_config, **gpt.PLAIN)  # transformers' NanoChat is the plain GPT
+    with torch.device("meta"):
+        to_ours = {hf_weight_name(k): k for k in gpt.GPT(ours_config).state_dict()}
     try:
         weights = load_file(str(path / "model.safetensors"))
-        model.load_state_dict({to_ours[k]: v.float() for k, v in weights.items()})
+        model = model_holding(ours_config, {to_ours[k]: v for k, v in weights.items()}, device)
     except (OSError, KeyError, RuntimeError) as e:
         raise SystemExit(f"error: {path}/model.safetensors does not fit its config.json ({str(e)[:300]})") from None
     meta = config.get("nanoschnack") or {}
-    return model.eval(), tokenizer, dict(model_config=model_config, kind=meta.get("kind", "base"),
+    return model, tokenizer, dict(model_config=model_config, kind=meta.get("kind", "base"),
                                          step=meta.get("step"), tokens=meta.get("tokens"), path=str(path))
 
 

@@ -243,18 +243,25 @@ class Block(nn.Module):
         return x
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its own init (init_weights sets every weight): nn.Embedding's normal_ on the
+    meta device, where checkpoints are loaded and training starts, runs torch's Python reference, which imports
+    torch._dynamo (3 s of CPU in torch 2.13, before the first token of a chat.py on the CPU)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # nanochat's recipe (gpt.py L178-192); the values here are placeholders, init_weights sets them
         if config.value_embeds:
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+            self.value_embeds = nn.ModuleDict({str(i): embedding(config.vocab_size, config.n_kv_head * config.head_dim)
                                                for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
         if config.layer_lambdas:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
@@ -265,9 +272,11 @@ class GPT(nn.Module):
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.rotary_len = 10 * config.sequence_len  # room for generating past the training length
-        cos, sin = rotary_tables(self.rotary_len, config.head_dim)
-        self.register_buffer("cos", cos, persistent=False)  # recomputed, never saved in checkpoints
-        self.register_buffer("sin", sin, persistent=False)
+        # Recomputed by init_weights on the weights' device, never saved in checkpoints. Only their shape here:
+        # computed on the meta device they would run torch's Python references, which import torch._dynamo.
+        tables = (1, self.rotary_len, 1, config.head_dim // 2)
+        self.register_buffer("cos", torch.empty(tables), persistent=False)
+        self.register_buffer("sin", torch.empty(tables), persistent=False)
         if self.lm_head.weight.device.type != "meta":  # on meta: to_empty(device=...) then init_weights()
             self.init_weights()
 
@@ -292,6 +301,10 @@ class GPT(nn.Module):
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
         self._init_recipe(gen)
+        self.init_rotary(device)
+
+    def init_rotary(self, device) -> None:
+        """Compute the rotary tables on device (they are buffers, never saved: a loaded model needs them)."""
         self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
 
     def _init_recipe(self, gen) -> None:

@@ -40,8 +40,14 @@ FIXTURE_TEXT = Path(__file__).parent / "fixtures" / "german.txt"
 
 
 def stop_from_the_middle(text: str) -> str:
-    """Two characters from the middle of an answer: a stop sequence that ends it there, or where they first appear."""
-    return text[len(text) // 2:][:2]
+    """A stop sequence that ends an answer in its middle: the fewest characters (two or more) from there on
+    that do not appear earlier. Two characters alone may appear at its start (a random model repeats itself),
+    and end the answer before its first character."""
+    middle = len(text) // 2
+    stop = next((text[middle:end] for end in range(middle + 2, len(text) + 1) if text.index(text[middle:end]) == middle),
+                None)
+    assert stop is not None, f"the second half of {text!r} repeats its first: no stop sequence ends it in the middle"
+    return stop
 
 
 @pytest.fixture(scope="session")

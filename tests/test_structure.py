@@ -108,6 +108,20 @@ def test_scripts_start_without_torch_compile_machinery_on_a_cpu_only_torch():
     assert out == ["True"] * 5, out
 
 
+def test_loading_a_checkpoint_runs_no_init_and_no_compile_machinery(tmp_path, small_tokenizer):
+    """chat.py's, serve.py's and evaluation.py's load on a CPU: torch's Python references for the meta device
+    (nn.Embedding's normal_, arange, to_empty's empty_like) imported torch._dynamo and sympy, 3.5 s of CPU
+    before the first token; and every weight was drawn at random before the checkpoint's replaced it."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer)
+    probe = ("import sys, common, torch; torch.nn.init.normal_ = None; torch.Tensor.normal_ = None; "
+             f"model, _, ckpt = common.load_model({str(checkpoint)!r}); "
+             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules, model.training, "
+             "all(torch.equal(t, ckpt['model'][k]) for k, t in model.state_dict().items()))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.stdout.split() == ["False", "False", "False", "True"], out.stdout + out.stderr[-2000:]
+
+
 def test_sft_rejects_model_presets_clearly(capsys):
     """`sft.py --preset d20` used to crash with a TypeError (the shared parser built SFTConfig(model=...))."""
     with pytest.raises(SystemExit) as e:
