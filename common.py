@@ -239,7 +239,9 @@ def model_holding(config: gpt.GPTConfig, weights: dict, device) -> gpt.GPT:
 
     Built on the meta device and handed the tensors themselves (load_state_dict's assign): no random init
     of weights that are replaced at once (seconds for d20 on a CPU), no second copy in memory. Raises
-    load_state_dict's RuntimeError for weights that do not fit the config."""
+    load_state_dict's RuntimeError for weights that do not fit the config, TypeError for ones not tensors."""
+    if not_tensors := [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]:
+        raise TypeError(f"not tensors: {', '.join(not_tensors[:5])}")
     with torch.device("meta"):
         model = gpt.GPT(config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, assign=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 import transformers  # the dev extra installs it (and lm-eval): these tests run in CI, they never skip
 
 import evaluation as ev
@@ -199,6 +200,14 @@ def test_load_hf_folder_refuses_what_gpt_py_lacks(tmp_path, exported):
     (tmp_path / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     with pytest.raises(SystemExit, match="error: .*final_logit_softcapping"):
         common.load_hf_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for broken in ({k: v for k, v in weights.items() if k != name}, {**weights, name: weights[name][:-1]},
+                   {**weights, "model.extra.weight": torch.zeros(1)}):
+        save_file(broken, str(tmp_path / "model.safetensors"))
+        with pytest.raises(SystemExit, match="model.safetensors does not fit its config.json"):
+            common.load_hf_folder(tmp_path)
 
 
 def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exported, monkeypatch):

@@ -354,6 +354,32 @@ def test_load_model_refuses_a_tokenizer_of_another_size(tmp_path, small_tokenize
         common.load_model(tmp_path)
 
 
+def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_that_do_not_fit(tmp_path, small_tokenizer):
+    """load_model hands the checkpoint's tensors to a model built on the meta device (common.model_holding):
+    a weight missing, extra, of another shape or not a tensor is one error naming it; bf16 weights load as fp32."""
+    path = make_checkpoint(tmp_path / "good", small_tokenizer)
+    state = torch.load(path, weights_only=True)
+    model, _, ckpt = common.load_model(path)
+    assert not model.training and model.cos.device.type == "cpu"
+    assert all(torch.equal(t, state["model"][name]) for name, t in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())  # sft.py trains what it loads
+    half = {**state, "model": {k: v.bfloat16() for k, v in state["model"].items()}}
+    torch.save(half, tmp_path / "half.pt")
+    model, _, _ = common.load_model(tmp_path / "half.pt")
+    assert all(t.dtype == torch.float32 and torch.equal(t, half["model"][name].float())
+               for name, t in model.state_dict().items())
+    weights = state["model"]
+    name = "transformer.h.0.attn.c_q.weight"
+    assert name in weights
+    for broken, says in [({k: v for k, v in weights.items() if k != name}, f'Missing key.*"{name}"'),
+                         ({**weights, "extra.weight": torch.zeros(1)}, 'Unexpected key.*"extra.weight"'),
+                         ({**weights, name: weights[name][:-1]}, f"size mismatch for {name}"),
+                         ({**weights, name: "a string"}, f"not tensors: {name}")]:
+        torch.save({**state, "model": broken}, tmp_path / "broken.pt")
+        with pytest.raises(SystemExit, match=f"(?s)broken.pt does not fit its own model config: .*({says})"):
+            common.load_model(tmp_path / "broken.pt")
+
+
 # -----------------------------------------------------------------------------
 # Out of memory, time budget, smoothed loss
 
