@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -182,13 +183,20 @@ def checkpoints(out) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mapped: bool = False) -> dict:
     """A checkpoint's dict, read without running any code from the file (weights_only=True).
 
     Our checkpoints hold only tensors, numbers, strings, lists, tuples and dicts; a
-    file that asks for anything else (a class, a function) is refused."""
+    file that asks for anything else (a class, a function) is refused.
+
+    mapped: torch.save's zip file is memory-mapped (privately: writing to a tensor never writes the
+    file), so a tensor's bytes are read when it is used. load_model's readers never use the optimizer
+    state, most of a training checkpoint (chat.py --prompt on the 1.03 GB checkpoint of an 85M-parameter
+    model with two moments per weight, 2-core CPU: peak memory 1.34 -> 0.82 GB, 4.0 -> 3.0-3.5 s). Not
+    for resuming: the optimizer state would stay mapped for the whole run, and so would the file's disk
+    space after --keep-last deletes it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped and zipfile.is_zipfile(path))
     except Exception as e:
         if "Weights only load failed" in str(e) and "GLOBAL" in str(e):  # it names a class or function
             raise SystemExit(f"error: {path} is not a plain nanoschnack checkpoint: it would run code or build "
@@ -213,7 +221,7 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
     if file is None or not file.is_file():
         raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
                          f"or pass --checkpoint FILE_OR_FOLDER")
-    ckpt = load_checkpoint(file)
+    ckpt = load_checkpoint(file, mapped=True)
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
     try:

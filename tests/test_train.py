@@ -363,6 +363,10 @@ def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_th
     assert not model.training and model.cos.device.type == "cpu"
     assert all(torch.equal(t, state["model"][name]) for name, t in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # sft.py trains what it loads
+    with torch.no_grad():  # the weights are the file's pages, mapped privately: training them leaves the file
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(t, state["model"][k]) for k, t in torch.load(path, weights_only=True)["model"].items())
     half = {**state, "model": {k: v.bfloat16() for k, v in state["model"].items()}}
     torch.save(half, tmp_path / "half.pt")
     model, _, _ = common.load_model(tmp_path / "half.pt")
