@@ -192,7 +192,7 @@ def load_checkpoint(path: Path, mapped: bool = False) -> dict:
     mapped: torch.save's zip file is memory-mapped (privately: writing to a tensor never writes the
     file), so a tensor's bytes are read when it is used. load_model's readers never use the optimizer
     state, most of a training checkpoint (chat.py --prompt on the 1.03 GB checkpoint of an 85M-parameter
-    model with two moments per weight, 2-core CPU: peak memory 1.34 -> 0.82 GB, 4.0 -> 3.0-3.5 s). Not
+    model with two moments per weight, 2-core CPU: peak memory 1.34 -> 1.00 GB, 4.0 -> 3.1-3.5 s). Not
     for resuming: the optimizer state would stay mapped for the whole run, and so would the file's disk
     space after --keep-last deletes it."""
     try:
@@ -245,16 +245,19 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
 def model_holding(config: gpt.GPTConfig, weights: dict, device) -> gpt.GPT:
     """A GPT in eval mode whose weights are `weights` (a state dict, as float32), on device.
 
-    Built on the meta device and handed the tensors themselves (load_state_dict's assign): no random init
-    of weights that are replaced at once (seconds for d20 on a CPU), no second copy in memory. Raises
-    load_state_dict's RuntimeError for weights that do not fit the config, TypeError for ones not tensors."""
+    Built on the meta device and handed its weights (load_state_dict's assign), each copied once onto the
+    device: no random init of weights that are replaced at once (seconds for d20 on a CPU), no two copies
+    in memory, and nothing left pointing into a mapped file (load_model's; a file overwritten in place
+    under a running server would change its weights, or crash it). Raises load_state_dict's RuntimeError
+    for weights that do not fit the config, TypeError for ones not tensors."""
     if not_tensors := [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]:
         raise TypeError(f"not tensors: {', '.join(not_tensors[:5])}")
     with torch.device("meta"):
         model = gpt.GPT(config)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, assign=True)
-    model.init_rotary(device)  # before .to(): a buffer still on the meta device cannot be moved
-    return model.to(device).eval()
+    model.load_state_dict({k: v.to(device, torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+                           for k, v in weights.items()}, assign=True)
+    model.init_rotary(device)
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------

@@ -355,18 +355,19 @@ def test_load_model_refuses_a_tokenizer_of_another_size(tmp_path, small_tokenize
 
 
 def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_that_do_not_fit(tmp_path, small_tokenizer):
-    """load_model hands the checkpoint's tensors to a model built on the meta device (common.model_holding):
-    a weight missing, extra, of another shape or not a tensor is one error naming it; bf16 weights load as fp32."""
+    """load_model hands copies of the checkpoint's tensors to a model built on the meta device
+    (common.model_holding): a weight missing, extra, of another shape or not a tensor is one error naming it;
+    bf16 weights load as fp32; the model keeps nothing of the file it mapped."""
     path = make_checkpoint(tmp_path / "good", small_tokenizer)
     state = torch.load(path, weights_only=True)
     model, _, ckpt = common.load_model(path)
     assert not model.training and model.cos.device.type == "cpu"
     assert all(torch.equal(t, state["model"][name]) for name, t in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # sft.py trains what it loads
-    with torch.no_grad():  # the weights are the file's pages, mapped privately: training them leaves the file
-        for p in model.parameters():
-            p.add_(1.0)
-    assert all(torch.equal(t, state["model"][k]) for k, t in torch.load(path, weights_only=True)["model"].items())
+    size = path.stat().st_size  # load_model maps the file: a copy overwritten in place must not reach the model
+    with open(path, "r+b") as f:
+        f.write(bytes(size))
+    assert all(torch.equal(t, state["model"][name]) for name, t in model.state_dict().items())
     half = {**state, "model": {k: v.bfloat16() for k, v in state["model"].items()}}
     torch.save(half, tmp_path / "half.pt")
     model, _, _ = common.load_model(tmp_path / "half.pt")
