@@ -360,7 +360,7 @@ def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_th
     bf16 weights load as fp32; the model keeps nothing of the file it mapped."""
     path = make_checkpoint(tmp_path / "good", small_tokenizer)
     state = torch.load(path, weights_only=True)
-    model, _, ckpt = common.load_model(path)
+    model, _, _ = common.load_model(path)
     assert not model.training and model.cos.device.type == "cpu"
     assert all(torch.equal(t, state["model"][name]) for name, t in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # sft.py trains what it loads
