@@ -3,8 +3,8 @@ common.py: the plumbing every stage shares.
 
     process setup   setup_distributed, teardown_distributed, default_device
     configuration   parse_config: a config dataclass -> command-line flags, with presets
-    checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, check_same_model,
-                    load_hf_folder (a folder export.py wrote)
+    checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, model_holding (a model
+                    from a state dict, with no init), check_same_model, load_hf_folder (a folder export.py wrote)
     training        training_dtype, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
                     TimeBudget (--time-budget), SmoothedLoss, fit_device_batch (halve the batch on out-of-memory)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
