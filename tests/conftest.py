@@ -12,6 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import collections
+import contextlib
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -86,18 +88,33 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
     return common.save_checkpoint(Path(folder), 1, state, keep_last=1)
 
 
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """Put back the SIGINT/SIGTERM handlers afterwards: train.py and sft.py install their own (StopSignal),
+    which would outlive a main() called in the test process."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def script_main(script: str):
+    """The function `python script` runs (data.py hands `prepare ARGS` to prepare.py's main)."""
+    if script == "data.py":
+        import prepare
+        return lambda argv: prepare.main(argv[1:] if argv[:1] == ["prepare"] else argv)
+    return importlib.import_module(script.removesuffix(".py")).main
+
+
 def refusal(main, argv: list[str], capsys) -> tuple[str, str]:
     """What a stage's main() says when it refuses argv, as the user's terminal would show it: what it printed
     on stderr (argparse's errors), then the SystemExit message, which Python prints last; and its stdout.
     Fails unless main() ends with a non-zero SystemExit and no traceback. The in-process twin of running the
     script: the same check without a start of Python and torch (4-5 s on the 2-core box) for each bad input."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py, sft.py set their own
-    try:
-        with pytest.raises(SystemExit) as exit:
-            main(argv)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    with signal_handlers_kept(), pytest.raises(SystemExit) as exit:
+        main(argv)
     printed = capsys.readouterr()
     said = f"{printed.err}\n{exit.value.code}"
     assert exit.value.code not in (0, None) and "Traceback" not in said, said[-1500:]

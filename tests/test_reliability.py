@@ -26,7 +26,6 @@ for chat.py and serve.py, ...). Here: a real SIGKILL in the middle of a checkpoi
 (test_kill_during_checkpoint_write).
 """
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -47,7 +46,7 @@ import common
 import prepare
 import sft
 import train
-from conftest import FIXTURE_TEXT, make_checkpoint, refusal
+from conftest import FIXTURE_TEXT, make_checkpoint, refusal, script_main, signal_handlers_kept
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,14 +88,10 @@ def world(tmp_path_factory, small_tokenizer_dir, small_tokenizer):
     shutil.copytree(small_tokenizer_dir, w / "out" / "tokenizer")
 
     # a base checkpoint (resumable, step 1 of 4) and a chat checkpoint (resumable, step 1 of 3), as the CLIs write them
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the stages install their own
     fill = lambda args, extra: [a.format(w=w, t=w / "out") for a in args] + extra
-    try:
+    with signal_handlers_kept():
         train.main(fill(TRAIN, ["--out", str(w / "out" / "base"), "--stop-after-steps", "1"]))
         sft.main(fill(SFT, ["--stop-after-steps", "1"]))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
     make_checkpoint(w / "other_base", small_tokenizer, kind="base", sequence_len=64, n_embd=32)
     prepare.prepare(f"parquet://{w}/train.parquet", str(w / "prepared"), shard_rows=10, val_frac=0.1,
                  log=lambda *a: None)
@@ -192,13 +187,6 @@ CASES = [
 ]
 
 
-def main_of(script: str):
-    """The function `python script` runs (data.py hands `prepare ARGS` to prepare.py's main)."""
-    if script == "data.py":
-        return lambda argv: prepare.main(argv[1:] if argv[:1] == ["prepare"] else argv)
-    return importlib.import_module(script.removesuffix(".py")).main
-
-
 @pytest.mark.parametrize("script, args, expect, copy, fsize", CASES)
 def test_bad_input_fails_with_one_error_line_and_damages_nothing(world, tmp_path, capsys, script, args, expect, copy,
                                                                  fsize):
@@ -212,7 +200,7 @@ def test_bad_input_fails_with_one_error_line_and_damages_nothing(world, tmp_path
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         said = proc.stderr
     else:
-        said, _ = refusal(main_of(script), argv, capsys)
+        said, _ = refusal(script_main(script), argv, capsys)
 
     lines = said.strip().splitlines()
     assert lines and lines[-1].startswith("error: "), said[-2000:]

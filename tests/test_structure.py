@@ -1,6 +1,5 @@
 """How the code fits together: the import graph, shared plumbing, and safe checkpoint loading."""
 import ast
-import importlib
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 import common
 import sft
 import train
-from conftest import REPO_ROOT, make_checkpoint, refusal
+from conftest import REPO_ROOT, make_checkpoint, refusal, script_main
 
 MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py")) + ["kernels"]
 
@@ -174,8 +173,7 @@ def test_every_loader_refuses_a_checkpoint_that_runs_code(planted, small_tokeniz
     (folder / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "Hallo"}, '
                                     '{"role": "assistant", "content": "Guten Tag"}]}\n' * 40, encoding="utf-8")
     small_tokenizer.save(folder / "tok")
-    main = importlib.import_module(script.removesuffix(".py")).main
-    said, _ = refusal(main, [a.format(d=folder) for a in args], capsys)
+    said, _ = refusal(script_main(script), [a.format(d=folder) for a in args], capsys)
     assert not marker.exists(), "the checkpoint's code ran"
     lines = said.strip().splitlines()
     assert lines[-1].startswith("error: ") and "would run code or build objects when loaded" in lines[-1], said[-2000:]
