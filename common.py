@@ -278,6 +278,11 @@ HF_WEIGHT_NAMES = [
     (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"model.layers.\1.mlp.fc1.weight"),
     (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"model.layers.\1.mlp.fc2.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
+    # nanochat's recipe (gpt.py's switches): modeling_nanoschnack.py's NanoschnackForCausalLM
+    (r"value_embeds\.(\d+)\.weight", r"model.value_embeds.\1.weight"),
+    (r"transformer\.h\.(\d+)\.attn\.ve_gate\.weight", r"model.layers.\1.self_attn.ve_gate.weight"),
+    (r"(resid_lambdas|x0_lambdas|smear_lambda|backout_lambda)", r"model.\1"),
+    (r"smear_gate\.weight", "model.smear_gate.weight"),
 ]
 
 
@@ -287,6 +292,32 @@ def hf_weight_name(name: str) -> str | None:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, replacement, name)
     return None
+
+
+# gpt.py's recipe switches that modeling_nanoschnack.NanoschnackConfig has under the same name; the windows
+# become its layer_types and sliding_window (hf_recipe_fields)
+RECIPE_HF_FIELDS = ("value_embeds", "layer_lambdas", "smear", "backout", "qk_gain")
+
+
+def hf_recipe_fields(config: gpt.GPTConfig) -> dict:
+    """NanoschnackConfig's recipe fields for a model, or {} for the plain GPT (transformers' own NanoChat).
+    A pattern that puts a window on no layer ("LL", or "S" on one layer: the last is always full) is plain."""
+    windows = config.windows()
+    if all(getattr(config, k) == gpt.PLAIN[k] for k in RECIPE_HF_FIELDS) and not any(windows):
+        return {}
+    short = max(w or 0 for w in windows)  # gpt.py has one short window: a query sees itself and `short` keys back
+    return dict({k: getattr(config, k) for k in RECIPE_HF_FIELDS},
+                layer_types=["sliding_attention" if w else "full_attention" for w in windows],
+                sliding_window=short + 1 if short else None)
+
+
+def recipe_from_hf(config: dict) -> dict:
+    """gpt.py's recipe switches from a NanoschnackConfig's config.json (hf_recipe_fields backwards). The window
+    pattern comes back spelled out per layer ("SSL" for a 3-layer "SSSL"), which gives the same windows."""
+    recipe = {k: config.get(k, gpt.PLAIN[k]) for k in RECIPE_HF_FIELDS}
+    pattern = "".join("S" if t == "sliding_attention" else "L" for t in config.get("layer_types") or [])
+    recipe["window_pattern"] = pattern if "S" in pattern else "L"  # one letter a layer: the same windows as trained
+    return recipe
 
 
 def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
@@ -300,14 +331,23 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {path} is not an exported model folder ({e})") from None
     tokenizer.hf.post_processor = None  # the export's <|bos|> post-processor: tokenizer.json as tok.py wrote it
-    ours = dict(model_type="nanochat", hidden_act="relu2", rms_norm_eps=gpt.NORM_EPS, final_logit_softcapping=gpt.SOFTCAP,
+    model_type = config.get("model_type") if config.get("model_type") in ("nanochat", "nanoschnack") else "nanochat"
+    ours = dict(model_type=model_type, hidden_act="relu2", rms_norm_eps=gpt.NORM_EPS, final_logit_softcapping=gpt.SOFTCAP,
                 rope_parameters=dict(rope_type="default", rope_theta=gpt.ROTARY_BASE), tie_word_embeddings=False,
                 attention_bias=False, intermediate_size=4 * config.get("hidden_size", 0))
     differ = {k: (config.get(k), v) for k, v in ours.items() if config.get(k) != v}
     if differ:
         raise SystemExit(f"error: {path}/config.json has settings gpt.py does not have: {differ} (theirs, ours)")
     model_config = {ours_name: config[hf_name] for ours_name, hf_name in HF_CONFIG_FIELDS.items()}
-    ours_config = gpt.GPTConfig(**model_config, **gpt.PLAIN)  # transformers' NanoChat is the plain GPT
+    recipe = recipe_from_hf(config) if model_type == "nanoschnack" else gpt.PLAIN  # NanoChat: the plain GPT
+    try:
+        ours_config = gpt.GPTConfig(**model_config, **recipe)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {path}/config.json: {e}") from None
+    expected, written = hf_recipe_fields(ours_config), {k: config.get(k) for k in ("layer_types", "sliding_window")}
+    if model_type == "nanoschnack" and expected and any(expected[k] != v for k, v in written.items()):
+        raise SystemExit(f"error: {path}/config.json has windows gpt.py does not compute: {written}; gpt.py's short "
+                         f"window is a quarter of max_position_embeddings rounded up to 128, the last layer full")
     with torch.device("meta"):
         to_ours = {hf_weight_name(k): k for k in gpt.GPT(ours_config).state_dict()}
     try:
@@ -316,8 +356,8 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
     except (OSError, KeyError, RuntimeError) as e:
         raise SystemExit(f"error: {path}/model.safetensors does not fit its config.json ({str(e)[:300]})") from None
     meta = config.get("nanoschnack") or {}
-    return model, tokenizer, dict(model_config=model_config, kind=meta.get("kind", "base"),
-                                         step=meta.get("step"), tokens=meta.get("tokens"), path=str(path))
+    return model, tokenizer, dict(model_config=dataclasses.asdict(ours_config), kind=meta.get("kind", "base"),
+                                  step=meta.get("step"), tokens=meta.get("tokens"), path=str(path))
 
 
 def check_same_model(saved: dict, config: gpt.GPTConfig, path):

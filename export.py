@@ -11,21 +11,25 @@ untied lm_head, tanh soft-capped logits. So the export is a renaming of the
 weights plus a config, and the folder works wherever transformers models do:
 AutoModelForCausalLM, vLLM (through its transformers backend), lm-eval.
 
+A model with nanochat's recipe (gpt.py's switches: value embeddings, layer
+scalars, smear, backout, sliding windows, q/k gain), none of which transformers'
+NanoChat computes, gets modeling_nanoschnack.py in its folder (NanoChat plus the
+recipe) and a config.json of model_type "nanoschnack" whose auto_map names it:
+it loads with trust_remote_code=True (transformers and lm-eval; vLLM untested).
+
 The folder holds config.json, model.safetensors, generation_config.json,
 tokenizer.json + tokenizer_config.json (with the chat template in Jinja) and a
-German model card (README.md).
+German model card (README.md), and modeling_nanoschnack.py for a recipe model.
 
 The exporter refuses (one `error:` line, nothing written) rather than writing a
 model that silently differs:
-- the model uses a part of gpt.py's recipe that transformers' NanoChat lacks (value
-  embeddings, layer scalars, smear, backout, sliding windows, q/k gain): the error
-  names each and the train.py flag that turns it off (RECIPE_FEATURES);
 - gpt.GPTConfig has a field export.py does not map, or the checkpoint holds a
-  weight it does not map (gpt.py grew a feature transformers' nanochat lacks);
+  weight it does not map (gpt.py grew a feature the export does not know);
 - a weight has the wrong shape;
 - and finally, after writing into a temporary folder, transformers loads the
-  model and its logits on a German probe must match gpt.py's (fp32): any other
-  difference between the two implementations stops the export here.
+  model, and its logits on a German probe, of one forward and of a few steps of
+  its generate() on its cache, must match gpt.py's (fp32): any other difference
+  between the two implementations stops the export here.
 
 What transformers cannot express, and what is therefore only documented:
 - gpt.py refuses positions past 10x the training context (its rotary tables);
@@ -60,6 +64,7 @@ from tok import SPECIAL_TOKENS, Tokenizer, render_prompt
 
 TRANSFORMERS_VERSION = "5.24.0"  # the version export.py and its tests were checked against (pyproject pins it)
 VERIFY_ATOL = 1e-3  # max |logit difference| the export accepts (fp32); a real mismatch is O(1)
+VERIFY_NEW_TOKENS = 8  # tokens transformers generates after the probe, their logits checked too
 PROBE_TEXT = ("Die Hauptstadt von Deutschland ist Berlin. „Größer“ wäre übertrieben: "
               "Der Eintritt kostet 1.000,50 € – für Schüler und Studierende ermäßigt.")
 
@@ -105,43 +110,26 @@ def special_ids(tokenizer: Tokenizer) -> dict:
     return dict(bos_token_id=s["<|bos|>"], eos_token_id=s["<|assistant_end|>"], pad_token_id=s["<|bos|>"])
 
 
-# gpt.py's recipe switches, none of which transformers' NanoChat (5.24.0) has: its config has no value
-# embeddings, layer scalars, smear, backout or q/k gain, and its attention drops sliding_window and
-# layer_type (modular_nanochat.py, NanoChatAttention), so every layer attends to the whole context.
-# A model with any of them on is refused, naming the train.py flag that turns it off.
-RECIPE_FEATURES = {
-    "value_embeds": ("value embeddings", "--no-value-embeds"),
-    "layer_lambdas": ("per-layer residual and x0 scalars", "--no-layer-lambdas"),
-    "smear": ("the smear gate", "--no-smear"),
-    "backout": ("the backout", "--no-backout"),
-    "window_pattern": ("sliding-window attention", "--window-pattern L"),
-    "qk_gain": ("a q/k gain", "--qk-gain 1"),
-}
-
-
-def check_plain(model_config: dict) -> None:
-    """Refuse a model that uses a recipe feature transformers' NanoChat cannot compute."""
-    cfg = gpt.GPTConfig.from_saved(model_config)
-    used = [k for k in RECIPE_FEATURES if getattr(cfg, k) != gpt.PLAIN[k]
-            and (k != "window_pattern" or any(cfg.windows()))]  # "LL" is "L": no window anywhere
-    if used:
-        raise ExportError(f"the model uses {', '.join(f'{RECIPE_FEATURES[k][0]} ({k}={getattr(cfg, k)!r})' for k in used)}, "
-                          f"which transformers' NanoChatForCausalLM cannot compute; a model trained with "
-                          f"{' '.join(RECIPE_FEATURES[k][1] for k in used)} can be exported")
+MODELING_FILE = Path(__file__).with_name("modeling_nanoschnack.py")  # a recipe model's code, copied into its folder
+RECIPE_AUTO_MAP = {"AutoConfig": "modeling_nanoschnack.NanoschnackConfig",
+                   "AutoModelForCausalLM": "modeling_nanoschnack.NanoschnackForCausalLM"}
 
 
 def hf_config(model_config: dict, tokenizer: Tokenizer, dtype: str, meta: dict) -> dict:
-    """config.json for NanoChatForCausalLM: every field that makes it compute what gpt.py computes."""
+    """config.json: every field that makes transformers compute what gpt.py computes. The plain GPT is
+    transformers' own NanoChatForCausalLM; a model with nanochat's recipe is modeling_nanoschnack.py's
+    NanoschnackForCausalLM (NanoChat plus the recipe's fields), which auto_map names."""
     unknown = set(model_config) - set(common.HF_CONFIG_FIELDS) - set(gpt.PLAIN)
     if unknown:
         raise ExportError(f"the model config has {sorted(unknown)}, which export.py does not map to transformers' "
                           f"NanoChatConfig; refusing to write a model that would differ")
-    check_plain(model_config)
-    model_config = {k: v for k, v in model_config.items() if k not in gpt.PLAIN}
     cfg = gpt.GPTConfig.from_saved(model_config)
+    recipe = common.hf_recipe_fields(cfg)
+    architecture = dict(architectures=["NanoschnackForCausalLM"], model_type="nanoschnack", auto_map=RECIPE_AUTO_MAP,
+                        **recipe) if recipe else dict(architectures=["NanoChatForCausalLM"], model_type="nanochat")
     return dict(
-        architectures=["NanoChatForCausalLM"], model_type="nanochat",
-        **{common.HF_CONFIG_FIELDS[k]: v for k, v in model_config.items()},
+        **architecture,
+        **{hf: getattr(cfg, ours) for ours, hf in common.HF_CONFIG_FIELDS.items()},
         intermediate_size=4 * cfg.n_embd,         # gpt.MLP: 4x width
         hidden_act="relu2",                        # relu(x)^2
         rms_norm_eps=gpt.NORM_EPS,                 # every norm (embedding, blocks, QK, final) is weightless
@@ -157,7 +145,7 @@ def hf_weight_name(name: str) -> str:
     hf_name = common.hf_weight_name(name)
     if hf_name is None:
         raise ExportError(f"the checkpoint has a weight {name!r} that export.py does not map to transformers' "
-                          f"NanoChatForCausalLM; refusing to write a model that would differ")
+                          f"names; refusing to write a model that would differ")
     return hf_name
 
 
@@ -173,11 +161,32 @@ def hf_state_dict(model: gpt.GPT, dtype: torch.dtype) -> dict[str, torch.Tensor]
                          p + "self_attn.v_proj.weight": (c.n_kv_head * c.head_dim, c.n_embd),
                          p + "self_attn.o_proj.weight": (c.n_embd, c.n_head * c.head_dim),
                          p + "mlp.fc1.weight": (4 * c.n_embd, c.n_embd), p + "mlp.fc2.weight": (c.n_embd, 4 * c.n_embd)})
+    expected.update(recipe_weight_shapes(c))
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got != expected:
         wrong = sorted(set(got.items()) ^ set(expected.items()))[:4]
-        raise ExportError(f"the weights do not have NanoChatForCausalLM's names and shapes (e.g. {wrong})")
+        raise ExportError(f"the weights do not have {hf_architecture(c)}'s names and shapes (e.g. {wrong})")
     return weights
+
+
+def recipe_weight_shapes(c: gpt.GPTConfig) -> dict:
+    """modeling_nanoschnack.py's weights of nanochat's recipe, and their shapes (gpt.GPT.__init__'s)."""
+    shapes, kv_dim = {}, c.n_kv_head * c.head_dim
+    for i in range(c.n_layer):
+        if c.value_embeds and gpt.has_value_embed(i, c.n_layer):
+            shapes.update({f"model.value_embeds.{i}.weight": (c.vocab_size, kv_dim),
+                           f"model.layers.{i}.self_attn.ve_gate.weight": (c.n_kv_head, gpt.VE_GATE_CHANNELS)})
+    if c.layer_lambdas:
+        shapes.update({"model.resid_lambdas": (c.n_layer,), "model.x0_lambdas": (c.n_layer,)})
+    if c.smear:
+        shapes.update({"model.smear_gate.weight": (1, gpt.SMEAR_CHANNELS), "model.smear_lambda": (1,)})
+    if c.backout:
+        shapes["model.backout_lambda"] = (1,)
+    return shapes
+
+
+def hf_architecture(c: gpt.GPTConfig) -> str:
+    return "NanoschnackForCausalLM" if common.hf_recipe_fields(c) else "NanoChatForCausalLM"
 
 
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
@@ -236,7 +245,7 @@ tags: [nanoschnack, nanochat]
 # {name}
 
 Ein kleines deutsches Sprachmodell aus nanoschnack, von Grund auf trainiert im Geist von nanoGPT und
-nanochat: {what}. Die Architektur ist die von nanochat; transformers kennt sie als `NanoChatForCausalLM`.
+nanochat: {what}. {architecture}
 
 | | |
 |---|---|
@@ -271,13 +280,24 @@ nanochat: {what}. Die Architektur ist die von nanochat; transformers kennt sie a
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-model = AutoModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}"{remote_code})
+model = AutoModelForCausalLM.from_pretrained("{repo}"{remote_code})
 {usage}
 ```
 
-Mit vLLM (über dessen transformers-Backend): `vllm serve {repo}`.
+{vllm}
 {report}"""
+ARCHITECTURE = {  # the card's words for the two architectures (hf_architecture)
+    "NanoChatForCausalLM": dict(
+        architecture="Die Architektur ist die von nanochat; transformers kennt sie als `NanoChatForCausalLM`.",
+        remote_code="", vllm="Mit vLLM (über dessen transformers-Backend): `vllm serve {repo}`."),
+    "NanoschnackForCausalLM": dict(
+        architecture="Die Architektur ist die von nanochat mit dessen aktuellem Rezept ({recipe}); transformers "
+                     "rechnet sie mit dem Code in diesem Ordner (`modeling_nanoschnack.py`, "
+                     "`NanoschnackForCausalLM`), darum `trust_remote_code=True` beim Laden.",
+        remote_code=", trust_remote_code=True",
+        vllm="vLLM ist mit diesem Code nicht geprüft; für vLLM ein Modell ohne die Rezept-Schalter trainieren."),
+}
 USAGE = {
     "chat": """\
 messages = [{"role": "user", "content": "Was ist die Hauptstadt von Deutschland?"}]
@@ -325,7 +345,17 @@ def model_card(ckpt: dict, model: gpt.GPT, name: str, repo: str, dtype: str) -> 
         n_head=c.n_head, n_kv_head=c.n_kv_head, sequence_len=c.sequence_len, vocab_size=german_int(c.vocab_size),
         dtype=dtype, training=" ".join(training), licences=licence_lines(specs), repo=repo or "PFAD/ZUM/ORDNER",
         usage=USAGE["chat" if kind == "chat" else "base"],
+        **{k: v.format(repo=repo or "PFAD/ZUM/ORDNER", recipe=recipe_words(c))
+           for k, v in ARCHITECTURE[hf_architecture(c)].items()},
         report=f"\n## Bericht der Trainingsschritte (report.md)\n{report}" if report else "")
+
+
+def recipe_words(c: gpt.GPTConfig) -> str:
+    """The recipe switches a model has on, as train.py's flags name them."""
+    flags = [f"--{k.replace('_', '-')}" for k in ("value_embeds", "layer_lambdas", "smear", "backout") if getattr(c, k)]
+    flags += [f"--window-pattern {c.window_pattern}"] if any(c.windows()) else []
+    flags += [f"--qk-gain {c.qk_gain:g}"] if c.qk_gain != 1.0 else []
+    return ", ".join(f"`{f}`" for f in flags)
 
 
 def german_int(n: int) -> str:
@@ -348,6 +378,8 @@ def write_folder(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, ckpt: dict,
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (folder / "tokenizer.json").write_text(hf_tokenizer_json(tokenizer), encoding="utf-8")
+    if "auto_map" in config:  # the recipe's code travels with the model: the hub runs it with trust_remote_code
+        shutil.copyfile(MODELING_FILE, folder / MODELING_FILE.name)
     card = model_card(ckpt, model, repo.split("/")[-1] if repo else "nanoschnack", repo, dtype)
     (folder / "README.md").write_text(card, encoding="utf-8")
 
@@ -356,12 +388,14 @@ def write_folder(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, ckpt: dict,
 def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> float:
     """Load the folder with transformers and compare with gpt.py on a German probe (fp32, both).
 
-    Checks the logits (within VERIFY_ATOL), the tokenizer's ids on the probe, and the chat
-    template's ids. Returns the max |logit difference|; raises ExportError on any mismatch."""
+    Checks the logits (within VERIFY_ATOL) of one forward over the probe and of transformers'
+    generate() after it (VERIFY_NEW_TOKENS steps on its cache: what a recipe's smear and windows change),
+    the tokenizer's ids on the probe, and the chat template's ids. Returns the max |logit
+    difference|; raises ExportError on any mismatch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()
-    hf_tok = AutoTokenizer.from_pretrained(folder)
+    hf_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # it reads config.json, and its auto_map
     ids = [tokenizer.bos_id] + tokenizer.encode(PROBE_TEXT)
     if hf_tok(PROBE_TEXT).input_ids != ids:
         raise ExportError("transformers' tokenizer gives other ids than tok.py on the probe text")
@@ -369,17 +403,25 @@ def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> fl
     if hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) != \
             render_prompt(tokenizer, messages):
         raise ExportError("the exported chat template gives other ids than tok.render_prompt")
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    architecture = hf_architecture(model.config)
+    probe = torch.tensor([ids[:model.config.sequence_len - VERIFY_NEW_TOKENS]])
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+        out = hf_model.generate(probe, attention_mask=torch.ones_like(probe), max_new_tokens=VERIFY_NEW_TOKENS,
+                                min_new_tokens=VERIFY_NEW_TOKENS, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+        theirs = torch.cat([hf_model(probe).logits, torch.stack(out.logits[1:], dim=1)], dim=1).float()
+    except Exception as e:  # modeling_nanoschnack.py (or transformers) raised: whatever it is, nothing is written
+        raise ExportError(f"transformers could not run the exported {architecture} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
     reference = model
     if dtype != "float32":  # compare with our model rounded the same way
         reference = gpt.GPT(model.config).eval()
         reference.load_state_dict({k: v.to(getattr(torch, dtype)).float() for k, v in model.state_dict().items()})
-    probe = torch.tensor([ids[:reference.config.sequence_len]])
-    ours = reference(probe.to(reference.lm_head.weight.device)).float().cpu()
-    theirs = hf_model(probe).logits.float()
+    ours = reference(out.sequences.to(reference.lm_head.weight.device)).float().cpu()[:, :-1]
     diff = (ours - theirs).abs().max().item()
     if not math.isfinite(diff) or diff > VERIFY_ATOL:
-        raise ExportError(f"transformers' NanoChatForCausalLM computes other logits than gpt.py (max difference "
+        raise ExportError(f"transformers' {architecture} computes other logits than gpt.py (max difference "
                           f"{diff:.3g} > {VERIFY_ATOL}); gpt.py must have changed in a way the exporter does not map")
     return diff
 
@@ -397,7 +439,6 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
         raise ExportError(f"--out {out} holds other files and no earlier export (config.json + model.safetensors); "
                           f"give a new or empty folder")
     model, tokenizer, ckpt = common.load_model(checkpoint, "cpu")
-    check_plain(dataclasses.asdict(model.config))
     broken = [name for name, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()]
     if broken:  # a run that diverged: its logits would be NaN in transformers too, and mean nothing
         raise ExportError(f"{checkpoint}: weights that are not finite (NaN or inf) in {', '.join(broken[:3])}"
@@ -434,7 +475,8 @@ def push_to_hub(folder: Path, repo: str, private: bool):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a nanoschnack checkpoint as a Hugging Face model folder "
-                                                 "(transformers' NanoChatForCausalLM), verified against gpt.py.")
+                                                 "(transformers' NanoChatForCausalLM, or modeling_nanoschnack.py's "
+                                                 "model for nanochat's recipe), verified against gpt.py.")
     parser.add_argument("--checkpoint", default="out/chat", help="checkpoint file, or a folder (its newest one)")
     parser.add_argument("--out", required=True, help="output folder: a new or empty one, or an earlier export (its files are replaced)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

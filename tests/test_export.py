@@ -6,6 +6,7 @@ either way, and agreement between two implementations does not depend on how goo
 are. Its lm_head is drawn wide (std 0.5), so the logits spread over about +-10 and the softcap
 is active, and greedy choices and multiple-choice rankings are clear, not near-ties.
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -210,6 +211,17 @@ def test_load_hf_folder_refuses_what_gpt_py_lacks(tmp_path, exported):
             common.load_hf_folder(tmp_path)
 
 
+def test_load_hf_folder_refuses_windows_gpt_py_does_not_compute(tmp_path, recipe_exported):
+    """gpt.py's short window follows from the context (a quarter, rounded up to 128), and its last layer is full."""
+    for name in ["config.json", "tokenizer.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((recipe_exported[2] / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    for wrong in ({"sliding_window": 65}, {"layer_types": ["sliding_attention"] * 4}):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **wrong}))
+        with pytest.raises(SystemExit, match="error: .*config.json has windows gpt.py does not compute"):
+            common.load_hf_folder(tmp_path)
+
+
 def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exported, monkeypatch):
     model, tokenizer, _ = exported
     config = dict(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
@@ -229,28 +241,102 @@ def test_refuses_what_transformers_cannot_express(tmp_path, small_tokenizer, exp
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["base"]
 
 
-@pytest.mark.parametrize("feature, value, flag", [
-    ("value_embeds", True, "--no-value-embeds"), ("layer_lambdas", True, "--no-layer-lambdas"),
-    ("smear", True, "--no-smear"), ("backout", True, "--no-backout"),
-    ("window_pattern", "SSSL", "--window-pattern L"), ("qk_gain", 1.2, "--qk-gain 1")])
-def test_refuses_each_recipe_feature_naming_its_flag(tmp_path, small_tokenizer, feature, value, flag):
-    """transformers' NanoChat has none of gpt.py's recipe features: a model with one is refused, nothing written."""
-    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", **{feature: value})
+RECIPE = dict(n_layer=4, value_embeds=True, layer_lambdas=True, smear=True, backout=True, window_pattern="SL", qk_gain=1.2)
+
+
+@pytest.fixture(scope="session")
+def recipe_exported(tmp_path_factory, small_tokenizer):
+    """(our model, tokenizer, HF folder) of a base model with every part of nanochat's recipe on; GQA (2 query
+    heads, 1 key/value head), layers 0 and 2 with a 128-token window (a quarter of the 128-token context,
+    rounded up to 128), value embeddings on layers 1 and 3."""
+    runs = tmp_path_factory.mktemp("recipe")
+    make_checkpoint(runs / "base", small_tokenizer, kind="base", seed=4, **RECIPE)
+    export.main(["--checkpoint", str(runs / "base"), "--out", str(runs / "hf")])
+    model, tokenizer, _ = common.load_model(runs / "base")
+    return model, tokenizer, runs / "hf"
+
+
+def test_a_recipe_model_exports_with_its_code(recipe_exported):
+    model, tokenizer, folder = recipe_exported
+    assert (folder / "modeling_nanoschnack.py").read_bytes() == (REPO_ROOT / "modeling_nanoschnack.py").read_bytes()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["NanoschnackForCausalLM"] and config["model_type"] == "nanoschnack"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanoschnack.NanoschnackForCausalLM"
+    assert {k: config[k] for k in common.RECIPE_HF_FIELDS} == {k: getattr(model.config, k) for k in common.RECIPE_HF_FIELDS}
+    assert model.config.windows() == [128, None, 128, None]
+    assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2 and config["sliding_window"] == 129
+    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+    weights = load_file(str(folder / "model.safetensors"))
+    assert {"model.value_embeds.1.weight", "model.value_embeds.3.weight", "model.layers.3.self_attn.ve_gate.weight",
+            "model.resid_lambdas", "model.x0_lambdas", "model.smear_gate.weight", "model.smear_lambda",
+            "model.backout_lambda"} <= weights.keys()
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers runs the folder's code only if asked
+        transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+
+
+def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_exported):
+    """Past the 128-token window (its layers see less than the whole text), and through generate()'s cache, where
+    the smear takes the token before each new one from the sequence so far and the windowed layers' cache slides."""
+    model, tokenizer, folder = recipe_exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(" ".join(GERMAN) * 6)])
+    assert ids.shape[1] > 300
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < LOGIT_ATOL
+    prompts = [ids[0, :20].tolist(), [tokenizer.bos_id] + tokenizer.encode("Es war einmal ein König, der")]
+    ours = [list(model.generate(p, max_new_tokens=160, temperature=0.0)) for p in prompts]
+    first = torch.tensor([prompts[0]])  # the mask says <|bos|> is not padding (it is the pad token too)
+    out = hf.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=160, do_sample=False, eos_token_id=None)
+    assert out[0, 20:].tolist() == ours[0]  # 180 tokens: the windowed layers' cache has slid
+    pad = len(prompts[0]) - len(prompts[1])  # a batch of both, the shorter one padded on the left
+    batch = torch.tensor([prompts[0], [tokenizer.bos_id] * pad + prompts[1]])
+    mask = torch.tensor([[1] * len(prompts[0]), [0] * pad + [1] * len(prompts[1])])
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None)
+    assert [row[len(prompts[0]):].tolist() for row in out] == [ours[0][:40], ours[1][:40]]
+
+
+@pytest.mark.parametrize("feature", [dict(value_embeds=True), dict(layer_lambdas=True), dict(smear=True),
+                                     dict(backout=True), dict(n_layer=3, window_pattern="SSSL"), dict(qk_gain=1.2)])
+def test_each_recipe_feature_alone_exports_verified(tmp_path, small_tokenizer, feature):
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", seed=6, **feature)
+    folder, diff = export.export(tmp_path / "base", tmp_path / "hf")
+    assert diff < LOGIT_ATOL and json.loads((folder / "config.json").read_text())["model_type"] == "nanoschnack"
+    model, _, _ = common.load_model(tmp_path / "base")
+    back, _, _ = common.load_hf_folder(folder)
+    assert back.config.windows() == model.config.windows()  # the pattern comes back spelled out per layer
+    assert dataclasses.replace(back.config, window_pattern=model.config.window_pattern) == model.config
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("raises, error", [(False, "computes other logits than gpt.py"),
+                                           (True, "could not run the exported NanoschnackForCausalLM")])
+def test_a_recipe_computed_otherwise_is_refused(tmp_path, small_tokenizer, monkeypatch, raises, error):
+    """export.py checks generate()'s cached steps too: modeling code whose generate() forgets the token before
+    each new one (the smear's previous_ids) computes the same logits in one forward, and is still refused,
+    whether the step then smears in nothing or raises (as the model does without previous_ids)."""
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", smear=True)
+    code = export.MODELING_FILE.read_text()
+    forgets = code.replace('inputs["previous_ids"] = input_ids', 'inputs["forgotten"] = input_ids')
+    if not raises:
+        forgets = forgets.replace("if past_seen and previous_ids is None:", "if False:")
+    assert forgets.count("forgotten") == 1 and forgets.count("if False:") == (not raises)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / export.MODELING_FILE.name).write_text(forgets)
+    monkeypatch.setattr(export, "MODELING_FILE", tmp_path / "code" / export.MODELING_FILE.name)
     with pytest.raises(SystemExit) as e:
         export.main(["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
-    message = str(e.value.code)
-    assert message.startswith("error: the model uses ") and f"({feature}={value!r})" in message, message
-    assert "NanoChatForCausalLM cannot compute" in message and message.endswith(f"trained with {flag} can be exported")
-    assert [p.name for p in tmp_path.iterdir()] == ["base"]
+    assert str(e.value.code).startswith("error: transformers") and error in str(e.value.code), e.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "code"]
 
 
-def test_recipe_switches_that_change_nothing_export():
+def test_recipe_switches_that_change_nothing_export_as_nanochat(small_tokenizer):
     """A pattern without an S window anywhere (one layer: the last is always full) is the plain GPT."""
     plain = dict(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=1, n_embd=64, **gpt.PLAIN)
-    export.check_plain({**plain, "window_pattern": "S"})
-    export.check_plain({**plain, "n_layer": 2, "window_pattern": "LL"})
-    with pytest.raises(export.ExportError, match="sliding-window attention"):
-        export.check_plain({**plain, "n_layer": 2, "window_pattern": "SL"})
+    for config in ({**plain, "window_pattern": "S"}, {**plain, "n_layer": 2, "window_pattern": "LL"}):
+        assert export.hf_config(config, small_tokenizer, "float32", {})["model_type"] == "nanochat"
+    assert export.hf_config({**plain, "n_layer": 2, "window_pattern": "SL"}, small_tokenizer, "float32",
+                            {})["model_type"] == "nanoschnack"
 
 
 def test_bad_input_is_one_error_line(tmp_path, small_tokenizer):
@@ -328,20 +414,22 @@ def process_docs(dataset):
 LL_ATOL = 1e-4  # per-choice sums of log-probs, fp32, a few tokens each
 
 
-@pytest.mark.slow  # about 25 s, most of it importing lm-eval and transformers in a fresh process
-def test_lm_eval_agrees_with_eval_py(tmp_path, exported):
+@pytest.mark.slow  # about 25 s each, most of it importing lm-eval and transformers in a fresh process
+@pytest.mark.parametrize("which", ["exported", "recipe_exported"])  # NanoChat, and modeling_nanoschnack.py's model
+def test_lm_eval_agrees_with_eval_py(tmp_path, request, which):
     """Same examples, same strings: evaluation.local_example joins context and choice (with one space), and
     the lm-eval task reads the file through it with target_delimiter "". Then acc_norm is the same
     definition on both sides (log-likelihood / characters of the choice, its leading space included),
     and the per-choice log-likelihoods agree to fp32 precision, so acc and acc_norm agree exactly."""
-    model, tokenizer, folder = exported
+    model, tokenizer, folder = request.getfixturevalue(which)
+    remote_code = ",trust_remote_code=True" if which == "recipe_exported" else ""  # NanoChat is transformers' own
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "nanoschnack_quiz.yaml").write_text(LM_EVAL_TASK.format(file=QUIZ))
     (tmp_path / "task" / "nanoschnack_task.py").write_text(LM_EVAL_UTILS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-                          "--model_args", f"pretrained={folder},dtype=float32", "--device", "cpu",
+                          "--model_args", f"pretrained={folder},dtype=float32{remote_code}", "--device", "cpu",
                           "--tasks", "nanoschnack_quiz", "--include_path", str(tmp_path / "task"),
                           "--batch_size", "16", "--output_path", str(tmp_path / "lm_eval"), "--log_samples"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
