@@ -34,6 +34,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 from transformers.models.nanochat.modeling_nanochat import (NanoChatAttention, NanoChatDecoderLayer, NanoChatForCausalLM,
                                                             NanoChatModel, NanoChatPreTrainedModel, NanoChatRMSNorm,
                                                             NanoChatRotaryEmbedding, apply_rotary_pos_emb,
@@ -158,13 +160,14 @@ class NanoschnackModel(NanoschnackPreTrainedModel, NanoChatModel):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         return x + gate * before
 
+    @merge_with_config_defaults  # use_cache from the config, as NanoChatModel.forward
+    @capture_outputs             # output_hidden_states, output_attentions, return_dict, as NanoChatModel.forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, previous_ids=None, **kwargs) -> BaseModelOutputWithPast:
         c = self.config
         if input_ids is None:
             raise ValueError("this model needs input_ids (its value embeddings and smear read the tokens), "
                              "not inputs_embeds")
-        use_cache = c.use_cache if use_cache is None else use_cache
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         if use_cache and cache is None:

@@ -283,6 +283,8 @@ def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_ex
     assert ids.shape[1] > 300
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() < LOGIT_ATOL
+        states = hf(ids[:, :16], output_hidden_states=True).hidden_states  # as transformers' own models give them
+    assert len(states) == model.config.n_layer + 1 and all(h.shape == (1, 16, model.config.n_embd) for h in states)
     prompts = [ids[0, :20].tolist(), [tokenizer.bos_id] + tokenizer.encode("Es war einmal ein König, der")]
     ours = [list(model.generate(p, max_new_tokens=160, temperature=0.0)) for p in prompts]
     first = torch.tensor([prompts[0]])  # the mask says <|bos|> is not padding (it is the pad token too)
