@@ -121,7 +121,11 @@ class TrainConfig:
 # validation bits per byte by +0.000 against 0.2 / 0.004 and its weight decay 0.28 by +0.007; Muon's learning rate
 # 0.02 / 0.01 / 0.005 gave 1.7944 / 1.7830 / 1.7894 (0.0025: 0.045 behind 0.01 at step 1,000), at a batch of 1/128
 # of nanochat's 2^19 tokens. nanochat's values were tuned on GPUs for d12 and up at 12 tokens per parameter.
-SMALL_RUN = dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0)
+# The layer scalars' AdamW (--layer-lambdas) at 0.05, not nanochat's 0.5: its base_train scales every learning rate
+# by sqrt(B / 2^19), 0.044 at these 4,096-token steps, and on the demo's model the scalars at 0.5 cost 0.060 bits
+# per byte in 200 steps, at 0.05 0.009, and with smear, backout and qk gain -0.011 (bench/RESULTS.md, "The recipe
+# on the demo's model").
+SMALL_RUN = dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, scalar_lr=0.05)
 PRESETS = {
     # CPU demo: a 4-layer model, 1.6M tokens (demo.sh: a time budget instead). torch.compile pays on the
     # CPU too (fused elementwise work, fewer allocations); its warm-up is seconds, and cached.
