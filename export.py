@@ -404,7 +404,7 @@ def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> fl
             render_prompt(tokenizer, messages):
         raise ExportError("the exported chat template gives other ids than tok.render_prompt")
     architecture = hf_architecture(model.config)
-    probe = torch.tensor([ids[:model.config.sequence_len - VERIFY_NEW_TOKENS]])
+    probe = torch.tensor([ids[:max(1, model.config.sequence_len - VERIFY_NEW_TOKENS)]])  # and the new ones: the context
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
         out = hf_model.generate(probe, attention_mask=torch.ones_like(probe), max_new_tokens=VERIFY_NEW_TOKENS,

@@ -32,14 +32,14 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
 from transformers.models.nanochat.modeling_nanochat import (NanoChatAttention, NanoChatDecoderLayer, NanoChatForCausalLM,
                                                             NanoChatModel, NanoChatPreTrainedModel, NanoChatRMSNorm,
                                                             NanoChatRotaryEmbedding, apply_rotary_pos_emb,
                                                             eager_attention_forward)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 SMEAR_CHANNELS = 24    # the smear gate reads the first 24 channels of the embedding (gpt.SMEAR_CHANNELS)
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the layer input (gpt.VE_GATE_CHANNELS)
@@ -145,7 +145,7 @@ class NanoschnackModel(NanoschnackPreTrainedModel, NanoChatModel):
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.post_init()
 
-    def smear(self, x, input_ids, previous_ids, attention_mask, past_seen: int):
+    def smear(self, x, previous_ids, attention_mask, past_seen: int):
         """x_t plus its gated share of x_{t-1} (gpt.GPT.smear). The token before the first new one is
         previous_ids (B, 1), or none at the start of a text; a padding token counts as none."""
         if past_seen and previous_ids is None:
@@ -185,7 +185,7 @@ class NanoschnackModel(NanoschnackPreTrainedModel, NanoChatModel):
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
         position_embeddings = self.rotary_emb(x, position_ids=position_ids)
         if c.smear:
-            x = self.smear(x, input_ids, previous_ids, attention_mask, past_seen)
+            x = self.smear(x, previous_ids, attention_mask, past_seen)
         x0, x_mid = x, None
         for i, layer in enumerate(self.layers):
             if c.layer_lambdas:
