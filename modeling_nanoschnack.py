@@ -27,19 +27,25 @@ GPT.trunk are the reference; export.py checks the logits against gpt.py before i
 """
 import torch
 import torch.nn as nn
-from huggingface_hub.dataclasses import strict
-from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
-from transformers.models.nanochat.modeling_nanochat import (NanoChatAttention, NanoChatDecoderLayer, NanoChatForCausalLM,
-                                                            NanoChatModel, NanoChatPreTrainedModel, NanoChatRMSNorm,
-                                                            NanoChatRotaryEmbedding, apply_rotary_pos_emb,
-                                                            eager_attention_forward)
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+import transformers
+
+try:  # transformers' internals this file builds on, as 5.24 has them (export.TRANSFORMERS_VERSION)
+    from huggingface_hub.dataclasses import strict
+    from transformers import initialization as init
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
+    from transformers.models.nanochat.modeling_nanochat import (NanoChatAttention, NanoChatDecoderLayer, NanoChatForCausalLM,
+                                                                NanoChatModel, NanoChatPreTrainedModel, NanoChatRMSNorm,
+                                                                NanoChatRotaryEmbedding, apply_rotary_pos_emb,
+                                                                eager_attention_forward)
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import capture_outputs
+except ImportError as e:
+    raise ImportError(f"this model's code (modeling_nanoschnack.py) is written for transformers 5.24 and cannot "
+                      f"use transformers {transformers.__version__} ({e}); pip install 'transformers==5.24.*'") from e
 
 SMEAR_CHANNELS = 24    # the smear gate reads the first 24 channels of the embedding (gpt.SMEAR_CHANNELS)
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of the layer input (gpt.VE_GATE_CHANNELS)

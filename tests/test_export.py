@@ -332,6 +332,15 @@ def test_a_recipe_computed_otherwise_is_refused(tmp_path, small_tokenizer, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "code"]
 
 
+def test_the_recipe_code_names_the_transformers_it_needs(monkeypatch):
+    """A transformers without the internals modeling_nanoschnack.py builds on: one ImportError saying which to install."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", None)  # as if this transformers lacked it
+    spec = importlib.util.spec_from_file_location("modeling_copy", export.MODELING_FILE)
+    with pytest.raises(ImportError, match=r"written for transformers 5.24 .*pip install 'transformers==5.24.\*'"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def test_recipe_switches_that_change_nothing_export_as_nanochat(small_tokenizer):
     """A pattern without an S window anywhere (one layer: the last is always full) is the plain GPT."""
     plain = dict(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=1, n_embd=64, **gpt.PLAIN)
