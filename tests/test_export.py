@@ -297,6 +297,23 @@ def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_ex
     assert [row[len(prompts[0]):].tolist() for row in out] == [ours[0][:40], ours[1][:40]]
 
 
+def test_beam_search_on_a_recipe_model_scores_its_beams_as_one_forward_does(recipe_exported):
+    """Beam search reorders the cache and the sequences between steps: the smear's token before each step comes
+    from the reordered sequences, so every beam's score is the log-probability one forward over it gives."""
+    model, tokenizer, folder = recipe_exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("Es war einmal ein König, der")])
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), num_beams=4, num_return_sequences=4,
+                      max_new_tokens=12, min_new_tokens=12, do_sample=False, length_penalty=0.0,
+                      return_dict_in_generate=True, output_scores=True)
+    assert len({tuple(s.tolist()) for s in out.sequences}) == 4
+    with torch.no_grad():
+        for sequence, score in zip(out.sequences, out.sequences_scores):
+            logits = model(sequence[None])[0, prompt.shape[1] - 1:-1]
+            new = sequence[prompt.shape[1]:, None]
+            assert torch.log_softmax(logits, -1).gather(1, new).sum().item() == pytest.approx(score.item(), abs=1e-4)
+
+
 @pytest.mark.parametrize("feature", [dict(value_embeds=True), dict(layer_lambdas=True), dict(smear=True),
                                      dict(backout=True), dict(n_layer=3, window_pattern="SSSL"), dict(qk_gain=1.2)])
 def test_each_recipe_feature_alone_exports_verified(tmp_path, small_tokenizer, feature):
