@@ -10,6 +10,8 @@ export.py copies this file into the folder of such a model, whose config.json na
 It imports only torch and transformers (5.24, the version export.py verifies against), never
 the repository: a folder on the hub must run without it. A plain model (every switch off) is
 exported as transformers' own NanoChatForCausalLM and needs none of this.
+It runs trained weights; it has no init of gpt.py's own (a model made from its config alone
+gets transformers' init, the scalars at their neutral 1 and 0): train with train.py.
 
 What it adds to transformers' NanoChat, each as gpt.py computes it (gpt.py's docstring and
 GPT.trunk are the reference; export.py checks the logits against gpt.py before it writes):
@@ -31,7 +33,6 @@ import transformers
 
 try:  # transformers' internals this file builds on, as 5.24 has them (export.TRANSFORMERS_VERSION)
     from huggingface_hub.dataclasses import strict
-    from transformers import initialization as init
     from transformers.cache_utils import DynamicCache
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -112,20 +113,6 @@ class NanoschnackPreTrainedModel(NanoChatPreTrainedModel):
     config: NanoschnackConfig
     _no_split_modules = ["NanoschnackDecoderLayer"]
     _can_record_outputs = {"hidden_states": NanoschnackDecoderLayer, "attentions": NanoschnackAttention}
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """gpt.GPT._init_recipe's starting values, for a model made from its config (from_pretrained loads them)."""
-        super()._init_weights(module)
-        if isinstance(module, NanoschnackModel):
-            n = self.config.num_hidden_layers
-            depth = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
-            if self.config.layer_lambdas:
-                init.copy_(module.resid_lambdas, 1.15 - 0.10 * depth)
-                init.copy_(module.x0_lambdas, 0.20 - 0.15 * depth)
-            if self.config.smear:
-                init.zeros_(module.smear_lambda)
-            if self.config.backout:
-                init.constant_(module.backout_lambda, 0.2)
 
 
 class NanoschnackModel(NanoschnackPreTrainedModel, NanoChatModel):

@@ -256,6 +256,12 @@ def recipe_exported(tmp_path_factory, small_tokenizer):
     return model, tokenizer, runs / "hf"
 
 
+@pytest.fixture(scope="session")
+def recipe_hf_model(recipe_exported):
+    return transformers.AutoModelForCausalLM.from_pretrained(recipe_exported[2], dtype=torch.float32,
+                                                             trust_remote_code=True).eval()
+
+
 def test_a_recipe_model_exports_with_its_code(recipe_exported):
     model, tokenizer, folder = recipe_exported
     assert (folder / "modeling_nanoschnack.py").read_bytes() == (REPO_ROOT / "modeling_nanoschnack.py").read_bytes()
@@ -274,11 +280,10 @@ def test_a_recipe_model_exports_with_its_code(recipe_exported):
         transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
 
 
-def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_exported):
+def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_exported, recipe_hf_model):
     """Past the 128-token window (its layers see less than the whole text), and through generate()'s cache, where
     the smear takes the token before each new one from the sequence so far and the windowed layers' cache slides."""
-    model, tokenizer, folder = recipe_exported
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    (model, tokenizer, _), hf = recipe_exported, recipe_hf_model
     ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(" ".join(GERMAN) * 6)])
     assert ids.shape[1] > 300
     with torch.no_grad():
@@ -297,11 +302,10 @@ def test_a_recipe_model_computes_our_logits_and_tokens_in_transformers(recipe_ex
     assert [row[len(prompts[0]):].tolist() for row in out] == [ours[0][:40], ours[1][:40]]
 
 
-def test_beam_search_on_a_recipe_model_scores_its_beams_as_one_forward_does(recipe_exported):
+def test_beam_search_on_a_recipe_model_scores_its_beams_as_one_forward_does(recipe_exported, recipe_hf_model):
     """Beam search reorders the cache and the sequences between steps: the smear's token before each step comes
     from the reordered sequences, so every beam's score is the log-probability one forward over it gives."""
-    model, tokenizer, folder = recipe_exported
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    (model, tokenizer, _), hf = recipe_exported, recipe_hf_model
     prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("Es war einmal ein König, der")])
     out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), num_beams=4, num_return_sequences=4,
                       max_new_tokens=12, min_new_tokens=12, do_sample=False, length_penalty=0.0,
