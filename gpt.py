@@ -304,8 +304,10 @@ class GPT(nn.Module):
         self.init_rotary(device)
 
     def init_rotary(self, device) -> None:
-        """Compute the rotary tables on device (they are buffers, never saved: a loaded model needs them)."""
-        self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
+        """Compute the rotary tables on device (they are buffers, never saved: a loaded model needs them). On the
+        meta device (a model of shapes only) they keep their placeholders' shapes: see __init__."""
+        if torch.device(device).type != "meta":
+            self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
 
     def _init_recipe(self, gen) -> None:
         """nanochat's init_weights (gpt.py L234-256) for the recipe's parameters."""

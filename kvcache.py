@@ -46,7 +46,9 @@ class KVCache(nn.Module):
         self.shape = (n_layer, batch_size, n_kv_head, max_len + 1, head_dim)
         self.lengths = [0] * batch_size  # tokens cached per row, on the host
         self.register_buffer("seq_lens", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("row_ids", torch.arange(batch_size, device=device), persistent=False)
+        # made on the CPU and moved: arange on the meta device (a session of shapes only, serve.py's HTTP side)
+        # runs torch's Python reference, which imports sympy (0.6 s)
+        self.register_buffer("row_ids", torch.arange(batch_size).to(device), persistent=False)
         self.register_buffer("k", None, persistent=False)
         self.register_buffer("v", None, persistent=False)
         self.register_buffer("ids", None, persistent=False)  # (B, max_len + 1) token ids, -1 unwritten: the smear's

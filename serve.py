@@ -593,11 +593,10 @@ def main(argv=None) -> None:
     engine = None
     if args.single_process:
         session = load_session(args.checkpoint, args.device, sampling)
-    else:  # this side needs the tokenizer and settings; the engine process loads the model on the device
-        session = load_session(args.checkpoint, "cpu", sampling)
+    else:  # this side needs the tokenizer and settings, not the weights: the engine process loads those
+        session = load_session(args.checkpoint, "meta", sampling)
         engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue,
                                args.stall_timeout)
-        session.model.to("meta")  # this side never runs it: its weights need no memory here
         session.device = engine.device
     app = create_app(session, limits, args.model_name, args.system, allowed, args.shared_cache, access, engine)
     mode = "chat" if session.kind == "chat" else "base model: completion mode only (/v1/completions)"

@@ -203,7 +203,8 @@ class ChatSession:
         # one more than the context: generate() feeds each token it yields, the last one too
         self.cache = model.new_kv_cache(1, max_len=self.context_len + 1)
         self.cached_ids: list[int] = []  # exactly the tokens the cache holds
-        self.rng = torch.Generator(device=self.device)
+        # a model of shapes only (the meta device: serve.py's HTTP side, load_session) never samples
+        self.rng = torch.Generator(device="cpu" if self.device.type == "meta" else self.device)
         if seed is None:
             self.rng.seed()
         else:
@@ -363,7 +364,9 @@ def load_session(checkpoint: str | None = None, device: str | None = None, sampl
 
     The session also gets `checkpoint` (the file), `step`, and `ckpt` (the dict,
     without weights). A missing or incompatible checkpoint raises SystemExit
-    with an "error: ..." message.
+    with an "error: ..." message. On device "meta" the model has the checkpoint's
+    shapes and no weights (none are read): a session that tokenizes and checks
+    prompts but never generates, as serve.py's HTTP side.
     """
     device = device or common.default_device()
     try:

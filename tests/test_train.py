@@ -357,7 +357,7 @@ def test_load_model_refuses_a_tokenizer_of_another_size(tmp_path, small_tokenize
 def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_that_do_not_fit(tmp_path, small_tokenizer):
     """load_model hands copies of the checkpoint's tensors to a model built on the meta device
     (common.model_holding): a weight missing, extra, of another shape or not a tensor is one error naming it;
-    bf16 weights load as fp32; the model keeps nothing of the file it mapped."""
+    bf16 weights load as fp32; the model keeps nothing of the file it mapped. The same refusals on the meta device."""
     path = make_checkpoint(tmp_path / "good", small_tokenizer)
     state = torch.load(path, weights_only=True)
     model, _, _ = common.load_model(path)
@@ -381,8 +381,9 @@ def test_load_model_takes_the_checkpoints_weights_as_float32_and_refuses_ones_th
                          ({**weights, name: weights[name][:-1]}, f"size mismatch for {name}"),
                          ({**weights, name: "a string"}, f"not tensors: {name}")]:
         torch.save({**state, "model": broken}, tmp_path / "broken.pt")
-        with pytest.raises(SystemExit, match=f"(?s)broken.pt does not fit its own model config: .*({says})"):
-            common.load_model(tmp_path / "broken.pt")
+        for device in ("cpu", "meta"):  # meta: serve.py's HTTP side, which checks shapes and reads no weights
+            with pytest.raises(SystemExit, match=f"(?s)broken.pt does not fit its own model config: .*({says})"):
+                common.load_model(tmp_path / "broken.pt", device)
 
 
 # -----------------------------------------------------------------------------
