@@ -121,10 +121,10 @@ def test_loading_a_checkpoint_runs_no_init_and_no_compile_machinery(tmp_path, sm
     assert out.stdout.split() == ["False", "False", "False", "True"], out.stdout + out.stderr[-2000:]
 
 
-def test_serves_http_side_holds_no_weights_and_loads_without_compile_machinery(tmp_path, small_tokenizer):
+def test_serve_http_side_holds_no_weights_and_loads_without_compile_machinery(tmp_path, small_tokenizer):
     """serve.py's HTTP process tokenizes and checks prompts; the engine process runs the model. Its session
-    used to be loaded on the CPU and then moved to the meta device: d20's 2 GB read and copied for nothing
-    (2.3 s and 3.4 GB peak on a 2-core CPU). On the meta device it reads no weight, and computing its
+    used to be loaded on the CPU and then moved to the meta device: a d20-shaped checkpoint's 1.6 GB read and
+    copied for nothing (3.4 GB peak, 6-7 s more to the first /health on a 2-core CPU: bench/RESULTS.md). On the meta device it reads no weight, and computing its
     rotary tables there would import torch._dynamo (gpt.GPT.init_rotary)."""
     checkpoint = make_checkpoint(tmp_path, small_tokenizer, sequence_len=96)
     probe = ("import sys, session, torch; "
