@@ -88,6 +88,21 @@ def setup_distributed(device: str = "") -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def run_main(main) -> None:
+    """Run a stage's main() as its program (train.py, sft.py, evaluation.py). Under torchrun each rank meets a
+    bad input itself and says so (an error that only one rank meets, its shard or its memory, must not be
+    hidden), in one line that names the rank: Python prints a SystemExit's message and its newline in two
+    writes, so the ranks' lines ran into each other ("error: Aerror: A" then two newlines)."""
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str) or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"[rank {os.environ.get('RANK', '?')}] {e.code}\n".encode())
+        raise SystemExit(1) from None
+
+
 def teardown_distributed():
     """Leave the process group (callers drop their DDP wrapper first, or gloo can hang on exit)."""
     if dist.is_initialized():

@@ -118,6 +118,17 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     assert counted == {spec: sum(r.token_counts()[spec] for r in ranks) for spec in counted}  # both ranks' tokens
 
 
+def test_an_error_under_torchrun_is_one_whole_line_per_rank(setup, tmp_path):
+    """Every rank says what it met, each in a line of its own that names it (common.run_main): Python's own
+    printing of a SystemExit ran two ranks' messages into one line."""
+    missing = tmp_path / "no-tokenizer"
+    proc = run_script(args_for(setup, tmp_path / "run", "--tokenizer", str(missing)), nproc=2, check=False)
+    says = f"error: no tokenizer at {missing}; train one with: python tok.py --out {missing}"
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and sorted(l for l in lines if "error:" in l) == [
+        f"[rank 0] {says}", f"[rank 1] {says}"], proc.stderr[-3000:]
+
+
 def test_two_ranks_on_a_time_budget_stay_identical(setup, tmp_path):
     """The schedule follows the clock, and rank clocks start apart: each step's fraction of the budget must be
     one number on all ranks, or the ranks' weights step apart. The logged loss is the ranks' mean, and its
