@@ -36,7 +36,8 @@ import time
 import torch
 
 import gpt
-from session import ChatSession, Reply, Sampling, StopSequences, batch_cache, common_prefix_len, decode, prefill
+from session import (ChatSession, Reply, Sampling, StopSequences, batch_cache, common_prefix_len, decode,
+                     load_session, prefill)
 
 
 def log(text: str) -> None:
@@ -532,6 +533,15 @@ class BatchEngine(Queue):
             self._swap(self.rows.index(row), self.n - 1)  # the running rows stay 0..n-1
             self.n -= 1
         self.finish(job, reply, timed_out)
+
+
+def load_engine_session(checkpoint: str | None, device: str | None, max_batch: int,
+                        sampling: Sampling | None = None) -> ChatSession:
+    """load_session for make_engine's engine of max_batch rows. The session's own one-row decode step is compiled
+    (where gpt.compile_wanted) only for max_batch 1, where the engine decodes on the session's cache: the batched
+    engine compiles the step for its own cache (batch_cache), and compiling the session's as well cost load time
+    and graph memory for a step that never ran."""
+    return load_session(checkpoint, device, sampling, compile_decode=None if max_batch == 1 else False)
 
 
 def make_engine(session: ChatSession, max_batch: int, max_queue: float):

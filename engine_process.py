@@ -29,8 +29,7 @@ import time
 
 import torch
 
-from engine import FINAL, Job, Metrics, Queue, QueueFull, log, make_engine
-from session import load_session
+from engine import FINAL, Job, Metrics, Queue, QueueFull, load_engine_session, log, make_engine
 
 STATS_SECONDS = 0.1  # the engine process sends its counters this often when they changed without an event
 HEARTBEAT_SECONDS = 1.0  # and a message at least this often, so that silence means a stopped process
@@ -53,7 +52,7 @@ def engine_process(commands, events, checkpoint: str, device: str | None, max_ba
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        session = load_session(checkpoint, device)
+        session = load_engine_session(checkpoint, device, max_batch)
     except SystemExit as e:  # load_session's clear "error: ..." messages
         events.send(("failed", str(e)))
         return

@@ -77,7 +77,7 @@ except ImportError as e:
 
 from access import (COOKIE, LOOPBACK_HOSTS, Access, Client, Denied, RateLimited, Reservation, default_allowed_hosts,
                     host_name, read_key_file, timed_protocol)
-from engine import FINAL, Job, QueueFull, RequestTimeout, log, make_engine
+from engine import FINAL, Job, QueueFull, RequestTimeout, load_engine_session, log, make_engine
 from engine_process import STALL_SECONDS, EngineGone, EngineProcess
 from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, check_prompt_fits,
                         read_cache_key, read_json, read_messages, read_n, read_prompts, read_sampling, shown, sse, usage)
@@ -592,7 +592,7 @@ def main(argv=None) -> None:
         raise SystemExit("error: rate limits must be 0 (off) or positive")
     engine = None
     if args.single_process:
-        session = load_session(args.checkpoint, args.device, sampling)
+        session = load_engine_session(args.checkpoint, args.device, limits.max_batch, sampling)
     else:  # this side needs the tokenizer and settings, not the weights: the engine process loads those
         session = load_session(args.checkpoint, "meta", sampling)
         engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue,

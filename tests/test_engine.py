@@ -8,6 +8,7 @@ import torch
 
 import common
 import engine
+import gpt
 import session
 from conftest import make_checkpoint, stop_from_the_middle
 
@@ -188,3 +189,20 @@ def test_stop_sequences_end_answers_alike_batched_and_alone(tmp_path, small_toke
     never, _ = answers(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), [("§§§",)] * len(texts))
     assert [(r.text, r.ids, r.finish_reason, r.stop_sequence) for r in never] == [
         (r.text, r.ids, r.finish_reason, None) for r in free]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_an_engine_compiles_the_decode_step_for_the_cache_it_decodes_on_only(tmp_path, small_tokenizer, max_batch,
+                                                                             decode_compiled_on_cpu, monkeypatch):
+    """serve.py (engine process or --single-process) loads a session and makes its engine on it: the batched
+    engine decodes on a cache of its own, so compiling the session's one-row cache too (load_session's default
+    on CUDA) was load time and graph memory for a step never run."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, sequence_len=64)
+    compiled_for = []
+    compile_decode = gpt.compile_decode
+    monkeypatch.setattr(gpt, "compile_decode", lambda model, cache, *a, **k: (compiled_for.append(cache),
+                                                                               compile_decode(model, cache, *a, **k)))
+    chat = engine.load_engine_session(str(checkpoint), "cpu", max_batch)
+    eng = engine.make_engine(chat, max_batch, 4)
+    assert compiled_for == [eng.cache if max_batch > 1 else chat.cache]
+    assert [shapes[0][0] for shapes in decode_compiled_on_cpu] == ([1, 2, 3] if max_batch > 1 else [1])  # rows
