@@ -16,6 +16,14 @@ from conftest import REPO_ROOT, make_checkpoint, refusal, script_main
 MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py")) + ["kernels"]
 
 
+def fresh_python(code: str) -> tuple[list[str], str]:
+    """The words `python -c code` prints in a new interpreter, and what it said (for a failed assertion): what a
+    script's start imports shows only in a process of its own."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return proc.stdout.split(), proc.stdout + proc.stderr[-2000:]
+
+
 def project_imports(path: Path) -> set[str]:
     """The project modules a file imports, at module level or inside functions."""
     found = set()
@@ -80,9 +88,8 @@ def test_chat_and_serve_load_no_training_or_data_code():
     """What `python chat.py` / `python serve.py` really load: no train.py, sft.py, data.py, prepare.py."""
     probe = ("import sys, chat, serve; print(' '.join(sorted(m for m in sys.modules if m in "
              f"{MODULES!r})))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
-    assert not set(out) & {"train", "sft", "data", "prepare", "evaluation"}, out
+    out, said = fresh_python(probe)
+    assert out and not set(out) & {"train", "sft", "data", "prepare", "evaluation"}, said
 
 
 @pytest.mark.skipif(bool(torch.version.cuda or torch.version.hip),
@@ -95,16 +102,14 @@ def test_scripts_start_without_torch_compile_machinery_on_a_cpu_only_torch():
              "print('torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules); "
              "import torch; q = torch.randn(1, 2, 8, 16); out, lse = kernels.flash_attn_op(q, q, q); "
              "print('torch._inductor' in sys.modules, torch.allclose(out, kernels.flash_attn(q, q, q), atol=1e-5))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
-    assert out == ["False", "False", "False", "True", "True"], out
+    out, said = fresh_python(probe)
+    assert out == ["False", "False", "False", "True", "True"], said
     # a CUDA build (its version string faked here) makes them at import, before any torch.compile sees the model
     probe = ("import torch; torch.version.cuda = '13.0'; import sys, kernels.attention as a, kernels.rmsnorm as r; "
              "print('torch._inductor' in sys.modules, *(n in vars(m) for m, n in ((a, 'flash_attn_op'), "
              "(a, 'flash_attn_backward_op'), (r, 'rms_norm_op'), (r, 'rms_norm_backward_op'))))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True).stdout.split()
-    assert out == ["True"] * 5, out
+    out, said = fresh_python(probe)
+    assert out == ["True"] * 5, said
 
 
 def test_loading_a_checkpoint_runs_no_init_and_no_compile_machinery(tmp_path, small_tokenizer):
@@ -116,25 +121,24 @@ def test_loading_a_checkpoint_runs_no_init_and_no_compile_machinery(tmp_path, sm
              f"model, _, ckpt = common.load_model({str(checkpoint)!r}); "
              "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules, model.training, "
              "all(torch.equal(t, ckpt['model'][k]) for k, t in model.state_dict().items()))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert out.stdout.split() == ["False", "False", "False", "True"], out.stdout + out.stderr[-2000:]
+    out, said = fresh_python(probe)
+    assert out == ["False", "False", "False", "True"], said
 
 
 def test_serve_http_side_holds_no_weights_and_loads_without_compile_machinery(tmp_path, small_tokenizer):
     """serve.py's HTTP process tokenizes and checks prompts; the engine process runs the model. Its session
     used to be loaded on the CPU and then moved to the meta device: a d20-shaped checkpoint's 1.6 GB read and
-    copied for nothing (3.4 GB peak, 6-7 s more to the first /health on a 2-core CPU: bench/RESULTS.md). On the meta device it reads no weight, and computing its
-    rotary tables there would import torch._dynamo (gpt.GPT.init_rotary)."""
+    copied for nothing (3.4 GB peak, 6-7 s more to the first /health on a 2-core CPU: bench/RESULTS.md). On the
+    meta device it reads no weight, and computing its rotary tables there would import torch._dynamo
+    (gpt.GPT.init_rotary)."""
     checkpoint = make_checkpoint(tmp_path, small_tokenizer, sequence_len=96)
     probe = ("import sys, session, torch; "
              f"s = session.load_session({str(checkpoint)!r}, 'meta'); "
              "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules, "
              "all(t.is_meta for t in [*s.model.parameters(), *s.model.buffers()]), s.context_len, s.kind, "
              "s.completion_prompt('Hallo', session.Sampling())[1:] == s.tokenizer.encode('Hallo'))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert out.stdout.split() == ["False", "False", "True", "96", "chat", "True"], out.stdout + out.stderr[-2000:]
+    out, said = fresh_python(probe)
+    assert out == ["False", "False", "True", "96", "chat", "True"], said
 
 
 def test_sft_rejects_model_presets_clearly(capsys):
