@@ -87,7 +87,7 @@ def run_command(session: ChatSession, line: str, out) -> bool:
             out.write(f"({name} braucht eine Zahl: {e})\n")
         else:
             s = session.sampling
-            out.write(f"(Temperatur {s.temperature}, top-k {s.top_k or 'aus'})\n")
+            out.write(f"(Temperatur {s.temperature}{' = greedy' if s.greedy else ''}, top-k {s.top_k or 'aus'})\n")
     else:
         out.write(f"(unbekannter Befehl {name}; /help zeigt alle)\n")
     return False

@@ -450,8 +450,7 @@ class BatchEngine(Queue):
             if not row.job.cancelled.is_set():
                 s = row.job.sampling
                 repeats = s.frequency_penalty, s.presence_penalty, s.no_repeat_ngram_size
-                groups.setdefault(((s.temperature, s.top_k, s.top_p) if s.temperature else "greedy", repeats),
-                                  []).append(i)
+                groups.setdefault((s.sampler(), repeats), []).append(i)
         tokens = [None] * len(rows)
         for members in groups.values():
             s = rows[members[0]].job.sampling
@@ -462,10 +461,10 @@ class BatchEngine(Queue):
                                       s.frequency_penalty, s.presence_penalty)
             if s.no_repeat_ngram_size:
                 logits = gpt.ban_repeated_ngrams(logits, answers, s.no_repeat_ngram_size)
-            uniform = None if not s.temperature else torch.cat([torch.rand(
+            uniform = None if s.greedy else torch.cat([torch.rand(
                 1, 1, generator=self.rng if rows[i].job.seed is None else rows[i].rng, dtype=torch.float64,
                 device=logits.device) for i in members])
-            ids = gpt.sample_next_token(logits, s.temperature, s.top_k or None, s.top_p, uniform=uniform)
+            ids = gpt.sample_next_token(logits, *s.sampler(), uniform=uniform)
             for i, token in zip(members, ids.view(-1).tolist()):
                 tokens[i] = token
         return tokens

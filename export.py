@@ -105,9 +105,10 @@ class ExportError(Exception):
 
 
 def special_ids(tokenizer: Tokenizer) -> dict:
-    """bos: starts every document; eos: ends an assistant turn (and stops generation); pad: bos."""
+    """bos: starts every document; eos: ends an assistant turn (and stops generation). Padding, where transformers
+    pads (the tokenizer, generate()), is bos too; not in the model's config (hf_config says why)."""
     s = tokenizer.special
-    return dict(bos_token_id=s["<|bos|>"], eos_token_id=s["<|assistant_end|>"], pad_token_id=s["<|bos|>"])
+    return dict(bos_token_id=s["<|bos|>"], eos_token_id=s["<|assistant_end|>"])
 
 
 MODELING_FILE = Path(__file__).with_name("modeling_nanoschnack.py")  # a recipe model's code, copied into its folder
@@ -137,6 +138,10 @@ def hf_config(model_config: dict, tokenizer: Tokenizer, dtype: str, meta: dict) 
         final_logit_softcapping=gpt.SOFTCAP,
         attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False, use_cache=True,
         **special_ids(tokenizer), dtype=dtype, transformers_version=TRANSFORMERS_VERSION,
+        # No pad token in the model's config (null, not NanoChatConfig's default 1): transformers' NanoChat makes it
+        # its embedding's padding_idx, a row that never gets a gradient, and our pad is <|bos|>, which starts every
+        # sequence, so a fine-tune in transformers would freeze it.
+        pad_token_id=None,
         nanoschnack=meta,                          # where it came from (kind, step, tokens); ignored by transformers
     )
 
@@ -218,7 +223,7 @@ def generation_config(tokenizer: Tokenizer, kind: str) -> dict:
     Sampling defaults as chat.py's."""
     ids = special_ids(tokenizer)
     return dict(bos_token_id=ids["bos_token_id"], eos_token_id=[ids["eos_token_id"], ids["bos_token_id"]],
-                pad_token_id=ids["pad_token_id"], do_sample=kind == "chat", temperature=0.6 if kind == "chat" else 1.0,
+                pad_token_id=ids["bos_token_id"], do_sample=kind == "chat", temperature=0.6 if kind == "chat" else 1.0,
                 top_k=50, transformers_version=TRANSFORMERS_VERSION)
 
 

@@ -207,8 +207,6 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
     temperature = number(data, "temperature", defaults.temperature, *TEMPERATURE_RANGE)
     top_p = number(data, "top_p", defaults.top_p, 0.0, 1.0)
     top_k = number(data, "top_k", defaults.top_k, 0, 1_000_000, integer=True)
-    if top_p == 0:  # the limit of nucleus sampling as top_p -> 0: only the most likely token
-        temperature, top_p = 0.0, None
     sampling = Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
                         max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True),
                         frequency_penalty=float(number(data, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0)),

@@ -78,7 +78,9 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 @dataclass
 class Sampling:
     """How answers are sampled. Refuses what cannot be sampled (negative or non-finite values);
-    a temperature below MIN_TEMPERATURE or a top_p below MIN_TOP_P becomes greedy (temperature 0)."""
+    a temperature below MIN_TEMPERATURE or a top_p below MIN_TOP_P samples greedily (`greedy`). The fields
+    keep what was asked for, so that settings made from these (chat.py's /temp, a request that names only
+    its temperature) keep the rest: `--temperature 0 --top-p 0.9`, then `/temp 0.8`, samples with top_p 0.9."""
     temperature: float = 0.6  # 0 = greedy
     top_k: int | None = 50  # None or 0: off
     top_p: float | None = None  # None or 1.0: off
@@ -93,8 +95,8 @@ class Sampling:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise ValueError(f"top_p must be in [0, 1] (0 = greedy), got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -104,8 +106,15 @@ class Sampling:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        if self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P):
-            self.temperature, self.top_p = 0.0, None  # greedy: the limit of both as they go to 0
+
+    @property
+    def greedy(self) -> bool:
+        """Only the most likely token: the limit of sampling as the temperature or top_p goes to 0."""
+        return self.temperature < MIN_TEMPERATURE or (self.top_p is not None and self.top_p < MIN_TOP_P)
+
+    def sampler(self) -> tuple[float, int | None, float | None]:
+        """temperature, top_k, top_p as gpt.sample_next_token and GPT.generate take them (greedy: temperature 0)."""
+        return (0.0, None, None) if self.greedy else (self.temperature, self.top_k or None, self.top_p)
 
 
 @dataclass
@@ -303,8 +312,8 @@ class ChatSession:
         reply.cached_tokens = min(common_prefix_len(self.cached_ids, prompt), len(prompt) - 1)
         self.cache.truncate(reply.cached_tokens)
         received = []  # every token generate() gave us, the stop token included
-        tokens = self.model.generate(prompt[reply.cached_tokens:], budget, sampling.temperature,
-                                     sampling.top_k or None, sampling.top_p, kv_cache=self.cache, generator=self.rng,
+        tokens = self.model.generate(prompt[reply.cached_tokens:], budget, *sampling.sampler(),
+                                     kv_cache=self.cache, generator=self.rng,
                                      frequency_penalty=sampling.frequency_penalty,
                                      presence_penalty=sampling.presence_penalty,
                                      no_repeat_ngram_size=sampling.no_repeat_ngram_size)

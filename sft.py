@@ -291,8 +291,7 @@ def identity_rate(model, tokenizer, samples: int, seed: int, max_new_tokens: int
         named[question] = 0
         for _ in range(samples):
             ids = []
-            for token in model.generate(prompt, max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-                                        generator=gen):
+            for token in model.generate(prompt, max_new_tokens, *sampling.sampler(), generator=gen):
                 if token in stops:
                     break
                 ids.append(token)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import termios
+import types
 import time
 
 import pytest
@@ -298,7 +299,7 @@ def test_repl_through_stdin(chat_ckpt, session_factory):
     assert run.returncode == 0, run.stderr.decode()
     out, err = run.stdout.decode(), run.stderr.decode()
     # stdout: only the answers, one per message; the replies to commands go to stderr
-    assert "(Temperatur 0.0, top-k 50)" in err and "(Temperatur 0.0, top-k 7)" in err
+    assert "(Temperatur 0.0 = greedy, top-k 50)" in err and "(Temperatur 0.0 = greedy, top-k 7)" in err
     assert "(Systemnachricht: Du antwortest kurz.)" in err and "(neues Gespräch)" in err
     first = session_factory(Sampling(max_new_tokens=12), seed=3)  # sampled, as the program's first answer
     first = "".join(first.send(TURNS[0]))
@@ -383,13 +384,26 @@ def test_repl_through_a_terminal(chat_ckpt):
 
 def test_sampling_refuses_non_finite_and_makes_tiny_values_greedy():
     for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
-                dict(temperature=-1e-9), dict(top_p=0.0), dict(top_p=1.5), dict(stop=("",)), dict(stop="\n")):
+                dict(temperature=-1e-9), dict(top_p=-1e-9), dict(top_p=1.5), dict(stop=("",)), dict(stop="\n")):
         with pytest.raises(ValueError):
             Sampling(**bad)
-    for tiny in (dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=0.8, top_p=1e-300)):
+    for tiny in (dict(temperature=1e-40), dict(temperature=5e-324), dict(temperature=0.8, top_p=1e-300),
+                 dict(temperature=0.8, top_p=0.0)):
         s = Sampling(**tiny)
-        assert s.temperature == 0 and s.top_p is None, tiny
-    assert Sampling(temperature=1e-3, top_p=0.01).temperature == 1e-3  # small but samplable: kept
+        assert s.greedy and s.sampler() == (0.0, None, None), tiny
+        assert (s.temperature, s.top_p) == (tiny["temperature"], tiny.get("top_p")), tiny  # as asked: kept
+    small = Sampling(temperature=1e-3, top_p=0.01)  # small but samplable
+    assert not small.greedy and small.sampler() == (1e-3, 50, 0.01)
+
+
+def test_settings_made_from_greedy_ones_keep_the_rest():
+    """`--temperature 0 --top-p 0.9`, then `/temp 0.8`: sampled with top_p 0.9 (the greedy settings once
+    forgot their top_p, so the new ones had none)."""
+    session = types.SimpleNamespace(sampling=Sampling(temperature=0.0, top_k=None, top_p=0.9))
+    assert session.sampling.greedy
+    out = io.StringIO()
+    chat.run_command(session, "/temp 0.8", out)
+    assert session.sampling.sampler() == (0.8, None, 0.9), out.getvalue()
 
 
 def test_tiny_values_sample_greedily(session_factory):
@@ -409,7 +423,7 @@ def test_repl_commands_with_bad_numbers_and_a_huge_system_message(session_factor
     assert session.sampling == GREEDY  # nothing changed
     out = io.StringIO()
     chat.run_command(session, "/temp 1e-40", out)
-    assert session.sampling.temperature == 0 and "Temperatur 0.0" in out.getvalue()
+    assert session.sampling.greedy and "Temperatur 1e-40 = greedy" in out.getvalue()
     huge = "Sei freundlich. " * 65_536  # 1 MB
     out = io.StringIO()
     chat.run_command(session, "/system " + huge, out)

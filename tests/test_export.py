@@ -494,6 +494,20 @@ def test_generation_stops_at_the_end_of_a_turn_and_at_a_new_document(exported):
     assert set(config.eos_token_id) == {tokenizer.special["<|assistant_end|>"], tokenizer.bos_id}
 
 
+def test_fine_tuning_in_transformers_trains_every_embedding_row(exported):
+    """transformers' NanoChat makes config.pad_token_id its embedding's padding_idx, whose row gets no gradient:
+    with pad = <|bos|> in config.json, a fine-tune with transformers froze the token every sequence starts with.
+    The tokenizer and generate() still pad with <|bos|>."""
+    _, tokenizer, folder = exported
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode("Hallo Welt"), tokenizer.bos_id]])
+    model(ids, labels=ids).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert model.config.pad_token_id is None and grad[tokenizer.bos_id].abs().sum() > 0
+    assert transformers.GenerationConfig.from_pretrained(folder).pad_token_id == tokenizer.bos_id
+    assert transformers.AutoTokenizer.from_pretrained(folder).pad_token_id == tokenizer.bos_id
+
+
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, small_tokenizer):
     path = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base")
     ckpt = torch.load(path, weights_only=True)

@@ -365,7 +365,8 @@ def test_tiny_sampling_values_are_greedy(server):
     """temperature 1e-38 and top_p 1e-300 are legal; they underflowed in float32 (a 500, or an
     SSE error without a finish_reason). Below MIN_TEMPERATURE / MIN_TOP_P sampling is greedy."""
     greedy = post(server, "/v1/chat/completions", chat_body(QUESTIONS[2]))[1]["choices"]
-    for extra in ({"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300}):
+    for extra in ({"temperature": 1e-38}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+                  {"temperature": 1.0, "top_p": 0}):
         status, answer = post(server, "/v1/chat/completions", {**chat_body(QUESTIONS[2]), **extra})
         assert status == 200 and answer["choices"] == greedy, (extra, answer)
         events = read_stream(server, {**chat_body(QUESTIONS[2]), **extra})

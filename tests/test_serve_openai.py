@@ -225,3 +225,15 @@ def test_the_servers_system_message_only_where_a_request_brings_none():
     assert openai_api.read_messages({"messages": mine}, limits, system) == mine
     assert openai_api.read_messages({"messages": user("Hallo")}, limits, system) == [
         {"role": "system", "content": system}, *user("Hallo")]
+
+
+def test_a_request_keeps_the_servers_other_sampling_settings():
+    """serve.py --temperature 0 --top-p 0.9: a request that names only its temperature samples with top_p 0.9
+    (the greedy defaults once forgot their top_p); top_p 0 is greedy."""
+    import openai_api
+    from session import Sampling
+    limits, defaults = openai_api.Limits(), Sampling(temperature=0.0, top_k=None, top_p=0.9)
+    sampling, _ = openai_api.read_sampling({"temperature": 0.8}, defaults, limits)
+    assert sampling.sampler() == (0.8, None, 0.9)
+    sampling, _ = openai_api.read_sampling({"temperature": 0.8, "top_p": 0}, defaults, limits)
+    assert sampling.greedy
