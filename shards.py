@@ -28,15 +28,19 @@ class ShuffledShards:
     The shards (files, or row groups after reshard) are permuted with
     numpy.random.default_rng([seed, epoch]), the same permutation on every rank.
     With world_size ranks, rank r keeps shards r, r+W, r+2W, ... (by index, the rule of
-    split_dataset_by_node) when the shard count divides by W; otherwise every rank reads
-    every shard and keeps its documents r, r+W, ... . Of this rank's shards in that
+    split_dataset_by_node) when the shard count divides by W. Of this rank's shards in that
     order, the first `streams` are opened, and documents are taken one from each open
     shard in turn; a finished shard is replaced, in its place in the turn, by the next
     unopened one. So the first documents already come from `streams` random shards.
+    When the shard count does not divide, every rank reads the whole mixed stream, the same
+    on every rank, and keeps its documents r, r+W, ... of it: a split within each shard
+    instead gave rank 0 one more document of every shard with a remainder, and the other
+    ranks nothing of a shard holding fewer than W (one text file per document).
 
     The order depends on nothing but (seed, epoch, shards), so state_dict() -- the next
-    shard to open, whose turn it is, and per open shard its `datasets` state before the
-    rows it holds plus how many of those were handed out -- resumes exactly.
+    shard to open, whose turn it is, per open shard its `datasets` state before the
+    rows it holds plus how many of those were handed out, and how many documents of the
+    mixed stream were read -- resumes exactly.
     It offers what the readers use of a datasets.IterableDataset: iter(batch_size),
     state_dict(), load_state_dict(), num_shards, column_names.
     """
@@ -50,7 +54,7 @@ class ShuffledShards:
         self.by_shard = ds.num_shards % world_size == 0
         order = shard_order(ds.num_shards, seed, epoch)
         self.order = [i for i in order if i % world_size == rank] if self.by_shard else order
-        self.start = {"next": 0, "turn": 0, "open": []}  # where iter() starts
+        self.start = {"next": 0, "turn": 0, "open": [], "read": 0}  # where iter() starts
         self.state = copy.deepcopy(self.start)            # after the last batch handed out
 
     @property
@@ -62,7 +66,8 @@ class ShuffledShards:
         return self.ds.column_names
 
     def _identity(self) -> dict:
-        return {"format": "shuffled-shards-1", "seed": self.seed, "epoch": self.epoch, "shards": self.ds.num_shards,
+        # -2: the per-document split of the mixed stream (by_shard states, which it did not change, stay -1's)
+        return {"format": "shuffled-shards-1" if self.by_shard else "shuffled-shards-2", "seed": self.seed, "epoch": self.epoch, "shards": self.ds.num_shards,
                 "rank": self.rank, "world_size": self.world_size, "streams": self.streams}
 
     def state_dict(self) -> dict:
@@ -75,15 +80,12 @@ class ShuffledShards:
             raise ValueError(f"a data loader state for another shard order ({theirs}, now {mine}): the source's "
                             f"shards, seed or streams changed, or the state predates shuffled sources; resume "
                             f"with the same data, seed and code, or start the data stream afresh")
-        self.start = {k: copy.deepcopy(state[k]) for k in ("next", "turn", "open")}
+        self.start = {"read": 0, **{k: copy.deepcopy(state[k]) for k in ("next", "turn", "open", "read") if k in state}}
         self.state = copy.deepcopy(self.start)
 
     def _open_shard(self, k: int, before=None):
         """The k-th shard of this rank's order, as a dataset, positioned at `before` (None: its start)."""
-        from datasets.distributed import split_dataset_by_node
         shard = self.ds.shard(num_shards=self.ds.num_shards, index=self.order[k])
-        if not self.by_shard:
-            shard = split_dataset_by_node(shard, rank=self.rank, world_size=self.world_size)
         if before is not None:
             shard.load_state_dict(copy.deepcopy(before))
         return shard
@@ -92,7 +94,7 @@ class ShuffledShards:
         """Batches {column: [values]} of up to batch_size rows, in the mixed order."""
         position = copy.deepcopy(self.start)
         slots = [_OpenShard(k, before, offset, self._open_shard(k, before)) for k, before, offset in position["open"]]
-        next_k, turn = position["next"], position["turn"]
+        next_k, turn, read = position["next"], position["turn"], position["read"]
         if next_k == 0 and not slots:
             while len(slots) < self.streams and next_k < len(self.order):
                 slots.append(_OpenShard(next_k, None, 0, self._open_shard(next_k)))
@@ -109,15 +111,19 @@ class ShuffledShards:
                     del slots[turn]
                 continue
             turn += 1
+            mine = self.by_shard or read % self.world_size == self.rank  # `read`: the mixed stream's documents before
+            read += 1
+            if not mine:
+                continue
             for column, value in row.items():
                 batch.setdefault(column, []).append(value)
             rows += 1
             if rows == batch_size:
                 self.state = {"next": next_k, "turn": turn % len(slots),
-                              "open": [[s.k, copy.deepcopy(s.before), s.offset] for s in slots]}
+                              "open": [[s.k, copy.deepcopy(s.before), s.offset] for s in slots], "read": read}
                 yield batch
                 batch, rows = {}, 0
-        self.state = {"next": next_k, "turn": 0, "open": []}
+        self.state = {"next": next_k, "turn": 0, "open": [], "read": read}
         if rows:
             yield batch
 

@@ -479,17 +479,29 @@ def test_shuffled_ranks_are_disjoint_and_complete(tmp_path, world_size, n_files,
             assert [doc_file(d) for d in seen[r][:k]] == mine[:k]
 
 
-@pytest.mark.parametrize("prefetch, rows", [(0, 256), (2, 256), (0, 2)])
-def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows):
+@pytest.mark.parametrize("world_size, n_files, docs_per_file", [(2, 5, 1), (3, 4, 2), (2, 9, 3), (3, 7, 5)])
+def test_shuffled_ranks_share_evenly_when_the_shards_do_not_divide(tmp_path, world_size, n_files, docs_per_file):
+    """Shards that do not divide by the ranks: each rank keeps every W-th document of the mixed stream, so the
+    shares differ by one document at most. (Split within each shard, rank 0 got every shard's remainder, and all
+    of a shard smaller than W: one document per text file left the other ranks with nothing.)"""
+    docs = write_docs(tmp_path, n_files, docs_per_file)
+    seen = rank_parts(parse_spec(f"parquet://{tmp_path}/*.parquet?shuffle=on"), world_size, docs)
+    assert max(map(len, seen)) - min(map(len, seen)) <= 1, [len(part) for part in seen]
+
+
+@pytest.mark.parametrize("prefetch, rows, rank, world_size", [(0, 256, 1, 2), (2, 256, 1, 2), (0, 2, 1, 2),
+                                                               (0, 2, 2, 3), (2, 256, 2, 3)])
+def test_shuffled_resume_is_exact(tmp_path, monkeypatch, prefetch, rows, rank, world_size):
     monkeypatch.setattr(shards.ShuffledShards, "ROWS", rows)  # 2: resume inside a shard's held rows too
-    write_docs(tmp_path, 20, 7, rows_per_group=4)  # rank 1 of 2: 10 shards, more than MIX_STREAMS open
+    # 40 shards: rank 1 of 2 reads 20 of them, more than MIX_STREAMS open; rank 2 of 3 every third document of all
+    write_docs(tmp_path, 20, 7, rows_per_group=4)
     (tmp_path / "small").mkdir()
     write_docs(tmp_path / "small", 3, 3, prefix="s")
     specs = (f"parquet://{tmp_path}/*.parquet?shuffle=on parquet://{tmp_path}/small/*.parquet?seed=5&weight=0.5")
 
     def make_loader():
         return dataloader.PretrainBatches(parse_specs(specs), CharTokenizer(), batch_size=2, seq_len=24,
-                                    rank=1, world_size=2, docs_per_read=3, prefetch=prefetch)
+                                    rank=rank, world_size=world_size, docs_per_read=3, prefetch=prefetch)
 
     full = [b for _, b in zip(range(60), make_loader())]  # both sources wrap around (new shard orders)
     for k in (1, 5, 17, 38):
