@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -138,10 +139,13 @@ def parse_config(config_class, presets: dict, argv=None, description: str = ""):
         parser.error(f"unknown preset {name!r}: use one of {', '.join(presets)}"
                      + (" or d<depth>" if takes_depth else ""))
     config = config_class(**{**preset, **args})
-    problems = [f"--{name.replace('_', '-')} must be {rule} {low} (got {getattr(config, name)})"
-                for rule, bounds in (("at least", "AT_LEAST"), ("above", "ABOVE"))
-                for name, low in getattr(config_class, bounds, {}).items()
-                if getattr(config, name) < low or (rule == "above" and getattr(config, name) == low)]
+    problems = [f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(config, f.name)})"
+                for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), float)
+                and not math.isfinite(getattr(config, f.name))]  # nan passes every comparison below
+    problems += [f"--{name.replace('_', '-')} must be {rule} {low} (got {getattr(config, name)})"
+                 for rule, bounds in (("at least", "AT_LEAST"), ("above", "ABOVE"))
+                 for name, low in getattr(config_class, bounds, {}).items()
+                 if getattr(config, name) < low or (rule == "above" and getattr(config, name) == low)]
     if problems:
         parser.error("; ".join(problems))
     return config
@@ -223,7 +227,8 @@ def load_checkpoint(path: Path, mapped: bool = False) -> dict:
                          + ("; delete it to fall back to an older one" if newest else "")) from None
 
 
-def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, Tokenizer, dict]:
+def load_model(path, device="cpu", reader: str = "this code",
+               flag: str = "--checkpoint") -> tuple[gpt.GPT, Tokenizer, dict]:
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file, a folder's newest one,
     or a folder export.py wrote (config.json + model.safetensors, e.g. downloaded from the hub).
 
@@ -235,7 +240,7 @@ def load_model(path, device="cpu", reader: str = "this code") -> tuple[gpt.GPT, 
     file = latest_checkpoint(path) if path.is_dir() else path
     if file is None or not file.is_file():
         raise SystemExit(f"error: no checkpoint at {path}; train one with train.py (base) or sft.py (chat), "
-                         f"or pass --checkpoint FILE_OR_FOLDER")
+                         f"or pass {flag} FILE_OR_FOLDER")
     ckpt = load_checkpoint(file, mapped=True)
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"error: {file} is not a nanoschnack checkpoint (no model or model_config)")
@@ -419,6 +424,13 @@ class StopSignal:
         if agree(bool(self.received), device):
             return "signal"
         return "--stop-after-steps" if stop_after_steps and steps_done >= stop_after_steps else None
+
+
+def nothing_trained(out, step: int, steps: int, time_budget: float) -> str:
+    """The log line of a resumed run that was finished already (under a time budget its steps are sys.maxsize)."""
+    where = (f"spent its {time_budget:g}-minute budget already, at step {step:,}" if time_budget
+             else f"is at step {step:,} of {steps:,} already")
+    return f"{out} {where}: nothing trained, its report left as it was"
 
 
 class TimeBudget:

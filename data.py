@@ -358,7 +358,7 @@ def open_local_files(source: Source, keep_source: bool, local: dict):
         if source.kind == "jsonl":
             return datasets.load_dataset("json", data_files=source.files, **local)
         source.text = "text"
-        return datasets.load_dataset("text", data_files=source.files, **local,
+        return datasets.load_dataset("text", data_files=source.files, **local, encoding="utf-8-sig",  # no BOM text
                                      sample_by="document" if source.per == "file" else "line")
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e.__context__
@@ -374,7 +374,7 @@ def iter_rows(source: Source):
     caller decides whether to count it or to stop."""
     if source.kind == "jsonl":
         for path in resolve_files(source):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a byte order mark (Windows editors) is not line 1's JSON
                 n = 0
                 try:
                     for n, line in enumerate(f, 1):

@@ -446,9 +446,17 @@ def open_rank_shard(source: Source, rank: int, world_size: int, quiet: bool = Fa
 
 
 def validation_batches(sources: list[Source], tokenizer, batch_size: int, seq_len: int, rank: int = 0,
-                       world_size: int = 1, max_batches: int = 20) -> list:
+                       world_size: int = 1, max_rows: int = 80) -> list:
     """A fixed, deterministic list of this rank's validation batches (read once, kept in memory): the first
-    max_batches of the whole stream, rank r taking batches r, r + W, ... . So the validation set, and the bits
-    per byte all-reduced over it, are the same on any number of processes (each rank reads them all: a few)."""
+    max_rows rows of the whole stream (concatenated: no token cropped), rank r taking rows r, r + W, ..., in
+    batches of up to batch_size. So the validation set, and the bits per byte all-reduced over it, are the same on
+    any number of processes and at any batch size (train.py halves the batch when a step does not fit in memory;
+    counted in batches, that halved the set). A stream without one whole row is a DataError: its bits per byte
+    would be 0 / 0."""
     loader = PretrainBatches(sources, tokenizer, batch_size, seq_len, loop=False)
-    return list(itertools.islice(loader, rank, max_batches, world_size))
+    rows = list(itertools.islice(((x, y) for inputs, targets in loader for x, y in zip(inputs, targets)), max_rows))
+    if not rows:
+        raise DataError(f"no row of {seq_len + 1} tokens in {' '.join(s.spec for s in sources)} (the sequence length "
+                        f"+ 1): too little text to measure on", "give more text or lower --seq-len")
+    mine = rows[rank::world_size]
+    return [tuple(torch.stack(part) for part in zip(*mine[i:i + batch_size])) for i in range(0, len(mine), batch_size)]

@@ -89,7 +89,12 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, device) -> float:
     all-reduced, so every rank must call this once with its own batches."""
     nats, n_bytes = bpb_sums(model, batches, token_bytes, device)
     nats, n_bytes = all_reduce_sum(torch.stack([nats, n_bytes]), device)
-    return nats / (math.log(2) * max(n_bytes, 1))
+    return bits_per_byte(nats, n_bytes)
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    """NaN without a byte to measure on (0 / 0), never a perfect-looking 0."""
+    return nats / (math.log(2) * n_bytes) if n_bytes else math.nan
 
 
 def document_windows(tokenizer, texts: list[str], seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -145,7 +150,7 @@ def text_bpb(model, tokenizer, texts, device, batch_size: int = 16, limit: int =
         if progress:  # with max_bytes: how far along in bytes (this rank's share of them)
             progress.update(docs * world_size, fraction=n_bytes * world_size / max_bytes if max_bytes else None)
     nats, n_bytes, docs, tokens = all_reduce_sum([nats, n_bytes, docs, tokens], device)
-    return dict(bpb=nats / (math.log(2) * max(n_bytes, 1)), documents=int(docs), bytes=int(n_bytes), tokens=int(tokens))
+    return dict(bpb=bits_per_byte(nats, n_bytes), documents=int(docs), bytes=int(n_bytes), tokens=int(tokens))
 
 
 # -----------------------------------------------------------------------------
@@ -563,6 +568,9 @@ def main(argv=None):
                                          world_size, progress, args.max_bytes)["bpb"]
         except DataError as e:
             sys.exit(f"error: {e}")
+        if not r["bytes"]:
+            sys.exit(f"error: no text in {source.spec} to measure bits per byte on (0 bytes in {r['documents']:,} "
+                     f"documents); check --bpb-data")
         results.append(dict(task="bpb", data=source.spec, **r))
         base = f" (base model {r['base_bpb']:.4f}, change {r['bpb'] - r['base_bpb']:+.4f})" if "base_bpb" in r else ""
         log(f"bpb  {r['bpb']:.4f} bits per byte{base} on {r['documents']:,} documents ({r['bytes']:,} bytes) "

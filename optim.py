@@ -222,10 +222,13 @@ def schedule_error(warmup_ratio: float, warmdown_ratio: float, final_lr_frac: fl
     return None
 
 
-def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """Warmup, flat, linear warmdown to final_lr_frac; progress runs from 0 to 1 over the run."""
+def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float,
+                  step_share: float = 0.0) -> float:
+    """Warmup, flat, linear warmdown to final_lr_frac; progress runs from 0 to 1 over the run, up to this step.
+    The warmup counts this step's own share of the run (nanochat's (it + 1) / warmup_iters): without it the first
+    step ran at a learning rate of 0 and its batch moved nothing."""
     if progress < warmup_ratio:
-        return (progress + 1e-9) / warmup_ratio
+        return min(1.0, (progress + step_share + 1e-9) / warmup_ratio)
     if progress <= 1 - warmdown_ratio:
         return 1.0
     left = (1 - progress) / warmdown_ratio

@@ -400,7 +400,7 @@ def main(argv=None):
                                                                           Path(cfg.base).resolve().parent):
         sys.exit(f"error: --out {cfg.out} is --base's folder: SFT's checkpoints would mix with the base model's, "
                  f"and --keep-last would delete those; choose another --out (e.g. out/chat)")
-    model, tokenizer, base = common.load_model(cfg.base, device)
+    model, tokenizer, base = common.load_model(cfg.base, device, flag="--base")
     data.check_folder(cfg.out)  # a bad --out fails now, on every rank, not at the first save
     common.check_new_run(cfg.out, cfg.resume)
     if base.get("kind") == "chat":
@@ -539,7 +539,7 @@ def main(argv=None):
             break
     log(f"done: {step:,} steps, {trained_tokens:,} trained tokens in {time.time() - start_time:.0f}s")
     if step == first_step:
-        log(f"{out} is at step {step:,} of {steps:,} already: nothing trained, its report left as it was")
+        log(common.nothing_trained(out, step, steps, cfg.time_budget))
     elif master and last:
         write_report(cfg, base, raw_model, data_stats, len(conversations), len(val), step, trained_tokens,
                      time.time() - start_time, record, log)

@@ -87,8 +87,9 @@ class TrainConfig:
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
     eval_every: int = 250
-    eval_batches: int = 160          # validation batches in all, shared out over the processes (the same set,
-                                     # and so the same bpb, on any number of them): 10M tokens at d20's batch
+    eval_tokens: int = 20 * 2**19    # validation tokens (nanochat's 10M): the first eval_tokens / seq_len rows of
+                                     # --val-data, shared out over the processes, so the same set and bpb on any
+                                     # number of them and at any --device-batch-size
     eval_tasks: str = ""             # multiple-choice tasks at each eval: hub names or NAME=SPEC (evaluation.py), e.g.
                                      # 'quiz=jsonl://quiz.jsonl hellaswag'; default none
     eval_task_limit: int = 500       # examples per task (a fixed random sample)
@@ -111,7 +112,7 @@ class TrainConfig:
     # evals, samples, saves and limits, and --keep-last 0 keeps every checkpoint
     AT_LEAST: ClassVar[dict] = dict(
         device_batch_size=1, seq_len=1, total_batch_size=1, max_tokens=0, max_steps=0, time_budget=0,
-        matrix_lr=0, embedding_lr=0, unembedding_lr=0, weight_decay=0, scalar_lr=0, eval_every=0, eval_batches=1,
+        matrix_lr=0, embedding_lr=0, unembedding_lr=0, weight_decay=0, scalar_lr=0, eval_every=0, eval_tokens=1,
         eval_task_limit=1, sample_every=0, save_every=0, keep_last=0, log_every=1, stop_after_steps=0, prefetch=0)
     ABOVE: ClassVar[dict] = dict(tokens_per_param=0)
 
@@ -130,10 +131,10 @@ PRESETS = {
     # CPU demo: a 4-layer model, 1.6M tokens (demo.sh: a time budget instead). torch.compile pays on the
     # CPU too (fused elementwise work, fewer allocations); its warm-up is seconds, and cached.
     "tiny": dict(model="tiny", seq_len=256, device_batch_size=8, total_batch_size=4096, max_steps=400,
-                 eval_every=100, eval_batches=4, sample_every=200, save_every=100, log_every=20, compile=True,
+                 eval_every=100, eval_tokens=8192, sample_every=200, save_every=100, log_every=20, compile=True,
                  prefetch=2, packing="concat", **SMALL_RUN),
     "nano": dict(model="nano", seq_len=64, device_batch_size=4, total_batch_size=512, max_steps=20,
-                 eval_every=10, eval_batches=2, sample_every=0, save_every=10, log_every=1, compile=False,
+                 eval_every=10, eval_tokens=512, sample_every=0, save_every=10, log_every=1, compile=False,
                  prefetch=0, packing="concat", **SMALL_RUN),
     "d12": dict(model="d12"),
     "d20": dict(model="d20"),
@@ -180,11 +181,13 @@ def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
     return 0.97
 
 
-def schedule(cfg: TrainConfig, step: int, progress: float) -> dict:
+def schedule(cfg: TrainConfig, step: int, progress: float, step_share: float) -> dict:
     """The optimizer's settings for this step (optim.set_schedule's arguments), nanochat's base_train schedules;
-    progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget)."""
+    progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget), step_share is one step's
+    share of it (with --time-budget the mean step's so far: none before the first)."""
     momentum = muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
-    return dict(lr_mult=optim.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac),
+    return dict(lr_mult=optim.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac,
+                                            step_share),
                 muon_momentum=momentum, weight_decay_mult=0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -395,7 +398,7 @@ def main(argv=None):
     if cfg.eval_every:  # read now: bad --val-data fails before the first step, not at the first evaluation
         try:
             val_batches = dataloader.validation_batches(val_sources, tokenizer, cfg.device_batch_size, cfg.seq_len,
-                                                        rank, world_size, cfg.eval_batches)
+                                                        rank, world_size, -(-cfg.eval_tokens // cfg.seq_len))
         except data.DataError as e:
             sys.exit(f"error: validation data: {e.problem}; "
                      + (e.hint.replace("--data", "--val-data") if e.hint else "check --val-data"))
@@ -441,7 +444,8 @@ def main(argv=None):
     last = finished()
     while not last:
         progress = budget.fraction(device) if budget else tokens_seen / (steps * cfg.total_batch_size)
-        settings = schedule(cfg, step, progress)
+        step_share = (progress / step if step else 0.0) if budget else 1 / steps
+        settings = schedule(cfg, step, progress, step_share)
         lr_mult = settings["lr_mult"]
         loss = train_step(model, optimizers, next_batches(accum), settings, device, dtype)
         if world_size > 1:  # every step's loss is the mean over ranks: the log's, and the smoothed one's
@@ -503,7 +507,7 @@ def main(argv=None):
         + (f"; cropped per source: {json.dumps(counts['cropped'], ensure_ascii=False)}"
            if cfg.packing == "bestfit" else ""))
     if step == first_step:
-        log(f"{out} is at step {step:,} of {steps:,} already: nothing trained, its report left as it was")
+        log(common.nothing_trained(out, step, steps, cfg.time_budget))
     elif master:
         write_report(cfg, raw_model, steps, step, first_step, tokens_seen,
                      (tokens_seen - first_tokens) / max(seconds, 1e-9), prior_seconds + seconds, peak, world_size,

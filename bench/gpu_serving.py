@@ -455,7 +455,7 @@ def pipeline_section(quick: bool, smoke: bool = False, data: str | None = None) 
         steps = 20 if quick else 60
         tok = ["--vocab-size", "8192" if quick else "32768", "--max-chars", "20M" if quick else "200M"]
         train = ["--preset", "d12", "--seq-len", "2048", "--device-batch-size", "16", "--total-batch-size", "32768",
-                 "--max-steps", str(steps), "--eval-every", str(steps), "--eval-batches", "4", "--save-every",
+                 "--max-steps", str(steps), "--eval-every", str(steps), "--eval-tokens", "131072", "--save-every",
                  str(steps), "--sample-every", str(steps)]
         sft = ["--preset", "full", "--max-steps", "10" if quick else "30", "--eval-every", "10" if quick else "30",
                "--val-conversations", "64", "--stop-rate-conversations", "16"]

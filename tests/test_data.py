@@ -97,6 +97,19 @@ def test_blank_lines_and_empty_fields_are_no_documents(tmp_path):
     assert list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/b.jsonl"))) == ["Drei", "Vier"]
 
 
+def test_a_byte_order_mark_is_no_text(tmp_path):
+    """Files saved by Windows editors start with a UTF-8 byte order mark: SFT lost the first conversation of such
+    a JSONL file ("not valid JSON") and text files kept U+FEFF in their first document."""
+    bom = "\ufeff"
+    (tmp_path / "a.txt").write_text(bom + "Zeile eins\nZeile zwei\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(bom + json.dumps({"text": "Erstes"}) + "\n" + json.dumps({"text": "Zweites"}),
+                                      encoding="utf-8")
+    assert list(data.iter_texts(parse_spec(f"txt://{tmp_path}/a.txt?per=line"))) == ["Zeile eins", "Zeile zwei"]
+    assert list(data.iter_texts(parse_spec(f"txt://{tmp_path}/a.txt")))[0].startswith("Zeile eins")
+    assert [row for _, row in data.iter_rows(parse_spec(f"jsonl://{tmp_path}/b.jsonl"))] == [
+        {"text": "Erstes"}, {"text": "Zweites"}]
+
+
 @pytest.mark.parametrize("make, spec, message", [
     (lambda d: None, "parquet://{d}/missing.parquet", "file not found"),
     (lambda d: None, "parquet://{d}/*.parquet", "no files match"),
@@ -345,16 +358,29 @@ def test_resume_refuses_another_setup(tmp_path):
 
 
 def test_validation_batches_are_fixed(tmp_path):
+    """The first max_rows rows of the stream, the same at any batch size and on any number of processes (shared
+    out row by row): counted in batches, the set shrank when train.py halved a batch that did not fit."""
     write_docs(tmp_path, 2, 30)
     spec = parse_specs(f"parquet://{tmp_path}/*.parquet")
-    a = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
-    b = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=5)
+    a = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_rows=10)
+    b = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_rows=10)
     assert len(a) == 5 and all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
-    everything = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_batches=10_000)
+    rows = torch.cat([x for x, _ in a])
+    for batch_size in (1, 3, 4, 16):
+        other = dataloader.validation_batches(spec, CharTokenizer(), batch_size, 16, max_rows=10)
+        assert max(x.shape[0] for x, _ in other) <= batch_size and torch.equal(torch.cat([x for x, _ in other]), rows)
+    everything = dataloader.validation_batches(spec, CharTokenizer(), 2, 16, max_rows=10_000)
     assert sum(x.shape[0] for x, _ in everything) == len(stream_of(write_docs(tmp_path, 2, 30))) // 17
-    ranks = [dataloader.validation_batches(spec, CharTokenizer(), 2, 16, rank, 2, max_batches=5) for rank in (0, 1)]
-    assert [len(r) for r in ranks] == [3, 2]  # the same five batches on two processes, shared out
-    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a, [ranks[i % 2][i // 2] for i in range(5)]))
+    ranks = [dataloader.validation_batches(spec, CharTokenizer(), 3, 16, rank, 2, max_rows=10) for rank in (0, 1)]
+    assert [[x.shape[0] for x, _ in r] for r in ranks] == [[3, 2], [3, 2]]  # the same ten rows, shared out
+    assert torch.equal(torch.cat([x for r in ranks for x, _ in r]), torch.cat([rows[0::2], rows[1::2]]))
+
+
+def test_validation_data_without_one_whole_row_is_refused(tmp_path):
+    """Less text than one row: no batch, and bits per byte of 0 / 0, once logged as 0.0000."""
+    pq.write_table(pa.table({"text": ["Hallo Welt."]}), tmp_path / "val.parquet")
+    with pytest.raises(DataError, match=r"no row of 17 tokens .*val\.parquet.*lower --seq-len"):
+        dataloader.validation_batches(parse_specs(f"parquet://{tmp_path}/val.parquet"), CharTokenizer(), 2, 16)
 
 
 def test_loader_errors(tmp_path):

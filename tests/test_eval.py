@@ -363,6 +363,9 @@ def test_cli_errors_are_one_clear_line(files, capsys):
         ev.main(cli_args(files, "--tasks", "foo"))
     with pytest.raises(SystemExit, match="file not found"):
         ev.main(cli_args(files, "--bpb-data", f"txt://{files.root}/none.txt"))
+    (files.root / "blank.txt").write_text("\n \n\n")  # no byte to measure on: its bpb was 0 / 1 = 0.0000
+    with pytest.raises(SystemExit, match=r"error: no text in txt://.*blank\.txt\?per=line to measure bits per byte"):
+        ev.main(cli_args(files, "--bpb-data", f"txt://{files.root}/blank.txt?per=line"))
     with pytest.raises(SystemExit, match="no checkpoint at"):
         ev.main(cli_args(files, "--checkpoint", str(files.root / "none")))
     for flag, value in [("--batch-size", "0"), ("--limit", "-1"), ("--max-bytes", "-10")]:

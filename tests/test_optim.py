@@ -23,6 +23,13 @@ def test_lr_schedule():
     assert lr(1.0) == pytest.approx(0.1)
 
 
+def test_warmup_counts_the_step_itself_as_nanochat_does():
+    """nanochat's (it + 1) / warmup_iters: with 4 steps and a warmup of half of them, 0.5 then 1.0 (the first step
+    ran at 2e-9, its batch spent for nothing)."""
+    mults = [optim.lr_multiplier(step / 4, 0.5, 0.5, 0.05, step_share=1 / 4) for step in range(4)]
+    assert mults == [pytest.approx(0.5), pytest.approx(1.0), 1.0, pytest.approx(0.525)]
+
+
 def test_muon_momentum_and_weight_decay_follow_nanochats_schedules():
     """nanochat's base_train: Muon's momentum 0.85 -> 0.97 over 400 steps, 0.97 -> 0.90 over the warmdown; its
     weight decay a cosine from the configured value to 0. AdamW's groups keep their momentum and weight decay."""
@@ -33,13 +40,13 @@ def test_muon_momentum_and_weight_decay_follow_nanochats_schedules():
     cosine = [0.2 * 0.5 * (1 + math.cos(p * math.pi)) for p in (0.1, 0.75)]
     for step, progress, momentum, decay in [(0, 0.0, 0.85, 0.2), (200, 0.1, 0.91, cosine[0]), (1000, 0.5, 0.97, 0.1),
                                             (2000, 0.75, 0.935, cosine[1]), (3000, 1.0, 0.90, 0.0)]:
-        settings = train.schedule(cfg, step, progress)
+        settings = train.schedule(cfg, step, progress, 1 / 3000)
         optim.set_schedule(optimizers, **settings)
         assert all(g["momentum"] == pytest.approx(momentum) for g in muon.param_groups), step
         assert all(g["weight_decay"] == pytest.approx(decay, abs=1e-12) for g in muon.param_groups), step
         assert [(g["betas"], g["weight_decay"]) for g in adamw.param_groups] == adamw_before
-    assert train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 0, 0.0)["muon_momentum"] is None
-    optim.set_schedule(optimizers, **train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 10, 0.9))
+    assert train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 0, 0.0, 1 / 3000)["muon_momentum"] is None
+    optim.set_schedule(optimizers, **train.schedule(dataclasses.replace(cfg, momentum_schedule=False), 10, 0.9, 1 / 3000))
     assert all(g["momentum"] == pytest.approx(0.90) for g in muon.param_groups)  # kept where it was
 
 

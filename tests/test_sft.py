@@ -208,6 +208,7 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path, capsys):
     refusal)."""
     proc = run_sft(args_for(setup, "err", "--base", str(tmp_path / "none")))
     assert proc.returncode != 0 and "no checkpoint at" in proc.stderr, proc.stderr[-1500:]
+    assert "pass --base FILE_OR_FOLDER" in proc.stderr, proc.stderr[-1500:]  # sft.py's flag (it said --checkpoint)
     assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
     cases = [
         (["--data", f"jsonl://{tmp_path}/missing.jsonl"], "file not found"),

@@ -110,7 +110,7 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     logged = losses(out)
     for step in range(3):
         loss = train.train_step(model, optimizers, [next(loaders[0]), next(loaders[1])],
-                                train.schedule(cfg, step, step / 3), torch.device("cpu"))
+                                train.schedule(cfg, step, step / 3, 1 / 3), torch.device("cpu"))
         assert logged[step + 1][0] == pytest.approx(loss, rel=1e-5), step  # the log's loss: the mean over ranks
     for name, param in model.state_dict().items():
         torch.testing.assert_close(param, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -220,16 +220,18 @@ def test_resuming_a_finished_run_leaves_its_report(setup, tmp_path, capsys):
     assert (tmp_path / "report.md").read_text() == card
 
 
-def test_resuming_a_finished_time_budget_run_trains_nothing(setup, tmp_path):
+def test_resuming_a_finished_time_budget_run_trains_nothing(setup, tmp_path, capsys):
     """A time budget's steps are not known in advance: a run whose budget is spent, resumed, trains no step (it
-    trained one more, and saved it, at the final learning rate)."""
+    trained one more, and saved it, at the final learning rate), and says so (not "of 9,223,372,036,854,775,807")."""
     out = tmp_path / "run"
     flags = ("--time-budget", "0.01", "--max-steps", "0", "--eval-every", "0", "--save-every", "0",
              "--sample-every", "0", "--log-every", "1000")
     train.main(args_for(setup, out, *flags))
     first = final_state(out)
+    capsys.readouterr()
     train.main(args_for(setup, out, *flags, "--resume"))
     assert final_state(out)["step"] == first["step"] and len(common.checkpoints(out)) == 1
+    assert f"spent its 0.01-minute budget already, at step {first['step']:,}: nothing trained" in capsys.readouterr().out
 
 
 def test_resumed_time_budget_counts_the_earlier_sessions(setup, tmp_path, monkeypatch):
@@ -274,8 +276,10 @@ def test_resume_refuses_a_checkpoint_of_another_world_size(setup, tmp_path):
     ("--keep-last", "-1", "--keep-last must be at least 0"),
     ("--max-steps", "-5", "--max-steps must be at least 0"),
     ("--time-budget", "-1", "--time-budget must be at least 0"),
-    ("--eval-batches", "0", "--eval-batches must be at least 1"),
+    ("--eval-tokens", "0", "--eval-tokens must be at least 1"),
     ("--tokens-per-param", "0", "--tokens-per-param must be above 0"),
+    ("--time-budget", "nan", "--time-budget must be a finite number (got nan)"),  # nan < 0 is False: it passed
+    ("--matrix-lr", "inf", "--matrix-lr must be a finite number (got inf)"),
 ])
 def test_numbers_out_of_range_are_refused_naming_the_flag(flag, value, message, capsys):
     with pytest.raises(SystemExit):
