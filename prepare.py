@@ -33,13 +33,16 @@ shuffle, as nanochat's repackaging does. Several sources are then interleaved by
 weight, characters per weight as the loader mixes them: give weights in proportion
 to the sources' sizes (or one glob over all files) for an even mix to the end.
 
-Resume. The document stream is a deterministic function of (specs, seed, options,
-datasets version), all recorded in meta.json. A shard is written to NAME.tmp and
-renamed when complete, so a shard that exists is whole. An interrupted run, started
-again with the same command, replays the stream from the start and skips *writing*
-the shards that exist (their row counts are checked against the replay). Replaying
-costs reading and filtering again, not compressing and writing; unlike seeking into
-a shuffled stream, it cannot land one document off.
+Resume. The document stream is a deterministic function of (specs, their files,
+seed, options, datasets version), all recorded in meta.json (each local file by path
+and size). A shard is written to NAME.tmp and renamed when complete, so a shard that
+exists is whole. An interrupted run, started again with the same command, replays
+the stream from the start and skips *writing* the shards that exist (their row
+counts are checked against the replay). Replaying costs reading and filtering again,
+not compressing and writing; unlike seeking into a shuffled stream, it cannot land
+one document off. A complete folder is replayed the same way when a shard it lists
+is missing. --out must lie outside the inputs' paths and globs: a rerun would
+otherwise read its own shards as documents.
 
 Validation. A document goes to validation when a hash of its text, keyed by the
 seed, falls under --val-frac, until the validation shard is full (one shard's size):
@@ -55,6 +58,7 @@ diaeresis equals "ö"), --min-chars N (drop shorter documents, after NFC) and --
 each, e.g. 7 GB for 100M documents).
 """
 import argparse
+import fnmatch
 import glob
 import hashlib
 import json
@@ -200,7 +204,8 @@ def read_row_groups(source: Source, rng, label: str):
             raise DataError(f"{source.spec}: {path} has a document with no string {source.text!r} field "
                             f"(column type {text.type}, {text.null_count} nulls)")
         origins = table.column("source").to_pylist() if "source" in columns else [None] * len(table)
-        yield from zip(text.to_pylist(), [o if isinstance(o, str) else label for o in origins])
+        yield from ((t, o if isinstance(o, str) else label)  # a blank text is no document (as iter_text_batches)
+                    for t, o in zip(text.to_pylist(), origins) if t.strip())
 
 
 def buffer_shuffle(items, size: int, rng):
@@ -261,10 +266,42 @@ def progress_line(progress: common.Progress, sources: list[Source], opts: Prepar
                     fraction=min(1.0, max(guesses)) if guesses else None, force=force)
 
 
-def start_meta(out: str, settings: dict) -> dict:
-    """Open OUT for a conversion: a new folder, or one this same conversion started (resume)."""
+def check_out(out: str, sources: list[Source]):
+    """Refuse an --out that is a file, or that a source's path or glob reaches: a rerun (resume) would read
+    the shards written so far as documents. Checked by name, before anything is written."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file; name a folder")
+    folder = os.path.realpath(out)
+    ours = [os.path.join(folder, shard_name(0)), os.path.join(folder, "meta.json")]
+    for s in sources:
+        pattern = os.path.realpath(os.path.expanduser(s.location))
+        if s.kind != "hf" and (pattern == folder or any(glob_reaches(pattern, path) for path in ours)):
+            raise DataError(f"{s.spec} would read prepare's own output in {out} (--out lies inside its path or "
+                            f"glob): a rerun would take the shards written so far as documents; choose an --out "
+                            f"outside it")
+
+
+def glob_reaches(pattern: str, path: str) -> bool:
+    """Whether glob.glob(pattern, recursive=True) would list `path` (both absolute) were it there: name by
+    name, `**` standing for any number of folders; as glob, a wildcard skips names that start with a dot."""
+    def match(parts, names):
+        if not parts or not names:
+            return parts == names or parts == ["**"]
+        if parts[0] == "**":
+            return match(parts[1:], names) or (not names[0].startswith(".") and match(parts, names[1:]))
+        hidden = names[0].startswith(".") and not parts[0].startswith(".")
+        return not hidden and fnmatch.fnmatchcase(names[0], parts[0]) and match(parts[1:], names[1:])
+    return match(pattern.split(os.sep), path.split(os.sep))
+
+
+def input_files(sources: list[Source]) -> list:
+    """Each local source's files as [path, bytes] (None for a hub source), recorded in meta.json: the stream
+    is replayed (resume) only over the same files."""
+    return [None if s.kind == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(s)] for s in sources]
+
+
+def start_meta(out: str, settings: dict) -> dict:
+    """Open OUT for a conversion: a new folder, or one this same conversion started (resume)."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -274,14 +311,9 @@ def start_meta(out: str, settings: dict) -> dict:
         if meta is None:
             raise DataError(f"{out}/meta.json was not written by prepare (or is damaged); "
                             f"choose a new or empty --out, or delete {out} to start over")
-        theirs = {k: meta.get(k) for k in settings}
-        if theirs == settings:
-            return meta  # resume it, or it is complete already
         if meta["complete"] or glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
-            diff = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} now"
-                             for k in settings if theirs[k] != settings[k])
-            raise DataError(f"{out} holds a conversion with other settings ({diff}); "
-                            f"use another --out, or delete {out} to start over")
+            check_same_conversion(out, meta, settings)
+            return meta  # resume it, or it is complete already
         # else a run that failed before its first shard (a typo in --data?): start over
     elif glob.glob(os.path.join(glob.escape(out), "*.parquet")):
         raise DataError(f"{out} already holds .parquet files and no meta.json (not written by prepare); "
@@ -290,6 +322,59 @@ def start_meta(out: str, settings: dict) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_meta(out, meta)
     return meta
+
+
+def check_same_conversion(out: str, meta: dict, settings: dict):
+    """Refuse to go on with OUT under other settings, or over other input files, than it was started with.
+    (An older prepare.py recorded no files: prepare() refuses to replay such a folder.)"""
+    theirs = {k: meta.get(k) for k in settings if k != "files"}
+    diff = ", ".join(f"{k}: {theirs[k]!r} there, {settings[k]!r} now" for k in theirs if theirs[k] != settings[k])
+    if diff:
+        raise DataError(f"{out} holds a conversion with other settings ({diff}); "
+                        f"use another --out, or delete {out} to start over")
+    if "files" in meta and meta["files"] != settings["files"]:
+        raise DataError(f"{out} was started from other input files ({files_changed(meta['files'], settings['files'])}),"
+                        f" and its shards would mix two document streams; resume with the files it was started "
+                        f"with, or delete {out} to start over")
+
+
+def files_changed(then: list, now: list) -> str:
+    """How two records of input_files differ, e.g. "2 file(s) added, removed or changed in size, first
+    in/b.parquet: added"."""
+    old = {path: size for files in then for path, size in files or []}
+    new = {path: size for files in now for path, size in files or []}
+    changed = sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
+    if not changed:
+        return "the same files, given to other sources"
+    first = changed[0]
+    how = ("added" if first not in old else "removed" if first not in new
+           else f"{old[first]:,} bytes then, {new[first]:,} now")
+    return f"{len(changed)} file(s) added, removed or changed in size, first {first}: {how}"
+
+
+def missing_shards(out: str, meta: dict) -> list[str]:
+    """The shards a complete folder's meta.json lists that are not there. A shard that is there with other
+    rows than recorded is refused: the replay would find it "written by another run"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    missing = []
+    for entry in meta["shards"]:
+        path = os.path.join(out, entry["file"])
+        if not os.path.exists(path):
+            missing.append(entry["file"])
+            continue
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException):
+            rows = None
+        if rows != entry["docs"]:
+            found = "is not a readable parquet file" if rows is None else f"has {rows} rows"
+            raise DataError(f"{path} {found}, but meta.json records {entry['docs']}: it changed after prepare "
+                            f"wrote it; delete it and run the same command again to write it anew")
+    return missing
+
+
+FINISHED = ("finished", "row_group_size", "shards", "train", "val", "filtered", "read")  # meta.json of a complete run
 
 
 def write_meta(out: str, meta: dict):
@@ -317,13 +402,25 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
         if s.shuffle is not None:
             log(f"note: {s.spec}: prepare shuffles every source with --seed {opts.seed}; the spec's "
                 f"shuffle=/seed= apply where the spec is read directly (tok.py, train.py)")
+    check_out(out, sources + val_sources)
     settings = {"data": [s.spec for s in sources], "val_data": [s.spec for s in val_sources] or None,
-                "options": vars(opts).copy(), "datasets_version": datasets.__version__}
+                "options": vars(opts).copy(), "datasets_version": datasets.__version__,
+                "files": input_files(sources + val_sources)}
     meta = start_meta(out, settings)
-    if meta["complete"]:
+    missing = missing_shards(out, meta) if meta["complete"] else []
+    if meta["complete"] and not missing:
         log(f"prepare: {out} is complete already ({len(meta['train']['files'])} training shards)")
         return meta
-    if glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
+    if "files" not in meta:  # and its streaming read of parquet kept blank documents: another stream
+        raise DataError(f"{out} was started by an older prepare.py, which recorded no input files, so it cannot be "
+                        f"resumed (or its missing shards rewritten) exactly; delete {out} and prepare it again")
+    if missing:  # replayed as an interrupted run
+        log(f"prepare: {out} lacks {', '.join(missing)}, listed in its meta.json: replaying the stream to write "
+            f"what is missing; the training shards there are checked, not rewritten")
+        meta = {k: v for k, v in meta.items() if k not in FINISHED}
+        meta["complete"] = False
+        write_meta(out, meta)
+    elif glob.glob(os.path.join(glob.escape(out), "shard_*.parquet")):
         log(f"prepare: resuming {out}: replaying the stream; shards already written are checked, not rewritten")
     cache_dir = None if opts.streaming else os.path.join(out, ".cache")
     counts = {"read": 0, "read_chars": 0, "too_short": 0, "duplicates": 0, "in_validation": 0}

@@ -282,7 +282,8 @@ def write(tmp_path, name, table):
      ["--data", "parquet://{d}/out/mine.parquet"], "already holds .parquet files and no meta.json"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--shard-chars", "0"], "shard-chars must be positive"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--val-frac", "1.5"], "val-frac must be in [0, 1)"),
-    (lambda d: (d / "out").mkdir() or (d / "out" / "meta.json").write_text("{broken"),
+    (lambda d: [(d / "out").mkdir(), (d / "out" / "meta.json").write_text("{broken"),
+                write(d, "x.parquet", pa.table({"text": ["x"]}))],
      ["--data", "parquet://{d}/x.parquet"], "meta.json was not written by prepare (or is damaged)"),
     (lambda d: None, ["--data", "hf://nanoschnack/does-not-exist-anywhere"], "hub unreachable"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--max-shards", "0"], "max-shards must be positive"),
@@ -385,29 +386,67 @@ def test_streaming_reads_a_parquet_sources_row_groups_in_random_order(tmp_path):
     assert not groups <= set(range(6)), groups  # file order: groups 0-3 only
 
 
-def test_resume_over_changed_input_files_is_refused(tmp_path, monkeypatch):
-    """Input files changed behind the same spec between the interrupted run and its resume: the replay does
-    not fill the shard that exists, and prepare says so instead of keeping a shard from another stream."""
-    make_corpus(tmp_path / "in")
-    spec = f"parquet://{tmp_path}/in/*.parquet"
+def interrupt_at_shard(monkeypatch, n: int):
+    """Make the n-th ShardWriter.close raise KeyboardInterrupt, as if the run was killed while writing it."""
     close, calls = prepare.ShardWriter.close, []
 
-    def crash_on_second_shard(self, name=None):
+    def crash(self, name=None):
         calls.append(self.name)
-        if len(calls) == 2:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return close(self, name)
 
-    monkeypatch.setattr(prepare.ShardWriter, "close", crash_on_second_shard)
+    monkeypatch.setattr(prepare.ShardWriter, "close", crash)
+    return lambda: monkeypatch.setattr(prepare.ShardWriter, "close", close)
+
+
+@pytest.mark.parametrize("options, change", [
+    (SMALL, "fewer"),  # the replay does not fill the shard that exists (its row count would tell, too)
+    (dict(SMALL, shard_rows=700), "same count"),  # every shard gets its 700 rows again: only the files tell
+])
+def test_resume_over_changed_input_files_is_refused(tmp_path, monkeypatch, options, change):
+    """Input files changed behind the same spec between the interrupted run and its resume: meta.json records
+    each file's path and size, and prepare refuses instead of mixing two document streams in one folder."""
+    make_corpus(tmp_path / "in")
+    spec = f"parquet://{tmp_path}/in/*.parquet"
+    restore = interrupt_at_shard(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(spec, str(tmp_path / "out"), **SMALL)
-    monkeypatch.setattr(prepare.ShardWriter, "close", close)
-    assert (tmp_path / "out" / "shard_00000.parquet").exists()
-    for f in (tmp_path / "in").glob("*.parquet"):
-        f.unlink()
-    make_corpus(tmp_path / "in", n=400)  # fewer documents: not one full shard of 1024
-    with pytest.raises(DataError, match="written by another run"):
-        prepare.prepare(spec, str(tmp_path / "out"), **SMALL)
+        prepare.prepare(spec, str(tmp_path / "out"), **options)
+    restore()
+    started = json.loads((tmp_path / "out" / "meta.json").read_text())["files"]
+    assert started == [[[str(f), f.stat().st_size] for f in sorted((tmp_path / "in").glob("*.parquet"))]]
+    if change == "fewer":
+        for f in (tmp_path / "in").glob("*.parquet"):
+            f.unlink()
+        make_corpus(tmp_path / "in", n=400)  # fewer documents: not one full shard of 1024
+    else:  # the second file's documents, reworded: as many rows, other texts
+        reworded = [f"Anderes Dokument {i}" for i in range(1500)]
+        pq.write_table(pa.table({"text": reworded}), tmp_path / "in" / "in-1.parquet")
+    with pytest.raises(DataError, match=r"started from other input files \(\d file\(s\) added, removed or changed in "
+                                        r"size, first .*/in-\d.parquet: [\d,]+ bytes then, [\d,]+ now\)"):
+        prepare.prepare(spec, str(tmp_path / "out"), **options)
+    assert (prepare.files_changed([[["a", 1], ["b", 2]], None], [[["a", 1], ["c", 3]], None])
+            == "2 file(s) added, removed or changed in size, first b: removed")
+
+
+def test_out_inside_the_inputs_is_refused_before_anything_is_written(tmp_path):
+    """A glob that reaches --out would read the shards written so far as documents when the same command is run
+    again (a resume then duplicates and loses documents): refused at once, by name."""
+    make_corpus(tmp_path / "corpus" / "in")
+    out = tmp_path / "corpus" / "prep"
+    corpus = f"parquet://{tmp_path}/corpus"
+    for inputs, val_inputs in [(f"{corpus}/**/*.parquet", None), (f"{corpus}/*/*.parquet", None),
+                               (f"parquet://{out}", None),  # the folder itself
+                               (f"{corpus}/in/*.parquet", f"{corpus}/*/*.parquet")]:  # --val-data too
+        with pytest.raises(DataError, match=r"would read prepare's own output in .*/prep \(--out lies inside its path "
+                                            r"or glob\).*choose an --out outside it"):
+            prepare.prepare(inputs, str(out), val_data=val_inputs, **SMALL)
+        assert not out.exists()
+    spec = f"parquet://{tmp_path}/corpus/**/*.parquet"
+    hidden = tmp_path / "corpus" / ".prep"  # glob's ** skips folders whose names start with a dot: not an input
+    prepare.prepare(spec, str(hidden), **SMALL)
+    assert data.resolve_files(parse_spec(spec)) == [str(f) for f in sorted((tmp_path / "corpus" / "in").iterdir())]
+    prepare.prepare(f"parquet://{tmp_path}/corpus/in/*.parquet", str(out), **SMALL)  # a sibling folder is fine
 
 
 def test_a_source_smaller_than_the_shuffle_buffer_is_shuffled_too(tmp_path):
@@ -449,3 +488,85 @@ def test_val_data_beyond_one_shard_loses_no_document_with_dedup(tmp_path):
     assert len(val) == 10
     assert set(train) | set(val) == {f"Training {i}" for i in range(30)} | set(val_docs)
     assert meta["filtered"]["duplicates"] == 10  # the training copies of the validation documents only
+
+
+def test_a_folder_of_an_older_prepare_is_left_alone_but_not_resumed(tmp_path, monkeypatch):
+    """meta.json of an older prepare.py records no input files: complete, it is read and left alone as before;
+    unfinished (or missing a shard) it cannot be replayed exactly, and prepare says so."""
+    make_corpus(tmp_path / "in", n=1500)
+    spec = f"parquet://{tmp_path}/in/*.parquet"
+
+    def as_older_version(out):
+        meta = json.loads((out / "meta.json").read_text())
+        del meta["files"]
+        (out / "meta.json").write_text(json.dumps(meta))
+
+    prepare.prepare(spec, str(tmp_path / "done"), **dict(SMALL, shard_rows=500))
+    as_older_version(tmp_path / "done")
+    assert prepare.prepare(spec, str(tmp_path / "done"), **dict(SMALL, shard_rows=500))["complete"]
+    assert data.resolve_files(parse_spec(f"parquet://{tmp_path}/done"))
+    (tmp_path / "done" / "shard_00001.parquet").unlink()
+    with pytest.raises(DataError, match=r"done was started by an older prepare.py, which recorded no input files.*"
+                                        r"delete .*done and prepare it again"):
+        prepare.prepare(spec, str(tmp_path / "done"), **dict(SMALL, shard_rows=500))
+
+    restore = interrupt_at_shard(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(spec, str(tmp_path / "part"), **dict(SMALL, shard_rows=500))
+    restore()
+    as_older_version(tmp_path / "part")
+    with pytest.raises(DataError, match="started by an older prepare.py"):
+        prepare.prepare(spec, str(tmp_path / "part"), **dict(SMALL, shard_rows=500))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_blank_documents_are_skipped_streaming_or_not(tmp_path, kind):
+    """An empty or whitespace-only text is no document (README), on every path: streaming parquet is read with
+    pyarrow directly, the rest through datasets; both write the same documents and count the same."""
+    texts = [f"Dokument {i}" if i % 4 else ("" if i % 8 else "  \n ") for i in range(400)]
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    else:
+        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    results = []
+    for streaming in (True, False):
+        out = tmp_path / f"out-{streaming}"
+        prepare.prepare(f"{kind}://{tmp_path}/a.{kind}", str(out), streaming=streaming, **dict(SMALL, shard_rows=100))
+        train, val, meta = prepared(out)
+        assert Counter(train + val) == Counter(t for t in texts if t.strip())
+        results.append((sorted(val), meta["read"], meta["train"]["docs"], meta["val"]["docs"], meta["filtered"]))
+    assert results[0] == results[1] and results[0][1]["docs"] == 300
+
+
+def test_a_missing_shard_of_a_complete_folder_is_written_again(tmp_path, capsys):
+    """The loader says "prepare the folder again" for a shard meta.json lists that is not there: the same
+    command replays the stream and writes the missing shards, byte-identical, leaving the others alone."""
+    make_corpus(tmp_path / "in")
+    argv = ["--data", f"parquet://{tmp_path}/in/*.parquet", "--out", str(tmp_path / "out"), "--shard-chars", "30k",
+            "--val-frac", "0.05", "--log-every", "1e9"]
+    prepare.main(argv)
+    out = tmp_path / "out"
+    train, val, meta = prepared(out)
+    lost = {name: (out / name).read_bytes() for name in (meta["train"]["files"][1], meta["val"]["file"])}
+    for name in lost:
+        (out / name).unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    with pytest.raises(DataError, match="is missing .meta.json lists it.; prepare the folder again"):
+        data.resolve_files(parse_spec(f"parquet://{out}"))
+    capsys.readouterr()
+    prepare.main(argv)
+    assert f"lacks {', '.join(lost)}, listed in its meta.json" in capsys.readouterr().out
+    assert all((out / name).read_bytes() == content for name, content in lost.items())
+    assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not rewritten
+    assert prepared(out)[:2] == (train, val)
+    again = prepared(out)[2]
+    assert again["complete"] and again == meta | {"finished": again["finished"]}
+    # a shard that is there with other rows than recorded was changed by someone else: refused, with a fix
+    first = out / meta["train"]["files"][0]
+    pq.write_table(pa.table({"text": ["fremd"] * 5}), first)
+    with pytest.raises(SystemExit, match=rf"error: {first} has 5 rows, but meta.json records \d+: it changed after "
+                                         r"prepare wrote it; delete it and run the same command again"):
+        prepare.main(argv)
+    first.unlink()
+    prepare.main(argv)
+    assert prepared(out)[:2] == (train, val)
