@@ -69,13 +69,15 @@ PROBE_TEXT = ("Die Hauptstadt von Deutschland ist Berlin. „Größer“ wäre �
               "Der Eintritt kostet 1.000,50 € – für Schüler und Studierende ermäßigt.")
 
 # Our template (tok.py) in Jinja: <|bos|> [system] (user assistant)* [user <|assistant_start|>].
-# Roles are checked as tok.check_conversation does, so a conversation ours rejects fails here too.
+# Roles are checked as tok.check_conversation does, so a conversation ours rejects fails here too (a prompt's
+# earlier answer may be empty: a server's answer is "" when a stop sequence matches at once).
 CHAT_TEMPLATE = (
     "{%- if messages | length == 0 %}{{ raise_exception('messages must be a non-empty list') }}{% endif -%}"
     "{{- bos_token -}}"
     "{%- set offset = 1 if messages[0]['role'] == 'system' else 0 -%}"
     "{%- for message in messages -%}"
-    "{%- if message['content'] is not string or message['content'] | trim == '' -%}"
+    "{%- if message['content'] is not string or (message['content'] | trim == '' "
+    "and not (message['role'] == 'assistant' and add_generation_prompt)) -%}"
     "{{ raise_exception('message ' ~ loop.index0 ~ ' needs non-empty string content') }}"
     "{%- endif -%}"
     "{%- if loop.index0 >= offset -%}"

@@ -438,7 +438,10 @@ class GPT(nn.Module):
             raise ValueError("generate needs at least one prompt token")
         device = self.lm_head.weight.device
         if kv_cache is None:
-            kv_cache = self.new_kv_cache(1, min(len(tokens) + max_new_tokens, self.rotary_len - 1))
+            if len(tokens) + max_new_tokens > self.rotary_len - 1:  # refused before any token, not after N - 1 of N
+                raise ValueError(f"{len(tokens):,} prompt tokens + {max_new_tokens:,} new ones: this model generates "
+                                 f"at most {self.rotary_len - 1:,} in all (its rotary tables' length - 1)")
+            kv_cache = self.new_kv_cache(1, len(tokens) + max_new_tokens)
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed) if seed is not None else generator.seed()

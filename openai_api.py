@@ -22,14 +22,16 @@ TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; 0 is greedy
 MAX_JSON_DEPTH = 32  # OpenAI's request bodies nest 5 deep; 1,000 would be a RecursionError
 MAX_STOP_SEQUENCES = 16  # OpenAI takes 4, vLLM any number; lm-eval sends a task's `until` whole (some have 5 or 6)
 MAX_STOP_CHARS = 256  # a stream holds back at most this much text while it may be the start of one
-# OpenAI's fields that would change the answer, which this server cannot honour, and the values that ask for
-# nothing: any other value is refused, so that no client gets something else than it asked for untold (the
-# completions endpoint's logprobs=0 asks for the chosen tokens' log-probabilities: refused). Fields that change
-# nothing (user, metadata, store, ...) are ignored, as vLLM does.
+# OpenAI's fields (and vLLM's sampling extensions) that would change the answer, which this server cannot honour,
+# and the values that ask for nothing: any other value is refused, so that no client gets something else than it
+# asked for untold (the completions endpoint's logprobs=0 asks for the chosen tokens' log-probabilities: refused).
+# Fields that change nothing (user, metadata, store, ...) are ignored, as vLLM does.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
                "echo": (None, False), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
                "functions": (None, []), "function_call": (None, "none", "auto"),
-               "response_format": (None, {"type": "text"})}
+               "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+               "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0), "min_tokens": (None, 0),
+               "ignore_eos": (None, False), "include_stop_str_in_output": (None, False), "stop_token_ids": (None, [])}
 
 
 @dataclass
@@ -179,16 +181,16 @@ def strict(data: dict, name: str, kind, what: str):
 
 
 def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampling, int | None]:
-    """OpenAI's sampling fields (and vLLM's top_k, transformers' no_repeat_ngram_size) over the server's
-    defaults; (sampling, seed).
+    """OpenAI's sampling fields (and vLLM's top_k, where 0 and -1 are off, transformers' no_repeat_ngram_size)
+    over the server's defaults; (sampling, seed).
 
     Temperatures below MIN_TEMPERATURE (and top_p below MIN_TOP_P) are greedy:
     there the most likely token gets all the probability anyway, and float32 cannot divide by them."""
     for name, nothing in UNSUPPORTED.items():
         value = data.get(name)
         if not any(type(value) is type(v) and value == v for v in nothing):  # the type too: 0 is no False
-            raise APIError(400, f"{name} is not supported by this server (got {shown(data[name])})", param=name,
-                           code="unsupported_parameter")
+            raise APIError(400, f"{name} is not supported by this server (got {shown(data[name])}); leave it out",
+                           param=name, code="unsupported_parameter")
     strict(data, "stream", bool, "true or false")
     if data.get("stream_options") is not None and not isinstance(data["stream_options"], dict):
         raise APIError(422, "stream_options must be an object", param="stream_options", code="invalid_type")
@@ -206,8 +208,8 @@ def read_sampling(data: dict, defaults: Sampling, limits: Limits) -> tuple[Sampl
                        param=name, code="max_tokens_too_large")
     temperature = number(data, "temperature", defaults.temperature, *TEMPERATURE_RANGE)
     top_p = number(data, "top_p", defaults.top_p, 0.0, 1.0)
-    top_k = number(data, "top_k", defaults.top_k, 0, 1_000_000, integer=True)
-    sampling = Sampling(temperature=float(temperature), top_k=top_k or None, top_p=top_p,
+    top_k = number(data, "top_k", defaults.top_k, -1, 1_000_000, integer=True)
+    sampling = Sampling(temperature=float(temperature), top_k=top_k if top_k and top_k > 0 else None, top_p=top_p,
                         max_new_tokens=number(data, name, limits.max_tokens, 1, limits.max_tokens, integer=True),
                         frequency_penalty=float(number(data, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0)),
                         presence_penalty=float(number(data, "presence_penalty", defaults.presence_penalty, -2.0, 2.0)),
@@ -270,7 +272,12 @@ def text_of(content, i: int) -> str:
 
 
 def read_messages(data: dict, limits: Limits, system: str | None) -> list[dict]:
-    """The conversation, within the limits and the chat template's rules (system?, user, assistant, ..., user)."""
+    """The conversation, within the limits and the chat template's rules (system?, user, assistant, ..., user).
+
+    An earlier answer may be empty or whitespace only (tok.check_conversation says how it renders): this
+    server's own answer is "" when a stop sequence matches at once, and a client sends it back. A blank user
+    or system message stays a 400: no answer of the server makes one, so a client sees its own mistake at once,
+    and the model was never shown a question of nothing (the page and chat.py send none either)."""
     messages = data.get("messages")
     if not isinstance(messages, list):
         raise APIError(422, "messages must be a list of {\"role\", \"content\"} objects", param="messages",

@@ -378,8 +378,9 @@ def create_app(session: ChatSession, limits: Limits | None = None, model_name: s
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e):  # unknown paths and methods, in the same shape
+        # e.headers carries what the status needs, such as a 405's Allow (RFC 9110 requires it)
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
-                            status_code=e.status_code)
+                            status_code=e.status_code, headers=e.headers)
 
     async def generate(request: Request, chat_mode: bool):
         deadline = time.monotonic() + limits.request_seconds

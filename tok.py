@@ -245,6 +245,14 @@ def check_conversation(messages, ends_with: str = "assistant") -> list[dict]:
     Rules: a non-empty list of messages, each with a known role and non-empty
     string content; an optional system message first; then user and assistant
     strictly alternating, starting with user and ending with `ends_with`.
+
+    One exception: a prompt (ends_with="user") may hold an empty or whitespace-only
+    earlier answer. A server's answer is "" when a stop sequence matches at once, and
+    OpenAI clients send it back as it is (OpenAI and vLLM take it). An empty one renders
+    as <|assistant_start|><|assistant_end|>, what the model itself generates when it ends
+    at once; a whitespace-only one keeps its whitespace, as sent. Conversations to train
+    on (ends_with="assistant") stay strict: an empty answer there would teach the model
+    to say nothing.
     """
     if not isinstance(messages, list) or not messages:
         raise ConversationError(f"messages must be a non-empty list, got {type(messages).__name__}"
@@ -258,7 +266,7 @@ def check_conversation(messages, ends_with: str = "assistant") -> list[dict]:
             raise ConversationError(f"message {i} has unknown role {role!r} (roles: {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise ConversationError(f"message {i} ({role}) has non-string content of type {type(content).__name__}")
-        if not content.strip():
+        if not content.strip() and not (role == "assistant" and ends_with == "user"):
             raise ConversationError(f"message {i} ({role}) has empty content")
         checked.append({"role": role, "content": content})
     turns = checked[1:] if checked[0]["role"] == "system" else checked

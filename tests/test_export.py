@@ -143,6 +143,13 @@ def test_chat_template_gives_render_prompt_ids(exported, hf_tokenizer):
                render_prompt(tokenizer, messages)
         finished = messages + [{"role": "assistant", "content": "Gern geschehen."}]
         assert hf_tokenizer.apply_chat_template(finished, return_dict=False) == render_conversation(tokenizer, finished)[0]
+    for empty in ("", " \n"):  # an earlier answer that was empty (a stop sequence at once), sent back by a client
+        messages = [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": empty},
+                    {"role": "user", "content": "Noch einmal?"}]
+        assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
+               render_prompt(tokenizer, messages)
+        with pytest.raises(Exception, match="message 1 needs non-empty"):  # to train on: refused, as tok.py does
+            hf_tokenizer.apply_chat_template(messages[:2], return_dict=False)
     bad = [[{"role": "assistant", "content": "Ich fange an."}],
            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
            [{"role": "user", "content": "   "}]]

@@ -272,6 +272,17 @@ def test_generate_is_seeded_and_streams():
     assert cont == list(model.generate(prompt + first + turn, 5, temperature=0))
 
 
+def test_generate_goes_to_the_end_of_the_rotary_tables_or_refuses_up_front():
+    """Up to rotary_len - 1 tokens in all (generate feeds the last token too); one more was N - 1 tokens and then
+    "KV cache full", mid-stream."""
+    model = random_model()
+    room = model.rotary_len - 1
+    assert len(list(model.generate([1] * (room - 2), 2, temperature=0))) == 2
+    stream = model.generate([1] * (room - 1), 2, temperature=0)
+    with pytest.raises(ValueError, match=f"at most {room:,} in all"):
+        next(stream)
+
+
 def recompute_greedy(model, ids, n):
     """n greedy tokens the slow way: the whole sequence through the model for every token."""
     ids, out = list(ids), []

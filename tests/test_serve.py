@@ -297,6 +297,21 @@ BAD_REQUESTS = [  # (body, status, code, words in the message)
      "unsupported_parameter", "tools is not supported"),
     ({"messages": user("Hallo"), "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
      "response_format is not supported"),
+    # vLLM's sampling extensions and OpenAI's audio output: each was taken and ignored, the answer unchanged
+    ({"messages": user("Hallo"), "repetition_penalty": 1.8}, 400, "unsupported_parameter",
+     "repetition_penalty is not supported"),
+    ({"messages": user("Hallo"), "min_p": 0.9}, 400, "unsupported_parameter", "min_p is not supported"),
+    ({"messages": user("Hallo"), "min_tokens": 30}, 400, "unsupported_parameter", "min_tokens is not supported"),
+    ({"messages": user("Hallo"), "ignore_eos": True}, 400, "unsupported_parameter", "ignore_eos is not supported"),
+    ({"messages": user("Hallo"), "stop": "a", "include_stop_str_in_output": True}, 400, "unsupported_parameter",
+     "include_stop_str_in_output is not supported"),
+    ({"messages": user("Hallo"), "stop_token_ids": [5]}, 400, "unsupported_parameter",
+     "stop_token_ids is not supported"),
+    ({"messages": user("Hallo"), "modalities": ["text", "audio"]}, 400, "unsupported_parameter",
+     "modalities is not supported"),
+    ({"messages": user("Hallo"), "audio": {"voice": "alloy", "format": "wav"}}, 400, "unsupported_parameter",
+     "audio is not supported"),
+    ({"messages": user("Hallo"), "top_k": -2}, 400, "invalid_value", "top_k must be between -1 and"),
     (b'{"messages": "' + b"x" * (12 * 4000 + 70_000) + b'"}', 413, "request_too_large", "larger than"),
     # issue 20: each of these was a 500 (with a traceback in the log) or was taken as valid
     (b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "invalid_json", "deeper than 32"),
@@ -356,7 +371,9 @@ def test_fields_that_change_nothing_are_accepted(server):
     the same greedy answer (the refused values are in BAD_REQUESTS)."""
     plain = post(server, "/v1/chat/completions", chat_body(QUESTIONS[0]))[1]["choices"][0]["message"]["content"]
     extra = dict(logprobs=False, top_logprobs=0, logit_bias={}, tools=[], tool_choice="none", response_format={"type": "text"},
-                 user="u-1", metadata={"k": "v"}, store=False, parallel_tool_calls=False, n=1, stop=None)
+                 user="u-1", metadata={"k": "v"}, store=False, parallel_tool_calls=False, n=1, stop=None,
+                 repetition_penalty=1, min_p=0.0, min_tokens=0, ignore_eos=False, include_stop_str_in_output=False,
+                 stop_token_ids=[], modalities=["text"], audio=None)
     status, answer = post(server, "/v1/chat/completions", chat_body(QUESTIONS[0], **extra))
     assert status == 200 and answer["choices"][0]["message"]["content"] == plain, answer
 
@@ -466,8 +483,9 @@ def test_metrics_in_prometheus_format(server):
 def test_unknown_paths_and_methods(server):
     status, answer = get(server, "/v1/nothing")
     assert status == 404 and "Not Found" in answer["error"]["message"]
-    status, answer = get(server, "/v1/chat/completions")
+    status, head, answer = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and answer["error"]["message"]
+    assert head["Allow"] == "POST"  # RFC 9110: a 405 names the methods the path takes
     assert health(server)["status"] == "ok"
 
 

@@ -237,3 +237,46 @@ def test_a_request_keeps_the_servers_other_sampling_settings():
     assert sampling.sampler() == (0.8, None, 0.9)
     sampling, _ = openai_api.read_sampling({"temperature": 0.8, "top_p": 0}, defaults, limits)
     assert sampling.greedy
+
+
+def test_top_k_minus_one_is_off_as_in_vllm():
+    """vLLM's top_k -1 (its default, which clients written for vLLM send) means off, as 0 does; it was a 400.
+    Both override the server's own top_k."""
+    import openai_api
+    from session import Sampling
+    limits, defaults = openai_api.Limits(), Sampling(temperature=1.0, top_k=50)
+    for off in (-1, 0):
+        assert openai_api.read_sampling({"top_k": off}, defaults, limits)[0].sampler() == (1.0, None, None)
+    assert openai_api.read_sampling({}, defaults, limits)[0].sampler() == (1.0, 50, None)
+
+
+def test_an_empty_answer_can_come_back_in_the_next_turn(server, small_tokenizer):
+    """The server answers "" when a stop sequence matches at once. An OpenAI chat loop sends that answer back with
+    the next turn (OpenAI and vLLM take it); it was a 400 invalid_conversation on every later turn. An empty answer
+    renders as <|assistant_start|><|assistant_end|>, a whitespace-only one as sent; training data stays strict."""
+    import types
+    import openai_api
+    from session import Sampling
+    from tok import ConversationError, check_conversation
+    body = chat_body(QUESTIONS[1], max_tokens=30)
+    free = post(server, "/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
+    assert free, "the model said nothing: no stop sequence can match at once"
+    status, stopped = post(server, "/v1/chat/completions", {**body, "stop": free[0]})
+    empty = stopped["choices"][0]["message"]
+    assert status == 200 and empty == {"role": "assistant", "content": ""}, stopped
+    tok, s = small_tokenizer, small_tokenizer.special
+    session = types.SimpleNamespace(tokenizer=tok, context_len=2048)  # all check_fits reads of a session
+    for answer in (empty, {"role": "assistant", "content": "\n"}, {"role": "assistant", "content": " "}):
+        messages = [*user(QUESTIONS[1]), answer, *user(QUESTIONS[2])]
+        expected = [tok.bos_id, s["<|user_start|>"], *tok.encode(QUESTIONS[1]), s["<|user_end|>"],
+                    s["<|assistant_start|>"], *tok.encode(answer["content"]), s["<|assistant_end|>"],
+                    s["<|user_start|>"], *tok.encode(QUESTIONS[2]), s["<|user_end|>"], s["<|assistant_start|>"]]
+        status, head, reply = request(server, "POST", "/v1/chat/completions",
+                                      {"messages": messages, "temperature": 0, "max_tokens": 8})
+        assert status == 200, (answer, reply)
+        assert reply["usage"]["prompt_tokens"] == len(expected) and head["X-Dropped-Messages"] is None
+        # the prompt serve.py gives the engine for this conversation, id by id
+        checked = openai_api.read_messages({"messages": messages}, openai_api.Limits(), None)
+        assert openai_api.check_fits(session, checked, Sampling(max_new_tokens=8)) == (messages, expected)
+        with pytest.raises(ConversationError, match=r"message 1 \(assistant\) has empty content"):
+            check_conversation(messages[:2])  # the same exchange as data to train on
