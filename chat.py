@@ -242,7 +242,8 @@ def run(argv=None) -> None:
 
     if args.prompt is not None:
         try:
-            text = sys.stdin.read() if args.prompt == "-" else args.prompt
+            # a file or echo ends with a newline that is no part of the message (the piped lines lose theirs too)
+            text = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
         except OSError as e:  # e.g. stdin is a directory
             raise SystemExit(f"error: cannot read the message from stdin ({e})")
         try:

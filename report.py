@@ -12,8 +12,11 @@ order in which the stages ran.
 It also holds the small markdown helpers the sections are written with. It imports
 no other project module, so every stage (tok.py included) can use it.
 """
+import fcntl
 import os
 import re
+import sys
+import tempfile
 from pathlib import Path
 
 REPORT_SECTIONS = ("Tokenizer", "Pretraining", "SFT", "Evaluation", "Chat samples")
@@ -53,23 +56,47 @@ def section_rank(title: str) -> int:
 
 def update_report(path, title: str, body: str) -> Path:
     """Put `body` (markdown) into the report card at `path` as section `title`, replacing a section of
-    that title or adding it in its place; written atomically. Returns the path."""
+    that title or adding it in its place; written atomically. Returns the path.
+
+    Stages that end together (evaluation.py on the base and the chat model, one GPU each) take turns: each
+    holds a lock on the card's folder from reading the card to replacing it, and writes a temporary file of
+    its own, so neither loses the other's section. A card that is not UTF-8 (edited by hand) is kept aside as
+    report.md.damaged and a new one begun, with a warning: the stage's work is done and saved by then."""
     path = Path(path)
-    sections = read_report(path)
-    sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
-    text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
-                                   for t in sorted(sections, key=lambda t: (section_rank(t), t)))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor closes
+            sections = read_readable_report(path)
+            sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
+            text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
+                                           for t in sorted(sections, key=lambda t: (section_rank(t), t)))
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)  # a reader sees the old card or the new one, never half of one
+        finally:
+            os.close(folder)
     except OSError as e:
-        if tmp.is_file():
-            tmp.unlink()
+        if tmp is not None and os.path.isfile(tmp):
+            os.unlink(tmp)
         raise SystemExit(f"error: cannot write the report card {path} ({e}); free disk space or choose "
                          f"another folder (the card as it was is unchanged)") from None
     return path
+
+
+def read_readable_report(path: Path) -> dict[str, str]:
+    """read_report, or, for a card that is not UTF-8, none: the card moved aside, with a warning."""
+    try:
+        return read_report(path)
+    except UnicodeDecodeError as e:
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        print(f"warning: {path} is not UTF-8 text ({e.reason} at byte {e.start:,}): moved to {aside}, and a new "
+              f"card begun", file=sys.stderr)
+        return {}
 
 
 def format_cell(value) -> str:

@@ -390,13 +390,17 @@ class TrainingText:
 
 
 def parse_count(text: str) -> int:
-    """'2B', '50M', '10k', '1e6' or '1_000' to an int."""
+    """'2B', '50M', '10k', '1e6' or '1_000' to a positive int (every flag it reads counts something that
+    must exist: --max-doc-chars -20 cut 20 characters off every document)."""
     scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:], 1)
     number = text[:-1] if text[-1:] in "kMB" else text
     try:
-        return int(float(number.replace("_", "")) * scale)
-    except ValueError:
+        count = int(float(number.replace("_", "")) * scale)
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (write e.g. 2B, 50M, 10k)") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count (write e.g. 2B, 50M, 10k)")
+    return count
 
 
 def main(argv=None):
@@ -434,10 +438,10 @@ def main(argv=None):
     if text.chars == 0:
         sys.exit(f"error: no text found in {' '.join(args.data)} (empty dataset?)")
     # Fewer than 100 documents leave nothing held out: then compression is not measured.
-    compression = bytes_per_token(tokenizer, text.heldout) if text.heldout else float("nan")
+    compression = bytes_per_token(tokenizer, text.heldout) if text.heldout else None  # JSON's null: NaN is no JSON
     meta = dict(vocab_size=tokenizer.vocab_size, requested_vocab_size=args.vocab_size, data=args.data,
                 chars=text.chars, documents=text.docs, heldout_documents=len(text.heldout),
-                heldout_bytes_per_token=round(compression, 4), train_seconds=round(seconds, 1),
+                heldout_bytes_per_token=None if compression is None else round(compression, 4), train_seconds=round(seconds, 1),
                 split_pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS)
     meta_file = Path(args.out) / "tokenizer_meta.json"
     try:
@@ -450,14 +454,15 @@ def main(argv=None):
     if tokenizer.vocab_size < args.vocab_size:  # BPE ran out of pairs to merge: the model gets this odd size
         print(f"warning: the text gave only {tokenizer.vocab_size:,} tokens of the {args.vocab_size:,} asked (not a "
               f"multiple of 64, which GPU matrices prefer): train on more text, or ask for fewer")
+    measured = (f"{compression:.3f} bytes/token on {len(text.heldout)} documents" if compression is not None
+                else "not measured (fewer than 100 documents)")
     print(f"vocab size {tokenizer.vocab_size:,} (asked {args.vocab_size:,}), trained in {seconds:.1f}s on "
-          f"{text.chars:,} characters from {text.docs:,} documents; held-out compression "
-          f"{compression:.3f} bytes/token ({len(text.heldout)} documents); saved to {args.out}/tokenizer.json")
+          f"{text.chars:,} characters from {text.docs:,} documents; held-out compression {measured}; saved to "
+          f"{args.out}/tokenizer.json")
     rows = [["vocabulary", f"{tokenizer.vocab_size:,} tokens (256 bytes, {len(SPECIAL_TOKENS)} special tokens)"],
             ["trained on", f"{text.chars:,} characters in {text.docs:,} documents (each cut to "
                            f"{args.max_doc_chars:,})"],
-            ["held-out compression", f"{compression:.3f} bytes/token on {len(text.heldout)} documents"
-                                     if text.heldout else "not measured (fewer than 100 documents)"],
+            ["held-out compression", measured],
             ["training time", f"{seconds:.1f} s"], ["data", " ".join(f"`{d}`" for d in args.data)],
             ["tokenizer", f"`{Path(args.out).resolve() / 'tokenizer.json'}`"]]
     print(f"report: {update_report(report_path(args.out), 'Tokenizer', markdown_table(['', ''], rows))}")

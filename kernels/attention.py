@@ -5,7 +5,7 @@ Layout. q is (B, H, T, D); k and v are (B, H_kv, T, D) with H a multiple of H_kv
 (grouped-query attention: query head h reads key/value head h // (H // H_kv)).
 Any strides work as long as the last dim is contiguous, so the model can pass
 `x.view(B, T, H, D).transpose(1, 2)` without a copy; outputs take q's strides.
-The Triton path takes D = 16, 32, 64 or 128 (32, 64 and 128 are tested); the reference any D.
+The Triton path takes D = 16, 32, 64 or 128 (dispatch.TRITON_HEAD_DIMS; flash_attn sends any other D to SDPA); the reference any D.
 Attention is always causal with scale 1/sqrt(D).
 
 Sliding window. With a window w >= 0, query i attends keys i - w .. i only
@@ -95,7 +95,8 @@ from triton.runtime.autotuner import Autotuner
 
 from kernels import tiles
 from kernels.attention_reference import reference_bwd, reference_fwd, visible_keys
-from kernels.dispatch import autotune_attention, ops_on_first_use, tma_allowed, use_triton, use_triton_attention
+from kernels.dispatch import (TRITON_HEAD_DIMS, autotune_attention, ops_on_first_use, tma_allowed, use_triton,
+                              use_triton_attention)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -574,7 +575,7 @@ def _fit_window(window: int, T: int):
 
 def _triton_fwd(q, k, v, window=-1):
     B, H, T, D = q.shape
-    torch._check(D in (16, 32, 64, 128), lambda: f"the Triton kernel supports head dims 16, 32, 64 and 128, got {D}")
+    torch._check(D in TRITON_HEAD_DIMS, lambda: f"the Triton kernel supports head dims {TRITON_HEAD_DIMS}, got {D}")
     torch._check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     window = _fit_window(window, T)

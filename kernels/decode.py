@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import TRITON_HEAD_DIMS, use_triton
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
 
@@ -172,7 +172,7 @@ def _configs(x: torch.Tensor) -> dict:
 
 def triton_supports(q: torch.Tensor) -> bool:
     D = q.shape[-1]
-    return D in (16, 32, 64, 128) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return D in TRITON_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_decode(q, k, v, positions, window):

@@ -97,13 +97,15 @@ def use_fused_rope_norm(x: torch.Tensor) -> bool:
 # (with the cuDNN their wheels bring), flash first elsewhere. So on a Hopper GPU, where SDPA
 # picks cuDNN, causal attention with autograd recording (training, what was measured
 # forward+backward), MHA, head dim 128, 16-bit and no window calls SDPA. Ours keeps the rest:
-# sliding windows (SDPA would take a T x T mask); GQA, other head dims and other GPUs (not
+# sliding windows (SDPA would take a T x T mask); GQA, the other head dims it takes
+# (TRITON_HEAD_DIMS; any other goes to SDPA) and other GPUs (not
 # measured); forward-only calls (serving's prefill, whose length changes with every request:
 # cuDNN builds a plan for each new length, 4.8 ms of host time a call in issue 26's H200
 # decode profile); and wherever SDPA would pick flash, which ours beat. Move a case across
 # only with a bench/gpu.py measurement.
 SDPA_WINS_HEAD_DIM = 128
 SDPA_WINS_CAPABILITY_MAJOR = 9
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what the attention kernels take: powers of two for tl.arange, >= 16 for tl.dot
 
 
 def sdpa_measured_faster(q: torch.Tensor, k: torch.Tensor, window: int | None, device_wins) -> bool:
@@ -154,7 +156,7 @@ if torch.version.cuda or torch.version.hip:
 
 def use_triton_attention(q: torch.Tensor, k: torch.Tensor, window: int | None) -> bool:
     """True if kernels.flash_attn should launch our Triton kernel rather than torch's SDPA (see above)."""
-    if not use_triton(q):
+    if not use_triton(q) or q.shape[-1] not in TRITON_HEAD_DIMS:
         return False
     if q.device.type != "cuda" or os.environ.get(TRITON_ATTENTION_ENV) == "1":
         return True

@@ -286,10 +286,11 @@ def test_prompt_mode(chat_ckpt, session_factory):
     assert str(chat_ckpt) in err and "parameters" in err and "device cpu" in err
     expected = session_factory().answer([{"role": "user", "content": TURNS[1]}]).text
     assert run.stdout.decode() == expected + "\n"
-    # "--prompt -" reads the message from stdin
-    run = subprocess.run(CHAT + args + ["--prompt", "-"], input=TURNS[1].encode(), capture_output=True,
-                         timeout=180, env=ENV)
-    assert run.returncode == 0 and run.stdout.decode() == expected + "\n"
+    # "--prompt -" reads the message from stdin, without the newline a file or echo ends with (it was sent along)
+    for ending in ("", "\n", "\r\n"):
+        run = subprocess.run(CHAT + args + ["--prompt", "-"], input=(TURNS[1] + ending).encode(), capture_output=True,
+                             timeout=180, env=ENV)
+        assert run.returncode == 0 and run.stdout.decode() == expected + "\n", repr(ending)
 
 
 def test_repl_through_stdin(chat_ckpt, session_factory):

@@ -1,6 +1,7 @@
 """Tests for evaluation.py: bits per byte, multiple choice, task rows, the report card, the CLI."""
 import json
 import math
+import multiprocessing
 import os
 import random
 import subprocess
@@ -320,6 +321,41 @@ def test_report_card_keeps_order_and_is_rebuilt_idempotently(tmp_path):
     assert sections["Pretraining"] == "p2" and sections["Tokenizer"] == "t" and len(sections) == 6
     assert card.count("## Pretraining") == 1 and not list(tmp_path.glob("*.tmp"))
     assert report.report_path("out/base") == report.report_path("out/tokenizer") == Path("out/report.md").resolve()
+
+
+def write_sections(path, titles, barrier):
+    barrier.wait()
+    for title in titles:
+        report.update_report(path, title, f"body of {title}")
+
+
+def test_stages_that_end_together_keep_each_others_sections(tmp_path):
+    """Four processes write their sections into one card at once (evaluation.py on two models, one GPU each): it
+    held every section only by luck (one shared temporary file, read-change-write unlocked): in 200 rounds of
+    two writers, a lost section, a mixed card, and 29 writers told to free disk space."""
+    ctx = multiprocessing.get_context("fork")
+    for round in range(10):
+        path = tmp_path / f"r{round}" / "report.md"
+        barrier = ctx.Barrier(4)
+        titles = [[f"Evaluation (p{i}-{j})" for j in range(5)] for i in range(4)]
+        writers = [ctx.Process(target=write_sections, args=(path, mine, barrier)) for mine in titles]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(60)
+        assert [w.exitcode for w in writers] == [0] * 4, round
+        assert sorted(report.read_report(path)) == sorted(sum(titles, [])), round
+        assert [p.name for p in path.parent.iterdir()] == ["report.md"]  # no temporary file left behind
+
+
+def test_a_card_that_is_not_utf8_is_kept_aside_and_a_new_one_begun(tmp_path, capsys):
+    """A card saved by a Latin-1 editor ended every stage with a UnicodeDecodeError traceback (after its work)."""
+    path = tmp_path / "report.md"
+    path.write_bytes("# meine Notiz: Größe\n".encode("latin-1"))
+    report.update_report(path, "Tokenizer", "t")
+    assert report.read_report(path) == {"Tokenizer": "t"}
+    assert (tmp_path / "report.md.damaged").read_bytes() == "# meine Notiz: Größe\n".encode("latin-1")
+    assert "is not UTF-8 text" in capsys.readouterr().err
 
 
 # --- the command line ----------------------------------------------------------------

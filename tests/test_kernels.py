@@ -296,6 +296,15 @@ def test_dispatch_rule(monkeypatch):
     assert not kernels.use_triton(torch.zeros(1, device="meta"))
 
 
+def test_a_head_dim_the_kernel_cannot_take_goes_to_sdpa():
+    """Where Triton runs, flash_attn sent a head dim of 96 to our kernel, which refused it (a RuntimeError in
+    training and prefill); decode already fell back."""
+    q, k, v = (torch.randn(1, 2, 8, 96) for _ in "qkv")
+    with triton_on_cpu():
+        out = kernels.flash_attn(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 def test_attention_dispatch_follows_the_gpu_measurements(monkeypatch):
     """On a Hopper GPU where SDPA picks cuDNN, training's causal MHA attention at head dim 128 calls SDPA,
     which measured faster there (kernels/dispatch.py); ours keeps every case that was not measured."""
@@ -318,6 +327,7 @@ def test_attention_dispatch_follows_the_gpu_measurements(monkeypatch):
         assert use_triton_attention(q, k, 254)  # sliding windows: SDPA would need a T x T mask
         assert use_triton_attention(*q_k(H_kv=2), None)  # GQA: not measured
         assert use_triton_attention(*q_k(D=64), None)  # head dim 64: not measured
+        assert not use_triton_attention(*q_k(D=96), 254)  # a head dim our kernel cannot take: SDPA (it crashed)
         assert use_triton_attention(*q_k(dtype=torch.float32), None)
         assert use_triton_attention(*q_k(grad=False), None)  # forward only (prefill): not measured
         with torch.no_grad():
@@ -436,9 +446,8 @@ def test_attention_rejects_bad_shapes_and_windows():
             kernels.flash_attn(q, q, q, window=window)
     with pytest.raises(RuntimeError, match="window must be >= 0, or -1 for none"):
         kernels.flash_attn_op(q, q, q, -2)
-    with pytest.raises(RuntimeError, match="head dims"), run_triton():
-        kernels.flash_attn(torch.zeros(1, 2, 4, 24, device=DEVICE), torch.zeros(1, 2, 4, 24, device=DEVICE),
-                           torch.zeros(1, 2, 4, 24, device=DEVICE))
+    with pytest.raises(RuntimeError, match="head dims"), run_triton():  # flash_attn sends it to SDPA (test above)
+        attention._triton_fwd(*(torch.zeros(1, 2, 4, 24, device=DEVICE) for _ in "qkv"))
 
 
 # ----------------------------------------------------------------------------

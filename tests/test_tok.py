@@ -198,6 +198,27 @@ def test_cli_caps_characters(tmp_path, capsys):
         in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag, value", [("--max-doc-chars", "-20"), ("--max-chars", "0"), ("--max-chars", "inf"),
+                                         ("--max-chars", "1e400"), ("--max-doc-chars", "nan")])
+def test_cli_refuses_counts_that_are_not_positive(tmp_path, capsys, flag, value):
+    """--max-doc-chars -20 cut 20 characters off every document, silently; inf was a traceback (OverflowError)."""
+    with pytest.raises(SystemExit):
+        tok.main(["--data", f"txt://{FIXTURE}", "--vocab-size", "320", "--out", str(tmp_path / "o"), flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "count" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_with_nothing_held_out_writes_json(tmp_path):
+    """Under 100 documents nothing is held out: the compression is null in tokenizer_meta.json (it was NaN, which
+    JSON parsers other than Python's refuse)."""
+    write_parquet(tmp_path / "a.parquet", [f"Satz Nummer {i} über Größe." for i in range(30)])
+    tok.main(["--data", f"parquet://{tmp_path}/a.parquet", "--vocab-size", "320", "--out", str(tmp_path / "tok")])
+    text = (tmp_path / "tok" / "tokenizer_meta.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in tokenizer_meta.json"))[
+        "heldout_bytes_per_token"] is None
+
+
 def test_cli_closes_the_half_read_documents(tmp_path, monkeypatch):
     """tok.py stops reading at --max-chars, then closes the document stream itself, in the main thread and
     before the interpreter's teardown, where a half-read pyarrow stream can abort the process."""
