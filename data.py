@@ -194,13 +194,13 @@ def parse_spec(spec: str) -> Source:
     return source
 
 
-def parse_specs(specs) -> list[Source]:
-    """Parse whitespace-separated specs, from one string or a list of strings."""
+def parse_specs(specs, flag: str = "--data") -> list[Source]:
+    """Parse whitespace-separated specs, from one string or a list of strings; `flag` names where they came from."""
     if isinstance(specs, str):
         specs = [specs]
     sources = [parse_spec(s) for text in specs for s in text.split()]
     if not sources:
-        raise DataError("no dataset spec given: pass e.g. --data 'parquet://DIR/*.parquet'")
+        raise DataError(f"no dataset spec given: pass e.g. {flag} 'parquet://DIR/*.parquet'")
     for source in sources:
         if source.weight_by_size:
             source.size_bytes = text_bytes(source)

@@ -13,16 +13,22 @@
 # $NANOSCHNACK_OUT). NANOSCHNACK_DEMO_SCALE=micro runs every stage for a few
 # seconds only (the CI smoke test, tests/test_pipeline.py).
 set -euo pipefail
-cd "$(dirname "$0")"
 DATA=${1:-${NANOSCHNACK_DATA:-}}
-if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ] || [ ! -d "$DATA/sft" ]; then
-    echo "demo.sh: need the sample data folder, one holding pretrain/<source>/train-*.parquet and sft/*.jsonl." >&2
+# Checked before the first stage: the validation files are read only after the tokenizer (val.parquet) or after
+# the whole pretraining (sft/val.jsonl), too late to find them missing.
+if [ -z "$DATA" ] || [ ! -d "$DATA/pretrain" ] || ! compgen -G "$DATA/pretrain/*/val.parquet" >/dev/null \
+        || [ ! -f "$DATA/sft/val.jsonl" ]; then
+    echo "demo.sh: need the sample data folder, one holding pretrain/<source>/train-*.parquet (and a held-out" >&2
+    echo "  val.parquet beside them, in one source at least), sft/*.jsonl and the held-out sft/val.jsonl." >&2
     echo "  pass it as  NANOSCHNACK_DATA=/path/to/data ./demo.sh  or  ./demo.sh /path/to/data" >&2
     echo "  (in the nanoschnack workspace it is ../shared/data)" >&2
     exit 2
 fi
-DATA=$(cd "$DATA" && pwd)
-OUT=${NANOSCHNACK_OUT:-out}
+DATA=$(cd "$DATA" && pwd)  # relative paths are the caller's: made absolute before the cd below
+OUT=${NANOSCHNACK_OUT:-}
+case $OUT in "" | /*) ;; *) OUT=$PWD/$OUT ;; esac
+cd "$(dirname "$0")"
+OUT=${OUT:-out}
 SCALE=${NANOSCHNACK_DEMO_SCALE:-tiny}
 if compgen -G "$OUT/base/ckpt_*.pt" >/dev/null || compgen -G "$OUT/chat/ckpt_*.pt" >/dev/null; then
     echo "demo.sh: $OUT holds an earlier demo's checkpoints; move or delete it (rm -r $OUT), or write this one" >&2

@@ -533,7 +533,7 @@ def main(argv=None):
         file_names = [t.name for t in files]
         run_bpb = "bpb" in names
         tasks = files + parse_task_list([n for n in names if n != "bpb" and n not in file_names])
-        bpb_sources = data.parse_specs(args.bpb_data) if run_bpb else []
+        bpb_sources = data.parse_specs(args.bpb_data, "--bpb-data") if run_bpb else []
         if args.local_only:
             skipped = [t.name for t in tasks if t.on_hub] + [s.spec for s in bpb_sources if s.kind == "hf"]
             tasks = [t for t in tasks if not t.on_hub]

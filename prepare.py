@@ -393,7 +393,7 @@ def prepare(data, out: str, val_data=None, log_every: float = 10.0, log=print, *
     opts = PrepareOptions(**options)
     check_prepare_options(opts)
     sources = parse_specs(data)
-    val_sources = parse_specs(val_data) if val_data else []
+    val_sources = parse_specs(val_data, "--val-data") if val_data else []
     if val_sources:
         opts.val_frac = 0.0  # validation comes from --val-data
     for s in sources + val_sources:

@@ -348,7 +348,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     conversations = chatdata.load_conversations(data.parse_specs(cfg.data), tokenizer, max_tokens, log, stats=stats,
                                        answer_chars=cfg.answer_chars)
     if cfg.val_data:  # all of it, then N spread over it: a file grouped by source gives each source its share
-        val = evenly_spaced(chatdata.load_conversations(data.parse_specs(cfg.val_data), tokenizer, max_tokens, log),
+        val = evenly_spaced(chatdata.load_conversations(data.parse_specs(cfg.val_data, "--val-data"), tokenizer, max_tokens, log),
                             cfg.val_conversations)
     else:  # the hub sets have no held-out split: keep the first ones out of training
         if conversations and len(conversations) <= cfg.val_conversations:
@@ -362,7 +362,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     if cfg.text_data and cfg.text_frac:
         count = max(1, round(len(conversations) * cfg.text_frac / (1 - cfg.text_frac)))
         spec = pretraining_mix(base) if cfg.text_data == "base" else cfg.text_data
-        rows, continued = chatdata.load_text_rows(data.parse_specs(spec), tokenizer, max_tokens, count, base,
+        rows, continued = chatdata.load_text_rows(data.parse_specs(spec, "--text-data"), tokenizer, max_tokens, count, base,
                                          cfg.text_bestfit)
         conversations += rows
         # every best-fit row begins a document; a concatenated one only where a document happens to begin it

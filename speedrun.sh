@@ -15,6 +15,8 @@
 # 1 h more.
 # Every stage resumes: run the script again after an interruption.
 set -euo pipefail
+OUT=${OUT:-}
+case $OUT in "" | /*) ;; *) OUT=$PWD/$OUT ;; esac  # a relative OUT is the caller's, made absolute before the cd
 cd "$(dirname "$0")"
 NPROC=${NPROC:-8}
 OUT=${OUT:-out}
@@ -29,7 +31,11 @@ PRETRAIN=$($PY -c 'import data; print(data.DEFAULT_PRETRAIN_SPEC)')
 $PY prepare.py --data $PRETRAIN --out "$OUT/data/base" --max-shards 200
 
 echo "== 1. tokenizer: 32768 tokens on 2B characters"
-$PY tok.py --data "parquet://$OUT/data/base" --max-chars 2B --out "$OUT/tokenizer"
+if [ -f "$OUT/tokenizer/tokenizer_meta.json" ]; then  # written last; a rerun would train the same again
+    echo "$OUT/tokenizer is there already (delete it to train it again)"
+else
+    $PY tok.py --data "parquet://$OUT/data/base" --max-chars 2B --out "$OUT/tokenizer"
+fi
 
 echo "== 2. pretraining: d20, 12 tokens per parameter (train.py's default)"
 $RUN train.py --preset d20 --data "parquet://$OUT/data/base" --val-data "parquet://$OUT/data/base?split=val" \

@@ -267,7 +267,7 @@ def scaled_weight_decay(cfg: TrainConfig, config: gpt.GPTConfig, steps: int, log
     the value tuned for d12 trained on --tokens-per-param tokens at B_REF tokens a step; a run of D tokens at B
     tokens a step gets weight_decay * sqrt(B / B_REF) * (D_ref / D), which keeps AdamW's T_epoch = B / (lr *
     decay * D) of the reference run (arXiv 2405.13698; nanochat assumes the same holds for Muon). d20 with
-    the defaults: 0.28 -> 0.079. With --time-budget D is not known in advance: unscaled."""
+    the defaults: 0.28 -> 0.0708. With --time-budget D is not known in advance: unscaled."""
     if not cfg.weight_decay or cfg.time_budget:
         return cfg.weight_decay
     with torch.device("meta"):
@@ -367,7 +367,7 @@ def main(argv=None):
 
     try:
         tokenizer = Tokenizer.load(cfg.tokenizer)
-        sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data)
+        sources, val_sources = data.parse_specs(cfg.data), data.parse_specs(cfg.val_data, "--val-data")
         eval_tasks = [(t, evaluation.load_examples(t, cfg.eval_task_limit))
                       for t in evaluation.parse_task_list(cfg.eval_tasks)]
     except (FileNotFoundError, ValueError, data.DataError) as e:

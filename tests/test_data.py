@@ -68,8 +68,10 @@ def test_hub_sources_are_shuffled_by_default_local_ones_on_request():
 
 
 def test_no_spec_at_all():
-    with pytest.raises(DataError, match="no dataset spec"):
+    with pytest.raises(DataError, match="no dataset spec given: pass e.g. --data "):
         parse_specs(["  "])
+    with pytest.raises(DataError, match="pass e.g. --val-data "):  # the flag that was empty, not always --data
+        parse_specs("", "--val-data")
 
 
 # --- reading sources ----------------------------------------------------------------

@@ -10,17 +10,18 @@ from bench.gpu_serving import tiny_data_folder  # the sample data's layout, as b
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_demo(env_extra, *args, timeout=900):
+def run_demo(env_extra, *args, timeout=900, cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "NANOSCHNACK_DATA"}
     env.update(OMP_NUM_THREADS="1", **env_extra)
     return subprocess.run(["bash", str(REPO / "demo.sh"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def test_demo_runs_every_stage_at_micro_scale(tmp_path):
-    data = tiny_data_folder(tmp_path / "data")
+    tiny_data_folder(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_demo(dict(NANOSCHNACK_DATA=str(data), NANOSCHNACK_OUT=str(out), NANOSCHNACK_DEMO_SCALE="micro"))
+    # paths relative to where demo.sh is run from (it changes into the repository: they were taken from there)
+    proc = run_demo(dict(NANOSCHNACK_DATA="data", NANOSCHNACK_OUT="out", NANOSCHNACK_DEMO_SCALE="micro"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("1. tokenizer", "2. pretraining", "3. SFT", "4. evaluation", "5. a German chat answer"):
         assert f"== {stage}" in proc.stdout
@@ -46,3 +47,7 @@ def test_demo_without_data_says_what_to_pass(tmp_path):
     assert "NANOSCHNACK_DATA=/path/to/data ./demo.sh" in proc.stderr and "../shared/data" in proc.stderr
     proc = run_demo(dict(NANOSCHNACK_DATA=str(tmp_path)), timeout=60)
     assert proc.returncode == 2 and "need the sample data folder" in proc.stderr
+    data = tiny_data_folder(tmp_path / "data")
+    (data / "sft" / "val.jsonl").unlink()  # was found missing after the whole pretraining
+    proc = run_demo(dict(NANOSCHNACK_DATA=str(data), NANOSCHNACK_OUT=str(tmp_path / "out")), timeout=60)
+    assert proc.returncode == 2 and "sft/val.jsonl" in proc.stderr and not (tmp_path / "out").exists()
