@@ -1,6 +1,7 @@
 """How the code fits together: the import graph, shared plumbing, and safe checkpoint loading."""
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import train
 from conftest import REPO_ROOT, make_checkpoint, refusal, script_main
 
 MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py")) + ["kernels"]
+README = REPO_ROOT / "README.md"
 
 
 def fresh_python(code: str) -> tuple[list[str], str]:
@@ -24,21 +26,62 @@ def fresh_python(code: str) -> tuple[list[str], str]:
     return proc.stdout.split(), proc.stdout + proc.stderr[-2000:]
 
 
+def imported_modules(node: ast.AST) -> set[str]:
+    """The top-level names an import statement imports (none for any other node, or a relative import)."""
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
+
+
 def project_imports(path: Path) -> set[str]:
     """The project modules a file imports, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & set(MODULES)
+    return set().union(*map(imported_modules, ast.walk(ast.parse(path.read_text(encoding="utf-8"))))) & set(MODULES)
 
 
 def import_graph() -> dict[str, set[str]]:
     graph = {m: project_imports(REPO_ROOT / f"{m}.py") for m in MODULES if m != "kernels"}
     graph["kernels"] = set().union(*(project_imports(p) for p in (REPO_ROOT / "kernels").glob("*.py"))) - {"kernels"}
     return graph
+
+
+def imported_only_in_functions(module: str) -> set[str]:
+    """The project modules a module (kernels: the package) imports only inside functions, never when it is
+    imported: tok.py imports data.py for its command line only."""
+    files = (REPO_ROOT / "kernels").glob("*.py") if module == "kernels" else [REPO_ROOT / f"{module}.py"]
+    inside, outside = set(), set()
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        in_functions = {id(node) for f in functions for node in ast.walk(f)}
+        for node in ast.walk(tree):
+            (inside if id(node) in in_functions else outside).update(imported_modules(node))
+    return (inside - outside) & set(MODULES)
+
+
+def readme_import_diagram(readme: Path) -> tuple[set[tuple[str, str, str]], set[str]]:
+    """The diagram under README's "How the code fits together", read as (module, what it imports, arrow), and
+    the modules its lines without an arrow name. On a line, each module before an arrow imports each module
+    after it (a chain a ──> b ──> c: a imports b, b imports c); a note in brackets after two spaces ends it."""
+    section = readme.read_text(encoding="utf-8").split("### How the code fits together", 1)[1]
+    edges, alone = set(), set()
+    for line in filter(str.strip, section.split("```", 2)[1].splitlines()):
+        parts = re.split(r"\s*(──>|····>)\s*", re.sub(r" {2,}\(.*\)$", "", line).strip())
+        lists = [[diagram_node(name.strip(), line) for name in part.split(",")] for part in parts[::2]]
+        if len(lists) == 1:
+            alone |= set(lists[0])
+        for importers, arrow, imported in zip(lists, parts[1::2], lists[1:]):
+            edges |= {(a, b, arrow) for a in importers for b in imported}
+    return edges, alone
+
+
+def diagram_node(name: str, line: str) -> str:
+    """The module a name in the diagram stands for: gpt.py is gpt, kernels/ the package."""
+    if not re.fullmatch(r"\w+\.py|kernels/", name):
+        raise AssertionError(f"README's import diagram: cannot read {name!r} in {line!r}: draw it as lines of the "
+                             "form 'a.py ──> b.py, c.py' (kernels/ for the package)")
+    return name.removesuffix(".py").removesuffix("/")
 
 
 def test_no_import_cycles():
@@ -57,6 +100,22 @@ def test_no_import_cycles():
 
     for module in graph:
         visit(module, [])
+
+
+def test_readme_import_diagram_draws_exactly_the_imports():
+    """Every arrow README's diagram draws is an import, with its kind (····> only inside functions), and every
+    import between the root modules and kernels/ is drawn: the diagram had lost shards.py, export.py, a dozen
+    imports, and drew access.py as importing engine.py and session.py."""
+    drawn, alone = readme_import_diagram(README)
+    graph = import_graph()
+    real = {(module, dep, "····>" if dep in imported_only_in_functions(module) else "──>")
+            for module, deps in graph.items() for dep in deps}
+    assert drawn == real, (f"README's import diagram lacks {sorted(real - drawn)} "
+                           f"and draws what is not imported so: {sorted(drawn - real)}")
+    named = {m for edge in drawn for m in edge[:2]} | alone
+    assert named == set(MODULES), (f"README's import diagram leaves out {sorted(set(MODULES) - named)} "
+                                   f"and names {sorted(named - set(MODULES))}, which are no root modules")
+    assert not any(graph[m] for m in alone), "a module on a line without an arrow imports a project module"
 
 
 def test_stages_take_plumbing_from_common_not_from_each_other():
