@@ -26,7 +26,9 @@ API (keys, page sessions) and how much (rate limits; issue 18).
   client, that is per API key, else per address. The address is the TCP peer's, or the
   X-Forwarded-For address the nearest trusted proxy (--trusted-proxy) saw: the header is
   believed only from those, else anyone could claim any address (serve.py's Guard applies
-  it, with uvicorn's own proxy-header handling off). Tokens: a request reserves the most its
+  it, with uvicorn's own proxy-header handling off). An IPv6 address counts as its /64
+  (rate_address): that is what one home or server is given, so its owner could otherwise take a
+  fresh address, and a fresh bucket, for every request. Tokens: a request reserves the most its
   answer can generate (max_tokens, or what the context leaves) when it is admitted, and gets
   back what the answer did not use when it ends (Reservation). A reservation needs a bucket
   above zero and may take it below, so a client overdraws by at most one answer's worth,
@@ -152,13 +154,30 @@ class RateLimited(Exception):
 @dataclass(frozen=True)
 class Client:
     identity: str | None  # whose cache: "key:<hash>", "page:<session>", or None (no keys configured)
-    rate_key: str  # whose rate limit: "key:<hash>" or "addr:<address>"
+    rate_key: str  # whose rate limit: "key:<hash>" or "addr:<address>" (rate_address: IPv6 by its /64)
 
 
 def read_key_file(path: str) -> list[str]:
-    """One key per line; blank lines and lines starting with # are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """One key per line; blank lines and lines starting with # are skipped. utf-8-sig: a byte order mark
+    (Windows editors write one) is not part of the first key, which no client could send otherwise."""
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def rate_address(address: str) -> str:
+    """Whose rate limit an address is: an IPv6 address counts as its /64 network, since every IPv6
+    home or server gets at least a /64 and can use any address in it (privacy extensions even change
+    it on their own), so per address one client would get a fresh bucket for every request. An
+    IPv4-mapped IPv6 address (::ffff:192.0.2.1) is its IPv4 address; what is no address stays as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip), 64), strict=False))  # int(): without a %zone
+    return str(ip)
 
 
 def digest(text: str) -> bytes:
@@ -230,7 +249,7 @@ class Access:
         """Who a /v1/* request is; Denied without a valid key or page session (when keys are set).
         page=False (/metrics): only a key will do."""
         if not self.keys:
-            return Client(None, f"addr:{address}")
+            return Client(None, f"addr:{rate_address(address)}")
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             given = digest(token.strip())
@@ -243,7 +262,7 @@ class Access:
             raise Denied("Incorrect API key provided")
         session = self.session_of(cookie) if page else None
         if session is not None:
-            return Client(f"page:{session}", f"addr:{address}")
+            return Client(f"page:{session}", f"addr:{rate_address(address)}")
         raise Denied("Missing API key: send it as 'Authorization: Bearer KEY' (this server was started with "
                      "--api-key)" + (", or use the chat page" if page else ""))
 

@@ -29,8 +29,8 @@ Befehle:
   /help          diese Hilfe
   /reset         neues Gespräch (der Verlauf wird gelöscht, die Systemnachricht bleibt)
   /system TEXT   Systemnachricht setzen; /system allein zeigt sie, /system - löscht sie
-  /temp ZAHL     Temperatur, z. B. /temp 0.8 (0 = immer das wahrscheinlichste Token)
-  /topk ZAHL     nur aus den ZAHL wahrscheinlichsten Tokens wählen (0 = aus)
+  /temp ZAHL     Temperatur, z. B. /temp 0.8 (0 = immer das wahrscheinlichste Token); /temp allein zeigt sie
+  /topk ZAHL     nur aus den ZAHL wahrscheinlichsten Tokens wählen (0 = aus); /topk allein zeigt es
   /quit          beenden (auch Ctrl-D)
 Ctrl-C bricht die laufende Antwort ab, nicht das Programm.
 """
@@ -79,13 +79,14 @@ def run_command(session: ChatSession, line: str, out) -> bool:
             out.write(f"(Systemnachricht: {preview(session.system or 'keine')})\n")
     elif name in ("/temp", "/topk"):
         try:
-            if name == "/temp":
+            if name == "/temp" and arg:
                 session.sampling = Sampling(**{**vars(session.sampling), "temperature": float(arg)})
-            else:
+            elif arg:
                 session.sampling = Sampling(**{**vars(session.sampling), "top_k": int(arg)})
-        except ValueError as e:
-            out.write(f"({name} braucht eine Zahl: {e})\n")
-        else:
+        except ValueError:  # not a number (int("1.5")), or one Sampling refuses (nan, inf, below 0)
+            out.write("(/temp braucht eine Zahl ab 0, z. B. /temp 0.7)\n" if name == "/temp" else
+                      "(/topk braucht eine ganze Zahl ab 0, z. B. /topk 50; 0 schaltet es aus)\n")
+        else:  # without a number: the settings as they are
             s = session.sampling
             out.write(f"(Temperatur {s.temperature}{' = greedy' if s.greedy else ''}, top-k {s.top_k or 'aus'})\n")
     else:

@@ -141,8 +141,8 @@ class EngineProcess:
     events come back in one message per batch (Outbox), passed on to each job's own queue.
     --max-queue is applied here with the engines' rule, which counts only jobs not yet finished:
     waiting + running >= max_queue + rows. The watchdog: module docstring. If the engine process
-    dies, every open request gets an EngineGone error, later ones are refused with it, and
-    `on_exit` is called (serve.py stops, so that systemd restarts it)."""
+    dies, every open request gets an EngineGone error, later ones are refused with it, and the
+    callback given to set_on_exit is called (serve.py stops, so that systemd restarts it)."""
 
     def __init__(self, checkpoint: str, device: str | None, max_batch: int, max_queue: int,
                  stall_seconds: float = STALL_SECONDS):
@@ -172,7 +172,19 @@ class EngineProcess:
         self.lock = threading.Lock()  # submit against _engine_gone: a job is failed by one or refused by the other
         self.outgoing = queue.SimpleQueue()  # commands for the writer thread; None closes the pipe
         threading.Thread(target=self._write, name="engine-commands", daemon=True).start()
-        threading.Thread(target=self._receive, name="engine-events", daemon=True).start()
+        self.receiver = threading.Thread(target=self._receive, name="engine-events", daemon=True)
+        self.receiver.start()
+
+    def set_on_exit(self, callback) -> None:
+        """Call `callback` once the engine process has exited, or now if it has already: it can die any time
+        after "ready" (the OOM killer), also while serve.py still builds its app, and a callback set only
+        afterwards was never called (serve.py ran on with a dead engine, never restarted). Under the lock
+        that _engine_gone takes to set `died`, so one of the two calls it, exactly once."""
+        with self.lock:
+            self.on_exit = callback
+            gone = self.died
+        if gone:
+            callback()
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -237,21 +249,24 @@ class EngineProcess:
         with self.lock:
             self.died = True
             jobs, self.jobs = list(self.jobs.values()), {}
+            on_exit = self.on_exit  # None: set_on_exit calls it when it comes
         self.process.join(5)
         log(f"the engine process exited (code {self.process.exitcode}): failing {len(jobs)} open requests "
             f"and stopping")
         for job in jobs:
             job.emit("error", EngineGone("the engine process exited"))
-        if self.on_exit is not None:
-            self.on_exit()
+        if on_exit is not None:
+            on_exit()
 
     def close(self) -> None:
-        """Stop the engine process (serve.py, on shutdown): closing its pipe ends it."""
+        """Stop the engine process (serve.py, on shutdown): closing its pipe ends it. Then the events thread
+        ends too; waiting for it lets a dead engine process's exit code be logged before serve.py exits."""
         self.closing = True
         self.outgoing.put(None)
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
+        self.receiver.join(10)
 
     @property
     def quiet_seconds(self) -> float:

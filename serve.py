@@ -607,10 +607,11 @@ def main(argv=None) -> None:
         print("nanoschnack: any Host name is answered; name yours with --allowed-hosts", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level, args.header_timeout,
                                            args.body_timeout))
-    if engine is not None:
-        engine.on_exit = lambda: setattr(server, "should_exit", True)  # stop as on SIGTERM, then exit 1 below
+    if engine is not None:  # stop as on SIGTERM, then exit 1 below; at once if the engine process died already
+        engine.set_on_exit(lambda: setattr(server, "should_exit", True))
     try:
-        server.run()
+        if not server.should_exit:
+            server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has handled; uvicorn.run() swallows it so too
         pass
     finally:

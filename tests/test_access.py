@@ -155,9 +155,28 @@ def test_forwarded_for_is_believed_from_trusted_proxies_only(guarded, limits):
     assert gate.client_address("10.1.2.3", None) == "10.1.2.3"
 
 
+def test_an_ipv6_client_is_limited_by_its_64(guarded, limits):
+    """Every IPv6 home or server has at least a /64 and may send each request from another address in it:
+    those requests share one bucket (they each had their own). An IPv4-mapped address is its IPv4 address."""
+    limits(requests=2)
+    session = request(guarded.url, "GET", "/")[1]["Set-Cookie"].split(";")[0]
+    as_client = lambda address: {"Cookie": session, "X-Forwarded-For": address}
+    statuses = [post(guarded, chat_body(QUESTIONS[0], max_tokens=2), as_client(f"2001:db8:1:2::{i}"))[0]
+                for i in range(1, 4)]
+    assert statuses == [200, 200, 429]
+    assert post(guarded, chat_body(QUESTIONS[0], max_tokens=2), as_client("2001:db8:1:3::1"))[0] == 200  # another /64
+    gate = access.Access()
+    rate_key = lambda address: gate.identify(address, None, None).rate_key
+    assert rate_key("2001:db8:1:2:aaaa::1") == rate_key("2001:DB8:1:2::FFFF") == "addr:2001:db8:1:2::/64"
+    assert rate_key("::ffff:192.0.2.1") == rate_key("192.0.2.1") == "addr:192.0.2.1"
+    assert rate_key("fe80::1%eth0") == "addr:fe80::/64" and rate_key("?") == "addr:?"
+
+
 def test_key_file_and_flags(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# Schlüssel\nsk-a\n\n  sk-b  \n", encoding="utf-8")
+    assert access.read_key_file(str(path)) == ["sk-a", "sk-b"]
+    path.write_text("sk-a\nsk-b\n", encoding="utf-8-sig")  # as Windows editors save UTF-8: the BOM is no key
     assert access.read_key_file(str(path)) == ["sk-a", "sk-b"]
     gate = access.Access(["sk-a"])
     assert gate.identify("1.2.3.4", "Bearer sk-a", None).identity == gate.identify("5.6.7.8", "bearer sk-a", None).identity

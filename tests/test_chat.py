@@ -419,9 +419,14 @@ def test_repl_commands_with_bad_numbers_and_a_huge_system_message(session_factor
     out = io.StringIO()
     for line in ("/temp nan", "/temp inf", "/temp -1", "/temp 1e999", "/topk 1e3", "/topk -5"):
         chat.run_command(session, line, out)
-    notes = out.getvalue().splitlines()
-    assert len(notes) == 6 and all("braucht eine Zahl" in n for n in notes), notes
+    notes = out.getvalue().splitlines()  # in German, what it takes (it passed Sampling's English on, "a number" to -5)
+    assert notes == ["(/temp braucht eine Zahl ab 0, z. B. /temp 0.7)"] * 4 + [
+        "(/topk braucht eine ganze Zahl ab 0, z. B. /topk 50; 0 schaltet es aus)"] * 2, notes
     assert session.sampling == GREEDY  # nothing changed
+    out = io.StringIO()
+    for line in ("/temp", "/topk"):  # was "could not convert string to float: ''"
+        chat.run_command(session, line, out)
+    assert out.getvalue() == "(Temperatur 0 = greedy, top-k aus)\n" * 2 and session.sampling == GREEDY
     out = io.StringIO()
     chat.run_command(session, "/temp 1e-40", out)
     assert session.sampling.greedy and "Temperatur 1e-40 = greedy" in out.getvalue()

@@ -522,6 +522,74 @@ def test_page_stop_ends_the_generation(live, hold, browser, monkeypatch):
     assert bubbles[-1]["state"] == "abgebrochen" and bubbles[-1]["text"] and bubbles[-1]["pieces"] == 4
 
 
+RECORD_REQUESTS = """window.sent = []; const fetched = window.fetch;
+window.fetch = (url, options) => { if (options && options.body) window.sent.push(JSON.parse(options.body));
+                                   return fetched(url, options); };"""
+NOTES = "return [...document.querySelectorAll('.hinweis')].map(n => n.textContent)"
+
+
+def load_page(live, browser):
+    browser.go(live.url + "/")
+    wait_for(lambda: "Schritt 1" in browser.js("return document.getElementById('modell').textContent"),
+             20, "the page to load the model info")
+    browser.js(RECORD_REQUESTS)  # the bodies the page sends: window.sent
+
+
+def ask(browser, question: str, n: int):
+    """Type a question (set as the field's value: chromedriver types no characters outside the BMP) and send it
+    with Enter; the page's messages once its answer, the n-th message, has ended."""
+    browser.js("document.getElementById('eingabe').value = arguments[0]", question)
+    browser.type("#eingabe", ENTER)
+    return wait_for(lambda: page_done(browser, n), 60, f"the answer to {question[:20]!r}")
+
+
+def test_neuer_chat_during_an_answer_starts_from_nothing(live, hold, browser, monkeypatch):
+    """Neuer Chat while an answer streams stops it, and the next message starts a chat of its own. The stopped
+    answer ends only after the new chat has begun: it used to record its exchange there, so the new chat's first
+    message carried the old question and answer along (unseen: their bubbles were gone)."""
+    monkeypatch.setattr(live.session, "chat_stop_ids", set())  # the answer surely reaches its 3rd piece
+    load_page(live, browser)
+    before = live.idle()
+    h = hold(3)
+    browser.type("#eingabe", "Alte Frage im alten Chat" + ENTER)
+    h.wait()
+    wait_for(lambda: browser.js(BUBBLES)[-1]["pieces"] == 2, 30, "the page to show the 2 pieces sent")
+    browser.click("#neu")
+    check_stopped_at_the_hold(live, h, before)
+    wait_for(lambda: browser.js("return document.getElementById('senden').textContent") == "Senden", 30,
+             "the stopped answer to end in the page")  # its send() is over
+    assert browser.js(BUBBLES) == []
+    ask(browser, "Erste Frage im neuen Chat", 2)
+    assert browser.js("return window.sent")[-1]["messages"] == user("Erste Frage im neuen Chat")
+
+
+def test_a_long_chat_goes_on_with_its_newest_exchanges(live, browser, monkeypatch, small_tokenizer):
+    """The page sent its whole history, so once a chat had more messages or characters than the server takes
+    (/health's limits), every message got a 413. Now a request carries the system message, the newest exchanges
+    that fit, and the question: here two exchanges, first by --max-messages, then by --max-total-chars (counted
+    in code points, as the server does: a duck is one character, not two UTF-16 units). The answers are
+    scripted: 3 tokens of one kind each."""
+    token = small_tokenizer.encode("ab")[0]
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *args, **kw: torch.tensor([[token]]))
+    system = "Antworte kurz."
+    phases = [(6, 32_000, [f"Frage {i}" for i in range(1, 5)]),
+              (64, len(system) + 50 + 2 * (50 + 10), [f"Frage {i}: " + "\U0001F986" * 41 for i in range(1, 5)])]
+    for max_messages, max_total_chars, questions in phases:  # 50 characters a question, at most 10 an answer
+        monkeypatch.setattr(live.limits, "max_messages", max_messages)
+        monkeypatch.setattr(live.limits, "max_total_chars", max_total_chars)
+        load_page(live, browser)
+        browser.js("document.getElementById('max-tokens').value = '3'; "
+                   "document.getElementById('system').value = arguments[0]", system)
+        for i, question in enumerate(questions, 1):
+            bubbles = ask(browser, question, 2 * i)
+            assert bubbles[-1]["state"] == "fertig", (max_messages, i, browser.js(NOTES)[-1:])
+            assert 0 < len(bubbles[-1]["text"]) <= 10, bubbles[-1]
+        sent = browser.js("return window.sent")
+        carried = [[m["content"] for m in r["messages"] if m["role"] != "assistant"] for r in sent]
+        q1, q2, q3, q4 = questions
+        assert carried == [[system, q1], [system, q1, q2], [system, q1, q2, q3], [system, q2, q3, q4]], max_messages
+
+
 def test_a_stream_that_asked_for_usage_still_ends_cleanly_after_an_error(live, hold):
     """stream_options.include_usage: a streamed answer that ends in an error has no usage to report; the stream
     still ends with the error event and [DONE] (a usage chunk of the unfinished answer would crash mid-stream)."""

@@ -115,6 +115,47 @@ def test_a_stalled_or_dead_engine_process(tmp_path, small_tokenizer):
         server.stop()
 
 
+# serve.py, its engine process killed (as by the OOM killer) after it said "ready" and before serve.py asked
+# to hear of its end: while create_app runs. The kill waits until serve.py has seen the death (_engine_gone).
+DIES_WHILE_STARTING = """
+import os, signal, sys, threading
+import serve
+create_app = serve.create_app
+
+def create_app_as_the_engine_process_dies(*args):
+    engine = args[-1]
+    gone, engine_gone = threading.Event(), engine._engine_gone
+    engine._engine_gone = lambda: (engine_gone(), gone.set())
+    os.kill(engine.process.pid, signal.SIGKILL)
+    assert gone.wait(120), "serve.py did not notice that the engine process died"
+    return create_app(*args)
+serve.create_app = create_app_as_the_engine_process_dies
+serve.main(sys.argv[1:])
+"""
+
+
+def test_an_engine_process_that_dies_while_serve_py_starts_stops_it(tmp_path, small_tokenizer):
+    """It used to start serving anyway and never exit: every request a 503, /health "stopping" for good, and
+    systemd's Restart=on-failure never came. Now it exits with 1 at once, without serving."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256)
+    proc = subprocess.Popen([sys.executable, "-c", DIES_WHILE_STARTING, "--checkpoint", str(checkpoint), "--device",
+                             "cpu", "--port", str(free_port())], stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        for line in proc.stderr:  # until serve.py exits, or starts serving with its engine dead
+            lines.append(line)
+            assert "Uvicorn running on" not in line, "serve.py serves with a dead engine process:\n" + "".join(lines)
+        assert proc.wait(60) == 1, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines)
+    assert "the engine process exited (code -9)" in output and "Traceback" not in output, output
+    assert lines[-1].startswith("error: the engine process exited; serve.py stopped with it"), output
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the engine process through /proc")
 @pytest.mark.parametrize("sig, exit_code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])
 def test_ctrl_c_and_systemd_stop_end_both_processes_cleanly(tmp_path, small_tokenizer, sig, exit_code):
