@@ -280,14 +280,12 @@ def write(tmp_path, name, table):
      ["--data", "parquet://{d}/a.parquet", "--out", "{d}/a.parquet"], "is a file; name a folder"),
     (lambda d: (d / "out").mkdir() or write(d / "out", "mine.parquet", pa.table({"text": ["x"]})),
      ["--data", "parquet://{d}/out/mine.parquet"], "already holds .parquet files and no meta.json"),
-    (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--shard-chars", "0"], "shard-chars must be positive"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--val-frac", "1.5"], "val-frac must be in [0, 1)"),
     (lambda d: [(d / "out").mkdir(), (d / "out" / "meta.json").write_text("{broken"),
                 write(d, "x.parquet", pa.table({"text": ["x"]}))],
      ["--data", "parquet://{d}/x.parquet"], "meta.json was not written by prepare (or is damaged)"),
     (lambda d: None, ["--data", "hf://nanoschnack/does-not-exist-anywhere"], "hub unreachable"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--max-shards", "0"], "max-shards must be positive"),
-    (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--shuffle-buffer", "0"], "shuffle-buffer must be positive"),
     (lambda d: None, ["--data", "parquet://{d}/x.parquet", "--seed", "-1"], "seed must be 0 or more"),
 ])
 def test_bad_inputs_give_clear_errors(tmp_path, make, args, message):
@@ -296,6 +294,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, make, args, message):
     with pytest.raises(SystemExit) as e:
         prepare.main([a.format(d=tmp_path) for a in argv][1:])
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+
+
+@pytest.mark.parametrize("flag", ["--shard-chars", "--shard-rows", "--shuffle-buffer"])
+def test_counts_that_are_not_positive_are_refused_as_flags(tmp_path, capsys, flag):
+    """tok.parse_count reads them: 0, a negative count or inf is a usage error naming the flag (inf was a traceback)."""
+    for value in ("0", "-5", "inf"):
+        with pytest.raises(SystemExit) as e:
+            prepare.main(["--data", f"parquet://{tmp_path}/x.parquet", "--out", str(tmp_path / "out"), flag, value])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err, value
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
