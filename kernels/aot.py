@@ -24,7 +24,13 @@ which Hopper instructions the PTX holds: wgmma for the dots, and cp.async.bulk.t
 (with the global scratch its descriptors are written to) for the TMA candidates; for
 the 16-bit sm_90 ones also what ptxas made of them, counted in the machine code
 (cuobjdump -sass, from the triton wheel): HGMMA (wgmma), UTMALDG (a TMA tile load)
-and LDGSTS (cp.async, a load through pointers into shared memory).
+and LDGSTS (cp.async, a load through pointers into shared memory). The machine code is
+read once per kernel, tile and head dim (the first launch of each, READ_SASS_BY): one
+cuobjdump costs 0.7-0.8 s of CPU whatever the kernel (its disassembler's start-up), so
+reading all 191 16-bit sm_90 compiles cost 2.5 minutes of the test's CPU, 80 reads cover
+every tile; the other launches differ from the one read in the window and the grouping
+of the heads, masking and index arithmetic that decide no instruction's kind (their PTX,
+read for every launch, says whether they use wgmma and bulk tensor copies).
 
 Float scalars are compiled twice: typed fp32, as an eager launch types a Python
 float, and fp64, as torch.compile's Inductor types it (torch 2.13,
@@ -114,6 +120,7 @@ class Job:
     constexprs: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    read_sass: bool = False  # count SASS_OPS in its machine code (see READ_SASS_BY)
 
 
 # ----------------------------------------------------------------------------
@@ -230,9 +237,17 @@ def bind(launch: Launch, arch: int, float_type: str) -> Job:
     return Job(launch, arch, float_type, float_args, signature, constexprs, attrs, options.__dict__)
 
 
+# What decides the machine code's kinds of instruction, for the 16-bit sm_90 compiles: the first of each is read.
+READ_SASS_BY = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA", "HEAD_DIM")
+
+
+def sass_key(launch: Launch) -> tuple:
+    return (launch.kernel.__name__, *(launch.kwargs.get(k) for k in READ_SASS_BY))
+
+
 def jobs(launches: list[Launch]) -> list[Job]:
     """One job per launch, target and float typing; launches that bind identically are compiled once."""
-    out, seen = [], set()
+    out, seen, sass_read = [], set(), set()
     for launch in launches:
         for arch in launch.archs:
             eager = bind(launch, arch, "fp32")
@@ -242,6 +257,9 @@ def jobs(launches: list[Launch]) -> list[Job]:
                 if key not in seen:
                     seen.add(key)
                     out.append(job)
+                    if arch == 90 and launch.dtype != torch.float32 and sass_key(launch) not in sass_read:
+                        sass_read.add(sass_key(launch))
+                        job.read_sass = True
     return out
 
 
@@ -297,7 +315,7 @@ def _metrics(job: Job, compiled, report: str) -> dict:
         f64_instructions=f64[:5], n_f64=len(f64),
         wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx, has_dot="tt.dot" in compiled.asm["ttir"],
         tma_loads="cp.async.bulk.tensor" in ptx, global_scratch=compiled.metadata.global_scratch_size,
-        sass=_sass_counts(compiled.asm["cubin"]) if job.arch == 90 and job.launch.dtype != torch.float32 else None,
+        sass=_sass_counts(compiled.asm["cubin"]) if job.read_sass else None,
     )
 
 
