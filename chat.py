@@ -18,7 +18,7 @@ import sys
 INTERRUPTED = 130  # the exit code of a program stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 try:  # importing torch takes seconds: a Ctrl-C then is one line too, as during loading (main)
-    from session import SEED_RANGE, ChatSession, Sampling, load_session
+    from session import SEED_RANGE, ChatSession, PromptTooLong, Sampling, load_session
     from tok import ConversationError, render_prompt
 except KeyboardInterrupt:
     print("chat.py: interrupted", file=sys.stderr)
@@ -41,16 +41,22 @@ def preview(text: str, chars: int = 80) -> str:
     return text if len(text) <= chars else f"{text[:chars]}… ({len(text):,} Zeichen)"
 
 
+class SystemTooLong(ConversationError):
+    def __init__(self, tokens: int, allowed: int):
+        super().__init__(f"the system message is too long: {tokens:,} tokens with a one-word question, at most "
+                         f"{allowed} (half the room for prompts) are allowed")
+        self.tokens, self.allowed = tokens, allowed
+
+
 def check_system(session: ChatSession, text: str | None) -> None:
-    """ConversationError unless the system message leaves at least half of the prompt's room
+    """SystemTooLong unless the system message leaves at least half of the prompt's room
     to the conversation: else every later message would be refused as too long."""
     if not text:
         return
     room = session.context_len - min(session.sampling.max_new_tokens, session.context_len // 2)
     ids = render_prompt(session.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "."}])
     if len(ids) > room // 2:
-        raise ConversationError(f"the system message is too long: {len(ids):,} tokens with a one-word question, "
-                                f"at most {room // 2} (half the room for prompts) are allowed")
+        raise SystemTooLong(len(ids), room // 2)
 
 
 def run_command(session: ChatSession, line: str, out) -> bool:
@@ -70,8 +76,9 @@ def run_command(session: ChatSession, line: str, out) -> bool:
         elif arg:
             try:
                 check_system(session, None if arg == "-" else arg)
-            except ConversationError as e:
-                out.write(f"(Systemnachricht nicht übernommen: {e})\n")
+            except SystemTooLong as e:
+                out.write(f"(Systemnachricht nicht übernommen: zu lang, {e.tokens:,} Tokens mit einer Frage aus "
+                          f"einem Wort, höchstens {e.allowed:,}: die Hälfte des Platzes für Prompts)\n")
             else:
                 session.system = None if arg == "-" else arg
                 out.write(f"(Systemnachricht: {preview(session.system or 'keine')})\n")
@@ -99,6 +106,10 @@ def reply_to(session: ChatSession, text: str, out, label: str = "", notes=None) 
     notes = notes or out
     try:
         stream = session.send(text)
+    except PromptTooLong as e:
+        notes.write(f"({'Text' if session.kind == 'base' else 'Nachricht'} zu lang: {e.tokens:,} Tokens, Platz ist "
+                    f"für {e.room:,}; bitte kürzer fassen)\n")
+        return
     except ConversationError as e:
         notes.write(f"({e})\n")
         return

@@ -164,6 +164,16 @@ class StopSequences:
         return "" if self.found else self.flush() + decoder.flush()
 
 
+class PromptTooLong(ConversationError):
+    """The last message (a completion's text) alone leaves the answer no room; `tokens` and `room` for callers
+    that say so in their own words (chat.py's German notes); the message is the API's."""
+
+    def __init__(self, what: str, tokens: int, room: int):
+        super().__init__(f"the {what} is too long: its prompt has {tokens} tokens, the context has room for {room} "
+                         f"(plus the answer)")
+        self.tokens, self.room = tokens, room
+
+
 def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest user+assistant exchanges (a system message stays) until the prompt fits.
 
@@ -177,8 +187,7 @@ def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[di
         if len(ids) <= max_prompt_tokens:
             return messages, ids
         if len(messages) - first < 3:  # only the last user message is left
-            raise ConversationError(f"the message is too long: its prompt has {len(ids)} tokens, "
-                                    f"the context has room for {max_prompt_tokens} (plus the answer)")
+            raise PromptTooLong("message", len(ids), max_prompt_tokens)
         messages = messages[:first] + messages[first + 2:]
 
 
@@ -297,8 +306,7 @@ class ChatSession:
         room = self.context_len - min(sampling.max_new_tokens, self.context_len // 2)
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text)
         if len(ids) > room:
-            raise ConversationError(f"the text is too long: its prompt has {len(ids)} tokens, the context has "
-                                    f"room for {room} (plus the answer)")
+            raise PromptTooLong("text", len(ids), room)
         return ids
 
     def _generate(self, prompt: list[int], sampling: Sampling, stop_ids: set[int], dropped: int = 0):

@@ -2,6 +2,7 @@
 import fcntl
 import io
 import os
+import re
 import select
 import signal
 import subprocess
@@ -235,6 +236,11 @@ def test_history_trimming_keeps_newest_turns(tmp_path, small_tokenizer):
     assert users == sent[-len(users):] and len(users) < len(sent)  # the newest turns, in order
     with pytest.raises(ConversationError, match="too long"):
         session.send("sehr lange Nachricht " * 40)
+    out = io.StringIO()  # in the REPL: a German note, the conversation kept
+    history = list(session.history)
+    chat.reply_to(session, "sehr lange Nachricht " * 40, out)
+    assert re.fullmatch(r"\(Nachricht zu lang: \d+ Tokens, Platz ist für \d+; bitte kürzer fassen\)\n", out.getvalue())
+    assert session.history == history
 
 
 def test_base_checkpoint_runs_in_completion_mode(tmp_path, small_tokenizer, capsys):
@@ -250,6 +256,9 @@ def test_base_checkpoint_runs_in_completion_mode(tmp_path, small_tokenizer, caps
     assert out == answer + "\n"
     with pytest.raises(ConversationError, match="the text is too long"):  # never continued with its start cut off
         session.send("sehr langer Text " * (session.context_len // 2))
+    out = io.StringIO()
+    chat.reply_to(session, "sehr langer Text " * (session.context_len // 2), out)
+    assert out.getvalue().startswith("(Text zu lang: "), out.getvalue()
 
 
 def test_clear_errors(tmp_path, small_tokenizer, monkeypatch):
@@ -432,7 +441,9 @@ def test_repl_commands_with_bad_numbers_and_a_huge_system_message(session_factor
     huge = "Sei freundlich. " * 65_536  # 1 MB
     out = io.StringIO()
     chat.run_command(session, "/system " + huge, out)
-    assert "nicht übernommen" in out.getvalue() and "too long" in out.getvalue() and len(out.getvalue()) < 300
+    note = out.getvalue()  # in German, as every note of the REPL (it showed the API's English)
+    assert note.startswith("(Systemnachricht nicht übernommen: zu lang, ") and "höchstens" in note, note
+    assert "too long" not in note and len(note) < 300
     assert session.system is None
     long_ok = "Sei freundlich und antworte kurz. " * 3
     out = io.StringIO()
