@@ -6,14 +6,13 @@ The nanoschnack GPT: a decoder-only Transformer in one file, after nanochat.
 
 Design choices (all from nanochat):
 - RMSNorm without a learnable weight, also right after the embedding.
-- Rotary position embeddings with base 100,000 (no learned positions), then QK-norm on q and k
+- Rotary position embeddings (no learned positions), then QK-norm on q and k
   (fused into one Triton op with NANOSCHNACK_FUSED_ROPE_NORM=1: kernels/ropenorm.py).
 - Causal self-attention with optional grouped-query attention (n_kv_head < n_head).
 - ReLU^2 MLP with 4x width. No biases anywhere. Untied embedding and lm_head.
 - Logits soft-capped at 15 with tanh, so no logit can run away.
 - Output projections (attention c_proj, MLP c_proj) and lm_head start at zero:
-  every block starts as the identity and the first loss is exactly log(vocab); the
-  other weights as nanochat's init_weights sets them (GPT.init_weights).
+  every block starts as the identity and the first loss is exactly log(vocab).
 
 nanochat's current recipe (karpathy/nanochat 92d63d4, nanochat/gpt.py), each part
 a GPTConfig switch (off: the plain GPT above, which is what transformers' NanoChat
@@ -54,9 +53,7 @@ from kvcache import KVCache
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
-# The rotary base of checkpoints saved before GPTConfig had one (GPTConfig.from_saved): nanochat's before 6ed7d1d,
-# which raised it to 100,000 (slower-turning angles: more of them tell far positions apart)
-LEGACY_ROTARY_BASE = 10000.0
+ROTARY_BASE = 10000.0
 
 
 @dataclass
@@ -67,7 +64,6 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads; n_head must be a multiple (GQA when smaller)
     n_embd: int = 768
-    rotary_base: float = 100000.0  # nanochat's (92d63d4 gpt.py L270); checkpoints without the field: 10,000
     # nanochat's recipe, each a switch (PLAIN below turns them all off)
     value_embeds: bool = False   # value embeddings on alternating layers, gated into v
     layer_lambdas: bool = False  # per-layer scalars on the residual stream and on the embedding x0
@@ -97,9 +93,8 @@ class GPTConfig:
 
     @classmethod
     def from_saved(cls, saved: dict) -> "GPTConfig":
-        """The config a checkpoint saved; one from before the recipe switches is the plain GPT, one from before
-        the rotary base was a field has LEGACY_ROTARY_BASE."""
-        return cls(**{**PLAIN, "rotary_base": LEGACY_ROTARY_BASE, **saved})
+        """The config a checkpoint saved; one from before the recipe switches is the plain GPT."""
+        return cls(**{**PLAIN, **saved})
 
     def windows(self) -> list[int | None]:
         """Each layer's attention window: None for full context, else w (a query at position i sees
@@ -160,9 +155,9 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, NORM_EPS)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, frequency) pair, shaped (1, seq_len, 1, head_dim/2) for (B, T, H, D)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
@@ -287,23 +282,22 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """nanochat's init (92d63d4 gpt.py L204-250): the embedding normal with std 0.8; q, k, v and the MLP's
-        input uniform with the std 1/sqrt(n_embd) (uniform: no outliers), the MLP's at 0.4 times that; the output
-        projections zero. The lm_head starts at zero, where nanochat's has std 0.001: every logit 0, so the first
-        loss is exactly log(vocab) (the tests' check that a model starts where it should). With a seed it is
-        deterministic (for a given device)."""
+        """nanochat's init. With a seed it is deterministic (for a given device)."""
         device = self.lm_head.weight.device
         gen = None
         if seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
-        s = math.sqrt(3) / math.sqrt(self.config.n_embd)  # uniform(-s, s) has the std 1/sqrt(n_embd)
-        self.transformer.wte.weight.normal_(0.0, 0.8, generator=gen)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                # std 1/sqrt(fan_in), shrunk for layers that narrow (arXiv:2310.17813)
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                module.weight.normal_(0.0, std, generator=gen)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, 1.0, generator=gen)
         self.lm_head.weight.zero_()
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                linear.weight.uniform_(-s, s, generator=gen)
-            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s, generator=gen)
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
         self._init_recipe(gen)
@@ -313,8 +307,7 @@ class GPT(nn.Module):
         """Compute the rotary tables on device (they are buffers, never saved: a loaded model needs them). On the
         meta device (a model of shapes only) they keep their placeholders' shapes: see __init__."""
         if torch.device(device).type != "meta":
-            self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rotary_base,
-                                               device=device)
+            self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
 
     def _init_recipe(self, gen) -> None:
         """nanochat's init_weights (gpt.py L234-256) for the recipe's parameters."""

@@ -71,7 +71,7 @@ def test_folder_holds_a_nanochat_model(exported, capsys):
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
             config["num_key_value_heads"], config["vocab_size"], config["max_position_embeddings"]) == \
            (c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.sequence_len)
-    assert config["rope_parameters"]["rope_theta"] == gpt.GPTConfig.rotary_base and config["rms_norm_eps"] == gpt.NORM_EPS
+    assert config["rope_parameters"]["rope_theta"] == gpt.ROTARY_BASE and config["rms_norm_eps"] == gpt.NORM_EPS
     assert config["final_logit_softcapping"] == gpt.SOFTCAP and config["tie_word_embeddings"] is False
     assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.special["<|assistant_end|>"])
     assert config["nanoschnack"]["kind"] == "chat"
