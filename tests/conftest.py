@@ -80,7 +80,7 @@ def make_checkpoint(folder, tokenizer, kind: str = "chat", seed: int = 0, **conf
     the model is made, so they do not change with how GPT.init_weights draws its own. The special tokens'
     rows of the lm_head are zero: their logits are exactly 0, below the largest of the hundreds of ordinary
     tokens' random logits (unless every one of those is negative, a chance of about 2^-hundreds), so a greedy
-    answer never ends by itself, whatever the seed, the rotary base or the init: it runs to its max_tokens
+    answer never ends by itself, whatever the seed or the init: it runs to its max_tokens
     (tests of an ending force one: a stop sequence, or tokens put in its place)."""
     import dataclasses
     import torch
