@@ -42,6 +42,8 @@ def preview(text: str, chars: int = 80) -> str:
 
 
 class SystemTooLong(ConversationError):
+    """check_system's refusal; the numbers for the REPL's German note, the message for --system's error."""
+
     def __init__(self, tokens: int, allowed: int):
         super().__init__(f"the system message is too long: {tokens:,} tokens with a one-word question, at most "
                          f"{allowed} (half the room for prompts) are allowed")

@@ -257,9 +257,9 @@ def jobs(launches: list[Launch]) -> list[Job]:
                 if key not in seen:
                     seen.add(key)
                     out.append(job)
-                    if arch == 90 and launch.dtype != torch.float32 and sass_key(launch) not in sass_read:
+                    if arch == 90 and launch.dtype != torch.float32:  # the 16-bit Hopper compiles: the first of each tile
+                        job.read_sass = sass_key(launch) not in sass_read
                         sass_read.add(sass_key(launch))
-                        job.read_sass = True
     return out
 
 
