@@ -353,12 +353,15 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
     tokenizer.hf.post_processor = None  # the export's <|bos|> post-processor: tokenizer.json as tok.py wrote it
     model_type = config.get("model_type") if config.get("model_type") in ("nanochat", "nanoschnack") else "nanochat"
     ours = dict(model_type=model_type, hidden_act="relu2", rms_norm_eps=gpt.NORM_EPS, final_logit_softcapping=gpt.SOFTCAP,
-                rope_parameters=dict(rope_type="default", rope_theta=gpt.ROTARY_BASE), tie_word_embeddings=False,
-                attention_bias=False, intermediate_size=4 * config.get("hidden_size", 0))
+                rope_type="default", tie_word_embeddings=False, attention_bias=False,
+                intermediate_size=4 * config.get("hidden_size", 0))
+    rope = config.get("rope_parameters") or {}  # none: transformers' default, 10,000
+    config = {**config, "rope_type": rope.get("rope_type", "default")}  # its rope_theta is the model's rotary_base
     differ = {k: (config.get(k), v) for k, v in ours.items() if config.get(k) != v}
     if differ:
         raise SystemExit(f"error: {path}/config.json has settings gpt.py does not have: {differ} (theirs, ours)")
     model_config = {ours_name: config[hf_name] for ours_name, hf_name in HF_CONFIG_FIELDS.items()}
+    model_config["rotary_base"] = float(rope.get("rope_theta", gpt.LEGACY_ROTARY_BASE))
     recipe = recipe_from_hf(config) if model_type == "nanoschnack" else gpt.PLAIN  # NanoChat: the plain GPT
     try:
         ours_config = gpt.GPTConfig(**model_config, **recipe)
@@ -381,11 +384,12 @@ def load_hf_folder(path, device="cpu") -> tuple[gpt.GPT, Tokenizer, dict]:
 
 
 def check_same_model(saved: dict, config: gpt.GPTConfig, path):
-    mine, saved = dataclasses.asdict(config), {**gpt.PLAIN, **saved}  # saved before the recipe switches: plain
+    mine, saved = dataclasses.asdict(config), dataclasses.asdict(gpt.GPTConfig.from_saved(saved))
     if saved != mine:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         raise SystemExit(f"error: checkpoint {path} is from another model config {diff} (saved, asked); "
-                         f"use the same --preset/--model/--seq-len, or another --out")
+                         f"use the same --preset/--model/--seq-len" + (", --rotary-base" if "rotary_base" in diff else "")
+                         + ", or another --out")
 
 
 # -----------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def hf_config(model_config: dict, tokenizer: Tokenizer, dtype: str, meta: dict) 
     """config.json: every field that makes transformers compute what gpt.py computes. The plain GPT is
     transformers' own NanoChatForCausalLM; a model with nanochat's recipe is modeling_nanoschnack.py's
     NanoschnackForCausalLM (NanoChat plus the recipe's fields), which auto_map names."""
-    unknown = set(model_config) - set(common.HF_CONFIG_FIELDS) - set(gpt.PLAIN)
+    unknown = set(model_config) - set(common.HF_CONFIG_FIELDS) - set(gpt.PLAIN) - {"rotary_base"}
     if unknown:
         raise ExportError(f"the model config has {sorted(unknown)}, which export.py does not map to transformers' "
                           f"NanoChatConfig; refusing to write a model that would differ")
@@ -136,7 +136,7 @@ def hf_config(model_config: dict, tokenizer: Tokenizer, dtype: str, meta: dict) 
         intermediate_size=4 * cfg.n_embd,         # gpt.MLP: 4x width
         hidden_act="relu2",                        # relu(x)^2
         rms_norm_eps=gpt.NORM_EPS,                 # every norm (embedding, blocks, QK, final) is weightless
-        rope_parameters=dict(rope_type="default", rope_theta=gpt.ROTARY_BASE),
+        rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
         final_logit_softcapping=gpt.SOFTCAP,
         attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False, use_cache=True,
         **special_ids(tokenizer), dtype=dtype, transformers_version=TRANSFORMERS_VERSION,

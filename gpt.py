@@ -6,7 +6,7 @@ The nanoschnack GPT: a decoder-only Transformer in one file, after nanochat.
 
 Design choices (all from nanochat):
 - RMSNorm without a learnable weight, also right after the embedding.
-- Rotary position embeddings (no learned positions), then QK-norm on q and k
+- Rotary position embeddings with base 100,000 (no learned positions), then QK-norm on q and k
   (fused into one Triton op with NANOSCHNACK_FUSED_ROPE_NORM=1: kernels/ropenorm.py).
 - Causal self-attention with optional grouped-query attention (n_kv_head < n_head).
 - ReLU^2 MLP with 4x width. No biases anywhere. Untied embedding and lm_head.
@@ -53,7 +53,9 @@ from kvcache import KVCache
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
-ROTARY_BASE = 10000.0
+# The rotary base of checkpoints saved before GPTConfig had one (GPTConfig.from_saved): nanochat's before 6ed7d1d,
+# which raised it to 100,000 (slower-turning angles: more of them tell far positions apart)
+LEGACY_ROTARY_BASE = 10000.0
 
 
 @dataclass
@@ -64,6 +66,7 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads; n_head must be a multiple (GQA when smaller)
     n_embd: int = 768
+    rotary_base: float = 100000.0  # nanochat's (92d63d4 gpt.py L270); checkpoints without the field: 10,000
     # nanochat's recipe, each a switch (PLAIN below turns them all off)
     value_embeds: bool = False   # value embeddings on alternating layers, gated into v
     layer_lambdas: bool = False  # per-layer scalars on the residual stream and on the embedding x0
@@ -93,8 +96,9 @@ class GPTConfig:
 
     @classmethod
     def from_saved(cls, saved: dict) -> "GPTConfig":
-        """The config a checkpoint saved; one from before the recipe switches is the plain GPT."""
-        return cls(**{**PLAIN, **saved})
+        """The config a checkpoint saved; one from before the recipe switches is the plain GPT, one from before
+        the rotary base was a field has LEGACY_ROTARY_BASE."""
+        return cls(**{**PLAIN, "rotary_base": LEGACY_ROTARY_BASE, **saved})
 
     def windows(self) -> list[int | None]:
         """Each layer's attention window: None for full context, else w (a query at position i sees
@@ -155,9 +159,9 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, NORM_EPS)
 
 
-def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, frequency) pair, shaped (1, seq_len, 1, head_dim/2) for (B, T, H, D)."""
-    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
@@ -307,7 +311,8 @@ class GPT(nn.Module):
         """Compute the rotary tables on device (they are buffers, never saved: a loaded model needs them). On the
         meta device (a model of shapes only) they keep their placeholders' shapes: see __init__."""
         if torch.device(device).type != "meta":
-            self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=device)
+            self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rotary_base,
+                                               device=device)
 
     def _init_recipe(self, gen) -> None:
         """nanochat's init_weights (gpt.py L234-256) for the recipe's parameters."""

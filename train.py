@@ -83,6 +83,7 @@ class TrainConfig:
     backout: bool = gpt.GPTConfig.backout
     window_pattern: str = gpt.GPTConfig.window_pattern
     qk_gain: float = gpt.GPTConfig.qk_gain
+    rotary_base: float = gpt.GPTConfig.rotary_base  # 10000 to resume a run begun before it was a setting
     warmup_ratio: float = 0.0        # fractions of the training tokens
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
@@ -159,7 +160,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 def build_model(cfg: TrainConfig, vocab_size: int, device) -> gpt.GPT:
     config = dataclasses.replace(gpt.preset(cfg.model or cfg.preset, vocab_size=vocab_size, sequence_len=cfg.seq_len),
-                                 **{k: getattr(cfg, k) for k in gpt.PLAIN})
+                                 **{k: getattr(cfg, k) for k in (*gpt.PLAIN, "rotary_base")})
     if any(config.windows()) and not gpt.FLASH_ATTN_HAS_WINDOW:
         raise ValueError(f"--window-pattern {cfg.window_pattern} asks for sliding windows, but kernels.flash_attn "
                          f"has no window argument yet; train with --window-pattern L")

@@ -34,7 +34,7 @@ def norm_errors(fn, shape, dtype, device):
 
 def rope_tables(T: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """gpt.py's cos and sin for T positions, as the (T, D/2) views kernels.rope_norm takes."""
-    cos, sin = gpt.rotary_tables(T, D, device=device)
+    cos, sin = gpt.rotary_tables(T, D, gpt.GPTConfig.rotary_base, device=device)
     return cos[0, :, 0], sin[0, :, 0]
 
 

@@ -71,7 +71,7 @@ def test_folder_holds_a_nanochat_model(exported, capsys):
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
             config["num_key_value_heads"], config["vocab_size"], config["max_position_embeddings"]) == \
            (c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.vocab_size, c.sequence_len)
-    assert config["rope_parameters"]["rope_theta"] == gpt.ROTARY_BASE and config["rms_norm_eps"] == gpt.NORM_EPS
+    assert config["rope_parameters"]["rope_theta"] == gpt.GPTConfig.rotary_base and config["rms_norm_eps"] == gpt.NORM_EPS
     assert config["final_logit_softcapping"] == gpt.SOFTCAP and config["tie_word_embeddings"] is False
     assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.special["<|assistant_end|>"])
     assert config["nanoschnack"]["kind"] == "chat"
@@ -216,6 +216,29 @@ def test_load_hf_folder_refuses_what_gpt_py_lacks(tmp_path, exported):
         save_file(broken, str(tmp_path / "model.safetensors"))
         with pytest.raises(SystemExit, match="model.safetensors does not fit its config.json"):
             common.load_hf_folder(tmp_path)
+
+
+def test_a_checkpoint_from_before_the_rotary_base_exports_and_loads_with_its_own(tmp_path, small_tokenizer):
+    """A checkpoint saved before GPTConfig had rotary_base was trained with 10,000: its folder says so as rope_theta
+    (export's check against transformers passes only if transformers computes the same logits), load_hf_folder
+    reads it back, a folder without rope_parameters is transformers' default (10,000), another rope type is refused."""
+    path = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", seed=3)
+    state = torch.load(path, weights_only=False)
+    assert state["model_config"].pop("rotary_base") == 100000.0
+    torch.save(state, path)
+    folder, diff = export.export(tmp_path / "base", tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == dict(rope_type="default", rope_theta=10000.0) and diff < LOGIT_ATOL
+    back, _, _ = common.load_hf_folder(folder)
+    model, _, _ = common.load_model(tmp_path / "base")
+    assert back.config.rotary_base == model.config.rotary_base == 10000.0
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(back(ids), model(ids))
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_parameters"}))
+    assert common.load_hf_folder(folder)[0].config.rotary_base == 10000.0
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": dict(rope_type="linear", factor=2.0)}))
+    with pytest.raises(SystemExit, match="error: .*rope_type"):
+        common.load_hf_folder(folder)
 
 
 def test_load_hf_folder_refuses_windows_gpt_py_does_not_compute(tmp_path, recipe_exported):

@@ -7,6 +7,7 @@ which would make most gradients exactly zero and most comparisons vacuous, so
 `random_model` also fills those with small random weights.
 """
 import copy
+import dataclasses
 import hashlib
 import math
 import os
@@ -686,6 +687,24 @@ def test_qk_gain_scales_the_attention_logits_by_its_square(monkeypatch):
     torch.testing.assert_close(gained(idx), want, atol=1e-5, rtol=1e-5)
 
 
+def test_rotary_base_is_nanochats_and_older_checkpoints_keep_theirs():
+    """nanochat's base 100,000 for new models; a checkpoint saved before the field was trained with 10,000 and is
+    read so (its logits unchanged); the model's tables follow the field."""
+    assert gpt.GPTConfig().rotary_base == 100000.0
+    saved = dataclasses.asdict(random_model().config)
+    del saved["rotary_base"]
+    assert gpt.GPTConfig.from_saved(saved).rotary_base == gpt.LEGACY_ROTARY_BASE == 10000.0
+    import common  # --resume of such a run: refused with today's base, naming the flag; taken with its own
+    with pytest.raises(SystemExit, match=r"'rotary_base': \(10000.0, 100000.0\).*--rotary-base"):
+        common.check_same_model(saved, gpt.GPTConfig(**{**saved, "rotary_base": 100000.0}), "ckpt.pt")
+    common.check_same_model(saved, gpt.GPTConfig(**{**saved, "rotary_base": 10000.0}), "ckpt.pt")
+    for base in (10000.0, 100000.0):
+        model = random_model(rotary_base=base)
+        D = model.config.head_dim
+        angle = 5 / base ** (2 / D)  # position 5, the second frequency
+        assert model.cos[0, 5, 0, 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
 def written_out_logits(model, idx):
     """The recipe's forward written out from its definitions (module docstring; nanochat gpt.py), with its own
     rotary tables: an oracle independent of GPT.trunk, Block and CausalSelfAttention."""
@@ -693,7 +712,7 @@ def written_out_logits(model, idx):
     B, T = idx.shape
     H, H_kv, D = c.n_head, c.n_kv_head, c.head_dim
     rms = lambda t: F.rms_norm(t, (t.shape[-1],), eps=1e-6)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    inv_freq = 1.0 / c.rotary_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
     angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
     cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
 

@@ -31,7 +31,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def tables(T, D, device=DEVICE):
     """gpt.py's rotary tables for T positions, as (T, D/2) fp32 views of its (1, T, 1, D/2) ones."""
-    cos, sin = gpt.rotary_tables(T, D, device=device)
+    cos, sin = gpt.rotary_tables(T, D, gpt.GPTConfig.rotary_base, device=device)
     return cos[0, :, 0], sin[0, :, 0]
 
 
