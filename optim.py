@@ -210,25 +210,21 @@ def build_optimizers(model: gpt.GPT, cfg, dtype: torch.dtype | None = None) -> l
     return optimizers
 
 
-def schedule_error(warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float = 0.0) -> str | None:
+def schedule_error(warmdown_ratio: float, final_lr_frac: float = 0.0) -> str | None:
     """Why these learning-rate schedule flags give no schedule (an error line to print), or None if they do."""
-    for flag, value in (("--warmup-ratio", warmup_ratio), ("--warmdown-ratio", warmdown_ratio),
-                        ("--final-lr-frac", final_lr_frac)):
+    for flag, value in (("--warmdown-ratio", warmdown_ratio), ("--final-lr-frac", final_lr_frac)):
         if not 0 <= value <= 1:
             return f"error: {flag} {value:g} must be between 0 and 1 (a share of the run, or of the learning rate)"
-    if warmup_ratio + warmdown_ratio > 1:
-        return (f"error: --warmup-ratio {warmup_ratio:g} and --warmdown-ratio {warmdown_ratio:g} add up to more than "
-                f"1: the warmup and the warmdown would overlap; make them sum to at most 1")
     return None
 
 
-def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float,
-                  step_share: float = 0.0) -> float:
-    """Warmup, flat, linear warmdown to final_lr_frac; progress runs from 0 to 1 over the run, up to this step.
-    The warmup counts this step's own share of the run (nanochat's (it + 1) / warmup_iters): without it the first
-    step ran at a learning rate of 0 and its batch moved nothing."""
-    if progress < warmup_ratio:
-        return min(1.0, (progress + step_share + 1e-9) / warmup_ratio)
+def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float, step: int = 0,
+                  warmup_steps: int = 0) -> float:
+    """nanochat's base_train schedule: a linear warmup over the first warmup_steps steps ((step + 1) /
+    warmup_steps: the first step moves the weights too), flat, then a linear warmdown to final_lr_frac over the
+    last warmdown_ratio of the run; progress runs from 0 to 1 over the run (tokens, or the clock)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if progress <= 1 - warmdown_ratio:
         return 1.0
     left = (1 - progress) / warmdown_ratio

@@ -383,7 +383,7 @@ def main(argv=None):
     if not (0 <= cfg.text_bestfit <= 1 or cfg.text_bestfit == -1):
         sys.exit(f"error: --text-bestfit {cfg.text_bestfit} must be from 0 to 1 (a share of the text rows), "
                  f"or -1 (as the base model's pretraining packed its rows)")
-    if error := optim.schedule_error(0.0, cfg.warmdown_ratio):
+    if error := optim.schedule_error(cfg.warmdown_ratio):
         sys.exit(error)
     if cfg.examples_per_step % cfg.device_batch_size:
         sys.exit(f"error: --examples-per-step {cfg.examples_per_step} is not a multiple of "
@@ -488,7 +488,7 @@ def main(argv=None):
         if step == first_step or step_in_epoch == 0:
             order = epoch_order(len(conversations), cfg.seed, epoch)
         micro, n_trained = step_batches(conversations, order, step_in_epoch, cfg, rank, world_size, pad_id)
-        lr_mult = optim.lr_multiplier(budget.fraction(device) if budget else step / steps, 0.0, cfg.warmdown_ratio, 0.0)
+        lr_mult = optim.lr_multiplier(budget.fraction(device) if budget else step / steps, cfg.warmdown_ratio, 0.0)
         loss = sft_step(model, optimizers, micro, n_trained, world_size, lr_mult, device, dtype)
         step += 1
         trained_tokens += n_trained

@@ -84,7 +84,7 @@ class TrainConfig:
     window_pattern: str = gpt.GPTConfig.window_pattern
     qk_gain: float = gpt.GPTConfig.qk_gain
     rotary_base: float = gpt.GPTConfig.rotary_base  # 10000 to resume a run begun before it was a setting
-    warmup_ratio: float = 0.0        # fractions of the training tokens
+    warmup_steps: int = 40           # the learning rate rises linearly over these first steps (nanochat's)
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
     eval_every: int = 250
@@ -112,7 +112,7 @@ class TrainConfig:
     # the numbers' ranges (common.parse_config refuses a value outside, naming its flag); 0 turns off the
     # evals, samples, saves and limits, and --keep-last 0 keeps every checkpoint
     AT_LEAST: ClassVar[dict] = dict(
-        device_batch_size=1, seq_len=1, total_batch_size=1, max_tokens=0, max_steps=0, time_budget=0,
+        device_batch_size=1, seq_len=1, total_batch_size=1, max_tokens=0, max_steps=0, time_budget=0, warmup_steps=0,
         matrix_lr=0, embedding_lr=0, unembedding_lr=0, weight_decay=0, scalar_lr=0, eval_every=0, eval_tokens=1,
         eval_task_limit=1, sample_every=0, save_every=0, keep_last=0, log_every=1, stop_after_steps=0, prefetch=0)
     ABOVE: ClassVar[dict] = dict(tokens_per_param=0)
@@ -126,8 +126,9 @@ class TrainConfig:
 # The layer scalars' AdamW (--layer-lambdas) at 0.05, not nanochat's 0.5: its base_train scales every learning rate
 # by sqrt(B / 2^19), 0.044 at these 4,096-token steps, and on the demo's model the scalars at 0.5 cost 0.060 bits
 # per byte in 200 steps, at 0.05 0.009, and with smear, backout and qk gain -0.011 (bench/RESULTS.md, "The recipe
-# on the demo's model").
-SMALL_RUN = dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, scalar_lr=0.05)
+# on the demo's model"). No warmup: these were measured without one (nanochat's 40 steps are 2.5% of the demo's).
+SMALL_RUN = dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, scalar_lr=0.05,
+                 warmup_steps=0)
 PRESETS = {
     # CPU demo: a 4-layer model, 1.6M tokens (demo.sh: a time budget instead). torch.compile pays on the
     # CPU too (fused elementwise work, fewer allocations); its warm-up is seconds, and cached.
@@ -182,13 +183,11 @@ def muon_momentum(step: int, progress: float, warmdown_ratio: float) -> float:
     return 0.97
 
 
-def schedule(cfg: TrainConfig, step: int, progress: float, step_share: float) -> dict:
+def schedule(cfg: TrainConfig, step: int, progress: float) -> dict:
     """The optimizer's settings for this step (optim.set_schedule's arguments), nanochat's base_train schedules;
-    progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget), step_share is one step's
-    share of it (with --time-budget the mean step's so far: none before the first)."""
+    progress runs from 0 to 1 over the run (tokens, or the clock with --time-budget)."""
     momentum = muon_momentum(step, progress, cfg.warmdown_ratio) if cfg.momentum_schedule else None
-    return dict(lr_mult=optim.lr_multiplier(progress, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac,
-                                            step_share),
+    return dict(lr_mult=optim.lr_multiplier(progress, cfg.warmdown_ratio, cfg.final_lr_frac, step, cfg.warmup_steps),
                 muon_momentum=momentum, weight_decay_mult=0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -357,7 +356,7 @@ def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if error := optim.schedule_error(cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac):
+    if error := optim.schedule_error(cfg.warmdown_ratio, cfg.final_lr_frac):
         sys.exit(error)  # before any process group, model or data is set up
     rank, world_size, device = common.setup_distributed(cfg.device)
     master = rank == 0
@@ -445,8 +444,7 @@ def main(argv=None):
     last = finished()
     while not last:
         progress = budget.fraction(device) if budget else tokens_seen / (steps * cfg.total_batch_size)
-        step_share = (progress / step if step else 0.0) if budget else 1 / steps
-        settings = schedule(cfg, step, progress, step_share)
+        settings = schedule(cfg, step, progress)
         lr_mult = settings["lr_mult"]
         loss = train_step(model, optimizers, next_batches(accum), settings, device, dtype)
         if world_size > 1:  # every step's loss is the mean over ranks: the log's, and the smoothed one's
