@@ -83,6 +83,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.head_dim}")
+        if not self.rotary_base > 0:  # nan too
+            raise ValueError(f"rotary_base={self.rotary_base} must be above 0 (nanochat's: 100000)")
         if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
             raise ValueError(f"window_pattern={self.window_pattern!r}: use the letters S (short window) and L (full)")
         if self.n_embd < SMEAR_CHANNELS and self.smear or self.n_embd < VE_GATE_CHANNELS and self.value_embeds:

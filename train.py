@@ -115,7 +115,7 @@ class TrainConfig:
         device_batch_size=1, seq_len=1, total_batch_size=1, max_tokens=0, max_steps=0, time_budget=0, warmup_steps=0,
         matrix_lr=0, embedding_lr=0, unembedding_lr=0, weight_decay=0, scalar_lr=0, eval_every=0, eval_tokens=1,
         eval_task_limit=1, sample_every=0, save_every=0, keep_last=0, log_every=1, stop_after_steps=0, prefetch=0)
-    ABOVE: ClassVar[dict] = dict(tokens_per_param=0)
+    ABOVE: ClassVar[dict] = dict(tokens_per_param=0, rotary_base=0)
 
 
 # The CPU presets' optimizer, measured on the demo's model (width 128, 1,572 steps of 4,096 tokens, 3.5 tokens per

@@ -239,6 +239,9 @@ def test_a_checkpoint_from_before_the_rotary_base_exports_and_loads_with_its_own
     (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": dict(rope_type="linear", factor=2.0)}))
     with pytest.raises(SystemExit, match="error: .*rope_type"):
         common.load_hf_folder(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": dict(rope_type="default", rope_theta=0)}))
+    with pytest.raises(SystemExit, match=r"error: .*config.json: rotary_base=0.0 must be above 0"):
+        common.load_hf_folder(folder)
 
 
 def test_load_hf_folder_refuses_windows_gpt_py_does_not_compute(tmp_path, recipe_exported):

@@ -278,6 +278,8 @@ def test_resume_refuses_a_checkpoint_of_another_world_size(setup, tmp_path):
     ("--time-budget", "-1", "--time-budget must be at least 0"),
     ("--eval-tokens", "0", "--eval-tokens must be at least 1"),
     ("--tokens-per-param", "0", "--tokens-per-param must be above 0"),
+    ("--rotary-base", "0", "--rotary-base must be above 0"),  # 0 ** (i / D): tables of nan and inf
+    ("--warmup-steps", "-1", "--warmup-steps must be at least 0"),
     ("--time-budget", "nan", "--time-budget must be a finite number (got nan)"),  # nan < 0 is False: it passed
     ("--matrix-lr", "inf", "--matrix-lr must be a finite number (got inf)"),
 ])
