@@ -439,6 +439,19 @@ def test_out_of_memory_at_the_first_step_halves_the_device_batch(setup, tmp_path
     assert state["train_config"]["device_batch_size"] == 1 and state["tokens"] == 3 * 512
 
 
+def test_the_warmup_counts_steps_and_the_cpu_presets_have_none(setup, tmp_path):
+    """--warmup-steps 4 over a 6-step run: nanochat's (step + 1) / 4, then the warmdown over the last half, each step's
+    learning rate as the log says; the nano preset (as tiny) starts at the full rate."""
+    flags = ("--warmdown-ratio", "0.5", "--eval-every", "0", "--save-every", "0", "--log-every", "1")
+    train.main(args_for(setup, tmp_path / "warm", "--warmup-steps", "4", *flags))
+    records = [json.loads(l) for l in (tmp_path / "warm" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr_mult"] for r in records] == [pytest.approx(m) for m in (0.25, 0.5, 0.75, 1.0, 2 / 3 + 0.05 / 3,
+                                                                          1 / 3 + 0.1 / 3)]
+    train.main(args_for(setup, tmp_path / "flat", *flags))
+    records = [json.loads(l) for l in (tmp_path / "flat" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["lr_mult"] == 1.0
+
+
 def test_time_budget_sets_the_schedule_and_ends_the_run(setup, tmp_path, monkeypatch, capsys):
     """A fake clock: every reading of the budget's clock moves it 7 seconds, so the run is the same on any machine."""
     readings = []
