@@ -258,8 +258,9 @@ def jobs(launches: list[Launch]) -> list[Job]:
                     seen.add(key)
                     out.append(job)
                     if arch == 90 and launch.dtype != torch.float32:  # the 16-bit Hopper compiles: the first of each tile
-                        job.read_sass = sass_key(launch) not in sass_read
-                        sass_read.add(sass_key(launch))
+                        tile = sass_key(launch)
+                        job.read_sass = tile not in sass_read
+                        sass_read.add(tile)
     return out
 
 
