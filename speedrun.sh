@@ -20,8 +20,10 @@ case $OUT in "" | /*) ;; *) OUT=$PWD/$OUT ;; esac  # a relative OUT is the calle
 cd "$(dirname "$0")"
 NPROC=${NPROC:-8}
 OUT=${OUT:-out}
-[ -x .venv/bin/python ] || ./setup.sh
-PY=.venv/bin/python
+if [ -z "${PY:-}" ]; then  # PY=/path/to/python: an interpreter that has the packages already (a GPU image's own torch)
+    [ -x .venv/bin/python ] || ./setup.sh
+    PY=.venv/bin/python
+fi
 RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
