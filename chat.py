@@ -18,7 +18,7 @@ import sys
 INTERRUPTED = 130  # the exit code of a program stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 try:  # importing torch takes seconds: a Ctrl-C then is one line too, as during loading (main)
-    from session import SEED_RANGE, ChatSession, PromptTooLong, Sampling, load_session
+    from session import SEED_RANGE, ChatSession, PromptTooLong, Sampling, SystemTooLong, check_system, load_session
     from tok import ConversationError, render_prompt
 except KeyboardInterrupt:
     print("chat.py: interrupted", file=sys.stderr)
@@ -39,26 +39,6 @@ Ctrl-C bricht die laufende Antwort ab, nicht das Programm.
 def preview(text: str, chars: int = 80) -> str:
     """Text to echo back: whole if short, else its beginning and its length."""
     return text if len(text) <= chars else f"{text[:chars]}… ({len(text):,} Zeichen)"
-
-
-class SystemTooLong(ConversationError):
-    """check_system's refusal; the numbers for the REPL's German note, the message for --system's error."""
-
-    def __init__(self, tokens: int, allowed: int):
-        super().__init__(f"the system message is too long: {tokens:,} tokens with a one-word question, at most "
-                         f"{allowed} (half the room for prompts) are allowed")
-        self.tokens, self.allowed = tokens, allowed
-
-
-def check_system(session: ChatSession, text: str | None) -> None:
-    """SystemTooLong unless the system message leaves at least half of the prompt's room
-    to the conversation: else every later message would be refused as too long."""
-    if not text:
-        return
-    room = session.context_len - min(session.sampling.max_new_tokens, session.context_len // 2)
-    ids = render_prompt(session.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "."}])
-    if len(ids) > room // 2:
-        raise SystemTooLong(len(ids), room // 2)
 
 
 def run_command(session: ChatSession, line: str, out) -> bool:

@@ -81,7 +81,7 @@ from engine import FINAL, Job, QueueFull, RequestTimeout, load_engine_session, l
 from engine_process import STALL_SECONDS, EngineGone, EngineProcess
 from openai_api import (TEMPERATURE_RANGE, Answer, APIError, ClientGone, Limits, check_fits, check_prompt_fits,
                         read_cache_key, read_json, read_messages, read_n, read_prompts, read_sampling, shown, sse, usage)
-from session import ChatSession, Sampling, load_session
+from session import ChatSession, Sampling, SystemTooLong, check_system, load_session
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 PING_SECONDS = 2.0  # while a streamed request waits, send an SSE comment this often
@@ -596,6 +596,11 @@ def main(argv=None) -> None:
         session = load_engine_session(args.checkpoint, args.device, limits.max_batch, sampling)
     else:  # this side needs the tokenizer and settings, not the weights: the engine process loads those
         session = load_session(args.checkpoint, "meta", sampling)
+    try:  # else every request that brings no system message of its own would be refused as too long
+        check_system(session, args.system if session.kind == "chat" else None)
+    except SystemTooLong as e:
+        raise SystemExit(f"error: --system: {e}; shorten it, or lower --max-tokens")
+    if not args.single_process:
         engine = EngineProcess(session.checkpoint, args.device, limits.max_batch, limits.max_queue,
                                args.stall_timeout)
         session.device = engine.device

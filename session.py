@@ -174,6 +174,27 @@ class PromptTooLong(ConversationError):
         self.tokens, self.room = tokens, room
 
 
+class SystemTooLong(ConversationError):
+    """check_system's refusal; the numbers for chat.py's German note, the message for --system's error
+    (chat.py and serve.py)."""
+
+    def __init__(self, tokens: int, allowed: int):
+        super().__init__(f"the system message is too long: {tokens:,} tokens with a one-word question, at most "
+                         f"{allowed} (half the room for prompts) are allowed")
+        self.tokens, self.allowed = tokens, allowed
+
+
+def check_system(session: "ChatSession", text: str | None) -> None:
+    """SystemTooLong unless the system message leaves at least half of the prompt's room
+    to the conversation: else every later message would be refused as too long."""
+    if not text:
+        return
+    room = session.context_len - min(session.sampling.max_new_tokens, session.context_len // 2)
+    ids = render_prompt(session.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "."}])
+    if len(ids) > room // 2:
+        raise SystemTooLong(len(ids), room // 2)
+
+
 def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest user+assistant exchanges (a system message stays) until the prompt fits.
 
@@ -186,8 +207,9 @@ def fit_to_context(tokenizer, messages, max_prompt_tokens: int) -> tuple[list[di
         ids = render_prompt(tokenizer, messages)
         if len(ids) <= max_prompt_tokens:
             return messages, ids
-        if len(messages) - first < 3:  # only the last user message is left
-            raise PromptTooLong("message", len(ids), max_prompt_tokens)
+        if len(messages) - first < 3:  # only the last user message is left (with the system message)
+            raise PromptTooLong("last message with the system message" if first else "message", len(ids),
+                                max_prompt_tokens)
         messages = messages[:first] + messages[first + 2:]
 
 

@@ -227,6 +227,27 @@ def test_the_servers_system_message_only_where_a_request_brings_none():
         {"role": "system", "content": system}, *user("Hallo")]
 
 
+def test_a_system_message_too_long_for_the_context_is_refused_at_start(tmp_path, small_tokenizer, monkeypatch):
+    """serve.py --system that leaves a conversation less than half the prompt's room is refused when it starts, as
+    chat.py's (before the engine process loads the weights); it used to start and then refuse every request
+    without a system message of its own, blaming the user's "Hallo". A request whose own system message leaves
+    no room is told so in its 400 (check_fits' message)."""
+    import serve
+    from conftest import make_checkpoint
+    from session import PromptTooLong, fit_to_context
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=256)
+    system = "Du bist ein freundlicher, hilfsbereiter Assistent und antwortest immer ausführlich. " * 8
+    def start_serving(*args):
+        raise AssertionError("serve.py went on to start its engine process")
+    monkeypatch.setattr(serve, "EngineProcess", start_serving)
+    with pytest.raises(SystemExit, match="error: --system: the system message is too long: .* lower --max-tokens"):
+        serve.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--system", system])
+    for messages, named in (([{"role": "system", "content": system}, *user("Hallo")], "last message with the system message"),
+                            (user(system), "message")):
+        with pytest.raises(PromptTooLong, match=f"^the {named} is too long: its prompt has"):
+            fit_to_context(small_tokenizer, messages, 100)
+
+
 def test_a_request_keeps_the_servers_other_sampling_settings():
     """serve.py --temperature 0 --top-p 0.9: a request that names only its temperature samples with top_p 0.9
     (the greedy defaults once forgot their top_p); top_p 0 is greedy."""
