@@ -19,7 +19,7 @@ INTERRUPTED = 130  # the exit code of a program stopped by Ctrl-C (128 + SIGINT)
 
 try:  # importing torch takes seconds: a Ctrl-C then is one line too, as during loading (main)
     from session import SEED_RANGE, ChatSession, PromptTooLong, Sampling, SystemTooLong, check_system, load_session
-    from tok import ConversationError, render_prompt
+    from tok import ConversationError
 except KeyboardInterrupt:
     print("chat.py: interrupted", file=sys.stderr)
     raise SystemExit(INTERRUPTED)
