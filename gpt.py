@@ -77,6 +77,10 @@ class GPTConfig:
 
 
     def __post_init__(self):
+        if min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.vocab_size, self.sequence_len) < 1:
+            raise ValueError(f"layers, heads, KV heads, width, vocabulary and context must each be at least 1: "
+                             f"n_layer={self.n_layer}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                             f"n_embd={self.n_embd}, vocab_size={self.vocab_size}, sequence_len={self.sequence_len}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -116,6 +120,8 @@ class GPTConfig:
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128, n_kv_head: int | None = None):
         """nanochat's single knob: width = depth * 64, as many heads of `head_dim` as fit."""
         n_embd = depth * 64
+        if depth < 1:
+            raise ValueError(f"depth {depth}: a model needs at least one layer (d1, d12, d20, ...)")
         if n_embd % head_dim:
             raise ValueError(f"width {n_embd} (depth {depth} x 64) is not a multiple of head_dim={head_dim}")
         n_head = n_embd // head_dim
@@ -664,11 +670,20 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     One number per token, so a row's tokens follow from its own numbers alone (the server
     draws a seeded request's from its own generator while sampling its batch in one call);
     torch.multinomial draws one per vocabulary entry: 0.18 ms a row at 8k tokens on the development
-    CPU, against 0.01 ms here."""
-    if temperature == 0:
+    CPU, against 0.01 ms here.
+
+    As session.Sampling reads them: top_k 0 is off (transformers'), top_p 0 is greedy (its limit); a
+    negative or non-finite temperature, a negative top_k or a top_p outside [0, 1] is a ValueError."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:  # nan too
+        raise ValueError(f"top_p must be in [0, 1] (0: greedy, None or 1: off), got {top_p}")
+    if temperature == 0 or top_p == 0:  # top_p 0 would drop every token
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:

@@ -216,7 +216,9 @@ def sample_texts(model, tokenizer, prompts, max_new_tokens=24) -> list[str]:
     model.eval()
     texts = []
     for prompt in prompts:
-        new = model.generate([tokenizer.bos_id] + tokenizer.encode(prompt), max_new_tokens, temperature=0.0)
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        room = min(max_new_tokens, model.config.sequence_len - len(ids))  # a short --seq-len leaves less, or none
+        new = model.generate(ids, room, temperature=0.0) if room > 0 else []
         texts.append(prompt + tokenizer.decode([i for i in new if i not in tokenizer.special.values()]))
     model.train(was_training)
     return texts

@@ -760,3 +760,12 @@ def test_recipe_forward_equals_its_definition_written_out(n_layer):
                 block.attn.ve_gate.weight.normal_(0.0, 0.5)
         idx = random_tokens(model, 2, 20)
         torch.testing.assert_close(model(idx), written_out_logits(model, idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "sequence_len"])
+def test_a_model_of_no_size_is_refused_by_name(field):
+    """train.py --model d0 was a bare ZeroDivisionError (n_embd % n_head with no heads)."""
+    with pytest.raises(ValueError, match=f"{field}=0"):
+        gpt.GPTConfig(**{**dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=64, vocab_size=64, sequence_len=16), field: 0})
+    with pytest.raises(ValueError, match="at least one layer"):
+        gpt.GPTConfig.from_depth(0, vocab_size=64, sequence_len=16)

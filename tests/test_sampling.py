@@ -22,6 +22,25 @@ def test_sample_next_token_top_k_and_top_p():
     assert sample_next_token(logits, temperature=0).item() == 0
 
 
+def test_the_edges_of_the_sampling_arguments_read_as_the_servers():
+    """GPT.generate's own arguments, as session.Sampling reads them: top_p 0 is greedy (it returned the last
+    vocabulary id, every token dropped and the NaN clamped away), top_k 0 is off (a shape error), and a negative
+    temperature is refused (it sampled the inverted distribution)."""
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.7, 0.2, 0.1]]))
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, top_p=0.0, generator=g).view(-1).tolist() == [1, 0]
+    assert {tuple(sample_next_token(logits, top_k=0, generator=g).view(-1).tolist()) for _ in range(200)} == {
+        (a, b) for a in range(3) for b in range(3)}
+    for bad in (dict(temperature=-1.0), dict(temperature=math.nan), dict(temperature=math.inf), dict(top_k=-1),
+                dict(top_p=-0.1), dict(top_p=1.5), dict(top_p=math.nan)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sample_next_token(logits, generator=g, **bad)
+    model = random_model()
+    assert list(model.generate([1, 2, 3], 5, top_p=0.0)) == list(model.generate([1, 2, 3], 5, temperature=0.0))
+    with pytest.raises(ValueError, match="temperature"):
+        next(model.generate([1, 2, 3], 5, temperature=-1.0))
+
+
 def test_sample_next_token_follows_the_distribution():
     """Inverse-CDF sampling: each token as often as its probability, a zero-probability token
     never, and each row's token follows from its own random number alone."""

@@ -615,3 +615,20 @@ def test_smoothed_loss_resumes_from_its_saved_state():
     ema.update(4.0), ema.update(2.0)
     resumed = common.SmoothedLoss(beta=0.9, state=ema.state())
     assert resumed.update(3.0) == ema.update(3.0) != pytest.approx(3.0)
+
+
+def test_the_samples_fit_a_short_context(small_tokenizer):
+    """sample_texts asked for 24 new tokens whatever the context: at --seq-len 2 the last step's sample raised
+    ValueError before the final checkpoint was saved. Now a sample continues only as far as the training context
+    reaches, and a prompt that fills it stays as it is."""
+    prompt = "Die Stadt liegt am Fluss."
+    prompt_tokens = 1 + len(small_tokenizer.encode(prompt))
+    for sequence_len in (2, prompt_tokens + 3):
+        config = gpt.GPTConfig(sequence_len=sequence_len, vocab_size=small_tokenizer.vocab_size, n_layer=1,
+                               n_head=2, n_kv_head=2, n_embd=32)
+        model = gpt.GPT(config)
+        model.init_weights(seed=0)
+        [text] = train.sample_texts(model, small_tokenizer, [prompt])
+        assert text.startswith(prompt)
+        new_tokens = len(small_tokenizer.encode(text)) - len(small_tokenizer.encode(prompt))
+        assert new_tokens <= max(0, sequence_len - prompt_tokens)
