@@ -5,6 +5,8 @@ common.py: the plumbing every stage shares.
     configuration   parse_config: a config dataclass -> command-line flags, with presets
     checkpoints     save_checkpoint, latest_checkpoint, load_checkpoint, load_model, model_holding (a model
                     from a state dict, with no init), check_same_model, load_hf_folder (a folder export.py wrote)
+    resuming        checkpoint_to_resume (the same on every rank), check_same_settings (flags a resume must
+                    keep), checkpoint_fingerprint (which base a chat model came from)
     training        training_dtype, StopSignal (SIGINT/SIGTERM, agreed by all ranks),
                     TimeBudget (--time-budget), SmoothedLoss, fit_device_batch (halve the batch on out-of-memory)
     logging         open_log, append_log (log.jsonl), Progress (rate and ETA lines), format_seconds
@@ -22,6 +24,7 @@ checkpoint somebody shared cannot run code.
 import argparse
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -89,6 +92,10 @@ def setup_distributed(device: str = "") -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+# What gloo and NCCL say in a collective when another rank's process has gone
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
 def run_main(main) -> None:
     """Run a stage's main() as its program (train.py, sft.py, evaluation.py). Under torchrun each rank meets a
     bad input itself and says so (an error that only one rank meets, its shard or its memory, must not be
@@ -101,6 +108,15 @@ def run_main(main) -> None:
             raise
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), f"[rank {os.environ.get('RANK', '?')}] {e.code}\n".encode())
+        raise SystemExit(1) from None
+    except RuntimeError as e:  # torch.distributed.DistBackendError is one
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not any(words in str(e) for words in PEER_GONE):
+            raise
+        # another rank stopped (its error line comes first) and closed its connections: a 30-line traceback
+        # of this rank's collective would only bury the cause
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"[rank {os.environ.get('RANK', '?')}] stopped: another rank failed; "
+                                      f"see its error above\n".encode())
         raise SystemExit(1) from None
 
 
@@ -158,11 +174,16 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
     """Write ckpt_<step>.pt atomically, then drop all but the newest keep_last.
 
     A write that fails (disk full, an unusable --out) removes its temp file, leaves
-    the older checkpoints as they were, and exits with one error line."""
+    the older checkpoints as they were, and exits with one error line. The temp files
+    of saves that were killed (kill -9, torchrun's SIGKILL after a SIGTERM) go first:
+    each is as large as a checkpoint, and its step may never be saved again."""
     path = Path(out) / f"ckpt_{step:07d}.pt"
     tmp = path.with_suffix(".pt.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob("ckpt_*.pt.tmp"):
+            if stale != tmp:  # its own is overwritten
+                stale.unlink()
         with open(tmp, "wb") as f:  # a Python file, so that a failed write keeps its OSError (as __context__)
             torch.save(state, f)
             f.flush()
@@ -175,6 +196,9 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
         kept = latest_checkpoint(path.parent)
         raise SystemExit(f"error: cannot write checkpoint {path}: {cause}; free disk space or choose another --out"
                          + (f" (the previous checkpoint {kept.name} is intact)" if kept else "")) from None
+    except BaseException:  # a second Ctrl-C during the save: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     if keep_last:  # 0: keep them all
         for old in checkpoints(path.parent)[:-keep_last]:
             old.unlink()
@@ -392,6 +416,41 @@ def check_same_model(saved: dict, config: gpt.GPTConfig, path):
                          + ", or another --out")
 
 
+def check_same_settings(path, saved: dict, cfg, names) -> None:
+    """--resume of a run whose train_config (saved) gave other values for the flags `names` than cfg: refused,
+    naming each (train.py's and sft.py's SAME_ON_RESUME say why these)."""
+    changed = [name for name in names if name in saved and saved[name] != getattr(cfg, name)]
+    if changed:
+        raise SystemExit(f"error: {path} was trained with other " + ", ".join(
+            f"--{n.replace('_', '-')} ({saved[n]!r}, now {getattr(cfg, n)!r})" for n in changed)
+            + "; resume with the same settings, or start afresh in another --out")
+
+
+def checkpoint_to_resume(out) -> Path | None:
+    """The newest checkpoint in --out for --resume, the same one on every rank. Each rank looks on its own
+    node's disk, and only rank 0 saves: where --out is not shared, the other nodes find none (or older ones) and
+    would train other steps, from other data, until their collectives hang. Then every rank stops, naming what
+    each rank found."""
+    path = latest_checkpoint(out)
+    if not dist.is_initialized():
+        return path
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, path.name if path else None)
+    if len(set(found)) > 1:
+        raise SystemExit(f"error: the ranks find different checkpoints in --out {out} ("
+                         + ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(found))
+                         + "); --out must be one folder that every node shares")
+    return path
+
+
+def checkpoint_fingerprint(ckpt: dict, tokenizer) -> dict:
+    """What tells one checkpoint from another without reading its weights: its step, tokens and training
+    seconds (two runs of one preset share the step and the tokens, not the seconds) and its tokenizer's hash.
+    sft.py records its base's, and its --resume and evaluation.py check that the base is still that one."""
+    return dict(step=ckpt.get("step"), tokens=ckpt.get("tokens"), train_seconds=ckpt.get("train_seconds"),
+                tokenizer_sha256=hashlib.sha256(tokenizer.to_json().encode()).hexdigest())
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -416,18 +475,41 @@ def agree(flag: bool, device) -> bool:
 class StopSignal:
     """When to save and leave early: on SIGINT/SIGTERM, or after --stop-after-steps (for jobs with a time limit).
 
-    Every rank must leave at the same step, so the check is a collective."""
+    Every rank must leave at the same step, so the check is a collective. The first signal is answered at once
+    with one line; a second Ctrl-C quits without saving (KeyboardInterrupt). After a signal's save the stage
+    exits 128 + the signal's number (130, 143: exit_code), as a shell reports a program the signal ended, so
+    that `train.py && sft.py` and a `set -e` script (demo.sh) stop instead of going on with a half-trained
+    model; a deliberate --stop-after-steps exits 0."""
 
     def __init__(self):
-        self.received = []
+        self.signum = 0  # the first signal's number; after reason() says "signal", the same on every rank
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+            signal.signal(sig, self.received)
+
+    def received(self, signum, frame):
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user will not wait for the save
+        if self.signum:
+            return  # torchrun's SIGTERM after a Ctrl-C: the save goes on
+        self.signum = signum
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per rank; os.write: print could be mid-line
+            again = "; Ctrl-C again to quit without saving" if signum == signal.SIGINT else ""
+            os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: stopping after this step, with a "
+                                          f"checkpoint to --resume from{again}\n".encode())
 
     def reason(self, steps_done: int, stop_after_steps: int, device) -> str | None:
         """Why to leave after this step ("signal", "--stop-after-steps") or None; every rank calls it each step."""
-        if agree(bool(self.received), device):
+        signum = torch.tensor(float(self.signum), device=device)
+        if dist.is_initialized():  # a rank that got no signal exits with the code of the one that did
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            self.signum = int(signum.item())
             return "signal"
         return "--stop-after-steps" if stop_after_steps and steps_done >= stop_after_steps else None
+
+    def exit_code(self) -> int:
+        """The stage's exit status: 128 + the signal's number after a signal, else 0."""
+        return 128 + self.signum if self.signum else 0
 
 
 def nothing_trained(out, step: int, steps: int, time_budget: float) -> str:
@@ -528,14 +610,30 @@ def fit_device_batch(try_batch, batch_size: int, divides, log, device) -> int:
 # Logs and progress
 
 def open_log(out: Path):
-    """log.jsonl in `out`, unbuffered and appending (a resumed run continues it)."""
-    return open(Path(out) / "log.jsonl", "ab", buffering=0)
+    """log.jsonl in `out`, unbuffered and appending (a resumed run continues it).
+
+    A line cut short (the disk filled up mid-write, the process was killed) is dropped first: the resumed
+    run's first record would be glued onto it, and that line would be JSON no more."""
+    path = Path(out) / "log.jsonl"
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                text = f.read()
+                whole = text.rfind(b"\n") + 1
+                f.truncate(whole)
+                print(f"note: {path} ended in a line cut short (a full disk or a kill); its {len(text) - whole:,} "
+                      f"bytes dropped")
+    return open(path, "ab", buffering=0)
 
 
 def append_log(file, record: dict):
     """One JSON line to log.jsonl; a full disk ends the run with one line."""
     try:
-        file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        while line:  # an unbuffered write can be short (the disk filling up): write the rest, or raise ENOSPC
+            line = line[file.write(line):]
     except OSError as e:
         raise SystemExit(f"error: cannot write {file.name} ({e}); free disk space, then continue with --resume")
 

@@ -480,14 +480,26 @@ def results_markdown(results: list[dict]) -> str:
 
 
 def chat_base(ckpt: dict, tokenizer, device, log):
-    """The base model a chat checkpoint was fine-tuned from (sft.py records its path), or None if it is gone."""
-    path = ckpt.get("base")
-    if not path or not Path(path).exists():  # a checkpoint file, or an exported folder
-        log(f"note: the base checkpoint {path} is not there: no base -> chat change of bits per byte")
-        return None
-    model, base_tokenizer, _ = common.load_model(path, device)
-    if base_tokenizer.to_json() != tokenizer.to_json():
-        log(f"note: {path} has another tokenizer than {ckpt['path']}: no base -> chat change of bits per byte")
+    """The base model a chat checkpoint was fine-tuned from, or None, with a note why: it is gone, or another
+    model now sits at its path (a run moved away and a new one in its place; step numbers of one preset
+    collide). sft.py records the base's resolved path and its fingerprint (common.checkpoint_fingerprint);
+    older checkpoints only the path as given. Under torchrun the ranks agree: a node that lacks the base, or
+    finds another, makes every rank skip it, or their collectives would pair up wrongly."""
+    path, recorded = ckpt.get("base_path") or ckpt.get("base"), ckpt.get("base_fingerprint")
+    model, why = None, f"the base checkpoint {path} is not there"
+    if path and Path(path).exists():  # a checkpoint file, or an exported folder
+        model, base_tokenizer, base = common.load_model(path, device)
+        now = common.checkpoint_fingerprint(base, base_tokenizer)
+        if base_tokenizer.to_json() != tokenizer.to_json():
+            model, why = None, f"{path} has another tokenizer than {ckpt.get('path')}"
+        elif recorded and now != recorded:
+            model, why = None, (f"{path} is not the base model {ckpt.get('path')} was fine-tuned from ("
+                                + ", ".join(f"{k} {recorded.get(k)}, now {v}" for k, v in now.items()
+                                            if recorded.get(k) != v) + ")")
+    if common.agree(model is None, device):
+        if model is not None:
+            why = f"the base checkpoint {path} is missing or another model on another rank's node"
+        log(f"note: {why}: no base -> chat change of bits per byte")
         return None
     return model
 
@@ -588,11 +600,15 @@ def main(argv=None):
     if master:
         table = results_markdown(results)
         print("\n" + table)
-        if args.json:
+        json_error = None
+        if args.json:  # a temporary file beside it, then a rename: a failed write leaves the old results whole
+            tmp = Path(args.json + ".tmp")
             try:
-                Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+                tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+                tmp.replace(args.json)
             except OSError as e:
-                sys.exit(f"error: cannot write --json {args.json} ({e})")
+                tmp.unlink(missing_ok=True)
+                json_error = f"error: cannot write --json {args.json} ({e}); the file as it was is unchanged"
         if not args.no_report:
             checkpoint = Path(ckpt["path"])  # a checkpoint file in its run's folder, or an exported folder
             path = Path(args.report) if args.report else report_path(checkpoint if checkpoint.is_dir() else
@@ -604,6 +620,8 @@ def main(argv=None):
             body = f"`{ckpt['path']}` ({kind}, step {ckpt.get('step', '?')}){limit}.{legend}\n\n{table}"
             update_report(path, f"Evaluation ({kind})", body)
             print(f"report: {path}")
+        if json_error:  # only now: the results are in the report card, not lost with the --json file
+            sys.exit(json_error)
     common.teardown_distributed()
     return results
 

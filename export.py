@@ -433,6 +433,14 @@ def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> fl
     return diff
 
 
+# The files write_folder writes, in the order they are moved into --out. An earlier export is known by its
+# config.json and model.safetensors, so they go last; a move that was stopped halfway (Ctrl-C) leaves only names
+# from this list, one of the first three among them (a README.md alone could be anyone's), and the same command
+# run again completes it.
+EXPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", MODELING_FILE.name, "README.md",
+                "model.safetensors", "config.json")
+
+
 def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Path, float]:
     """Write the Hugging Face folder `out` from a checkpoint; returns (out, max logit difference).
 
@@ -441,8 +449,10 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder (it is created if missing)")
-    earlier_export = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    if out.is_dir() and any(out.iterdir()) and not earlier_export:  # its README.md, config.json would be replaced
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    earlier_export = {"config.json", "model.safetensors"} <= names
+    stopped_export = names <= set(EXPORT_FILES) and bool(names & set(EXPORT_FILES[:3]))
+    if names and not (earlier_export or stopped_export):  # its README.md, config.json would be replaced
         raise ExportError(f"--out {out} holds other files and no earlier export (config.json + model.safetensors); "
                           f"give a new or empty folder")
     model, tokenizer, ckpt = common.load_model(checkpoint, "cpu")
@@ -452,6 +462,10 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
                           f"{' and others' if len(broken) > 3 else ''}; the run diverged: export an earlier checkpoint")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.iterdir():  # the temporary folder of an export that was killed: as large as a model
+            if stale.is_dir() and re.fullmatch(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}", stale.name):
+                shutil.rmtree(stale)
+                print(f"removed {stale}, left by an export that was stopped")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
         raise ExportError(f"cannot write to {out.parent} ({e})") from None
@@ -459,7 +473,7 @@ def export(checkpoint, out, dtype: str = "float32", repo: str = "") -> tuple[Pat
         write_folder(tmp, model, tokenizer, ckpt, dtype, repo)
         diff = verify(tmp, model, tokenizer, dtype)
         out.mkdir(exist_ok=True)
-        for file in tmp.iterdir():
+        for file in sorted(tmp.iterdir(), key=lambda f: EXPORT_FILES.index(f.name)):
             file.chmod(0o644)  # safetensors writes 0600; a shared model folder is readable
             os.replace(file, out / file.name)
     except OSError as e:

@@ -13,6 +13,7 @@ It also holds the small markdown helpers the sections are written with. It impor
 no other project module, so every stage (tok.py included) can use it.
 """
 import fcntl
+import glob
 import os
 import re
 import sys
@@ -73,6 +74,9 @@ def update_report(path, title: str, body: str) -> Path:
             sections[title] = "\n".join(l for l in body.strip().splitlines() if not MARKER.fullmatch(l))
             text = REPORT_HEADER + "".join(f"\n<!-- section: {t} -->\n## {t}\n\n{sections[t]}\n"
                                            for t in sorted(sections, key=lambda t: (section_rank(t), t)))
+            # a temporary card left by a stage that was killed (no other is being written: the lock is ours)
+            for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+                stale.unlink()
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)

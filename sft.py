@@ -44,6 +44,7 @@ chat.py loads.
 """
 import dataclasses
 import functools
+import hashlib
 import sys
 import time
 from contextlib import nullcontext
@@ -128,9 +129,12 @@ class SFTConfig:
     ABOVE: ClassVar[dict] = dict(init_lr_frac=0)
 
 
-# what decides which conversations each step trains on: --resume refuses other values
+# what decides which conversations each step trains on, and the learning rates and weight decay that the
+# optimizers' saved state holds (train.py's SAME_ON_RESUME: a resumed run would train on with the saved ones):
+# --resume refuses other values
 SAME_ON_RESUME = ("data", "val_data", "val_conversations", "identity_repeat", "text_data", "text_frac", "text_bestfit",
-                  "answer_chars", "examples_per_step", "seed")
+                  "answer_chars", "examples_per_step", "seed", "matrix_lr", "embedding_lr", "unembedding_lr",
+                  "weight_decay", "init_lr_frac")
 PRESETS = {
     "full": {},
     # CPU demo (bench/RESULTS.md, "The demo's mix and chat recipe on a slow CPU"). A small model needs a
@@ -376,6 +380,22 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_tokens: int, log, stats: dict |
     return conversations, val
 
 
+def check_same_base(ckpt: dict, path, base: dict, fingerprint: dict, flag_value: str):
+    """A resumed chat run goes on from the base it started from: its tokenizer gives the ids, and --text-data
+    base continues that base's data stream. A --base folder whose newest checkpoint is now another one (the
+    pretraining went on), or another run's, is refused, naming what differs."""
+    recorded = ckpt.get("base_fingerprint")
+    if recorded is None:  # a checkpoint from before the fingerprint was recorded: its tokenizer tells
+        recorded = dict(tokenizer_sha256=hashlib.sha256(ckpt["tokenizer_json"].encode()).hexdigest()
+                        if "tokenizer_json" in ckpt else fingerprint["tokenizer_sha256"])
+    differ = ["another tokenizer" if k == "tokenizer_sha256" else f"{k} {recorded[k]} -> {v}"
+              for k, v in fingerprint.items() if k in recorded and recorded[k] != v]
+    if differ:
+        was = ckpt.get("base_path", ckpt.get("base"))
+        sys.exit(f"error: {path} was fine-tuned from {was}, but --base {flag_value} now gives {base['path']} "
+                 f"({', '.join(differ)}); resume with --base {was}, or start afresh in another --out")
+
+
 def main(argv=None):
     cfg = common.parse_config(SFTConfig, PRESETS, argv, description=__doc__.split("\n\n")[1])
     if not 0 <= cfg.text_frac < 1:
@@ -434,18 +454,15 @@ def main(argv=None):
         for group in opt.param_groups:
             group["initial_lr"] *= cfg.init_lr_frac
     step, trained_tokens, prior_seconds, out, loss_smooth = 0, 0, 0.0, Path(cfg.out), (0.0, 0)
-    if cfg.resume and (path := common.latest_checkpoint(out)):
+    base_path, base_fingerprint = str(Path(base["path"]).resolve()), common.checkpoint_fingerprint(base, tokenizer)
+    if cfg.resume and (path := common.checkpoint_to_resume(out)):
         ckpt = common.load_checkpoint(path)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "chat" or "optimizers" not in ckpt:
             sys.exit(f"error: {path} is not an sft.py checkpoint to resume; resume in sft.py's own --out, "
                      f"or choose another --out")
         common.check_same_model(ckpt["model_config"], model.config, path)
-        saved = ckpt.get("train_config", {})
-        changed = [name for name in SAME_ON_RESUME if name in saved and saved[name] != getattr(cfg, name)]
-        if changed:  # each step's conversations follow from these: another value would resume another order
-            sys.exit(f"error: {path} was trained with other " + ", ".join(
-                f"--{n.replace('_', '-')} ({saved[n]!r}, now {getattr(cfg, n)!r})" for n in changed)
-                + "; resume with the same settings, or start afresh in another --out")
+        common.check_same_settings(path, ckpt.get("train_config", {}), cfg, SAME_ON_RESUME)
+        check_same_base(ckpt, path, base, base_fingerprint, cfg.base)
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
@@ -468,7 +485,8 @@ def main(argv=None):
             state = dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                          model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
                          tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
-                         base=base["path"], world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
+                         base=base["path"], base_path=base_path, base_fingerprint=base_fingerprint,
+                         world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
                          step=step, tokens=trained_tokens, train_seconds=prior_seconds + time.time() - start_time,
                          loss_smooth=smoothed.state())
             log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
@@ -545,6 +563,8 @@ def main(argv=None):
                      time.time() - start_time, record, log)
     del model  # DDP's reducer must go before its process group, or gloo can hang on exit
     common.teardown_distributed()
+    if stop.exit_code():  # a Ctrl-C or SIGTERM stop, saved: the next stage of a script must not start (StopSignal)
+        raise SystemExit(stop.exit_code())
 
 
 if __name__ == "__main__":

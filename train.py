@@ -141,6 +141,10 @@ PRESETS = {
     "d12": dict(model="d12"),
     "d20": dict(model="d20"),
 }
+# The optimizers' saved state holds what these gave: each group's initial learning rate and weight decay, which
+# the schedule scales (optim.set_schedule), and Muon's param groups (--muon). A resumed run would train on with
+# the saved ones and record the new ones, so --resume refuses other values.
+SAME_ON_RESUME = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "muon")
 SAMPLE_PROMPTS = ["Die Hauptstadt von Deutschland ist", "Es war einmal", "Der Bundestag hat heute"]
 # dense bf16 FLOP/s by a part of the device's name, the first that matches: the H100's PCIe and NVL cards before
 # the SXM one, whose name ("NVIDIA H100 80GB HBM3") says neither (NVIDIA's data sheets)
@@ -283,7 +287,7 @@ def scaled_weight_decay(cfg: TrainConfig, config: gpt.GPTConfig, steps: int, log
 
 def resume(cfg: TrainConfig, model, tokenizer, optimizers, loader, rank: int, world_size: int, log) -> dict:
     """Load the newest checkpoint of --out into model, optimizers, loader and RNG; its counters ({} if none)."""
-    path = common.latest_checkpoint(cfg.out)
+    path = common.checkpoint_to_resume(cfg.out)
     if path is None:
         log(f"--resume: no checkpoint in {cfg.out}, starting fresh")
         return {}
@@ -298,9 +302,14 @@ def resume(cfg: TrainConfig, model, tokenizer, optimizers, loader, rank: int, wo
     if ckpt["world_size"] != world_size:
         sys.exit(f"error: {path} was written by {ckpt['world_size']} processes, not {world_size}; "
                  f"resume with the same number")
+    common.check_same_settings(path, ckpt.get("train_config", {}), cfg, SAME_ON_RESUME)
     model.load_state_dict(ckpt["model"])
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
+    try:
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+    except ValueError as e:  # a checkpoint whose train_config does not name its --muon
+        sys.exit(f"error: {path}: its optimizer state does not fit this run's optimizers ({e}); resume with "
+                 f"the --muon it was trained with")
     try:
         loader.load_state_dict(ckpt["loader"][rank])
     except data.DataError as e:
@@ -515,6 +524,8 @@ def main(argv=None):
                      device, val_bpb, task_results, log)
     del model  # DDP's reducer must go before its process group, or gloo can hang on exit
     common.teardown_distributed()
+    if stop.exit_code():  # a Ctrl-C or SIGTERM stop, saved: the next stage of a script must not start (StopSignal)
+        raise SystemExit(stop.exit_code())
 
 
 if __name__ == "__main__":

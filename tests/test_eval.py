@@ -542,6 +542,45 @@ def test_a_base_model_with_another_tokenizer_is_not_compared(tmp_path, small_tok
     assert ev.chat_base({"base": str(same), "path": "chat.pt"}, small_tokenizer, "cpu", notes.append) is not None
 
 
+def test_another_model_at_the_base_path_is_not_compared(tmp_path, small_tokenizer):
+    """A run moved away and a new one written in its place: the recorded base path now holds the new run's base,
+    of the same step and tokens (one preset) and the same tokenizer. Its fingerprint tells it apart."""
+    path = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=16, seed=1)
+    state = torch.load(path, weights_only=True)
+    state.update(step=400, tokens=1638400, train_seconds=512.25)
+    torch.save(state, path)
+    chat = {"base": "out/base/ckpt_0000001.pt", "base_path": str(path), "path": "run1/chat/ckpt.pt",
+            "base_fingerprint": common.checkpoint_fingerprint(state, small_tokenizer)}
+    notes = []
+    assert ev.chat_base(chat, small_tokenizer, "cpu", notes.append) is not None and notes == []
+    state["train_seconds"] = 498.5  # another run of the same preset
+    torch.save(state, path)
+    assert ev.chat_base(chat, small_tokenizer, "cpu", notes.append) is None
+    assert notes == [f"note: {path} is not the base model run1/chat/ckpt.pt was fine-tuned from (train_seconds "
+                     f"512.25, now 498.5): no base -> chat change of bits per byte"]
+
+
+def test_ranks_agree_whether_to_compare_with_the_base(tmp_path, small_tokenizer):
+    """A base that only some nodes have: every rank skips it, or rank 0 alone would measure it and the ranks'
+    sums would pair up wrongly."""
+    base = make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", sequence_len=16)
+    script = tmp_path / "ranks.py"
+    script.write_text("import sys\nimport common, evaluation\n"
+                      "rank, _, device = common.setup_distributed('cpu')\n"
+                      "model, tokenizer, _ = common.load_model(sys.argv[1])\n"
+                      "base = sys.argv[1] if rank == 0 else sys.argv[1] + '.not-on-this-node'\n"
+                      "found = evaluation.chat_base({'base': base, 'path': 'chat.pt'}, tokenizer, device, print)\n"
+                      "print(f'rank {rank} compares: {found is not None}', flush=True)\n"
+                      "common.teardown_distributed()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(base)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(l for l in proc.stdout.splitlines() if "compares" in l) == [
+        "rank 0 compares: False", "rank 1 compares: False"], proc.stdout
+    assert f"note: the base checkpoint {base} is missing or another model on another rank's node" in proc.stdout
+
+
 def test_table_cells_and_samples_keep_the_markdown_intact():
     assert report.markdown_table(["task", "ok"], [["a|b\nc", True]]) == "| task | ok |\n|---|---|\n| a\\|b c | True |"
     assert report.format_samples([("Was | ist?", "  "), ("Hallo", "Hi\nda")]) == \

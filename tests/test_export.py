@@ -579,3 +579,30 @@ def test_a_run_folder_with_a_config_json_loads_its_newest_checkpoint(tmp_path, s
     (tmp_path / "config.json").write_text("{}")  # e.g. a run's own notes: the checkpoints decide
     _, _, ckpt = common.load_model(tmp_path)
     assert ckpt["path"] == str(tmp_path / "ckpt_0000001.pt") and ckpt["kind"] == "chat"
+
+
+def test_an_export_stopped_while_moving_is_completed_by_the_rerun(tmp_path, small_tokenizer, monkeypatch, capsys):
+    """Ctrl-C between the renames into --out: config.json and model.safetensors, by which an export is known,
+    come last, and the same command run again completes the folder (it refused it as "other files"). The
+    temporary folder of a killed export, as large as the model, is removed by the next one."""
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base")
+    (tmp_path / ".hf.x01f9vq8").mkdir()
+    (tmp_path / ".hf.x01f9vq8" / "model.safetensors").write_bytes(b"half a model")
+    replace, moved = os.replace, []
+
+    def stopped_replace(src, dst):
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(Path(dst).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_replace)
+    with pytest.raises(KeyboardInterrupt):
+        export.export(tmp_path / "base", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(moved) == ["tokenizer.json",
+                                                                                    "tokenizer_config.json"]
+    assert "removed " + str(tmp_path / ".hf.x01f9vq8") in capsys.readouterr().out
+    monkeypatch.setattr(os, "replace", replace)
+    folder, diff = export.export(tmp_path / "base", tmp_path / "hf")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()} and diff < LOGIT_ATOL
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -266,3 +266,64 @@ def test_kill_during_checkpoint_write(world, tmp_path):
     assert "resumed from" in proc.stdout and "ckpt_0000001.pt" in proc.stdout
     assert common.load_checkpoint(common.latest_checkpoint(run_dir))["step"] == 4
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_a_short_log_write_is_finished_and_a_torn_line_dropped_on_resume(tmp_path, capsys):
+    """A disk that fills up makes an unbuffered write short, with no error: the rest of the line must still be
+    written (or the next write raises). A line a full disk or a kill cut short anyway is dropped when --resume
+    opens the log, or the resumed run's first record would be glued onto it."""
+    class FillingDisk:  # a write takes at most 7 bytes, as the kernel returns on a disk with a little room left
+        name, written = "log.jsonl", b""
+
+        def write(self, data):
+            self.written += bytes(data[:7])
+            return len(data[:7])
+
+    disk = FillingDisk()
+    common.append_log(disk, {"step": 1, "loss": 4.25})
+    assert json.loads(disk.written) == {"step": 1, "loss": 4.25} and disk.written.endswith(b"\n")
+
+    (tmp_path / "log.jsonl").write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    with common.open_log(tmp_path) as log:
+        common.append_log(log, {"step": 3})
+    assert [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [
+        {"step": 1}, {"step": 2}, {"step": 3}]
+    assert "ended in a line cut short (a full disk or a kill); its 15 bytes dropped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error, one_line", [
+    ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:13993. This is typically caused "
+     "by a remote worker crashing.", True),
+    ("NCCL error: remote process exited or there was a network error", True),
+    ("CUDA out of memory", False)])
+def test_a_rank_whose_peer_failed_says_so_in_one_line(monkeypatch, capfd, error, one_line):
+    """Under torchrun the rank that met the error says why; the others' collectives then fail on the closed
+    connection, and their 30-line tracebacks only buried that line. A real error keeps its traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def main():
+        raise RuntimeError(error)
+
+    if one_line:
+        with pytest.raises(SystemExit) as e:
+            common.run_main(main)
+        assert e.value.code == 1
+        assert capfd.readouterr().err == "[rank 0] stopped: another rank failed; see its error above\n"
+    else:
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            common.run_main(main)
+
+
+def test_a_failed_json_write_keeps_the_old_results(world, tmp_path):
+    """--json is written beside the old file and renamed over it: a full disk leaves the old results whole."""
+    results = tmp_path / "results.json"
+    argv = [a.format(w=world, t=tmp_path) for a in EVAL] + ["--json", str(results)]
+    proc = run("evaluation.py", argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = results.read_bytes()
+    proc = run("evaluation.py", argv, fsize=len(before) // 2)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"error: cannot write --json .*results.json .*File too large.*the file as it was is unchanged",
+                     proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+    assert results.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

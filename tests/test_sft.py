@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ import torch
 import chatdata
 import common
 import data
+import evaluation
 import optim
 import sft
-from conftest import FIXTURE_TEXT, make_checkpoint, refusal, sigkill_when_file_appears
+import tok
+from conftest import FIXTURE_TEXT, make_checkpoint, refusal, sigkill_when_file_appears, signal_handlers_kept
 from test_train import GradCapture
 from tok import check_conversation, parse_conversation, render_conversation
 
@@ -387,6 +390,44 @@ def test_resume_refuses_another_examples_per_step(setup):
         sft.main(args_for(setup, "c", "--resume", "--examples-per-step", "8"))
 
 
+def test_resume_refuses_changed_learning_rates(setup):
+    """The optimizers' saved state holds the learning rates these gave, so a resumed run would train with the old
+    ones and record the new ones: refused, naming each flag."""
+    sft.main(args_for(setup, "c", "--stop-after-steps", "1", "--identity-samples", "0"))
+    with pytest.raises(SystemExit, match=r"trained with other --matrix-lr \(0.02, now 0.3\), --init-lr-frac "
+                                         r"\(0.2, now 0.9\); resume with the same settings"):
+        sft.main(args_for(setup, "c", "--resume", "--init-lr-frac", "0.9", "--matrix-lr", "0.3"))
+
+
+def test_resume_refuses_a_base_it_did_not_start_from(setup, small_tokenizer):
+    """--base a folder whose newest checkpoint is now another (pretraining went on), or a base with another
+    tokenizer of the same size, would train the chat run on from another model's ids and text stream and record
+    that base: refused, naming the base it started from, which resumes exactly."""
+    sft.main(args_for(setup, "a"))
+    sft.main(args_for(setup, "b", "--stop-after-steps", "3"))
+    started = common.latest_checkpoint(setup / "base")
+    newer = torch.load(started, weights_only=True)
+    newer.update(step=2, tokens=1024, train_seconds=9.5)
+    torch.save(newer, setup / "base" / "ckpt_0000002.pt")
+    with pytest.raises(SystemExit, match=rf"was fine-tuned from {started}, but --base {setup / 'base'} now gives "
+                                         rf".*ckpt_0000002.pt \(step 1 -> 2, tokens 0 -> 1024, train_seconds None "
+                                         rf"-> 9.5\); resume with --base {started}"):
+        sft.main(args_for(setup, "b", "--resume"))
+    lines = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+    other = tok.Tokenizer.train(lines * 3 + ["Quatsch Quark Quitte"] * 9, vocab_size=small_tokenizer.vocab_size,
+                                show_progress=False)  # conftest's with a few merges of its own
+    assert other.vocab_size == small_tokenizer.vocab_size and other.to_json() != small_tokenizer.to_json()
+    make_checkpoint(setup / "other", other, kind="base", sequence_len=64, n_embd=32)
+    with pytest.raises(SystemExit, match=r"now gives .*other.*ckpt_0000001.pt \(another tokenizer\)"):
+        sft.main(args_for(setup, "b", "--resume", "--base", str(setup / "other")))
+    sft.main(args_for(setup, "b", "--resume", "--base", str(started)))  # the base it started from: exact
+    a, b = (torch.load(common.latest_checkpoint(setup / d), weights_only=True) for d in ("a", "b"))
+    assert a["step"] == b["step"] == 6 and b["base_path"] == str(started.resolve())
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+    _, tokenizer, chat = common.load_model(setup / "b")
+    assert evaluation.chat_base(chat, tokenizer, "cpu", print) is not None  # evaluation.py knows it as its base
+
+
 def test_a_fractional_weight_keeps_a_prefix_of_the_conversations(tmp_path, small_tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", fixture_conversations(10))
     load = lambda spec: chatdata.load_conversations(data.parse_specs(spec), small_tokenizer, 1000, log=lambda *a: None)
@@ -450,3 +491,24 @@ def test_stats_count_the_conversations_cut_to_the_context(tmp_path, small_tokeni
     got = chatdata.load_conversations(data.parse_specs(f"jsonl://{write_jsonl(tmp_path / 'a.jsonl', rows)}"),
                                       small_tokenizer, 32, log=lambda *a: None, stats=stats, answer_chars=10_000)
     assert len(got) == 2 and stats == dict(read=2, rejected=0, cut=1)
+
+
+def test_sigterm_saves_then_exits_143(setup, monkeypatch, capfd):
+    """A SIGTERM (a scheduler, `kill`) stops SFT after the step with a checkpoint, then exits 128 + 15: exit 0 let
+    a script go on to the evaluation of a half-trained chat model."""
+    check = common.StopSignal.reason
+
+    def reason(self, *args):  # the signal arrives in the first step
+        if not hasattr(reason, "sent"):
+            reason.sent = True
+            signal.raise_signal(signal.SIGTERM)
+        return check(self, *args)
+
+    monkeypatch.setattr(common.StopSignal, "reason", reason)
+    with signal_handlers_kept(), pytest.raises(SystemExit) as stopped:
+        sft.main(args_for(setup, "c", "--eval-every", "0"))
+    assert stopped.value.code == 143
+    said = capfd.readouterr()
+    assert "SIGTERM: stopping after this step, with a checkpoint to --resume from\n" in said.err
+    assert "stopped at step 1 (signal); continue with --resume" in said.out
+    assert common.latest_checkpoint(setup / "c").name == "ckpt_0000001.pt"

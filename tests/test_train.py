@@ -3,6 +3,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ import gpt
 import optim
 import tok
 import train
-from conftest import make_checkpoint, refusal, sigkill_when_file_appears
+from conftest import make_checkpoint, refusal, sigkill_when_file_appears, signal_handlers_kept
 
 from tok import Tokenizer
 
@@ -203,6 +205,56 @@ def test_resume_refuses_another_tokenizer(setup, tmp_path):
     train.main(args_for(setup, tmp_path / "a", "--stop-after-steps", "1"))
     with pytest.raises(SystemExit, match="was trained with another tokenizer"):
         train.main(args_for(setup, tmp_path / "a", "--resume", "--tokenizer", str(tmp_path / "other")))
+
+
+def test_resume_refuses_changed_learning_rates_and_muon(setup, tmp_path, capsys):
+    """The optimizers' saved state holds each group's initial learning rate and weight decay, and Muon's param
+    groups: a resumed run would train with the saved ones and record the new ones (or, for --muon, end in a
+    traceback). Refused, naming each flag; the same flags resume."""
+    out = tmp_path / "a"
+    train.main(args_for(setup, out, "--stop-after-steps", "1", "--eval-every", "0"))
+    said, _ = refusal(train.main, args_for(setup, out, "--resume", "--matrix-lr", "0.5", "--embedding-lr", "2",
+                                           "--unembedding-lr", "0.1", "--scalar-lr", "0.2", "--weight-decay", "0.1"),
+                      capsys)
+    assert ("was trained with other --matrix-lr (0.01, now 0.5), --embedding-lr (0.2, now 2.0), --unembedding-lr "
+            "(0.004, now 0.1), --scalar-lr (0.05, now 0.2), --weight-decay (0.0, now 0.1); resume with the same "
+            "settings") in said, said[-1500:]
+    said, _ = refusal(train.main, args_for(setup, out, "--resume", "--muon", "torch"), capsys)
+    assert "was trained with other --muon ('nanochat', now 'torch')" in said, said[-1500:]
+    path = common.latest_checkpoint(out)  # a checkpoint whose train_config does not name its --muon
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["train_config"]["muon"]
+    torch.save(ckpt, path)
+    said, _ = refusal(train.main, args_for(setup, out, "--resume", "--muon", "torch"), capsys)
+    assert "optimizer state does not fit this run's optimizers" in said and "resume with the --muon" in said, said
+    train.main(args_for(setup, out, "--resume", "--eval-every", "0"))
+    assert final_state(out)["step"] == 6
+
+
+def test_ranks_that_find_different_checkpoints_all_stop_saying_so(setup, tmp_path):
+    """Only rank 0 saves, and each rank looks for the checkpoint to resume on its own node's disk: with an --out
+    that is not shared, another node finds none and would train other steps from other data until the ranks'
+    collectives hang. Every rank stops at once, saying what each found. The second node is a wrapper that gives
+    rank 1 an --out of its own."""
+    out = tmp_path / "run"
+    run_script(args_for(setup, out, "--stop-after-steps", "3", "--eval-every", "0"), nproc=2)
+    wrapper = tmp_path / "node2.py"
+    wrapper.write_text("import os, runpy, sys\n"
+                       "if os.environ['RANK'] == '1':\n"
+                       "    sys.argv[sys.argv.index('--out') + 1] += '-node2'\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(wrapper), str(REPO / "train.py"), *args_for(setup, out, "--resume", "--eval-every", "0")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    said = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert proc.returncode != 0 and len(said) == 2, proc.stderr[-3000:]
+    for rank, line in enumerate(sorted(said)):
+        assert line.startswith(f"[rank {rank}] error: the ranks find different checkpoints in --out"), line
+        assert line.endswith("(rank 0: ckpt_0000003.pt, rank 1: none); --out must be one folder that every node "
+                             "shares"), line
+    assert "resumed from" not in proc.stdout and not (tmp_path / "run-node2" / "log.jsonl").exists()
 
 
 def test_bad_validation_data_fails_before_the_first_step(setup, tmp_path, capsys):
@@ -632,3 +684,84 @@ def test_the_samples_fit_a_short_context(small_tokenizer):
         assert text.startswith(prompt)
         new_tokens = len(small_tokenizer.encode(text)) - len(small_tokenizer.encode(prompt))
         assert new_tokens <= max(0, sequence_len - prompt_tokens)
+
+
+# Runs a stage script (argv[1]) as its own program, with the signal SIGNAL sent to the rank SIGNAL_RANK at
+# its first step's stop check: a Ctrl-C or SIGTERM at a known step, with no timing involved
+SIGNAL_AT_FIRST_STEP = """
+import os, runpy, signal, sys
+import common
+check = common.StopSignal.reason
+def reason(self, *args):
+    if not hasattr(reason, "sent") and os.environ.get("RANK", "0") == os.environ["SIGNAL_RANK"]:
+        reason.sent = True
+        signal.raise_signal(int(os.environ["SIGNAL"]))
+    return check(self, *args)
+common.StopSignal.reason = reason
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_saves_then_stops_a_set_e_script(setup, tmp_path):
+    """Ctrl-C stops after the step with a checkpoint, and then exits 130: exit 0 let `train.py && sft.py` and
+    demo.sh (set -e) go on to SFT on the half-trained model. The user hears at once that it was heard."""
+    (tmp_path / "signal_at_first_step.py").write_text(SIGNAL_AT_FIRST_STEP)
+    args = [str(REPO / "train.py"), *args_for(setup, tmp_path / "run")]
+    script = f"set -e; {sys.executable} {tmp_path / 'signal_at_first_step.py'} {' '.join(args)}; echo NEXT STAGE"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SIGNAL": str(int(signal.SIGINT)),
+           "SIGNAL_RANK": "0"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and "NEXT STAGE" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "SIGINT: stopping after this step, with a checkpoint to --resume from; Ctrl-C again to quit without " \
+           "saving" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "stopped at step 1 (signal); continue with --resume" in proc.stdout
+    assert common.latest_checkpoint(tmp_path / "run").name == "ckpt_0000001.pt"
+
+
+def test_sigterm_to_one_rank_stops_both_and_exits_143(setup, tmp_path):
+    """A SIGTERM to one worker: both ranks save the same step and exit 128 + 15, without a traceback of theirs
+    (torchrun's own report of the exit codes follows)."""
+    (tmp_path / "signal_at_first_step.py").write_text(SIGNAL_AT_FIRST_STEP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SIGNAL": str(int(signal.SIGTERM)),
+           "SIGNAL_RANK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "signal_at_first_step.py"), str(REPO / "train.py"),
+                           *args_for(setup, tmp_path / "run", "--eval-every", "0")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and re.search(r"exitcode\s*: 143", proc.stderr), proc.stderr[-3000:]
+    assert "parameters identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
+    assert not re.search(r"\[rank\d\]: Traceback", proc.stderr), proc.stderr[-3000:]
+    assert common.latest_checkpoint(tmp_path / "run").name == "ckpt_0000001.pt"
+
+
+def test_a_second_ctrl_c_quits_without_saving():
+    with signal_handlers_kept():
+        stop = common.StopSignal()
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)  # torchrun's, after the Ctrl-C: the save goes on
+        assert stop.reason(1, 0, "cpu") == "signal" and stop.exit_code() == 130
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_deliberate_stop_exits_0(setup, tmp_path):
+    proc = run_script(args_for(setup, tmp_path / "run", "--stop-after-steps", "1", "--eval-every", "0"))
+    assert proc.returncode == 0 and "stopped at step 1 (--stop-after-steps)" in proc.stdout
+
+
+def test_a_stale_temp_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path, monkeypatch):
+    """A kill during a signal stop's save leaves ckpt_<step>.pt.tmp, of a step the resumed run may never save
+    again: as large as a checkpoint, it would stay for good."""
+    (tmp_path / "ckpt_0000006.pt.tmp").write_bytes(b"half a checkpoint")
+    common.save_checkpoint(tmp_path, 8, {"step": 8}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000008.pt"]
+
+    def interrupted_save(obj, f):  # a second Ctrl-C while the stop's save is being written
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(tmp_path, 9, {"step": 9}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000008.pt"]
