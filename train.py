@@ -304,12 +304,21 @@ def resume(cfg: TrainConfig, model, tokenizer, optimizers, loader, rank: int, wo
                  f"resume with the same number")
     common.check_same_settings(path, ckpt.get("train_config", {}), cfg, SAME_ON_RESUME)
     model.load_state_dict(ckpt["model"])
+    planned = [[g["initial_weight_decay"] for g in opt.param_groups] for opt in optimizers]
     try:
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
     except ValueError as e:  # a checkpoint whose train_config does not name its --muon
         sys.exit(f"error: {path}: its optimizer state does not fit this run's optimizers ({e}); resume with "
                  f"the --muon it was trained with")
+    rescaled = set()  # scaled_weight_decay follows --max-steps and --total-batch-size, as the schedule does
+    for opt, decays in zip(optimizers, planned):
+        for group, decay in zip(opt.param_groups, decays):
+            if group.get("initial_weight_decay", decay) != decay:
+                rescaled.add((group["initial_weight_decay"], decay))
+            group["initial_weight_decay"] = decay
+    for was, now in sorted(rescaled):
+        log(f"weight decay {was:.4g} -> {now:.4g}: scaled to the run's new length or batch")
     try:
         loader.load_state_dict(ckpt["loader"][rank])
     except data.DataError as e:

@@ -231,6 +231,21 @@ def test_resume_refuses_changed_learning_rates_and_muon(setup, tmp_path, capsys)
     assert final_state(out)["step"] == 6
 
 
+def test_a_resume_with_more_steps_scales_the_weight_decay_to_them(setup, tmp_path, capsys):
+    """scaled_weight_decay follows the run's length, and so does the schedule on --resume with a new --max-steps;
+    the optimizers' saved state kept the old decay while the log said the new one. Twice the steps: half."""
+    out = tmp_path / "a"
+    train.main(args_for(setup, out, "--weight-decay", "0.1", "--stop-after-steps", "3", "--eval-every", "0"))
+    muon_decay = lambda path: {g["initial_weight_decay"] for g in torch.load(path, weights_only=True)[
+        "optimizers"][1]["param_groups"]}
+    [six] = muon_decay(common.latest_checkpoint(out))
+    capsys.readouterr()
+    train.main(args_for(setup, out, "--weight-decay", "0.1", "--resume", "--max-steps", "12", "--eval-every", "0"))
+    [twelve] = muon_decay(common.latest_checkpoint(out))
+    assert twelve == pytest.approx(six / 2, rel=1e-12)
+    assert f"weight decay {six:.4g} -> {twelve:.4g}: scaled to the run's new length" in capsys.readouterr().out
+
+
 def test_ranks_that_find_different_checkpoints_all_stop_saying_so(setup, tmp_path):
     """Only rank 0 saves, and each rank looks for the checkpoint to resume on its own node's disk: with an --out
     that is not shared, another node finds none and would train other steps from other data until the ranks'
