@@ -24,8 +24,10 @@ Three measurements, all from the model's log-probabilities (no sampling):
   last word; random is 0.
 
 Tasks are dataset specs (data.py) whose rows a small function turns into one
-internal form, {"context": str, "choices": [str], "label": int}, with German
-prompts. The hub defaults are the standard German sets (HUB_TASKS below); a
+internal form, {"context": str, "choices": [str], "label": int, "delimiter": str}, with
+German prompts: each choice is the text scored after the context, and starts with the
+delimiter that joins them (lm-eval's target_delimiter, " "; "" when absent), which
+acc_norm does not count as a character of the choice, as lm-eval does not. The hub defaults are the standard German sets (HUB_TASKS below); a
 local JSONL file in that same form is a task too (--task-file NAME=jsonl://FILE).
 
 The results go to the terminal and into the report card (report.md, next to the
@@ -232,7 +234,8 @@ def evaluate_task(model, tokenizer, examples: list[dict], device, kind: str = "c
                 correct += gr[label]
                 continue
             correct += argmax(lp) == label
-            correct_norm += argmax([s / max(len(c), 1) for s, c in zip(lp, ex["choices"])]) == label
+            own = [c.removeprefix(ex.get("delimiter", "")) for c in ex["choices"]]  # lm-eval's len(choice)
+            correct_norm += argmax([s / max(len(c), 1) for s, c in zip(lp, own)]) == label
             chance += 1 / k
         if progress:
             progress.update(int(n) * world_size)
@@ -287,7 +290,7 @@ def hellaswag_example(row: dict) -> dict | None:
         raise SkipRow(f"field 'label' is {label!r:.40}, not the index of one of the {len(endings)} endings")
     context = f"{field_text(row, 'activity_label')}: {field_text(row, 'ctx_a')} {field_text(row, 'ctx_b').capitalize()}"
     return dict(context=hellaswag_clean(context), choices=[" " + hellaswag_clean(e) for e in endings],
-                label=int(label))
+                label=int(label), delimiter=" ")
 
 
 def arc_example(row: dict) -> dict | None:
@@ -305,7 +308,7 @@ def arc_example(row: dict) -> dict | None:
     if answer not in letters or len(keys) < 2:
         raise SkipRow(f"answer {answer!r} is not one of its two or more options ({', '.join(letters) or 'none'})")
     return dict(context=f"Frage: {field_text(row, 'instruction').strip()}\nAntwort:",
-                choices=[" " + row[k].strip() for k in keys], label=letters.index(answer))
+                choices=[" " + row[k].strip() for k in keys], label=letters.index(answer), delimiter=" ")
 
 
 def mmlu_example(row: dict) -> dict | None:
@@ -317,7 +320,7 @@ def mmlu_example(row: dict) -> dict | None:
         raise SkipRow(f"answer {answer!r} is not one of A, B, C, D")
     options = "".join(f"\n{x}. {field_text(row, x).strip()}" for x in letters)
     return dict(context=f"Frage: {field_text(row, 'Question').strip()}{options}\nAntwort:",
-                choices=[" " + x for x in letters], label=letters.index(answer))
+                choices=[" " + x for x in letters], label=letters.index(answer), delimiter=" ")
 
 
 def lambada_example(row: dict) -> dict | None:
@@ -325,14 +328,16 @@ def lambada_example(row: dict) -> dict | None:
     context, _, word = field_text(row, "text").strip().rpartition(" ")
     if not context or not word:
         raise SkipRow("field 'text' has no context before its last word")
-    return dict(context=context, choices=[" " + word], label=0)
+    return dict(context=context, choices=[" " + word], label=0, delimiter=" ")
 
 
 def local_example(row: dict) -> dict:
     """The local multiple-choice format: {"context": str, "choices": [str, ...], "label": int}.
 
     A choice is joined to the context with one space, unless the context ends or
-    the choice starts with whitespace (then they are joined as they are)."""
+    the choice starts with whitespace (then they are joined as they are). acc_norm counts a choice's
+    characters without that space, as lm-eval's default target_delimiter " " (with a choice that brings
+    its own whitespace: every choice as joined, as lm-eval's target_delimiter "")."""
     context, choices, label = row.get("context"), row.get("choices"), row.get("label")
     if not isinstance(context, str) or not isinstance(choices, list) or len(choices) < 2 \
             or not all(isinstance(c, str) and c for c in choices):
@@ -340,7 +345,9 @@ def local_example(row: dict) -> dict:
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
         raise ValueError(f'"label" must be the index of the right choice, 0 to {len(choices) - 1}, not {label!r}')
     join = "" if not context or context[-1].isspace() else " "
-    return dict(context=context, choices=[c if c[0].isspace() else join + c for c in choices], label=label)
+    own_space = any(c[0].isspace() for c in choices)  # then acc_norm counts every choice as joined
+    return dict(context=context, choices=[c if c[0].isspace() else join + c for c in choices], label=label,
+                delimiter="" if own_space else join)
 
 
 @dataclass

@@ -168,22 +168,22 @@ def test_hub_rows_map_to_examples_with_german_prompts():
                      source_id="x", split="val", split_type="indomain", label="1")
     assert ev.hellaswag_example(hellaswag) == dict(
         context="Kuchen backen: Eine Frau steht in der Küche. Sie",
-        choices=[" holt Mehl.", " singt.. Lied", " schläft.", " fährt Rad."], label=1)
+        choices=[" holt Mehl.", " singt.. Lied", " schläft.", " fährt Rad."], label=1, delimiter=" ")
     assert ev.hellaswag_example({**hellaswag, "label": ""}) is None  # the test split has no labels
 
     arc = dict(id="Mercury_1", instruction="Welche Farbe hat der Himmel?", option_a="Grün", option_b="Blau",
                option_c="Rot", option_d="Gelb", option_e="None", answer="B")
     assert ev.arc_example(arc) == dict(context="Frage: Welche Farbe hat der Himmel?\nAntwort:",
-                                       choices=[" Grün", " Blau", " Rot", " Gelb"], label=1)
+                                       choices=[" Grün", " Blau", " Rot", " Gelb"], label=1, delimiter=" ")
 
     mmlu = {"Unnamed: 0": 0, "Question": "Was ist 2 + 2?", "A": "3", "B": "4", "C": "5", "D": "22",
             "Answer": "B", "Subject": "elementary_mathematics"}
     assert ev.mmlu_example(mmlu) == dict(context="Frage: Was ist 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 22\nAntwort:",
-                                         choices=[" A", " B", " C", " D"], label=1)
+                                         choices=[" A", " B", " C", " D"], label=1, delimiter=" ")
 
     lambada = dict(text="Er öffnete die Tür und sah seinen alten Freund Peter")
     assert ev.lambada_example(lambada) == dict(context="Er öffnete die Tür und sah seinen alten Freund",
-                                               choices=[" Peter"], label=0)
+                                               choices=[" Peter"], label=0, delimiter=" ")
     assert {n: t.kind for n, t in ev.HUB_TASKS.items()} == dict(hellaswag="choice", arc="choice", mmlu="choice",
                                                                   lambada="greedy")
     assert all(t.on_hub for t in ev.HUB_TASKS.values())
@@ -272,7 +272,7 @@ def test_local_jsonl_tasks(tmp_path):
     assert (task.name, task.kind, task.on_hub) == ("quiz", "choice", False)
     examples = ev.load_examples(task)
     assert examples[0] == dict(context="Die Hauptstadt von Deutschland ist", choices=[" Berlin", " Bern", " Wien"],
-                               label=0)
+                               label=0, delimiter=" ")
     assert examples[1]["choices"] == ["4", " 5"]  # after a newline, and a choice's own space, nothing is added
     sample = ev.load_examples(task, limit=5)
     assert len(sample) == 5 and sample == ev.load_examples(task, limit=5)
@@ -509,7 +509,7 @@ def test_row_labels_outside_the_choices_are_refused():
     with pytest.raises(ValueError, match='"label" must be the index'):
         ev.local_example(dict(context="x", choices=["a", "b"], label=-1))
     assert ev.local_example(dict(context="", choices=["a", " b"], label=0)) == dict(context="", choices=["a", " b"],
-                                                                                   label=0)
+                                                                                   label=0, delimiter="")
 
 
 def test_a_local_file_named_like_a_hub_task_is_read_in_the_local_format(tmp_path):
@@ -585,3 +585,21 @@ def test_table_cells_and_samples_keep_the_markdown_intact():
     assert report.markdown_table(["task", "ok"], [["a|b\nc", True]]) == "| task | ok |\n|---|---|\n| a\\|b c | True |"
     assert report.format_samples([("Was | ist?", "  "), ("Hallo", "Hi\nda")]) == \
         "**Was \\| ist?**\n\n> (keine Antwort)\n\n**Hallo**\n\n> Hi\n> da"
+
+
+def test_acc_norm_does_not_count_the_joining_space_as_lm_eval(small_tokenizer, monkeypatch):
+    """lm-eval scores context + target_delimiter (" ") + choice and divides by len(choice); evaluation.py's
+    HellaSwag/ARC choices carry that space and divided by it too, so near-ties went the other way (toward short
+    endings). Log-likelihoods -10 and -19.5 over "kocht." (6) and "schläft ein." (12): -1.67 < -1.63 is
+    lm-eval's pick of the second; with the space, -1.43 > -1.5 picked the first."""
+    row = dict(activity_label="Kochen", ctx_a="Ein Mann steht in der Küche.", ctx_b="er",
+               endings=["kocht.", "schläft ein.", "x", "y"], label="1")
+    example = ev.hellaswag_example(row)
+    assert example["choices"][:2] == [" kocht.", " schläft ein."] and example["delimiter"] == " "
+    monkeypatch.setattr(ev, "continuation_scores", lambda model, rows, device: ([-10.0, -19.5, -30.0, -30.0],
+                                                                                 [False] * len(rows)))
+    model = LogitsStub(torch.zeros(small_tokenizer.vocab_size))
+    assert ev.evaluate_task(model, small_tokenizer, [example], "cpu")["acc_norm"] == 1.0
+    local = ev.local_example(dict(context="Er", choices=["kocht.", "schläft ein.", "x", "y"], label=1))
+    assert local["choices"] == example["choices"] and local["delimiter"] == " "
+    assert ev.evaluate_task(model, small_tokenizer, [local], "cpu")["acc_norm"] == 1.0

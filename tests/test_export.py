@@ -459,38 +459,29 @@ dataset_kwargs:
   data_files:
     test: {file}
 test_split: test
-process_docs: !function nanoschnack_task.process_docs
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
 metric_list:
   - metric: acc
   - metric: acc_norm
 """
-LM_EVAL_UTILS = """\
-from evaluation import local_example  # evaluation.py's own reading of the file: the same strings in both harnesses
-
-
-def process_docs(dataset):
-    return dataset.map(local_example)
-"""
+QUIZ_CHOICES = [json.loads(line)["choices"] for line in QUIZ.read_text(encoding="utf-8").splitlines()]
 LL_ATOL = 1e-4  # per-choice sums of log-probs, fp32, a few tokens each
 
 
 @pytest.mark.slow  # about 25 s each, most of it importing lm-eval and transformers in a fresh process
 @pytest.mark.parametrize("which", ["exported", "recipe_exported"])  # NanoChat, and modeling_nanoschnack.py's model
 def test_lm_eval_agrees_with_eval_py(tmp_path, request, which):
-    """Same examples, same strings: evaluation.local_example joins context and choice (with one space), and
-    the lm-eval task reads the file through it with target_delimiter "". Then acc_norm is the same
-    definition on both sides (log-likelihood / characters of the choice, its leading space included),
-    and the per-choice log-likelihoods agree to fp32 precision, so acc and acc_norm agree exactly."""
+    """Same examples, same strings: evaluation.local_example joins context and choice with one space, as
+    lm-eval's default target_delimiter does, and acc_norm divides by the characters of the choice without it
+    on both sides (it counted the space: ties broke otherwise than lm-eval's hellaswag and arc). The
+    per-choice log-likelihoods agree to fp32 precision, so acc and acc_norm agree exactly."""
     model, tokenizer, folder = request.getfixturevalue(which)
     remote_code = ",trust_remote_code=True" if which == "recipe_exported" else ""  # NanoChat is transformers' own
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "nanoschnack_quiz.yaml").write_text(LM_EVAL_TASK.format(file=QUIZ))
-    (tmp_path / "task" / "nanoschnack_task.py").write_text(LM_EVAL_UTILS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf",
@@ -516,7 +507,7 @@ def test_lm_eval_agrees_with_eval_py(tmp_path, request, which):
         lls, _ = ev.continuation_scores(model, ev.choice_rows(tokenizer, ex, model.config.sequence_len), "cpu")
         theirs_lls = [float(r[0][0]) for r in sample["resps"]]
         assert theirs_lls == pytest.approx(lls, abs=LL_ATOL)
-        for scores in (lls, [s / len(c) for s, c in zip(lls, ex["choices"])]):  # acc's and acc_norm's
+        for scores in (lls, [s / len(c) for s, c in zip(lls, QUIZ_CHOICES[sample["doc_id"]])]):  # acc's, acc_norm's
             best, second = sorted(scores, reverse=True)[:2]
             assert best - second > 10 * LL_ATOL  # no near-ties: equal accuracies are not luck
 
