@@ -493,7 +493,8 @@ def chat_base(ckpt: dict, tokenizer, device, log):
     older checkpoints only the path as given. Under torchrun the ranks agree: a node that lacks the base, or
     finds another, makes every rank skip it, or their collectives would pair up wrongly."""
     path, recorded = ckpt.get("base_path") or ckpt.get("base"), ckpt.get("base_fingerprint")
-    model, why = None, f"the base checkpoint {path} is not there"
+    model, why = None, (f"the base checkpoint {path} is not there" if path else
+                        f"{ckpt.get('path')} names no base model (an exported folder does not)")
     if path and Path(path).exists():  # a checkpoint file, or an exported folder
         model, base_tokenizer, base = common.load_model(path, device)
         now = common.checkpoint_fingerprint(base, base_tokenizer)

@@ -492,6 +492,7 @@ def main(argv=None):
                 + f" | loss {record['loss_smooth']:.4f} (this step {loss:.4f}) | lr x{lr_mult:.3f} | {tok_per_s:,.0f} tok/s"
                 + (f" | MFU {mfu:.1%}" if mfu is not None else "") + (f" | mem {mem:.1f} GiB" if mem else "")
                 + f" | ETA {common.format_seconds(max(left, 0))}")
+        paused = time.time()  # evaluation, samples and saves are no training: the next rate leaves them out
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             task_results = evaluate(raw_model, tokenizer, val_batches, eval_tasks, record, step, cfg, rank,
                                     world_size, device, log)
@@ -506,6 +507,7 @@ def main(argv=None):
         leave = None if last else stop.reason(step - first_step, cfg.stop_after_steps, device)
         if (cfg.save_every and step % cfg.save_every == 0) or last or leave:
             save()
+        window_start += time.time() - paused
         if leave:
             log(f"stopped at step {step:,} ({leave}); continue with --resume")
             break

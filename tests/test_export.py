@@ -436,6 +436,10 @@ def test_evaluation_of_an_exported_folder(tmp_path, exported):
     assert "## Evaluation (chat)" in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "report.md").exists()
     base = ev.chat_base({"base": str(tmp_path / "out" / "hf")}, tokenizer, "cpu", print)
+    notes = []  # an exported chat folder names no base (it said "the base checkpoint None is not there")
+    assert ev.chat_base({"path": str(tmp_path / "out" / "hf")}, tokenizer, "cpu", notes.append) is None
+    assert notes == [f"note: {tmp_path / 'out' / 'hf'} names no base model (an exported folder does not): no base "
+                     f"-> chat change of bits per byte"]
     assert base is not None and all(torch.equal(a, b) for a, b in zip(base.state_dict().values(),
                                                                        model.state_dict().values()))
 

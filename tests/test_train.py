@@ -246,6 +246,30 @@ def test_a_resume_with_more_steps_scales_the_weight_decay_to_them(setup, tmp_pat
     assert f"weight decay {six:.4g} -> {twelve:.4g}: scaled to the run's new length" in capsys.readouterr().out
 
 
+def test_the_tokens_per_second_leave_out_evaluations_and_saves(setup, tmp_path, monkeypatch):
+    """The rate (and the MFU and ETA from it) is training's: the line after an evaluation, a sample or a save
+    read a tenth of it, and log.jsonl kept that. On a clock that only steps (1 s each) and evaluations and saves
+    (100 s each) move, every line reads one step's tokens a second."""
+    now = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+
+    def taking(seconds, function):
+        def timed(*args, **kwargs):
+            result = function(*args, **kwargs)
+            now[0] += seconds
+            return result
+        return timed
+    monkeypatch.setattr(train, "train_step", taking(1.0, train.train_step))
+    monkeypatch.setattr(train, "evaluate", taking(100.0, train.evaluate))
+    monkeypatch.setattr(common, "save_checkpoint", taking(100.0, common.save_checkpoint))
+    out = tmp_path / "a"
+    train.main(args_for(setup, out, "--log-every", "1"))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    batch = records[0]["tokens"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and "val_bpb" in records[2]
+    assert [r["tok_per_s"] for r in records] == [batch] * 6
+
+
 def test_ranks_that_find_different_checkpoints_all_stop_saying_so(setup, tmp_path):
     """Only rank 0 saves, and each rank looks for the checkpoint to resume on its own node's disk: with an --out
     that is not shared, another node finds none and would train other steps from other data until the ranks'
