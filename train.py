@@ -359,9 +359,11 @@ def write_report(cfg: TrainConfig, model, steps: int, step: int, first_step: int
         ["tokens", tokens_seen], ["tokens per step", cfg.total_batch_size],
         ["steps", f"{step:,} in a time budget of {cfg.time_budget:g} min" if cfg.time_budget else f"{step:,} of {steps:,}"],
         ["wall time", f"{seconds / 60:.1f} min" + (" (all sessions)" if first_step else "")],
-        ["tokens/s", f"{tok_per_s:,.0f} (mean over the run, evals included)"], ["MFU", mfu],
+        ["tokens/s", f"{tok_per_s:,.0f} (mean over " + ("this session" if first_step else "the run")
+         + ", evals included)"], ["MFU", mfu],
         ["hardware", f"{world_size} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"],
-        ["final val bpb", val_bpb or "not measured (--eval-every 0)"],
+        ["final val bpb", val_bpb or ("not measured (--eval-every 0)" if not cfg.eval_every else
+                                      "not measured yet (the run stopped before its first evaluation)")],
         ["validation data", " ".join(f"`{s}`" for s in cfg.val_data.split())],
         ["training data", " ".join(f"`{s}`" for s in cfg.data.split())],
         ["checkpoint", f"`{common.latest_checkpoint(cfg.out)}`"],
@@ -440,7 +442,8 @@ def main(argv=None):
                      tokenizer=str(Path(cfg.tokenizer).resolve()), tokenizer_json=tokenizer.to_json(),
                      kind="base", loader=loaders, world_size=world_size,
                      rng=dict(cpu=torch.get_rng_state()), step=step, tokens=tokens_seen,
-                     train_seconds=prior_seconds + time.time() - start_time, loss_smooth=smoothed.state())
+                     train_seconds=prior_seconds + time.time() - start_time, loss_smooth=smoothed.state(),
+                     last_eval=dict(val_bpb=val_bpb, task_results=task_results))  # for a later session's report
         if master:
             log(f"saved {common.save_checkpoint(out, step, state, cfg.keep_last)}")
 
@@ -455,7 +458,9 @@ def main(argv=None):
         except data.DataError as e:  # a bad row found while reading, e.g. malformed JSON lines
             sys.exit(f"error: {e}")
 
-    first_step, first_tokens, val_bpb, task_results = step, tokens_seen, None, []
+    first_step, first_tokens = step, tokens_seen
+    last_eval = resumed.get("last_eval", {})  # an earlier session's, until this one evaluates
+    val_bpb, task_results = last_eval.get("val_bpb"), last_eval.get("task_results", [])
     start_time, window_start, window_tokens = time.time(), time.time(), 0
     budget = common.TimeBudget(cfg.time_budget, prior_seconds) if cfg.time_budget else None  # starts with the steps
 
@@ -520,9 +525,9 @@ def main(argv=None):
         dist.all_gather_object(every_rank, counts)
         counts = {kind: {spec: sum(rank[kind][spec] for rank in every_rank) for spec in counts[kind]}
                   for kind in counts}
-    log(f"done: {tokens_seen:,} tokens in {seconds:.0f}s"
-        + (f" ({tokens_seen - first_tokens:,} in this session's share of the {cfg.time_budget:g}-minute budget)"
-           if budget else "")
+    log(f"done: {tokens_seen:,} tokens" + (f", {tokens_seen - first_tokens:,} of them" if first_step else "")
+        + f" in {seconds:.0f}s"
+        + (f" (this session's share of the {cfg.time_budget:g}-minute budget)" if budget else "")
         + f"; counts per source: {json.dumps(counts['tokens'], ensure_ascii=False)}"
         + f"; times read through per source: {json.dumps(loader.passes_read(), ensure_ascii=False)}"
         + (f"; cropped per source: {json.dumps(counts['cropped'], ensure_ascii=False)}"

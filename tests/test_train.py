@@ -270,6 +270,23 @@ def test_the_tokens_per_second_leave_out_evaluations_and_saves(setup, tmp_path, 
     assert [r["tok_per_s"] for r in records] == [batch] * 6
 
 
+def test_a_resumed_session_reports_the_last_evaluation_of_an_earlier_one(setup, tmp_path, capsys):
+    """A session stopped before its next evaluation reported "final val bpb: not measured (--eval-every 0)", though
+    --eval-every was 3 and the session before had measured it: the last evaluation now travels in the checkpoint.
+    A resumed session's tokens/s and done line say they are this session's."""
+    out, card = tmp_path / "a", tmp_path / "report.md"
+    train.main(args_for(setup, out, "--stop-after-steps", "2"))
+    assert "| final val bpb | not measured yet (the run stopped before its first evaluation) |" in card.read_text()
+    train.main(args_for(setup, out, "--resume", "--stop-after-steps", "2"))  # steps 3 and 4: evaluated at 3
+    measured = re.search(r"\| final val bpb \| (\d\.\d{4} \(step 3\)) \|", card.read_text())
+    assert measured, card.read_text()
+    capsys.readouterr()
+    train.main(args_for(setup, out, "--resume", "--stop-after-steps", "1"))  # step 5: no evaluation
+    text = card.read_text()
+    assert f"| final val bpb | {measured.group(1)} |" in text and "(mean over this session, evals included)" in text
+    assert re.search(r"done: [\d,]+ tokens, [\d,]+ of them in \d+s", capsys.readouterr().out)
+
+
 def test_ranks_that_find_different_checkpoints_all_stop_saying_so(setup, tmp_path):
     """Only rank 0 saves, and each rank looks for the checkpoint to resume on its own node's disk: with an --out
     that is not shared, another node finds none and would train other steps from other data until the ranks'
