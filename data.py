@@ -60,6 +60,7 @@ local shards; dataloader.py makes packed, rank-sharded pretraining batches of it
 """
 import codecs
 import glob
+import hashlib
 import json
 import math
 import os
@@ -148,11 +149,12 @@ def parse_spec(spec: str) -> Source:
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         value = unquote(value)
+        question = "" if kind == "hf" else "; a '?' in a file name is written %3F"
         if not eq or not value:
-            raise DataError(f"bad dataset spec {spec!r}: option {part!r} is not key=value")
+            raise DataError(f"bad dataset spec {spec!r}: option {part!r} is not key=value{question}")
         if key not in OPTIONS[kind]:
             raise DataError(f"bad dataset spec {spec!r}: option {key!r} does not apply to {kind}:// "
-                            f"(allowed: {', '.join(sorted(OPTIONS[kind]))})")
+                            f"(allowed: {', '.join(sorted(OPTIONS[kind]))}){question}")
         if key == "weight" and value.startswith("size"):
             if kind == "hf":
                 raise DataError(f"bad dataset spec {spec!r}: weight=size needs local files (parquet, jsonl, txt); "
@@ -198,7 +200,13 @@ def parse_specs(specs, flag: str = "--data") -> list[Source]:
     """Parse whitespace-separated specs, from one string or a list of strings; `flag` names where they came from."""
     if isinstance(specs, str):
         specs = [specs]
-    sources = [parse_spec(s) for text in specs for s in text.split()]
+    pieces = [s for text in specs for s in text.split()]
+    for before, piece in zip(pieces, pieces[1:]):
+        if "://" not in piece:  # whitespace separates specs, so a path with a space arrives cut in two
+            raise DataError(f"bad dataset spec {before + ' ' + piece!r}: whitespace separates specs, so this is "
+                            f"cut into {before!r} and {piece!r}; a space in a path is written %20 "
+                            f"(README, Dataset specs)")
+    sources = [parse_spec(s) for s in pieces]
     if not sources:
         raise DataError(f"no dataset spec given: pass e.g. {flag} 'parquet://DIR/*.parquet'")
     for source in sources:
@@ -211,14 +219,15 @@ def parse_specs(specs, flag: str = "--data") -> list[Source]:
 def text_bytes(source: Source) -> int:
     """A local source's size in bytes of text (weight=size): the UTF-8 bytes of a parquet file's text
     column, one row group at a time (the metadata's sizes count dictionary pages and encodings too);
-    a JSONL or text file's size."""
+    a JSONL or text file's size; a compressed one's size uncompressed, counted by reading it through once
+    (gzip's own size field counts modulo 4 GiB)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     total = 0
     for path in resolve_files(source):
         if source.kind != "parquet":
-            total += os.path.getsize(path)
+            total += uncompressed_size(path)
             continue
         file = pq.ParquetFile(path)
         if source.text not in file.schema_arrow.names:
@@ -229,6 +238,18 @@ def text_bytes(source: Source) -> int:
             total += pc.sum(pc.binary_length(column)).as_py() or 0
     if not total:
         raise DataError(f"{source.spec}: weight=size, but its files hold no text; give it a number")
+    return total
+
+
+def uncompressed_size(path: str) -> int:
+    """A file's size in bytes, decompressed where its suffix says it is compressed (.gz, .bz2, .xz, ...)."""
+    from fsspec.utils import infer_compression
+    if infer_compression(path) is None:
+        return os.path.getsize(path)
+    total = 0
+    with open_decompressed(path) as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
     return total
 
 
@@ -356,12 +377,14 @@ def open_local_files(source: Source, keep_source: bool, local: dict):
         if not source.files:
             raise DataError(f"{source.spec}: no text found, all its files are empty (empty dataset)")
         if source.kind == "jsonl":
-            return datasets.load_dataset("json", data_files=source.files, **local)
+            return open_jsonl(source, keep_source, local)
         source.text = "text"
         return datasets.load_dataset("text", data_files=source.files, **local, encoding="utf-8-sig",  # no BOM text
                                      sample_by="document" if source.per == "file" else "line")
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e.__context__
+        if isinstance(cause, DataError):  # jsonl_documents found a bad line
+            raise cause from None
         error = None if cause is None else read_error(source, cause)
         if error is None:
             raise
@@ -374,18 +397,8 @@ def iter_rows(source: Source):
     caller decides whether to count it or to stop."""
     if source.kind == "jsonl":
         for path in resolve_files(source):
-            with open(path, encoding="utf-8-sig") as f:  # a byte order mark (Windows editors) is not line 1's JSON
-                n = 0
-                try:
-                    for n, line in enumerate(f, 1):
-                        if line.strip():
-                            try:
-                                row = json.loads(line)
-                            except json.JSONDecodeError as e:
-                                row = e
-                            yield f"{path}:{n}", row
-                except UnicodeDecodeError as e:
-                    raise not_utf8(source, path, f"{e.reason}, after line {n:,}") from None
+            for n, row in iter_json_lines(source, path):
+                yield f"{path}:{n}", row
     elif source.kind == "parquet":
         for n, (_, row) in enumerate(iter_parquet_rows(source)):
             yield f"{source.spec}#{n}", row
@@ -397,6 +410,66 @@ def iter_rows(source: Source):
             raise DataError(f"{source.spec}: hub connection lost while reading ({e})") from None
     else:
         raise DataError(f"{source.spec}: rows come from jsonl://, parquet:// or hf:// sources, not {source.kind}://")
+
+
+def open_decompressed(path: str):
+    """A file opened for reading bytes, decompressed by its suffix (.gz, .bz2, .xz, .zst, ...) as `datasets`
+    does for pretraining files."""
+    import fsspec
+    return fsspec.open(path, "rb", compression="infer").open()
+
+
+def iter_json_lines(source: Source, path: str):
+    """(line number, row) for every non-blank line of a JSONL file; a line that is not valid JSON comes as
+    its JSONDecodeError. Decoded line by line, so a byte that is not UTF-8 is named with its own line."""
+    with open_decompressed(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte order mark is not line 1's JSON
+            except UnicodeDecodeError as e:
+                raise not_utf8(source, path, f"{e.reason}, line {n:,}") from None
+            if line.strip():
+                try:
+                    yield n, json.loads(line.rstrip("\r\n"))  # a column, not "line 2", in a parse error
+                except json.JSONDecodeError as e:
+                    yield n, e
+
+
+def jsonl_documents(files: list[str], source: Source, keep_source: bool):
+    """The text field (and the `source` field, for prepare) of every line of JSONL files, with file:line
+    errors. Only these fields are read, so other keys may differ between files, as they do in real dumps."""
+    for path in files:
+        for n, row in iter_json_lines(source, path):
+            if not isinstance(row, dict):
+                what = (f"not valid JSON ({row.msg} at column {row.colno})" if isinstance(row, json.JSONDecodeError)
+                        else "not an object")
+                raise DataError(f"{source.spec}: {path}:{n}: {what}; every line must be one JSON object")
+            text = row.get(source.text)
+            if not isinstance(text, str):
+                raise DataError(f"{source.spec}: {path}:{n}: a document has no string {source.text!r} field "
+                                f"({'it is missing' if source.text not in row else 'got ' + type(text).__name__}; "
+                                f"fields: {', '.join(row)}); "
+                                f"name the text field with ?text=FIELD")
+            document = {source.text: text}
+            if keep_source:
+                origin = row.get("source")
+                document["source"] = origin if isinstance(origin, str) else None
+            yield document
+
+
+def open_jsonl(source: Source, keep_source: bool, local: dict):
+    """A jsonl:// source as a dataset of its text field (jsonl_documents), one shard per file."""
+    import datasets
+    columns = [source.text] + (["source"] if keep_source and source.text != "source" else [])
+    features = datasets.Features({c: datasets.Value("string") for c in columns})
+    kwargs = dict(files=source.files, source=source, keep_source=keep_source)
+    if local["streaming"]:
+        return datasets.IterableDataset.from_generator(jsonl_documents, features=features, gen_kwargs=kwargs)
+    # the cache is keyed by the files' state: a file changed since it was converted is converted again
+    state = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in source.files]
+    fingerprint = hashlib.sha256(repr((state, columns, source.spec)).encode()).hexdigest()[:32]
+    return datasets.Dataset.from_generator(jsonl_documents, features=features, gen_kwargs=kwargs,
+                                           cache_dir=local["cache_dir"], fingerprint=fingerprint)
 
 
 def open_source(source: Source, streaming: bool = True, keep_source: bool = False, cache_dir=None,
@@ -453,6 +526,10 @@ def check_parquet_files(source: Source) -> set[str]:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
             raise DataError(f"{source.spec}: {path}: column {source.text!r} holds {kind}, not text; "
                             f"pick the text column with ?text=COLUMN")
+        if pa.types.is_null(kind) and meta.num_rows > 0:  # pandas writes an all-None column so
+            raise DataError(f"{source.spec}: {path} has a document with no string {source.text!r} field "
+                            f"(column type null: all {meta.num_rows:,} values are null); fill the column, "
+                            f"or leave the file out of the spec")
         common = set(names) if common is None else common & set(names)
         rows += meta.num_rows
         if meta.num_rows > 0:
@@ -539,9 +616,9 @@ def not_utf8(source: Source, path, detail: str) -> DataError:
 
 
 def read_error(source: Source, e: Exception) -> DataError | None:
-    """The DataError for a local source's files that cannot be read (not UTF-8, a JSONL line that is not one
-    JSON object, a damaged parquet page), naming the file (and line); None for any other error. It reads the
-    files again to find the bad one, on this error path only."""
+    """The DataError for a local source's files that cannot be read (not UTF-8, a damaged parquet page), naming
+    the file; None for any other error (a JSONL file's bad lines are named by jsonl_documents as it reads).
+    It reads the files again to find the bad one, on this error path only."""
     import pyarrow as pa
     if source.kind == "hf":
         return None
@@ -549,31 +626,12 @@ def read_error(source: Source, e: Exception) -> DataError | None:
         bad = first_undecodable_file(source.files) or "a file"
         return not_utf8(source, bad, f"{e.reason} at byte {e.start}")
     first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if source.kind == "jsonl" and isinstance(e, (ValueError, pa.ArrowException)):
-        where = first_bad_json_line(source.files)
-        if where is None and not isinstance(e, pa.ArrowException):
-            return None  # not the data's fault
-        return DataError(f"{source.spec}: {where or 'unreadable data'}: {first_line}"
-                         + ("; every line must be one JSON object" if where else ""))
     if source.kind == "parquet" and isinstance(e, (OSError, pa.ArrowException)):  # pyarrow: OSError for a bad page
         bad = first_unreadable_parquet(source.files, source.text)
         if bad is None:
             return None
         return DataError(f"{source.spec}: {bad} cannot be read, its data is damaged or gone ({first_line}); "
                          f"replace the file, or leave it out of the spec")
-    return None
-
-
-def first_bad_json_line(files: list[str]) -> str | None:
-    """The file and line of the first line that is not one JSON object (only on the error path)."""
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    if line.strip() and not isinstance(json.loads(line), dict):
-                        return f"{path}:{number} (not an object)"
-                except ValueError:
-                    return f"{path}:{number}"
     return None
 
 

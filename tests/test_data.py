@@ -1,5 +1,7 @@
 """Tests for data.py: dataset specs and reading sources."""
+import gzip
 import json
+import re
 import threading
 
 import numpy as np
@@ -123,7 +125,7 @@ def test_a_byte_order_mark_is_no_text(tmp_path):
     (lambda d: pq.write_table(pa.table({"inhalt": ["x"]}), d / "a.parquet"), "parquet://{d}/a.parquet",
      "has no column 'text' (columns: inhalt)"),
     (lambda d: (d / "a.jsonl").write_text('{"text": "a"}\n["b"]\n'), "jsonl://{d}/a.jsonl",
-     "a.jsonl:2 (not an object)"),
+     "a.jsonl:2: not an object"),
     (lambda d: (d / "a.jsonl").write_text('{"text": "a"}\nkein JSON\n'), "jsonl://{d}/a.jsonl", "a.jsonl:2: "),
     (lambda d: (pq.write_table(pa.table({"text": ["x"]}), d / "a.parquet"),
                 pq.write_table(pa.table({"text": [5]}), d / "b.parquet")), "parquet://{d}/*.parquet",
@@ -638,3 +640,51 @@ def test_the_text_option_reads_its_column_where_a_text_column_exists_too(tmp_pat
                                               for i in range(3)))
     assert list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/a.jsonl?text=body"))) == [
         "Inhalt 0", "Inhalt 1", "Inhalt 2"]
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "converted"])
+def test_jsonl_files_whose_other_keys_differ_are_read(tmp_path, streaming):
+    """Only the text field is read: an extra key in one file, or an unused key whose type changes, is no error."""
+    rows = {"a.jsonl": [{"text": "Eins", "meta": 1}], "b.jsonl": [{"text": "Zwei", "meta": "x", "extra": 2}],
+            "c.jsonl": [{"text": "Drei", "meta": [1]}]}
+    for name, lines in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    source = parse_spec(f"jsonl://{tmp_path}/*.jsonl")
+    ds = data.open_source(source, streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    assert list(data.iter_texts(source, ds)) == ["Eins", "Zwei", "Drei"]
+
+
+def test_a_jsonl_line_without_the_text_field_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b"}\n\n{"text": null}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:3: a document has no string 'text' field \(got NoneType"):
+        list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/*.jsonl")))
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "converted"])
+def test_an_all_null_parquet_text_column_is_refused_naming_the_file(tmp_path, streaming):
+    """pandas writes an all-None column as type null; datasets would cast the later files' text to null."""
+    pq.write_table(pa.table({"text": pa.array([None, None])}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["Eins"]}), tmp_path / "b.parquet")
+    source = parse_spec(f"parquet://{tmp_path}/*.parquet")
+    with pytest.raises(DataError, match=r"a\.parquet has a document with no string 'text' field \(column type null"):
+        list(data.iter_texts(source, data.open_source(source, streaming=streaming, cache_dir=str(tmp_path / "c"))))
+
+
+@pytest.mark.parametrize("specs, hint", [
+    ("parquet://my data/*.parquet", "a space in a path is written %20"),
+    ("jsonl://a?b=c.jsonl", "a '?' in a file name is written %3F"),
+    ("jsonl://wer?.jsonl", "a '?' in a file name is written %3F"),
+])
+def test_a_space_or_question_mark_in_a_path_gets_the_percent_hint(specs, hint):
+    with pytest.raises(DataError, match=re.escape(hint)):
+        parse_specs(specs)
+
+
+def test_weight_size_counts_a_compressed_file_uncompressed(tmp_path):
+    text = "".join(json.dumps({"text": "Wiederholung " * 50}) + "\n" for _ in range(200)).encode()
+    (tmp_path / "a.jsonl").write_bytes(text)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(text)
+    plain, packed = parse_specs(f"jsonl://{tmp_path}/a.jsonl?weight=size jsonl://{tmp_path}/b.jsonl.gz?weight=size")
+    assert packed.size_bytes == plain.size_bytes == len(text)

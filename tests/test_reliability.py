@@ -124,7 +124,7 @@ CASES = [
     case("train.py", TRAIN, ["--data", "parquet://{w}/train.parquet?text=nope"], "no column 'nope'",
          id="train-wrong-column"),
     case("train.py", TRAIN, ["--data", "txt://{w}/empty.txt"], "all its files are empty", id="train-empty-txt"),
-    case("train.py", TRAIN, ["--data", "jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: JSON parse error",
+    case("train.py", TRAIN, ["--data", "jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: not valid JSON",
          id="train-malformed-jsonl"),
     case("train.py", TRAIN, ["--tokenizer", "{w}/garbage.pt"], "not a readable tokenizer.json",
          id="train-garbage-tokenizer"),
@@ -176,7 +176,7 @@ CASES = [
          fsize=1000, id="tok-disk-full-keeps-old-tokenizer"),
     # data.py
     case("data.py", PREPARE, ["--data", "jsonl://{w}/nothing.jsonl"], "file not found", id="prepare-missing-data"),
-    case("data.py", PREPARE, ["--data", "jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: JSON parse error",
+    case("data.py", PREPARE, ["--data", "jsonl://{w}/malformed.jsonl"], "malformed.jsonl:1: not valid JSON",
          id="prepare-malformed-jsonl"),
     case("data.py", PREPARE, ["--out", "{w}/prepared", "--shard-rows", "12"], "other settings",
          id="prepare-other-settings-keeps-shards"),

@@ -512,3 +512,21 @@ def test_sigterm_saves_then_exits_143(setup, monkeypatch, capfd):
     assert "SIGTERM: stopping after this step, with a checkpoint to --resume from\n" in said.err
     assert "stopped at step 1 (signal); continue with --resume" in said.out
     assert common.latest_checkpoint(setup / "c").name == "ckpt_0000001.pt"
+
+
+@pytest.mark.parametrize("opener", ["gzip", "bz2", "lzma"])
+def test_compressed_jsonl_is_read_like_pretraining_data(tmp_path, small_tokenizer, opener):
+    """conversations.jsonl.gz (.bz2, .xz) is read decompressed, as jsonl:// pretraining files are."""
+    rows = fixture_conversations(6)
+    plain = write_jsonl(tmp_path / "c.jsonl", rows)
+    packed = tmp_path / ("c.jsonl." + {"gzip": "gz", "bz2": "bz2", "lzma": "xz"}[opener])
+    packed.write_bytes(__import__(opener).compress(plain.read_bytes()))
+    load = lambda path: chatdata.load_conversations(data.parse_specs(f"jsonl://{path}"), small_tokenizer, 1000)
+    assert load(packed) == load(plain) and len(load(plain)) == 6
+
+
+def test_a_bad_byte_is_named_with_its_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(json.dumps(fixture_conversations(1)[0]).encode() + b"\n" + '{"messages": "Grüße"}\n'.encode("latin1"))
+    with pytest.raises(data.DataError, match=r"s\.jsonl is not valid UTF-8 \(invalid start byte, line 2\)"):
+        list(data.iter_rows(data.parse_spec(f"jsonl://{path}")))
