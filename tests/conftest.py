@@ -15,6 +15,7 @@ import collections
 import contextlib
 import importlib
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+
+def torchrun(*args, nproc: int = 2, timeout: int = 300, **env):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N ARGS` as a user runs it, one thread per
+    process and the repository importable, with `env` added; the finished process (stdout and stderr as text)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def sample_data_dir() -> Path:

@@ -20,7 +20,7 @@ import tok
 import train
 import common
 import report
-from conftest import FIXTURE_TEXT, make_checkpoint
+from conftest import FIXTURE_TEXT, make_checkpoint, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = [l for l in FIXTURE_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
@@ -572,9 +572,7 @@ def test_ranks_agree_whether_to_compare_with_the_base(tmp_path, small_tokenizer)
                       "found = evaluation.chat_base({'base': base, 'path': 'chat.pt'}, tokenizer, device, print)\n"
                       "print(f'rank {rank} compares: {found is not None}', flush=True)\n"
                       "common.teardown_distributed()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(base)], env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(script, base, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(l for l in proc.stdout.splitlines() if "compares" in l) == [
         "rank 0 compares: False", "rank 1 compares: False"], proc.stdout

@@ -21,7 +21,7 @@ import gpt
 import optim
 import tok
 import train
-from conftest import make_checkpoint, refusal, sigkill_when_file_appears, signal_handlers_kept
+from conftest import make_checkpoint, refusal, sigkill_when_file_appears, signal_handlers_kept, torchrun
 
 from tok import Tokenizer
 
@@ -300,10 +300,7 @@ def test_ranks_that_find_different_checkpoints_all_stop_saying_so(setup, tmp_pat
                        "    sys.argv[sys.argv.index('--out') + 1] += '-node2'\n"
                        "sys.argv = sys.argv[1:]\n"
                        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(wrapper), str(REPO / "train.py"), *args_for(setup, out, "--resume", "--eval-every", "0")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(wrapper, REPO / "train.py", *args_for(setup, out, "--resume", "--eval-every", "0"), timeout=120)
     said = [l for l in proc.stderr.splitlines() if "error:" in l]
     assert proc.returncode != 0 and len(said) == 2, proc.stderr[-3000:]
     for rank, line in enumerate(sorted(said)):
@@ -779,12 +776,9 @@ def test_sigterm_to_one_rank_stops_both_and_exits_143(setup, tmp_path):
     """A SIGTERM to one worker: both ranks save the same step and exit 128 + 15, without a traceback of theirs
     (torchrun's own report of the exit codes follows)."""
     (tmp_path / "signal_at_first_step.py").write_text(SIGNAL_AT_FIRST_STEP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SIGNAL": str(int(signal.SIGTERM)),
-           "SIGNAL_RANK": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "signal_at_first_step.py"), str(REPO / "train.py"),
-                           *args_for(setup, tmp_path / "run", "--eval-every", "0")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(tmp_path / "signal_at_first_step.py", REPO / "train.py",
+                    *args_for(setup, tmp_path / "run", "--eval-every", "0"), SIGNAL=str(int(signal.SIGTERM)),
+                    SIGNAL_RANK="1")
     assert proc.returncode != 0 and re.search(r"exitcode\s*: 143", proc.stderr), proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
     assert not re.search(r"\[rank\d\]: Traceback", proc.stderr), proc.stderr[-3000:]
