@@ -448,7 +448,11 @@ def checkpoint_fingerprint(ckpt: dict, tokenizer) -> dict:
     seconds (two runs of one preset share the step and the tokens, not the seconds) and its tokenizer's hash.
     sft.py records its base's, and its --resume and evaluation.py check that the base is still that one."""
     return dict(step=ckpt.get("step"), tokens=ckpt.get("tokens"), train_seconds=ckpt.get("train_seconds"),
-                tokenizer_sha256=hashlib.sha256(tokenizer.to_json().encode()).hexdigest())
+                tokenizer_sha256=tokenizer_sha256(tokenizer.to_json()))
+
+
+def tokenizer_sha256(tokenizer_json: str) -> str:
+    return hashlib.sha256(tokenizer_json.encode()).hexdigest()
 
 
 # -----------------------------------------------------------------------------

@@ -91,12 +91,7 @@ class Sampling:
     stop: tuple[str, ...] = ()  # OpenAI's stop sequences: the answer ends before the first to appear (StopSequences)
 
     def __post_init__(self):
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
-            raise ValueError(f"top_p must be in [0, 1] (0 = greedy), got {self.top_p}")
+        gpt.check_sampling(self.temperature, self.top_k, self.top_p)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("frequency_penalty", "presence_penalty"):

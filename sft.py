@@ -44,7 +44,6 @@ chat.py loads.
 """
 import dataclasses
 import functools
-import hashlib
 import sys
 import time
 from contextlib import nullcontext
@@ -386,7 +385,7 @@ def check_same_base(ckpt: dict, path, base: dict, fingerprint: dict, flag_value:
     pretraining went on), or another run's, is refused, naming what differs."""
     recorded = ckpt.get("base_fingerprint")
     if recorded is None:  # a checkpoint from before the fingerprint was recorded: its tokenizer tells
-        recorded = dict(tokenizer_sha256=hashlib.sha256(ckpt["tokenizer_json"].encode()).hexdigest()
+        recorded = dict(tokenizer_sha256=common.tokenizer_sha256(ckpt["tokenizer_json"])
                         if "tokenizer_json" in ckpt else fingerprint["tokenizer_sha256"])
     differ = ["another tokenizer" if k == "tokenizer_sha256" else f"{k} {recorded[k]} -> {v}"
               for k, v in fingerprint.items() if k in recorded and recorded[k] != v]
