@@ -67,7 +67,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from urllib.parse import unquote, urlparse
 
 from shards import ShuffledShards
@@ -131,6 +131,12 @@ class Source:
     def shuffled(self) -> bool:
         """Whether the source is read in a seeded random shard order (ShuffledShards)."""
         return self.kind == "hf" if self.shuffle is None else self.shuffle
+
+
+def same_options(a: Source, b: Source) -> bool:
+    """Whether two specs read the same way, wherever their files lie: the same kind and options."""
+    where = {"spec", "location", "files", "num_docs", "size_bytes"}
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in fields(Source) if f.name not in where)
 
 
 def parse_spec(spec: str) -> Source:
@@ -523,6 +529,8 @@ def check_parquet_files(source: Source) -> set[str]:
             raise DataError(f"{source.spec}: {path} has no column {source.text!r} "
                             f"(columns: {', '.join(names)}); pick one with ?text=COLUMN")
         kind = schema.field(source.text).type
+        if pa.types.is_dictionary(kind):  # pandas' category dtype; datasets reads its values as strings
+            kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
             raise DataError(f"{source.spec}: {path}: column {source.text!r} holds {kind}, not text; "
                             f"pick the text column with ?text=COLUMN")
@@ -530,6 +538,9 @@ def check_parquet_files(source: Source) -> set[str]:
             raise DataError(f"{source.spec}: {path} has a document with no string {source.text!r} field "
                             f"(column type null: all {meta.num_rows:,} values are null); fill the column, "
                             f"or leave the file out of the spec")
+        if nulls := null_count(meta, source.text):
+            raise DataError(f"{source.spec}: {path} has a document with no string {source.text!r} field (null in "
+                            f"{nulls:,} of {meta.num_rows:,} rows); fill or drop those rows, or leave the file out")
         common = set(names) if common is None else common & set(names)
         rows += meta.num_rows
         if meta.num_rows > 0:
@@ -538,6 +549,13 @@ def check_parquet_files(source: Source) -> set[str]:
         raise DataError(f"{source.spec}: no text found, all {len(source.files)} file(s) have no rows (empty dataset)")
     source.files, source.num_docs = nonempty, rows
     return common
+
+
+def null_count(meta, column: str) -> int:
+    """Rows of a parquet file with null in `column`, from its footer's statistics (0 where a writer kept none)."""
+    return sum(chunk.statistics.null_count for g in range(meta.num_row_groups) for j in range(meta.num_columns)
+               if (chunk := meta.row_group(g).column(j)).path_in_schema == column and chunk.is_stats_set
+               and chunk.statistics.has_null_count)
 
 
 def iter_parquet_rows(source: Source):

@@ -60,7 +60,7 @@ import threading
 import numpy as np
 import torch
 
-from data import DataError, Source, iter_text_batches, open_source, text_bytes
+from data import DataError, Source, iter_text_batches, open_source, parse_spec, same_options, text_bytes
 from shards import ShuffledShards
 
 PACKINGS = ("concat", "bestfit")
@@ -287,10 +287,22 @@ class PretrainBatches:
             state["buffers"] = [b.state_dict() for b in self.handed_out["pending"]]
         return state
 
+    def _moved_only(self, state: dict) -> bool:
+        """Whether the saved specs differ from these only in where local files lie (data copied to a node's own
+        disk, a folder renamed): the same kind and options, and files recorded, which load_state_dict then
+        compares by name and size. Specs are compared as written otherwise (hub ids, older states)."""
+        saved = state.get("sources") or []
+        if len(saved) != len(self.sources) or not state.get("files"):
+            return False
+        return all(then == now.spec or (now.kind != "hf" and same_options(parse_spec(then), parse_spec(now.spec)))
+                   for then, now in zip(saved, self.sources))
+
     def load_state_dict(self, state: dict):
         mine = ([s.spec for s in self.sources], self.rank, self.world_size, self.packing, self.docs_per_read)
         theirs = (state.get("sources"), state.get("rank"), state.get("world_size"), state.get("packing", "concat"),
                   state.get("docs_per_read", DOCS_PER_READ))
+        if self._moved_only(state):
+            mine = (theirs[0], *mine[1:])
         if mine != theirs:
             raise DataError(f"data loader state is from another setup (sources, rank, world size, packing, documents "
                             f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "

@@ -131,6 +131,9 @@ def test_a_byte_order_mark_is_no_text(tmp_path):
                 pq.write_table(pa.table({"text": [5]}), d / "b.parquet")), "parquet://{d}/*.parquet",
      "b.parquet: column 'text' holds int64, not text"),
     (lambda d: damaged_parquet(d / "a.parquet"), "parquet://{d}/a.parquet", "a.parquet cannot be read"),
+    (lambda d: (pq.write_table(pa.table({"text": ["x"]}), d / "a.parquet"),
+                pq.write_table(pa.table({"text": ["y", None, "z"]}), d / "b.parquet")), "parquet://{d}/*.parquet",
+     "b.parquet has a document with no string 'text' field (null in 1 of 3 rows)"),
 ])
 @pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "converted"])
 def test_bad_sources_give_clear_errors(tmp_path, make, spec, message, streaming):
@@ -359,6 +362,39 @@ def test_resume_refuses_another_setup(tmp_path):
     del state["files"]  # a state saved before the files were recorded: the shard order still tells
     with pytest.raises(DataError, match=r"\?shuffle=on: a data loader state for another shard order"):
         dataloader.PretrainBatches(shuffled, CharTokenizer(), 2, 8).load_state_dict(state)
+
+
+def test_resume_over_data_moved_to_another_folder(tmp_path):
+    """Data copied to a node's own disk, or a folder renamed, resumes where it stood: the same files by name and
+    size under the same options. Another option, or other files, is still refused."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    write_docs(old, 2, 20)
+
+    def make_loader(folder, options=""):
+        return dataloader.PretrainBatches(parse_specs(f"parquet://{folder}/*.parquet{options}"), CharTokenizer(),
+                                          2, 16, docs_per_read=3)
+
+    full = [b for _, b in zip(range(8), make_loader(old))]
+    loader = make_loader(old)
+    for _, _batch in zip(range(3), loader):
+        pass
+    state = loader.state_dict()
+    new.mkdir()
+    for path in old.glob("*.parquet"):
+        (new / path.name).write_bytes(path.read_bytes())
+    moved = make_loader(new)
+    moved.load_state_dict(state)
+    resumed = [b for _, b in zip(range(5), moved)]
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(full[3:], resumed))
+    with pytest.raises(DataError, match="another setup"):
+        make_loader(new, "?shuffle=on").load_state_dict(state)
+    (new / "d-01.parquet").unlink()
+    with pytest.raises(DataError, match="its files are not the ones"):
+        make_loader(new).load_state_dict(state)
+    del state["files"]  # a state saved before files were recorded: only the very same spec resumes
+    with pytest.raises(DataError, match="another setup"):
+        make_loader(old.parent / "new").load_state_dict(state)
 
 
 def test_validation_batches_are_fixed(tmp_path):
@@ -669,6 +705,15 @@ def test_an_all_null_parquet_text_column_is_refused_naming_the_file(tmp_path, st
     source = parse_spec(f"parquet://{tmp_path}/*.parquet")
     with pytest.raises(DataError, match=r"a\.parquet has a document with no string 'text' field \(column type null"):
         list(data.iter_texts(source, data.open_source(source, streaming=streaming, cache_dir=str(tmp_path / "c"))))
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "converted"])
+def test_a_dictionary_encoded_text_column_is_text(tmp_path, streaming):
+    """pandas writes a category column dictionary-encoded: its values are the documents."""
+    pq.write_table(pa.table({"text": pa.array(["Eins", "Zwei", "Eins"]).dictionary_encode()}), tmp_path / "a.parquet")
+    source = parse_spec(f"parquet://{tmp_path}/a.parquet")
+    assert list(data.iter_texts(source, data.open_source(source, streaming=streaming, cache_dir=str(tmp_path / "c")))) \
+        == ["Eins", "Zwei", "Eins"]
 
 
 @pytest.mark.parametrize("specs, hint", [
