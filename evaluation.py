@@ -37,6 +37,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -489,27 +490,39 @@ def results_markdown(results: list[dict]) -> str:
 def chat_base(ckpt: dict, tokenizer, device, log):
     """The base model a chat checkpoint was fine-tuned from, or None, with a note why: it is gone, or another
     model now sits at its path (a run moved away and a new one in its place; step numbers of one preset
-    collide). sft.py records the base's resolved path and its fingerprint (common.checkpoint_fingerprint);
-    older checkpoints only the path as given. Under torchrun the ranks agree: a node that lacks the base, or
-    finds another, makes every rank skip it, or their collectives would pair up wrongly."""
-    path, recorded = ckpt.get("base_path") or ckpt.get("base"), ckpt.get("base_fingerprint")
+    collide). sft.py records the base's resolved path, its path from the chat checkpoint's folder (a whole run
+    moved, `mv out run1`, is looked for there first) and its fingerprint (common.checkpoint_fingerprint); older
+    checkpoints only the path as given. Under torchrun the ranks agree: a node that lacks the base, or finds
+    another, makes every rank skip it, or their collectives would pair up wrongly."""
+    path = ckpt.get("base_path") or ckpt.get("base")
+    beside = ckpt.get("base_relative") and ckpt.get("path") and os.path.normpath(
+        Path(ckpt["path"]).parent / ckpt["base_relative"])
     model, why = None, (f"the base checkpoint {path} is not there" if path else
                         f"{ckpt.get('path')} names no base model (an exported folder does not)")
-    if path and Path(path).exists():  # a checkpoint file, or an exported folder
-        model, base_tokenizer, base = common.load_model(path, device)
-        now = common.checkpoint_fingerprint(base, base_tokenizer)
-        if base_tokenizer.to_json() != tokenizer.to_json():
-            model, why = None, f"{path} has another tokenizer than {ckpt.get('path')}"
-        elif recorded and now != recorded:
-            model, why = None, (f"{path} is not the base model {ckpt.get('path')} was fine-tuned from ("
-                                + ", ".join(f"{k} {recorded.get(k)}, now {v}" for k, v in now.items()
-                                            if recorded.get(k) != v) + ")")
+    for candidate in dict.fromkeys(p for p in (beside, path) if p and Path(p).exists()):
+        model, why = checked_base(candidate, ckpt, tokenizer, device)
+        if model is not None:
+            break
     if common.agree(model is None, device):
         if model is not None:
             why = f"the base checkpoint {path} is missing or another model on another rank's node"
         log(f"note: {why}: no base -> chat change of bits per byte")
         return None
     return model
+
+
+def checked_base(path, ckpt: dict, tokenizer, device):
+    """(the model at path, "") if it is the chat checkpoint's base (its tokenizer, and its fingerprint where
+    one is recorded), else (None, why not)."""
+    model, base_tokenizer, base = common.load_model(path, device)
+    now, recorded = common.checkpoint_fingerprint(base, base_tokenizer), ckpt.get("base_fingerprint")
+    if base_tokenizer.to_json() != tokenizer.to_json():
+        return None, f"{path} has another tokenizer than {ckpt.get('path')}"
+    if recorded and now != recorded:
+        return None, (f"{path} is not the base model {ckpt.get('path')} was fine-tuned from ("
+                      + ", ".join(f"{k} {recorded.get(k)}, now {v}" for k, v in now.items() if recorded.get(k) != v)
+                      + ")")
+    return model, ""
 
 
 def main(argv=None):

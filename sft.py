@@ -44,6 +44,7 @@ chat.py loads.
 """
 import dataclasses
 import functools
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -485,6 +486,7 @@ def main(argv=None):
                          model_config=dataclasses.asdict(raw_model.config), train_config=dataclasses.asdict(cfg),
                          tokenizer=base.get("tokenizer"), tokenizer_json=tokenizer.to_json(), kind="chat",
                          base=base["path"], base_path=base_path, base_fingerprint=base_fingerprint,
+                         base_relative=os.path.relpath(base_path, out.resolve()),  # found when the run moves
                          world_size=world_size, rng=dict(cpu=torch.get_rng_state()),
                          step=step, tokens=trained_tokens, train_seconds=prior_seconds + time.time() - start_time,
                          loss_smooth=smoothed.state())

@@ -560,6 +560,25 @@ def test_another_model_at_the_base_path_is_not_compared(tmp_path, small_tokenize
                      f"512.25, now 498.5): no base -> chat change of bits per byte"]
 
 
+def test_the_base_of_a_moved_run_is_found_beside_it(tmp_path, small_tokenizer):
+    """`mv out run1` and a new run in out: the chat checkpoint's recorded base path now holds the new run's base,
+    and its own base moved with it. It is found from the chat checkpoint's folder, told apart by its fingerprint."""
+    theirs = make_checkpoint(tmp_path / "run1" / "base", small_tokenizer, kind="base", sequence_len=16, seed=1)
+    new = make_checkpoint(tmp_path / "out" / "base", small_tokenizer, kind="base", sequence_len=16, seed=2)
+    state = torch.load(theirs, weights_only=True)
+    state["train_seconds"] = 7.5  # the new run's base differs only in its training time
+    torch.save(state, theirs)
+    chat = {"base_path": str(new), "base_relative": "../base/" + theirs.name,
+            "path": str(tmp_path / "run1" / "chat" / "ckpt_0000003.pt"),
+            "base_fingerprint": common.checkpoint_fingerprint(state, small_tokenizer)}
+    notes = []
+    found = ev.chat_base(chat, small_tokenizer, "cpu", notes.append)
+    assert notes == [] and torch.equal(found.lm_head.weight, common.load_model(theirs)[0].lm_head.weight)
+    theirs.unlink()  # the run moved without its base: the recorded path holds another model, and says so
+    assert ev.chat_base(chat, small_tokenizer, "cpu", notes.append) is None
+    assert len(notes) == 1 and notes[0].startswith(f"note: {new} is not the base model")
+
+
 def test_ranks_agree_whether_to_compare_with_the_base(tmp_path, small_tokenizer):
     """A base that only some nodes have: every rank skips it, or rank 0 alone would measure it and the ranks'
     sums would pair up wrongly."""

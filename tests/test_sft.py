@@ -426,6 +426,7 @@ def test_resume_refuses_a_base_it_did_not_start_from(setup, small_tokenizer):
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
     _, tokenizer, chat = common.load_model(setup / "b")
     assert evaluation.chat_base(chat, tokenizer, "cpu", print) is not None  # evaluation.py knows it as its base
+    assert (setup / "b" / b["base_relative"]).resolve() == started.resolve()  # and finds it when the run moves
 
 
 def test_a_fractional_weight_keeps_a_prefix_of_the_conversations(tmp_path, small_tokenizer):
