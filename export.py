@@ -396,7 +396,8 @@ def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> fl
     """Load the folder with transformers and compare with gpt.py on a German probe (fp32, both).
 
     Checks the logits (within VERIFY_ATOL) of one forward over the probe and of transformers'
-    generate() after it (VERIFY_NEW_TOKENS steps on its cache: what a recipe's smear and windows change),
+    generate() after it (VERIFY_NEW_TOKENS steps on its cache: what a recipe's smear and windows change; the
+    probe is longer than the shortest window, so the windows leave keys out),
     the tokenizer's ids on the probe, and the chat template's ids. Returns the max |logit
     difference|; raises ExportError on any mismatch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -411,7 +412,11 @@ def verify(folder: Path, model: gpt.GPT, tokenizer: Tokenizer, dtype: str) -> fl
             render_prompt(tokenizer, messages):
         raise ExportError("the exported chat template gives other ids than tok.render_prompt")
     architecture = hf_architecture(model.config)
-    probe = torch.tensor([ids[:max(1, model.config.sequence_len - VERIFY_NEW_TOKENS)]])  # and the new ones: the context
+    # longer than the shortest sliding window (the probe text repeated), or no window would leave out a key
+    shortest = min((w for w in model.config.windows() if w), default=0)
+    length = max(1, min(model.config.sequence_len - VERIFY_NEW_TOKENS, max(len(ids), shortest + 2)))
+    ids = ids + (ids[1:] * (length // max(1, len(ids) - 1)))  # enough to cut `length` from
+    probe = torch.tensor([ids[:length]])  # and the new ones: at most the context
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
         out = hf_model.generate(probe, attention_mask=torch.ones_like(probe), max_new_tokens=VERIFY_NEW_TOKENS,

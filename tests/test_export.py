@@ -352,7 +352,8 @@ def test_beam_search_on_a_recipe_model_scores_its_beams_as_one_forward_does(reci
 
 
 @pytest.mark.parametrize("feature", [dict(value_embeds=True), dict(layer_lambdas=True), dict(smear=True),
-                                     dict(backout=True), dict(n_layer=3, window_pattern="SSSL"), dict(qk_gain=1.2)])
+                                     dict(backout=True), dict(n_layer=3, window_pattern="SSSL"), dict(qk_gain=1.2),
+                                     dict(n_layer=3, value_embeds=True)])  # an odd depth: value embeddings on 0 and 2
 def test_each_recipe_feature_alone_exports_verified(tmp_path, small_tokenizer, feature):
     make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", seed=6, **feature)
     folder, diff = export.export(tmp_path / "base", tmp_path / "hf")
@@ -384,6 +385,23 @@ def test_a_recipe_computed_otherwise_is_refused(tmp_path, small_tokenizer, monke
         export.main(["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
     assert str(e.value.code).startswith("error: transformers") and error in str(e.value.code), e.value.code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "code"]
+
+
+def test_modeling_code_that_ignores_the_windows_is_refused(tmp_path, small_tokenizer, monkeypatch):
+    """The probe is longer than the shortest window (the text repeated): modeling code that gives every layer the
+    full causal mask computes other logits only past a window, and is refused."""
+    make_checkpoint(tmp_path / "base", small_tokenizer, kind="base", seed=4, sequence_len=512, n_layer=2,
+                    window_pattern="SL")
+    code = export.MODELING_FILE.read_text()
+    full = code.replace("attention_mask=masks[c.layer_types[i]]", 'attention_mask=masks["full_attention"]') \
+               .replace("sliding_window=self.sliding_window,", "sliding_window=None,")
+    assert full.count('masks["full_attention"]') == code.count('masks["full_attention"]') + 1
+    assert "sliding_window=None," in full
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / export.MODELING_FILE.name).write_text(full)
+    monkeypatch.setattr(export, "MODELING_FILE", tmp_path / "code" / export.MODELING_FILE.name)
+    with pytest.raises(export.ExportError, match="computes other logits than gpt.py"):
+        export.export(tmp_path / "base", tmp_path / "hf")
 
 
 def test_the_recipe_code_names_the_transformers_it_needs(monkeypatch):

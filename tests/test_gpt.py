@@ -365,6 +365,8 @@ def test_cache_rows_keep_their_own_lengths():
     assert cache.pos == 0 and cache.seq_lens.tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="holds 0 to 16"):
         cache.set_length(0, 17)
+    cache.set_length(0, 16)  # a row filled to max_len exactly (a prompt that fits just so)
+    assert cache.lengths[0] == 16 and cache.seq_lens[0].item() == 16
 
 
 def test_serving_weights_give_the_same_logits():
@@ -453,6 +455,7 @@ def test_window_pattern_follows_nanochat():
     assert c.windows() == [128, 128, 128, None, 128, None]  # tiled, the last layer always full
     assert GPTConfig(sequence_len=2048, n_layer=2, window_pattern="S").windows() == [512, None]  # a quarter, to 128
     assert GPTConfig(n_layer=3, window_pattern="sl").windows() == [256, None, None]
+    assert GPTConfig(sequence_len=640, n_layer=2, window_pattern="S").windows() == [256, None]  # 160, rounded up
     assert GPTConfig(n_layer=3).windows() == [None] * 3
     for bad in ["", "SXL"]:
         with pytest.raises(ValueError, match="use the letters S .* and L"):
@@ -769,3 +772,101 @@ def test_a_model_of_no_size_is_refused_by_name(field):
         gpt.GPTConfig(**{**dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=64, vocab_size=64, sequence_len=16), field: 0})
     with pytest.raises(ValueError, match="at least one layer"):
         gpt.GPTConfig.from_depth(0, vocab_size=64, sequence_len=16)
+
+
+def test_positions_past_the_rotary_tables_are_refused_by_name():
+    """The rotary tables hold positions 0..rotary_len-1: a forward of rotary_len tokens runs, one more is a clear
+    ValueError (not a broadcasting error); a cache's rows hold at most rotary_len - 1 tokens, since a row fed only to
+    fill a compiled step's batch (GPT.decode's keep) writes at position max_len, which must have its angles."""
+    model = random_model(sequence_len=4)  # rotary tables for 40 positions
+    n = model.rotary_len
+    assert model(random_tokens(model, 1, n)).shape == (1, n, model.config.vocab_size)
+    with pytest.raises(ValueError, match="past the rotary tables"):
+        model(random_tokens(model, 1, n + 1))
+    assert model.new_kv_cache(1).max_len == n - 1
+    with pytest.raises(ValueError, match="past the rotary tables"):
+        model.new_kv_cache(1, max_len=n)
+
+
+def test_three_rows_at_their_own_positions_decode_as_their_full_forwards():
+    """The server's batched decode with rows 0 and 2 at one length and row 1 at another: every row's key is
+    written at its own position (not all at row 0's because the first and last rows agree), so each row's
+    logits are its full forward's, step after step."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 3, 14)
+    lengths = [5, 9, 5]
+    cache = model.new_kv_cache(3, max_len=16)
+    for row, n in enumerate(lengths):
+        model(idx[row:row + 1, :n], kv_cache=cache.rows(row))
+    for step in range(2):
+        at = [n + step for n in lengths]
+        logits = model.decode(idx[range(3), at][:, None], cache)
+        for row, p in enumerate(at):
+            torch.testing.assert_close(logits[row], model(idx[row:row + 1, :p + 1])[0, -1].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_token_of_zero_probability_is_never_sampled_even_at_a_uniform_of_zero():
+    """Each row's number u in [0, 1) picks the token whose share [cdf_{i-1}, cdf_i) of the distribution holds it:
+    at u = 0 the first token of nonzero probability, never a token that has none (one the softmax gave 0, or
+    one top_k dropped), which the server's own uniforms (sample_next_token's `uniform`) may ask about."""
+    zero = torch.zeros(2, 1, dtype=torch.float64)
+    logits = torch.log(torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]]))
+    assert gpt.sample_next_token(logits, uniform=zero).view(-1).tolist() == [1, 0]
+    assert gpt.sample_next_token(logits, top_k=2, uniform=zero).view(-1).tolist() == [1, 1]
+
+
+def test_the_frequency_penalty_counts_every_repeat_and_the_presence_penalty_only_the_first():
+    """gpt.penalize is OpenAI's formula, logit - frequency x count - presence x (count > 0); in GPT.generate the
+    counts grow by one with each generated token, so a token said three times pays the frequency penalty three
+    times, the presence penalty once (on an answer where that changes the greedy tokens)."""
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 2.0]])
+    assert gpt.penalize(logits, counts, 0.5, 2.0).tolist() == [[0.0, -2.5, -3.5, -3.0]]
+    model = random_model()
+    prompt = [5, 17, 3, 5, 17]
+
+    def written_out(penalty, n=30):
+        ids, counts = list(prompt), torch.zeros(model.config.vocab_size, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int((model(torch.tensor([ids]))[0, -1].double() - penalty(counts)).argmax()))
+                counts[ids[-1]] += 1
+        return ids[len(prompt):]
+
+    frequency = written_out(lambda counts: 0.05 * counts)
+    assert frequency != written_out(lambda counts: 0.05 * (counts > 0))  # the counts past one matter here
+    assert list(model.generate(prompt, 30, temperature=0.0, frequency_penalty=0.05)) == frequency
+    assert list(model.generate(prompt, 30, temperature=0.0, presence_penalty=0.05)) == \
+        written_out(lambda counts: 0.05 * (counts > 0))
+
+
+def test_swapping_rows_of_different_lengths_moves_the_whole_longer_row():
+    """KVCache.swap of a row of 6 tokens with one of 3: each row's keys, values and token ids move whole, so the
+    next decode step of each (now in the other's slot) gives the logits of its own full forward."""
+    model = random_model(n_layer=3, **RECIPE)
+    idx = random_tokens(model, 2, 8)
+    cache = model.new_kv_cache(2, max_len=8)
+    for row, n in enumerate([6, 3]):
+        model(idx[row:row + 1, :n], kv_cache=cache.rows(row))
+    cache.swap(0, 1)
+    assert cache.lengths == [3, 6] and cache.seq_lens.tolist() == [3, 6]
+    logits = model.decode(idx[[1, 0], [3, 6]][:, None], cache)
+    for row, (seq, n) in enumerate([(1, 3), (0, 6)]):
+        torch.testing.assert_close(logits[row], model(idx[seq:seq + 1, :n + 1])[0, -1].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_row_refuses_the_next_token_only_where_it_is_kept():
+    """GPT.decode(keep=n) checks the room of the kept rows only: an idle row past keep may sit full (a finished
+    request's), and the others still decode with their own logits; a full row that is kept refuses, whichever
+    row of the batch it is, and nothing moves."""
+    model = random_model()
+    idx = random_tokens(model, 2, 8)
+    cache = model.new_kv_cache(2, max_len=8)
+    model(idx[1:, :8], kv_cache=cache.rows(1))  # row 1 full
+    model(idx[:1, :3], kv_cache=cache.rows(0))
+    logits = model.decode(idx[:, 3:4], cache, keep=1)
+    torch.testing.assert_close(logits[0], model(idx[:1, :4])[0, -1].float(), atol=1e-5, rtol=1e-5)
+    assert cache.lengths == [4, 8]
+    with pytest.raises(ValueError, match="KV cache full"):
+        model.decode(idx[:, 4:5], cache)  # row 1 kept: no room
+    assert cache.lengths == [4, 8] and cache.seq_lens.tolist() == [4, 8]

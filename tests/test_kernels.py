@@ -157,6 +157,7 @@ WINDOW_CASES = [  # (B, H, H_kv, T, D), window
     ((2, 2, 1, 64, 32), 16),  # MQA, whole tiles
     ((1, 2, 2, 97, 32), 33),
     ((1, 4, 2, 70, 64), 40),  # GQA
+    ((1, 2, 1, 80, 32), 46),  # query 47 just misses key 0: dK/dV's query tile 32..47 crosses the window's edge
     ((1, 2, 2, 30, 32), 500),
     ((1, 2, 2, 40, 32), 2**31 - 1),  # a "no window" sentinel: the kernels' int32 start + window must not overflow
 ]
