@@ -620,3 +620,12 @@ def test_acc_norm_does_not_count_the_joining_space_as_lm_eval(small_tokenizer, m
     local = ev.local_example(dict(context="Er", choices=["kocht.", "schläft ein.", "x", "y"], label=1))
     assert local["choices"] == example["choices"] and local["delimiter"] == " "
     assert ev.evaluate_task(model, small_tokenizer, [local], "cpu")["acc_norm"] == 1.0
+
+
+def test_bpb_of_no_bytes_is_nan_not_a_perfect_zero(small_tokenizer):
+    """Documents that give no byte to predict (none at all, or only empty ones): no measurement, NaN, which a
+    report shows as such; 0.0 would read as a perfect model."""
+    model = random_gpt(small_tokenizer, seq_len=8)
+    for texts in ([], [""]):
+        result = ev.text_bpb(model, small_tokenizer, iter(texts), "cpu")
+        assert math.isnan(result["bpb"]) and result["bytes"] == 0, (texts, result)

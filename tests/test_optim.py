@@ -156,11 +156,13 @@ def test_polar_express_is_about_orthogonal(shape):
 
 def test_normuon_is_nanochats_muon_step():
     torch.manual_seed(0)
-    weights = [torch.randn(48, 80), torch.randn(48, 80), torch.randn(80, 48)]
+    # wide, tall and square (most of a model's matrices: attention's are n_embd x n_embd): NorMuon's neurons are
+    # the rows of a square one, as nanochat's
+    weights = [torch.randn(48, 80), torch.randn(48, 80), torch.randn(80, 48), torch.randn(64, 64)]
     grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
     settings = dict(lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.2, ns_steps=5)
     ours, opt = run_normuon(weights, grads, **settings)
-    for shape, members in [((48, 80), [0, 1]), ((80, 48), [2])]:
+    for shape, members in [((48, 80), [0, 1]), ((80, 48), [2]), ((64, 64), [3])]:
         stacked = torch.stack([weights[i] for i in members])
         buf = torch.zeros_like(stacked)
         red_dim = -1 if shape[0] >= shape[1] else -2
@@ -171,7 +173,7 @@ def test_normuon_is_nanochats_muon_step():
         for k, i in enumerate(members):
             torch.testing.assert_close(ours[i].detach(), stacked[k], atol=1e-6, rtol=1e-5)
     state = opt.state_dict()  # a checkpoint holds the group's buffers with its first matrix
-    assert [sorted(v) for v in state["state"].values()] == [["momentum_buffer", "second_momentum_buffer"]] * 2
+    assert [sorted(v) for v in state["state"].values()] == [["momentum_buffer", "second_momentum_buffer"]] * 3
 
 
 def test_compiled_normuon_step_is_the_eager_step_and_compiles_once_per_shape():
@@ -252,3 +254,5 @@ def test_schedule_flags_at_their_bounds():
         assert (optim.schedule_error(0.5, bad) or "").startswith(f"error: --final-lr-frac {bad:g} must be between 0 and 1")
         assert (optim.schedule_error(bad) or "").startswith(f"error: --warmdown-ratio {bad:g} must be between 0 and 1")
     assert optim.lr_multiplier(0.0, 1.0, 0.0) == 1.0 and optim.lr_multiplier(0.5, 1.0, 0.0) == 0.5
+    # --warmdown-ratio 0: flat to the very end (a time budget's fraction reaches 1.0), never 0 / 0
+    assert optim.lr_multiplier(1.0, 0.0, 0.05) == 1.0

@@ -181,22 +181,41 @@ def test_resume_is_bitwise_exact(setup):
     loss = lambda d: {r["step"]: (r["loss"], r["loss_smooth"])  # the smoothed loss goes on where it was too
                       for r in map(json.loads, (setup / d / "log.jsonl").read_text().splitlines())}
     assert loss("a") == loss("b")
+    assert a["tokens"] == b["tokens"] > 0  # the trained tokens (log, report) count the earlier session's too
     sft.main(args_for(setup, "c", "--stop-after-steps", "3"))
     with pytest.raises(SystemExit, match=r"trained with other --identity-repeat \(1, now 2\), --seed"):
         sft.main(args_for(setup, "c", "--resume", "--identity-repeat", "2", "--seed", "5"))
+    # each of SAME_ON_RESUME is refused by name (another --data went on with the saved step in another set's order);
+    # --text-frac in a call of its own: with --text-data it would read text rows
+    changed = dict(data=f"jsonl://{setup}/val.jsonl", val_data=f"jsonl://{setup}/train.jsonl", val_conversations="5",
+                   identity_repeat="2", text_data="base", text_bestfit="0.5", answer_chars="50", examples_per_step="8",
+                   seed="5", matrix_lr="0.3", embedding_lr="0.3", unembedding_lr="0.01", weight_decay="0.1",
+                   init_lr_frac="0.9")
+    for flags in (changed, dict(text_frac="0.5")):
+        with pytest.raises(SystemExit) as refused:
+            sft.main(args_for(setup, "c", "--resume", *[x for k, v in flags.items()
+                                                         for x in (f"--{k.replace('_', '-')}", v)]))
+        assert [n for n in flags if f"--{n.replace('_', '-')} (" in str(refused.value)] == list(flags), refused.value
+    assert set(changed) | {"text_frac"} == set(sft.SAME_ON_RESUME)  # a setting added there is tried here too
 
 
 def test_two_ranks_equal_one_process(setup):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # fp32: equal up to the order of float sums (bf16 products would round differently per split)
-    args = args_for(setup, "ddp", "--max-steps", "3", "--eval-every", "0", "--dtype", "float32")
+    # fp32: equal up to the order of float sums (bf16 products would round differently per split); 8 examples a
+    # step: two micro-steps on each rank (DDP's no_sync accumulation), and an evaluation at the last step
+    flags = ("--max-steps", "3", "--eval-every", "3", "--dtype", "float32", "--examples-per-step", "8")
+    args = args_for(setup, "ddp", *flags)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "sft.py"), *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    sft.main(args_for(setup, "one", "--max-steps", "3", "--eval-every", "0", "--dtype", "float32"))
+    sft.main(args_for(setup, "one", *flags))
     ddp, one = (torch.load(common.latest_checkpoint(setup / d), weights_only=True)["model"] for d in ("ddp", "one"))
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the logged step losses and the validation loss are the whole step's and the whole set's, not rank 0's share
+    ddp, one = ([json.loads(l) for l in (setup / d / "log.jsonl").read_text().splitlines()] for d in ("ddp", "one"))
+    assert [r["loss"] for r in ddp] == [pytest.approx(r["loss"], rel=1e-5) for r in one]
+    assert ddp[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
 
 
 def run_sft(args):
@@ -299,6 +318,10 @@ def test_stop_rate_counts_answers_that_end_their_turn(tmp_path, small_tokenizer,
     assert sft.stop_rate(model, tokenizer, conversations) == (0, 6, 0)
     monkeypatch.setattr(gpt, "sample_next_token", script(lambda n: n % 2 == 0))
     assert sft.stop_rate(model, tokenizer, conversations) == (3, 6, 0)
+    # another special token (a new user turn, a new document) ends the answer too, but not its turn as it should
+    other = tokenizer.special["<|user_start|>"]
+    monkeypatch.setattr(gpt, "sample_next_token", lambda *args, **kwargs: torch.tensor([[other]]))
+    assert sft.stop_rate(model, tokenizer, conversations) == (0, 6, 0)
 
 
 def test_stop_rate_shows_a_model_that_answers_everything_with_its_name(tmp_path, small_tokenizer, monkeypatch):
@@ -451,6 +474,22 @@ def test_resuming_a_finished_time_budget_run_trains_nothing(setup):
     first = common.load_checkpoint(common.latest_checkpoint(setup / "budget"))
     sft.main(args_for(setup, "budget", *flags, "--resume"))
     assert common.load_checkpoint(common.latest_checkpoint(setup / "budget"))["step"] == first["step"]
+
+
+def test_a_resumed_time_budget_counts_the_earlier_sessions(setup):
+    """As train.py's: the resumed session's clock starts at the checkpoint's train_seconds (its learning rate goes
+    on where the budget stood), and its own checkpoint adds this session's seconds to them."""
+    flags = ("--time-budget", "1", "--max-steps", "0", "--eval-every", "0", "--save-every", "0", "--identity-samples",
+             "0", "--stop-rate-conversations", "0", "--stop-after-steps", "1", "--log-every", "1")
+    sft.main(args_for(setup, "budget", *flags))
+    path = common.latest_checkpoint(setup / "budget")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_seconds"] = 45.0  # as if the earlier sessions had used 45 of the 60 seconds
+    torch.save(ckpt, path)
+    sft.main(args_for(setup, "budget", *flags, "--resume"))
+    resumed = json.loads((setup / "budget" / "log.jsonl").read_text().splitlines()[-1])
+    assert resumed["step"] == 2 and resumed["lr_mult"] <= optim.lr_multiplier(45 / 60, 0.5, 0.0) < 1
+    assert common.load_checkpoint(common.latest_checkpoint(setup / "budget"))["train_seconds"] >= 45.0
 
 
 # --- from a mutation audit of chatdata.py ----------------------------------------------
