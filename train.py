@@ -282,7 +282,14 @@ def scaled_weight_decay(cfg: TrainConfig, config: gpt.GPTConfig, steps: int, log
     scaled = cfg.weight_decay * (cfg.total_batch_size / B_REF) ** 0.5 * reference_tokens / tokens
     log(f"Muon's weight decay {cfg.weight_decay:g} (d12's) scaled to this run's {tokens:,} tokens "
         f"of {cfg.total_batch_size:,} a step: {scaled:.4g}")
-    return scaled
+    # Each step multiplies the matrices by 1 - lr x decay: from lr x decay = 1 on it flips their signs and they
+    # grow without bound (a run of a few steps, a smoke test, scales the decay up that far: d12 for 10 steps,
+    # 87). Capped where a step at most halves them.
+    ceiling = 0.5 / cfg.matrix_lr if cfg.matrix_lr > 0 else math.inf
+    if scaled > ceiling:
+        log(f"note: Muon's weight decay capped at {ceiling:.4g} (0.5 / --matrix-lr): {scaled:.4g} would make each "
+            f"step flip the matrices' signs")
+    return min(scaled, ceiling)
 
 
 def resume(cfg: TrainConfig, model, tokenizer, optimizers, loader, rank: int, world_size: int, log) -> dict:

@@ -96,7 +96,8 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     # with nanochat's schedules of Muon's momentum and weight decay, which the replay below must follow too;
     # device batch 2: two micro-steps on each rank, so DDP's no_sync accumulation (the gradients all-reduced at
     # the last micro-step, not the first) is what is compared (at the nano preset's 4 each rank had one)
-    flags = ("--max-steps", "3", "--dtype", "float32", "--weight-decay", "0.5", "--device-batch-size", "2")
+    # (--weight-decay 0.0015: scaled to these 3 steps, 31, a step's lr x decay 0.31, below scaled_weight_decay's cap)
+    flags = ("--max-steps", "3", "--dtype", "float32", "--weight-decay", "0.0015", "--device-batch-size", "2")
     proc = run_script(args_for(setup, out, *flags, "--eval-every", "0"), nproc=2)
     assert "parameters identical on all 2 ranks: True" in proc.stdout
     ddp_params = final_state(out)["model"]
@@ -106,7 +107,8 @@ def test_two_ranks_equal_one_process_with_accumulation(setup, tmp_path):
     tokenizer = Tokenizer.load(setup / "tok")
     model = train.build_model(cfg, tokenizer.vocab_size, torch.device("cpu"))
     decay = train.scaled_weight_decay(cfg, model.config, 3, log=lambda *a: None)
-    assert f"weight decay 0.5 (d12's) scaled to this run's 1,536 tokens of 512 a step: {decay:.4g}" in proc.stdout
+    assert f"weight decay 0.0015 (d12's) scaled to this run's 1,536 tokens of 512 a step: {decay:.4g}" in proc.stdout
+    assert 0.1 < decay * cfg.matrix_lr < 0.5
     optimizers = optim.build_optimizers(model, dataclasses.replace(cfg, weight_decay=decay))
     ranks = [dataloader.PretrainBatches(data.parse_specs(cfg.data), tokenizer, cfg.device_batch_size, cfg.seq_len,
                                         rank, 2) for rank in range(2)]
@@ -241,12 +243,12 @@ def test_a_resume_with_more_steps_scales_the_weight_decay_to_them(setup, tmp_pat
     """scaled_weight_decay follows the run's length, and so does the schedule on --resume with a new --max-steps;
     the optimizers' saved state kept the old decay while the log said the new one. Twice the steps: half."""
     out = tmp_path / "a"
-    train.main(args_for(setup, out, "--weight-decay", "0.1", "--stop-after-steps", "3", "--eval-every", "0"))
+    train.main(args_for(setup, out, "--weight-decay", "0.001", "--stop-after-steps", "3", "--eval-every", "0"))
     muon_decay = lambda path: {g["initial_weight_decay"] for g in torch.load(path, weights_only=True)[
         "optimizers"][1]["param_groups"]}
     [six] = muon_decay(common.latest_checkpoint(out))
     capsys.readouterr()
-    train.main(args_for(setup, out, "--weight-decay", "0.1", "--resume", "--max-steps", "12", "--eval-every", "0"))
+    train.main(args_for(setup, out, "--weight-decay", "0.001", "--resume", "--max-steps", "12", "--eval-every", "0"))
     [twelve] = muon_decay(common.latest_checkpoint(out))
     assert twelve == pytest.approx(six / 2, rel=1e-12)
     assert f"weight decay {six:.4g} -> {twelve:.4g}: scaled to the run's new length" in capsys.readouterr().out
@@ -430,6 +432,9 @@ def test_weight_decay_is_scaled_to_the_run_as_nanochat_does():
     quarter = dataclasses.replace(cfg, total_batch_size=2**17)  # a quarter of the batch, four times the steps
     assert train.scaled_weight_decay(quarter, config, 4 * steps, print) == pytest.approx(0.28 * d12 / d20 / 2, rel=1e-3)
     assert train.scaled_weight_decay(dataclasses.replace(cfg, time_budget=60.0), config, steps, print) == 0.28
+    notes = []  # a smoke test of 10 steps: lr x decay past 1 would flip the matrices' signs every step
+    assert train.scaled_weight_decay(cfg, config, 10, notes.append) == 0.5 / cfg.matrix_lr
+    assert notes[-1].startswith(f"note: Muon's weight decay capped at {0.5 / cfg.matrix_lr:g} (0.5 / --matrix-lr)")
     assert train.parse_config(["--preset", "tiny"]).weight_decay == 0.0
 
 
