@@ -344,3 +344,59 @@ def test_the_token_limit_charges_the_stop_token(guarded, limits, monkeypatch, sm
     status, _, answer = post(guarded, chat_body(QUESTIONS[0], max_tokens=8), bearer(KEYS[0]))
     assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
     assert guarded.access.buckets["tokens", rate_key].level == 10 - 3
+
+
+def test_an_answer_that_generates_nothing_gives_its_whole_reservation_back():
+    """settle_when_done: a job that ends without generating (cancelled while it waited, failed, the engine gone) gives
+    back all its tokens with its last event; one that generated is charged what it generated (the engine's
+    on_finish), and its last event after that changes nothing. No token is lost or given twice."""
+    import engine
+    import serve
+    from session import Sampling
+    gate = access.Access(tokens_per_minute=100, clock=Clock())
+    me = gate.identify("192.0.2.1", None, None)
+    level = lambda: gate.buckets["tokens", me.rate_key].level
+    for last in ("cancelled", "error"):
+        job = engine.Job([1, 2, 3], Sampling(), deliver=lambda event: None)
+        serve.settle_when_done(job, gate.reserve(me, 40))
+        assert level() == 60
+        job.emit(last, None)
+        assert level() == 100, last
+    job = engine.Job([1, 2, 3], Sampling(), deliver=lambda event: None)
+    serve.settle_when_done(job, gate.reserve(me, 40))
+    job.on_finish(12)  # the engine: 12 tokens generated
+    job.emit("done", None)
+    assert level() == 100 - 12
+
+
+def test_allowed_hosts_follow_the_bind_address_and_host_names_drop_only_the_port():
+    """--host 0.0.0.0 or :: (every interface) answers any Host name; a loopback address its loopback names; another
+    address only itself. A Host header's name is compared without its port, an IPv6 literal whole in its brackets
+    (so [2001:db8::1] is not taken for [::1])."""
+    for bind in ("0.0.0.0", "::"):
+        assert access.default_allowed_hosts(bind) == ["*"], bind
+    for bind in ("127.0.0.1", "localhost", "::1"):
+        assert access.default_allowed_hosts(bind) == list(access.LOOPBACK_HOSTS), bind
+    assert access.default_allowed_hosts("192.0.2.7") == ["192.0.2.7"]
+    assert access.default_allowed_hosts("2001:db8::1") == ["[2001:db8::1]"]
+    names = {"LocalHost:8000": "localhost", "[::1]:8000": "[::1]", "[::1]": "[::1]", "[2001:db8::1]:80": "[2001:db8::1]",
+             " example.org ": "example.org", "": ""}
+    assert {host: access.host_name(host) for host in names} == names
+
+
+def test_a_reservation_is_what_the_context_leaves_when_max_tokens_asks_for_more(guarded, limits):
+    """An answer generates at most what the context (512 tokens here) leaves after its prompt: a request whose
+    max_tokens asks for more reserves only that, so the client is not held to tokens no answer could generate."""
+    limits(tokens=10)
+    rate_key = guarded.access.identify("-", f"Bearer {KEYS[0]}", None).rate_key
+    hold = Hold(guarded.engine, 1)
+    try:
+        stream = Stream(guarded.url, chat_body(QUESTIONS[2], max_tokens=500), headers=bearer(KEYS[0]))
+        left = guarded.session.context_len - len(hold.wait().prompt)
+        assert left < 500  # max_tokens asks for more than the context leaves
+        assert guarded.access.buckets["tokens", rate_key].level == 10 - left
+        stream.close()
+    finally:
+        hold.release.set()
+        guarded.engine.on_piece = None
+    guarded.idle()  # the answer is over (cancelled, its client gone) before the next test

@@ -651,3 +651,40 @@ def test_any_special_token_ends_a_chat_answer(session_factory, monkeypatch, spec
     assert "".join(session.send("Hallo")) == "Ja"
     assert session.last.finish_reason == "stop" and session.last.ids == tok.encode("Ja")
     assert session.history[-1] == {"role": "assistant", "content": "Ja"}
+
+
+def test_system_minus_removes_it_and_a_system_message_of_exactly_half_the_room_is_taken(session_factory):
+    """/system - removes the system message (it is not kept as the text "-"). check_system takes a system message whose
+    prompt (with a one-word question) is exactly half the room for prompts, and refuses it with one token less."""
+    session, out = session_factory(), io.StringIO()
+    chat.run_command(session, "/system Sei kurz.", out)
+    assert session.system == "Sei kurz." and session.messages == [{"role": "system", "content": "Sei kurz."}]
+    chat.run_command(session, "/system -", out)
+    assert session.system is None and session.messages == []
+    assert out.getvalue().splitlines()[-1] == "(Systemnachricht: keine)"
+    text = "Sei freundlich und hilfsbereit."
+    length = len(render_prompt(session.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "."}]))
+    edge = types.SimpleNamespace(tokenizer=session.tokenizer, sampling=Sampling(max_new_tokens=10**6))
+    edge.context_len = 4 * length  # the answer's share is half the context: room for prompts 2 * length
+    chat.check_system(edge, text)
+    edge.context_len = 4 * length - 4  # half the room: length - 1
+    with pytest.raises(chat.ConversationError, match="system message is too long"):
+        chat.check_system(edge, text)
+
+
+def test_reply_notes_and_an_empty_answer_is_not_kept(session_factory, monkeypatch):
+    """reply_to's notes: an answer cut by its token limit says so with its length; an answer with no text says
+    "(keine Antwort)", and neither it nor its question joins the history (the next turn is asked as if it never was)."""
+    session = session_factory(Sampling(temperature=0, top_k=None, max_new_tokens=5))
+    out, notes = io.StringIO(), io.StringIO()
+    chat.reply_to(session, TURNS[0], out, notes=notes)
+    assert session.last.finish_reason == "length" and notes.getvalue() == "(Längengrenze von 5 Tokens erreicht)\n"
+    assert out.getvalue() == session.last.text + "\n" and len(session.history) == 2
+    history = list(session.history)
+    monkeypatch.setattr(gpt, "sample_next_token",
+                        lambda *a, **k: torch.tensor([[session.tokenizer.special["<|assistant_end|>"]]]))
+    out, notes = io.StringIO(), io.StringIO()
+    chat.reply_to(session, TURNS[1], out, notes=notes)
+    assert (session.last.text, session.last.finish_reason) == ("", "stop")
+    assert out.getvalue() == "\n" and notes.getvalue() == "(keine Antwort)\n"
+    assert session.history == history

@@ -61,6 +61,9 @@ def test_batched_decode_equals_decoding_alone(tmp_path, small_tokenizer, n_kv_he
             for j, i in enumerate(feed):
                 logits[i] = new[j:j + 1]
     assert not compiled or len(graphs) == 4
+    # each row holds its prompt and every answer token but the last (never fed); rows a padded step fed a dummy
+    # token to (compiled: 3 rows run as 4) did not keep it, whoever's cached tokens they hold
+    assert [cache.lengths[slot[i]] for i in range(len(prompts))] == [len(p) + steps - 1 for p in prompts]
     for i, (tokens, logits_alone) in enumerate(expected):
         assert out[i] == tokens
         diff = max(float((a - b).abs().max()) for a, b in zip(seen[i], logits_alone))
@@ -206,3 +209,161 @@ def test_an_engine_compiles_the_decode_step_for_the_cache_it_decodes_on_only(tmp
     eng = engine.make_engine(chat, max_batch, 4)
     assert compiled_for == [eng.cache if max_batch > 1 else chat.cache]
     assert [shapes[0][0] for shapes in decode_compiled_on_cpu] == ([1, 2, 3] if max_batch > 1 else [1])  # rows
+
+
+def run_jobs(eng, jobs, together: bool = False, ending: str = "done"):
+    """Submit the jobs (their deliver replaced here) and wait for their last events; their replies (the done events' values). together:
+    submitted under the engine's lock, so the batched engine admits them all in one step, rows side by side. ending:
+    the kind of every job's last event."""
+    done, replies = threading.Semaphore(0), [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        job.deliver = lambda event, i=i: event[0] in engine.FINAL and (replies.__setitem__(i, event), done.release())
+    with eng.cond if together else threading.Lock():
+        for job in jobs:
+            eng.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=600), "the engine did not finish"
+    assert [kind for kind, _ in replies] == [ending] * len(jobs), replies
+    return [reply for _, reply in replies]
+
+
+def test_rows_with_other_penalties_in_one_batch_each_get_their_own(tmp_path, small_tokenizer):
+    """Rows are sampled in groups of the same settings: penalties and no_repeat_ngram_size are settings too. Penalised
+    and plain requests running side by side each get the answer they get alone (a group keyed on temperature, top_k
+    and top_p only gave all of them the first row's penalties)."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=256)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    texts = ["Die Sonne scheint", "Berlin ist", "Im Wattenmeer leben", "Ein Satz über"]
+    settings = [dict(frequency_penalty=1.0, presence_penalty=0.5), {}, dict(no_repeat_ngram_size=2), {}]
+    jobs = lambda: [engine.Job([tok.bos_id] + tok.encode(text), session.Sampling(
+        temperature=0.0, top_k=None, max_new_tokens=24, **extra), stop_ids={tok.bos_id}, text=text, deliver=lambda event: None)
+        for text, extra in zip(texts, settings)]
+    alone = [reply.ids for reply in run_jobs(engine.Engine(chat, 16), jobs())]
+    together = [reply.ids for reply in run_jobs(engine.BatchEngine(chat.model, tok, chat.context_len, 4, 16), jobs(),
+                                                together=True)]
+    assert together == alone
+
+
+def test_an_answer_never_runs_past_the_context(tmp_path, small_tokenizer):
+    """max_tokens beyond what the context leaves: the batched engine's answer ends at the context's end with
+    finish_reason "length", the same tokens as the one-at-a-time engine's, never past the cache's last row."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=64)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=100)
+    text = "Die Sonne scheint"
+    prompt = chat.completion_prompt(text, sampling)  # fits: at most half of the 64 tokens
+    jobs = lambda: [engine.Job(prompt, sampling, stop_ids={tok.bos_id}, text=text, deliver=lambda event: None)]
+    [alone] = run_jobs(engine.Engine(chat, 4), jobs())
+    [batched] = run_jobs(engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4), jobs())
+    for reply in (alone, batched):
+        assert reply.finish_reason == "length" and len(reply.ids) == chat.context_len - len(prompt), reply
+    assert batched.ids == alone.ids and batched.text == alone.text
+
+
+def test_a_stop_token_as_the_first_token_ends_the_answer_at_once(tmp_path, small_tokenizer, monkeypatch):
+    """The model's first token is <|assistant_end|>: an empty answer, finish_reason "stop", one completion token
+    (the stop token), in both engines; the token is never shown as text."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=128)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    end = tok.special["<|assistant_end|>"]
+    monkeypatch.setattr(gpt, "sample_next_token", lambda logits, *a, **k: torch.full((logits.shape[0], 1), end))
+    messages = [{"role": "user", "content": "Hallo"}]
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=8)
+    prompt = session.render_prompt(tok, messages)
+    jobs = lambda: [engine.Job(prompt, sampling, stop_ids=chat.chat_stop_ids, messages=messages, deliver=lambda event: None)]
+    for eng in (engine.Engine(chat, 4), engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4)):
+        [reply] = run_jobs(eng, jobs())
+        assert (reply.text, reply.ids, reply.finish_reason, reply.stop_sequence) == ("", [], "stop", None), eng
+        assert engine.completion_tokens(reply) == eng.counts["completion_tokens"] == 1  # usage and /health alike
+
+
+def test_a_cancelled_answer_stops_before_its_next_token_in_both_engines(tmp_path, small_tokenizer):
+    """A client that leaves (Queue.cancel) while its answer runs: each engine stops it before the next token, ends
+    it "interrupted" and counts it as cancelled, with the one token it generated (the model moves on at once)."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=128)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=50)
+    for eng in (engine.Engine(chat, 4), engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4)):
+        eng.on_piece = eng.cancel  # the client leaves when its first piece is on its way
+        job = engine.Job([tok.bos_id] + tok.encode("Die Sonne scheint"), sampling, stop_ids={tok.bos_id},
+                         text="Die Sonne scheint", deliver=lambda event: None)
+        [reply] = run_jobs(eng, [job])
+        assert reply.finish_reason == "interrupted" and len(reply.ids) == 1, (eng, reply)
+        assert (eng.counts["cancelled"], eng.counts["completed"], eng.counts["completion_tokens"]) == (1, 0, 1), eng
+
+
+def test_an_answer_cut_inside_a_character_ends_with_its_replacement_in_both_engines(tmp_path, small_tokenizer,
+                                                                                   monkeypatch):
+    """max_tokens ends an answer after half of a character's UTF-8 bytes: the stream decoder held them back, and the
+    answer's end shows them as U+FFFD, as tok.decode does, in both engines (they were never dropped)."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="chat", sequence_len=128)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    byte_token = {b[0]: i for i, b in enumerate(tok.id_to_bytes) if len(b) == 1}
+    script = [byte_token[b] for b in "Brezel ".encode() + "🥨".encode()[:2]]
+    messages = [{"role": "user", "content": "Hallo"}]
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=len(script))
+    for eng in (engine.Engine(chat, 4), engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4)):
+        tokens = iter(script)
+        monkeypatch.setattr(gpt, "sample_next_token", lambda logits, *a, **k: torch.tensor([[next(tokens)]]))
+        job = engine.Job(session.render_prompt(tok, messages), sampling, stop_ids=chat.chat_stop_ids,
+                         messages=messages, deliver=lambda event: None)
+        [reply] = run_jobs(eng, [job])
+        assert reply.ids == script and reply.finish_reason == "length", eng
+        assert reply.text == tok.decode(script) == "Brezel \ufffd", (eng, reply.text)
+
+
+def test_a_clients_next_turn_reuses_its_longest_cached_row_answer_included(tmp_path, small_tokenizer):
+    """The batched engine's prefix cache: a client (cache_key) with several free rows of its own takes the one that
+    shares the longest prefix with its prompt, and a row holds its answer's tokens too (all but the last, which was
+    never fed): a next turn that starts with an earlier prompt and its answer computes only what is new."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=256)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    eng = engine.BatchEngine(chat.model, tok, chat.context_len, 3, 4)
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=6)
+    job = lambda prompt: engine.Job(prompt, sampling, cache_key=("key", "me"), stop_ids={tok.bos_id}, text="",
+                                    deliver=lambda event: None)
+    prompts = [[tok.bos_id] + tok.encode(text) for text in ("Die Sonne scheint", "Im Wattenmeer leben")]
+    answers = run_jobs(eng, [job(p) for p in prompts], together=True)  # two rows of this client's
+    assert [reply.cached_tokens for reply in answers] == [0, 0]
+    for prompt, reply in (*zip(prompts, answers), *zip(prompts[::-1], answers[::-1])):
+        turn = prompt + reply.ids + tok.encode(" und dann")
+        [again] = run_jobs(eng, [job(turn)])
+        assert again.cached_tokens == len(prompt) + len(reply.ids) - 1, (prompt, again)
+        prompt[:], reply.ids[:] = turn, again.ids  # that row holds this turn now
+
+
+def test_a_job_sent_to_the_engine_process_keeps_everything_that_shapes_its_answer():
+    """engine_process.py sends a job as Job.spec() through a pipe and rebuilds it there with Job(**spec): every
+    argument a Job takes (its stop ids, seed, cache key, deadline, ...; not where its events go) arrives as it was,
+    else the engine process answers another request (without its stop ids, <|assistant_end|> ended no answer)."""
+    import inspect
+    import pickle
+    job = engine.Job([1, 2, 3], session.Sampling(temperature=0.5, max_new_tokens=9, stop=("x",)), seed=5,
+                     cache_key=("key", "k"), deadline=123.0, stop_ids={7, 8}, dropped=2,
+                     messages=[{"role": "user", "content": "Hallo"}], text=None, submitted=4.5, deliver=lambda e: None)
+    again = engine.Job(**pickle.loads(pickle.dumps(job.spec())), deliver=lambda e: None)
+    names = [name for name in inspect.signature(engine.Job).parameters if name != "deliver"]
+    assert {name: getattr(again, name) for name in names} == {name: getattr(job, name) for name in names}
+
+
+def test_an_answer_past_its_deadline_stops_before_its_next_token_in_both_engines(tmp_path, small_tokenizer):
+    """--request-timeout: an answer whose deadline passes while it runs is stopped by the engine before its next
+    token (serve.py answers the client at the deadline itself and leaves the job to the engine), told with a
+    RequestTimeout and counted as a timeout, its one generated token counted too."""
+    checkpoint = make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=128)
+    chat = session.load_session(str(checkpoint), "cpu", session.Sampling(temperature=0.0, top_k=None))
+    tok = small_tokenizer
+    sampling = session.Sampling(temperature=0.0, top_k=None, max_new_tokens=50)
+    for eng in (engine.Engine(chat, 4), engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4)):
+        eng.on_piece = lambda job: setattr(job, "deadline", 0.0)  # the time runs out as its first piece is ready
+        job = engine.Job([tok.bos_id] + tok.encode("Die Sonne scheint"), sampling, stop_ids={tok.bos_id},
+                         text="Die Sonne scheint", deliver=lambda event: None)
+        [error] = run_jobs(eng, [job], ending="error")
+        assert isinstance(error, engine.RequestTimeout) and len(job.reply.ids) == 1, (eng, error)
+        assert (eng.counts["timeouts"], eng.counts["completed"], eng.counts["completion_tokens"]) == (1, 0, 1), eng

@@ -627,6 +627,7 @@ def test_one_at_a_time_engine_keeps_the_cache_per_client(base_server):
     assert cached(prompt_cache_key="a" * 32) > 5  # the same client: its prompt is cached
     assert cached(prompt_cache_key="b" * 32) == 0  # another client, the same prompt: computed from scratch
     assert cached() == 0
+    assert cached() == 0  # without a key, not even after a keyless request of the same prompt (anyone's)
 
 
 def test_seed_repeats_a_sampled_answer_one_at_a_time(base_server):

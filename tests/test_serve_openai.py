@@ -301,3 +301,92 @@ def test_an_empty_answer_can_come_back_in_the_next_turn(server, small_tokenizer)
         assert openai_api.check_fits(session, checked, Sampling(max_new_tokens=8)) == (messages, expected)
         with pytest.raises(ConversationError, match=r"message 1 \(assistant\) has empty content"):
             check_conversation(messages[:2])  # the same exchange as data to train on
+
+
+def test_the_http_side_fits_prompts_by_the_engines_rule_to_the_token(tmp_path, small_tokenizer):
+    """serve.py's HTTP side (a session on the meta device, as serve.py has it) decides what the engine's ChatSession
+    would: an answer's share of the context is min(max_tokens, half the context), so a max_tokens past the context
+    still leaves prompts half of it. A conversation whose prompt is exactly the room is kept whole, one token less
+    room drops its oldest exchange; a completion prompt of exactly the room is answered, one token more is a 400."""
+    import openai_api
+    from conftest import make_checkpoint
+    from session import Sampling, load_session
+    from tok import render_prompt
+    meta = load_session(str(make_checkpoint(tmp_path, small_tokenizer, kind="base", sequence_len=256)), "meta")
+    tok = small_tokenizer
+    messages = [*user(QUESTIONS[0]), {"role": "assistant", "content": "Gut, danke."}, *user(QUESTIONS[1])]
+    n = len(render_prompt(tok, messages))
+    for context_len, max_tokens, kept in ((2 * n, 10 * n, messages), (2 * n - 2, 10 * n, messages[2:]),
+                                          (n + 5, 5, messages), (n + 4, 5, messages[2:])):
+        meta.context_len = context_len  # room for the prompt: n, n - 1, n, n - 1
+        assert openai_api.check_fits(meta, messages, Sampling(max_new_tokens=max_tokens)) == (
+            kept, render_prompt(tok, kept)), (context_len, max_tokens)
+    text = QUESTIONS[2]
+    m = 1 + len(tok.encode(text))  # <|bos|> + the text
+    for context_len, fits in ((2 * m, True), (2 * m - 2, False)):
+        meta.context_len = context_len
+        if fits:
+            assert openai_api.check_prompt_fits(meta, text, Sampling(max_new_tokens=10 * m)) == [tok.bos_id, *tok.encode(text)]
+        else:
+            with pytest.raises(openai_api.APIError) as e:
+                openai_api.check_prompt_fits(meta, text, Sampling(max_new_tokens=10 * m))
+            assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_error_types_follow_openais_by_status():
+    """OpenAI's error type: rate_limit_error for a 429, server_error for a 5xx (a timeout, the engine gone, a bug),
+    invalid_request_error for the other 4xx; the body has exactly OpenAI's four fields."""
+    import openai_api
+    types = {status: openai_api.APIError(status, "x", code="c").body()["error"]["type"] for status in (400, 413, 422, 429,
+                                                                                                     500, 503, 504)}
+    assert types == {400: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                     429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "server_error"}
+    assert openai_api.APIError(400, "m", param="p", code="c").body() == {
+        "error": {"message": "m", "type": "invalid_request_error", "param": "p", "code": "c"}}
+
+
+def test_every_request_limit_takes_its_value_and_refuses_one_more():
+    """Each of --max-messages, --max-message-chars, --max-total-chars (messages and prompts), --max-tokens and
+    --max-batch (n) is the largest value answered: at the limit a request is taken, one over it is a 4xx naming it."""
+    import openai_api
+    from session import Sampling
+    limits = openai_api.Limits(max_messages=3, max_message_chars=5, max_total_chars=12, max_tokens=7, max_batch=2)
+    at = [{"role": "user", "content": "abcde"}, {"role": "assistant", "content": "fg"}, {"role": "user", "content": "hijkl"}]
+    assert openai_api.read_messages({"messages": at}, limits, None) == at
+    over = [([*at[:2], {"role": "user", "content": "hijklm"}], 413, "message_too_long"),
+            ([{**at[0], "content": "abcd"}, {**at[1], "content": "fgh"}, {**at[2], "content": "hijkl"}, *at[1:]], 413,
+             "too_many_messages"),
+            ([*at[:1], {**at[1], "content": "fgh"}, *at[2:]], 413, "conversation_too_long")]
+    for messages, status, code in over:
+        with pytest.raises(openai_api.APIError) as e:
+            openai_api.read_messages({"messages": messages}, limits, None)
+        assert (e.value.status, e.value.code) == (status, code), messages
+    assert openai_api.read_prompts({"prompt": ["abcde", "fghijkl"]}, limits) == ["abcde", "fghijkl"]
+    with pytest.raises(openai_api.APIError, match="at most 12"):
+        openai_api.read_prompts({"prompt": ["abcde", "fghijklm"]}, limits)
+    for name in ("max_tokens", "max_completion_tokens"):
+        assert openai_api.read_sampling({name: 7}, Sampling(), limits)[0].max_new_tokens == 7
+        with pytest.raises(openai_api.APIError, match=f"{name} is 8, this server's limit is 7"):
+            openai_api.read_sampling({name: 8}, Sampling(), limits)
+    assert openai_api.read_sampling({}, Sampling(), limits)[0].max_new_tokens == 7  # none named: the limit
+    assert openai_api.read_n({"n": 2}, limits) == 2 and openai_api.read_n({"n": 1}, limits, prompts=2) == 1
+    for data, prompts in (({"n": 3}, 1), ({"n": 2}, 2)):
+        with pytest.raises(openai_api.APIError, match="--max-batch 2"):
+            openai_api.read_n(data, limits, prompts)
+
+
+def test_whose_cache_a_request_may_reuse():
+    """prompt_cache_key names whose KV cache a request may reuse; without one, nobody's (None: the engines clear it),
+    or with --shared-cache everybody's that sent none: one key, the same for all of them."""
+    import openai_api
+    assert openai_api.read_cache_key({}, shared=False) is None
+    everybody = openai_api.read_cache_key({}, shared=True)
+    assert everybody is not None and everybody == openai_api.read_cache_key({"prompt_cache_key": None}, True)
+    assert everybody != openai_api.read_cache_key({"prompt_cache_key": "shared"}, True)  # no client's key is it
+    for shared in (False, True):
+        assert openai_api.read_cache_key({"prompt_cache_key": "a" * 256}, shared) == ("key", "a" * 256)
+        assert openai_api.read_cache_key({"prompt_cache_key": "a"}, shared) != openai_api.read_cache_key(
+            {"prompt_cache_key": "b"}, shared)
+    for bad in ("", "a" * 257, 7):
+        with pytest.raises(openai_api.APIError, match="prompt_cache_key must be a string of 1 to 256 characters"):
+            openai_api.read_cache_key({"prompt_cache_key": bad}, False)
