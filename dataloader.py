@@ -308,12 +308,14 @@ class PretrainBatches:
                             f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "
                             f"processes")
         files = self._files()
-        changed = [s.spec for s, then, now in zip(self.sources, state.get("files") or files, files)
-                   if then != now]  # states saved before files were recorded: not checked
+        changed = [(s.spec, was) for s, was, then, now in zip(self.sources, state["sources"], state.get("files") or files,
+                                                             files) if then != now]  # older states: not checked
         if changed:
-            raise DataError(f"{changed[0]}: its files are not the ones the data loader state was saved with "
-                            f"(added, removed, renamed or changed in size), so its position would be another "
-                            f"document's; resume with the same files, or start the data stream afresh")
+            spec, was = changed[0]
+            raise DataError(f"{spec}: its files are not the ones the data loader state was saved with"
+                            + ("" if was == spec else f", at {was}") + ": added, removed, renamed or changed in size, so "
+                            f"its position would be another document's; resume with the same --data and files, or "
+                            f"start the data stream afresh")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))

@@ -132,8 +132,11 @@ CASES = [
          id="train-resume-other-seq-len"),
     case("train.py", TRAIN, ["--resume"], "not a train.py checkpoint", copy={"run": "out/chat"},
          id="train-resume-chat-checkpoint"),
-    case("train.py", TRAIN, ["--resume", "--data", "parquet://{w}/val.parquet"], "data loader state is from another",
+    case("train.py", TRAIN, ["--resume", "--data", "parquet://{w}/val.parquet"], r"val.parquet: its files are not the "
+         r"ones the data loader state was saved with, at parquet://.*/train.parquet: added, removed, renamed",
          copy={"run": "out/base"}, id="train-resume-other-data"),
+    case("train.py", TRAIN, ["--resume", "--data", "parquet://{w}/train.parquet?shuffle=on"],
+         "data loader state is from another", copy={"run": "out/base"}, id="train-resume-other-options"),
     case("train.py", TRAIN, ["--out", "{w}/file.txt/run"], IN_THE_WAY + "--out", id="train-out-below-file"),
     case("train.py", TRAIN, ["--resume"], r"cannot write checkpoint .*ckpt_0000002.pt: \[Errno 27\] File too large; "
          r"free disk space .*\(the previous checkpoint ckpt_0000001.pt is intact\)", copy={"run": "out/base"},
