@@ -73,6 +73,7 @@ def test_prompt_ends_ready_for_the_answer(small_tokenizer):
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "'user' where 'assistant'"),
     ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "unknown role 'bot'"),
     ([{"role": "user", "content": "   "}, {"role": "assistant", "content": "b"}], "empty content"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " \n"}], "empty content"),  # trains on nothing
     ([{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}], "non-string content"),
     ([{"role": "user", "text": "a"}], "is not a {'role'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},

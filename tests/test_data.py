@@ -733,3 +733,12 @@ def test_weight_size_counts_a_compressed_file_uncompressed(tmp_path):
         f.write(text)
     plain, packed = parse_specs(f"jsonl://{tmp_path}/a.jsonl?weight=size jsonl://{tmp_path}/b.jsonl.gz?weight=size")
     assert packed.size_bytes == plain.size_bytes == len(text)
+
+
+def test_a_whitespace_only_document_is_no_document_without_an_empty_one_beside_it(tmp_path):
+    """A document of spaces or newlines only is dropped like an empty one, also where no empty document comes
+    in the same read: a JSONL field and a parquet row."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Eins", "   ", "Zwei"]))
+    pq.write_table(pa.table({"text": ["Drei", "\n\t ", "Vier"]}), tmp_path / "b.parquet")
+    assert list(data.iter_texts(parse_spec(f"jsonl://{tmp_path}/a.jsonl"))) == ["Eins", "Zwei"]
+    assert list(data.iter_texts(parse_spec(f"parquet://{tmp_path}/b.parquet"))) == ["Drei", "Vier"]

@@ -337,3 +337,15 @@ def test_a_reading_position_carries_over_from_bestfit_to_concat(tmp_path):
     tail = rows_of(read_all(carried))
     assert tail == [stream[k:k + 17] for k in range(0, len(stream) - 16, 17)]
     assert (len(head) + len(tail)) * 17 + carried.cropped_counts()[spec] == sum(n + 1 for n in lengths)
+
+
+@pytest.mark.parametrize("lengths", [[3, 4, 5], [16, 3, 4, 5]])  # no row; one whole row first
+def test_bestfit_counts_the_last_partial_row_as_cropped(tmp_path, lengths):
+    """A finite source whose last documents fit a row whole but do not fill it: that row is not handed out, and
+    its tokens count as cropped, so the rows and the cropped count still add up to every token read."""
+    write_sized_docs(tmp_path, lengths, base=0x100)
+    spec = f"parquet://{tmp_path}/*.parquet"
+    loader = bestfit(spec, 1, 16, loop=False, buffer_docs=1)
+    rows = rows_of(read_all(loader))
+    assert len(rows) * 17 + loader.cropped_counts()[spec] == sum(n + 1 for n in lengths)
+    assert loader.cropped_counts()[spec] == sum(n + 1 for n in lengths[-3:])  # the last three: 15 of a row's 17

@@ -48,6 +48,8 @@ def test_round_trip(tmp_path):
     assert meta == meta2 and meta["complete"]
     assert Counter(train + val) == Counter(docs)  # every document exactly once
     assert not set(train) & set(val) and 0 < len(val) < 0.1 * len(docs)
+    expected = SMALL["val_frac"] * len(docs)  # the hash draw takes val_frac of the documents: binomial, sd ~12
+    assert abs(len(val) - expected) < 4 * expected ** 0.5  # half or twice the share is far outside
     assert train != docs[:len(train)] and train != sorted(train)  # shuffled
     first_half = {d for d in docs[:1500]}  # the two input files are mixed within the first shard
     assert 0.2 < sum(d in first_half for d in train[:1024]) / 1024 < 0.8
@@ -577,3 +579,19 @@ def test_a_missing_shard_of_a_complete_folder_is_written_again(tmp_path, capsys)
     first.unlink()
     prepare.main(argv)
     assert prepared(out)[:2] == (train, val)
+
+
+def test_the_seed_orders_a_parquet_sources_documents(tmp_path):
+    """--seed draws the order of a local parquet source's documents (its row groups are read in a seeded
+    permutation, then buffer-shuffled), not only the validation draw: two seeds give the same documents in
+    two orders, the same seed the same order again."""
+    (tmp_path / "in").mkdir()
+    docs = [f"Gruppe {g}, Dokument {i}" for g in range(16) for i in range(10)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "in" / "a.parquet", row_group_size=10)
+    orders = {}
+    for seed, out in ((1, "a"), (2, "b"), (1, "c")):
+        prepare.prepare(f"parquet://{tmp_path}/in/a.parquet", str(tmp_path / out),
+                        **{**SMALL, "val_frac": 0.0, "seed": seed, "shard_rows": 64})
+        orders[out] = prepared(tmp_path / out)[0]
+    assert sorted(orders["a"]) == sorted(orders["b"]) == sorted(docs)
+    assert orders["a"] == orders["c"] and orders["a"] != orders["b"]
