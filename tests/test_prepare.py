@@ -1,6 +1,7 @@
 """Tests for `python data.py prepare` and for reading shard folders (prepared and nanochat's)."""
 import json
 import os
+import shutil
 import unicodedata
 from collections import Counter
 
@@ -122,6 +123,11 @@ def test_interrupted_conversion_resumes_with_identical_shards(tmp_path, monkeypa
     with pytest.raises(DataError, match="not finished.*resume"):
         data.resolve_files(parse_spec(f"parquet://{part}"))
     stamps = {p.name: p.stat().st_mtime_ns for p in part.glob("*.parquet")}
+    other = tmp_path / "other"  # the same folder with a shard of another run's in it: refused, not taken
+    shutil.copytree(part, other)
+    pq.write_table(pa.table({"text": ["fremd"]}), other / "shard_00001.parquet")
+    with pytest.raises(DataError, match=r"shard_00001.parquet has 1 rows, .* it was written by another run"):
+        prepare.prepare(spec, str(other), **SMALL)
 
     prepare.prepare(spec, str(part), **SMALL)  # the same command again
     full = tmp_path / "full"
