@@ -308,14 +308,15 @@ class PretrainBatches:
                             f"per read) {theirs}, not {mine}; resume with the same --data, --packing and number of "
                             f"processes")
         files = self._files()
-        changed = [(s.spec, was) for s, was, then, now in zip(self.sources, state["sources"], state.get("files") or files,
-                                                             files) if then != now]  # older states: not checked
+        saved_files = state.get("files") or files  # states saved before files were recorded: not checked
+        changed = [(s.spec, was) for s, was, then, now in zip(self.sources, state["sources"], saved_files, files)
+                   if then != now]
         if changed:
             spec, was = changed[0]
             raise DataError(f"{spec}: its files are not the ones the data loader state was saved with"
-                            + ("" if was == spec else f", at {was}") + ": added, removed, renamed or changed in size, so "
-                            f"its position would be another document's; resume with the same --data and files, or "
-                            f"start the data stream afresh")
+                            + ("" if was == spec else f", at {was}") + ": added, removed, renamed or changed in "
+                            f"size, so its position would be another document's; resume with the same --data and "
+                            f"files, or start the data stream afresh")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))
