@@ -277,6 +277,7 @@ class Engine(Queue):
         finally:
             if stream is not None:
                 stream.close()  # an unfinished answer ends here; the KV cache stays consistent
+        job.reply = s.last  # also an answer that ended before its first piece of text
         self.finish(job, s.last, timed_out)
 
 

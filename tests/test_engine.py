@@ -275,7 +275,9 @@ def test_a_stop_token_as_the_first_token_ends_the_answer_at_once(tmp_path, small
     prompt = session.render_prompt(tok, messages)
     jobs = lambda: [engine.Job(prompt, sampling, stop_ids=chat.chat_stop_ids, messages=messages, deliver=lambda event: None)]
     for eng in (engine.Engine(chat, 4), engine.BatchEngine(chat.model, tok, chat.context_len, 2, 4)):
-        [reply] = run_jobs(eng, jobs())
+        [job] = jobs()
+        [reply] = run_jobs(eng, [job])
+        assert job.reply is reply, eng  # the job holds its answer too, though no piece of text ever came
         assert (reply.text, reply.ids, reply.finish_reason, reply.stop_sequence) == ("", [], "stop", None), eng
         assert engine.completion_tokens(reply) == eng.counts["completion_tokens"] == 1  # usage and /health alike
 
