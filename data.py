@@ -67,7 +67,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 from shards import ShuffledShards
@@ -131,12 +131,6 @@ class Source:
     def shuffled(self) -> bool:
         """Whether the source is read in a seeded random shard order (ShuffledShards)."""
         return self.kind == "hf" if self.shuffle is None else self.shuffle
-
-
-def same_options(a: Source, b: Source) -> bool:
-    """Whether two specs read the same way, wherever their files lie: the same kind and options."""
-    where = {"spec", "location", "files", "num_docs", "size_bytes"}
-    return all(getattr(a, f.name) == getattr(b, f.name) for f in fields(Source) if f.name not in where)
 
 
 def parse_spec(spec: str) -> Source:

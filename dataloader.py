@@ -51,6 +51,7 @@ on); it reads more documents to keep its share.
 """
 import bisect
 import copy
+import dataclasses
 import itertools
 import os
 import queue
@@ -60,7 +61,7 @@ import threading
 import numpy as np
 import torch
 
-from data import DataError, Source, iter_text_batches, open_source, parse_spec, same_options, text_bytes
+from data import DataError, Source, iter_text_batches, open_source, parse_spec, text_bytes
 from shards import ShuffledShards
 
 PACKINGS = ("concat", "bestfit")
@@ -68,6 +69,12 @@ PACKINGS = ("concat", "bestfit")
 # Documents read from a source at a time. A source's saved position (its `datasets` state) counts batches of
 # this size, so a stream is resumed only by a loader that reads batches of the same size.
 DOCS_PER_READ = 64
+
+
+def same_options(a: Source, b: Source) -> bool:
+    """Whether two specs read the same way, wherever their files lie: the same kind and options."""
+    where = {"spec", "location", "files", "num_docs", "size_bytes"}
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Source) if f.name not in where)
 
 
 class PretrainBatches:
@@ -315,8 +322,8 @@ class PretrainBatches:
             spec, was = changed[0]
             raise DataError(f"{spec}: its files are not the ones the data loader state was saved with"
                             + ("" if was == spec else f", at {was}") + ": added, removed, renamed or changed in "
-                            f"size, so its position would be another document's; resume with the same --data and "
-                            f"files, or start the data stream afresh")
+                            "size, so its position would be another document's; resume with the same --data and "
+                            "files, or start the data stream afresh")
         self.progress = {k: list(state[k]) for k in ("states", "epochs", "tokens", "docs", "exhausted")}
         for key in ("cropped", "bytes"):  # older states: not counted
             self.progress[key] = list(state.get(key, [0] * len(self.sources)))
